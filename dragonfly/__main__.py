@@ -1,0 +1,3 @@
+from dragonfly.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""Command line: `python -m dragonfly --role ROLE` and the subcommands.
+
+Exit codes: 0 success, 1 a failed operation, 2 bad usage or configuration,
+3 a part that is not built yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from dragonfly import __version__
+from dragonfly.config import ROLES, ConfigError, RoleConfig, load_config, render_toml
+from dragonfly.log import LEVELS, configure
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_BUILT = 3
+
+ROLE_HELP = {
+    "manager": "clusters, keepalive, dynamic config, preheat jobs, web console",
+    "scheduler": "decides who downloads which piece from whom",
+    "seed-peer": "a peer that fetches from the origin first: the root of the P2P tree",
+    "peer": "HTTP proxy, download engine and upload server on every host",
+}
+
+# A role is runnable once dragonfly.nursery has a runner for it: a callable
+# taking the validated config and returning the exit code.
+RoleRunner = Callable[[RoleConfig], int]
+
+
+def _role_runner(role: str) -> RoleRunner | None:
+    from dragonfly import nursery
+
+    runners: dict[str, RoleRunner] = getattr(nursery, "RUNNERS", {})
+    return runners.get(role)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dragonfly",
+        description=(
+            "Dragonfly: peer-to-peer file distribution and image acceleration. "
+            "Run a role as a daemon with --role, or use a subcommand."
+        ),
+        epilog="Roles:\n"
+        + "\n".join(f"  {r:<10} {h}" for r, h in ROLE_HELP.items())
+        + "\n\nConfiguration: TOML file < DRAGONFLY_SECTION__KEY environment < --set."
+        "\nExit codes: 0 ok, 1 failed, 2 bad usage or config, 3 not built yet.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dragonfly {__version__}")
+    parser.add_argument("--role", choices=ROLES, help="run this role as a daemon")
+    _add_config_args(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    get = sub.add_parser("get", help="download a URL through the local peer (like dfget)")
+    get.add_argument("url", help="http(s) URL to download")
+    get.add_argument("-O", "--output", required=True, help="file to write when complete")
+    _add_config_args(get)
+
+    cluster = sub.add_parser("cluster", help="run a local cluster of roles on loopback")
+    cluster.add_argument("--schedulers", type=int, default=1)
+    cluster.add_argument("--seed-peers", type=int, default=1)
+    cluster.add_argument("--peers", type=int, default=3)
+    cluster.add_argument("--workdir", required=True, help="directory for data, logs, cluster.json")
+    _add_config_args(cluster)
+
+    sim = sub.add_parser("sim", help="simulate a swarm in virtual time")
+    _add_config_args(sim)
+
+    conf = sub.add_parser("config", help="print a role's configuration")
+    conf.add_argument("--role", dest="config_role", choices=ROLES, required=True)
+    conf.add_argument(
+        "--defaults", action="store_true", help="print the documented defaults as TOML"
+    )
+    _add_config_args(conf)
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    parser.add_argument(
+        "--set",
+        metavar="SECTION.KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="override one configuration key (repeatable)",
+    )
+    parser.add_argument("--log-level", choices=LEVELS, help="overrides log.level")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None and args.role is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.command == "config":
+        return _config_command(args)
+    role = args.role or {"get": "peer", "cluster": "peer", "sim": "scheduler"}[args.command]
+    overrides = list(args.overrides)
+    if args.log_level:
+        overrides.append(f"log.level={args.log_level}")
+    try:
+        cfg = load_config(role, args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure(cfg.log.level, cfg.log.format)
+    if args.command is not None:
+        print(f"dragonfly: '{args.command}' is not built yet", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    runner = _role_runner(role)
+    if runner is None:
+        print(f"dragonfly: role '{role}' is not built yet", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    return runner(cfg)
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    if args.defaults:
+        sys.stdout.write(render_toml(args.config_role))
+        return EXIT_OK
+    try:
+        cfg = load_config(args.config_role, args.config, overrides=args.overrides)
+    except ConfigError as exc:
+        print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(cfg)
+    return EXIT_OK

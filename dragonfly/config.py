@@ -1,0 +1,637 @@
+"""Typed configuration: TOML file < environment (DRAGONFLY_SECTION__KEY) < --set.
+
+Each role's configuration is a dataclass of sections; each section a dataclass
+of typed fields whose metadata holds the documentation and the constraints.
+The same schema validates every source, renders conf/ROLE.toml, and names the
+key, the source and what was expected in every error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import tomllib
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from dragonfly.units import (
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_rate,
+    parse_size,
+)
+
+ROLES = ("manager", "scheduler", "seed-peer", "peer")
+ENV_PREFIX = "DRAGONFLY_"
+
+
+class Unit:
+    """Markers for Annotated fields whose values carry units."""
+
+    SIZE = "size"
+    RATE = "rate"
+    DURATION = "duration"
+
+
+Size = Annotated[int, Unit.SIZE]
+Rate = Annotated[int, Unit.RATE]
+Duration = Annotated[float, Unit.DURATION]
+
+
+class ConfigError(ValueError):
+    """A configuration value that is unknown, of the wrong type, or out of range."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{source}: {key}: {problem}")
+
+
+def opt(default: Any, doc: str, **constraints: Any) -> Any:
+    """A config field: its default, a one-line doc, and constraints (min, max, choices, regex)."""
+    meta = {"doc": doc, **constraints}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: dataclasses.replace(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass
+class HostSection:
+    """This host as other nodes see it."""
+
+    hostname: str = opt("", "host name reported to the scheduler; empty: the machine's name")
+    ip: str = opt("127.0.0.1", "address other peers use to reach this host's servers")
+    idc: str = opt("", "data center; parents in the same IDC are preferred")
+    location: str = opt(
+        "", "location as '|'-separated levels (country|region|zone); prefix matches score higher"
+    )
+
+
+@dataclass
+class LogSection:
+    """Logging."""
+
+    level: str = opt(
+        "info", "log level", choices=("debug", "info", "warning", "error", "critical")
+    )
+    format: str = opt(
+        "auto", "auto: console on a terminal, JSON otherwise", choices=("auto", "json", "console")
+    )
+
+
+@dataclass
+class MetricsSection:
+    """Prometheus /metrics and /healthy."""
+
+    listen: str = opt("127.0.0.1", "address of the metrics HTTP server")
+    port: int = opt(0, "port of the metrics HTTP server; 0 picks a free one", min=0, max=65535)
+
+
+@dataclass
+class ListenSection:
+    """A server's listening address."""
+
+    listen: str = opt("127.0.0.1", "address to listen on")
+    port: int = opt(0, "port to listen on; 0 picks a free one", min=0, max=65535)
+
+
+@dataclass
+class SchedulerClientSection:
+    """How a peer finds and talks to schedulers."""
+
+    addresses: list[str] = opt(
+        ["ws://127.0.0.1:8002"],
+        "scheduler websocket URLs; a task goes to the one its ID hashes to",
+        item_regex=r"^wss?://",
+    )
+    manager: str = opt("", "manager URL to discover schedulers from; empty: use addresses")
+    connect_timeout: Duration = opt(5.0, "time to connect to a scheduler", min=0.001)
+    register_timeout: Duration = opt(10.0, "time to wait for a scheduling answer", min=0.001)
+
+
+@dataclass
+class DownloadSection:
+    """The download engine."""
+
+    concurrent_piece_count: int = opt(8, "pieces fetched at once per task", min=1, max=256)
+    rate_limit: Rate = opt(0, "total download rate in bytes/s across tasks; 0: unlimited", min=0)
+    back_to_source: bool = opt(True, "go to the origin when no parent can serve")
+    back_to_source_rate_limit: Rate = opt(0, "origin download rate in bytes/s; 0: unlimited", min=0)
+    origin_concurrency: int = opt(
+        8, "concurrent Range requests to an origin that accepts ranges", min=1, max=64
+    )
+    piece_timeout: Duration = opt(30.0, "time for one piece from one parent", min=0.001)
+    connect_timeout: Duration = opt(10.0, "time to connect to an origin or parent", min=0.001)
+    read_timeout: Duration = opt(60.0, "time without a byte from an origin", min=0.001)
+
+
+@dataclass
+class UploadSection:
+    """The upload server that serves pieces to other peers."""
+
+    listen: str = opt("127.0.0.1", "address of the upload server")
+    port: int = opt(0, "port of the upload server; 0 picks a free one", min=0, max=65535)
+    rate_limit: Rate = opt(0, "total upload rate in bytes/s; 0: unlimited", min=0)
+    concurrent_limit: int = opt(50, "concurrent piece uploads (load limit)", min=1, max=10000)
+
+
+@dataclass
+class ProxyRule:
+    """Which URLs go through P2P."""
+
+    regex: str = opt(r"^http://", "URLs matching this regex are handled by this rule", regex=True)
+    direct: bool = opt(False, "true: pass matching requests straight to the origin")
+    allow_credentials: bool = opt(
+        False, "true: requests with Authorization/Cookie may use P2P (after origin check)"
+    )
+
+
+@dataclass
+class ProxySection:
+    """The HTTP proxy in front of wget, curl and other clients."""
+
+    listen: str = opt("127.0.0.1", "address of the proxy")
+    port: int = opt(0, "port of the proxy; 0 picks a free one", min=0, max=65535)
+    rules: list[ProxyRule] = opt([ProxyRule()], "first matching rule wins; no match: direct")
+    filtered_query_params: list[str] = opt(
+        [], "query parameters left out of task IDs, added to the signed-URL defaults"
+    )
+    prefetch: bool = opt(False, "on a Range request, fetch the rest of the file in the background")
+
+
+@dataclass
+class RegistryMirrorSection:
+    """OCI registry mirror on the proxy listener."""
+
+    upstream: str = opt("", "default upstream registry URL, e.g. https://registry-1.docker.io")
+
+
+@dataclass
+class StorageSection:
+    """The piece store on local disk."""
+
+    data_dir: str = opt("~/.local/share/dragonfly/peer", "directory of task files and metadata")
+    fsync: bool = opt(True, "fdatasync pieces before recording them (crash-safe metadata)")
+    task_ttl: Duration = opt(21600.0, "tasks unused this long are removed", min=1)
+    disk_quota: Size = opt(0, "bytes the store may use; 0: the filesystem's capacity", min=0)
+    high_watermark: float = opt(0.9, "evict LRU tasks when use passes this share", min=0.01, max=1)
+    low_watermark: float = opt(0.8, "evict down to this share of the quota", min=0.0, max=1)
+    gc_interval: Duration = opt(60.0, "how often GC runs", min=0.1)
+
+
+@dataclass
+class SeedSection:
+    """Seed peer behaviour."""
+
+    enabled: bool = opt(False, "announce this peer as a seed peer (root of the P2P tree)")
+
+
+@dataclass
+class SchedulingSection:
+    """Scheduling decisions."""
+
+    candidate_parent_limit: int = opt(4, "parents handed to a peer at once", min=1, max=64)
+    filter_parent_limit: int = opt(40, "candidates considered per decision", min=1, max=10000)
+    back_to_source_count: int = opt(
+        3, "peers of one task that may go back to source at once", min=0, max=1000
+    )
+    retry_limit: int = opt(5, "scheduling attempts before back to source", min=1, max=1000)
+    retry_interval: Duration = opt(0.5, "pause between scheduling attempts", min=0)
+
+
+@dataclass
+class SchedulerGCSection:
+    """Collection of quiet resources on the scheduler."""
+
+    peer_ttl: Duration = opt(600.0, "a peer silent this long is dropped", min=1)
+    task_ttl: Duration = opt(3600.0, "a task without peers this long is dropped", min=1)
+    host_ttl: Duration = opt(300.0, "a host without a connection this long is dropped", min=1)
+    interval: Duration = opt(30.0, "how often collection runs", min=0.1)
+
+
+@dataclass
+class DatabaseSection:
+    """The manager's database."""
+
+    path: str = opt("~/.local/share/dragonfly/manager.db", "SQLite database file")
+
+
+@dataclass
+class KeepaliveSection:
+    """Liveness of schedulers and seed peers."""
+
+    interval: Duration = opt(5.0, "keepalive interval", min=0.1)
+    timeout: Duration = opt(30.0, "a member silent this long is inactive", min=0.1)
+
+
+# ---------------------------------------------------------------- roles
+
+
+@dataclass
+class PeerConfig:
+    """Configuration of a peer (and, with seed.enabled, a seed peer)."""
+
+    host: HostSection = opt(HostSection(), "")
+    log: LogSection = opt(LogSection(), "")
+    metrics: MetricsSection = opt(MetricsSection(), "")
+    scheduler: SchedulerClientSection = opt(SchedulerClientSection(), "")
+    download: DownloadSection = opt(DownloadSection(), "")
+    upload: UploadSection = opt(UploadSection(), "")
+    proxy: ProxySection = opt(ProxySection(), "")
+    registry_mirror: RegistryMirrorSection = opt(RegistryMirrorSection(), "")
+    storage: StorageSection = opt(StorageSection(), "")
+    seed: SeedSection = opt(SeedSection(), "")
+
+
+@dataclass
+class SchedulerConfig:
+    """Configuration of a scheduler."""
+
+    host: HostSection = opt(HostSection(), "")
+    log: LogSection = opt(LogSection(), "")
+    metrics: MetricsSection = opt(MetricsSection(), "")
+    server: ListenSection = opt(ListenSection("127.0.0.1", 8002), "")
+    scheduling: SchedulingSection = opt(SchedulingSection(), "")
+    gc: SchedulerGCSection = opt(SchedulerGCSection(), "")
+    manager: str = opt("", "manager URL to register with; empty: none")
+
+
+@dataclass
+class ManagerConfig:
+    """Configuration of the manager."""
+
+    host: HostSection = opt(HostSection(), "")
+    log: LogSection = opt(LogSection(), "")
+    metrics: MetricsSection = opt(MetricsSection(), "")
+    server: ListenSection = opt(ListenSection("127.0.0.1", 8080), "")
+    database: DatabaseSection = opt(DatabaseSection(), "")
+    keepalive: KeepaliveSection = opt(KeepaliveSection(), "")
+
+
+RoleConfig = PeerConfig | SchedulerConfig | ManagerConfig
+
+
+def _peer_defaults(seed: bool) -> PeerConfig:
+    # Fixed default ports, so a user knows where a daemon's proxy and metrics are;
+    # a seed peer on the same host gets its own set.
+    cfg = PeerConfig()
+    base = 65010 if seed else 65000
+    cfg.proxy.port, cfg.upload.port, cfg.metrics.port = base + 1, base + 2, base + 3
+    if seed:
+        cfg.seed.enabled = True
+        cfg.storage.data_dir = "~/.local/share/dragonfly/seed-peer"
+    return cfg
+
+
+def default_config(role: str) -> RoleConfig:
+    if role in ("peer", "seed-peer"):
+        return _peer_defaults(seed=role == "seed-peer")
+    if role == "scheduler":
+        cfg = SchedulerConfig()
+        cfg.metrics.port = 8003
+        return cfg
+    if role == "manager":
+        mgr = ManagerConfig()
+        mgr.metrics.port = 8081
+        return mgr
+    raise ConfigError("--role", "role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+
+
+# ---------------------------------------------------------------- coercion
+
+_TYPE_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _TYPE_HINTS:
+        _TYPE_HINTS[cls] = typing.get_type_hints(cls, include_extras=True)
+    return _TYPE_HINTS[cls]
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _describe(tp: Any) -> str:
+    unit = _unit_of(tp)
+    if unit == Unit.SIZE:
+        return "a size (bytes, or e.g. '4MiB')"
+    if unit == Unit.RATE:
+        return "a rate (bytes/s, or e.g. '20MB/s')"
+    if unit == Unit.DURATION:
+        return "a duration (seconds, or e.g. '30s', '5m')"
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return f"a table ({', '.join(_fields(tp))})"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        tp, str(tp)
+    )
+
+
+def _unit_of(tp: Any) -> str | None:
+    if typing.get_origin(tp) is Annotated:
+        return typing.get_args(tp)[1]
+    return None
+
+
+def _coerce(tp: Any, value: Any, meta: Mapping[str, Any], from_text: bool) -> Any:
+    """Validate one value against its annotated type and constraints; raise ValueError."""
+    unit = _unit_of(tp)
+    if unit is not None:
+        base = typing.get_args(tp)[0]
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"expected {_describe(tp)}, got {value!r}")
+        if isinstance(value, str):
+            parse = {Unit.SIZE: parse_size, Unit.RATE: parse_rate, Unit.DURATION: parse_duration}
+            value = parse[unit](value)
+        elif base is int and value != int(value):
+            raise ValueError(f"expected {_describe(tp)}, got {value!r}")
+        value = base(value)
+    elif tp is bool:
+        if from_text and isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in ("true", "1", "yes", "on"):
+                value = True
+            elif lowered in ("false", "0", "no", "off"):
+                value = False
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+    elif tp is int:
+        if from_text and isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise ValueError(f"expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+    elif tp is float:
+        if from_text and isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+    elif typing.get_origin(tp) is list:
+        raise AssertionError("lists are coerced by _coerce_list")
+    else:
+        raise AssertionError(f"unsupported config type {tp}")
+    _check_constraints(value, meta)
+    return value
+
+
+def _check_constraints(value: Any, meta: Mapping[str, Any]) -> None:
+    if "min" in meta and value < meta["min"]:
+        raise ValueError(f"must be at least {meta['min']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ValueError(f"must be at most {meta['max']}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ValueError(f"expected one of {', '.join(meta['choices'])}, got {value!r}")
+    if meta.get("regex"):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+    if "item_regex" in meta and not re.search(meta["item_regex"], value):
+        raise ValueError(f"{value!r} does not match {meta['item_regex']!r}")
+
+
+def _parse_text_value(text: str) -> Any:
+    """A --set or environment value: a TOML value if it parses as one, else the raw text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+class _Loader:
+    def __init__(self, source: str, from_text: bool) -> None:
+        self.source = source
+        self.from_text = from_text
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, key, problem)
+
+    def apply_table(self, obj: Any, table: Mapping[str, Any], prefix: str) -> None:
+        """Set every key of `table` on the dataclass `obj`, validating each."""
+        fields = _fields(type(obj))
+        hints = _hints(type(obj))
+        for key, value in table.items():
+            path = f"{prefix}{key}"
+            if key not in fields:
+                known = ", ".join(fields)
+                raise self.error(path, f"unknown key (known keys here: {known})")
+            tp = hints[key]
+            if dataclasses.is_dataclass(tp):
+                if not isinstance(value, dict):
+                    raise self.error(path, f"expected a table [{path}], got {value!r}")
+                self.apply_table(getattr(obj, key), value, f"{path}.")
+            else:
+                setattr(obj, key, self.value(tp, value, fields[key].metadata, path))
+
+    def value(self, tp: Any, value: Any, meta: Mapping[str, Any], path: str) -> Any:
+        if typing.get_origin(tp) is list:
+            return self.list_value(tp, value, meta, path)
+        try:
+            return _coerce(tp, value, meta, self.from_text)
+        except ValueError as exc:
+            raise self.error(path, str(exc)) from None
+
+    def list_value(self, tp: Any, value: Any, meta: Mapping[str, Any], path: str) -> list[Any]:
+        (item_tp,) = typing.get_args(tp)
+        if self.from_text and isinstance(value, str):
+            parsed = _parse_text_value(value)
+            if isinstance(parsed, list):
+                value = parsed
+            elif item_tp is str:
+                value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise self.error(path, f"expected {_describe(tp)}, got {value!r}")
+        out: list[Any] = []
+        for i, item in enumerate(value):
+            item_path = f"{path}[{i}]"
+            if dataclasses.is_dataclass(item_tp):
+                if not isinstance(item, dict):
+                    raise self.error(item_path, f"expected a table, got {item!r}")
+                obj = item_tp()
+                self.apply_table(obj, item, f"{item_path}.")
+                out.append(obj)
+            else:
+                item_meta = {"item_regex": meta["item_regex"]} if "item_regex" in meta else {}
+                try:
+                    out.append(_coerce(item_tp, item, item_meta, self.from_text))
+                except ValueError as exc:
+                    raise self.error(item_path, str(exc)) from None
+        return out
+
+
+def _set_path(cfg: Any, dotted: str, raw: str, loader: _Loader) -> None:
+    parts = dotted.split(".")
+    obj = cfg
+    for depth, part in enumerate(parts):
+        fields = _fields(type(obj))
+        path = ".".join(parts[: depth + 1])
+        if part not in fields:
+            raise loader.error(path, f"unknown key (known keys here: {', '.join(fields)})")
+        tp = _hints(type(obj))[part]
+        last = depth == len(parts) - 1
+        if dataclasses.is_dataclass(tp):
+            if last:
+                parsed = _parse_text_value(raw)
+                if not isinstance(parsed, dict):
+                    raise loader.error(path, f"expected a table, got {raw!r}")
+                loader.apply_table(getattr(obj, part), parsed, f"{path}.")
+                return
+            obj = getattr(obj, part)
+        else:
+            if not last:
+                raise loader.error(path, f"is {_describe(tp)}, not a table")
+            setattr(obj, part, loader.value(tp, raw, fields[part].metadata, path))
+            return
+
+
+def _check_cross_field(cfg: RoleConfig, source: str) -> None:
+    if isinstance(cfg, PeerConfig):
+        st = cfg.storage
+        if st.low_watermark > st.high_watermark:
+            raise ConfigError(
+                source,
+                "storage.low_watermark",
+                f"must not exceed storage.high_watermark ({st.high_watermark}), "
+                f"got {st.low_watermark}",
+            )
+
+
+def load_config(
+    role: str,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Iterable[str] = (),
+) -> RoleConfig:
+    """Build a role's configuration from defaults, a TOML file, the environment and --set."""
+    cfg = default_config(role)
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(source, "(file)", f"cannot read: {exc.strerror}") from None
+        try:
+            table = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(source, "(file)", f"not valid TOML: {exc}") from None
+        _Loader(source, from_text=False).apply_table(cfg, table, "")
+    for name, raw in sorted((env if env is not None else os.environ).items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        _set_path(cfg, dotted, raw, _Loader(f"environment {name}", from_text=True))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("--set", item, "expected section.key=value")
+        _set_path(cfg, key.strip(), raw, _Loader(f"--set {key.strip()}", from_text=True))
+    _check_cross_field(cfg, str(path) if path is not None else "configuration")
+    return cfg
+
+
+def resolved_hostname(host: HostSection) -> str:
+    return host.hostname or socket.gethostname()
+
+
+def data_dir(storage: StorageSection) -> Path:
+    return Path(os.path.expanduser(storage.data_dir))
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _toml_value(tp: Any, value: Any) -> str:
+    unit = _unit_of(tp)
+    if unit in (Unit.SIZE, Unit.RATE):
+        text = format_size(value)
+        if text == "0":
+            return "0"
+        return f'"{text}/s"' if unit == Unit.RATE else f'"{text}"'
+    if unit == Unit.DURATION:
+        return f'"{format_duration(value)}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        # A TOML literal string keeps regex backslashes readable.
+        return f"'{value}'" if "'" not in value and "\n" not in value else _basic_string(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        (item_tp,) = typing.get_args(tp)
+        return "[" + ", ".join(_toml_value(item_tp, v) for v in value) + "]"
+    raise AssertionError(f"cannot render {value!r}")
+
+
+def _basic_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def render_toml(role: str) -> str:
+    """conf/ROLE.toml: every key with its default and a one-line comment."""
+    cfg = default_config(role)
+    lines = [
+        f"# Dragonfly {role} configuration: every key, with its default.",
+        f"# python -m dragonfly --role {role} --config conf/{role}.toml",
+        "# Override any key with DRAGONFLY_SECTION__KEY=value or --set section.key=value.",
+        "# Sizes take units (4MiB, 1GB), rates bytes/s (20MB/s), durations 30s/5m/1h.",
+    ]
+    top_level: list[str] = []
+    hints = _hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        tp = hints[f.name]
+        value = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(tp):
+            top_level += [f"# {f.metadata['doc']}", f"{f.name} = {_toml_value(tp, value)}"]
+    if top_level:
+        lines += ["", *top_level]
+    for f in dataclasses.fields(cfg):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += ["", f"# {(tp.__doc__ or '').strip()}", f"[{f.name}]"]
+            lines += _render_section(getattr(cfg, f.name), f.name)
+    return "\n".join(lines) + "\n"
+
+
+def _render_section(section: Any, name: str) -> list[str]:
+    lines: list[str] = []
+    tables: list[str] = []
+    hints = _hints(type(section))
+    for f in dataclasses.fields(section):
+        tp = hints[f.name]
+        value = getattr(section, f.name)
+        item_tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if item_tp is not None and dataclasses.is_dataclass(item_tp):
+            tables.append(f"# {f.metadata['doc']}")
+            for item in value:
+                tables += ["", f"[[{name}.{f.name}]]", *_render_section(item, f"{name}.{f.name}")]
+            continue
+        lines += [f"# {f.metadata['doc']}", f"{f.name} = {_toml_value(tp, value)}"]
+    if tables:
+        lines += ["", *tables]
+    return lines

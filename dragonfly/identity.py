@@ -1,0 +1,185 @@
+"""Task identity and piece sizing (sans-I/O).
+
+Every peer in a cluster must derive the same task ID for the same content, or
+the swarm splits. The ID is a sha256 over the URL with the query parameters that
+change per request (signatures, expiry, session tokens of signed URLs) removed,
+plus the tag, the application and an explicit piece length when one is given.
+For OCI blobs the blob digest itself is the ID, so one layer pulled from two
+registries or two repositories is one task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+MIN_PIECE_LENGTH = 4 * MiB
+MAX_PIECE_LENGTH = 64 * MiB
+TARGET_PIECE_COUNT = 500
+
+# Query parameters of signed URLs: they differ per request for the same object.
+# A trailing "*" is a prefix match; matching is case-insensitive.
+DEFAULT_FILTERED_QUERY_PARAMS: tuple[str, ...] = (
+    # AWS S3 (SigV4 and SigV2) and S3-compatible stores
+    "X-Amz-*",
+    "AWSAccessKeyId",
+    # Google Cloud Storage
+    "X-Goog-*",
+    "GoogleAccessId",
+    # Alibaba OSS and Huawei OBS (SigV2-style query signing)
+    "OSSAccessKeyId",
+    "AccessKeyId",
+    "Expires",
+    "Signature",
+    "SecurityToken",
+    "security-token",
+    "x-obs-security-token",
+    # Tencent COS
+    "q-*",
+    "x-cos-security-token",
+)
+
+_SHA256_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
+
+
+class IdentityError(ValueError):
+    """A URL or digest that cannot name a task."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueryFilter:
+    """Decides which query parameters are left out of a task ID."""
+
+    exact: frozenset[str]
+    prefixes: tuple[str, ...]
+
+    @classmethod
+    def from_patterns(cls, patterns: Iterable[str]) -> QueryFilter:
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        for pattern in patterns:
+            p = pattern.strip().lower()
+            if not p:
+                continue
+            if p.endswith("*"):
+                prefixes.append(p[:-1])
+            else:
+                exact.add(p)
+        return cls(frozenset(exact), tuple(prefixes))
+
+    def drops(self, name: str) -> bool:
+        n = name.lower()
+        return n in self.exact or any(n.startswith(p) for p in self.prefixes)
+
+
+DEFAULT_QUERY_FILTER = QueryFilter.from_patterns(DEFAULT_FILTERED_QUERY_PARAMS)
+
+
+def filter_url(url: str, query_filter: QueryFilter = DEFAULT_QUERY_FILTER) -> str:
+    """The URL with filtered query parameters removed and the fragment dropped.
+
+    The order of the remaining parameters is kept: reordering them could merge
+    two URLs an origin treats as different.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise IdentityError(f"invalid URL {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise IdentityError(f"URL must be absolute http(s), got {url!r}")
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    kept = [(k, v) for k, v in pairs if not query_filter.drops(k)]
+    query = urlencode(kept, doseq=False) if len(kept) != len(pairs) else parts.query
+    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", query, ""))
+
+
+def task_id(
+    url: str,
+    *,
+    tag: str = "",
+    application: str = "",
+    piece_length: int | None = None,
+    filtered_query_params: Sequence[str] = (),
+    use_default_filters: bool = True,
+) -> str:
+    """The task ID (64 hex chars) for a URL download.
+
+    `filtered_query_params` are added to the defaults (or replace them when
+    `use_default_filters` is false).
+    """
+    patterns: list[str] = list(DEFAULT_FILTERED_QUERY_PARAMS) if use_default_filters else []
+    patterns.extend(filtered_query_params)
+    query_filter = (
+        DEFAULT_QUERY_FILTER
+        if use_default_filters and not filtered_query_params
+        else QueryFilter.from_patterns(patterns)
+    )
+    if piece_length is not None and piece_length <= 0:
+        raise IdentityError(f"piece length must be positive, got {piece_length}")
+    h = hashlib.sha256()
+    # Length-prefixed fields: no two different inputs share an encoding.
+    for field in (
+        "dragonfly-task-v1",
+        filter_url(url, query_filter),
+        tag,
+        application,
+        str(piece_length) if piece_length is not None else "",
+    ):
+        data = field.encode()
+        h.update(len(data).to_bytes(4, "big"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def blob_task_id(digest: str) -> str:
+    """The task ID of an OCI blob: the hex of its sha256 digest."""
+    m = _SHA256_DIGEST.match(digest.strip())
+    if m is None:
+        raise IdentityError(f"blob digest must be 'sha256:' and 64 lowercase hex, got {digest!r}")
+    return m.group(1)
+
+
+def parse_sha256_digest(digest: str) -> bytes:
+    """'sha256:HEX' to the 32 raw bytes."""
+    return bytes.fromhex(blob_task_id(digest))
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def piece_length_for(content_length: int, explicit: int | None = None) -> int:
+    """Piece length: next_power_of_two(content_length / 500) in [4 MiB, 64 MiB].
+
+    An unknown length (negative) gets the minimum: the file is cut as it streams.
+    """
+    if explicit is not None:
+        if explicit <= 0:
+            raise IdentityError(f"piece length must be positive, got {explicit}")
+        return explicit
+    if content_length <= 0:
+        return MIN_PIECE_LENGTH
+    wanted = next_power_of_two(-(-content_length // TARGET_PIECE_COUNT))
+    return min(MAX_PIECE_LENGTH, max(MIN_PIECE_LENGTH, wanted))
+
+
+def piece_count(content_length: int, piece_length: int) -> int:
+    """Number of pieces; an empty file has none."""
+    if content_length < 0:
+        raise IdentityError("piece count of a file of unknown length")
+    return -(-content_length // piece_length)
+
+
+def piece_range(number: int, content_length: int, piece_length: int) -> tuple[int, int]:
+    """(offset, length) of piece `number`."""
+    offset = number * piece_length
+    if number < 0 or offset >= content_length:
+        raise IdentityError(f"piece {number} is outside a file of {content_length} bytes")
+    return offset, min(piece_length, content_length - offset)

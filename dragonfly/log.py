@@ -1,0 +1,51 @@
+"""structlog setup: JSON lines when not on a terminal, console rendering on one.
+
+Ids (task_id, peer_id, host_id) are bound through contextvars where a task is
+started; trio children inherit a copy, so every line of a download carries them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+    """Configure structlog (and stdlib logging, for libraries) once per process."""
+    out = stream if stream is not None else sys.stderr
+    if fmt == "auto":
+        fmt = "console" if getattr(out, "isatty", lambda: False)() else "json"
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=out.isatty())
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=out)
+
+
+def get_logger(name: str | None = None, **bound: Any) -> Any:
+    logger = structlog.get_logger(name) if name else structlog.get_logger()
+    return logger.bind(**bound) if bound else logger
+
+
+bind = structlog.contextvars.bind_contextvars
+bound = structlog.contextvars.bound_contextvars

@@ -1,0 +1,1 @@
+"""One module per role: each builds that role's trio nursery tree."""

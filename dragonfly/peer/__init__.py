@@ -1,0 +1,1 @@
+"""The peer's download engine: piece picking, parents, back-to-source."""

@@ -1,0 +1,1 @@
+"""The scheduler's brain: resources, their state machines, the evaluator (sans-I/O)."""

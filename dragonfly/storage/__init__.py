@@ -1,0 +1,1 @@
+"""Bytes on disk: sparse task files, piece metadata in SQLite, digests, GC."""

@@ -1,0 +1,1 @@
+"""Real third-party parts started for tests, benchmarks and the demo (nginx as origin)."""

@@ -1,0 +1,1 @@
+"""The protocols: CBOR messages, websocket channels, h11 server and client, sendfile bodies."""

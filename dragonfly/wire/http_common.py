@@ -1,0 +1,156 @@
+"""HTTP pieces shared by the h11 server and client (sans-I/O): headers, ranges."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+HeaderPairs = list[tuple[bytes, bytes]]
+
+# Hop-by-hop headers (RFC 9110 7.6.1): never forwarded by a proxy.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+class Headers:
+    """An ordered, case-insensitive multi-map of header names (lowercase) to values."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[bytes | str, bytes | str]] = ()) -> None:
+        self._items: HeaderPairs = [(_b(k).lower(), _b(v)) for k, v in items]
+
+    def get(self, name: str | bytes, default: str | None = None) -> str | None:
+        key = _b(name).lower()
+        for k, v in self._items:
+            if k == key:
+                return v.decode("latin-1")
+        return default
+
+    def get_all(self, name: str | bytes) -> list[str]:
+        key = _b(name).lower()
+        return [v.decode("latin-1") for k, v in self._items if k == key]
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, (str, bytes)):
+            return False
+        key = _b(name).lower()
+        return any(k == key for k, _ in self._items)
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"Headers({self._items!r})"
+
+    def set(self, name: str | bytes, value: str | bytes) -> None:
+        self.remove(name)
+        self._items.append((_b(name).lower(), _b(value)))
+
+    def add(self, name: str | bytes, value: str | bytes) -> None:
+        self._items.append((_b(name).lower(), _b(value)))
+
+    def remove(self, name: str | bytes) -> None:
+        key = _b(name).lower()
+        self._items = [(k, v) for k, v in self._items if k != key]
+
+    def pairs(self) -> HeaderPairs:
+        return list(self._items)
+
+    def without_hop_by_hop(self) -> Headers:
+        """A copy without hop-by-hop headers, including those named in Connection."""
+        named = {
+            token.strip().lower().encode()
+            for value in self.get_all("connection")
+            for token in value.split(",")
+        }
+        drop = HOP_BY_HOP | named
+        return Headers((k, v) for k, v in self._items if k not in drop)
+
+
+def _b(value: str | bytes) -> bytes:
+    return value.encode("latin-1") if isinstance(value, str) else value
+
+
+class RangeNotSatisfiable(ValueError):
+    """A Range header that no byte of the representation satisfies (416)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """An inclusive byte range [start, end] of a representation of `total` bytes."""
+
+    start: int
+    end: int
+    total: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+    def content_range(self) -> str:
+        return f"bytes {self.start}-{self.end}/{self.total}"
+
+
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+
+
+def parse_range(header: str | None, total: int) -> ByteRange | None:
+    """Parse a single-range `Range` header against a representation of `total` bytes.
+
+    None means "serve the whole representation": no header, a header we do not
+    understand, or several ranges (RFC 9110 lets a server ignore Range).
+    Raises RangeNotSatisfiable for a syntactically valid range outside the body.
+    """
+    if header is None:
+        return None
+    m = _RANGE.match(header)
+    if m is None:
+        return None
+    first, last = m.group(1), m.group(2)
+    if first == "" and last == "":
+        return None
+    if first == "":
+        suffix = int(last)
+        if suffix == 0 or total == 0:
+            raise RangeNotSatisfiable(f"suffix range {header!r} of a {total}-byte body")
+        return ByteRange(max(0, total - suffix), total - 1, total)
+    start = int(first)
+    end = int(last) if last else total - 1
+    if last and end < start:
+        return None  # invalid: ignore the header
+    if start >= total:
+        raise RangeNotSatisfiable(f"range {header!r} starts past a {total}-byte body")
+    return ByteRange(start, min(end, total - 1), total)
+
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+
+
+def parse_content_range(header: str | None) -> tuple[int, int, int | None] | None:
+    """'bytes 0-99/1000' → (0, 99, 1000); total None for '*'; None if absent or invalid."""
+    if header is None:
+        return None
+    m = _CONTENT_RANGE.match(header)
+    if m is None:
+        return None
+    start, end = int(m.group(1)), int(m.group(2))
+    total = None if m.group(3) == "*" else int(m.group(3))
+    if end < start or (total is not None and end >= total):
+        return None
+    return start, end, total

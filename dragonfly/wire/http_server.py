@@ -1,0 +1,392 @@
+"""h11 HTTP/1.1 server: keep-alive, request bodies, streaming and sendfile responses.
+
+A handler gets a `Request` and a `Responder` and answers through the responder:
+`send(...)` for small bodies, `start(...)` + `write(...)`/`sendfile(...)` +
+`finish()` for streamed ones. Bodies sent with `sendfile` go straight from the
+file to the socket; h11 only sees a placeholder of the right length
+(`send_with_data_passthrough`) so its framing state stays right.
+
+A handler that fails before the response starts yields a 500; after it started,
+the connection is closed: a client never gets a silently short body.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket as _socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+import trio
+
+from dragonfly.log import get_logger
+from dragonfly.wire.http_common import (
+    ByteRange,
+    Headers,
+    RangeNotSatisfiable,
+    parse_range,
+)
+from dragonfly.wire.zerocopy import sendfile_all
+
+log = get_logger("dragonfly.http.server")
+
+MAX_HEADER_BYTES = 16 * 1024
+RECEIVE_SIZE = 64 * 1024
+# An unread request body up to this size is drained to keep the connection alive.
+DRAIN_LIMIT = 1 << 20
+SERVER_NAME = b"dragonfly"
+
+Handler = Callable[["Request", "Responder"], Awaitable[None]]
+_SEND_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError)
+
+
+class _Placeholder:
+    """Stands in for a sendfile body in h11: h11 only asks for its length."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ClientGone(Exception):
+    """The client closed the connection or broke the protocol mid-request."""
+
+
+class HTTPConnection:
+    """One accepted TCP connection driven by h11."""
+
+    def __init__(self, stream: trio.SocketStream, *, max_header_bytes: int = MAX_HEADER_BYTES):
+        self.stream = stream
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self.peer = _peername(stream)
+
+    async def send_bytes(self, data: bytes) -> None:
+        if data:
+            await self.stream.send_all(data)
+
+    async def send_event(self, event: Any) -> None:
+        data = self.conn.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+    async def next_event(self) -> Any:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            self.conn.receive_data(data)
+
+
+def _peername(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+
+
+@dataclass
+class Request:
+    """A parsed request; the body is read on demand."""
+
+    method: str
+    target: str
+    headers: Headers
+    http_version: str
+    connection: HTTPConnection = field(repr=False)
+    _body_done: bool = field(default=False, repr=False)
+
+    @property
+    def client(self) -> str:
+        return self.connection.peer
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """The request body as it arrives."""
+        while not self._body_done:
+            event = await self.connection.next_event()
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._body_done = True
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ClientGone("client closed the connection during the request body")
+
+    async def read_body(self, limit: int = 1 << 20) -> bytes:
+        """The whole request body; ValueError past `limit` bytes."""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.iter_body():
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(f"request body larger than {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+class Responder:
+    """Sends one response on a connection; tracks whether it started and finished."""
+
+    def __init__(self, connection: HTTPConnection, request: Request) -> None:
+        self._c = connection
+        self._request = request
+        self.started = False
+        self.finished = False
+        self.status = 0
+        self.body_bytes = 0
+
+    @property
+    def head_only(self) -> bool:
+        return self._request.method == "HEAD"
+
+    async def start(
+        self,
+        status: int,
+        headers: Headers | list[tuple[bytes, bytes]] | None = None,
+        reason: bytes | None = None,
+    ) -> None:
+        """Send the status line and headers. Without Content-Length the body is chunked."""
+        if self.started:
+            raise RuntimeError("response already started")
+        hdrs = headers if isinstance(headers, Headers) else Headers(headers or [])
+        if b"server" not in hdrs:
+            hdrs.add(b"server", SERVER_NAME)
+        self.started = True
+        self.status = status
+        await self._c.send_event(
+            h11.Response(
+                status_code=status,
+                headers=hdrs.pairs(),
+                reason=reason or _reason(status),
+            )
+        )
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send part of the body (ignored for HEAD)."""
+        if not data or self.head_only:
+            return
+        self.body_bytes += len(data)
+        await self._c.send_event(h11.Data(data=data))
+
+    async def sendfile(self, fd: int, offset: int, count: int) -> None:
+        """Send `count` bytes of file `fd` from `offset` as part of the body, zero-copy."""
+        if count <= 0 or self.head_only:
+            return
+        conn = self._c.conn
+        framing = conn.send_with_data_passthrough(h11.Data(data=_Placeholder(count)))
+        # With chunked framing h11 returns [chunk header, placeholder, CRLF].
+        for part in framing:
+            if isinstance(part, _Placeholder):
+                await sendfile_all(self._c.stream.socket, fd, offset, count)
+            else:
+                await self._c.send_bytes(bytes(part))
+        self.body_bytes += count
+
+    async def finish(self) -> None:
+        """End the body: h11 checks that exactly Content-Length bytes were sent."""
+        await self._c.send_event(h11.EndOfMessage())
+        self.finished = True
+
+    async def send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: Headers | list[tuple[bytes, bytes]] | None = None,
+        content_type: bytes = b"text/plain; charset=utf-8",
+    ) -> None:
+        """A complete response with an in-memory body."""
+        hdrs = headers if isinstance(headers, Headers) else Headers(headers or [])
+        if b"content-length" not in hdrs:
+            hdrs.set(b"content-length", str(len(body)).encode())
+        if body and b"content-type" not in hdrs:
+            hdrs.set(b"content-type", content_type)
+        await self.start(status, hdrs)
+        await self.write(body)
+        await self.finish()
+
+    async def send_error(self, status: int, message: str) -> None:
+        await self.send(status, (message + "\n").encode(), [(b"connection", b"close")])
+
+
+def _reason(status: int) -> bytes:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+async def send_file_response(
+    request: Request,
+    responder: Responder,
+    fd: int,
+    size: int,
+    *,
+    offset: int = 0,
+    headers: Headers | None = None,
+    content_type: bytes = b"application/octet-stream",
+) -> None:
+    """Serve `size` bytes of file `fd` (starting at `offset`) with Range and HEAD support."""
+    hdrs = headers if headers is not None else Headers()
+    hdrs.set(b"accept-ranges", b"bytes")
+    if b"content-type" not in hdrs:
+        hdrs.set(b"content-type", content_type)
+    try:
+        byte_range: ByteRange | None = parse_range(request.headers.get("range"), size)
+    except RangeNotSatisfiable:
+        hdrs.set(b"content-range", f"bytes */{size}".encode())
+        hdrs.set(b"content-length", b"0")
+        await responder.start(416, hdrs)
+        await responder.finish()
+        return
+    if byte_range is not None and request.headers.get("if-range") not in (None, hdrs.get("etag")):
+        byte_range = None  # the client's copy is stale: send everything
+    if byte_range is None:
+        hdrs.set(b"content-length", str(size).encode())
+        await responder.start(200, hdrs)
+        await responder.sendfile(fd, offset, size)
+    else:
+        hdrs.set(b"content-length", str(byte_range.length).encode())
+        hdrs.set(b"content-range", byte_range.content_range().encode())
+        await responder.start(206, hdrs)
+        await responder.sendfile(fd, offset + byte_range.start, byte_range.length)
+    await responder.finish()
+
+
+async def _answer_protocol_error(c: HTTPConnection, exc: h11.RemoteProtocolError) -> None:
+    """A malformed request: answer 4xx if h11 still lets us (it does from IDLE), then close."""
+    if c.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
+    body = f"bad request: {exc}\n".encode()
+    try:
+        data = c.conn.send(
+            h11.Response(
+                status_code=status,
+                reason=_reason(status),
+                headers=[
+                    (b"content-length", str(len(body)).encode()),
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"connection", b"close"),
+                    (b"server", SERVER_NAME),
+                ],
+            )
+        )
+        data += c.conn.send(h11.Data(data=body)) + c.conn.send(h11.EndOfMessage())
+        await c.stream.send_all(data)
+    except _SEND_FAILURES:
+        pass
+
+
+async def serve_connection(
+    stream: trio.SocketStream, handler: Handler, *, idle_timeout: float = 120.0
+) -> None:
+    """Run requests on one connection until it closes, idles out, or breaks."""
+    c = HTTPConnection(stream)
+    with contextlib.suppress(OSError):
+        stream.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, True)
+    try:
+        while True:
+            try:
+                with trio.move_on_after(idle_timeout) as idle:
+                    event = await c.next_event()
+                if idle.cancelled_caught:
+                    return
+            except h11.RemoteProtocolError as exc:
+                await _answer_protocol_error(c, exc)
+                return
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return
+            if not isinstance(event, h11.Request):
+                return
+            request = Request(
+                method=event.method.decode("ascii", "replace"),
+                target=event.target.decode("latin-1"),
+                headers=Headers(event.headers),
+                http_version=event.http_version.decode("ascii", "replace"),
+                connection=c,
+            )
+            responder = Responder(c, request)
+            if not await _run_handler(handler, request, responder):
+                return
+            if c.conn.our_state is h11.MUST_CLOSE or not await _drain_body(request):
+                return
+            if c.conn.states != {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}:
+                return
+            c.conn.start_next_cycle()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ClientGone):
+        return
+    finally:
+        with trio.move_on_after(1) as cleanup:
+            cleanup.shield = True
+            await stream.aclose()
+
+
+async def _run_handler(handler: Handler, request: Request, responder: Responder) -> bool:
+    """Run the handler; True if the connection may carry another request."""
+    try:
+        await handler(request, responder)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ClientGone):
+        return False
+    except h11.RemoteProtocolError as exc:
+        if not responder.started:
+            await responder.send_error(400, f"bad request: {exc}")
+        return False
+    except Exception as exc:
+        log.warning(
+            "handler failed",
+            method=request.method,
+            target=request.target,
+            error=repr(exc),
+            started=responder.started,
+        )
+        if not responder.started:
+            with contextlib.suppress(*_SEND_FAILURES):
+                await responder.send_error(500, "internal error")
+        return False
+    if not responder.finished:
+        if not responder.started:
+            await responder.send_error(500, "handler sent no response")
+        return False
+    return True
+
+
+async def _drain_body(request: Request) -> bool:
+    """Read what is left of the request body so the connection can be reused."""
+    drained = 0
+    async for chunk in request.iter_body():
+        drained += len(chunk)
+        if drained > DRAIN_LIMIT:
+            return False
+    return True
+
+
+async def serve(
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    idle_timeout: float = 120.0,
+    backlog: int = 1024,
+) -> None:
+    """Serve HTTP on host:port until cancelled; reports the listeners (for the bound port)."""
+
+    async def on_connection(stream: trio.SocketStream) -> None:
+        await serve_connection(stream, handler, idle_timeout=idle_timeout)
+
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    async with trio.open_nursery() as nursery:
+        started = await nursery.start(trio.serve_listeners, on_connection, listeners)
+        task_status.started(started)
+
+
+def bound_port(listeners: list[trio.SocketListener]) -> int:
+    return int(listeners[0].socket.getsockname()[1])

@@ -1,0 +1,129 @@
+"""Moving bytes between sockets and files without copying them through Python.
+
+trio sockets are non-blocking and trio has no sendfile: these loops call
+`os.sendfile` / `os.splice` themselves, wait for readiness on EAGAIN and
+checkpoint between chunks so other tasks run and cancellation is honoured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+
+import trio
+
+F_SETPIPE_SZ = 1031
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+
+class IncompleteBody(OSError):
+    """The other side closed before the announced number of bytes arrived."""
+
+
+def _pipe_max_size() -> int:
+    try:
+        return int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+PIPE_SIZE = min(1 << 20, _pipe_max_size())
+
+
+class SplicePipe:
+    """A pipe enlarged for splicing socket → pipe → file; reusable, close when done."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            self.size = fcntl.fcntl(self.write_fd, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            self.size = 1 << 16
+        self.buffered = 0  # bytes in the pipe not yet moved to a file
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> SplicePipe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def sendfile_all(sock: trio.socket.SocketType, fd: int, offset: int, count: int) -> int:
+    """Send `count` bytes of file `fd` from `offset` on `sock` with os.sendfile.
+
+    Raises IncompleteBody if the file is shorter than `count`. The caller must be
+    the only task sending on `sock`.
+    """
+    sent_total = 0
+    out_fd = sock.fileno()
+    while sent_total < count:
+        try:
+            sent = os.sendfile(out_fd, fd, offset + sent_total, count - sent_total)
+        except BlockingIOError:
+            await sock.wait_writable()
+            continue
+        if sent == 0:
+            raise IncompleteBody(
+                f"file ended after {sent_total} of {count} bytes at offset {offset}"
+            )
+        sent_total += sent
+        await trio.lowlevel.checkpoint()
+    return sent_total
+
+
+async def splice_to_file(
+    sock: trio.socket.SocketType,
+    fd: int,
+    offset: int,
+    count: int,
+    pipe: SplicePipe,
+    *,
+    read_timeout: float = float("inf"),
+) -> int:
+    """Move exactly `count` bytes from `sock` into file `fd` at `offset` via a pipe.
+
+    Raises IncompleteBody if the socket closes first, trio.TooSlowError if no
+    byte arrives for `read_timeout` seconds. After an error the pipe may hold
+    bytes: close it rather than reuse it.
+    """
+    if pipe.buffered:
+        raise ValueError("splice pipe holds bytes of an earlier failed transfer: discard it")
+    moved = 0
+    in_fd = sock.fileno()
+    while moved < count:
+        if pipe.buffered == 0:
+            try:
+                want = min(pipe.size, count - moved)
+                n = os.splice(in_fd, pipe.write_fd, want, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                with trio.fail_after(read_timeout):
+                    await sock.wait_readable()
+                continue
+            if n == 0:
+                raise IncompleteBody(f"connection closed after {moved} of {count} bytes")
+            pipe.buffered = n
+        # The file side never blocks; SPLICE_F_NONBLOCK only concerns the pipe.
+        while pipe.buffered:
+            written = os.splice(
+                pipe.read_fd, fd, pipe.buffered, offset_dst=offset + moved, flags=_SPLICE_FLAGS
+            )
+            pipe.buffered -= written
+            moved += written
+        await trio.lowlevel.checkpoint()
+    return moved
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """os.pwrite until every byte is written (pwrite may write less)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
