@@ -83,9 +83,7 @@ class HostSection:
 class LogSection:
     """Logging."""
 
-    level: str = opt(
-        "info", "log level", choices=("debug", "info", "warning", "error", "critical")
-    )
+    level: str = opt("info", "log level", choices=("debug", "info", "warning", "error", "critical"))
     format: str = opt(
         "auto", "auto: console on a terminal, JSON otherwise", choices=("auto", "json", "console")
     )
@@ -549,7 +547,7 @@ def load_config(
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError("--set", item, "expected section.key=value")
-        _set_path(cfg, key.strip(), raw, _Loader(f"--set {key.strip()}", from_text=True))
+        _set_path(cfg, key.strip(), raw, _Loader("--set", from_text=True))
     _check_cross_field(cfg, str(path) if path is not None else "configuration")
     return cfg
 

@@ -237,8 +237,9 @@ class Response:
                     read_timeout=self._read_timeout,
                 )
             except IncompleteBody as exc:
-                self._released = True  # partial progress unknown: the connection is done
-                raise BodyIncomplete(f"{self.url}: {exc} (after {self.received} before)") from None
+                self._released = True  # the connection is done
+                self.received += exc.moved
+                raise self._short() from None
             except trio.TooSlowError:
                 raise HTTPTimeout(f"{self.url}: no data for {self._read_timeout}s") from None
             except OSError as exc:

@@ -281,8 +281,19 @@ async def _answer_protocol_error(c: HTTPConnection, exc: h11.RemoteProtocolError
         )
         data += c.conn.send(h11.Data(data=body)) + c.conn.send(h11.EndOfMessage())
         await c.stream.send_all(data)
+        await _lingering_close(c.stream)
     except _SEND_FAILURES:
         pass
+
+
+async def _lingering_close(stream: trio.SocketStream) -> None:
+    """Half-close, then drain briefly: closing with unread input sends a RST that
+    can destroy the error response before the client reads it."""
+    await stream.send_eof()
+    with trio.move_on_after(1):
+        drained = 0
+        while drained < DRAIN_LIMIT and (chunk := await stream.receive_some(RECEIVE_SIZE)):
+            drained += len(chunk)
 
 
 async def serve_connection(

@@ -21,6 +21,10 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK
 class IncompleteBody(OSError):
     """The other side closed before the announced number of bytes arrived."""
 
+    def __init__(self, message: str, moved: int = 0) -> None:
+        super().__init__(message)
+        self.moved = moved
+
 
 def _pipe_max_size() -> int:
     try:
@@ -67,7 +71,7 @@ async def sendfile_all(sock: trio.socket.SocketType, fd: int, offset: int, count
         try:
             sent = os.sendfile(out_fd, fd, offset + sent_total, count - sent_total)
         except BlockingIOError:
-            await sock.wait_writable()
+            await trio.lowlevel.wait_writable(sock)
             continue
         if sent == 0:
             raise IncompleteBody(
@@ -104,10 +108,10 @@ async def splice_to_file(
                 n = os.splice(in_fd, pipe.write_fd, want, flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 with trio.fail_after(read_timeout):
-                    await sock.wait_readable()
+                    await trio.lowlevel.wait_readable(sock)
                 continue
             if n == 0:
-                raise IncompleteBody(f"connection closed after {moved} of {count} bytes")
+                raise IncompleteBody(f"connection closed after {moved} of {count} bytes", moved)
             pipe.buffered = n
         # The file side never blocks; SPLICE_F_NONBLOCK only concerns the pipe.
         while pipe.buffered:

@@ -1,0 +1,62 @@
+"""Shared fixtures: a real nginx origin serving generated files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dragonfly.testing.nginx import Nginx, nginx_binary
+
+
+@dataclass
+class Origin:
+    nginx: Nginx
+    root: Path
+    files: dict[str, bytes]
+
+    def url(self, name: str) -> str:
+        return f"{self.nginx.url}/{name}"
+
+    def sha256(self, name: str) -> str:
+        return hashlib.sha256(self.files[name]).hexdigest()
+
+
+def _make_files(root: Path) -> dict[str, bytes]:
+    rnd = os.urandom
+    files = {
+        "small.bin": rnd(1000),
+        "medium.bin": rnd(3 * 1024 * 1024 + 17),
+        "large.bin": rnd(24 * 1024 * 1024 + 5),
+        "empty.bin": b"",
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return files
+
+
+@pytest.fixture(scope="session")
+def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
+    """nginx on a free loopback port serving a few random files; stopped by PID."""
+    if nginx_binary() is None:
+        pytest.fail("nginx is not installed: run `make test`, which installs it")
+    base = tmp_path_factory.mktemp("origin")
+    root = base / "www"
+    root.mkdir()
+    files = _make_files(root)
+    extra = f"""
+        location = /redirect {{ return 302 /medium.bin; }}
+        location = /redirect-abs {{ return 301 $scheme://$http_host/small.bin; }}
+        location = /loop {{ return 302 /loop; }}
+        location = /error500 {{ return 500; }}
+        location /slow/ {{ alias {root}/; limit_rate 2m; }}
+    """
+    nginx = Nginx(root=root, workdir=base / "nginx", extra_server_conf=extra).start()
+    try:
+        yield Origin(nginx, root, files)
+    finally:
+        nginx.stop()

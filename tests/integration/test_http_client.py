@@ -1,0 +1,208 @@
+"""The h11 client against a real nginx origin."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+
+from dragonfly.testing.nginx import Nginx
+from dragonfly.wire.http_client import (
+    BodyIncomplete,
+    ConnectError,
+    HTTPClient,
+    HTTPClientError,
+    HTTPTimeout,
+    TooManyRedirects,
+)
+from tests.conftest import Origin
+
+pytestmark = pytest.mark.nginx
+
+
+async def _splice_whole(client: HTTPClient, url: str, path: Path) -> int:
+    async with client.request("GET", url) as resp:
+        assert resp.status == 200
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            return await resp.splice_to(fd, 0)
+        finally:
+            os.close(fd)
+
+
+async def test_full_body_spliced_to_file_and_connection_reused(origin: Origin, tmp_path: Path):
+    client = HTTPClient()
+    out = tmp_path / "out"
+    for _ in range(3):
+        n = await _splice_whole(client, origin.url("large.bin"), out)
+        assert n == len(origin.files["large.bin"])
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == origin.sha256("large.bin")
+    # keep-alive: the three requests went over one pooled connection
+    assert sum(len(v) for v in client._idle.values()) == 1
+    await client.aclose()
+
+
+async def test_read_into_preallocated_buffer(origin: Origin):
+    client = HTTPClient()
+    data = origin.files["medium.bin"]
+    async with client.request("GET", origin.url("medium.bin")) as resp:
+        assert resp.content_length == len(data)
+        buf = bytearray(len(data))
+        await resp.readinto_exactly(buf)
+        assert bytes(buf) == data
+        assert resp.complete
+    await client.aclose()
+
+
+async def test_range_requests(origin: Origin, tmp_path: Path):
+    client = HTTPClient()
+    data = origin.files["medium.bin"]
+    async with client.request("GET", origin.url("medium.bin"), [("Range", "bytes=100-1099")]) as r:
+        assert r.status == 206
+        assert r.headers.get("content-range") == f"bytes 100-1099/{len(data)}"
+        assert await r.read() == data[100:1100]
+    # a range spliced into a file at its own offset, as a piece is
+    fd = os.open(tmp_path / "sparse", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        start = 2 * 1024 * 1024
+        async with client.request(
+            "GET", origin.url("medium.bin"), [("Range", f"bytes={start}-")]
+        ) as r:
+            assert r.status == 206
+            await r.splice_to(fd, start)
+        assert os.pread(fd, len(data) - start, start) == data[start:]
+    finally:
+        os.close(fd)
+    async with client.request("GET", origin.url("small.bin"), [("Range", "bytes=5000-")]) as r:
+        assert r.status == 416
+    await client.aclose()
+
+
+async def test_redirects_followed_and_bounded(origin: Origin):
+    client = HTTPClient(max_redirects=5)
+    async with client.request("GET", origin.url("redirect")) as r:
+        assert r.status == 200
+        assert r.url.endswith("/medium.bin")
+        assert await r.read() == origin.files["medium.bin"]
+    async with client.request("GET", origin.url("redirect-abs")) as r:
+        assert await r.read() == origin.files["small.bin"]
+    async with client.request("GET", origin.url("redirect"), follow_redirects=False) as r:
+        assert r.status == 302
+    with pytest.raises(TooManyRedirects, match="more than 5 redirects"):
+        async with client.request("GET", origin.url("loop")):
+            pass
+    await client.aclose()
+
+
+async def test_error_statuses_head_and_empty(origin: Origin):
+    client = HTTPClient()
+    async with client.request("GET", origin.url("missing.bin")) as r:
+        assert r.status == 404
+        await r.read()
+    async with client.request("GET", origin.url("error500")) as r:
+        assert r.status == 500
+        await r.read()
+    async with client.request("HEAD", origin.url("large.bin")) as r:
+        assert r.status == 200
+        assert r.content_length == len(origin.files["large.bin"])
+        assert await r.read() == b""
+    async with client.request("GET", origin.url("empty.bin")) as r:
+        assert r.status == 200
+        assert await r.read() == b""
+    # all of these left the connection reusable
+    async with client.request("GET", origin.url("small.bin")) as r:
+        assert await r.read() == origin.files["small.bin"]
+    await client.aclose()
+
+
+async def test_connect_errors_are_named():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = HTTPClient(connect_timeout=2)
+    with pytest.raises(ConnectError, match=f"cannot connect to 127.0.0.1:{port}"):
+        async with client.request("GET", f"http://127.0.0.1:{port}/x"):
+            pass
+    with pytest.raises(HTTPClientError, match="not an absolute http"):
+        async with client.request("GET", "ftp://127.0.0.1/x"):
+            pass
+
+
+async def test_origin_killed_mid_body_is_a_clear_error(tmp_path: Path):
+    """nginx (rate-limited) dies during the body: the client says how far it got."""
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "f.bin").write_bytes(os.urandom(8 * 1024 * 1024))
+    nginx = Nginx(root=root, workdir=tmp_path / "nginx", limit_rate="1m").start()
+    try:
+        client = HTTPClient()
+        fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+
+            async def kill_soon() -> None:
+                await trio.sleep(0.5)
+                assert nginx.process is not None
+                os.killpg(nginx.process.pid, signal.SIGKILL)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(kill_soon)
+                with pytest.raises(BodyIncomplete, match=r"connection closed after \d+ of 8388608"):
+                    async with client.request("GET", f"{nginx.url}/f.bin") as r:
+                        await r.splice_to(fd, 0)
+        finally:
+            os.close(fd)
+    finally:
+        nginx.stop()
+
+
+@pytest.mark.parametrize("reset", [False, True])
+async def test_short_body_and_reset_from_a_raw_server(reset: bool):
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    async def serve_once() -> None:
+        conn, _ = await listener.accept()
+        await conn.recv(65536)
+        await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 1000)
+        if reset:
+            conn.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+        conn.close()
+
+    client = HTTPClient()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_once)
+        with pytest.raises(BodyIncomplete) as info:
+            async with client.request("GET", f"http://127.0.0.1:{port}/") as r:
+                await r.read()
+    assert "1000 of 100000" in str(info.value) or "broken" in str(info.value)
+    listener.close()
+
+
+async def test_read_timeout(autojump_clock: trio.abc.Clock):
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    client = HTTPClient(read_timeout=5)
+
+    async def stall() -> None:
+        conn, _ = await listener.accept()
+        await conn.recv(65536)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stall)
+        with pytest.raises(HTTPTimeout, match="no response within 5"):
+            async with client.request("GET", f"http://127.0.0.1:{port}/"):
+                pass
+        nursery.cancel_scope.cancel()
+    listener.close()
