@@ -1,0 +1,450 @@
+"""The wire messages: one frozen dataclass per message type, registered with the codec.
+
+Peer ↔ scheduler messages travel over one websocket per (host, scheduler) and are
+routed by (task_id, peer_id); peer ↔ peer metadata messages travel over the
+parent's announcement websocket.  Every websocket starts with a ``Hello`` in both
+directions (``check_version`` negotiates).  Limits below are what a receiver
+accepts; senders must split longer piece lists over several messages.
+
+Adding a field later: give it a default (and put it last in a ``@compact`` record)
+so older peers, which ignore unknown keys, keep working.
+"""
+
+from dataclasses import dataclass, field
+
+from dragonfly.wire.codec import (
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    Message,
+    ProtocolError,
+    compact,
+    limits,
+    message,
+)
+
+__all__ = [
+    "ROLES",
+    "AnnounceDone",
+    "CandidateParents",
+    "Error",
+    "ErrorCode",
+    "Hello",
+    "HostInfo",
+    "LeaveHost",
+    "LeavePeer",
+    "NeedBackToSource",
+    "ParentInfo",
+    "PeerFailed",
+    "PeerFinished",
+    "PieceAnnounce",
+    "PieceDigest",
+    "PieceDigests",
+    "PieceFailed",
+    "PieceInfo",
+    "PieceReport",
+    "PiecesFinished",
+    "Ping",
+    "Pong",
+    "RegisterPeer",
+    "Reschedule",
+    "Subscribe",
+    "TaskFailed",
+    "TaskMetadata",
+    "TriggerDownload",
+    "check_version",
+]
+
+ROLES = ("peer", "seed-peer", "scheduler")
+
+ID_MAX = 128
+URL_MAX = 8192
+REASON_MAX = 1024
+PIECE_NUMBER_MAX = 2**31 - 1
+OFFSET_MAX = 2**50
+PIECE_LENGTH_MAX = 2**40
+DIGEST_LEN = 32  # raw sha256
+
+
+class ErrorCode:
+    """Values of ``Error.code``."""
+
+    PROTOCOL = "protocol"  # undecodable or invalid message
+    VERSION = "version"  # no common protocol version
+    NOT_FOUND = "not_found"  # unknown task / peer / host
+    INTERNAL = "internal"  # the receiver failed handling a valid message
+
+
+# Field shorthands (each call makes a fresh dataclasses.field).
+def _id() -> str:
+    return limits(min_len=1, max_len=ID_MAX)  # type: ignore[no-any-return]
+
+
+def _opt_id() -> str:
+    """An id where "" has a meaning (the origin, "any", ...)."""
+    return limits(default="", max_len=ID_MAX)  # type: ignore[no-any-return]
+
+
+def _reason() -> str:
+    return limits(default="", max_len=REASON_MAX)  # type: ignore[no-any-return]
+
+
+def _number() -> int:
+    return limits(min=0, max=PIECE_NUMBER_MAX)  # type: ignore[no-any-return]
+
+
+def _digest() -> bytes:
+    return limits(len=DIGEST_LEN)  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------
+# Nested records
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HostInfo:
+    """A host as announced in its Hello to the scheduler."""
+
+    host_id: str = _id()
+    hostname: str = limits(max_len=255)
+    ip: str = limits(min_len=1, max_len=64)
+    upload_port: int = limits(min=1, max=65535)
+    proxy_port: int | None = limits(default=None, min=1, max=65535)
+    idc: str = limits(default="", max_len=256)
+    location: str = limits(default="", max_len=256)
+    seed: bool = False
+    upload_limit: int = limits(default=50, min=0, max=2**16)  # concurrent uploads, 0 = none
+    upload_rate: int = limits(default=0, min=0, max=2**50)  # bytes/s, 0 = unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class ParentInfo:
+    """A candidate parent handed to a downloading peer: where to subscribe and fetch."""
+
+    peer_id: str = _id()
+    host_id: str = _id()
+    ip: str = limits(min_len=1, max_len=64)
+    upload_port: int = limits(min=1, max=65535)
+    hostname: str = limits(default="", max_len=255)
+    seed: bool = False
+    idc: str = limits(default="", max_len=256)
+    location: str = limits(default="", max_len=256)
+
+
+@compact
+@dataclass(frozen=True, slots=True)
+class PieceReport:
+    """One finished piece in PiecesFinished; wire form [number, offset, length, digest,
+    parent_id, cost_ms]."""
+
+    number: int = _number()
+    offset: int = limits(min=0, max=OFFSET_MAX)
+    length: int = limits(min=0, max=PIECE_LENGTH_MAX)
+    digest: bytes = _digest()
+    parent_id: str = limits(max_len=ID_MAX)  # "" = fetched from the origin
+    cost_ms: int = limits(default=0, min=0, max=2**32)
+
+
+@compact
+@dataclass(frozen=True, slots=True)
+class PieceDigest:
+    """Origin-side digest of one piece; wire form [number, digest]."""
+
+    number: int = _number()
+    digest: bytes = _digest()
+
+
+@compact
+@dataclass(frozen=True, slots=True)
+class PieceInfo:
+    """A piece a parent holds; wire form [number, offset, length, digest]."""
+
+    number: int = _number()
+    offset: int = limits(min=0, max=OFFSET_MAX)
+    length: int = limits(min=0, max=PIECE_LENGTH_MAX)
+    digest: bytes = _digest()
+
+
+# ---------------------------------------------------------------------------
+# Handshake and either-direction messages
+# ---------------------------------------------------------------------------
+
+
+@message("hello")
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First message on every websocket, both directions: versions spoken, role, host.
+
+    A peer's Hello to the scheduler carries its HostInfo; the scheduler's and a
+    parent's carry none.
+    """
+
+    version: int = limits(min=1, max=2**16)  # highest version spoken
+    min_version: int = limits(min=1, max=2**16)  # lowest version spoken
+    role: str = limits(choices=ROLES)
+    host: HostInfo | None = None
+
+
+def check_version(
+    hello: Hello, *, local_min: int = MIN_PROTOCOL_VERSION, local_max: int = PROTOCOL_VERSION
+) -> int:
+    """Return the version both sides speak (the lower maximum) or say why there is none."""
+    if hello.min_version > hello.version:
+        raise ProtocolError(
+            f"peer sent an empty version range {hello.min_version}..{hello.version}",
+            ref=Hello.TAG,
+        )
+    if hello.min_version > local_max or hello.version < local_min:
+        raise ProtocolError(
+            f"peer speaks protocol {hello.min_version}..{hello.version}, "
+            f"this side {local_min}..{local_max}",
+            ref=Hello.TAG,
+        )
+    return min(hello.version, local_max)
+
+
+@message("error")
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """Either direction: the receiver could not accept a message; the connection goes on
+    (unless the code is "version"). ``ref`` is the offending message type, if known."""
+
+    code: str = limits(min_len=1, max_len=64)
+    message: str = limits(default="", max_len=REASON_MAX)
+    ref: str = limits(default="", max_len=64)
+
+
+@message("ping")
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    """Either direction: application keepalive; answered by a Pong with the same nonce."""
+
+    nonce: int = limits(min=0, max=2**64 - 1)
+
+
+@message("pong")
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    """Answer to Ping."""
+
+    nonce: int = limits(min=0, max=2**64 - 1)
+
+
+# ---------------------------------------------------------------------------
+# Peer -> scheduler
+# ---------------------------------------------------------------------------
+
+
+@message("register_peer")
+@dataclass(frozen=True, slots=True)
+class RegisterPeer(Message):
+    """Peer → scheduler: this peer starts downloading a task; answered by CandidateParents,
+    NeedBackToSource or TaskFailed.  The fields are what the task ID was computed from."""
+
+    peer_id: str = _id()
+    task_id: str = _id()
+    url: str = limits(min_len=1, max_len=URL_MAX)
+    tag: str = limits(default="", max_len=1024)
+    application: str = limits(default="", max_len=1024)
+    filtered_query_params: list[str] = field(
+        default_factory=list, metadata=dict(max_items=256, max_len=256)
+    )
+    headers: dict[str, str] = field(
+        default_factory=dict, metadata=dict(max_items=256, max_len=URL_MAX)
+    )
+    piece_length: int | None = limits(default=None, min=1, max=PIECE_LENGTH_MAX)
+    content_length: int | None = limits(default=None, min=0, max=OFFSET_MAX)
+    need_back_to_source: bool = False
+
+
+@message("task_metadata")
+@dataclass(frozen=True, slots=True)
+class TaskMetadata(Message):
+    """Peer/seed peer → scheduler: sent by whoever fetched from the origin, as soon as the
+    origin's response headers are known."""
+
+    peer_id: str = _id()
+    task_id: str = _id()
+    content_length: int = limits(min=-1, max=OFFSET_MAX)  # -1 = unknown
+    piece_length: int = limits(min=1, max=PIECE_LENGTH_MAX)
+    piece_count: int = limits(min=-1, max=PIECE_NUMBER_MAX + 1)  # -1 = unknown
+    etag: str = limits(default="", max_len=1024)
+    last_modified: str = limits(default="", max_len=256)
+
+
+@message("pieces_finished")
+@dataclass(frozen=True, slots=True)
+class PiecesFinished(Message):
+    """Peer → scheduler: pieces verified and stored since the last report (batched)."""
+
+    peer_id: str = _id()
+    task_id: str = _id()
+    pieces: list[PieceReport] = field(default_factory=list)
+
+
+@message("piece_failed")
+@dataclass(frozen=True, slots=True)
+class PieceFailed(Message):
+    """Peer → scheduler: fetching a piece from a parent failed (timeout, bad digest...)."""
+
+    peer_id: str = _id()
+    task_id: str = _id()
+    number: int = _number()
+    parent_id: str = limits(max_len=ID_MAX)  # "" = the origin
+    reason: str = _reason()
+
+
+@message("peer_finished")
+@dataclass(frozen=True, slots=True)
+class PeerFinished(Message):
+    """Peer → scheduler: every piece is verified; this peer now holds the whole task."""
+
+    peer_id: str = _id()
+    task_id: str = _id()
+    content_length: int = limits(min=0, max=OFFSET_MAX)
+    piece_count: int = limits(min=0, max=PIECE_NUMBER_MAX + 1)
+
+
+@message("peer_failed")
+@dataclass(frozen=True, slots=True)
+class PeerFailed(Message):
+    """Peer → scheduler: this peer gave up on the task."""
+
+    peer_id: str = _id()
+    task_id: str = _id()
+    reason: str = _reason()
+
+
+@message("reschedule")
+@dataclass(frozen=True, slots=True)
+class Reschedule(Message):
+    """Peer → scheduler: the current parents do not serve; ask for others, never these."""
+
+    peer_id: str = _id()
+    task_id: str = _id()
+    blocked_parents: list[str] = field(
+        default_factory=list, metadata=dict(max_items=1024, max_len=ID_MAX)
+    )
+    reason: str = _reason()
+
+
+@message("leave_peer")
+@dataclass(frozen=True, slots=True)
+class LeavePeer(Message):
+    """Peer → scheduler: this peer is gone for the task (download over, or task evicted)."""
+
+    peer_id: str = _id()
+    task_id: str = _id()
+
+
+@message("leave_host")
+@dataclass(frozen=True, slots=True)
+class LeaveHost(Message):
+    """Peer → scheduler: the host shuts down; drop all its peers."""
+
+    host_id: str = _id()
+
+
+# ---------------------------------------------------------------------------
+# Scheduler -> peer
+# ---------------------------------------------------------------------------
+
+
+@message("candidate_parents")
+@dataclass(frozen=True, slots=True)
+class CandidateParents(Message):
+    """Scheduler → peer: parents to download from, what is known of the task, and the
+    origin-side digests known so far (a child checks every piece against these)."""
+
+    peer_id: str = _id()
+    task_id: str = _id()
+    parents: list[ParentInfo] = field(default_factory=list, metadata=dict(max_items=256))
+    content_length: int = limits(default=-1, min=-1, max=OFFSET_MAX)  # -1 = unknown
+    piece_length: int | None = limits(default=None, min=1, max=PIECE_LENGTH_MAX)
+    piece_count: int = limits(default=-1, min=-1, max=PIECE_NUMBER_MAX + 1)  # -1 = unknown
+    digests: list[PieceDigest] = field(default_factory=list)
+
+
+@message("piece_digests")
+@dataclass(frozen=True, slots=True)
+class PieceDigests(Message):
+    """Scheduler → peer: origin-side digests newly reported since CandidateParents."""
+
+    peer_id: str = _id()
+    task_id: str = _id()
+    digests: list[PieceDigest] = field(default_factory=list)
+
+
+@message("need_back_to_source")
+@dataclass(frozen=True, slots=True)
+class NeedBackToSource(Message):
+    """Scheduler → peer: no parent can serve; fetch from the origin yourself."""
+
+    peer_id: str = _id()
+    task_id: str = _id()
+    reason: str = _reason()
+
+
+@message("trigger_download")
+@dataclass(frozen=True, slots=True)
+class TriggerDownload(Message):
+    """Scheduler → seed peer: first sight of a task; fetch it from the origin (the seed
+    peer then registers as a peer of the task like any other)."""
+
+    task_id: str = _id()
+    url: str = limits(min_len=1, max_len=URL_MAX)
+    tag: str = limits(default="", max_len=1024)
+    application: str = limits(default="", max_len=1024)
+    filtered_query_params: list[str] = field(
+        default_factory=list, metadata=dict(max_items=256, max_len=256)
+    )
+    headers: dict[str, str] = field(
+        default_factory=dict, metadata=dict(max_items=256, max_len=URL_MAX)
+    )
+    piece_length: int | None = limits(default=None, min=1, max=PIECE_LENGTH_MAX)
+
+
+@message("task_failed")
+@dataclass(frozen=True, slots=True)
+class TaskFailed(Message):
+    """Scheduler → peer: the task cannot be downloaded at all (origin failed for the seed
+    peer, ...).  ``peer_id`` "" means every peer of the task on this host."""
+
+    task_id: str = _id()
+    reason: str = _reason()
+    peer_id: str = _opt_id()
+
+
+# ---------------------------------------------------------------------------
+# Peer <-> peer metadata websocket
+# ---------------------------------------------------------------------------
+
+
+@message("subscribe")
+@dataclass(frozen=True, slots=True)
+class Subscribe(Message):
+    """Child → parent: send me the pieces you hold of this task, then new ones as they land.
+    ``peer_id`` is the child; ``parent_id`` the parent peer it expects ("" = any)."""
+
+    task_id: str = _id()
+    peer_id: str = _id()
+    parent_id: str = _opt_id()
+
+
+@message("piece_announce")
+@dataclass(frozen=True, slots=True)
+class PieceAnnounce(Message):
+    """Parent → child: pieces the parent holds (the backlog first, then each new one)."""
+
+    task_id: str = _id()
+    pieces: list[PieceInfo] = field(default_factory=list)
+
+
+@message("announce_done")
+@dataclass(frozen=True, slots=True)
+class AnnounceDone(Message):
+    """Parent → child: the parent holds every piece; nothing more will be announced."""
+
+    task_id: str = _id()
+    piece_count: int = limits(min=0, max=PIECE_NUMBER_MAX + 1)
+    content_length: int = limits(min=0, max=OFFSET_MAX)
