@@ -1,1 +1,39 @@
 """Bytes on disk: sparse task files, piece metadata in SQLite, digests, GC."""
+
+from dragonfly.wire.zerocopy import IncompleteBody, SplicePipe
+
+from .errors import (
+    DigestMismatch,
+    IncompleteTask,
+    RangeNotAvailable,
+    StorageError,
+    TaskInUse,
+    UnknownTask,
+)
+from .gc import GCConfig, TaskUsage, plan_gc
+from .metadata import MetadataDB, PieceRecord, TaskRecord, TaskState
+from .store import PieceStore, TaskHandle
+from .taskfile import TaskFile, task_path, validate_task_id
+
+__all__ = [
+    "DigestMismatch",
+    "GCConfig",
+    "IncompleteBody",
+    "IncompleteTask",
+    "MetadataDB",
+    "PieceRecord",
+    "PieceStore",
+    "RangeNotAvailable",
+    "SplicePipe",
+    "StorageError",
+    "TaskFile",
+    "TaskHandle",
+    "TaskInUse",
+    "TaskRecord",
+    "TaskState",
+    "TaskUsage",
+    "UnknownTask",
+    "plan_gc",
+    "task_path",
+    "validate_task_id",
+]

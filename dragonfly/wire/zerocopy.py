@@ -47,6 +47,18 @@ class SplicePipe:
             self.size = 1 << 16
         self.buffered = 0  # bytes in the pipe not yet moved to a file
 
+    def discard(self) -> None:
+        """Throw away bytes a failed transfer left in the pipe, so the next one starts empty."""
+        while self.buffered > 0:
+            try:
+                chunk = os.read(self.read_fd, min(self.buffered, 1 << 16))
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self.buffered -= len(chunk)
+        self.buffered = 0
+
     def close(self) -> None:
         for fd in (self.read_fd, self.write_fd):
             with contextlib.suppress(OSError):
@@ -94,11 +106,10 @@ async def splice_to_file(
     """Move exactly `count` bytes from `sock` into file `fd` at `offset` via a pipe.
 
     Raises IncompleteBody if the socket closes first, trio.TooSlowError if no
-    byte arrives for `read_timeout` seconds. After an error the pipe may hold
-    bytes: close it rather than reuse it.
+    byte arrives for `read_timeout` seconds. Bytes a failed call leaves in the
+    pipe are discarded by the next call.
     """
-    if pipe.buffered:
-        raise ValueError("splice pipe holds bytes of an earlier failed transfer: discard it")
+    pipe.discard()
     moved = 0
     in_fd = sock.fileno()
     while moved < count:
