@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the tests start for real (nginx as the origin, curl as a client).
-APT_PACKAGES := nginx-light curl ca-certificates
+APT_PACKAGES := nginx-light curl ca-certificates openssl
 
 .PHONY: test setup deps lint demo bench clean
 

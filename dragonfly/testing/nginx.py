@@ -50,13 +50,15 @@ class Nginx:
     workdir: Path
     limit_rate: str = ""  # e.g. "10m": bytes/s per connection, nginx syntax
     extra_server_conf: str = ""
+    tls: tuple[Path, Path] | None = None  # (certificate chain, key): serve https
     host: str = "127.0.0.1"
     port: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def access_log(self) -> Path:
@@ -65,6 +67,10 @@ class Nginx:
     def _config(self) -> str:
         user = "user root;" if os.geteuid() == 0 else ""
         limit = f"limit_rate {self.limit_rate};" if self.limit_rate else ""
+        listen = f"listen {self.host}:{self.port}"
+        if self.tls:
+            cert, key = self.tls
+            listen += f" ssl;\n        ssl_certificate {cert};\n        ssl_certificate_key {key}"
         w = self.workdir
         return f"""
 {user}
@@ -87,7 +93,7 @@ http {{
     tcp_nopush on;
     keepalive_requests 100000;
     server {{
-        listen {self.host}:{self.port};
+        {listen};
         root {self.root};
         {limit}
         {self.extra_server_conf}

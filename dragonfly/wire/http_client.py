@@ -380,7 +380,11 @@ class HTTPClient:
                 f"{url}: connecting to {origin.host_header} took over {self.connect_timeout}s"
             ) from None
         except (OSError, trio.BrokenResourceError) as exc:
-            raise ConnectError(f"{url}: cannot connect to {origin.host_header}: {exc}") from None
+            # trio wraps TLS failures (certificate verification...) in BrokenResourceError
+            reason = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            raise ConnectError(
+                f"{url}: cannot connect to {origin.host_header}: {reason or exc!r}"
+            ) from None
 
     def _release(self, conn: _Conn) -> None:
         idle = self._idle.setdefault(conn.origin, [])

@@ -206,3 +206,36 @@ async def test_read_timeout(autojump_clock: trio.abc.Clock):
                 pass
         nursery.cancel_scope.cancel()
     listener.close()
+
+
+async def test_https_origin_verified_against_its_ca(tmp_path: Path):
+    import ssl
+
+    from dragonfly.testing.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    root = tmp_path / "www"
+    root.mkdir()
+    data = os.urandom(3 * 1024 * 1024 + 1)
+    (root / "f.bin").write_bytes(data)
+    nginx = Nginx(root=root, workdir=tmp_path / "nginx", tls=(pki.server_cert, pki.server_key))
+    nginx.start()
+    try:
+        trusted = HTTPClient(ssl_context=ssl.create_default_context(cafile=str(pki.ca_cert)))
+        fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            async with trusted.request("GET", f"{nginx.url}/f.bin") as r:
+                assert r.status == 200
+                await r.splice_to(fd, 0)  # no raw socket under TLS: buffered path
+            assert os.pread(fd, len(data) + 1, 0) == data
+        finally:
+            os.close(fd)
+        async with trusted.request("GET", f"{nginx.url}/f.bin", [("Range", "bytes=-5")]) as r:
+            assert await r.read() == data[-5:]
+        await trusted.aclose()
+        # the system store does not know the test CA: a clear connect error
+        with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            async with HTTPClient().request("GET", f"{nginx.url}/f.bin"):
+                pass
+    finally:
+        nginx.stop()
