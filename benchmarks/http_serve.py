@@ -7,13 +7,14 @@ and noisy, so only ratios measured side by side mean anything):
   h11 client ← nginx     client ratio = reference time / this time
 Every client writes to a file on the same disk.
 
-python -m benchmarks http_serve [--size 1GiB] [--rounds 3]
+python -m benchmarks http_serve [--size 1GiB] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ TARGET_CLIENT = 0.8
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks http_serve")
     parser.add_argument("--size", default="1GiB", help="file size (default 1GiB)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     size = parse_size(args.size)
     work = RESULTS / "http_serve"
@@ -58,9 +59,13 @@ def main(argv: list[str]) -> int:
         }
         want = _sha256(src)
         timed(commands["curl<-nginx"])  # warm the page cache for every contender alike
-        for _ in range(args.rounds):
-            for name, cmd in commands.items():
-                runs[name].append(timed(cmd))
+        names = list(commands)
+        for round_no in range(args.rounds):
+            # Rotate the order, and start each run with no dirty pages of the last one
+            # being written back under it.
+            for name in names[round_no % len(names) :] + names[: round_no % len(names)]:
+                os.sync()
+                runs[name].append(timed(commands[name]))
                 if _sha256(out) != want:
                     raise SystemExit(f"{name}: downloaded bytes differ from the file")
                 out.unlink()
