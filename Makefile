@@ -6,14 +6,18 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Debian packages the tests start for real (nginx as the origin, curl as a client).
-APT_PACKAGES := nginx-light curl ca-certificates openssl
+# Debian packages whose programs the tests start for real, as program:package
+# (nginx as the origin, curl as a client, openssl for test certificates).
+# Checked by program, not package name: Debian 12 and 13 package nginx differently.
+NEEDS := nginx:nginx curl:curl openssl:openssl update-ca-certificates:ca-certificates
 
 .PHONY: test setup deps lint demo bench clean
 
 deps:
-	@missing=""; \
-	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
+	for need in $(NEEDS); do \
+		command -v "$${need%%:*}" >/dev/null 2>&1 || missing="$$missing $${need##*:}"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \
 		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \

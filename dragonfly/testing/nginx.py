@@ -104,7 +104,7 @@ http {{
     def start(self) -> Nginx:
         binary = nginx_binary()
         if binary is None:
-            raise RuntimeError("nginx is not installed (apt-get install nginx-light)")
+            raise RuntimeError("nginx is not installed (apt-get install nginx)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         for attempt in range(5):
             self.port = free_port(self.host) if attempt or not self.port else self.port
