@@ -90,16 +90,8 @@ class LogSection:
 
 
 @dataclass
-class MetricsSection:
-    """Prometheus /metrics and /healthy."""
-
-    listen: str = opt("127.0.0.1", "address of the metrics HTTP server")
-    port: int = opt(0, "port of the metrics HTTP server; 0 picks a free one", min=0, max=65535)
-
-
-@dataclass
 class ListenSection:
-    """A server's listening address."""
+    """The role's server (also /metrics and /healthy)."""
 
     listen: str = opt("127.0.0.1", "address to listen on")
     port: int = opt(0, "port to listen on; 0 picks a free one", min=0, max=65535)
@@ -139,7 +131,7 @@ class DownloadSection:
 class UploadSection:
     """The upload server that serves pieces to other peers."""
 
-    listen: str = opt("127.0.0.1", "address of the upload server")
+    listen: str = opt("127.0.0.1", "address of the upload server (also /metrics, /healthy)")
     port: int = opt(0, "port of the upload server; 0 picks a free one", min=0, max=65535)
     rate_limit: Rate = opt(0, "total upload rate in bytes/s; 0: unlimited", min=0)
     concurrent_limit: int = opt(50, "concurrent piece uploads (load limit)", min=1, max=10000)
@@ -243,7 +235,6 @@ class PeerConfig:
 
     host: HostSection = opt(HostSection(), "")
     log: LogSection = opt(LogSection(), "")
-    metrics: MetricsSection = opt(MetricsSection(), "")
     scheduler: SchedulerClientSection = opt(SchedulerClientSection(), "")
     download: DownloadSection = opt(DownloadSection(), "")
     upload: UploadSection = opt(UploadSection(), "")
@@ -259,7 +250,6 @@ class SchedulerConfig:
 
     host: HostSection = opt(HostSection(), "")
     log: LogSection = opt(LogSection(), "")
-    metrics: MetricsSection = opt(MetricsSection(), "")
     server: ListenSection = opt(ListenSection("127.0.0.1", 8002), "")
     scheduling: SchedulingSection = opt(SchedulingSection(), "")
     gc: SchedulerGCSection = opt(SchedulerGCSection(), "")
@@ -272,7 +262,6 @@ class ManagerConfig:
 
     host: HostSection = opt(HostSection(), "")
     log: LogSection = opt(LogSection(), "")
-    metrics: MetricsSection = opt(MetricsSection(), "")
     server: ListenSection = opt(ListenSection("127.0.0.1", 8080), "")
     database: DatabaseSection = opt(DatabaseSection(), "")
     keepalive: KeepaliveSection = opt(KeepaliveSection(), "")
@@ -286,7 +275,7 @@ def _peer_defaults(seed: bool) -> PeerConfig:
     # a seed peer on the same host gets its own set.
     cfg = PeerConfig()
     base = 65010 if seed else 65000
-    cfg.proxy.port, cfg.upload.port, cfg.metrics.port = base + 1, base + 2, base + 3
+    cfg.proxy.port, cfg.upload.port = base + 1, base + 2
     if seed:
         cfg.seed.enabled = True
         cfg.storage.data_dir = "~/.local/share/dragonfly/seed-peer"
@@ -297,13 +286,9 @@ def default_config(role: str) -> RoleConfig:
     if role in ("peer", "seed-peer"):
         return _peer_defaults(seed=role == "seed-peer")
     if role == "scheduler":
-        cfg = SchedulerConfig()
-        cfg.metrics.port = 8003
-        return cfg
+        return SchedulerConfig()
     if role == "manager":
-        mgr = ManagerConfig()
-        mgr.metrics.port = 8081
-        return mgr
+        return ManagerConfig()
     raise ConfigError("--role", "role", f"expected one of {', '.join(ROLES)}, got {role!r}")
 
 

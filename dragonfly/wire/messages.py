@@ -270,6 +270,7 @@ class TaskMetadata(Message):
     piece_count: int = limits(min=-1, max=PIECE_NUMBER_MAX + 1)  # -1 = unknown
     etag: str = limits(default="", max_len=1024)
     last_modified: str = limits(default="", max_len=256)
+    content_type: str = limits(default="", max_len=256)
 
 
 @message("pieces_finished")
@@ -308,11 +309,13 @@ class PeerFinished(Message):
 @message("peer_failed")
 @dataclass(frozen=True, slots=True)
 class PeerFailed(Message):
-    """Peer → scheduler: this peer gave up on the task."""
+    """Peer → scheduler: this peer gave up on the task. ``http_status`` is the origin's
+    status when the origin refused the download (404, 500...), else 0."""
 
     peer_id: str = _id()
     task_id: str = _id()
     reason: str = _reason()
+    http_status: int = limits(default=0, min=0, max=999)
 
 
 @message("reschedule")
@@ -363,6 +366,11 @@ class CandidateParents(Message):
     piece_length: int | None = limits(default=None, min=1, max=PIECE_LENGTH_MAX)
     piece_count: int = limits(default=-1, min=-1, max=PIECE_NUMBER_MAX + 1)  # -1 = unknown
     digests: list[PieceDigest] = field(default_factory=list)
+    # What the origin said when the task started: passed to clients, and sent as
+    # If-Range by a peer that later goes back to source (never mix two versions).
+    etag: str = limits(default="", max_len=1024)
+    last_modified: str = limits(default="", max_len=256)
+    content_type: str = limits(default="", max_len=256)
 
 
 @message("piece_digests")
@@ -378,11 +386,18 @@ class PieceDigests(Message):
 @message("need_back_to_source")
 @dataclass(frozen=True, slots=True)
 class NeedBackToSource(Message):
-    """Scheduler → peer: no parent can serve; fetch from the origin yourself."""
+    """Scheduler → peer: no parent can serve; fetch from the origin yourself. When the
+    task already started elsewhere, its layout, digests and validators come along so
+    the peer fetches the same version with the same pieces."""
 
     peer_id: str = _id()
     task_id: str = _id()
     reason: str = _reason()
+    content_length: int = limits(default=-1, min=-1, max=OFFSET_MAX)
+    piece_length: int | None = limits(default=None, min=1, max=PIECE_LENGTH_MAX)
+    digests: list[PieceDigest] = field(default_factory=list)
+    etag: str = limits(default="", max_len=1024)
+    last_modified: str = limits(default="", max_len=256)
 
 
 @message("trigger_download")
@@ -413,6 +428,7 @@ class TaskFailed(Message):
     task_id: str = _id()
     reason: str = _reason()
     peer_id: str = _opt_id()
+    http_status: int = limits(default=0, min=0, max=999)  # the origin's, when it refused
 
 
 # ---------------------------------------------------------------------------
