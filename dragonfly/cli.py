@@ -59,38 +59,54 @@ def build_parser() -> argparse.ArgumentParser:
     get = sub.add_parser("get", help="download a URL through the local peer (like dfget)")
     get.add_argument("url", help="http(s) URL to download")
     get.add_argument("-O", "--output", required=True, help="file to write when complete")
-    _add_config_args(get)
+    _add_config_args(get, subcommand=True)
 
     cluster = sub.add_parser("cluster", help="run a local cluster of roles on loopback")
     cluster.add_argument("--schedulers", type=int, default=1)
     cluster.add_argument("--seed-peers", type=int, default=1)
     cluster.add_argument("--peers", type=int, default=3)
     cluster.add_argument("--workdir", required=True, help="directory for data, logs, cluster.json")
-    _add_config_args(cluster)
+    _add_config_args(cluster, subcommand=True)
 
     sim = sub.add_parser("sim", help="simulate a swarm in virtual time")
-    _add_config_args(sim)
+    _add_config_args(sim, subcommand=True)
 
     conf = sub.add_parser("config", help="print a role's configuration")
     conf.add_argument("--role", dest="config_role", choices=ROLES, required=True)
     conf.add_argument(
         "--defaults", action="store_true", help="print the documented defaults as TOML"
     )
-    _add_config_args(conf)
+    _add_config_args(conf, subcommand=True)
     return parser
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+def _add_config_args(parser: argparse.ArgumentParser, *, subcommand: bool = False) -> None:
+    """--config, --set and --log-level, accepted before and after a subcommand.
+
+    A subcommand's copies default to SUPPRESS: argparse copies every attribute
+    of the subcommand's namespace over the main one, so a real default there
+    would erase values given before the subcommand. Its --set collects into its
+    own list, which main() appends to the one given before the subcommand.
+    """
+    suppress: dict[str, object] = {"default": argparse.SUPPRESS} if subcommand else {}
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file", **suppress)
     parser.add_argument(
         "--set",
         metavar="SECTION.KEY=VALUE",
         action="append",
-        default=[],
-        dest="overrides",
+        default=argparse.SUPPRESS if subcommand else [],
+        dest="subcommand_overrides" if subcommand else "overrides",
         help="override one configuration key (repeatable)",
     )
-    parser.add_argument("--log-level", choices=LEVELS, help="overrides log.level")
+    parser.add_argument("--log-level", choices=LEVELS, help="overrides log.level", **suppress)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """--set items in command-line order, then --log-level (the more specific option)."""
+    overrides = [*args.overrides, *getattr(args, "subcommand_overrides", [])]
+    if args.log_level:
+        overrides.append(f"log.level={args.log_level}")
+    return overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,15 +118,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         return _config_command(args)
     role = args.role or {"get": "peer", "cluster": "peer", "sim": "scheduler"}[args.command]
-    overrides = list(args.overrides)
-    if args.log_level:
-        overrides.append(f"log.level={args.log_level}")
     try:
-        cfg = load_config(role, args.config, overrides=overrides)
+        cfg = load_config(role, args.config, overrides=_overrides(args))
     except ConfigError as exc:
         print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure(cfg.log.level, cfg.log.format)
+    if args.command == "cluster":
+        from pathlib import Path
+
+        from dragonfly.cluster import run_cluster
+
+        if min(args.schedulers, args.seed_peers, args.peers) < 0 or args.schedulers < 1:
+            print("dragonfly: cluster needs at least one scheduler and no negative counts", file=sys.stderr)
+            return EXIT_USAGE
+        return run_cluster(Path(args.workdir), args.schedulers, args.seed_peers, args.peers)
     if args.command is not None:
         print(f"dragonfly: '{args.command}' is not built yet", file=sys.stderr)
         return EXIT_NOT_BUILT
@@ -126,7 +148,7 @@ def _config_command(args: argparse.Namespace) -> int:
         sys.stdout.write(render_toml(args.config_role))
         return EXIT_OK
     try:
-        cfg = load_config(args.config_role, args.config, overrides=args.overrides)
+        cfg = load_config(args.config_role, args.config, overrides=_overrides(args))
     except ConfigError as exc:
         print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -8,7 +8,10 @@ key, the source and what was expected in every error.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import itertools
+import math
 import os
 import re
 import socket
@@ -55,12 +58,14 @@ class ConfigError(ValueError):
 
 
 def opt(default: Any, doc: str, **constraints: Any) -> Any:
-    """A config field: its default, a one-line doc, and constraints (min, max, choices, regex)."""
+    """A config field: its default, a one-line doc, and constraints (min, max, choices, regex).
+
+    A list or section default is deep-copied for every instance: a shallow copy
+    would share its items (ProxyRule objects, nested lists) between configs.
+    """
     meta = {"doc": doc, **constraints}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    if dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: dataclasses.replace(default), metadata=meta)
+    if isinstance(default, list) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -331,18 +336,38 @@ def _unit_of(tp: Any) -> str | None:
     return None
 
 
+def _brief(value: Any) -> str:
+    """repr of a value for an error message, cut short: a 5000-digit value must not flood it."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond the interpreter's digit limit
+        return "an integer too large to show"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_finite(value: int | float) -> None:
+    """nan passes every min/max check and inf breaks int() and timeouts: refuse both."""
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise ValueError(f"expected a finite number, got {_brief(value)}")
+
+
 def _coerce(tp: Any, value: Any, meta: Mapping[str, Any], from_text: bool) -> Any:
     """Validate one value against its annotated type and constraints; raise ValueError."""
     unit = _unit_of(tp)
     if unit is not None:
         base = typing.get_args(tp)[0]
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"expected {_describe(tp)}, got {value!r}")
+            raise ValueError(f"expected {_describe(tp)}, got {_brief(value)}")
         if isinstance(value, str):
             parse = {Unit.SIZE: parse_size, Unit.RATE: parse_rate, Unit.DURATION: parse_duration}
             value = parse[unit](value)
-        elif base is int and value != int(value):
-            raise ValueError(f"expected {_describe(tp)}, got {value!r}")
+        _check_finite(value)
+        if base is int and value != int(value):
+            raise ValueError(f"expected {_describe(tp)}, got {_brief(value)}")
         value = base(value)
     elif tp is bool:
         if from_text and isinstance(value, str):
@@ -352,27 +377,28 @@ def _coerce(tp: Any, value: Any, meta: Mapping[str, Any], from_text: bool) -> An
             elif lowered in ("false", "0", "no", "off"):
                 value = False
         if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {value!r}")
+            raise ValueError(f"expected true or false, got {_brief(value)}")
     elif tp is int:
         if from_text and isinstance(value, str):
             try:
                 value = int(value.strip())
             except ValueError:
-                raise ValueError(f"expected an integer, got {value!r}") from None
+                raise ValueError(f"expected an integer, got {_brief(value)}") from None
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"expected an integer, got {value!r}")
+            raise ValueError(f"expected an integer, got {_brief(value)}")
     elif tp is float:
         if from_text and isinstance(value, str):
             try:
                 value = float(value.strip())
             except ValueError:
-                raise ValueError(f"expected a number, got {value!r}") from None
+                raise ValueError(f"expected a number, got {_brief(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"expected a number, got {value!r}")
+            raise ValueError(f"expected a number, got {_brief(value)}")
+        _check_finite(value)
         value = float(value)
     elif tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"expected a string, got {value!r}")
+            raise ValueError(f"expected a string, got {_brief(value)}")
     elif typing.get_origin(tp) is list:
         raise AssertionError("lists are coerced by _coerce_list")
     else:
@@ -383,35 +409,48 @@ def _coerce(tp: Any, value: Any, meta: Mapping[str, Any], from_text: bool) -> An
 
 def _check_constraints(value: Any, meta: Mapping[str, Any]) -> None:
     if "min" in meta and value < meta["min"]:
-        raise ValueError(f"must be at least {meta['min']}, got {value!r}")
+        raise ValueError(f"must be at least {meta['min']}, got {_brief(value)}")
     if "max" in meta and value > meta["max"]:
-        raise ValueError(f"must be at most {meta['max']}, got {value!r}")
+        raise ValueError(f"must be at most {meta['max']}, got {_brief(value)}")
     if "choices" in meta and value not in meta["choices"]:
-        raise ValueError(f"expected one of {', '.join(meta['choices'])}, got {value!r}")
+        raise ValueError(f"expected one of {', '.join(meta['choices'])}, got {_brief(value)}")
     if meta.get("regex"):
         try:
             re.compile(value)
         except re.error as exc:
-            raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+            raise ValueError(f"invalid regular expression {_brief(value)}: {exc}") from None
     if "item_regex" in meta and not re.search(meta["item_regex"], value):
-        raise ValueError(f"{value!r} does not match {meta['item_regex']!r}")
+        raise ValueError(f"{_brief(value)} does not match {meta['item_regex']!r}")
 
 
 def _parse_text_value(text: str) -> Any:
     """A --set or environment value: a TOML value if it parses as one, else the raw text."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # TOMLDecodeError, or an integer beyond int()'s digit limit
         return text
 
 
+# Which source set each dotted key last, and when: (order of the source, its name).
+Origins = dict[str, tuple[int, str]]
+_LOADER_ORDER = itertools.count()
+
+
 class _Loader:
-    def __init__(self, source: str, from_text: bool) -> None:
+    """Applies one source's values; records in `origins` which keys it set."""
+
+    def __init__(self, source: str, from_text: bool, origins: Origins) -> None:
         self.source = source
         self.from_text = from_text
+        self.origins = origins
+        self.order = next(_LOADER_ORDER)
 
     def error(self, key: str, problem: str) -> ConfigError:
         return ConfigError(self.source, key, problem)
+
+    def set(self, obj: Any, key: str, value: Any, path: str) -> None:
+        setattr(obj, key, value)
+        self.origins[path] = (self.order, self.source)
 
     def apply_table(self, obj: Any, table: Mapping[str, Any], prefix: str) -> None:
         """Set every key of `table` on the dataclass `obj`, validating each."""
@@ -425,10 +464,10 @@ class _Loader:
             tp = hints[key]
             if dataclasses.is_dataclass(tp):
                 if not isinstance(value, dict):
-                    raise self.error(path, f"expected a table [{path}], got {value!r}")
+                    raise self.error(path, f"expected a table [{path}], got {_brief(value)}")
                 self.apply_table(getattr(obj, key), value, f"{path}.")
             else:
-                setattr(obj, key, self.value(tp, value, fields[key].metadata, path))
+                self.set(obj, key, self.value(tp, value, fields[key].metadata, path), path)
 
     def value(self, tp: Any, value: Any, meta: Mapping[str, Any], path: str) -> Any:
         if typing.get_origin(tp) is list:
@@ -447,13 +486,13 @@ class _Loader:
             elif item_tp is str:
                 value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list):
-            raise self.error(path, f"expected {_describe(tp)}, got {value!r}")
+            raise self.error(path, f"expected {_describe(tp)}, got {_brief(value)}")
         out: list[Any] = []
         for i, item in enumerate(value):
             item_path = f"{path}[{i}]"
             if dataclasses.is_dataclass(item_tp):
                 if not isinstance(item, dict):
-                    raise self.error(item_path, f"expected a table, got {item!r}")
+                    raise self.error(item_path, f"expected a table, got {_brief(item)}")
                 obj = item_tp()
                 self.apply_table(obj, item, f"{item_path}.")
                 out.append(obj)
@@ -480,26 +519,34 @@ def _set_path(cfg: Any, dotted: str, raw: str, loader: _Loader) -> None:
             if last:
                 parsed = _parse_text_value(raw)
                 if not isinstance(parsed, dict):
-                    raise loader.error(path, f"expected a table, got {raw!r}")
+                    raise loader.error(path, f"expected a table, got {_brief(raw)}")
                 loader.apply_table(getattr(obj, part), parsed, f"{path}.")
                 return
             obj = getattr(obj, part)
         else:
             if not last:
                 raise loader.error(path, f"is {_describe(tp)}, not a table")
-            setattr(obj, part, loader.value(tp, raw, fields[part].metadata, path))
+            loader.set(obj, part, loader.value(tp, raw, fields[part].metadata, path), path)
             return
 
 
-def _check_cross_field(cfg: RoleConfig, source: str) -> None:
+def _check_cross_field(cfg: RoleConfig, origins: Origins) -> None:
+    """Constraints between keys; the error names the source that set the later of the two."""
     if isinstance(cfg, PeerConfig):
         st = cfg.storage
         if st.low_watermark > st.high_watermark:
+            low, high = "storage.low_watermark", "storage.high_watermark"
+            unset = (-1, "defaults")
+            if origins.get(high, unset)[0] > origins.get(low, unset)[0]:
+                raise ConfigError(
+                    origins[high][1],
+                    high,
+                    f"must not be below {low} ({st.low_watermark}), got {st.high_watermark}",
+                )
             raise ConfigError(
-                source,
-                "storage.low_watermark",
-                f"must not exceed storage.high_watermark ({st.high_watermark}), "
-                f"got {st.low_watermark}",
+                origins.get(low, unset)[1],
+                low,
+                f"must not exceed {high} ({st.high_watermark}), got {st.low_watermark}",
             )
 
 
@@ -510,8 +557,14 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Iterable[str] = (),
 ) -> RoleConfig:
-    """Build a role's configuration from defaults, a TOML file, the environment and --set."""
+    """Build a role's configuration from defaults, a TOML file, the environment and --set.
+
+    An environment variable naming a section this role does not have is ignored:
+    one environment often serves several roles on a host. An unknown key inside
+    a section this role has is still an error, and --set is always strict.
+    """
     cfg = default_config(role)
+    origins: Origins = {}
     if path is not None:
         source = str(path)
         try:
@@ -522,18 +575,24 @@ def load_config(
             table = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(source, "(file)", f"not valid TOML: {exc}") from None
-        _Loader(source, from_text=False).apply_table(cfg, table, "")
+        except ValueError:  # tomllib's int() refuses integers beyond its digit limit
+            raise ConfigError(source, "(file)", "not valid TOML: an integer too long") from None
+        _Loader(source, False, origins).apply_table(cfg, table, "")
+    hints = _hints(type(cfg))
+    sections = {name for name, tp in hints.items() if dataclasses.is_dataclass(tp)}
     for name, raw in sorted((env if env is not None else os.environ).items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
-        _set_path(cfg, dotted, raw, _Loader(f"environment {name}", from_text=True))
+        if dotted.partition(".")[0] not in sections:
+            continue
+        _set_path(cfg, dotted, raw, _Loader(f"environment {name}", True, origins))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError("--set", item, "expected section.key=value")
-        _set_path(cfg, key.strip(), raw, _Loader("--set", from_text=True))
-    _check_cross_field(cfg, str(path) if path is not None else "configuration")
+        _set_path(cfg, key.strip(), raw, _Loader("--set", True, origins))
+    _check_cross_field(cfg, origins)
     return cfg
 
 

@@ -14,7 +14,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -85,8 +85,11 @@ DEFAULT_QUERY_FILTER = QueryFilter.from_patterns(DEFAULT_FILTERED_QUERY_PARAMS)
 def filter_url(url: str, query_filter: QueryFilter = DEFAULT_QUERY_FILTER) -> str:
     """The URL with filtered query parameters removed and the fragment dropped.
 
-    The order of the remaining parameters is kept: reordering them could merge
-    two URLs an origin treats as different.
+    The remaining parameters are kept byte-for-byte and in order: re-encoding
+    them ('%7E' → '~', 'flag' → 'flag=', ';' → '%3B') would give a signed URL
+    a different task ID than the same URL unsigned, and reordering could merge
+    two URLs an origin treats as different. Only a parameter's name is decoded,
+    to match it against the filter.
     """
     try:
         parts = urlsplit(url)
@@ -94,9 +97,9 @@ def filter_url(url: str, query_filter: QueryFilter = DEFAULT_QUERY_FILTER) -> st
         raise IdentityError(f"invalid URL {url!r}: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise IdentityError(f"URL must be absolute http(s), got {url!r}")
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    kept = [(k, v) for k, v in pairs if not query_filter.drops(k)]
-    query = urlencode(kept, doseq=False) if len(kept) != len(pairs) else parts.query
+    segments = parts.query.split("&")
+    kept = [s for s in segments if not query_filter.drops(unquote_plus(s.partition("=")[0]))]
+    query = "&".join(kept) if len(kept) != len(segments) else parts.query
     return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", query, ""))
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 
 _SIZE_UNITS: dict[str, int] = {
     "": 1,
@@ -33,16 +35,33 @@ _DURATION_UNITS: dict[str, float] = {
 }
 _NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+# A number longer than this is a typo or an attack, not a setting: refusing it
+# keeps int() from its digit limit (or quadratic time) and float() from inf.
+MAX_NUMBER_LENGTH = 30
+
+
+def _shown(text: str) -> str:
+    """repr of user text, cut short so an absurd value cannot flood an error message."""
+    return repr(text) if len(text) <= 40 else repr(text[:37] + "...")
+
+
+def _check_length(number: str, text: str) -> None:
+    if len(number) > MAX_NUMBER_LENGTH:
+        raise ValueError(f"{_shown(text)} has a number longer than {MAX_NUMBER_LENGTH} characters")
 
 
 def parse_size(text: str) -> int:
-    """'4MiB' → 4194304, '1.5GB' → 1500000000, '512' → 512 (bytes)."""
+    """'4MiB' → 4194304, '1.5GB' → 1500000000, '512' → 512 (bytes).
+
+    Exact arithmetic: a float would round sizes above 2**53 bytes.
+    """
     m = _NUMBER_UNIT.match(text)
     if m is None or m.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"{text!r} is not a size (examples: 512, 4MiB, 1.5GB)")
-    value = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-    if value != int(value):
-        raise ValueError(f"{text!r} is not a whole number of bytes")
+        raise ValueError(f"{_shown(text)} is not a size (examples: 512, 4MiB, 1.5GB)")
+    _check_length(m.group(1), text)
+    value = Fraction(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if value.denominator != 1:
+        raise ValueError(f"{_shown(text)} is not a whole number of bytes")
     return int(value)
 
 
@@ -54,24 +73,37 @@ def parse_rate(text: str) -> int:
     try:
         return parse_size(t)
     except ValueError:
-        raise ValueError(f"{text!r} is not a rate (examples: 0, 20MB/s, 100MiB/s)") from None
+        raise ValueError(f"{_shown(text)} is not a rate (examples: 0, 20MB/s, 100MiB/s)") from None
 
 
 def parse_duration(text: str) -> float:
-    """'30s' → 30.0, '5m' → 300.0, '1h30m' → 5400.0, '250ms' → 0.25, '12' → 12.0."""
+    """'30s' → 30.0, '5m' → 300.0, '1h30m' → 5400.0, '250ms' → 0.25, '12' → 12.0.
+
+    'nan' and 'inf' are refused: nan passes every range check, inf every timeout.
+    """
     t = text.strip().lower()
     try:
-        return float(t)
+        total = float(t)
     except ValueError:
-        pass
+        total = _sum_duration_parts(t, text)
+    else:
+        _check_length(t, text)
+    if not math.isfinite(total):
+        raise ValueError(f"{_shown(text)} is not a finite duration")
+    return total
+
+
+def _sum_duration_parts(t: str, text: str) -> float:
+    """'1h30m' → 5400.0; ValueError unless `t` is nothing but number-unit parts."""
     pos, total = 0, 0.0
     for m in _DURATION_PART.finditer(t):
         if m.start() != pos:
             break
+        _check_length(m.group(1), text)
         total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
         pos = m.end()
     if pos == 0 or pos != len(t):
-        raise ValueError(f"{text!r} is not a duration (examples: 30s, 5m, 1h30m, 250ms)")
+        raise ValueError(f"{_shown(text)} is not a duration (examples: 30s, 5m, 1h30m, 250ms)")
     return total
 
 

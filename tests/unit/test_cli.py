@@ -72,3 +72,67 @@ def test_config_defaults_prints_toml() -> None:
     assert (
         r.returncode == 0 and "[download]" in r.stdout and "concurrent_piece_count = 8" in r.stdout
     )
+
+
+def test_config_before_the_subcommand_is_used() -> None:
+    """Subcommand defaults used to erase --config given before the subcommand (exit 3)."""
+    r = run("--config", "/nonexistent/peer.toml", "get", "http://o/f", "-O", "f")
+    assert r.returncode == EXIT_USAGE and "/nonexistent/peer.toml" in r.stderr
+
+
+@pytest.mark.parametrize("before", [True, False])
+@pytest.mark.parametrize(
+    ("option", "value", "fragment"),
+    [
+        ("--config", "/nonexistent/peer.toml", "cannot read"),
+        ("--set", "log.level=loud", "expected one of"),
+    ],
+)
+def test_config_options_work_before_and_after_a_subcommand(
+    before: bool, option: str, value: str, fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command in (["get", "http://o/f", "-O", "f"], ["cluster", "--workdir", "w"], ["sim"]):
+        argv = [option, value, *command] if before else [*command, option, value]
+        assert main(argv) == EXIT_USAGE, argv
+        assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_config_command_takes_options_before_and_after(
+    before: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    options = ["--set", "download.concurrent_piece_count=3", "--log-level", "debug"]
+    command = ["config", "--role", "peer"]
+    assert main([*options, *command] if before else [*command, *options]) == 0
+    out = capsys.readouterr().out
+    assert "concurrent_piece_count=3" in out and "level='debug'" in out
+
+
+def test_set_before_and_after_a_subcommand_add_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "peer.toml"
+    f.write_text("[download]\nconcurrent_piece_count = 2\n")
+    argv = [
+        "--config",
+        str(f),
+        "--set",
+        "download.concurrent_piece_count=3",
+        "--set",
+        "upload.port=7001",
+        "config",
+        "--role",
+        "peer",
+        "--set",
+        "download.concurrent_piece_count=4",
+        "--log-level",
+        "error",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "concurrent_piece_count=4" in out and "port=7001" in out and "level='error'" in out
+    # A --config after the subcommand wins over one before it.
+    assert (
+        main(["--config", "/nonexistent.toml", "config", "--role", "peer", "--config", str(f)]) == 0
+    )
+    assert "concurrent_piece_count=2" in capsys.readouterr().out

@@ -182,6 +182,211 @@ def test_defaults_are_not_shared_between_instances() -> None:
     assert dataclasses.asdict(b)["proxy"]["rules"][0]["regex"] == "^http://"
 
 
+@pytest.mark.parametrize("role", ["peer", "seed-peer", "scheduler", "manager"])
+def test_mutating_one_config_in_place_leaves_others_alone(role: str) -> None:
+    """Defaults are deep-copied: lists, rules and sections are never shared."""
+    a, b = load_config(role, env={}), load_config(role, env={})
+    for x, y in zip(dataclasses.fields(a), dataclasses.fields(b), strict=True):
+        if dataclasses.is_dataclass(getattr(a, x.name)):
+            assert getattr(a, x.name) is not getattr(b, y.name)
+    if isinstance(a, PeerConfig) and isinstance(b, PeerConfig):
+        assert a.scheduler.addresses is not b.scheduler.addresses
+        a.scheduler.addresses.append("ws://other:1")
+        a.proxy.filtered_query_params.append("token")
+        a.proxy.rules[0].direct = True
+        a.proxy.rules.append(a.proxy.rules[0])
+        assert b.scheduler.addresses == ["ws://127.0.0.1:8002"]
+        assert b.proxy.filtered_query_params == []
+        assert len(b.proxy.rules) == 1 and b.proxy.rules[0].direct is False
+        assert load_config(role, env={}) == b
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[storage]\ntask_ttl = nan\n", "storage.task_ttl"),
+        ("[storage]\ntask_ttl = inf\n", "storage.task_ttl"),
+        ("[storage]\ntask_ttl = -inf\n", "storage.task_ttl"),
+        ("[storage]\ntask_ttl = 1e999\n", "storage.task_ttl"),
+        ("[storage]\ntask_ttl = " + "9" * 400 + "\n", "storage.task_ttl"),
+        ("[storage]\ndisk_quota = inf\n", "storage.disk_quota"),
+        ("[storage]\ndisk_quota = nan\n", "storage.disk_quota"),
+        ("[upload]\nrate_limit = inf\n", "upload.rate_limit"),
+        ("[storage]\nhigh_watermark = nan\n", "storage.high_watermark"),
+        ("[storage]\nlow_watermark = nan\n", "storage.low_watermark"),
+        ("[download]\nconcurrent_piece_count = inf\n", "download.concurrent_piece_count"),
+    ],
+)
+def test_file_non_finite_numbers_are_config_errors(tmp_path: Path, text: str, key: str) -> None:
+    """int(inf) used to raise OverflowError, and nan passed every min/max check."""
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config("peer", f, env={})
+    assert info.value.key == key and str(f) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("download.piece_timeout", "nan"),
+        ("download.piece_timeout", "inf"),
+        ("download.piece_timeout", "-Infinity"),
+        ("download.piece_timeout", "1e999"),
+        ("storage.task_ttl", "NaN"),
+        ("storage.high_watermark", "nan"),
+        ("storage.high_watermark", "inf"),
+        ("storage.low_watermark", "nan"),
+        ("storage.disk_quota", "inf"),
+        ("upload.rate_limit", "nan"),
+        ("download.concurrent_piece_count", "nan"),
+    ],
+)
+def test_text_non_finite_numbers_are_config_errors(key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("peer", env={}, overrides=[f"{key}={value}"])
+    assert info.value.key == key and info.value.source == "--set"
+    env_name = "DRAGONFLY_" + key.upper().replace(".", "__")
+    with pytest.raises(ConfigError) as info:
+        load_config("peer", env={env_name: value})
+    assert info.value.key == key and info.value.source == f"environment {env_name}"
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            "peer", env={}, overrides=[f"{key.split('.')[0]}={{{key.split('.')[1]} = nan}}"]
+        )
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["storage.disk_quota", "upload.rate_limit", "storage.task_ttl", "storage.high_watermark"],
+)
+def test_absurdly_long_numbers_are_config_errors(key: str) -> None:
+    for value in ("1" * 5000, "0." + "0" * 5000 + "1", "1" * 5000 + "s"):
+        with pytest.raises(ConfigError) as info:
+            load_config("peer", env={}, overrides=[f"{key}={value}"])
+        assert info.value.key == key
+        assert len(str(info.value)) < 300, "the value is shortened in the message"
+
+
+def test_absurdly_long_integers_are_config_errors(tmp_path: Path) -> None:
+    """tomllib's int() raises a plain ValueError past 4300 digits; it must not escape."""
+    f = tmp_path / "huge.toml"
+    f.write_text("[storage]\ndisk_quota = " + "1" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="not valid TOML") as info:
+        load_config("peer", f, env={})
+    assert str(f) in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config("peer", env={}, overrides=["download.concurrent_piece_count=" + "1" * 5000])
+    assert info.value.key == "download.concurrent_piece_count"
+    with pytest.raises(ConfigError) as info:
+        load_config("peer", env={}, overrides=["storage={disk_quota = " + "1" * 5000 + "}"])
+    assert info.value.key == "storage"
+    cfg = load_config("peer", env={}, overrides=["proxy.filtered_query_params=" + "1" * 5000])
+    assert isinstance(cfg, PeerConfig) and cfg.proxy.filtered_query_params == ["1" * 5000]
+
+
+def test_env_sections_of_other_roles_are_ignored() -> None:
+    """One environment often serves several roles on a host."""
+    shared = {
+        "DRAGONFLY_STORAGE__FSYNC": "false",  # peer only
+        "DRAGONFLY_SCHEDULER__ADDRESSES": "ws://s:1",  # peer only
+        "DRAGONFLY_SCHEDULING__RETRY_LIMIT": "7",  # scheduler only
+        "DRAGONFLY_DATABASE__PATH": "/db",  # manager only
+        "DRAGONFLY_NOSUCH__THING": "x",  # no role
+        "DRAGONFLY_SERVER__PORT": "9000",  # scheduler and manager
+        "DRAGONFLY_LOG__LEVEL": "debug",  # every role
+    }
+    sched = load_config("scheduler", env=shared)
+    assert isinstance(sched, SchedulerConfig)
+    assert (sched.scheduling.retry_limit, sched.server.port) == (7, 9000)
+    peer = load_config("peer", env=shared)
+    assert isinstance(peer, PeerConfig)
+    assert peer.storage.fsync is False and peer.scheduler.addresses == ["ws://s:1"]
+    manager = load_config("manager", env=shared)
+    assert manager.log.level == "debug" and manager.server.port == 9000
+    # scheduler.manager is a key, not a section: DRAGONFLY_MANAGER__* is no scheduler section.
+    assert load_config("scheduler", env={"DRAGONFLY_MANAGER__URL": "x"}) == load_config(
+        "scheduler", env={}
+    )
+
+
+def test_env_unknown_key_in_a_known_section_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="environment DRAGONFLY_STORAGE__FSINC") as info:
+        load_config("peer", env={"DRAGONFLY_STORAGE__FSINC": "false"})
+    assert info.value.key == "storage.fsinc" and "unknown key" in str(info.value)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config("scheduler", env={"DRAGONFLY_SERVER__PROT": "1"})
+
+
+def test_set_stays_strict_about_sections() -> None:
+    with pytest.raises(ConfigError, match=r"--set: storage: unknown key"):
+        load_config("scheduler", env={}, overrides=["storage.fsync=false"])
+
+
+@pytest.mark.parametrize(
+    ("file_text", "env", "overrides", "source", "key"),
+    [
+        # The file set both: the file is named, as before.
+        ("high_watermark = 0.5\nlow_watermark = 0.6\n", {}, [], "FILE", "storage.low_watermark"),
+        # The file was fine; the environment or --set made it wrong.
+        (
+            "high_watermark = 0.7\n",
+            {"DRAGONFLY_STORAGE__LOW_WATERMARK": "0.75"},
+            [],
+            "environment DRAGONFLY_STORAGE__LOW_WATERMARK",
+            "storage.low_watermark",
+        ),
+        (
+            "high_watermark = 0.7\n",
+            {},
+            ["storage.low_watermark=0.75"],
+            "--set",
+            "storage.low_watermark",
+        ),
+        ("", {}, ["storage.low_watermark=0.95"], "--set", "storage.low_watermark"),
+        ("", {}, ["storage.high_watermark=0.5"], "--set", "storage.high_watermark"),
+        (
+            "low_watermark = 0.5\n",
+            {},
+            ["storage={high_watermark = 0.4}"],
+            "--set",
+            "storage.high_watermark",
+        ),
+        (
+            "low_watermark = 0.5\n",
+            {"DRAGONFLY_STORAGE__HIGH_WATERMARK": "0.4"},
+            [],
+            "environment DRAGONFLY_STORAGE__HIGH_WATERMARK",
+            "storage.high_watermark",
+        ),
+        # --set lowered high_watermark last, even though the environment set low_watermark.
+        (
+            "",
+            {"DRAGONFLY_STORAGE__LOW_WATERMARK": "0.5"},
+            ["storage.high_watermark=0.4"],
+            "--set",
+            "storage.high_watermark",
+        ),
+    ],
+)
+def test_cross_field_error_names_the_source_that_made_it_wrong(
+    tmp_path: Path,
+    file_text: str,
+    env: dict[str, str],
+    overrides: list[str],
+    source: str,
+    key: str,
+) -> None:
+    f = tmp_path / "peer.toml"
+    f.write_text("[storage]\n" + file_text)
+    with pytest.raises(ConfigError) as info:
+        load_config("peer", f, env=env, overrides=overrides)
+    expected = str(f) if source == "FILE" else source
+    assert (info.value.source, info.value.key) == (expected, key)
+    assert str(info.value).startswith(f"{expected}: {key}: must not")
+
+
 @given(st.integers(min_value=0, max_value=2**50))
 def test_size_round_trip(n: int) -> None:
     assert parse_size(format_size(n)) == n
@@ -206,3 +411,24 @@ def test_unit_parsing() -> None:
     for bad in ("", "5 minutes", "m5", "1h-3m"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+def test_unit_parsing_refuses_non_finite_and_absurd_numbers() -> None:
+    for bad in ("nan", "NaN", "inf", "-inf", "Infinity", "1e999", "1e400s", "1" * 400 + "d"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    for bad in ("nan", "inf", "1e999", "nanMiB", "infGB"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+        with pytest.raises(ValueError):
+            parse_rate(bad + "/s")
+    huge = "1" * 5000
+    for parse in (parse_size, parse_rate, parse_duration):
+        for bad in (huge, huge + "MiB", huge + "/s", "0." + "0" * 5000 + "1", huge + "ms"):
+            with pytest.raises(ValueError) as info:
+                parse(bad)
+            assert len(str(info.value)) < 200
+    # Still exact near the limit, where a float would round.
+    assert parse_size("9007199254740993") == 2**53 + 1
+    assert parse_size("1" * 30) == int("1" * 30)
+    assert parse_duration("1" * 30 + "ms") == pytest.approx(float("1" * 27))

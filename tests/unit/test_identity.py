@@ -42,6 +42,38 @@ def test_other_parameters_and_their_order_matter() -> None:
     assert filter_url(BASE + "#frag") == BASE
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "a=b%7E",  # urlencode would decode %7E to ~
+        "flag",  # urlencode would write flag=
+        "a=1;b=2",  # urlencode would escape ; as %3B
+        "a=%2F+b&c=d%20e",
+        "a=1&&b=",
+        "x=%E2%9C%93&y=a+b",
+        "Expires",  # a bare filtered name is still filtered; nothing is left
+    ],
+)
+def test_filtering_keeps_the_other_parameters_byte_for_byte(query: str) -> None:
+    """Signed and unsigned URLs of one object must be one task, whatever the encoding."""
+    unsigned = BASE + "?" + query
+    kept = "" if query == "Expires" else "?" + query
+    assert filter_url(unsigned) == BASE + kept
+    for signed in (
+        f"{unsigned}&Expires=1&Signature=s%3D",
+        f"{BASE}?X-Amz-Date=1&{query}&X-Amz-Signature=x",
+        f"{BASE}?OSSAccessKeyId=k&{query}",
+    ):
+        assert filter_url(signed) == BASE + kept
+        assert task_id(signed) == task_id(unsigned)
+
+
+def test_filtered_names_are_matched_decoded() -> None:
+    assert filter_url(BASE + "?X%2DAmz%2DDate=1&a=1") == BASE + "?a=1"
+    assert filter_url(BASE + "?expires=1&a=1&SIGNATURE=2") == BASE + "?a=1"
+    assert filter_url(BASE + "?Expiresx=1&a=1") == BASE + "?Expiresx=1&a=1"
+
+
 def test_user_filters_add_to_the_defaults() -> None:
     a = task_id(BASE + "?token=1&X-Amz-Signature=x", filtered_query_params=["token"])
     b = task_id(BASE + "?token=2", filtered_query_params=["token"])
