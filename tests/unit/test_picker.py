@@ -1,0 +1,530 @@
+"""The piece picker: each rule on a concrete case, invariants under random event orders,
+completion, and a small deterministic swarm."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from dragonfly.peer.picker import PiecePicker
+
+
+def make(n: int, parents: dict[str, Iterable[int]] | None = None, **kwargs: object) -> PiecePicker:
+    """A picker whose digests are all known and whose parents announced their pieces."""
+    picker = PiecePicker(n, **kwargs)  # type: ignore[arg-type]
+    picker.digest_known(range(n))
+    for pid, pieces in (parents or {}).items():
+        picker.add_parent(pid)
+        picker.parent_has(pid, pieces)
+    return picker
+
+
+def drain(picker: PiecePicker, limit: int = 10_000) -> list[tuple[int, str]]:
+    """Pick and succeed until done; returns every request made, in order."""
+    trace: list[tuple[int, str]] = []
+    for _ in range(limit):
+        if picker.done:
+            return trace
+        requests = picker.pick()
+        assert requests or picker.in_flight, "no progress"
+        trace.extend(requests)
+        for number, pid in sorted((n, p) for n, ps in picker.in_flight.items() for p in ps):
+            if number not in picker.have:
+                picker.on_success(number, pid, 1000, 0.01)
+    raise AssertionError("did not finish")
+
+
+# -- ordering ---------------------------------------------------------------------------------
+
+
+def test_window_comes_first_and_in_order() -> None:
+    picker = make(32, {"a": range(32)}, max_in_flight=6, per_parent_limit=16, window=4)
+    picker.set_cursor(10)
+    picks = [n for n, _ in picker.pick()]
+    assert picks[:4] == [10, 11, 12, 13]
+    assert len(picks) == 6
+    assert not set(picks[4:]) & set(range(10, 14))
+
+
+def test_window_skips_held_pieces_and_unknown_digests() -> None:
+    picker = PiecePicker(32, have=[11], max_in_flight=3, per_parent_limit=16, window=4)
+    picker.digest_known(n for n in range(32) if n != 12)
+    picker.add_parent("a")
+    picker.parent_has("a", range(32))
+    picker.set_cursor(10)
+    picks = [n for n, _ in picker.pick()]
+    assert picks[:2] == [10, 13]
+    assert 11 not in picks and 12 not in picks
+
+
+def test_without_a_streaming_client_there_is_no_window() -> None:
+    picker = make(256, {"a": range(256)}, max_in_flight=8, per_parent_limit=8)
+    assert [n for n, _ in picker.pick()] != list(range(8))
+
+
+def test_rarest_first() -> None:
+    picker = make(10, {"a": range(10), "b": range(5)}, max_in_flight=5, per_parent_limit=10)
+    first = [n for n, _ in picker.pick()]
+    assert sorted(first) == [5, 6, 7, 8, 9]  # held by one parent only
+    assert all(ps == {"a"} for ps in picker.in_flight.values())
+    for number in first:
+        picker.on_success(number, "a", 1, 1.0)
+    assert sorted(n for n, _ in picker.pick()) == [0, 1, 2, 3, 4]
+
+
+def test_rarest_tie_break_is_seeded() -> None:
+    def order(seed: int) -> list[int]:
+        return [n for n, _ in make(64, {"a": range(64)}, per_parent_limit=8, seed=seed).pick()]
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+
+
+# -- parent choice ----------------------------------------------------------------------------
+
+
+def test_parent_with_most_free_capacity() -> None:
+    picker = make(8, max_in_flight=1)
+    picker.add_parent("small", capacity=2)
+    picker.add_parent("big", capacity=4)
+    for pid in ("small", "big"):
+        picker.parent_has(pid, range(8))
+    assert picker.pick()[0][1] == "big"
+    picker = make(8, max_in_flight=4)
+    picker.add_parent("a", capacity=4)
+    picker.add_parent("b", capacity=4)
+    picker.parent_has("a", range(8))
+    picker.parent_has("b", range(8))
+    # four requests over two equal parents: two each, never three on one
+    assert Counter(pid for _, pid in picker.pick()) == {"a": 2, "b": 2}
+
+
+def test_throughput_breaks_ties() -> None:
+    picker = make(16, {"a": range(16), "b": range(16)}, max_in_flight=2)
+    first = picker.pick()
+    assert {pid for _, pid in first} == {"a", "b"}
+    for number, pid in first:
+        picker.on_success(number, pid, 1_000_000 if pid == "b" else 1_000, 1.0)
+    assert picker.pick()[0][1] == "b"
+
+
+def test_capacity_and_total_limits() -> None:
+    picker = make(16, max_in_flight=10)
+    picker.add_parent("a", capacity=2)
+    picker.add_parent("b", capacity=1)
+    picker.add_parent("none", capacity=0)
+    for pid in ("a", "b", "none"):
+        picker.parent_has(pid, range(16))
+    assert Counter(pid for _, pid in picker.pick()) == {"a": 2, "b": 1}
+    assert picker.pick() == []
+
+    picker = make(16, {"a": range(16), "b": range(16)}, max_in_flight=3)
+    assert len(picker.pick()) == 3
+    assert picker.pick() == []
+    number, pid = next((n, p) for n, ps in picker.in_flight.items() for p in ps)
+    picker.on_success(number, pid, 1, 1.0)
+    assert len(picker.pick()) == 1
+
+
+# -- gating, failures -------------------------------------------------------------------------
+
+
+def test_digest_gating() -> None:
+    picker = PiecePicker(4, per_parent_limit=4)
+    picker.add_parent("a")
+    picker.parent_has("a", range(4))
+    assert picker.pick() == []
+    assert picker.stalled()
+    picker.digest_known([2])
+    assert picker.pick() == [(2, "a")]
+
+
+def test_only_parents_that_have_the_piece() -> None:
+    picker = make(4, {"a": [0], "b": [1]})
+    assert sorted(picker.pick()) == [(0, "a"), (1, "b")]
+
+
+def test_failed_parent_is_excluded_for_that_piece() -> None:
+    picker = make(1, {"a": [0], "b": [0]}, endgame_duplicates=1)
+    [(number, first)] = picker.pick()
+    picker.on_failure(number, first)
+    assert picker.parent_failures(first) == 1
+    [(again, second)] = picker.pick()
+    assert again == 0 and second != first
+    picker.on_failure(0, second)
+    assert picker.pick() == []
+    assert picker.stalled()
+    picker.parent_has(first, [0])  # announcing again does not lift the exclusion
+    assert picker.pick() == []
+
+
+def test_consecutive_failures_suspend_a_parent_until_a_success() -> None:
+    picker = make(16, {"a": range(16)}, per_parent_limit=8, max_in_flight=8)
+    requests = picker.pick()
+    assert len(requests) == 8
+    for number, pid in requests[:3]:
+        picker.on_failure(number, pid)
+    assert picker.suspended_parents() == ["a"]
+    assert picker.parent_failures("a") == 3
+    assert picker.pick() == []
+    number, pid = requests[3]
+    picker.on_success(number, pid, 1, 1.0)
+    assert picker.suspended_parents() == []
+    assert len(picker.pick()) == 4
+
+
+def test_suspended_parent_alone_means_stalled() -> None:
+    picker = make(8, {"a": range(8)}, per_parent_limit=3)
+    for number, pid in picker.pick():
+        picker.on_failure(number, pid)
+    assert picker.pick() == []
+    assert picker.stalled()
+    picker.add_parent("b")
+    picker.parent_has("b", [7])
+    assert not picker.stalled()
+
+
+# -- endgame ----------------------------------------------------------------------------------
+
+
+def test_endgame_duplicates_and_cancellation() -> None:
+    picker = make(2, {"a": [0, 1], "b": [0, 1], "c": [0, 1]}, endgame_duplicates=2)
+    requests = picker.pick()
+    assert len(requests) == 4
+    assert all(len(parents) == 2 for parents in picker.in_flight.values())
+    assert all(len(set(ps)) == 2 for ps in picker.in_flight.values())
+    assert picker.pick() == []  # at most two parents per piece
+
+    winner = sorted(picker.in_flight[0])[0]
+    loser = sorted(picker.in_flight[0])[1]
+    assert picker.on_success(0, winner, 10, 1.0) == [(0, loser)]
+    assert 0 not in picker.in_flight
+    # the cancelled duplicate's late outcome is harmless
+    picker.on_failure(0, loser)
+    assert picker.parent_failures(loser) == 0
+    assert picker.on_success(0, loser, 10, 1.0) == []
+    assert picker.have == {0}
+    picker._check_invariants()
+
+
+def test_no_endgame_while_a_piece_still_waits() -> None:
+    picker = PiecePicker(3, max_in_flight=8)
+    picker.digest_known([0, 1])  # piece 2 is missing but cannot be requested yet
+    for pid in ("a", "b"):
+        picker.add_parent(pid)
+        picker.parent_has(pid, range(3))
+    assert len(picker.pick()) == 2
+    assert picker.pick() == []
+    picker.digest_known([2])
+    assert len(picker.pick()) == 4  # piece 2 once, then one duplicate for each piece
+
+
+def test_endgame_duplicate_failure_keeps_the_other_request() -> None:
+    picker = make(1, {"a": [0], "b": [0]})
+    assert len(picker.pick()) == 2
+    picker.on_failure(0, "a")
+    assert picker.in_flight == {0: {"b"}}
+    assert picker.pick() == []  # a is excluded for 0
+    assert picker.on_success(0, "b", 1, 1.0) == []
+    assert picker.done
+
+
+# -- parents leaving, stalls ------------------------------------------------------------------
+
+
+def test_remove_parent_requeues_its_pieces() -> None:
+    picker = make(8, {"a": range(8), "b": range(4)}, per_parent_limit=4, max_in_flight=8)
+    picker.pick()
+    from_a = sorted(n for n, ps in picker.in_flight.items() if "a" in ps)
+    assert picker.remove_parent("a") == from_a
+    assert picker.parents() == ["b"]
+    assert all("a" not in ps for ps in picker.in_flight.values())
+    again = picker.pick()
+    assert all(pid == "b" and n < 4 for n, pid in again)
+    picker._check_invariants()
+    assert picker.remove_parent("a") == []
+
+
+def test_late_success_from_a_removed_parent_still_counts() -> None:
+    picker = make(2, {"a": [0, 1]})
+    picker.pick()
+    picker.remove_parent("a")
+    assert picker.on_success(0, "a", 1, 1.0) == []
+    assert picker.have == {0}
+    picker.on_failure(1, "a")  # ignored: no longer in flight
+    picker._check_invariants()
+
+
+def test_stalled() -> None:
+    picker = PiecePicker(4)
+    assert picker.stalled()  # no parents
+    picker.add_parent("a")
+    assert picker.stalled()  # a parent without pieces
+    picker.parent_has("a", [1])
+    assert picker.stalled()  # digest unknown
+    picker.digest_known([1])
+    assert not picker.stalled()
+    [(number, pid)] = picker.pick()
+    assert not picker.stalled()  # something in flight
+    picker.on_success(number, pid, 1, 1.0)
+    assert picker.stalled()
+    for n in (0, 2, 3):
+        picker.mark_have(n)
+    assert picker.done and not picker.stalled()
+    assert PiecePicker(0).done
+
+
+def test_mark_have_drops_requests() -> None:
+    picker = make(2, {"a": [0, 1]})
+    picker.pick()
+    picker.mark_have(0)
+    assert 0 not in picker.in_flight and picker.have == {0}
+    picker.on_failure(0, "a")
+    assert picker.parent_failures("a") == 0
+    picker._check_invariants()
+
+
+def test_bad_arguments() -> None:
+    picker = PiecePicker(4)
+    picker.add_parent("a")
+    with pytest.raises(ValueError):
+        picker.parent_has("a", [4])
+    with pytest.raises(ValueError):
+        picker.digest_known([-1])
+    with pytest.raises(ValueError):
+        picker.set_cursor(5)
+    with pytest.raises(ValueError):
+        PiecePicker(4, have=[9])
+    with pytest.raises(ValueError):
+        picker.add_parent("b", capacity=-1)
+    picker.parent_has("unknown", [1])  # an announcement racing a removal is ignored
+
+
+# -- random event orders ----------------------------------------------------------------------
+
+PIECES = 8
+PARENTS = ("a", "b", "c", "d")
+MAX_IN_FLIGHT = 5
+PER_PARENT = 2
+DUPLICATES = 2
+THRESHOLD = 3
+
+
+class PickerMachine(RuleBasedStateMachine):
+    """Drives a picker with random events and checks every decision against a simple model."""
+
+    @initialize(
+        seed=st.integers(0, 2**16),
+        have=st.sets(st.integers(0, PIECES - 1), max_size=3),
+        known=st.sets(st.integers(0, PIECES - 1)),
+        holds=st.lists(st.sets(st.integers(0, PIECES - 1), min_size=1), min_size=1, max_size=3),
+    )
+    def start(self, seed: int, have: set[int], known: set[int], holds: list[set[int]]) -> None:
+        """Start with some parents and digests, so that short runs reach interesting states."""
+        self.picker = PiecePicker(
+            PIECES,
+            have=have,
+            max_in_flight=MAX_IN_FLIGHT,
+            per_parent_limit=PER_PARENT,
+            window=3,
+            endgame_duplicates=DUPLICATES,
+            failure_threshold=THRESHOLD,
+            seed=seed,
+        )
+        self.have = set(have)
+        self.known: set[int] = set()
+        self.holds: dict[str, set[int]] = {}
+        self.capacity: dict[str, int] = {}
+        self.streak: dict[str, int] = {}
+        self.excluded: set[tuple[int, str]] = set()
+        self.flight: dict[int, set[str]] = {}
+        self.digest_known(known)
+        for pid, pieces in zip(PARENTS, holds, strict=False):
+            self.add_parent(pid, None)
+            self.parent_has(pid, pieces)
+
+    def requests(self) -> list[tuple[int, str]]:
+        return sorted((n, p) for n, ps in self.flight.items() for p in ps)
+
+    def effective_capacity(self, pid: str) -> int:
+        return 0 if self.streak[pid] >= THRESHOLD else self.capacity[pid]
+
+    @rule(pid=st.sampled_from(PARENTS), capacity=st.none() | st.integers(0, 3))
+    def add_parent(self, pid: str, capacity: int | None) -> None:
+        self.picker.add_parent(pid, capacity=capacity)
+        self.capacity[pid] = PER_PARENT if capacity is None else capacity
+        self.holds.setdefault(pid, set())
+        self.streak.setdefault(pid, 0)
+
+    @rule(pid=st.sampled_from(PARENTS), pieces=st.sets(st.integers(0, PIECES - 1)))
+    def parent_has(self, pid: str, pieces: set[int]) -> None:
+        self.picker.parent_has(pid, sorted(pieces))
+        if pid in self.holds:
+            self.holds[pid] |= pieces
+
+    @rule(pieces=st.sets(st.integers(0, PIECES - 1)))
+    def digest_known(self, pieces: set[int]) -> None:
+        self.picker.digest_known(pieces)
+        self.known |= pieces
+
+    @rule(cursor=st.none() | st.integers(0, PIECES))
+    def set_cursor(self, cursor: int | None) -> None:
+        self.picker.set_cursor(cursor)
+
+    @rule()
+    def pick(self) -> None:
+        before = {n: set(ps) for n, ps in self.flight.items()}
+        missing_before = PIECES - len(self.have)
+        new = self.picker.pick()
+        for number, pid in new:
+            assert number not in self.have
+            assert number in self.known
+            assert number in self.holds.get(pid, ())
+            assert (number, pid) not in self.excluded
+            assert pid not in self.flight.get(number, ())
+            self.flight.setdefault(number, set()).add(pid)
+        duplicated = {n for n, _ in new if n in before} | {
+            n for n, c in Counter(n for n, _ in new).items() if c > 1
+        }
+        if duplicated:  # endgame only once every missing piece is in flight
+            assert len(self.flight) == missing_before
+            assert all(len(self.flight[n]) <= DUPLICATES for n in duplicated)
+        load = Counter(p for _, p in self.requests())
+        for pid in {p for _, p in new}:
+            assert load[pid] <= self.effective_capacity(pid)
+        if new:
+            assert sum(load.values()) <= MAX_IN_FLIGHT
+
+    @precondition(lambda self: bool(self.flight))
+    @rule(index=st.integers(0, 100), nbytes=st.integers(0, 10**6), seconds=st.floats(0, 10))
+    def succeed(self, index: int, nbytes: int, seconds: float) -> None:
+        requests = self.requests()
+        number, pid = requests[index % len(requests)]
+        cancel = self.picker.on_success(number, pid, nbytes, seconds)
+        assert sorted(cancel) == sorted((number, p) for p in self.flight[number] if p != pid)
+        del self.flight[number]
+        self.have.add(number)
+        self.streak[pid] = 0
+
+    @precondition(lambda self: bool(self.flight))
+    @rule(index=st.integers(0, 100))
+    def fail(self, index: int) -> None:
+        requests = self.requests()
+        number, pid = requests[index % len(requests)]
+        self.picker.on_failure(number, pid)
+        self.flight[number].discard(pid)
+        if not self.flight[number]:
+            del self.flight[number]
+        self.excluded.add((number, pid))
+        self.streak[pid] += 1
+
+    @rule(number=st.integers(0, PIECES - 1), pid=st.sampled_from(PARENTS))
+    def stale_outcome(self, number: int, pid: str) -> None:
+        """Outcomes of requests no longer in flight change nothing."""
+        if pid in self.flight.get(number, ()):
+            return
+        failures = self.picker.parent_failures(pid)
+        self.picker.on_failure(number, pid)
+        if number in self.have:
+            assert self.picker.on_success(number, pid, 1, 1.0) == []
+        assert self.picker.parent_failures(pid) == failures
+
+    @rule(pid=st.sampled_from(PARENTS))
+    def remove_parent(self, pid: str) -> None:
+        requeued = self.picker.remove_parent(pid)
+        assert requeued == sorted(n for n, ps in self.flight.items() if pid in ps)
+        for number in requeued:
+            self.flight[number].discard(pid)
+            if not self.flight[number]:
+                del self.flight[number]
+        for table in (self.holds, self.capacity, self.streak):
+            table.pop(pid, None)
+
+    @invariant()
+    def consistent(self) -> None:
+        picker = self.picker
+        picker._check_invariants()
+        assert picker.have == self.have
+        assert {n: set(ps) for n, ps in picker.in_flight.items()} == self.flight
+        assert picker.missing == PIECES - len(self.have)
+        assert picker.done == (len(self.have) == PIECES)
+        if picker.stalled():
+            assert picker.pick() == []
+
+    def teardown(self) -> None:
+        """With a healthy parent holding everything and every digest known, it finishes."""
+        picker = self.picker
+        picker.add_parent("good")
+        picker.parent_has("good", range(PIECES))
+        picker.digest_known(range(PIECES))
+        drain(picker, limit=4 * PIECES)
+        assert picker.done and not picker.in_flight
+        picker._check_invariants()
+
+
+PickerMachine.TestCase.settings = settings(
+    max_examples=120,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestPickerMachine = PickerMachine.TestCase
+
+
+# -- swarm ------------------------------------------------------------------------------------
+
+
+def test_children_of_one_seed_spread_their_first_pieces() -> None:
+    firsts = []
+    for child in ("peer-1", "peer-2", "peer-3"):
+        picker = make(256, {"seed": range(256)}, seed=child)
+        firsts.append(picker.pick())
+    assert len({tuple(n for n, _ in f) for f in firsts}) == 3
+    assert len({f[0][0] for f in firsts}) == 3
+    again = [make(256, {"seed": range(256)}, seed=c).pick() for c in ("peer-1", "peer-2", "peer-3")]
+    assert again == firsts
+
+
+def run_swarm(pieces: int, children: int, seed: int) -> list[tuple[str, int, str]]:
+    """One seed parent holding everything, children fetching from it and from each other,
+    rounds of pick-then-succeed. Returns who fetched which piece from whom, in order."""
+    names = [f"child-{i}" for i in range(children)]
+    pickers = {name: PiecePicker(pieces, seed=seed * 1000 + i) for i, name in enumerate(names)}
+    for name, picker in pickers.items():
+        picker.digest_known(range(pieces))
+        picker.add_parent("seed", capacity=2)
+        picker.parent_has("seed", range(pieces))
+        for other in names:
+            if other != name:
+                picker.add_parent(other)
+    trace: list[tuple[str, int, str]] = []
+    for _ in range(10 * pieces):
+        if all(p.done for p in pickers.values()):
+            return trace
+        landed: list[tuple[str, int, str]] = []
+        for name, picker in pickers.items():
+            picker.pick()
+            for number, parents in sorted(picker.in_flight.items()):
+                landed.append((name, number, min(parents)))
+        for name, number, parent in landed:
+            if number in pickers[name].have:
+                continue
+            pickers[name].on_success(number, parent, 1 << 20, 0.1)
+            trace.append((name, number, parent))
+            for other, picker in pickers.items():
+                if other != name:
+                    picker.parent_has(name, [number])
+    raise AssertionError("swarm did not finish")
+
+
+def test_small_swarm_finishes_deterministically_and_shares() -> None:
+    trace = run_swarm(pieces=32, children=3, seed=7)
+    assert trace == run_swarm(pieces=32, children=3, seed=7)
+    assert trace != run_swarm(pieces=32, children=3, seed=8)
+    from_seed = sum(1 for _, _, parent in trace if parent == "seed")
+    assert from_seed < 3 * 32  # children served each other part of the file
