@@ -90,10 +90,16 @@ class TaskHandle:
     users: int = 0
     pins: int = 0  # batches (queued or in flight) that will fdatasync this file
     detached: bool = False  # no longer reachable from the store: close when unused
+    # Pieces a write_piece call is writing now: a second writer waits for the first.
+    writing: dict[int, trio.Event] = field(default_factory=dict, repr=False)
 
     @property
     def in_use(self) -> bool:
         return self.users > 0
+
+    def is_done(self, number: int) -> bool:
+        """True if piece ``number`` is verified: its bytes must not be written again."""
+        return number in self.pieces
 
     @property
     def done(self) -> frozenset[int]:
@@ -762,7 +768,13 @@ class PieceStore:
     ) -> PieceRecord:
         """Verify a piece already written into the task file (e.g. by splice) against the
         origin's digest, hashing it from disk, then queue it. Mismatch: DigestMismatch,
-        nothing recorded."""
+        nothing recorded.
+
+        The caller must not write into a piece that is already done (``h.is_done(number)``,
+        i.e. in ``h.pieces``): its row stays "done" whatever lands in the file, so bad bytes
+        spliced over it would be served as verified. Check first, or fetch into a buffer and
+        use :meth:`write_piece`, which refuses to overwrite a done piece.
+        """
         h = self._loaded(task)
         offset, _ = h.piece_range(number)
         piece = PieceRecord(number, offset, length, sha256)
@@ -778,22 +790,37 @@ class PieceStore:
     async def write_piece(
         self, task: TaskHandle | str, number: int, data: BufferLike, sha256: bytes
     ) -> PieceRecord:
-        """pwrite a piece at its offset, verify it from disk, queue it (one thread hop)."""
+        """pwrite a piece at its offset, verify it from disk, queue it (one thread hop).
+
+        A piece that is already done is left alone and its record returned: writing first
+        and checking after would let bad bytes replace good ones under a "done" row.
+        Concurrent writes of one piece run one after the other for the same reason.
+        """
         h = self._loaded(task)
         offset, _ = h.piece_range(number)
         length = memoryview(data).nbytes
         piece = PieceRecord(number, offset, length, sha256)
         self._check_layout(h, piece)
+        while (busy := h.writing.get(number)) is not None:
+            await busy.wait()
+            self._loaded(h)  # the task may have been removed or failed meanwhile
+        existing = h.pieces.get(number)
+        if existing is not None:
+            await trio.lowlevel.checkpoint()
+            return existing
 
         def _write() -> None:
             h.file.write_at(offset, data)
             self._verify_sync(h, offset, length, sha256)
 
+        writing = h.writing[number] = trio.Event()
         self._retain(h)  # the file must stay open while a worker thread writes it
         try:
             await self._run_io(_write)
             await self.piece_done(h, piece)
         finally:
+            del h.writing[number]
+            writing.set()
             self.release(h)
         return piece
 

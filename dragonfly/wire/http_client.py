@@ -12,6 +12,8 @@ went wrong (connect, timeout, protocol, a body cut short).
 
 from __future__ import annotations
 
+import contextlib
+import select
 import socket as _socket
 import ssl
 from collections.abc import AsyncIterator, Iterable
@@ -22,12 +24,15 @@ from urllib.parse import urljoin, urlsplit
 import h11
 import trio
 
-from dragonfly.wire.http_common import Headers
+from dragonfly.wire.http_common import Headers, parse_content_length
 from dragonfly.wire.zerocopy import IncompleteBody, SplicePipe, pwrite_all, splice_to_file
 
 RECEIVE_SIZE = 256 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# Methods safe to resend when a pooled connection turns out to be closed (RFC 9110 9.2.2):
+# the server may have acted on the first attempt; for these that does no harm.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 USER_AGENT = b"dragonfly/0.1"
 
 
@@ -92,6 +97,19 @@ class _Conn:
         self.raw = raw
         self.pipe: SplicePipe | None = None
 
+    def looks_closed(self) -> bool:
+        """An idle plain-HTTP connection with something to read (EOF, or stray bytes) is
+        unusable: check without blocking before sending a request on it. Under TLS the
+        socket may hold session tickets, so only plain connections are checked."""
+        if self.raw is None:
+            return False
+        poller = select.poll()
+        poller.register(self.raw.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        try:
+            return bool(poller.poll(0))
+        except OSError:
+            return True
+
     async def aclose(self) -> None:
         if self.pipe is not None:
             self.pipe.close()
@@ -117,15 +135,15 @@ class Response:
     _raw_remaining: int | None = field(default=None, repr=False)  # Content-Length mode
     _buffered: bytes = field(default=b"", repr=False)
     _done: bool = field(default=False, repr=False)
-    _released: bool = field(default=False, repr=False)
+    # Two separate facts: aclose() ran (the connection was pooled or closed, so a second
+    # aclose must not touch it), and the connection is unusable (close, never pool).
+    _returned: bool = field(default=False, repr=False)
+    _broken: bool = field(default=False, repr=False)
     received: int = 0
 
     @property
     def content_length(self) -> int | None:
-        value = self.headers.get("content-length")
-        if value is None or not value.strip().isdigit():
-            return None
-        return int(value)
+        return parse_content_length(self.headers.get("content-length"))
 
     @property
     def complete(self) -> bool:
@@ -150,6 +168,14 @@ class Response:
             f"{self.url}: connection closed after {self.received} of {total} body bytes"
         )
 
+    def _reset(self, exc: BaseException) -> BodyIncomplete:
+        """The connection failed mid-body (a reset...): say how far the body got."""
+        self._broken = True
+        total = self.content_length
+        return BodyIncomplete(
+            f"{self.url}: connection broken after {self.received} of {total} body bytes: {exc}"
+        )
+
     async def _receive(self, max_bytes: int) -> bytes:
         try:
             with trio.fail_after(self._read_timeout):
@@ -159,9 +185,7 @@ class Response:
                 f"{self.url}: no data for {self._read_timeout}s after {self.received} body bytes"
             ) from None
         except (trio.BrokenResourceError, OSError) as exc:
-            raise BodyIncomplete(
-                f"{self.url}: connection broken after {self.received} body bytes: {exc}"
-            ) from None
+            raise self._reset(exc) from None
 
     async def read_into(self, buf: memoryview | bytearray) -> int:
         """Read up to len(buf) body bytes into buf; 0 at the end of the body."""
@@ -185,9 +209,7 @@ class Response:
             except trio.TooSlowError:
                 raise HTTPTimeout(f"{self.url}: no data for {self._read_timeout}s") from None
             except OSError as exc:
-                raise BodyIncomplete(
-                    f"{self.url}: connection broken after {self.received} body bytes: {exc}"
-                ) from None
+                raise self._reset(exc) from None
         else:
             data = await self._receive(want)
             n = len(data)
@@ -237,12 +259,16 @@ class Response:
                     read_timeout=self._read_timeout,
                 )
             except IncompleteBody as exc:
-                self._released = True  # the connection is done
+                self._broken = True  # the connection is done
                 self.received += exc.moved
+                if isinstance(exc.__cause__, ConnectionError):
+                    raise self._reset(exc.__cause__) from None
                 raise self._short() from None
             except trio.TooSlowError:
+                self._broken = True
                 raise HTTPTimeout(f"{self.url}: no data for {self._read_timeout}s") from None
             except OSError as exc:
+                self._broken = True  # e.g. the file side failed: the stream is mid-body
                 raise BodyIncomplete(f"{self.url}: receiving body failed: {exc}") from None
             self._advance(n)
             return want
@@ -301,11 +327,8 @@ class Response:
             except h11.RemoteProtocolError as exc:
                 raise BadResponse(f"{self.url}: malformed body: {exc}") from None
             if event is h11.NEED_DATA:
-                data = await self._receive(RECEIVE_SIZE)
-                if not data and self._h11.their_state is h11.SEND_BODY:
-                    # close-delimited bodies end here; h11 turns b"" into EOF.
-                    pass
-                self._h11.receive_data(data)
+                # b"" (EOF) ends a close-delimited body: h11 then reports EndOfMessage.
+                self._h11.receive_data(await self._receive(RECEIVE_SIZE))
                 continue
             if isinstance(event, h11.Data):
                 chunk = bytes(event.data)
@@ -320,13 +343,24 @@ class Response:
                 raise self._short()
             raise BadResponse(f"{self.url}: unexpected {type(event).__name__} in body")
 
+    def _keep_alive(self) -> bool:
+        """Whether the server lets the connection carry another request."""
+        tokens = {
+            t.strip().lower() for v in self.headers.get_all("connection") for t in v.split(",")
+        }
+        if "close" in tokens:
+            return False
+        # HTTP/1.0 closes after each response unless it says otherwise.
+        return self.http_version != "1.0" or "keep-alive" in tokens
+
     async def aclose(self) -> None:
-        """Release the connection: back to the pool if the body was read to the end."""
-        if self._released:
-            await self._conn.aclose()
+        """Release the connection: back to the pool if the body was read to the end.
+        Only the first call acts: the connection may be someone else's by the second."""
+        if self._returned:
+            await trio.lowlevel.checkpoint()
             return
-        self._released = True
-        reusable = self._done and self.headers.get("connection", "").lower() != "close"
+        self._returned = True
+        reusable = not self._broken and self._done and self._keep_alive()
         if reusable and self._raw_remaining is None:
             reusable = self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE
         if reusable:
@@ -448,14 +482,24 @@ class HTTPClient:
     async def _send_once(self, method: str, url: str, headers: Headers, body: bytes) -> Response:
         origin, target = split_url(url)
         idle = self._idle.get(origin)
-        # A pooled connection may have been closed by the server meanwhile:
-        # retry once on a fresh one when nothing of the response had arrived.
+        # A pooled connection may have been closed by the server meanwhile. Ones that
+        # visibly were are dropped unused; if one fails before any response byte, an
+        # idempotent request is retried on a fresh connection. Others are not: the
+        # server may have acted on them before closing.
         while idle:
             conn = idle.pop()
+            if conn.looks_closed():
+                await conn.aclose()
+                continue
             try:
                 return await self._exchange(conn, method, url, target, headers, body)
-            except _StaleConnection:
+            except _StaleConnection as exc:
                 await conn.aclose()
+                if method not in IDEMPOTENT_METHODS:
+                    raise BadResponse(
+                        f"{url}: pooled connection closed before a response "
+                        f"(not retried: {method} is not idempotent): {exc}"
+                    ) from None
             except BaseException:
                 await conn.aclose()
                 raise
@@ -548,12 +592,9 @@ class _StaleConnection(Exception):
 
 
 def _h11_finish_empty(h: h11.Connection) -> None:
-    try:
-        event = h.next_event()
-    except h11.RemoteProtocolError:
-        return
-    if not isinstance(event, h11.EndOfMessage):
-        return
+    """Let h11 see the (empty) end of a bodiless response so both sides reach DONE."""
+    with contextlib.suppress(h11.RemoteProtocolError):
+        h.next_event()
 
 
 async def _discard(response: Response, limit: int = 1 << 20) -> None:

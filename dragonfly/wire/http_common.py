@@ -75,7 +75,7 @@ class Headers:
     def without_hop_by_hop(self) -> Headers:
         """A copy without hop-by-hop headers, including those named in Connection."""
         named = {
-            token.strip().lower().encode()
+            token.strip().lower().encode("latin-1")
             for value in self.get_all("connection")
             for token in value.split(",")
         }
@@ -107,7 +107,33 @@ class ByteRange:
         return f"bytes {self.start}-{self.end}/{self.total}"
 
 
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+# re.ASCII: without it \d also matches non-ASCII digits, which int() would accept.
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE | re.ASCII)
+
+# Positions are converted only up to this many significant digits: int() of a huge digit
+# string is slow and past 4300 digits raises ValueError. 10**19 exceeds any real size
+# (sizes fit in a signed 64-bit integer), so a longer number stands for "larger than any".
+_MAX_DIGITS = 19
+_HUGE = 10**_MAX_DIGITS
+
+
+def _position(digits: str) -> int:
+    """A decimal byte position, capped at _HUGE (which no representation reaches)."""
+    significant = digits.lstrip("0")
+    if len(significant) > _MAX_DIGITS:
+        return _HUGE
+    return int(significant or "0")
+
+
+def parse_content_length(value: str | None) -> int | None:
+    """A Content-Length value as an int; None if absent, not plain ASCII digits, or absurd."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isascii() or not value.isdigit():
+        return None
+    n = _position(value)
+    return None if n >= _HUGE else n
 
 
 def parse_range(header: str | None, total: int) -> ByteRange | None:
@@ -116,6 +142,8 @@ def parse_range(header: str | None, total: int) -> ByteRange | None:
     None means "serve the whole representation": no header, a header we do not
     understand, or several ranges (RFC 9110 lets a server ignore Range).
     Raises RangeNotSatisfiable for a syntactically valid range outside the body.
+    Positions too large for any file are handled without converting them whole:
+    a huge first position is unsatisfiable, a huge last one means "to the end".
     """
     if header is None:
         return None
@@ -126,31 +154,34 @@ def parse_range(header: str | None, total: int) -> ByteRange | None:
     if first == "" and last == "":
         return None
     if first == "":
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0 or total == 0:
-            raise RangeNotSatisfiable(f"suffix range {header!r} of a {total}-byte body")
+            raise RangeNotSatisfiable(f"suffix range {header[:64]!r} of a {total}-byte body")
         return ByteRange(max(0, total - suffix), total - 1, total)
-    start = int(first)
-    end = int(last) if last else total - 1
+    start = _position(first)
+    end = _position(last) if last else total - 1
     if last and end < start:
         return None  # invalid: ignore the header
     if start >= total:
-        raise RangeNotSatisfiable(f"range {header!r} starts past a {total}-byte body")
+        raise RangeNotSatisfiable(f"range {header[:64]!r} starts past a {total}-byte body")
     return ByteRange(start, min(end, total - 1), total)
 
 
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE | re.ASCII)
 
 
 def parse_content_range(header: str | None) -> tuple[int, int, int | None] | None:
-    """'bytes 0-99/1000' → (0, 99, 1000); total None for '*'; None if absent or invalid."""
+    """'bytes 0-99/1000' → (0, 99, 1000); total None for '*'; None if absent or invalid
+    (including positions too large for any file)."""
     if header is None:
         return None
     m = _CONTENT_RANGE.match(header)
     if m is None:
         return None
-    start, end = int(m.group(1)), int(m.group(2))
-    total = None if m.group(3) == "*" else int(m.group(3))
+    start, end = _position(m.group(1)), _position(m.group(2))
+    total = None if m.group(3) == "*" else _position(m.group(3))
+    if end >= _HUGE or (total is not None and total >= _HUGE):
+        return None
     if end < start or (total is not None and end >= total):
         return None
     return start, end, total

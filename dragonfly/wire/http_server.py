@@ -8,11 +8,18 @@ file to the socket; h11 only sees a placeholder of the right length
 
 A handler that fails before the response starts yields a 500; after it started,
 the connection is closed: a client never gets a silently short body.
+
+Timeouts: `idle_timeout` bounds the wait for a request's headers, `body_timeout`
+each wait for request body bytes and `send_timeout` each wait for the client to
+take response bytes, so a client that stops sending or reading cannot hold a
+handler forever. A connection closed with request bytes unread is closed
+lingeringly (half-close, drain briefly) so the RST does not destroy the response.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import socket as _socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +27,7 @@ from typing import Any
 
 import h11
 import trio
+import trio_websocket
 
 from dragonfly.log import get_logger
 from dragonfly.wire.http_common import (
@@ -36,10 +44,20 @@ MAX_HEADER_BYTES = 16 * 1024
 RECEIVE_SIZE = 64 * 1024
 # An unread request body up to this size is drained to keep the connection alive.
 DRAIN_LIMIT = 1 << 20
+# Default per-wait timeouts: client sends no body byte / takes no response byte for this long.
+BODY_TIMEOUT = 60.0
+SEND_TIMEOUT = 60.0
+# send_all goes out in slices of this size, each under its own send_timeout deadline: the
+# timeout then catches a stalled client, not a slow one with a large write.
+SEND_SLICE = 256 * 1024
+# How long a lingering close reads (and drops) what the client still sends before closing.
+LINGER_SECONDS = 1.0
 SERVER_NAME = b"dragonfly"
 
 Handler = Callable[["Request", "Responder"], Awaitable[None]]
 _SEND_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError)
+# What os.sendfile raises when the client went away (trio maps these for send_all itself).
+_PEER_GONE_ERRORS = (ConnectionError, TimeoutError)
 
 
 class _Placeholder:
@@ -54,33 +72,81 @@ class _Placeholder:
         return self.n
 
 
+class _ReplayStream(trio.abc.HalfCloseableStream):
+    """A socket stream that first yields bytes h11 already consumed: the upgrade
+    request, rebuilt, so trio-websocket can run its handshake on this connection."""
+
+    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+        self._stream = stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            n = len(self._prefix) if max_bytes is None else max_bytes
+            chunk, self._prefix = self._prefix[:n], self._prefix[n:]
+            await trio.lowlevel.checkpoint()
+            return chunk
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
 class ClientGone(Exception):
-    """The client closed the connection or broke the protocol mid-request."""
+    """The client closed the connection, broke the protocol or stalled mid-request."""
 
 
 class HTTPConnection:
     """One accepted TCP connection driven by h11."""
 
-    def __init__(self, stream: trio.SocketStream, *, max_header_bytes: int = MAX_HEADER_BYTES):
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        *,
+        max_header_bytes: int = MAX_HEADER_BYTES,
+        send_timeout: float = SEND_TIMEOUT,
+        body_timeout: float = BODY_TIMEOUT,
+    ):
         self.stream = stream
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.peer = _peername(stream)
+        self.send_timeout = send_timeout
+        self.body_timeout = body_timeout
 
-    async def send_bytes(self, data: bytes) -> None:
-        if data:
-            await self.stream.send_all(data)
+    async def send_bytes(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of `data`; ClientGone if the client takes nothing for send_timeout s."""
+        if not data:
+            return
+        with memoryview(data) as view:
+            for start in range(0, len(view), SEND_SLICE):
+                try:
+                    with trio.fail_after(self.send_timeout):
+                        await self.stream.send_all(view[start : start + SEND_SLICE])
+                except trio.TooSlowError:
+                    raise ClientGone(
+                        f"client {self.peer} read nothing for {self.send_timeout}s"
+                    ) from None
 
     async def send_event(self, event: Any) -> None:
-        data = self.conn.send(event)
-        if data:
-            await self.stream.send_all(data)
+        await self.send_bytes(self.conn.send(event))
 
-    async def next_event(self) -> Any:
+    async def next_event(self, timeout: float = math.inf) -> Any:
+        """The next h11 event; trio.TooSlowError if one receive waits over `timeout` s."""
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            with trio.fail_after(timeout):
+                data = await self.stream.receive_some(RECEIVE_SIZE)
             self.conn.receive_data(data)
 
 
@@ -102,15 +168,31 @@ class Request:
     http_version: str
     connection: HTTPConnection = field(repr=False)
     _body_done: bool = field(default=False, repr=False)
+    # `Expect: 100-continue` with a body: the client waits for our go-ahead to send it.
+    _expects_continue: bool = field(default=False, repr=False)
+    _continue_sent: bool = field(default=False, repr=False)
 
     @property
     def client(self) -> str:
         return self.connection.peer
 
     async def iter_body(self) -> AsyncIterator[bytes]:
-        """The request body as it arrives."""
+        """The request body as it arrives; ClientGone if the client stops sending it
+        for body_timeout seconds or closes the connection."""
+        c = self.connection
+        if not self._body_done and c.conn.they_are_waiting_for_100_continue:
+            # Without this, curl waits a second before sending a body over 1 MiB.
+            await c.send_event(
+                h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            )
+            self._continue_sent = True
         while not self._body_done:
-            event = await self.connection.next_event()
+            try:
+                event = await c.next_event(c.body_timeout)
+            except trio.TooSlowError:
+                raise ClientGone(
+                    f"client {c.peer} sent no body bytes for {c.body_timeout}s"
+                ) from None
             if isinstance(event, h11.Data):
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -138,6 +220,7 @@ class Responder:
         self._request = request
         self.started = False
         self.finished = False
+        self.upgraded = False
         self.status = 0
         self.body_bytes = 0
 
@@ -182,10 +265,22 @@ class Responder:
         framing = conn.send_with_data_passthrough(h11.Data(data=_Placeholder(count)))
         # With chunked framing h11 returns [chunk header, placeholder, CRLF].
         for part in framing:
-            if isinstance(part, _Placeholder):
-                await sendfile_all(self._c.stream.socket, fd, offset, count)
-            else:
+            if not isinstance(part, _Placeholder):
                 await self._c.send_bytes(bytes(part))
+                continue
+            timeout = self._c.send_timeout
+            try:
+                await sendfile_all(self._c.stream.socket, fd, offset, count, write_timeout=timeout)
+            except trio.TooSlowError:
+                conn.send_failed()
+                raise ClientGone(f"client {self._c.peer} read nothing for {timeout}s") from None
+            except _PEER_GONE_ERRORS as exc:
+                # A client that hangs up mid-download is routine, not a handler failure.
+                conn.send_failed()
+                raise ClientGone(f"client {self._c.peer} went away mid-body: {exc}") from None
+            except BaseException:
+                conn.send_failed()
+                raise
         self.body_bytes += count
 
     async def finish(self) -> None:
@@ -212,6 +307,45 @@ class Responder:
 
     async def send_error(self, status: int, message: str) -> None:
         await self.send(status, (message + "\n").encode(), [(b"connection", b"close")])
+
+    @property
+    def is_websocket_request(self) -> bool:
+        upgrade = self._request.headers.get("upgrade") or ""
+        return self._request.method == "GET" and upgrade.lower() == "websocket"
+
+    async def websocket(
+        self,
+        run: Callable[[trio_websocket.WebSocketConnection], Awaitable[None]],
+        *,
+        max_message_size: int = 1 << 20,
+        message_queue_size: int = 64,
+    ) -> None:
+        """Accept a websocket upgrade on this connection and run `run(ws)` until it returns.
+
+        The connection is the websocket's from then on; it closes afterwards.
+        """
+        req = self._request
+        head = [f"{req.method} {req.target} HTTP/1.1".encode()]
+        head += [k + b": " + v for k, v in req.headers]
+        prefix = b"\r\n".join(head) + b"\r\n\r\n" + bytes(self._c.conn.trailing_data[0])
+        self.started = self.finished = self.upgraded = True
+        stream = _ReplayStream(self._c.stream, prefix)
+        async with trio.open_nursery() as nursery:
+            ws_request = await trio_websocket.wrap_server_stream(
+                nursery,
+                stream,
+                message_queue_size=message_queue_size,
+                max_message_size=max_message_size,
+                receive_buffer_size=None,
+            )
+            ws = await ws_request.accept()
+            try:
+                await run(ws)
+            finally:
+                with trio.move_on_after(2) as scope:
+                    scope.shield = True
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
 
 
 def _reason(status: int) -> bytes:
@@ -280,64 +414,108 @@ async def _answer_protocol_error(c: HTTPConnection, exc: h11.RemoteProtocolError
             )
         )
         data += c.conn.send(h11.Data(data=body)) + c.conn.send(h11.EndOfMessage())
-        await c.stream.send_all(data)
+        await c.send_bytes(data)
         await _lingering_close(c.stream)
-    except _SEND_FAILURES:
+    except (*_SEND_FAILURES, ClientGone):
         pass
 
 
 async def _lingering_close(stream: trio.SocketStream) -> None:
     """Half-close, then drain briefly: closing with unread input sends a RST that
-    can destroy the error response before the client reads it."""
-    await stream.send_eof()
-    with trio.move_on_after(1):
-        drained = 0
-        while drained < DRAIN_LIMIT and (chunk := await stream.receive_some(RECEIVE_SIZE)):
-            drained += len(chunk)
+    can destroy the response before the client reads it (or fail the client's
+    upload before it looks at the response). Bounded by time, not bytes: a client
+    still sending a large body needs all of it taken."""
+    try:
+        await stream.send_eof()
+        with trio.move_on_after(LINGER_SECONDS):
+            while await stream.receive_some(RECEIVE_SIZE):
+                pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client is gone: nothing left to protect
 
 
 async def serve_connection(
-    stream: trio.SocketStream, handler: Handler, *, idle_timeout: float = 120.0
+    stream: trio.SocketStream,
+    handler: Handler,
+    *,
+    idle_timeout: float = 120.0,
+    send_timeout: float = SEND_TIMEOUT,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> None:
     """Run requests on one connection until it closes, idles out, or breaks."""
-    c = HTTPConnection(stream)
+    c = HTTPConnection(stream, send_timeout=send_timeout, body_timeout=body_timeout)
     with contextlib.suppress(OSError):
         stream.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, True)
     try:
-        while True:
-            try:
-                with trio.move_on_after(idle_timeout) as idle:
-                    event = await c.next_event()
-                if idle.cancelled_caught:
-                    return
-            except h11.RemoteProtocolError as exc:
-                await _answer_protocol_error(c, exc)
-                return
-            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                return
-            if not isinstance(event, h11.Request):
-                return
-            request = Request(
-                method=event.method.decode("ascii", "replace"),
-                target=event.target.decode("latin-1"),
-                headers=Headers(event.headers),
-                http_version=event.http_version.decode("ascii", "replace"),
-                connection=c,
-            )
-            responder = Responder(c, request)
-            if not await _run_handler(handler, request, responder):
-                return
-            if c.conn.our_state is h11.MUST_CLOSE or not await _drain_body(request):
-                return
-            if c.conn.states != {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}:
-                return
-            c.conn.start_next_cycle()
+        if await _serve_requests(c, handler, idle_timeout):
+            await _lingering_close(stream)
     except (trio.BrokenResourceError, trio.ClosedResourceError, ClientGone):
         return
     finally:
         with trio.move_on_after(1) as cleanup:
             cleanup.shield = True
             await stream.aclose()
+
+
+async def _serve_requests(c: HTTPConnection, handler: Handler, idle_timeout: float) -> bool:
+    """The request loop of one connection. True when it ends after a complete response
+    with request bytes still unread: then the caller must close lingeringly."""
+    while True:
+        try:
+            with trio.move_on_after(idle_timeout) as idle:
+                event = await c.next_event()
+            if idle.cancelled_caught:
+                return False
+        except h11.RemoteProtocolError as exc:
+            await _answer_protocol_error(c, exc)
+            return False
+        if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            return False
+        if not isinstance(event, h11.Request):
+            return False
+        request = Request(
+            method=event.method.decode("ascii", "replace"),
+            target=event.target.decode("latin-1"),
+            headers=Headers(event.headers),
+            http_version=event.http_version.decode("ascii", "replace"),
+            connection=c,
+            _expects_continue=c.conn.they_are_waiting_for_100_continue and _has_body(event),
+        )
+        responder = Responder(c, request)
+        reusable = await _run_handler(handler, request, responder)
+        if responder.upgraded:
+            return False
+        if not reusable:
+            return responder.finished and _unread_input(c)
+        if c.conn.our_state is h11.MUST_CLOSE or not await _drain_body(request):
+            return _unread_input(c)
+        if c.conn.states != {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}:
+            return False
+        c.conn.start_next_cycle()
+
+
+def _has_body(event: h11.Request) -> bool:
+    """Whether a request announces a body (chunked or a non-zero Content-Length)."""
+    headers = Headers(event.headers)
+    if b"transfer-encoding" in headers:
+        return True
+    length = headers.get("content-length")
+    return length is not None and length.strip("0 \t") != ""
+
+
+def _unread_input(c: HTTPConnection) -> bool:
+    """True if the client may still be sending this request (or sent a bad one).
+
+    Consumes what h11 already buffered (no I/O), so a request without a body whose
+    end h11 simply has not reported yet does not count as unread.
+    """
+    try:
+        while c.conn.their_state is h11.SEND_BODY:
+            if c.conn.next_event() is h11.NEED_DATA:
+                return True
+    except h11.RemoteProtocolError:
+        return True
+    return c.conn.their_state is h11.ERROR
 
 
 async def _run_handler(handler: Handler, request: Request, responder: Responder) -> bool:
@@ -370,12 +548,24 @@ async def _run_handler(handler: Handler, request: Request, responder: Responder)
 
 
 async def _drain_body(request: Request) -> bool:
-    """Read what is left of the request body so the connection can be reused."""
+    """Read what is left of the request body so the connection can be reused.
+
+    False (close the connection) if the body is too large to be worth reading, is
+    malformed, or was never asked for: a client that sent `Expect: 100-continue` and
+    got a final response instead need not send its body at all.
+    """
+    if request._body_done:
+        return True
+    if request._expects_continue and not request._continue_sent:
+        return False
     drained = 0
-    async for chunk in request.iter_body():
-        drained += len(chunk)
-        if drained > DRAIN_LIMIT:
-            return False
+    try:
+        async for chunk in request.iter_body():
+            drained += len(chunk)
+            if drained > DRAIN_LIMIT:
+                return False
+    except h11.RemoteProtocolError:
+        return False
     return True
 
 
@@ -386,12 +576,25 @@ async def serve(
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     idle_timeout: float = 120.0,
+    send_timeout: float = SEND_TIMEOUT,
+    body_timeout: float = BODY_TIMEOUT,
     backlog: int = 1024,
 ) -> None:
     """Serve HTTP on host:port until cancelled; reports the listeners (for the bound port)."""
 
     async def on_connection(stream: trio.SocketStream) -> None:
-        await serve_connection(stream, handler, idle_timeout=idle_timeout)
+        # One connection's failure must never reach serve_listeners' nursery: that
+        # would take the whole server down.
+        try:
+            await serve_connection(
+                stream,
+                handler,
+                idle_timeout=idle_timeout,
+                send_timeout=send_timeout,
+                body_timeout=body_timeout,
+            )
+        except Exception:
+            log.exception("connection failed", peer=_peername(stream))
 
     listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
     async with trio.open_nursery() as nursery:

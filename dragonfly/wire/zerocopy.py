@@ -71,11 +71,20 @@ class SplicePipe:
         self.close()
 
 
-async def sendfile_all(sock: trio.socket.SocketType, fd: int, offset: int, count: int) -> int:
+async def sendfile_all(
+    sock: trio.socket.SocketType,
+    fd: int,
+    offset: int,
+    count: int,
+    *,
+    write_timeout: float = float("inf"),
+) -> int:
     """Send `count` bytes of file `fd` from `offset` on `sock` with os.sendfile.
 
-    Raises IncompleteBody if the file is shorter than `count`. The caller must be
-    the only task sending on `sock`.
+    Raises IncompleteBody if the file is shorter than `count`, trio.TooSlowError if
+    the socket stays unwritable for `write_timeout` seconds (a peer that stopped
+    reading). Socket errors (BrokenPipeError, ConnectionResetError...) propagate.
+    The caller must be the only task sending on `sock`.
     """
     sent_total = 0
     out_fd = sock.fileno()
@@ -83,7 +92,8 @@ async def sendfile_all(sock: trio.socket.SocketType, fd: int, offset: int, count
         try:
             sent = os.sendfile(out_fd, fd, offset + sent_total, count - sent_total)
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
+            with trio.fail_after(write_timeout):
+                await trio.lowlevel.wait_writable(sock)
             continue
         if sent == 0:
             raise IncompleteBody(
@@ -105,9 +115,10 @@ async def splice_to_file(
 ) -> int:
     """Move exactly `count` bytes from `sock` into file `fd` at `offset` via a pipe.
 
-    Raises IncompleteBody if the socket closes first, trio.TooSlowError if no
-    byte arrives for `read_timeout` seconds. Bytes a failed call leaves in the
-    pipe are discarded by the next call.
+    Raises IncompleteBody if the socket closes or is reset first (with the bytes
+    moved so far; a reset chains the ConnectionError as its cause),
+    trio.TooSlowError if no byte arrives for `read_timeout` seconds. Bytes a
+    failed call leaves in the pipe are discarded by the next call.
     """
     pipe.discard()
     moved = 0
@@ -121,6 +132,10 @@ async def splice_to_file(
                 with trio.fail_after(read_timeout):
                     await trio.lowlevel.wait_readable(sock)
                 continue
+            except ConnectionError as exc:
+                raise IncompleteBody(
+                    f"connection broken after {moved} of {count} bytes: {exc}", moved
+                ) from exc
             if n == 0:
                 raise IncompleteBody(f"connection closed after {moved} of {count} bytes", moved)
             pipe.buffered = n

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import signal
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from dragonfly.testing.nginx import Nginx
 from dragonfly.wire.http_client import (
+    BadResponse,
     BodyIncomplete,
     ConnectError,
     HTTPClient,
@@ -25,6 +30,20 @@ from tests.conftest import Origin
 pytestmark = pytest.mark.nginx
 
 
+@pytest.fixture
+def connects(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The URLs HTTPClient opened a new connection for, in order."""
+    calls: list[str] = []
+    real = HTTPClient._connect
+
+    async def counting(self: HTTPClient, origin: Any, url: str) -> Any:
+        calls.append(url)
+        return await real(self, origin, url)
+
+    monkeypatch.setattr(HTTPClient, "_connect", counting)
+    return calls
+
+
 async def _splice_whole(client: HTTPClient, url: str, path: Path) -> int:
     async with client.request("GET", url) as resp:
         assert resp.status == 200
@@ -35,15 +54,32 @@ async def _splice_whole(client: HTTPClient, url: str, path: Path) -> int:
             os.close(fd)
 
 
-async def test_full_body_spliced_to_file_and_connection_reused(origin: Origin, tmp_path: Path):
+async def test_full_body_spliced_to_file_and_connection_reused(
+    origin: Origin, tmp_path: Path, connects: list[str]
+):
     client = HTTPClient()
     out = tmp_path / "out"
     for _ in range(3):
         n = await _splice_whole(client, origin.url("large.bin"), out)
         assert n == len(origin.files["large.bin"])
         assert hashlib.sha256(out.read_bytes()).hexdigest() == origin.sha256("large.bin")
-    # keep-alive: the three requests went over one pooled connection
+    # keep-alive: the three requests went over one connection, back in the pool now
+    assert len(connects) == 1
     assert sum(len(v) for v in client._idle.values()) == 1
+    await client.aclose()
+
+
+async def test_second_aclose_leaves_the_pooled_connection_alone(
+    origin: Origin, connects: list[str]
+):
+    client = HTTPClient()
+    async with client.request("GET", origin.url("small.bin")) as r:
+        assert await r.read() == origin.files["small.bin"]
+        await r.aclose()  # the connection goes back to the pool here...
+    # ...and the context manager's aclose must not close it there
+    async with client.request("GET", origin.url("small.bin")) as r:
+        assert await r.read() == origin.files["small.bin"]
+    assert len(connects) == 1
     await client.aclose()
 
 
@@ -160,8 +196,9 @@ async def test_origin_killed_mid_body_is_a_clear_error(tmp_path: Path):
         nginx.stop()
 
 
+@pytest.mark.parametrize("mode", ["read", "splice"])
 @pytest.mark.parametrize("reset", [False, True])
-async def test_short_body_and_reset_from_a_raw_server(reset: bool):
+async def test_short_body_and_reset_from_a_raw_server(reset: bool, mode: str, tmp_path: Path):
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -178,13 +215,102 @@ async def test_short_body_and_reset_from_a_raw_server(reset: bool):
         conn.close()
 
     client = HTTPClient()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_once)
-        with pytest.raises(BodyIncomplete) as info:
-            async with client.request("GET", f"http://127.0.0.1:{port}/") as r:
-                await r.read()
-    assert "1000 of 100000" in str(info.value) or "broken" in str(info.value)
+    fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_once)
+            with pytest.raises(BodyIncomplete) as info:
+                async with client.request("GET", f"http://127.0.0.1:{port}/") as r:
+                    if mode == "read":
+                        await r.read()
+                    else:
+                        await r.splice_to(fd, 0)
+    finally:
+        os.close(fd)
+    # every path says how far the body got, and whether it was closed or reset
+    how = "broken" if reset else "closed"
+    assert re.search(rf"connection {how} after \d+ of 100000 body bytes", str(info.value)), (
+        info.value
+    )
     listener.close()
+
+
+@contextlib.asynccontextmanager
+async def scripted_server(*scripts: list[bytes | None]) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A raw server: its i-th connection answers its requests with scripts[i] in order
+    (None: read the request, then close without answering), then stays open.
+    Yields (base URL, the requests received)."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    seen: list[bytes] = []
+
+    async def one(conn: trio.socket.SocketType, answers: list[bytes | None]) -> None:
+        with conn:
+            for answer in answers:
+                seen.append(await conn.recv(65536))
+                if answer is None:
+                    return
+                await conn.send(answer)
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+
+        async def accept_all() -> None:
+            for answers in scripts:
+                conn, _ = await listener.accept()
+                nursery.start_soon(one, conn, answers)
+
+        nursery.start_soon(accept_all)
+        try:
+            yield f"http://127.0.0.1:{port}", seen
+        finally:
+            nursery.cancel_scope.cancel()
+            listener.close()
+
+
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+async def _get_ok(client: HTTPClient, url: str, method: str = "GET") -> None:
+    async with client.request(method, url) as r:
+        assert r.status == 200 and await r.read() == b"ok"
+
+
+async def test_stale_pooled_connection_retried_for_idempotent_methods(connects: list[str]):
+    # the pooled connection is closed by the server after it read the second request
+    async with scripted_server([OK, None], [OK]) as (base, seen):
+        client = HTTPClient()
+        await _get_ok(client, f"{base}/a")
+        await _get_ok(client, f"{base}/b")  # retried on a fresh connection
+    assert [r.split(b" ")[:2] for r in seen] == [[b"GET", b"/a"], [b"GET", b"/b"], [b"GET", b"/b"]]
+    assert len(connects) == 2
+
+
+async def test_stale_pooled_connection_not_retried_for_post(connects: list[str]):
+    async with scripted_server([OK, None], [OK]) as (base, seen):
+        client = HTTPClient()
+        await _get_ok(client, f"{base}/a")
+        # the server may have acted on it before closing: resending could do it twice
+        with pytest.raises(BadResponse, match="POST is not idempotent"):
+            await _get_ok(client, f"{base}/b", "POST")
+    assert [r.split(b" ")[0] for r in seen] == [b"GET", b"POST"]
+    assert len(connects) == 1
+
+
+async def test_http10_responses_pooled_only_with_keep_alive(connects: list[str]):
+    plain = b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    keep = b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok"
+    async with scripted_server([plain], [keep, keep]) as (base, _):
+        client = HTTPClient()
+        await _get_ok(client, f"{base}/a")
+        assert not any(client._idle.values())
+        await _get_ok(client, f"{base}/b")
+        await _get_ok(client, f"{base}/c")
+        assert sum(len(v) for v in client._idle.values()) == 1
+        await client.aclose()
+    assert len(connects) == 2
 
 
 async def test_read_timeout(autojump_clock: trio.abc.Clock):

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 
+from dragonfly.wire import http_server
 from dragonfly.wire.http_client import HTTPClient
-from dragonfly.wire.http_server import Request, Responder, bound_port, send_file_response, serve
+from dragonfly.wire.http_server import (
+    ClientGone,
+    Handler,
+    Request,
+    Responder,
+    bound_port,
+    send_file_response,
+    serve,
+)
 
 
 def _handler(files: Path):
@@ -34,6 +47,15 @@ def _handler(files: Path):
             raise RuntimeError("failed after the headers")
         elif path == "/silent":
             return
+        elif path == "/ignore":  # answers without reading the request body
+            await responder.send(200, b"ok\n")
+        elif path == "/reject":  # an error answer without reading the request body
+            await responder.send_error(413, "too large")
+        elif path == "/sha":  # a body of any size, streamed
+            digest = hashlib.sha256()
+            async for chunk in request.iter_body():
+                digest.update(chunk)
+            await responder.send(200, digest.hexdigest().encode())
         elif path.startswith("/files/"):
             fd = os.open(files / path.removeprefix("/files/"), os.O_RDONLY)
             try:
@@ -164,3 +186,210 @@ async def test_many_concurrent_downloads(server: tuple[str, bytes]):
         for _ in range(8):
             nursery.start_soon(one)
     assert results == [want] * 8
+
+
+# -- robustness: malformed bodies, disconnects, stalls, Expect, lingering close -------------
+
+
+@contextlib.asynccontextmanager
+async def running(handler: Handler, **kwargs: Any) -> AsyncIterator[int]:
+    """A server with its own handler and options; yields its port."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(lambda **kw: serve(handler, "127.0.0.1", 0, **kwargs, **kw))
+        yield bound_port(listeners)
+        nursery.cancel_scope.cancel()
+
+
+def _send_then_read(port: int, payload: bytes, *, timeout: float = 10) -> bytes:
+    """Send a whole request (with its body), then read the reply until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+async def _status_of(base: str, path: str = "/nothing") -> bytes:
+    r = await curl("-o", "/dev/null", "-w", "%{http_code}", f"{base}{path}")
+    return r.stdout
+
+
+async def test_malformed_chunked_body_unread_by_handler(server: tuple[str, bytes]):
+    """A bad chunk header found while draining the body used to escape to serve()'s
+    nursery and stop the whole server."""
+    base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    payload = b"POST /ignore HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nxx\r\n"
+    with capture_logs() as logs:
+        reply = await trio.to_thread.run_sync(_send_then_read, port, payload)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+    assert await _status_of(base) == b"404"
+    # handled where it happens, not by serve()'s last-resort catch-all
+    assert not [e for e in logs if e["event"] == "connection failed"]
+
+
+async def test_a_failing_connection_does_not_stop_the_server(
+    server: tuple[str, bytes], monkeypatch: pytest.MonkeyPatch
+):
+    base, _ = server
+    real = http_server.serve_connection
+    calls = 0
+
+    async def flaky(stream: trio.SocketStream, handler: Handler, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in connection handling")
+        await real(stream, handler, **kwargs)
+
+    monkeypatch.setattr(http_server, "serve_connection", flaky)
+    r = await curl("-o", "/dev/null", "-w", "%{http_code}", f"{base}/nothing")
+    assert r.stdout == b"000"  # that connection was dropped
+    assert await _status_of(base) == b"404"
+    assert calls == 2
+
+
+class _Outcome:
+    """What the file-serving test handler ended with."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+
+
+def _recording_handler(outcome: _Outcome, fd: int, size: int) -> Handler:
+    async def handler(request: Request, responder: Responder) -> None:
+        try:
+            if request.target == "/write":  # through send_all, not sendfile
+                await responder.start(200, [(b"content-length", str(size).encode())])
+                block = bytes(1 << 20)
+                for _ in range(size >> 20):
+                    await responder.write(block)
+                await responder.finish()
+            else:
+                await send_file_response(request, responder, fd, size)
+        except BaseException as exc:
+            outcome.error = exc
+            raise
+        finally:
+            outcome.done.set()
+
+    return handler
+
+
+@pytest.fixture
+def sparse_file(tmp_path: Path) -> AsyncIterator[tuple[int, int]]:
+    """(fd, size) of a 64 MiB file that takes no disk space: more than socket buffers hold."""
+    size = 64 << 20
+    path = tmp_path / "sparse.bin"
+    with path.open("wb") as f:
+        f.truncate(size)
+    fd = os.open(path, os.O_RDONLY)
+    yield fd, size
+    os.close(fd)
+
+
+async def test_client_reset_mid_sendfile_is_client_gone(sparse_file: tuple[int, int]):
+    fd, size = sparse_file
+    outcome = _Outcome()
+    with capture_logs() as logs:
+        async with running(_recording_handler(outcome, fd, size)) as port:
+            with trio.socket.socket() as s:
+                await s.connect(("127.0.0.1", port))
+                await s.send(b"GET /f HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert (await s.recv(65536)).startswith(b"HTTP/1.1 200 ")
+                # close with a RST: the server's next sendfile fails with ECONNRESET/EPIPE
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with trio.fail_after(10):
+                await outcome.done.wait()
+    assert isinstance(outcome.error, ClientGone), repr(outcome.error)
+    assert not [e for e in logs if e["event"] == "handler failed"]
+
+
+@pytest.mark.parametrize("target", ["/f", "/write"])
+async def test_client_that_stops_reading_times_out(sparse_file: tuple[int, int], target: str):
+    fd, size = sparse_file
+    outcome = _Outcome()
+    async with running(_recording_handler(outcome, fd, size), send_timeout=0.5) as port:
+        with trio.socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await s.connect(("127.0.0.1", port))
+            await s.send(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            start = trio.current_time()
+            with trio.fail_after(15):
+                await outcome.done.wait()  # never reading a byte
+    assert isinstance(outcome.error, ClientGone), repr(outcome.error)
+    assert "read nothing for 0.5s" in str(outcome.error)
+    assert trio.current_time() - start < 10
+
+
+async def test_client_that_stops_sending_the_body_times_out(server: tuple[str, bytes]):
+    handler = _handler(Path("/nonexistent"))
+    async with running(handler, body_timeout=0.5) as port:
+
+        def stall() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+                return s.recv(65536)  # the server gives up and closes: b""
+
+        start = trio.current_time()
+        assert await trio.to_thread.run_sync(stall) == b""
+        assert trio.current_time() - start < 8
+
+
+async def test_expect_100_continue(server: tuple[str, bytes], tmp_path: Path):
+    base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    body = os.urandom(3 << 20)
+
+    def expecting(path: str) -> tuple[bytes, bytes]:
+        """(first answer, everything after the body was sent or withheld)"""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+            )
+            first = s.recv(65536)
+            if first.startswith(b"HTTP/1.1 100 "):
+                s.sendall(body)
+            rest = []
+            while chunk := s.recv(65536):
+                rest.append(chunk)
+                if path == "/sha" and b"\r\n\r\n" in b"".join(rest):
+                    break
+            return first, b"".join(rest)
+
+    first, rest = await trio.to_thread.run_sync(expecting, "/sha")
+    assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert rest.startswith(b"HTTP/1.1 200 ")
+    # the handler did not want the body: a final answer, then the connection closes
+    # (the client never sent the body, so it cannot be drained)
+    first, rest = await trio.to_thread.run_sync(expecting, "/ignore")
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert (first + rest).endswith(b"\r\n\r\nok\n")  # and then EOF: expecting() returned
+    # curl would wait for the 100 for 30 s here before sending the body anyway
+    (tmp_path / "body").write_bytes(body)
+    r = await curl(
+        "--max-time",
+        "10",
+        "--expect100-timeout",
+        "30",
+        "--data-binary",
+        f"@{tmp_path / 'body'}",
+        f"{base}/sha",
+    )
+    assert r.stdout == hashlib.sha256(body).hexdigest().encode()
+
+
+@pytest.mark.parametrize(("path", "status"), [("/ignore", b"200"), ("/reject", b"413")])
+async def test_unread_body_closes_lingeringly(server: tuple[str, bytes], path: str, status: bytes):
+    """An answer sent before a large body was read, then the connection closes: closing
+    at once would reset the connection under the client, still sending its body."""
+    base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    body = bytes(8 << 20)  # over DRAIN_LIMIT, and more than socket buffers hold
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    reply = await trio.to_thread.run_sync(_send_then_read, port, head.encode() + body)
+    assert reply.split(b" ")[1] == status, reply[:200]
+    assert await _status_of(base) == b"404"

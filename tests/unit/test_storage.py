@@ -319,6 +319,48 @@ async def test_bad_piece_is_not_recorded(store: PieceStore) -> None:
     store.release(h)
 
 
+async def test_rewriting_a_done_piece_keeps_the_verified_bytes(store: PieceStore) -> None:
+    """Bad bytes for a piece already done used to overwrite the good ones before the
+    store noticed the piece was done: the row said "done", the file held garbage."""
+    pl = 4 * KiB
+    h = await store.open_task(TID, content_length=2 * pl, piece_length=pl)
+    good = piece_bytes(TID, 0, pl)
+    first = await store.write_piece(h, 0, good, sha(good))
+    assert h.is_done(0) and not h.is_done(1)
+    again = await store.write_piece(h, 0, b"evil" * (pl // 4), sha(good))
+    assert again == first
+    assert h.file.read_at(0, pl) == good
+    # even with a digest that matches the new bytes: done means done
+    other = b"x" * pl
+    assert await store.write_piece(h, 0, other, sha(other)) == first
+    assert h.file.read_at(0, pl) == good
+    await store.flush()
+    assert [p.sha256 for p in await store._run_db(store._db.pieces, TID)] == [sha(good)]
+    store.release(h)
+
+
+async def test_concurrent_writes_of_one_piece_leave_verified_bytes(store: PieceStore) -> None:
+    pl = 256 * KiB
+    h = await store.open_task(TID, content_length=pl, piece_length=pl)
+    good = piece_bytes(TID, 0, pl)
+    outcomes: list[str] = []
+
+    async def write(data: bytes) -> None:
+        try:
+            await store.write_piece(h, 0, data, sha(good))
+            outcomes.append("ok")
+        except DigestMismatch:
+            outcomes.append("mismatch")
+
+    async with trio.open_nursery() as nursery:
+        for data in (good, b"\0" * pl, good, b"\1" * pl):
+            nursery.start_soon(write, data)
+    assert h.is_done(0)
+    assert h.file.read_at(0, pl) == good
+    assert outcomes.count("ok") >= 2  # both good writers; a bad one after them is a no-op
+    store.release(h)
+
+
 async def test_whole_digest_mismatch_fails_and_removes(tmp_path: Path) -> None:
     pl, cl = 4 * KiB, 10 * KiB
     pieces = file_bytes(TID, cl, pl)
