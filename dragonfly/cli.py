@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from dragonfly import __version__
-from dragonfly.config import ROLES, ConfigError, RoleConfig, load_config, render_toml
+from dragonfly.config import ROLES, ConfigError, PeerConfig, RoleConfig, load_config, render_toml
 from dragonfly.log import LEVELS, configure
 
 EXIT_OK = 0
@@ -59,6 +59,35 @@ def build_parser() -> argparse.ArgumentParser:
     get = sub.add_parser("get", help="download a URL through the local peer (like dfget)")
     get.add_argument("url", help="http(s) URL to download")
     get.add_argument("-O", "--output", required=True, help="file to write when complete")
+    get.add_argument(
+        "--peer",
+        help="the peer daemon's proxy URL (default: $DRAGONFLY_PEER, else conf's proxy port)",
+    )
+    get.add_argument("--digest", help="sha256:HEX the file must have; a mismatch fails")
+    get.add_argument("--tag", default="", help="task tag (part of the task ID)")
+    get.add_argument("--application", default="", help="application (part of the task ID)")
+    get.add_argument(
+        "--filtered-query-param",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="query parameter left out of the task ID (repeatable)",
+    )
+    get.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'K: V'",
+        help="request header (repeatable)",
+    )
+    get.add_argument(
+        "--no-back-to-source", action="store_true", help="fail rather than fetch from the origin"
+    )
+    get.add_argument(
+        "--hard-link",
+        action="store_true",
+        help="hard-link the task file instead of copying (editing the output then edits the cache)",
+    )
     _add_config_args(get, subcommand=True)
 
     cluster = sub.add_parser("cluster", help="run a local cluster of roles on loopback")
@@ -123,14 +152,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    configure(cfg.log.level, cfg.log.format)
+    # `get` is a client: only warnings unless asked, so its output stays readable.
+    quiet = args.command == "get" and not args.log_level and not _overrides_log_level(args)
+    configure("warning" if quiet else cfg.log.level, cfg.log.format)
+    if args.command == "get":
+        from dragonfly.get import run_get
+
+        assert isinstance(cfg, PeerConfig)
+        return run_get(args, cfg)
     if args.command == "cluster":
         from pathlib import Path
 
         from dragonfly.cluster import run_cluster
 
         if min(args.schedulers, args.seed_peers, args.peers) < 0 or args.schedulers < 1:
-            print("dragonfly: cluster needs at least one scheduler and no negative counts", file=sys.stderr)
+            print(
+                "dragonfly: cluster needs at least one scheduler and no negative counts",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
         return run_cluster(Path(args.workdir), args.schedulers, args.seed_peers, args.peers)
     if args.command is not None:
@@ -154,3 +193,7 @@ def _config_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(cfg)
     return EXIT_OK
+
+
+def _overrides_log_level(args: argparse.Namespace) -> bool:
+    return any(item.startswith("log.level=") for item in _overrides(args))

@@ -1,0 +1,181 @@
+"""`make demo`: distribute one file to four peers through P2P and show where bytes went.
+
+Starts nginx with a generated file as the origin and a local cluster (1 scheduler,
+1 seed peer, 4 peers), fetches the file through every peer's proxy at once with
+curl, checks every sha256, prints a summary, then times the same four fetches
+straight from the origin, and stops everything.
+
+python -m dragonfly.demo [--size 512MiB] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from dragonfly.cluster import Cluster, ClusterError
+from dragonfly.testing.nginx import Nginx
+from dragonfly.units import human_bytes, parse_size
+
+MiB = 1024 * 1024
+
+
+def _metric(url: str, name: str, labels: str) -> float:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    selector = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "")
+    m = re.search("^" + selector + r" ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _make_file(path: Path, size: int) -> None:
+    if path.exists() and path.stat().st_size == size:
+        return
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(16 * MiB, left)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def _fetch_all(commands: list[list[str]]) -> list[tuple[float, str]]:
+    """Run the curl commands at once, each piped into sha256sum (the clients keep no
+    copy: the figure is distribution, not the client's disk); (wall time, sha256) each."""
+    start = time.monotonic()
+    procs = []
+    for c in commands:
+        curl = subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        digest = subprocess.Popen(["sha256sum"], stdin=curl.stdout, stdout=subprocess.PIPE)
+        assert curl.stdout is not None
+        curl.stdout.close()
+        procs.append((curl, digest))
+    results: list[tuple[float, str]] = [(0.0, "")] * len(procs)
+    pending = set(range(len(procs)))
+    while pending:
+        for i in list(pending):
+            curl, digest = procs[i]
+            if digest.poll() is not None and curl.poll() is not None:
+                assert digest.stdout is not None
+                results[i] = (time.monotonic() - start, digest.stdout.read().decode().split()[0])
+                pending.discard(i)
+        time.sleep(0.01)
+    for (curl, _), c in zip(procs, commands, strict=True):
+        if curl.returncode != 0:
+            err = curl.stderr.read().decode() if curl.stderr else ""
+            raise SystemExit(f"demo: {' '.join(c)} failed: {err}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dragonfly.demo")
+    parser.add_argument("--size", default="512MiB")
+    parser.add_argument("--peers", type=int, default=4)
+    parser.add_argument("--workdir", default="")
+    args = parser.parse_args(argv)
+    size = parse_size(args.size)
+    workdir = (
+        Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dragonfly-demo-"))
+    )
+    www = workdir / "www"
+    www.mkdir(parents=True, exist_ok=True)
+    print(f"demo: generating a {human_bytes(size)} file as the origin's content ...", flush=True)
+    src = www / "demo.bin"
+    _make_file(src, size)
+    want = _sha256(src)
+    shutil.rmtree(workdir / "cluster", ignore_errors=True)
+    with Nginx(root=www, workdir=workdir / "nginx") as nginx:
+        url = f"{nginx.url}/demo.bin"
+        print(
+            f"demo: starting a cluster: 1 scheduler, 1 seed peer, {args.peers} peers ...",
+            flush=True,
+        )
+        try:
+            cluster = Cluster(
+                workdir / "cluster", schedulers=1, seed_peers=1, peers=args.peers
+            ).start()
+        except ClusterError as exc:
+            print(f"demo: {exc}", file=sys.stderr)
+            return 1
+        try:
+            peers = [n for n in cluster.nodes if n.role == "peer"]
+            print(
+                f"demo: {len(peers)} clients fetch {url} through their peer's proxy at once ...",
+                flush=True,
+            )
+            p2p_results = _fetch_all(
+                [["curl", "-sS", "-f", "-x", p.info["proxy"], url] for p in peers]
+            )
+            p2p_times = [t for t, _ in p2p_results]
+            origin_after_p2p = nginx.served_bytes("/demo.bin")
+            rows = []
+            ok = True
+            for p, (t, digest) in zip(peers, p2p_results, strict=True):
+                good = digest == want
+                ok &= good
+                rows.append(
+                    (
+                        p.name,
+                        _metric(
+                            p.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"'
+                        ),
+                        _metric(
+                            p.info["metrics"],
+                            "dragonfly_download_bytes_total",
+                            'source="back_to_source"',
+                        ),
+                        t,
+                        good,
+                    )
+                )
+            seed = next(n for n in cluster.nodes if n.role == "seed-peer")
+            seed_source = _metric(
+                seed.info["metrics"], "dragonfly_download_bytes_total", 'source="back_to_source"'
+            )
+            seed_up = _metric(seed.info["metrics"], "dragonfly_upload_bytes_total", "")
+        finally:
+            cluster.stop()
+        print(f"demo: the same {len(peers)} fetches straight from the origin ...", flush=True)
+        direct = _fetch_all([["curl", "-sS", "-f", url] for _ in peers])
+        direct_times = [t for t, _ in direct]
+        ok = ok and all(digest == want for _, digest in direct)
+    print()
+    print(f"file: {human_bytes(size)}, sha256 {want[:16]}…")
+    print(
+        f"origin served during the P2P run: {human_bytes(origin_after_p2p)} ({origin_after_p2p / size:.2f}× the file)"
+    )
+    print(
+        f"seed peer: {human_bytes(seed_source)} from the origin, {human_bytes(seed_up)} uploaded to peers"
+    )
+    print()
+    print(f"{'peer':<10}{'peer-to-peer':>16}{'from origin':>14}{'time':>9}  sha256")
+    for name, p2p, b2s, t, good in rows:
+        print(
+            f"{name:<10}{human_bytes(p2p):>16}{human_bytes(b2s):>14}{t:>8.2f}s  {'ok' if good else 'MISMATCH'}"
+        )
+    print()
+    print(
+        f"all {len(peers)} through P2P: {max(p2p_times):.2f}s;  all {len(peers)} straight from the origin: {max(direct_times):.2f}s"
+    )
+    print(f"work directory: {workdir}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,245 @@
+"""`python -m dragonfly get URL -O FILE`: download through the local peer (like dfget).
+
+The peer daemon downloads the task (through P2P, or from the origin) and says
+where its task file is; the file is then copied out with copy_file_range (or
+hard-linked with --hard-link) to a temporary name next to FILE, checked against
+--digest when given, and renamed into place: FILE appears only complete and
+verified. When no daemon answers, a one-shot peer runs inside this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from dragonfly.config import PeerConfig
+from dragonfly.identity import IdentityError, parse_sha256_digest
+from dragonfly.units import human_bytes
+from dragonfly.wire.http_client import HTTPClient, HTTPClientError
+
+LOCAL_API = "/_dragonfly/tasks"
+
+
+class GetError(Exception):
+    """A download that failed; the message is the one-line reason."""
+
+
+class DaemonUnavailable(Exception):
+    pass
+
+
+@dataclass
+class Outcome:
+    path: Path
+    content_length: int
+    task_id: str
+
+
+class Progress:
+    """A one-line progress display on a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def update(self, completed: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < 0.1:
+            return
+        self.last = now
+        rate = completed / max(now - self.started, 1e-3)
+        pct = f"{100 * completed / total:5.1f}%" if total > 0 else "  ?  "
+        sys.stderr.write(
+            f"\r{pct}  {human_bytes(completed)} / {human_bytes(max(total, 0))}  {human_bytes(rate)}/s   "
+        )
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def parse_headers(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise GetError(f"--header {item!r}: expected 'Name: value'")
+        out[name.strip().lower()] = value.strip()
+    return out
+
+
+async def _via_daemon(peer: str, spec: dict[str, Any], progress: Progress) -> Outcome:
+    client = HTTPClient(connect_timeout=2, read_timeout=3600)
+    try:
+        response = await client.send(
+            "POST",
+            peer.rstrip("/") + LOCAL_API,
+            _headers({"content-type": "application/json"}),
+            json.dumps(spec).encode(),
+        )
+    except HTTPClientError as exc:
+        raise DaemonUnavailable(str(exc)) from None
+    try:
+        if response.status != 200:
+            body = (await response.read(limit=1 << 16)).decode(errors="replace").strip()
+            raise GetError(f"peer at {peer} refused: {response.status} {body}")
+        buffer = b""
+        async for chunk in response.iter_chunks():
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                event = json.loads(line)
+                if event.get("state") == "failed":
+                    status = event.get("http_status") or 0
+                    raise GetError(
+                        event.get("reason", "failed") + (f" (HTTP {status})" if status else "")
+                    )
+                progress.update(int(event.get("completed", 0)), int(event.get("total", -1)))
+                if event.get("state") == "succeeded":
+                    return Outcome(
+                        Path(event["path"]), int(event["content_length"]), event["task_id"]
+                    )
+        raise GetError(f"peer at {peer} ended the answer before the download finished")
+    except HTTPClientError as exc:
+        raise GetError(f"peer at {peer}: {exc}") from None
+    finally:
+        await response.aclose()
+        await client.aclose()
+
+
+def _headers(d: dict[str, str]) -> Any:
+    from dragonfly.wire.http_common import Headers
+
+    return Headers(d.items())
+
+
+async def _embedded(cfg: PeerConfig, spec: dict[str, Any], progress: Progress) -> Outcome:
+    """No daemon: run a one-shot peer in this process for this one download."""
+    from dragonfly.identity import task_id
+    from dragonfly.peer.daemon import PeerDaemon
+    from dragonfly.peer.download import DownloadFailed, DownloadRequest
+
+    cfg.proxy.port = 0
+    cfg.upload.port = 0
+    filtered = list(cfg.proxy.filtered_query_params) + list(spec["filtered_query_params"])
+    req = DownloadRequest(
+        task_id=task_id(
+            spec["url"],
+            tag=spec["tag"],
+            application=spec["application"],
+            filtered_query_params=filtered,
+        ),
+        url=spec["url"],
+        tag=spec["tag"],
+        application=spec["application"],
+        headers=spec["headers"],
+        filtered_query_params=filtered,
+        back_to_source=spec["back_to_source"],
+    )
+    async with trio.open_nursery() as nursery:
+        daemon: PeerDaemon = await nursery.start(PeerDaemon(cfg).run)
+        download = daemon.tasks.open(req)
+        try:
+            while not download.finished.is_set():
+                progress.update(download.completed_bytes, download.content_length)
+                with trio.move_on_after(0.2):
+                    await download.wait_finished()
+        except DownloadFailed as exc:
+            raise GetError(
+                exc.reason + (f" (HTTP {exc.http_status})" if exc.http_status else "")
+            ) from None
+        from dragonfly.storage.taskfile import task_path
+
+        outcome = Outcome(
+            task_path(daemon.data_dir, req.task_id), download.content_length, req.task_id
+        )
+        nursery.cancel_scope.cancel()
+    return outcome
+
+
+def copy_out(
+    source: Path, output: Path, length: int, *, hard_link: bool, digest: bytes | None
+) -> None:
+    """Copy (or link) the task file to a temporary name, verify, then rename into place."""
+    output = output.resolve()
+    tmp = output.with_name(f".{output.name}.dragonfly-{os.getpid()}.tmp")
+    try:
+        if hard_link:
+            os.link(source, tmp)
+        else:
+            with open(source, "rb") as src, open(tmp, "wb") as dst:
+                copied = 0
+                while copied < length:
+                    n = os.copy_file_range(src.fileno(), dst.fileno(), length - copied)
+                    if n == 0:
+                        raise GetError(f"task file {source} is shorter than {length} bytes")
+                    copied += n
+        if digest is not None:
+            h = hashlib.sha256()
+            with open(tmp, "rb") as f:
+                while chunk := f.read(8 << 20):
+                    h.update(chunk)
+            if h.digest() != digest:
+                raise GetError(
+                    f"digest mismatch: expected sha256:{digest.hex()}, got sha256:{h.hexdigest()}"
+                )
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_get(args: Any, cfg: PeerConfig) -> int:
+    try:
+        digest = parse_sha256_digest(args.digest) if args.digest else None
+    except IdentityError as exc:
+        print(f"dragonfly get: --digest: {exc}", file=sys.stderr)
+        return 2
+    try:
+        headers = parse_headers(args.header)
+    except GetError as exc:
+        print(f"dragonfly get: {exc}", file=sys.stderr)
+        return 2
+    output = Path(args.output)
+    if not output.parent.resolve().is_dir():
+        print(
+            f"dragonfly get: -O {output}: directory {output.parent} does not exist", file=sys.stderr
+        )
+        return 2
+    spec = {
+        "url": args.url,
+        "tag": args.tag,
+        "application": args.application,
+        "headers": headers,
+        "filtered_query_params": args.filtered_query_param,
+        "back_to_source": not args.no_back_to_source,
+    }
+    peer = args.peer or os.environ.get("DRAGONFLY_PEER") or f"http://127.0.0.1:{cfg.proxy.port}"
+    progress = Progress(sys.stderr.isatty())
+    try:
+        try:
+            outcome = trio.run(_via_daemon, peer, spec, progress)
+        except DaemonUnavailable:
+            outcome = trio.run(_embedded, cfg, spec, progress)
+        progress.done()
+        copy_out(
+            outcome.path, output, outcome.content_length, hard_link=args.hard_link, digest=digest
+        )
+    except GetError as exc:
+        progress.done()
+        print(f"dragonfly get: {args.url}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        progress.done()
+        print(f"dragonfly get: {output}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0

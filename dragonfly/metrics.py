@@ -1,0 +1,90 @@
+"""Prometheus metrics, one registry per role process, served as text at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
+
+
+class PeerMetrics:
+    """Traffic and pieces of a peer or seed peer."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.download_bytes = Counter(
+            "dragonfly_download_bytes",
+            "Bytes downloaded, by source: p2p (any other peer, seeds included), "
+            "back_to_source (the origin), local (served from this peer's store)",
+            ["source"],
+            registry=r,
+        )
+        self.upload_bytes = Counter(
+            "dragonfly_upload_bytes", "Piece bytes served to other peers", registry=r
+        )
+        self.pieces = Counter(
+            "dragonfly_pieces", "Pieces stored, by source", ["source"], registry=r
+        )
+        self.piece_failures = Counter(
+            "dragonfly_piece_failures",
+            "Pieces that failed, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.active_tasks = Gauge("dragonfly_active_tasks", "Downloads in progress", registry=r)
+        self.active_uploads = Gauge(
+            "dragonfly_active_uploads", "Piece uploads in progress", registry=r
+        )
+        self.proxy_requests = Counter(
+            "dragonfly_proxy_requests",
+            "Proxy requests, by how they were served",
+            ["mode"],
+            registry=r,
+        )
+        self.back_to_source_fallbacks = Counter(
+            "dragonfly_back_to_source_fallbacks",
+            "Downloads that went to the origin because no scheduler answered",
+            registry=r,
+        )
+        self.errors = Counter("dragonfly_errors", "Errors, by type", ["type"], registry=r)
+        for source in ("p2p", "back_to_source", "local"):
+            self.download_bytes.labels(source)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class SchedulerMetrics:
+    """Decisions of a scheduler."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.registrations = Counter(
+            "dragonfly_scheduler_registrations", "Peers registered", registry=r
+        )
+        self.schedule_decisions = Counter(
+            "dragonfly_scheduler_schedule_decisions", "Candidate parent sets sent", registry=r
+        )
+        self.back_to_source_decisions = Counter(
+            "dragonfly_scheduler_back_to_source_decisions",
+            "Peers told to go back to source",
+            registry=r,
+        )
+        self.triggers = Counter(
+            "dragonfly_scheduler_seed_triggers", "Seed peers triggered", registry=r
+        )
+        self.piece_reports = Counter(
+            "dragonfly_scheduler_piece_reports", "Finished pieces reported", registry=r
+        )
+        self.protocol_errors = Counter(
+            "dragonfly_scheduler_protocol_errors", "Invalid messages received", registry=r
+        )
+        self.connected_hosts = Gauge(
+            "dragonfly_scheduler_connected_hosts", "Hosts with an open connection", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,175 @@
+"""The peer daemon: store, schedulers, downloads, upload server and proxy in one
+trio nursery tree (a seed peer is the same daemon with `seed.enabled`)."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from pathlib import Path
+
+import trio
+
+from dragonfly.config import PeerConfig, data_dir, resolved_hostname
+from dragonfly.log import get_logger
+from dragonfly.metrics import PeerMetrics
+from dragonfly.peer.download import Download, DownloadRequest
+from dragonfly.peer.proxy import ProxyHandler
+from dragonfly.peer.scheduler_client import SchedulerPool
+from dragonfly.peer.upload import UploadHandler
+from dragonfly.ratelimit import RateLimiter
+from dragonfly.storage import GCConfig, PieceStore
+from dragonfly.wire.http_client import HTTPClient
+from dragonfly.wire.http_server import bound_port, serve
+from dragonfly.wire.messages import HostInfo, TriggerDownload
+
+log = get_logger("dragonfly.peer")
+
+
+class TaskManager:
+    """The downloads in progress on this peer, one per task, shared by every client."""
+
+    def __init__(self, daemon: PeerDaemon, nursery: trio.Nursery) -> None:
+        self.daemon = daemon
+        self.nursery = nursery
+        self.downloads: dict[str, Download] = {}
+
+    def open(self, request: DownloadRequest) -> Download:
+        """The running download of the task, or a new one (a finished task is a local hit)."""
+        current = self.downloads.get(request.task_id)
+        if current is not None and current.error is None:
+            return current
+        download = Download(self.daemon, request)
+        self.downloads[request.task_id] = download
+        self.nursery.start_soon(self._run, download)
+        return download
+
+    async def _run(self, download: Download) -> None:
+        try:
+            await download.run()
+        finally:
+            if self.downloads.get(download.task_id) is download:
+                del self.downloads[download.task_id]
+
+    def active(self, task_id: str) -> Download | None:
+        return self.downloads.get(task_id)
+
+
+class PeerDaemon:
+    """A running peer (or seed peer)."""
+
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self.data_dir: Path = data_dir(config.storage)
+        self.metrics = PeerMetrics()
+        self.role = "seed-peer" if config.seed.enabled else "peer"
+        d = config.download
+        self.origin_client = HTTPClient(
+            connect_timeout=d.connect_timeout, read_timeout=d.read_timeout
+        )
+        self.upload_limiter = _limiter(config.upload.rate_limit)
+        self.download_limiter = _limiter(d.rate_limit)
+        self.source_limiter = _limiter(d.back_to_source_rate_limit)
+        self.store: PieceStore
+        self.schedulers: SchedulerPool
+        self.tasks: TaskManager
+        self.host: HostInfo
+        self.upload_port = 0
+        self.proxy_port = 0
+        self._serving = False
+
+    @property
+    def healthy(self) -> bool:
+        """Serving, and known to every scheduler (a seed must be, before peers ask)."""
+        return self._serving and (not self.schedulers.connections or self.schedulers.all_connected)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[PeerDaemon] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        cfg = self.config
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        gc = GCConfig(
+            ttl=cfg.storage.task_ttl,
+            quota_bytes=cfg.storage.disk_quota,
+            high_watermark=cfg.storage.high_watermark,
+            low_watermark=cfg.storage.low_watermark,
+        )
+        async with PieceStore.open(self.data_dir, fsync=cfg.storage.fsync, gc_config=gc) as store:
+            self.store = store
+            try:
+                async with trio.open_nursery() as nursery:
+                    self.tasks = TaskManager(self, nursery)
+                    upload = await nursery.start(
+                        serve, UploadHandler(self), cfg.upload.listen, cfg.upload.port
+                    )
+                    self.upload_port = bound_port(upload)
+                    self.host = HostInfo(
+                        host_id=f"{resolved_hostname(cfg.host)}-{self.upload_port}-{secrets.token_hex(4)}"[
+                            :128
+                        ],
+                        hostname=resolved_hostname(cfg.host)[:255],
+                        ip=cfg.host.ip,
+                        upload_port=self.upload_port,
+                        idc=cfg.host.idc,
+                        location=cfg.host.location,
+                        seed=cfg.seed.enabled,
+                        upload_limit=cfg.upload.concurrent_limit,
+                        upload_rate=cfg.upload.rate_limit,
+                    )
+                    self.schedulers = SchedulerPool(
+                        cfg.scheduler.addresses,
+                        self.host,
+                        role=self.role,
+                        on_trigger=self._on_trigger,
+                        connect_timeout=cfg.scheduler.connect_timeout,
+                    )
+                    proxy = await nursery.start(
+                        serve, ProxyHandler(self), cfg.proxy.listen, cfg.proxy.port
+                    )
+                    self.proxy_port = bound_port(proxy)
+                    self.host = _with_proxy_port(self.host, self.proxy_port)
+                    self.schedulers.host = self.host
+                    for conn in self.schedulers.connections.values():
+                        conn.host = self.host
+                    await nursery.start(self.schedulers.run)
+                    nursery.start_soon(store.gc_forever, cfg.storage.gc_interval)
+                    self._serving = True
+                    log.info(
+                        "peer started",
+                        role=self.role,
+                        host_id=self.host.host_id,
+                        proxy=f"{cfg.proxy.listen}:{self.proxy_port}",
+                        upload=f"{cfg.upload.listen}:{self.upload_port}",
+                        data_dir=str(self.data_dir),
+                    )
+                    task_status.started(self)
+            finally:
+                self._serving = False
+                with contextlib.suppress(AttributeError):
+                    await self.schedulers.leave()
+                await self.origin_client.aclose()
+
+    async def _on_trigger(self, msg: TriggerDownload) -> None:
+        """A scheduler asks this seed peer to fetch a task from the origin first."""
+        log.info("triggered", task_id=msg.task_id, url=msg.url)
+        self.tasks.open(
+            DownloadRequest(
+                task_id=msg.task_id,
+                url=msg.url,
+                tag=msg.tag,
+                application=msg.application,
+                headers=dict(msg.headers),
+                filtered_query_params=list(msg.filtered_query_params),
+                piece_length=msg.piece_length,
+                seed_trigger=True,
+            )
+        )
+
+
+def _with_proxy_port(host: HostInfo, port: int) -> HostInfo:
+    import dataclasses
+
+    return dataclasses.replace(host, proxy_port=port)
+
+
+def _limiter(rate: int) -> RateLimiter | None:
+    return RateLimiter(rate) if rate > 0 else None

@@ -1,0 +1,841 @@
+"""One task being downloaded by this peer: the trio shell around the piece picker.
+
+A Download registers with the task's scheduler, then either fetches pieces from
+the parents it is given (several at once, each piece checked against the
+origin-side digest the scheduler handed out) or goes back to the origin when
+told to (or when no scheduler answers). Every verified piece is recorded in the
+store, reported to the scheduler in batches, announced to subscribed children,
+and wakes the proxy streams waiting for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from dragonfly.identity import piece_count as count_pieces
+from dragonfly.identity import piece_length_for
+from dragonfly.log import bound, get_logger
+from dragonfly.peer.picker import PiecePicker
+from dragonfly.peer.scheduler_client import NoScheduler, SchedulerLost, SchedulerSession
+from dragonfly.peer.source import OriginChanged, OriginError, OriginFetcher
+from dragonfly.storage import DigestMismatch, PieceRecord, TaskHandle, TaskState
+from dragonfly.wire.channel import ChannelClosed, connect
+from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message
+from dragonfly.wire.http_client import HTTPClient, HTTPClientError
+from dragonfly.wire.messages import (
+    AnnounceDone,
+    CandidateParents,
+    Hello,
+    NeedBackToSource,
+    ParentInfo,
+    PeerFailed,
+    PeerFinished,
+    PieceAnnounce,
+    PieceDigest,
+    PieceDigests,
+    PieceFailed,
+    PieceInfo,
+    PieceReport,
+    PiecesFinished,
+    RegisterPeer,
+    Reschedule,
+    Subscribe,
+    TaskFailed,
+    TaskMetadata,
+)
+
+if TYPE_CHECKING:
+    from dragonfly.peer.daemon import PeerDaemon
+
+log = get_logger("dragonfly.peer.download")
+
+REPORT_INTERVAL = 0.05
+REPORT_BATCH = 1000
+RESCHEDULE_INTERVAL = 1.0
+ANNOUNCE_PATH = "/v1/announce"
+
+
+class DownloadFailed(Exception):
+    """The download cannot complete; `http_status` is the origin's when it refused."""
+
+    def __init__(self, reason: str, http_status: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.http_status = http_status
+
+
+@dataclass
+class DownloadRequest:
+    """What a client asked for; the task ID was computed from these."""
+
+    task_id: str
+    url: str
+    tag: str = ""
+    application: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    filtered_query_params: list[str] = field(default_factory=list)
+    piece_length: int | None = None
+    back_to_source: bool = True
+    # A seed peer answering a trigger: it is the origin's first reader.
+    seed_trigger: bool = False
+
+
+@dataclass
+class _Parent:
+    info: ParentInfo
+    client: HTTPClient
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.info.ip}]" if ":" in self.info.ip else self.info.ip
+        return f"http://{host}:{self.info.upload_port}"
+
+
+class Download:
+    """The download of one task on this peer (shared by every client asking for it)."""
+
+    def __init__(self, daemon: PeerDaemon, request: DownloadRequest) -> None:
+        self.daemon = daemon
+        self.request = request
+        self.task_id = request.task_id
+        self.peer_id = f"{daemon.host.host_id}-{secrets.token_hex(6)}"
+        self.log = log.bind(task_id=self.task_id, peer_id=self.peer_id)
+        # layout, known once the scheduler or the origin tells
+        self.content_length = -1
+        self.piece_length = 0
+        self.piece_count = -1
+        self.etag = ""
+        self.last_modified = ""
+        self.content_type = ""
+        self.digests: dict[int, bytes] = {}
+        self.handle: TaskHandle | None = None
+        self.have: set[int] = set()
+        self.picker: PiecePicker | None = None
+        # progress and outcome
+        self.metadata_ready = trio.Event()
+        self.finished = trio.Event()
+        self.error: DownloadFailed | None = None
+        self._changed = trio.Event()
+        self._reports: list[PieceReport] = []
+        self._report_wakeup = trio.Event()
+        self._subscribers: list[trio.MemorySendChannel[list[PieceInfo]]] = []
+        self._parents: dict[str, _Parent] = {}
+        self._blocked: set[str] = set()
+        self._fetches: dict[tuple[int, str], trio.CancelScope] = {}
+        self._claimed: set[int] = set()
+        self._waiting: dict[int, int] = {}  # piece → streams waiting for it
+        self._last_reschedule = -1e9
+        self.bytes_p2p = 0
+        self.bytes_source = 0
+        self.started_at = trio.current_time()
+
+    # ------------------------------------------------------------ public
+
+    @property
+    def done(self) -> bool:
+        return self.finished.is_set() or self.error is not None
+
+    @property
+    def completed_bytes(self) -> int:
+        if self.piece_count < 0 or not self.piece_length:
+            return 0
+        full = len(self.have) * self.piece_length
+        last = self.piece_count - 1
+        if last in self.have:
+            full -= self.piece_count * self.piece_length - self.content_length
+        return full
+
+    async def wait_metadata(self) -> None:
+        """Until the length and layout are known; raises DownloadFailed."""
+        while not self.metadata_ready.is_set():
+            if self.error is not None:
+                raise self.error
+            await self._changed.wait()
+
+    async def wait_piece(self, number: int) -> None:
+        """Until piece `number` is verified and stored; raises DownloadFailed."""
+        if number in self.have:
+            await trio.lowlevel.checkpoint()
+            return
+        self._waiting[number] = self._waiting.get(number, 0) + 1
+        self._update_cursor()
+        try:
+            while number not in self.have:
+                if self.error is not None:
+                    raise self.error
+                await self._changed.wait()
+        finally:
+            self._waiting[number] -= 1
+            if not self._waiting[number]:
+                del self._waiting[number]
+            self._update_cursor()
+
+    async def wait_finished(self) -> None:
+        while not self.finished.is_set():
+            if self.error is not None:
+                raise self.error
+            await self._changed.wait()
+
+    def subscribe(self) -> tuple[list[PieceInfo], trio.MemoryReceiveChannel[list[PieceInfo]]]:
+        """For a child: the pieces held now, and a channel of the ones that land later."""
+        assert self.handle is not None
+        held = [_piece_info(p) for p in sorted(self.handle.pieces.values(), key=lambda p: p.number)]
+        # One slot per piece: the channel can never fill up.
+        send, receive = trio.open_memory_channel[list[PieceInfo]](max(self.piece_count, 0) + 16)
+        self._subscribers.append(send)
+        return held, receive
+
+    def _update_cursor(self) -> None:
+        """The picker keeps an in-order window ahead of the slowest streaming client."""
+        if self.picker is not None:
+            self.picker.set_cursor(min(self._waiting) if self._waiting else None)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Drive the download to its end; never raises (the outcome is in finished/error)."""
+        metrics = self.daemon.metrics
+        metrics.active_tasks.inc()
+        try:
+            with bound(task_id=self.task_id, peer_id=self.peer_id):
+                await self._run()
+        except Exception as exc:
+            failure = _find_failure(exc)
+            if failure is None:
+                self.log.exception("download failed")
+                failure = DownloadFailed(f"internal error: {exc!r}")
+            self._fail(failure)
+        finally:
+            metrics.active_tasks.dec()
+            for send in self._subscribers:
+                send.close()
+            if self.handle is not None:
+                self.daemon.store.release(self.handle)
+                self.handle = None
+            self._notify()
+
+    def _fail(self, exc: DownloadFailed) -> None:
+        if self.error is None and not self.finished.is_set():
+            self.error = exc
+            self.log.warning("download failed", reason=exc.reason, http_status=exc.http_status)
+            self.daemon.metrics.errors.labels("download").inc()
+        self._notify()
+
+    async def _run(self) -> None:
+        record = await self.daemon.store.get_task(self.task_id)
+        if (
+            record is not None
+            and record.state == TaskState.SUCCEEDED
+            and not self.request.seed_trigger
+        ):
+            await self._adopt_record(record)
+            self._finish_local()
+            return
+        tried: set[str] = set()
+        while True:
+            try:
+                session = await self.daemon.schedulers.open_session(
+                    self.task_id, self.peer_id, tried
+                )
+            except NoScheduler as exc:
+                if (
+                    not self.request.back_to_source
+                    or not self.daemon.config.download.back_to_source
+                ):
+                    raise DownloadFailed(f"{exc}, and back-to-source is off") from None
+                self.log.warning("no scheduler answers: back to source", error=str(exc))
+                self.daemon.metrics.back_to_source_fallbacks.inc()
+                await self._back_to_source(None, None)
+                await self._complete(None)
+                return
+            try:
+                await self._converse(session)
+                return
+            except SchedulerLost as exc:
+                self.log.warning("scheduler lost, trying the next", error=str(exc))
+                tried.add(session.address)
+            finally:
+                session.close()
+
+    async def _adopt_record(self, record: object) -> None:
+        from dragonfly.storage import TaskRecord
+
+        assert isinstance(record, TaskRecord)
+        await self._set_layout(
+            record.content_length, record.piece_length, record.etag, record.last_modified, ""
+        )
+
+    def _finish_local(self) -> None:
+        self.finished.set()
+        self._notify()
+
+    # ------------------------------------------------------------ scheduler conversation
+
+    async def _converse(self, session: SchedulerSession) -> None:
+        req = self.request
+        await session.send(
+            RegisterPeer(
+                peer_id=self.peer_id,
+                task_id=self.task_id,
+                url=req.url,
+                tag=req.tag,
+                application=req.application,
+                filtered_query_params=req.filtered_query_params,
+                headers=req.headers,
+                piece_length=req.piece_length,
+                need_back_to_source=req.seed_trigger,
+            )
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._report_loop, session)
+            p2p_started = False
+            source_started = False
+            while not self._all_pieces_had:
+                msg = await self._receive_or_finish(session)
+                if self.error is not None:
+                    raise self.error
+                if msg is None:
+                    break
+                if isinstance(msg, CandidateParents):
+                    await self._on_candidates(msg, nursery)
+                    if not p2p_started and not source_started and self.picker is not None:
+                        p2p_started = True
+                        nursery.start_soon(self._p2p_loop, session, nursery)
+                elif isinstance(msg, PieceDigests):
+                    self._add_digests(msg.digests)
+                elif isinstance(msg, NeedBackToSource):
+                    if not source_started:
+                        source_started = True
+                        self._stop_p2p()
+                        nursery.start_soon(self._source_task, msg, session)
+                elif isinstance(msg, TaskFailed):
+                    raise DownloadFailed(msg.reason, msg.http_status)
+            await self._complete(session)
+            nursery.cancel_scope.cancel()
+
+    async def _receive_or_finish(self, session: SchedulerSession) -> object | None:
+        """The next scheduler message, or None once the download finished meanwhile."""
+        result: list[object] = []
+        async with trio.open_nursery() as race:
+
+            async def receive() -> None:
+                result.append(await session.receive())
+                race.cancel_scope.cancel()
+
+            async def finished() -> None:
+                while not self._all_pieces_had and self.error is None:
+                    await self._changed.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(receive)
+            race.start_soon(finished)
+        return result[0] if result else None
+
+    async def _complete(self, session: SchedulerSession | None) -> None:
+        """Every piece verified: mark the task complete, tell the scheduler."""
+        if self.error is not None:
+            raise self.error
+        store = self.daemon.store
+        try:
+            await store.complete_task(self.task_id)
+        except Exception as exc:
+            raise DownloadFailed(f"completing the task failed: {exc}") from exc
+        if session is not None:
+            await self._flush_reports(session)
+            with contextlib.suppress(SchedulerLost):
+                await session.send(
+                    PeerFinished(
+                        peer_id=self.peer_id,
+                        task_id=self.task_id,
+                        content_length=max(self.content_length, 0),
+                        piece_count=max(self.piece_count, 0),
+                    )
+                )
+        self.log.info(
+            "download finished",
+            bytes_p2p=self.bytes_p2p,
+            bytes_source=self.bytes_source,
+            seconds=round(trio.current_time() - self.started_at, 3),
+        )
+        self.finished.set()
+        self._notify()
+
+    async def _report_loop(self, session: SchedulerSession) -> None:
+        while True:
+            await self._report_wakeup.wait()
+            self._report_wakeup = trio.Event()
+            await trio.sleep(REPORT_INTERVAL)  # let a few pieces gather
+            await self._flush_reports(session)
+
+    async def _flush_reports(self, session: SchedulerSession) -> None:
+        while self._reports:
+            batch, self._reports = self._reports[:REPORT_BATCH], self._reports[REPORT_BATCH:]
+            await session.send(
+                PiecesFinished(peer_id=self.peer_id, task_id=self.task_id, pieces=batch)
+            )
+
+    async def _report_failure(self, session: SchedulerSession, msg: Message) -> None:
+        """Best effort: if the scheduler is gone, the next one learns from the new session."""
+        with contextlib.suppress(SchedulerLost):
+            await session.send(msg)
+
+    # ------------------------------------------------------------ layout and pieces
+
+    async def _set_layout(
+        self,
+        content_length: int,
+        piece_length: int,
+        etag: str,
+        last_modified: str,
+        content_type: str,
+    ) -> None:
+        if self.metadata_ready.is_set():
+            if (content_length, piece_length) != (self.content_length, self.piece_length):
+                raise DownloadFailed(
+                    f"task layout changed: {self.content_length}/{self.piece_length} → "
+                    f"{content_length}/{piece_length}",
+                    409,
+                )
+            return
+        self.content_length = content_length
+        self.piece_length = piece_length
+        self.piece_count = count_pieces(content_length, piece_length) if content_length >= 0 else -1
+        self.etag, self.last_modified, self.content_type = etag, last_modified, content_type
+        self.handle = await self.daemon.store.open_task(
+            self.task_id,
+            url=self.request.url,
+            tag=self.request.tag,
+            application=self.request.application,
+            content_length=content_length,
+            piece_length=piece_length,
+            etag=etag,
+            last_modified=last_modified,
+        )
+        self.have = set(self.handle.pieces)
+        for p in self.handle.pieces.values():
+            self.digests.setdefault(p.number, p.sha256)
+        if self.piece_count >= 0:
+            cfg = self.daemon.config.download
+            self.picker = PiecePicker(
+                self.piece_count,
+                have=self.have,
+                max_in_flight=cfg.concurrent_piece_count,
+                seed=self.peer_id,  # siblings pick different pieces, reproducibly
+            )
+            self._update_cursor()
+            self.picker.digest_known(self.digests)
+        self.metadata_ready.set()
+        self._notify()
+
+    def _add_digests(self, digests: list[PieceDigest]) -> None:
+        new = []
+        for d in digests:
+            if d.number not in self.digests:
+                self.digests[d.number] = d.digest
+                new.append(d.number)
+        if new and self.picker is not None:
+            self.picker.digest_known(new)
+            self._notify()
+
+    def _piece_landed(self, piece: PieceRecord, parent_id: str, cost: float) -> None:
+        self.have.add(piece.number)
+        self._reports.append(
+            PieceReport(
+                number=piece.number,
+                offset=piece.offset,
+                length=piece.length,
+                digest=piece.sha256,
+                parent_id=parent_id,
+                cost_ms=int(cost * 1000),
+            )
+        )
+        self._report_wakeup.set()
+        info = [_piece_info(piece)]
+        for send in list(self._subscribers):
+            try:
+                send.send_nowait(info)
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                self._subscribers.remove(send)
+        metrics = self.daemon.metrics
+        source = "back_to_source" if parent_id == "" else "p2p"
+        metrics.download_bytes.labels(source).inc(piece.length)
+        metrics.pieces.labels(source).inc()
+        if parent_id:
+            self.bytes_p2p += piece.length
+        else:
+            self.bytes_source += piece.length
+        self._notify()
+
+    @property
+    def _all_pieces_had(self) -> bool:
+        return self.piece_count >= 0 and len(self.have) >= self.piece_count
+
+    # ------------------------------------------------------------ P2P
+
+    async def _on_candidates(self, msg: CandidateParents, nursery: trio.Nursery) -> None:
+        if msg.piece_length is not None and msg.content_length >= 0:
+            await self._set_layout(
+                msg.content_length, msg.piece_length, msg.etag, msg.last_modified, msg.content_type
+            )
+        self._add_digests(msg.digests)
+        self.log.debug(
+            "candidate parents",
+            parents=[p.peer_id for p in msg.parents],
+            digests=len(msg.digests),
+            have=len(self.have),
+        )
+        if self.piece_count == 0:
+            self._notify()  # empty file: nothing to fetch
+            return
+        for info in msg.parents:
+            if info.peer_id in self._parents or info.peer_id in self._blocked:
+                continue
+            parent = _Parent(
+                info,
+                HTTPClient(
+                    connect_timeout=self.daemon.config.download.connect_timeout,
+                    read_timeout=self.daemon.config.download.piece_timeout,
+                ),
+            )
+            self._parents[info.peer_id] = parent
+            assert self.picker is not None
+            self.picker.add_parent(info.peer_id)
+            nursery.start_soon(self._subscribe_parent, parent)
+        self._notify()
+
+    async def _subscribe_parent(self, parent: _Parent) -> None:
+        """Follow a parent's piece announcements until it is done or fails."""
+        pid = parent.info.peer_id
+        hello = Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="peer")
+        url = parent.base_url.replace("http://", "ws://", 1) + ANNOUNCE_PATH
+        with parent.scope:
+            try:
+                async with connect(
+                    url,
+                    hello,
+                    name=f"parent {pid}",
+                    connect_timeout=self.daemon.config.download.connect_timeout,
+                ) as channel:
+                    await channel.send(
+                        Subscribe(task_id=self.task_id, peer_id=self.peer_id, parent_id=pid)
+                    )
+                    async for msg in channel:
+                        if isinstance(msg, PieceAnnounce):
+                            assert self.picker is not None
+                            self.picker.parent_has(
+                                pid, [p.number for p in msg.pieces if p.number < self.piece_count]
+                            )
+                            self._notify()
+                        elif isinstance(msg, AnnounceDone):
+                            return  # it holds everything; keep fetching from it
+                    raise ChannelClosed("parent closed the announcements")
+            except (OSError, ChannelClosed, trio.TooSlowError, Exception) as exc:
+                if self.finished.is_set():
+                    return
+                self.log.info("parent announcements failed", parent=pid, error=repr(exc))
+                self._drop_parent(pid)
+
+    def _stop_p2p(self) -> None:
+        for pid in list(self._parents):
+            self._drop_parent(pid)
+
+    def _drop_parent(self, pid: str) -> None:
+        parent = self._parents.pop(pid, None)
+        self._blocked.add(pid)
+        if parent is None:
+            return
+        parent.scope.cancel()
+        if self.picker is not None:
+            for number in self.picker.remove_parent(pid):
+                scope = self._fetches.pop((number, pid), None)
+                if scope is not None:
+                    scope.cancel()
+        self._notify()
+
+    async def _p2p_loop(self, session: SchedulerSession, nursery: trio.Nursery) -> None:
+        assert self.picker is not None
+        picker = self.picker
+        while not self._all_pieces_had:
+            for number, pid in picker.pick(trio.current_time()):
+                parent = self._parents.get(pid)
+                if parent is None:
+                    picker.on_failure(number, pid)
+                    continue
+                nursery.start_soon(self._fetch_piece, session, number, parent)
+            if (
+                picker.stalled()
+                and trio.current_time() - self._last_reschedule > RESCHEDULE_INTERVAL
+            ):
+                self._last_reschedule = trio.current_time()
+                await self._report_failure(
+                    session,
+                    Reschedule(
+                        peer_id=self.peer_id,
+                        task_id=self.task_id,
+                        blocked_parents=sorted(self._blocked)[:1024],
+                        reason="no parent can serve the missing pieces",
+                    ),
+                )
+            with trio.move_on_after(RESCHEDULE_INTERVAL):
+                await self._changed.wait()
+
+    async def _fetch_piece(self, session: SchedulerSession, number: int, parent: _Parent) -> None:
+        """Fetch one piece from one parent, verify it, record it."""
+        assert self.picker is not None and self.handle is not None
+        pid = parent.info.peer_id
+        offset = number * self.piece_length
+        length = min(self.piece_length, self.content_length - offset)
+        expected = self.digests[number]
+        # A duplicate (endgame) request never writes into the file before it verified:
+        # two writers on one piece could leave bytes that no digest vouched for.
+        duplicate = len(self.picker.in_flight.get(number, ())) > 1 or number in self.have
+        started = trio.current_time()
+        scope = trio.CancelScope()
+        self._fetches[(number, pid)] = scope
+        failure: str | None = None
+        try:
+            with scope:
+                limiter = self.daemon.download_limiter
+                if limiter is not None:
+                    await limiter.acquire(length)
+                url = f"{parent.base_url}/pieces/{self.task_id}/{number}"
+                with trio.fail_after(self.daemon.config.download.piece_timeout):
+                    async with parent.client.request("GET", url) as r:
+                        if r.status != 200:
+                            raise HTTPClientError(f"parent answered {r.status}")
+                        if r.content_length != length:
+                            raise HTTPClientError(
+                                f"parent sent {r.content_length} bytes for a {length}-byte piece"
+                            )
+                        if duplicate:
+                            buf = bytearray(length)
+                            await r.readinto_exactly(buf)
+                            if hashlib.sha256(buf).digest() != expected:
+                                raise DigestMismatch(f"piece {number}", expected.hex(), "other")
+                            if number in self.have:
+                                return
+                            for other in self.picker.on_success(
+                                number, pid, length, trio.current_time() - started
+                            ):
+                                s = self._fetches.pop(other, None)
+                                if s is not None:
+                                    s.cancel()
+                            piece = await self.daemon.store.write_piece(
+                                self.handle, number, buf, expected
+                            )
+                        else:
+                            await r.splice_to(self.handle.file.fd, offset, length)
+                            piece = await self.daemon.store.commit_piece(
+                                self.handle, number, length, expected
+                            )
+                            if number in self.have:
+                                return
+                            for other in self.picker.on_success(
+                                number, pid, length, trio.current_time() - started
+                            ):
+                                s = self._fetches.pop(other, None)
+                                if s is not None:
+                                    s.cancel()
+            if scope.cancelled_caught:
+                return
+            self.log.debug(
+                "piece fetched",
+                number=number,
+                parent=pid,
+                seconds=round(trio.current_time() - started, 4),
+            )
+            self._piece_landed(piece, pid, trio.current_time() - started)
+        except DigestMismatch:
+            failure = "digest mismatch"
+            self.daemon.metrics.piece_failures.labels("digest").inc()
+        except trio.TooSlowError:
+            failure = "timeout"
+            self.daemon.metrics.piece_failures.labels("timeout").inc()
+        except (HTTPClientError, OSError) as exc:
+            failure = str(exc)[:500]
+            self.daemon.metrics.piece_failures.labels("transfer").inc()
+        finally:
+            self._fetches.pop((number, pid), None)
+        if failure is not None:
+            self.log.info("piece failed", number=number, parent=pid, reason=failure)
+            self.picker.on_failure(number, pid)
+            if failure == "digest mismatch":
+                # A parent that serves other bytes than the origin's is done for this task.
+                self._drop_parent(pid)
+            await self._report_failure(
+                session,
+                PieceFailed(
+                    peer_id=self.peer_id,
+                    task_id=self.task_id,
+                    number=number,
+                    parent_id=pid,
+                    reason=failure,
+                ),
+            )
+            self._notify()
+
+    # ------------------------------------------------------------ back to source
+
+    async def _source_task(self, msg: NeedBackToSource, session: SchedulerSession) -> None:
+        try:
+            await self._back_to_source(msg, session)
+        except DownloadFailed as exc:
+            await self._report_failure(
+                session,
+                PeerFailed(
+                    peer_id=self.peer_id,
+                    task_id=self.task_id,
+                    reason=exc.reason[:1000],
+                    http_status=exc.http_status,
+                ),
+            )
+            self._fail(exc)
+
+    async def _back_to_source(
+        self, msg: NeedBackToSource | None, session: SchedulerSession | None
+    ) -> None:
+        req = self.request
+        cfg = self.daemon.config.download
+        if not req.back_to_source or not cfg.back_to_source:
+            raise DownloadFailed("no parent can serve and back-to-source is off")
+        if msg is not None:
+            self._add_digests(msg.digests)
+        if not (self.metadata_ready.is_set() and self._all_pieces_had):
+            fetcher = OriginFetcher(
+                self.daemon.origin_client,
+                req.url,
+                req.headers,
+                limiter=self.daemon.source_limiter,
+                concurrency=cfg.origin_concurrency,
+                expect_etag=(msg.etag if msg else "") or self.etag,
+                expect_last_modified=(msg.last_modified if msg else "") or self.last_modified,
+            )
+            try:
+                info = await fetcher.probe()
+            except OriginError as exc:
+                raise DownloadFailed(str(exc), exc.http_status) from None
+            known_length = msg.content_length if msg is not None else -1
+            if known_length >= 0 and info.content_length != known_length:
+                raise DownloadFailed(
+                    f"origin content changed: length {known_length} → {info.content_length}", 409
+                )
+            piece_length = (
+                (msg.piece_length if msg is not None else None)
+                or req.piece_length
+                or self.piece_length
+                or piece_length_for(info.content_length)
+            )
+            await self._set_layout(
+                info.content_length, piece_length, info.etag, info.last_modified, info.content_type
+            )
+            if session is not None:
+                await session.send(
+                    TaskMetadata(
+                        peer_id=self.peer_id,
+                        task_id=self.task_id,
+                        content_length=self.content_length,
+                        piece_length=self.piece_length,
+                        piece_count=self.piece_count,
+                        etag=self.etag,
+                        last_modified=self.last_modified,
+                        content_type=self.content_type,
+                    )
+                )
+            self._report_held_pieces()
+            try:
+                await fetcher.fetch(self)
+            except OriginError as exc:
+                raise DownloadFailed(str(exc), exc.http_status) from None
+        else:
+            if session is not None:
+                await session.send(
+                    TaskMetadata(
+                        peer_id=self.peer_id,
+                        task_id=self.task_id,
+                        content_length=self.content_length,
+                        piece_length=self.piece_length,
+                        piece_count=self.piece_count,
+                        etag=self.etag,
+                        last_modified=self.last_modified,
+                        content_type=self.content_type,
+                    )
+                )
+            self._report_held_pieces()
+        if not self._all_pieces_had:
+            raise DownloadFailed(
+                f"origin fetch ended with {len(self.have)} of {self.piece_count} pieces"
+            )
+        self._notify()
+
+    def _report_held_pieces(self) -> None:
+        """Pieces this peer already had (a resumed task) count as fetched from the origin."""
+        assert self.handle is not None
+        for p in sorted(self.handle.pieces.values(), key=lambda p: p.number):
+            self._reports.append(PieceReport(p.number, p.offset, p.length, p.sha256, "", 0))
+        self._report_wakeup.set()
+
+    # PieceSink for OriginFetcher
+    @property
+    def fd(self) -> int:
+        assert self.handle is not None
+        return self.handle.file.fd
+
+    def claim_next_missing(self) -> int | None:
+        # In order: a streaming client wants the front first.
+        for number in range(self.piece_count):
+            if number not in self.have and number not in self._claimed:
+                self._claimed.add(number)
+                return number
+        return None
+
+    def unclaim(self, number: int) -> None:
+        self._claimed.discard(number)
+
+    async def origin_piece_written(self, number: int, offset: int, length: int) -> None:
+        assert self.handle is not None
+        started = trio.current_time()
+        digest = await trio.to_thread.run_sync(self.handle.file.digest, offset, length)
+        expected = self.digests.get(number)
+        if expected is not None and expected != digest:
+            raise OriginChanged(
+                f"origin content changed: piece {number} differs from the task's first fetch", 409
+            )
+        piece = PieceRecord(number, offset, length, digest)
+        await self.daemon.store.piece_done(self.handle, piece)
+        self.digests[number] = digest
+        self._claimed.discard(number)
+        if self.picker is not None:
+            self.picker.mark_have(number)
+        self._piece_landed(piece, "", trio.current_time() - started)
+
+    async def set_content_length(self, content_length: int) -> None:
+        self.content_length = content_length
+        self.piece_count = count_pieces(content_length, self.piece_length)
+        await self.daemon.store.set_content_length(self.task_id, content_length)
+
+
+def _piece_info(p: PieceRecord) -> PieceInfo:
+    return PieceInfo(number=p.number, offset=p.offset, length=p.length, digest=p.sha256)
+
+
+def _find_failure(exc: BaseException) -> DownloadFailed | None:
+    """The DownloadFailed inside an exception (group): nurseries wrap what their tasks raise."""
+    if isinstance(exc, DownloadFailed):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find_failure(inner)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,340 @@
+"""The peer's HTTP proxy: `curl -x`, `http_proxy=` for wget and friends.
+
+A GET whose URL matches a P2P rule is downloaded through the swarm and streamed
+to the client in order as pieces land (a local hit is answered with sendfile
+from the task file); everything else is passed straight to the origin. A request
+with credentials goes through P2P only where its rule allows it, and only after
+the origin accepted those credentials.
+
+Origin-form requests reach the daemon itself: /healthy, /metrics, and the local
+API `POST /_dragonfly/tasks` used by `dragonfly get`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from dragonfly.config import ProxyRule
+from dragonfly.identity import IdentityError
+from dragonfly.identity import task_id as compute_task_id
+from dragonfly.log import get_logger
+from dragonfly.peer.download import Download, DownloadFailed, DownloadRequest
+from dragonfly.peer.upload import serve_common
+from dragonfly.wire.http_client import HTTPClientError
+from dragonfly.wire.http_common import Headers, RangeNotSatisfiable, parse_range
+from dragonfly.wire.http_server import Request, Responder
+
+if TYPE_CHECKING:
+    from dragonfly.peer.daemon import PeerDaemon
+
+log = get_logger("dragonfly.peer.proxy")
+
+H_TAG = "x-dragonfly-tag"
+H_APPLICATION = "x-dragonfly-application"
+H_FILTERED = "x-dragonfly-filtered-query-params"
+H_USE_P2P = "x-dragonfly-use-p2p"
+H_TASK_ID = b"x-dragonfly-task-id"
+LOCAL_API = "/_dragonfly/tasks"
+MAX_FORWARD_BODY = 64 << 20
+
+# Request headers that describe the client's connection or ask for a part of the
+# body: never sent to the origin for a whole-task fetch.
+_NOT_FORWARDED = frozenset(
+    {
+        "host",
+        "range",
+        "if-range",
+        "if-none-match",
+        "if-modified-since",
+        "if-match",
+        "if-unmodified-since",
+        "accept-encoding",
+        "proxy-authorization",
+        "proxy-connection",
+        "connection",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "content-length",
+        "transfer-encoding",
+        "expect",
+    }
+)
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    regex: re.Pattern[str]
+    rule: ProxyRule
+
+
+def origin_headers(headers: Headers) -> dict[str, str]:
+    """The client's headers that the origin should see when we fetch on its behalf."""
+    out: dict[str, str] = {}
+    for name, value in headers:
+        key = name.decode("latin-1")
+        if key in _NOT_FORWARDED or key.startswith("x-dragonfly-"):
+            continue
+        out[key] = value.decode("latin-1")
+    return out
+
+
+def filtered_params(header: str | None) -> list[str]:
+    if not header:
+        return []
+    return [p.strip() for p in re.split(r"[&,]", header) if p.strip()]
+
+
+class ProxyHandler:
+    """Routes of the proxy listener."""
+
+    def __init__(self, daemon: PeerDaemon) -> None:
+        self.daemon = daemon
+        self.rules = [CompiledRule(re.compile(r.regex), r) for r in daemon.config.proxy.rules]
+
+    async def __call__(self, request: Request, responder: Responder) -> None:
+        target = request.target
+        metrics = self.daemon.metrics
+        if target.startswith("/"):
+            path = target.split("?", 1)[0]
+            if await serve_common(self.daemon, path, responder):
+                return
+            if path == LOCAL_API and request.method == "POST":
+                await self._local_api(request, responder)
+                return
+            await responder.send(404, b"not found: this is a forward proxy (absolute URLs)\n")
+            return
+        if request.method == "CONNECT":
+            await responder.send_error(501, "CONNECT tunnels are not supported yet")
+            return
+        if not target.lower().startswith(("http://", "https://")):
+            await responder.send_error(400, f"bad request target {target[:200]!r}")
+            return
+        rule = self._p2p_rule(request)
+        if rule is None:
+            metrics.proxy_requests.labels("direct").inc()
+            await self._direct(request, responder)
+            return
+        metrics.proxy_requests.labels("p2p").inc()
+        await self._p2p(request, responder, rule)
+
+    def _p2p_rule(self, request: Request) -> ProxyRule | None:
+        """The rule under which this request goes through P2P, or None (direct)."""
+        if request.method not in ("GET", "HEAD"):
+            return None
+        if (request.headers.get(H_USE_P2P) or "").strip().lower() in ("false", "0", "no"):
+            return None
+        for compiled in self.rules:
+            if compiled.regex.search(request.target):
+                rule = compiled.rule
+                if rule.direct:
+                    return None
+                has_credentials = "authorization" in request.headers or "cookie" in request.headers
+                if has_credentials and not rule.allow_credentials:
+                    return None
+                return rule
+        return None
+
+    # ---------------------------------------------------------------- direct
+
+    async def _direct(self, request: Request, responder: Responder) -> None:
+        """Pass the request to the origin and stream its answer back."""
+        headers = Headers(
+            (k, v)
+            for k, v in request.headers.without_hop_by_hop()
+            if k not in (b"host", b"proxy-authorization", b"content-length")
+            and not k.startswith(b"x-dragonfly-")
+        )
+        try:
+            body = await request.read_body(limit=MAX_FORWARD_BODY)
+        except ValueError as exc:
+            await responder.send_error(413, str(exc))
+            return
+        try:
+            response = await self.daemon.origin_client.send(
+                request.method, request.target, headers, body, follow_redirects=False
+            )
+        except HTTPClientError as exc:
+            await responder.send_error(502, f"origin: {exc}")
+            return
+        try:
+            out = response.headers.without_hop_by_hop()
+            await responder.start(response.status, out)
+            async for chunk in response.iter_chunks():
+                await responder.write(chunk)
+            await responder.finish()
+        finally:
+            await response.aclose()
+
+    # ---------------------------------------------------------------- P2P
+
+    async def _check_credentials(self, request: Request, responder: Responder) -> bool:
+        """The origin must accept this client's credentials before P2P may serve it."""
+        headers = Headers(
+            (k, v) for k, v in request.headers.without_hop_by_hop() if k not in (b"host", b"range")
+        )
+        try:
+            async with self.daemon.origin_client.request("HEAD", request.target, headers) as r:
+                if r.status < 300:
+                    return True
+                hdrs = r.headers.without_hop_by_hop()
+                hdrs.set(b"content-length", b"0")
+                await responder.start(r.status, hdrs)
+                await responder.finish()
+                return False
+        except HTTPClientError as exc:
+            await responder.send_error(502, f"origin: {exc}")
+            return False
+
+    def _download_request(self, request: Request) -> DownloadRequest:
+        cfg = self.daemon.config.proxy
+        tag = request.headers.get(H_TAG) or ""
+        application = request.headers.get(H_APPLICATION) or ""
+        filtered = list(cfg.filtered_query_params) + filtered_params(
+            request.headers.get(H_FILTERED)
+        )
+        return DownloadRequest(
+            task_id=compute_task_id(
+                request.target, tag=tag, application=application, filtered_query_params=filtered
+            ),
+            url=request.target,
+            tag=tag,
+            application=application,
+            headers=origin_headers(request.headers),
+            filtered_query_params=filtered,
+        )
+
+    async def _p2p(self, request: Request, responder: Responder, rule: ProxyRule) -> None:
+        has_credentials = "authorization" in request.headers or "cookie" in request.headers
+        if has_credentials and not await self._check_credentials(request, responder):
+            return
+        try:
+            req = self._download_request(request)
+        except IdentityError as exc:
+            await responder.send_error(400, str(exc))
+            return
+        download = self.daemon.tasks.open(req)
+        try:
+            await download.wait_metadata()
+        except DownloadFailed as exc:
+            status = exc.http_status if 400 <= exc.http_status < 600 else 502
+            await responder.send_error(status, f"dragonfly: {exc.reason}")
+            return
+        await stream_download(self.daemon, download, request, responder)
+
+    # ---------------------------------------------------------------- local API
+
+    async def _local_api(self, request: Request, responder: Responder) -> None:
+        """`dragonfly get`: download a URL and report progress as JSON lines; the last
+        line names the finished task file, which the client copies out itself."""
+        if not request.client.startswith(("127.", "[::1]", "::1")):
+            await responder.send_error(403, "the local API is for this host only")
+            return
+        try:
+            spec = json.loads(await request.read_body(limit=1 << 20))
+            url = spec["url"]
+            if not isinstance(url, str):
+                raise TypeError("url must be a string")
+            filtered = list(self.daemon.config.proxy.filtered_query_params) + list(
+                spec.get("filtered_query_params", [])
+            )
+            req = DownloadRequest(
+                task_id=compute_task_id(
+                    url,
+                    tag=spec.get("tag", ""),
+                    application=spec.get("application", ""),
+                    filtered_query_params=filtered,
+                ),
+                url=url,
+                tag=spec.get("tag", ""),
+                application=spec.get("application", ""),
+                headers={str(k).lower(): str(v) for k, v in spec.get("headers", {}).items()},
+                filtered_query_params=filtered,
+                back_to_source=bool(spec.get("back_to_source", True)),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError, IdentityError) as exc:
+            await responder.send_error(400, f"bad download request: {exc}")
+            return
+        download = self.daemon.tasks.open(req)
+        await responder.start(200, [(b"content-type", b"application/x-ndjson")])
+
+        async def line(obj: dict[str, object]) -> None:
+            await responder.write((json.dumps(obj) + "\n").encode())
+
+        try:
+            await download.wait_metadata()
+            while not download.finished.is_set():
+                await line(
+                    {"completed": download.completed_bytes, "total": download.content_length}
+                )
+                with trio.move_on_after(0.2):
+                    await download.wait_finished()
+            handle = self.daemon.store.handle(req.task_id)
+            path = str(handle.file.path) if handle is not None else ""
+            if not path:
+                from dragonfly.storage.taskfile import task_path
+
+                path = str(task_path(self.daemon.data_dir, req.task_id))
+            await line(
+                {
+                    "state": "succeeded",
+                    "task_id": req.task_id,
+                    "path": path,
+                    "content_length": download.content_length,
+                    "completed": download.content_length,
+                    "total": download.content_length,
+                }
+            )
+        except DownloadFailed as exc:
+            await line({"state": "failed", "reason": exc.reason, "http_status": exc.http_status})
+        await responder.finish()
+
+
+async def stream_download(
+    daemon: PeerDaemon, download: Download, request: Request, responder: Responder
+) -> None:
+    """Answer with the task's bytes, each piece sent (sendfile) as soon as it is verified."""
+    total = download.content_length
+    headers = Headers()
+    headers.set(b"accept-ranges", b"bytes")
+    headers.set(b"content-type", (download.content_type or "application/octet-stream").encode())
+    if download.etag:
+        headers.set(b"etag", download.etag.encode())
+    if download.last_modified:
+        headers.set(b"last-modified", download.last_modified.encode())
+    headers.set(H_TASK_ID, download.task_id.encode())
+    try:
+        byte_range = parse_range(request.headers.get("range"), total)
+    except RangeNotSatisfiable:
+        headers.set(b"content-range", f"bytes */{total}".encode())
+        headers.set(b"content-length", b"0")
+        await responder.start(416, headers)
+        await responder.finish()
+        return
+    start, end = (0, total - 1) if byte_range is None else (byte_range.start, byte_range.end)
+    headers.set(b"content-length", str(end - start + 1 if total else 0).encode())
+    if byte_range is not None:
+        headers.set(b"content-range", byte_range.content_range().encode())
+    local = download.finished.is_set() and download.bytes_p2p == 0 and download.bytes_source == 0
+    await responder.start(206 if byte_range is not None else 200, headers)
+    if request.method == "HEAD" or total == 0:
+        await responder.finish()
+        return
+    piece_length = download.piece_length
+    async with daemon.store.use(download.task_id) as handle:
+        fd = handle.file.fd
+        position = start
+        while position <= end:
+            number = position // piece_length
+            await download.wait_piece(number)
+            piece_end = min(end, (number + 1) * piece_length - 1)
+            await responder.sendfile(fd, position, piece_end - position + 1)
+            if local:
+                daemon.metrics.download_bytes.labels("local").inc(piece_end - position + 1)
+            position = piece_end + 1
+    await responder.finish()

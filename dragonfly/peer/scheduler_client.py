@@ -1,0 +1,280 @@
+"""The peer's side of the scheduler protocol: one websocket per scheduler, shared by
+every download of this host, and a consistent-hash ring that says which scheduler
+owns a task.
+
+Each connection has a reader that routes messages to the download they are for
+(by task and peer ID) and hands TriggerDownload to the daemon. Connections are
+kept open and re-opened with backoff; a download whose scheduler goes away gets
+`SchedulerLost` and registers with the next scheduler on the ring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from dragonfly.log import get_logger
+from dragonfly.wire.channel import Channel, ChannelClosed, connect
+from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message
+from dragonfly.wire.messages import (
+    CandidateParents,
+    Error,
+    Hello,
+    HostInfo,
+    LeaveHost,
+    NeedBackToSource,
+    PieceDigests,
+    TaskFailed,
+    TriggerDownload,
+)
+
+log = get_logger("dragonfly.peer.scheduler")
+
+SCHEDULER_PATH = "/v1/scheduler"
+ROUTE_QUEUE = 256
+
+
+class NoScheduler(Exception):
+    """No scheduler answers."""
+
+
+class SchedulerLost(Exception):
+    """The scheduler a download registered with went away."""
+
+
+def ring_order(task_id: str, addresses: list[str]) -> list[str]:
+    """Schedulers in the order a task tries them: highest-random-weight hashing, so a
+    task stays with its scheduler when others come and go."""
+
+    def weight(address: str) -> bytes:
+        return hashlib.sha256(f"{task_id}\0{address}".encode()).digest()
+
+    return sorted(addresses, key=weight, reverse=True)
+
+
+def scheduler_url(address: str) -> str:
+    """'ws://host:port' → the scheduler's websocket URL."""
+    return address.rstrip("/") + SCHEDULER_PATH if "/v1/" not in address else address
+
+
+@dataclass
+class Route:
+    """Where messages for one (task, peer) go."""
+
+    send: trio.MemorySendChannel[Message]
+    receive: trio.MemoryReceiveChannel[Message]
+
+
+TriggerHandler = Callable[[TriggerDownload], Awaitable[None]]
+
+
+class SchedulerConnection:
+    """A kept-open channel to one scheduler."""
+
+    def __init__(
+        self, address: str, host: HostInfo, role: str, on_trigger: TriggerHandler, timeout: float
+    ) -> None:
+        self.address = address
+        self.host = host
+        self.role = role
+        self.on_trigger = on_trigger
+        self.timeout = timeout
+        self.channel: Channel | None = None
+        self.routes: dict[tuple[str, str], Route] = {}
+        self.connected = trio.Event()
+        self.failures = 0
+
+    @property
+    def up(self) -> bool:
+        return self.channel is not None
+
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Connect, serve, reconnect with backoff, until cancelled."""
+        backoff = 0.1
+        while True:
+            hello = Hello(
+                version=PROTOCOL_VERSION,
+                min_version=MIN_PROTOCOL_VERSION,
+                role=self.role,
+                host=self.host,
+            )
+            try:
+                async with connect(
+                    scheduler_url(self.address),
+                    hello,
+                    name=f"scheduler {self.address}",
+                    connect_timeout=self.timeout,
+                ) as channel:
+                    self.channel = channel
+                    self.connected.set()
+                    self.failures = 0
+                    backoff = 0.1
+                    log.info("scheduler connected", scheduler=self.address)
+                    await self._read(channel, nursery)
+            except (OSError, ChannelClosed, trio.TooSlowError) as exc:
+                self.failures += 1
+                if self.failures in (1, 10) or self.failures % 100 == 0:
+                    log.warning("scheduler unreachable", scheduler=self.address, error=str(exc))
+            except Exception as exc:  # trio-websocket's HandshakeError and friends
+                self.failures += 1
+                if self.failures in (1, 10) or self.failures % 100 == 0:
+                    log.warning(
+                        "scheduler connection failed", scheduler=self.address, error=repr(exc)
+                    )
+            finally:
+                self.channel = None
+                self.connected = trio.Event()
+                self._lose_routes()
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _read(self, channel: Channel, nursery: trio.Nursery) -> None:
+        async for msg in channel:
+            if isinstance(msg, TriggerDownload):
+                nursery.start_soon(self.on_trigger, msg)
+                continue
+            if isinstance(msg, Error):
+                log.warning(
+                    "scheduler error", scheduler=self.address, code=msg.code, error=msg.message
+                )
+                continue
+            peer_id = getattr(msg, "peer_id", "")
+            task_id = getattr(msg, "task_id", "")
+            targets: list[Route]
+            if isinstance(msg, TaskFailed) and not peer_id:
+                targets = [r for (t, _), r in self.routes.items() if t == task_id]
+            else:
+                route = self.routes.get((task_id, peer_id))
+                targets = [route] if route is not None else []
+            for route in targets:
+                try:
+                    route.send.send_nowait(msg)
+                except trio.WouldBlock:
+                    # A download that does not read its messages is stuck: drop it, it fails over.
+                    log.warning("download not reading scheduler messages", task_id=task_id)
+                    route.send.close()
+                except trio.ClosedResourceError:
+                    pass
+        raise ChannelClosed("scheduler closed the channel")
+
+    def _lose_routes(self) -> None:
+        for route in self.routes.values():
+            route.send.close()
+        self.routes.clear()
+
+    def open_route(self, task_id: str, peer_id: str) -> Route:
+        send, receive = trio.open_memory_channel[Message](ROUTE_QUEUE)
+        route = Route(send, receive)
+        self.routes[(task_id, peer_id)] = route
+        return route
+
+    def close_route(self, task_id: str, peer_id: str) -> None:
+        route = self.routes.pop((task_id, peer_id), None)
+        if route is not None:
+            route.send.close()
+
+    async def send(self, msg: Message) -> None:
+        channel = self.channel
+        if channel is None:
+            raise SchedulerLost(f"scheduler {self.address} is not connected")
+        try:
+            await channel.send(msg)
+        except ChannelClosed as exc:
+            raise SchedulerLost(str(exc)) from None
+
+
+class SchedulerSession:
+    """One download's conversation with its scheduler."""
+
+    def __init__(self, conn: SchedulerConnection, task_id: str, peer_id: str) -> None:
+        self.conn = conn
+        self.task_id = task_id
+        self.peer_id = peer_id
+        self.route = conn.open_route(task_id, peer_id)
+
+    @property
+    def address(self) -> str:
+        return self.conn.address
+
+    async def send(self, msg: Message) -> None:
+        await self.conn.send(msg)
+
+    async def receive(
+        self,
+    ) -> CandidateParents | PieceDigests | NeedBackToSource | TaskFailed | Message:
+        try:
+            return await self.route.receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise SchedulerLost(f"scheduler {self.conn.address} went away") from None
+
+    def close(self) -> None:
+        self.conn.close_route(self.task_id, self.peer_id)
+
+
+class SchedulerPool:
+    """All configured schedulers of this host."""
+
+    def __init__(
+        self,
+        addresses: list[str],
+        host: HostInfo,
+        *,
+        role: str,
+        on_trigger: TriggerHandler,
+        connect_timeout: float,
+    ) -> None:
+        self.connections = {
+            a: SchedulerConnection(a, host, role, on_trigger, connect_timeout) for a in addresses
+        }
+        self.connect_timeout = connect_timeout
+        self.host = host
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for conn in self.connections.values():
+                nursery.start_soon(conn.run, nursery)
+            task_status.started()
+
+    @property
+    def all_connected(self) -> bool:
+        return bool(self.connections) and all(c.up for c in self.connections.values())
+
+    @property
+    def any_connected(self) -> bool:
+        return any(c.up for c in self.connections.values())
+
+    def candidates(self, task_id: str, exclude: set[str]) -> list[SchedulerConnection]:
+        order = ring_order(task_id, list(self.connections))
+        return [self.connections[a] for a in order if a not in exclude]
+
+    async def open_session(self, task_id: str, peer_id: str, exclude: set[str]) -> SchedulerSession:
+        """A session with the first scheduler on the task's ring that is (or gets) connected.
+
+        A scheduler that is down is skipped at once if it has been failing; one that is
+        reconnecting gets up to the connect timeout.
+        """
+        for conn in self.candidates(task_id, exclude):
+            if not conn.up:
+                wait = self.connect_timeout if conn.failures < 2 else 0.0
+                with trio.move_on_after(wait):
+                    await conn.connected.wait()
+            if conn.up:
+                return SchedulerSession(conn, task_id, peer_id)
+        raise NoScheduler(
+            "no scheduler answers (tried " + ", ".join(self.connections) + ")"
+            if self.connections
+            else "no scheduler configured"
+        )
+
+    async def leave(self) -> None:
+        """Tell every connected scheduler that this host goes away."""
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            for conn in self.connections.values():
+                if conn.up:
+                    with contextlib.suppress(SchedulerLost):
+                        await conn.send(LeaveHost(host_id=self.host.host_id))

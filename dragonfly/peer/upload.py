@@ -1,0 +1,190 @@
+"""The upload server: pieces to other peers over HTTP with sendfile, piece
+announcements over a websocket on the same port, and /metrics and /healthy.
+
+Only verified pieces of known tasks are served. Concurrent uploads are capped
+(the load limit) and paced by the upload rate limit shared by all of them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import trio
+import trio_websocket
+
+from dragonfly.log import get_logger
+from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from dragonfly.storage import StorageError, TaskState, UnknownTask
+from dragonfly.wire.channel import Channel, ChannelClosed
+from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+from dragonfly.wire.http_common import Headers
+from dragonfly.wire.http_server import Request, Responder
+from dragonfly.wire.messages import (
+    AnnounceDone,
+    Error,
+    ErrorCode,
+    Hello,
+    PieceAnnounce,
+    PieceInfo,
+    Subscribe,
+)
+
+if TYPE_CHECKING:
+    from dragonfly.peer.daemon import PeerDaemon
+
+log = get_logger("dragonfly.peer.upload")
+
+PIECE_PATH = re.compile(r"^/pieces/([A-Za-z0-9._:+-]{1,255})/([0-9]{1,10})$")
+ANNOUNCE_PATH = "/v1/announce"
+ANNOUNCE_BATCH = 4096
+SEND_CHUNK = 4 << 20
+
+
+async def serve_common(daemon: PeerDaemon, path: str, responder: Responder) -> bool:
+    """/healthy and /metrics, on both of a peer's listeners; True if answered."""
+    if path == "/healthy":
+        if daemon.healthy:
+            await responder.send(200, b"ok\n")
+        else:
+            await responder.send(503, b"starting: not connected to every scheduler yet\n")
+        return True
+    if path == "/metrics":
+        await responder.send(200, daemon.metrics.render(), content_type=METRICS_CONTENT_TYPE)
+        return True
+    return False
+
+
+class UploadHandler:
+    """Routes of the upload listener."""
+
+    def __init__(self, daemon: PeerDaemon) -> None:
+        self.daemon = daemon
+        self.load_limit = trio.CapacityLimiter(daemon.config.upload.concurrent_limit)
+
+    async def __call__(self, request: Request, responder: Responder) -> None:
+        path = request.target.split("?", 1)[0]
+        if await serve_common(self.daemon, path, responder):
+            return
+        if path == ANNOUNCE_PATH and responder.is_websocket_request:
+            await responder.websocket(self._announce)
+            return
+        m = PIECE_PATH.match(path)
+        if m is None or request.method not in ("GET", "HEAD"):
+            await responder.send(404, b"not found\n")
+            return
+        await self._serve_piece(m.group(1), int(m.group(2)), responder)
+
+    async def _serve_piece(self, task_id: str, number: int, responder: Responder) -> None:
+        daemon = self.daemon
+        try:
+            async with daemon.store.use(task_id) as handle:
+                piece = handle.pieces.get(number)
+                if piece is None:
+                    await responder.send(404, f"piece {number} of {task_id} not held\n".encode())
+                    return
+                async with self.load_limit:
+                    daemon.metrics.active_uploads.inc()
+                    try:
+                        headers = Headers(
+                            [
+                                (b"content-length", str(piece.length).encode()),
+                                (b"content-type", b"application/octet-stream"),
+                            ]
+                        )
+                        await responder.start(200, headers)
+                        await self._send(responder, handle.file.fd, piece.offset, piece.length)
+                        await responder.finish()
+                    finally:
+                        daemon.metrics.active_uploads.dec()
+        except UnknownTask:
+            await responder.send(404, f"task {task_id} not held\n".encode())
+        except StorageError as exc:
+            await responder.send(503, f"{exc}\n".encode())
+
+    async def _send(self, responder: Responder, fd: int, offset: int, length: int) -> None:
+        limiter = self.daemon.upload_limiter
+        chunk = limiter.chunk(SEND_CHUNK) if limiter is not None else length
+        sent = 0
+        while sent < length:
+            n = min(chunk, length - sent)
+            if limiter is not None:
+                await limiter.acquire(n)
+            await responder.sendfile(fd, offset + sent, n)
+            sent += n
+            self.daemon.metrics.upload_bytes.inc(n)
+
+    async def _announce(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """A child subscribes to a task: what is held now, then each new piece."""
+        channel = Channel(ws, name="child")
+        hello = Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="peer")
+        try:
+            await channel.handshake(hello)
+            msg = await channel.receive()
+            if not isinstance(msg, Subscribe):
+                await channel.send(
+                    Error(code=ErrorCode.PROTOCOL, message="expected subscribe", ref=msg.TAG)
+                )
+                return
+            await self._announce_task(channel, msg.task_id)
+        except (ChannelClosed, trio.TooSlowError):
+            return
+
+    async def _announce_task(self, channel: Channel, task_id: str) -> None:
+        daemon = self.daemon
+        download = daemon.tasks.active(task_id)
+        if download is not None and not download.done:
+            # Scheduled before this peer learnt the layout? It is a moment away.
+            with trio.move_on_after(daemon.config.download.piece_timeout):
+                try:
+                    await download.wait_metadata()
+                except Exception:
+                    download = None
+        if download is not None and download.handle is not None and not download.done:
+            held, updates = download.subscribe()
+            await self._send_pieces(channel, task_id, held)
+            async with updates:
+                async for infos in updates:
+                    batch = list(infos)
+                    while len(batch) < ANNOUNCE_BATCH:
+                        try:
+                            batch.extend(updates.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    await self._send_pieces(channel, task_id, batch)
+            if not download.finished.is_set():
+                return  # the download failed or stopped: the child looks elsewhere
+        record = await daemon.store.get_task(task_id)
+        if record is None or record.state != TaskState.SUCCEEDED:
+            await channel.send(
+                Error(
+                    code=ErrorCode.NOT_FOUND, message=f"task {task_id} not held", ref=Subscribe.TAG
+                )
+            )
+            return
+        if download is None or download.handle is None:
+            async with daemon.store.use(task_id) as handle:
+                pieces = sorted(handle.pieces.values(), key=lambda p: p.number)
+                await self._send_pieces(
+                    channel,
+                    task_id,
+                    [PieceInfo(p.number, p.offset, p.length, p.sha256) for p in pieces],
+                )
+        await channel.send(
+            AnnounceDone(
+                task_id=task_id,
+                piece_count=record.piece_count,
+                content_length=record.content_length,
+            )
+        )
+        # The child closes when it is done with us; do not cut it off first.
+        with trio.move_on_after(daemon.config.download.piece_timeout):
+            while True:
+                await channel.receive()
+
+    @staticmethod
+    async def _send_pieces(channel: Channel, task_id: str, pieces: list[PieceInfo]) -> None:
+        for i in range(0, len(pieces), ANNOUNCE_BATCH):
+            await channel.send(
+                PieceAnnounce(task_id=task_id, pieces=pieces[i : i + ANNOUNCE_BATCH])
+            )
