@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
@@ -211,7 +211,7 @@ class Download:
             with bound(task_id=self.task_id, peer_id=self.peer_id):
                 await self._run()
         except Exception as exc:
-            failure = _find_failure(exc)
+            failure = _find(exc, DownloadFailed)
             if failure is None:
                 self.log.exception("download failed")
                 failure = DownloadFailed(f"internal error: {exc!r}")
@@ -262,8 +262,16 @@ class Download:
             try:
                 await self._converse(session)
                 return
-            except SchedulerLost as exc:
-                self.log.warning("scheduler lost, trying the next", error=str(exc))
+            except Exception as exc:
+                # Nurseries wrap what their tasks raise: a failure decides, a lost
+                # scheduler means the next one on the ring.
+                failure = _find(exc, DownloadFailed)
+                if failure is not None:
+                    raise failure from None
+                lost = _find(exc, SchedulerLost)
+                if lost is None:
+                    raise
+                self.log.warning("scheduler lost, trying the next", error=str(lost))
                 tried.add(session.address)
             finally:
                 session.close()
@@ -284,6 +292,7 @@ class Download:
 
     async def _converse(self, session: SchedulerSession) -> None:
         req = self.request
+        self._forget_parents()  # a new scheduler hands out its own; old fetches died with their session
         await session.send(
             RegisterPeer(
                 peer_id=self.peer_id,
@@ -545,6 +554,17 @@ class Download:
                     return
                 self.log.info("parent announcements failed", parent=pid, error=repr(exc))
                 self._drop_parent(pid)
+
+    def _forget_parents(self) -> None:
+        """Drop every parent without blaming it: their requests return to the queue."""
+        for pid, parent in list(self._parents.items()):
+            parent.scope.cancel()
+            if self.picker is not None:
+                self.picker.remove_parent(pid)
+        self._parents.clear()
+        for scope in self._fetches.values():
+            scope.cancel()
+        self._fetches.clear()
 
     def _stop_p2p(self) -> None:
         for pid in list(self._parents):
@@ -829,13 +849,16 @@ def _piece_info(p: PieceRecord) -> PieceInfo:
     return PieceInfo(number=p.number, offset=p.offset, length=p.length, digest=p.sha256)
 
 
-def _find_failure(exc: BaseException) -> DownloadFailed | None:
-    """The DownloadFailed inside an exception (group): nurseries wrap what their tasks raise."""
-    if isinstance(exc, DownloadFailed):
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _find(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first `kind` inside an exception (group): nurseries wrap what their tasks raise."""
+    if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _find_failure(inner)
+            found = _find(inner, kind)
             if found is not None:
                 return found
     return None

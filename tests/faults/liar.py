@@ -1,0 +1,123 @@
+"""A peer that lies: it tells the scheduler it holds every piece (with the right
+digests, learnt from the scheduler itself), announces pieces to children with
+made-up digests, and serves garbage bytes. Built from the project's own wire
+modules, so it speaks the protocol exactly as a real (malicious) peer would."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from dragonfly.wire.channel import Channel, connect
+from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+from dragonfly.wire.http_server import Request, Responder, bound_port, serve
+from dragonfly.wire.messages import (
+    AnnounceDone,
+    CandidateParents,
+    Hello,
+    HostInfo,
+    PieceAnnounce,
+    PieceDigests,
+    PieceInfo,
+    PieceReport,
+    PiecesFinished,
+    RegisterPeer,
+    Subscribe,
+)
+
+
+class Liar:
+    def __init__(self, scheduler: str, task_id: str, url: str) -> None:
+        self.scheduler = scheduler
+        self.task_id = task_id
+        self.url = url
+        self.piece_length = 0
+        self.content_length = 0
+        self.piece_count = 0
+        self.served = 0
+        self.registered = trio.Event()
+
+    async def handle(self, request: Request, responder: Responder) -> None:
+        path = request.target.split("?")[0]
+        if path == "/v1/announce" and responder.is_websocket_request:
+            await responder.websocket(self._announce)
+            return
+        if path.startswith("/pieces/"):
+            number = int(path.rsplit("/", 1)[1])
+            length = min(self.piece_length, self.content_length - number * self.piece_length)
+            self.served += 1
+            await responder.send(200, os.urandom(length), content_type=b"application/octet-stream")
+            return
+        await responder.send(404, b"")
+
+    async def _announce(self, ws: object) -> None:
+        channel = Channel(ws, name="liar-child")  # type: ignore[arg-type]
+        await channel.handshake(
+            Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="peer")
+        )
+        msg = await channel.receive()
+        assert isinstance(msg, Subscribe)
+        fake = [
+            PieceInfo(
+                n,
+                n * self.piece_length,
+                min(self.piece_length, self.content_length - n * self.piece_length),
+                os.urandom(32),  # lies about the digest too
+            )
+            for n in range(self.piece_count)
+        ]
+        await channel.send(PieceAnnounce(task_id=self.task_id, pieces=fake))
+        await channel.send(
+            AnnounceDone(
+                task_id=self.task_id,
+                piece_count=self.piece_count,
+                content_length=self.content_length,
+            )
+        )
+        await trio.sleep_forever()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(serve, self.handle, "127.0.0.1", 0)
+            port = bound_port(listeners)
+            host = HostInfo(
+                host_id=f"liar-{port}", hostname="liar", ip="127.0.0.1", upload_port=port
+            )
+            hello = Hello(
+                version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="peer", host=host
+            )
+            async with connect(self.scheduler + "/v1/scheduler", hello) as channel:
+                await self._register(channel)
+                task_status.started()
+                async for _ in channel:
+                    pass
+
+    async def _register(self, channel: Channel) -> None:
+        peer_id = f"liar-peer-{os.getpid()}"
+        await channel.send(RegisterPeer(peer_id=peer_id, task_id=self.task_id, url=self.url))
+        digests: dict[int, bytes] = {}
+        parent = ""
+        while not self.piece_count or len(digests) < self.piece_count:
+            msg = await channel.receive()
+            if isinstance(msg, CandidateParents) and msg.piece_length and msg.piece_count > 0:
+                self.piece_length = msg.piece_length
+                self.content_length = msg.content_length
+                self.piece_count = msg.piece_count
+                parent = msg.parents[0].peer_id if msg.parents else parent
+                digests.update((d.number, d.digest) for d in msg.digests)
+            elif isinstance(msg, PieceDigests):
+                digests.update((d.number, d.digest) for d in msg.digests)
+        # Claim everything, with the true digests: the scheduler cannot tell.
+        pl, cl = self.piece_length, self.content_length
+        await channel.send(
+            PiecesFinished(
+                peer_id=peer_id,
+                task_id=self.task_id,
+                pieces=[
+                    PieceReport(n, n * pl, min(pl, cl - n * pl), d, parent, 1)
+                    for n, d in sorted(digests.items())
+                ],
+            )
+        )
+        self.registered.set()

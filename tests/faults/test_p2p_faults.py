@@ -1,0 +1,283 @@
+"""Failures and bad input with real processes: killed parents and schedulers, corrupt
+pieces, lying peers, a changing origin, rate limits, bad frames on the scheduler socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio_websocket
+
+from dragonfly.cluster import Cluster
+from dragonfly.identity import task_id
+from dragonfly.peer.scheduler_client import ring_order
+from dragonfly.testing.nginx import Nginx
+from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, decode, encode
+from dragonfly.wire.messages import Error, Hello, HostInfo
+from tests.faults.liar import Liar
+from tests.p2p_support import MiB, curl, finish, metric, random_file, sha256_file, task_files
+
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
+
+
+@pytest.fixture
+def www(tmp_path: Path) -> Path:
+    root = tmp_path / "www"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def nginx(tmp_path: Path, www: Path) -> Iterator[Nginx]:
+    with Nginx(root=www, workdir=tmp_path / "nginx") as n:
+        yield n
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.05)
+
+
+def test_parent_killed_mid_transfer(tmp_path: Path, www: Path):
+    size = 64 * MiB
+    want = random_file(www / "f.bin", size)
+    with (
+        Nginx(root=www, workdir=tmp_path / "nginx", limit_rate="2m") as slow,
+        Cluster(tmp_path / "c", schedulers=1, seed_peers=1, peers=3) as cluster,
+    ):
+        url = f"{slow.url}/f.bin"
+        victim = cluster.node("peer-0")
+        procs = [
+            curl(cluster.node(f"peer-{i}").info["proxy"], url, tmp_path / f"o{i}") for i in range(3)
+        ]
+        # once the victim holds pieces (and so is a parent of the others), kill it
+        _wait_for(
+            lambda: (
+                metric(victim.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"')
+                >= 8 * MiB
+            )
+        )
+        assert victim.process is not None
+        victim.process.send_signal(signal.SIGKILL)
+        finish(procs[0])
+        for i in (1, 2):
+            code, err = finish(procs[i])
+            assert code == 0, err
+            assert sha256_file(tmp_path / f"o{i}") == want
+
+
+def test_corrupt_piece_on_a_parents_disk(tmp_path: Path, www: Path, nginx: Nginx):
+    size = 24 * MiB
+    want = random_file(www / "f.bin", size)
+    url = f"{nginx.url}/f.bin"
+    with Cluster(tmp_path / "c", schedulers=1, seed_peers=1, peers=2) as cluster:
+        p0, p1 = cluster.node("peer-0"), cluster.node("peer-1")
+        code, err = finish(curl(p0.info["proxy"], url, tmp_path / "o0"))
+        assert code == 0, err
+        # The seed goes away, so peer-0 is the only parent left; then one of its pieces rots.
+        seed = cluster.node("seed-peer-0")
+        assert seed.process is not None
+        seed.process.send_signal(signal.SIGKILL)
+        seed.process.wait()
+        (task,) = task_files(p0.info["data_dir"])
+        with open(task, "r+b") as f:
+            f.seek(5 * MiB)
+            f.write(b"\xff" * 4096)
+        code, err = finish(curl(p1.info["proxy"], url, tmp_path / "o1"))
+        assert code == 0, err
+        assert sha256_file(tmp_path / "o1") == want
+        m = p1.info["metrics"]
+        assert metric(m, "dragonfly_piece_failures_total", 'reason="digest"') >= 1
+        assert metric(m, "dragonfly_download_bytes_total", 'source="back_to_source"') > 0
+
+
+async def test_a_lying_parent_is_caught_and_blocked(tmp_path: Path, www: Path, nginx: Nginx):
+    size = 32 * MiB
+    want = random_file(www / "f.bin", size)
+    url = f"{nginx.url}/f.bin"
+    cluster = await trio.to_thread.run_sync(
+        Cluster(tmp_path / "c", schedulers=1, seed_peers=1, peers=1).start
+    )
+    try:
+        scheduler = cluster.node("scheduler-0").info["url"]
+        liar = Liar(scheduler, task_id(url), url)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(60):
+                await nursery.start(liar.run)
+            peer = cluster.node("peer-0")
+            result = await trio.run_process(
+                ["curl", "-sS", "-f", "-x", peer.info["proxy"], "-o", str(tmp_path / "o"), url],
+                check=False,
+                capture_stderr=True,
+            )
+            nursery.cancel_scope.cancel()
+        assert result.returncode == 0, result.stderr
+        assert sha256_file(tmp_path / "o") == want
+        m = peer.info["metrics"]
+        assert liar.served >= 1, "the liar was never asked: the test proves nothing"
+        assert metric(m, "dragonfly_piece_failures_total", 'reason="digest"') >= 1
+        # blocked after the first bad piece: only the requests already in flight reached it
+        assert liar.served <= 4
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
+
+
+def test_two_schedulers_one_killed(tmp_path: Path, www: Path):
+    size = 48 * MiB
+    want = random_file(www / "f.bin", size)
+    with (
+        Nginx(root=www, workdir=tmp_path / "nginx", limit_rate="2m") as slow,
+        Cluster(tmp_path / "c", schedulers=2, seed_peers=1, peers=2) as cluster,
+    ):
+        url = f"{slow.url}/f.bin"
+        schedulers = {n.info["url"]: n for n in cluster.nodes if n.role == "scheduler"}
+        owner = schedulers[ring_order(task_id(url), list(schedulers))[0]]
+        procs = [
+            curl(cluster.node(f"peer-{i}").info["proxy"], url, tmp_path / f"o{i}") for i in range(2)
+        ]
+        seed = cluster.node("seed-peer-0")
+        _wait_for(
+            lambda: (
+                metric(
+                    seed.info["metrics"],
+                    "dragonfly_download_bytes_total",
+                    'source="back_to_source"',
+                )
+                > 0
+            )
+        )
+        assert owner.process is not None
+        owner.process.send_signal(signal.SIGKILL)
+        for i, proc in enumerate(procs):
+            code, err = finish(proc)
+            assert code == 0, err
+            assert sha256_file(tmp_path / f"o{i}") == want
+
+
+def test_all_schedulers_down_back_to_source(tmp_path: Path, www: Path, nginx: Nginx):
+    want = random_file(www / "f.bin", 12 * MiB)
+    with Cluster(
+        tmp_path / "c",
+        schedulers=1,
+        seed_peers=0,
+        peers=1,
+        extra=["--set", "scheduler.connect_timeout=1s"],
+    ) as cluster:
+        sched = cluster.node("scheduler-0")
+        assert sched.process is not None
+        sched.process.send_signal(signal.SIGKILL)
+        sched.process.wait()
+        peer = cluster.node("peer-0")
+        code, err = finish(curl(peer.info["proxy"], f"{nginx.url}/f.bin", tmp_path / "o"))
+        assert code == 0, err
+        assert sha256_file(tmp_path / "o") == want
+        assert metric(peer.info["metrics"], "dragonfly_back_to_source_fallbacks_total") == 1
+
+
+def test_origin_replaced_mid_task_fails_clearly_then_starts_afresh(tmp_path: Path, www: Path):
+    size = 48 * MiB
+    random_file(www / "f.bin", size)
+    with (
+        Nginx(root=www, workdir=tmp_path / "nginx", limit_rate="2m") as slow,
+        Cluster(tmp_path / "c", schedulers=1, seed_peers=1, peers=1) as cluster,
+    ):
+        url = f"{slow.url}/f.bin"
+        peer = cluster.node("peer-0")
+        seed = cluster.node("seed-peer-0")
+        proc = curl(peer.info["proxy"], url, tmp_path / "o")
+        _wait_for(
+            lambda: (
+                metric(
+                    seed.info["metrics"],
+                    "dragonfly_download_bytes_total",
+                    'source="back_to_source"',
+                )
+                > 0
+            )
+        )
+        # a new version of the file: same size, other bytes, new ETag
+        new = random_file(www / "f.new", size)
+        os.utime(www / "f.new", (time.time() + 10, time.time() + 10))
+        os.replace(www / "f.new", www / "f.bin")
+        code, err = finish(proc)
+        assert code != 0, "a client got a file although the origin changed under the task"
+        # nothing looks complete: no finished task anywhere holds mixed bytes
+        for node in (peer, seed):
+            for f in task_files(node.info["data_dir"]):
+                assert sha256_file(f) != new or f.stat().st_size == size
+        # the next request starts afresh and gets the new version
+        code, err = finish(curl(peer.info["proxy"], url, tmp_path / "o2"), timeout=120)
+        assert code == 0, err
+        assert sha256_file(tmp_path / "o2") == new
+
+
+def test_upload_rate_limit(tmp_path: Path, www: Path, nginx: Nginx):
+    rate = 4_000_000
+    want = random_file(www / "f.bin", 24 * MiB)
+    with Cluster(
+        tmp_path / "c",
+        schedulers=1,
+        seed_peers=1,
+        peers=1,
+        extra=["--set", f"upload.rate_limit={rate}"],
+    ) as cluster:
+        seed = cluster.node("seed-peer-0")
+        peer = cluster.node("peer-0")
+        proc = curl(peer.info["proxy"], f"{nginx.url}/f.bin", tmp_path / "o")
+        samples: list[tuple[float, float]] = []
+        while proc.poll() is None:
+            samples.append(
+                (time.monotonic(), metric(seed.info["metrics"], "dragonfly_upload_bytes_total"))
+            )
+            time.sleep(0.25)
+        code, err = finish(proc)
+        assert code == 0, err
+        assert sha256_file(tmp_path / "o") == want
+        # over any 2-second window the seed served at most about the limit
+        worst = 0.0
+        for i, (t0, b0) in enumerate(samples):
+            for t1, b1 in samples[i + 1 :]:
+                if t1 - t0 >= 2.0:
+                    worst = max(worst, (b1 - b0) / (t1 - t0))
+                    break
+        assert worst <= 1.5 * rate, f"served {worst / 1e6:.1f} MB/s under a {rate / 1e6} MB/s limit"
+        assert worst > 0
+
+
+async def test_bad_frames_on_the_scheduler_socket(tmp_path: Path):
+    cluster = await trio.to_thread.run_sync(
+        Cluster(tmp_path / "c", schedulers=1, seed_peers=0, peers=0).start
+    )
+    try:
+        url = cluster.node("scheduler-0").info["url"] + "/v1/scheduler"
+        host = HostInfo(host_id="test-host", hostname="t", ip="127.0.0.1", upload_port=9)
+        hello = Hello(
+            version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="peer", host=host
+        )
+        async with trio_websocket.open_websocket_url(url, max_message_size=4 << 20) as ws:
+            await ws.send_message(encode(hello))
+            assert isinstance(decode(await ws.get_message()), Hello)
+            for bad in (b"\xff\x00garbage", encode(hello) + b"trailing", b"\xa1\x61t\x63zzz"):
+                await ws.send_message(bad)
+                reply = decode(await ws.get_message())
+                assert isinstance(reply, Error) and reply.code == "protocol", reply
+            # the connection survived all that; an oversize frame ends it
+            await ws.send_message(b"\x00" * (2 << 20))
+            with pytest.raises(trio_websocket.ConnectionClosed):
+                with trio.fail_after(10):
+                    while True:
+                        await ws.get_message()
+        # ... and only it: the scheduler still serves others
+        async with trio_websocket.open_websocket_url(url) as ws:
+            await ws.send_message(encode(hello))
+            assert isinstance(decode(await ws.get_message()), Hello)
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
