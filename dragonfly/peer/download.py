@@ -708,9 +708,15 @@ class Download:
     # ------------------------------------------------------------ back to source
 
     async def _source_task(self, msg: NeedBackToSource, session: SchedulerSession) -> None:
+        """Fetch from the origin; a failure is reported, so the scheduler can fail the task
+        for everyone (origin 404, content changed) or hand the origin to someone else."""
         try:
             await self._back_to_source(msg, session)
-        except DownloadFailed as exc:
+        except Exception as raised:
+            exc = _find(raised, DownloadFailed)
+            if exc is None:
+                self.log.exception("back to source failed")
+                exc = DownloadFailed(f"internal error: {raised!r}")
             await self._report_failure(
                 session,
                 PeerFailed(

@@ -171,9 +171,16 @@ class OriginFetcher:
             if self._stream is not None:
                 await self._fetch_stream(sink, self._stream)
             elif self.info.content_length > 0:
-                async with trio.open_nursery() as nursery:
-                    for _ in range(self.concurrency):
-                        nursery.start_soon(self._range_worker, sink)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(self.concurrency):
+                            nursery.start_soon(self._range_worker, sink)
+                except BaseExceptionGroup as group:
+                    # One worker's origin failure ends them all; say which, unwrapped.
+                    origin_error = _first(group, OriginError)
+                    if origin_error is None:
+                        raise
+                    raise origin_error from None
         finally:
             if self._stream is not None:
                 await self._stream.aclose()
@@ -274,3 +281,14 @@ async def _drain(response: Response, limit: int = 1 << 16) -> None:
     except HTTPClientError:
         pass
     await response.aclose()
+
+
+def _first(group: BaseExceptionGroup, kind: type[OriginError]) -> OriginError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, kind):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first(exc, kind)
+            if found is not None:
+                return found
+    return None
