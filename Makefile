@@ -1,10 +1,11 @@
 # make test   set up (system packages, .venv, the project) and run ruff + the test suite
-# make demo   the local P2P cluster demo (arrives with the P2P core)
+# make demo   set up, distribute a file through a local P2P cluster, print where bytes went
 # make bench  the benchmarks
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
+DEMO_SIZE ?= 512MiB
 PY := $(VENV)/bin/python
 # Debian packages whose programs the tests start for real, as program:package
 # (nginx as the origin, curl as a client, openssl for test certificates).
@@ -40,11 +41,11 @@ test: setup lint
 	$(VENV)/bin/pytest
 
 demo: setup
-	@echo "make demo: the local P2P cluster demo is built by the P2P core issue; not yet available." >&2
-	@exit 3
+	$(PY) -m dragonfly.demo --size $(DEMO_SIZE)
 
 bench: setup
 	$(PY) -m benchmarks http_serve
+	$(PY) -m benchmarks proxy_throughput
 
 clean:
 	rm -rf $(VENV) benchmarks/results .pytest_cache .ruff_cache .hypothesis

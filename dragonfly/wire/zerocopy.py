@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
+import threading
+import time
 from pathlib import Path
 
 import trio
@@ -115,22 +118,71 @@ async def splice_to_file(
 ) -> int:
     """Move exactly `count` bytes from `sock` into file `fd` at `offset` via a pipe.
 
+    The splicing runs in a worker thread: both copies (socket → pipe → page cache)
+    then overlap with the event loop's own sends on another core. Cancellation
+    stops the thread within a poll interval, and this call returns only after it
+    stopped, so no write to the file outlives the caller.
+
     Raises IncompleteBody if the socket closes or is reset first (with the bytes
     moved so far; a reset chains the ConnectionError as its cause),
     trio.TooSlowError if no byte arrives for `read_timeout` seconds. Bytes a
     failed call leaves in the pipe are discarded by the next call.
     """
     pipe.discard()
+    stop = threading.Event()
+    stopped = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def work() -> int:
+        try:
+            return _splice_blocking(sock.fileno(), fd, offset, count, pipe, read_timeout, stop)
+        finally:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(stopped.set)
+
+    try:
+        return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+    except trio.Cancelled:
+        stop.set()
+        with trio.CancelScope(shield=True):
+            await stopped.wait()
+        raise
+
+
+_POLL_SECONDS = 0.05
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _splice_blocking(
+    in_fd: int,
+    fd: int,
+    offset: int,
+    count: int,
+    pipe: SplicePipe,
+    read_timeout: float,
+    stop: threading.Event,
+) -> int:
+    """The splice loop for a worker thread, on a non-blocking socket: waits with poll,
+    in short slices so `stop` is seen promptly."""
+    poller = select.poll()
+    poller.register(in_fd, select.POLLIN | select.POLLERR | select.POLLHUP)
     moved = 0
-    in_fd = sock.fileno()
+    idle_since = time.monotonic()
     while moved < count:
+        if stop.is_set():
+            raise _Stopped()
         if pipe.buffered == 0:
             try:
-                want = min(pipe.size, count - moved)
-                n = os.splice(in_fd, pipe.write_fd, want, flags=_SPLICE_FLAGS)
+                n = os.splice(
+                    in_fd, pipe.write_fd, min(pipe.size, count - moved), flags=_SPLICE_FLAGS
+                )
             except BlockingIOError:
-                with trio.fail_after(read_timeout):
-                    await trio.lowlevel.wait_readable(sock)
+                if time.monotonic() - idle_since > read_timeout:
+                    raise trio.TooSlowError from None
+                poller.poll(int(_POLL_SECONDS * 1000))
                 continue
             except ConnectionError as exc:
                 raise IncompleteBody(
@@ -139,6 +191,7 @@ async def splice_to_file(
             if n == 0:
                 raise IncompleteBody(f"connection closed after {moved} of {count} bytes", moved)
             pipe.buffered = n
+            idle_since = time.monotonic()
         # The file side never blocks; SPLICE_F_NONBLOCK only concerns the pipe.
         while pipe.buffered:
             written = os.splice(
@@ -146,7 +199,6 @@ async def splice_to_file(
             )
             pipe.buffered -= written
             moved += written
-        await trio.lowlevel.checkpoint()
     return moved
 
 
