@@ -93,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = (
         Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dragonfly-demo-"))
     )
+    try:
+        return _run(workdir, size, args.peers)
+    finally:
+        if not args.workdir:  # ours: leave no 512 MiB behind
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(workdir: Path, size: int, peer_count: int) -> int:
     www = workdir / "www"
     www.mkdir(parents=True, exist_ok=True)
     print(f"demo: generating a {human_bytes(size)} file as the origin's content ...", flush=True)
@@ -103,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     with Nginx(root=www, workdir=workdir / "nginx") as nginx:
         url = f"{nginx.url}/demo.bin"
         print(
-            f"demo: starting a cluster: 1 scheduler, 1 seed peer, {args.peers} peers ...",
+            f"demo: starting a cluster: 1 scheduler, 1 seed peer, {peer_count} peers ...",
             flush=True,
         )
         try:
             cluster = Cluster(
-                workdir / "cluster", schedulers=1, seed_peers=1, peers=args.peers
+                workdir / "cluster", schedulers=1, seed_peers=1, peers=peer_count
             ).start()
         except ClusterError as exc:
             print(f"demo: {exc}", file=sys.stderr)
@@ -173,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"all {len(peers)} through P2P: {max(p2p_times):.2f}s;  all {len(peers)} straight from the origin: {max(direct_times):.2f}s"
     )
-    print(f"work directory: {workdir}")
+    print(f"logs and data: {workdir} (removed at exit unless --workdir was given)")
     return 0 if ok else 1
 
 
