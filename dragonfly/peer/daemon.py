@@ -34,9 +34,14 @@ class TaskManager:
         self.downloads: dict[str, Download] = {}
 
     def open(self, request: DownloadRequest) -> Download:
-        """The running download of the task, or a new one (a finished task is a local hit)."""
+        """The running download of the task, or a new one (a finished task is a local hit).
+
+        A whole-task request widens a running range-only download to the whole task.
+        """
         current = self.downloads.get(request.task_id)
-        if current is not None and current.error is None:
+        if current is not None and current.error is None and current.accepting:
+            if request.whole:
+                current.want_all()
             return current
         download = Download(self.daemon, request)
         self.downloads[request.task_id] = download

@@ -32,6 +32,7 @@ from dragonfly.wire.messages import (
     AnnounceDone,
     CandidateParents,
     Hello,
+    LeavePeer,
     NeedBackToSource,
     ParentInfo,
     PeerFailed,
@@ -84,6 +85,9 @@ class DownloadRequest:
     back_to_source: bool = True
     # A seed peer answering a trigger: it is the origin's first reader.
     seed_trigger: bool = False
+    # False: only the byte ranges given through `Download.want_range` (a Range request
+    # with proxy.prefetch off); the rest of the task is left for later.
+    whole: bool = True
 
 
 @dataclass
@@ -132,6 +136,12 @@ class Download:
         self._claimed: set[int] = set()
         self._waiting: dict[int, int] = {}  # piece → streams waiting for it
         self._last_reschedule = -1e9
+        # Byte ranges clients asked for; None: the whole task. A range-only download
+        # (proxy.prefetch off) stops once its ranges are had and leaves the task partial.
+        self._wanted_ranges: list[tuple[int, int]] | None = None if request.whole else []
+        self._wanted: set[int] | None = None
+        self.accepting = True  # False once it decided to stop: the manager starts anew
+        self._interest_dropped = False
         self.bytes_p2p = 0
         self.bytes_source = 0
         self.started_at = trio.current_time()
@@ -151,6 +161,48 @@ class Download:
         if last in self.have:
             full -= self.piece_count * self.piece_length - self.content_length
         return full
+
+    def want_all(self) -> None:
+        """From now on fetch the whole task."""
+        if self._wanted_ranges is None:
+            return
+        self._wanted_ranges = None
+        self._wanted = None
+        self._feed_picker(self.digests)
+        self._notify()
+
+    def want_range(self, start: int, end: int) -> None:
+        """Also fetch bytes [start, end] (inclusive)."""
+        if self._wanted_ranges is None:
+            return
+        self._wanted_ranges.append((start, end))
+        if self.piece_length:
+            self._compute_wanted()
+            self._feed_picker(self.digests)
+        self._notify()
+
+    def drop_interest(self) -> None:
+        """A range-only client left without asking for any range (416): stop if idle."""
+        self._interest_dropped = True
+        self._notify()
+
+    def _compute_wanted(self) -> None:
+        if self._wanted_ranges is None:
+            self._wanted = None
+            return
+        wanted: set[int] = set()
+        for start, end in self._wanted_ranges:
+            wanted.update(range(start // self.piece_length, end // self.piece_length + 1))
+        self._wanted = {n for n in wanted if n < self.piece_count}
+
+    def _is_wanted(self, number: int) -> bool:
+        return self._wanted is None or number in self._wanted
+
+    def _feed_picker(self, numbers: object) -> None:
+        """The picker only requests pieces whose digest it knows: telling it only about
+        wanted pieces keeps a range-only download to its ranges."""
+        if self.picker is not None:
+            self.picker.digest_known([n for n in numbers if self._is_wanted(n)])  # type: ignore[attr-defined]
 
     async def wait_metadata(self) -> None:
         """Until the length and layout are known; raises DownloadFailed."""
@@ -310,7 +362,7 @@ class Download:
             nursery.start_soon(self._report_loop, session)
             p2p_started = False
             source_started = False
-            while not self._all_pieces_had:
+            while not self._target_reached:
                 msg = await self._receive_or_finish(session)
                 if self.error is not None:
                     raise self.error
@@ -343,7 +395,7 @@ class Download:
                 race.cancel_scope.cancel()
 
             async def finished() -> None:
-                while not self._all_pieces_had and self.error is None:
+                while not self._target_reached and self.error is None:
                     await self._changed.wait()
                 race.cancel_scope.cancel()
 
@@ -352,9 +404,19 @@ class Download:
         return result[0] if result else None
 
     async def _complete(self, session: SchedulerSession | None) -> None:
-        """Every piece verified: mark the task complete, tell the scheduler."""
+        """Every piece verified: mark the task complete, tell the scheduler. A range-only
+        download that has its ranges stops here, leaving the task partial (resumable)."""
         if self.error is not None:
             raise self.error
+        self.accepting = False
+        if not self._all_pieces_had:
+            if session is not None:
+                await self._flush_reports(session)
+                with contextlib.suppress(SchedulerLost):
+                    await session.send(LeavePeer(peer_id=self.peer_id, task_id=self.task_id))
+            self.log.info("range download finished", pieces=len(self.have), of=self.piece_count)
+            self._notify()
+            return
         store = self.daemon.store
         try:
             await store.complete_task(self.task_id)
@@ -443,7 +505,8 @@ class Download:
                 seed=self.peer_id,  # siblings pick different pieces, reproducibly
             )
             self._update_cursor()
-            self.picker.digest_known(self.digests)
+            self._compute_wanted()
+            self._feed_picker(self.digests)
         self.metadata_ready.set()
         self._notify()
 
@@ -454,7 +517,7 @@ class Download:
                 self.digests[d.number] = d.digest
                 new.append(d.number)
         if new and self.picker is not None:
-            self.picker.digest_known(new)
+            self._feed_picker(new)
             self._notify()
 
     def _piece_landed(self, piece: PieceRecord, parent_id: str, cost: float) -> None:
@@ -489,6 +552,18 @@ class Download:
     @property
     def _all_pieces_had(self) -> bool:
         return self.piece_count >= 0 and len(self.have) >= self.piece_count
+
+    @property
+    def _target_reached(self) -> bool:
+        """Every piece this download is for is had (all of them, or the wanted ones)."""
+        if self._all_pieces_had:
+            return True
+        if self._wanted is None or self.piece_count < 0:
+            return False
+        # No range asked for yet: keep going, unless the client went away without one.
+        if not self._wanted_ranges:
+            return self._interest_dropped
+        return self._wanted <= self.have
 
     # ------------------------------------------------------------ P2P
 
@@ -586,7 +661,7 @@ class Download:
     async def _p2p_loop(self, session: SchedulerSession, nursery: trio.Nursery) -> None:
         assert self.picker is not None
         picker = self.picker
-        while not self._all_pieces_had:
+        while not self._target_reached:
             for number, pid in picker.pick(trio.current_time()):
                 parent = self._parents.get(pid)
                 if parent is None:
@@ -798,7 +873,7 @@ class Download:
                     )
                 )
             self._report_held_pieces()
-        if not self._all_pieces_had:
+        if not self._target_reached:
             raise DownloadFailed(
                 f"origin fetch ended with {len(self.have)} of {self.piece_count} pieces"
             )
@@ -820,7 +895,7 @@ class Download:
     def claim_next_missing(self) -> int | None:
         # In order: a streaming client wants the front first.
         for number in range(self.piece_count):
-            if number not in self.have and number not in self._claimed:
+            if number not in self.have and number not in self._claimed and self._is_wanted(number):
                 self._claimed.add(number)
                 return number
         return None

@@ -124,8 +124,11 @@ class ProxyHandler:
         await self._p2p(request, responder, rule)
 
     def _p2p_rule(self, request: Request) -> ProxyRule | None:
-        """The rule under which this request goes through P2P, or None (direct)."""
-        if request.method not in ("GET", "HEAD"):
+        """The rule under which this request goes through P2P, or None (direct).
+
+        HEAD goes to the origin: it must not start a download of the whole file.
+        """
+        if request.method != "GET":
             return None
         if (request.headers.get(H_USE_P2P) or "").strip().lower() in ("false", "0", "no"):
             return None
@@ -218,6 +221,9 @@ class ProxyHandler:
         except IdentityError as exc:
             await responder.send_error(400, str(exc))
             return
+        # A Range request fetches only the pieces it covers, unless prefetch is on.
+        ranged = request.headers.get("range") is not None
+        req.whole = not ranged or self.daemon.config.proxy.prefetch
         download = self.daemon.tasks.open(req)
         try:
             await download.wait_metadata()
@@ -311,12 +317,17 @@ async def stream_download(
     try:
         byte_range = parse_range(request.headers.get("range"), total)
     except RangeNotSatisfiable:
+        download.drop_interest()
         headers.set(b"content-range", f"bytes */{total}".encode())
         headers.set(b"content-length", b"0")
         await responder.start(416, headers)
         await responder.finish()
         return
     start, end = (0, total - 1) if byte_range is None else (byte_range.start, byte_range.end)
+    if byte_range is None:
+        download.want_all()
+    elif total:
+        download.want_range(start, end)
     headers.set(b"content-length", str(end - start + 1 if total else 0).encode())
     if byte_range is not None:
         headers.set(b"content-range", byte_range.content_range().encode())

@@ -110,6 +110,31 @@ def test_small_files_errors_and_credentials(tmp_path: Path, www: Path, nginx: Ng
             peer.info["metrics"], "dragonfly_download_bytes_total", 'source="local"'
         )
         assert local_after - local_before == 5 * MiB + 7
+        # range-only (proxy.prefetch off): peer-1 fetches just the piece the range lies in,
+        # and a later whole-file request resumes from it
+        twenty = random_file(www / "twenty.bin", 20 * MiB)
+        p1 = cluster.node("peer-1")
+        code, err = finish(
+            curl(
+                p1.info["proxy"],
+                f"{nginx.url}/twenty.bin",
+                tmp_path / "r",
+                "-r",
+                f"{8 * MiB + 1}-{9 * MiB}",
+            )
+        )
+        assert code == 0, err
+        assert (tmp_path / "r").read_bytes() == (www / "twenty.bin").read_bytes()[
+            8 * MiB + 1 : 9 * MiB + 1
+        ]
+        assert (
+            metric(p1.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"') == 4 * MiB
+        )
+        code, err = finish(curl(p1.info["proxy"], f"{nginx.url}/twenty.bin", tmp_path / "t"))
+        assert code == 0 and sha256_file(tmp_path / "t") == twenty
+        assert (
+            metric(p1.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"') == 20 * MiB
+        )
         # credentials: straight to the origin by default, never from P2P
         direct_before = metric(
             peer.info["metrics"], "dragonfly_proxy_requests_total", 'mode="direct"'
