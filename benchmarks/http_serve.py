@@ -13,14 +13,13 @@ python -m benchmarks http_serve [--size 1GiB] [--rounds 5]
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from benchmarks.common import RESULTS, ensure_file, median, timed, write_result
 from dragonfly.testing.nginx import Nginx, free_port, wait_for_port
+from dragonfly.testing.probe import sha256_file
 from dragonfly.units import human_bytes, parse_size
 
 TARGET_SERVER = 0.9
@@ -57,7 +56,7 @@ def main(argv: list[str]) -> int:
                 str(out),
             ],
         }
-        want = _sha256(src)
+        want = sha256_file(src)
         timed(commands["curl<-nginx"])  # warm the page cache for every contender alike
         names = list(commands)
         for round_no in range(args.rounds):
@@ -66,7 +65,7 @@ def main(argv: list[str]) -> int:
             for name in names[round_no % len(names) :] + names[: round_no % len(names)]:
                 os.sync()
                 runs[name].append(timed(commands[name]))
-                if _sha256(out) != want:
+                if sha256_file(out) != want:
                     raise SystemExit(f"{name}: downloaded bytes differ from the file")
                 out.unlink()
     finally:
@@ -99,14 +98,6 @@ def main(argv: list[str]) -> int:
     )
     print(f"wrote {path}")
     return 0
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 if __name__ == "__main__":

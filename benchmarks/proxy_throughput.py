@@ -26,6 +26,7 @@ from pathlib import Path
 from benchmarks.common import RESULTS, ensure_file, median, write_result
 from dragonfly.cluster import Cluster
 from dragonfly.testing.nginx import Nginx
+from dragonfly.testing.probe import sha256_file
 from dragonfly.units import human_bytes, parse_size
 
 TARGETS = {"cold": 0.5, "remote hit": 0.6, "local hit": 0.9}
@@ -78,7 +79,7 @@ def main(argv: list[str]) -> int:
     work = RESULTS / "proxy_throughput"
     www = work / "www"
     src = ensure_file(www / "f.bin", size)
-    want = _sha256(src)
+    want = sha256_file(src)
     out = work / "out.bin"
     runs: dict[str, list[float]] = {"direct": [], "cold": [], "remote hit": [], "local hit": []}
     with (
@@ -100,7 +101,7 @@ def main(argv: list[str]) -> int:
                 ]
                 for name, proxy in plan:
                     runs[name].append(timed_curl(out, url, proxy))
-                    if _sha256(out) != want:
+                    if sha256_file(out) != want:
                         raise SystemExit(f"{name}: the downloaded bytes differ from the origin's")
                     out.unlink()
         finally:
@@ -130,16 +131,6 @@ def main(argv: list[str]) -> int:
     )
     print(f"wrote {path}")
     return 0
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 if __name__ == "__main__":

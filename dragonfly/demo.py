@@ -11,37 +11,20 @@ python -m dragonfly.demo [--size 512MiB] [--workdir DIR]
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from dragonfly.cluster import Cluster, ClusterError
 from dragonfly.testing.nginx import Nginx
+from dragonfly.testing.probe import metric, sha256_file
 from dragonfly.units import human_bytes, parse_size
 
 MiB = 1024 * 1024
-
-
-def _metric(url: str, name: str, labels: str) -> float:
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    selector = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "")
-    m = re.search("^" + selector + r" ([0-9.e+]+)$", text, re.MULTILINE)
-    return float(m.group(1)) if m else 0.0
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _make_file(path: Path, size: int) -> None:
@@ -106,7 +89,7 @@ def _run(workdir: Path, size: int, peer_count: int) -> int:
     print(f"demo: generating a {human_bytes(size)} file as the origin's content ...", flush=True)
     src = www / "demo.bin"
     _make_file(src, size)
-    want = _sha256(src)
+    want = sha256_file(src)
     shutil.rmtree(workdir / "cluster", ignore_errors=True)
     with Nginx(root=www, workdir=workdir / "nginx") as nginx:
         url = f"{nginx.url}/demo.bin"
@@ -140,10 +123,8 @@ def _run(workdir: Path, size: int, peer_count: int) -> int:
                 rows.append(
                     (
                         p.name,
-                        _metric(
-                            p.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"'
-                        ),
-                        _metric(
+                        metric(p.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"'),
+                        metric(
                             p.info["metrics"],
                             "dragonfly_download_bytes_total",
                             'source="back_to_source"',
@@ -153,10 +134,10 @@ def _run(workdir: Path, size: int, peer_count: int) -> int:
                     )
                 )
             seed = next(n for n in cluster.nodes if n.role == "seed-peer")
-            seed_source = _metric(
+            seed_source = metric(
                 seed.info["metrics"], "dragonfly_download_bytes_total", 'source="back_to_source"'
             )
-            seed_up = _metric(seed.info["metrics"], "dragonfly_upload_bytes_total", "")
+            seed_up = metric(seed.info["metrics"], "dragonfly_upload_bytes_total", "")
         finally:
             cluster.stop()
         print(f"demo: the same {len(peers)} fetches straight from the origin ...", flush=True)

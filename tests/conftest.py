@@ -60,3 +60,18 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Origin]:
         yield Origin(nginx, root, files)
     finally:
         nginx.stop()
+
+
+@pytest.fixture
+def www(tmp_path: Path) -> Path:
+    """An empty document root for a test's own nginx."""
+    root = tmp_path / "www"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def nginx(tmp_path: Path, www: Path) -> Iterator[Nginx]:
+    """nginx serving `www` for one test."""
+    with Nginx(root=www, workdir=tmp_path / "nginx") as n:
+        yield n

@@ -4,28 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
+import shlex
 import subprocess
-import urllib.request
 from pathlib import Path
 
+from dragonfly.testing.probe import metric, sha256_file
+
+__all__ = [
+    "MiB",
+    "curl",
+    "curl_sha256",
+    "finish",
+    "metric",
+    "random_file",
+    "sha256_file",
+    "task_files",
+]
+
 MiB = 1024 * 1024
-
-
-def metric(url: str, name: str, labels: str = "") -> float:
-    """One sample of a Prometheus text endpoint (0 when absent)."""
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    selector = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "")
-    m = re.search("^" + selector + r" ([0-9.e+]+)$", text, re.MULTILINE)
-    return float(m.group(1)) if m else 0.0
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def random_file(path: Path, size: int) -> str:
@@ -46,6 +42,12 @@ def curl(proxy: str | None, url: str, out: Path, *extra: str) -> subprocess.Pope
     if proxy:
         cmd += ["-x", proxy]
     return subprocess.Popen([*cmd, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def curl_sha256(proxy: str, url: str) -> subprocess.Popen[bytes]:
+    """curl through a proxy piped into sha256sum: the client keeps no copy (stdout: the hex)."""
+    script = f"set -o pipefail; curl -sS -f -x {shlex.quote(proxy)} {shlex.quote(url)} | sha256sum"
+    return subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def finish(proc: subprocess.Popen[bytes], timeout: float = 300) -> tuple[int, str]:

@@ -840,44 +840,36 @@ class Download:
             await self._set_layout(
                 info.content_length, piece_length, info.etag, info.last_modified, info.content_type
             )
-            if session is not None:
-                await session.send(
-                    TaskMetadata(
-                        peer_id=self.peer_id,
-                        task_id=self.task_id,
-                        content_length=self.content_length,
-                        piece_length=self.piece_length,
-                        piece_count=self.piece_count,
-                        etag=self.etag,
-                        last_modified=self.last_modified,
-                        content_type=self.content_type,
-                    )
-                )
-            self._report_held_pieces()
+            await self._announce_source(session)
             try:
                 await fetcher.fetch(self)
             except OriginError as exc:
                 raise DownloadFailed(str(exc), exc.http_status) from None
         else:
-            if session is not None:
-                await session.send(
-                    TaskMetadata(
-                        peer_id=self.peer_id,
-                        task_id=self.task_id,
-                        content_length=self.content_length,
-                        piece_length=self.piece_length,
-                        piece_count=self.piece_count,
-                        etag=self.etag,
-                        last_modified=self.last_modified,
-                        content_type=self.content_type,
-                    )
-                )
-            self._report_held_pieces()
+            await self._announce_source(session)
         if not self._target_reached:
             raise DownloadFailed(
                 f"origin fetch ended with {len(self.have)} of {self.piece_count} pieces"
             )
         self._notify()
+
+    async def _announce_source(self, session: SchedulerSession | None) -> None:
+        """Tell the scheduler what the origin said, and which pieces this peer already has
+        (a resumed task: they count as fetched from the origin)."""
+        if session is not None:
+            await session.send(
+                TaskMetadata(
+                    peer_id=self.peer_id,
+                    task_id=self.task_id,
+                    content_length=self.content_length,
+                    piece_length=self.piece_length,
+                    piece_count=self.piece_count,
+                    etag=self.etag,
+                    last_modified=self.last_modified,
+                    content_type=self.content_type,
+                )
+            )
+        self._report_held_pieces()
 
     def _report_held_pieces(self) -> None:
         """Pieces this peer already had (a resumed task) count as fetched from the origin."""

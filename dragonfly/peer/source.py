@@ -18,7 +18,7 @@ import trio
 
 from dragonfly.log import get_logger
 from dragonfly.ratelimit import RateLimiter
-from dragonfly.wire.http_client import HTTPClient, HTTPClientError, Response
+from dragonfly.wire.http_client import HTTPClient, HTTPClientError, Response, discard
 from dragonfly.wire.http_common import Headers, parse_content_range
 from dragonfly.wire.zerocopy import pwrite_all
 
@@ -124,14 +124,14 @@ class OriginFetcher:
         content_type = h.get("content-type") or ""
         if status == 206:
             cr = parse_content_range(h.get("content-range"))
-            await _drain(response)
+            await discard(response)
             if cr is None or cr[2] is None:
                 raise OriginError(f"{self.url}: 206 without a usable Content-Range", 502)
             info = OriginInfo(cr[2], True, etag, last_modified, content_type)
         elif status == 416:
             # bytes=0-0 of an empty representation
             cr_total = (h.get("content-range") or "").rsplit("/", 1)[-1]
-            await _drain(response)
+            await discard(response)
             if cr_total.strip() != "0":
                 raise OriginError(f"{self.url}: origin answered 416 to bytes=0-0", 502)
             info = OriginInfo(0, True, etag, last_modified, content_type)
@@ -142,7 +142,7 @@ class OriginFetcher:
             )
             self._stream = response
         else:
-            await _drain(response)
+            await discard(response)
             raise OriginError(f"origin answered {status} {response.reason}", status)
         self._check_same_version(info)
         self.info = info
@@ -269,18 +269,6 @@ class OriginFetcher:
         await sink.set_content_length(offset + filled)
         if filled:
             await sink.origin_piece_written(number, offset, filled)
-
-
-async def _drain(response: Response, limit: int = 1 << 16) -> None:
-    try:
-        size = 0
-        async for chunk in response.iter_chunks():
-            size += len(chunk)
-            if size > limit:
-                break
-    except HTTPClientError:
-        pass
-    await response.aclose()
 
 
 def _first(group: BaseExceptionGroup, kind: type[OriginError]) -> OriginError | None:

@@ -467,7 +467,7 @@ class HTTPClient:
             location = response.headers.get("location")
             if not follow_redirects or response.status not in REDIRECT_STATUSES or not location:
                 return response
-            await _discard(response)
+            await discard(response)
             next_url = urljoin(url, location)
             if split_url(next_url)[0] != split_url(url)[0]:
                 # Credentials are for the origin that asked; never leak them elsewhere.
@@ -597,8 +597,9 @@ def _h11_finish_empty(h: h11.Connection) -> None:
         h.next_event()
 
 
-async def _discard(response: Response, limit: int = 1 << 20) -> None:
-    """Read and drop a small body (a redirect's) so the connection can be reused."""
+async def discard(response: Response, limit: int = 1 << 20) -> None:
+    """Read and drop a small body (a redirect's, an error's) so the connection can be
+    reused, then release the response."""
     try:
         size = 0
         async for chunk in response.iter_chunks():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,19 +22,6 @@ from tests.faults.liar import Liar
 from tests.p2p_support import MiB, curl, finish, metric, random_file, sha256_file, task_files
 
 pytestmark = [pytest.mark.nginx, pytest.mark.slow]
-
-
-@pytest.fixture
-def www(tmp_path: Path) -> Path:
-    root = tmp_path / "www"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
-def nginx(tmp_path: Path, www: Path) -> Iterator[Nginx]:
-    with Nginx(root=www, workdir=tmp_path / "nginx") as n:
-        yield n
 
 
 def _wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]

@@ -4,29 +4,24 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dragonfly.cluster import Cluster
 from dragonfly.testing.nginx import Nginx
-from tests.p2p_support import MiB, curl, finish, metric, random_file, sha256_file, task_files
+from tests.p2p_support import (
+    MiB,
+    curl,
+    curl_sha256,
+    finish,
+    metric,
+    random_file,
+    sha256_file,
+    task_files,
+)
 
 pytestmark = [pytest.mark.nginx, pytest.mark.slow]
-
-
-@pytest.fixture
-def www(tmp_path: Path) -> Path:
-    root = tmp_path / "www"
-    root.mkdir()
-    return root
-
-
-@pytest.fixture
-def nginx(tmp_path: Path, www: Path) -> Iterator[Nginx]:
-    with Nginx(root=www, workdir=tmp_path / "nginx") as n:
-        yield n
 
 
 def test_one_origin_fetch_four_peers_one_gib(tmp_path: Path, www: Path, nginx: Nginx):
@@ -36,23 +31,12 @@ def test_one_origin_fetch_four_peers_one_gib(tmp_path: Path, www: Path, nginx: N
     with Cluster(tmp_path / "cluster", schedulers=1, seed_peers=1, peers=4) as cluster:
         peers = [n for n in cluster.nodes if n.role == "peer"]
         # Clients hash what they receive instead of storing a second copy of 4 GiB.
-        procs = [
-            curl(p.info["proxy"], f"{nginx.url}/big.bin", Path("/dev/stdout"), "-o", "-")
-            for p in peers
-        ]
-        import hashlib
-        import subprocess
-
+        procs = [curl_sha256(p.info["proxy"], f"{nginx.url}/big.bin") for p in peers]
         digests = []
         for proc in procs:
-            h = hashlib.sha256()
-            assert proc.stdout is not None
-            while chunk := proc.stdout.read(8 * MiB):
-                h.update(chunk)
-            code, err = finish(proc)
-            assert code == 0, err
-            digests.append(h.hexdigest())
-        del subprocess
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err.decode()
+            digests.append(out.decode().split()[0])
         assert digests == [want] * 4
         served = nginx.served_bytes("/big.bin")
         assert served <= 1.05 * size, f"origin served {served / size:.2f}x the file"
