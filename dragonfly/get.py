@@ -125,25 +125,18 @@ def _headers(d: dict[str, str]) -> Any:
 
 async def _embedded(cfg: PeerConfig, spec: dict[str, Any], progress: Progress) -> Outcome:
     """No daemon: run a one-shot peer in this process for this one download."""
-    from dragonfly.identity import task_id
     from dragonfly.peer.daemon import PeerDaemon
     from dragonfly.peer.download import DownloadFailed, DownloadRequest
 
     cfg.proxy.port = 0
     cfg.upload.port = 0
-    filtered = list(cfg.proxy.filtered_query_params) + list(spec["filtered_query_params"])
-    req = DownloadRequest(
-        task_id=task_id(
-            spec["url"],
-            tag=spec["tag"],
-            application=spec["application"],
-            filtered_query_params=filtered,
-        ),
-        url=spec["url"],
+    req = DownloadRequest.for_url(
+        spec["url"],
         tag=spec["tag"],
         application=spec["application"],
         headers=spec["headers"],
-        filtered_query_params=filtered,
+        filtered_query_params=list(cfg.proxy.filtered_query_params)
+        + list(spec["filtered_query_params"]),
         back_to_source=spec["back_to_source"],
     )
     async with trio.open_nursery() as nursery:

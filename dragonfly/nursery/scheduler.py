@@ -19,7 +19,7 @@ from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dragonfly.metrics import SchedulerMetrics
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
-from dragonfly.wire.channel import Channel, ChannelClosed
+from dragonfly.wire.channel import SCHEDULER_PATH, Channel, ChannelClosed
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message, ProtocolError
 from dragonfly.wire.http_server import Request, Responder, bound_port, serve
 from dragonfly.wire.messages import (
@@ -35,7 +35,6 @@ from dragonfly.wire.messages import (
 
 log = get_logger("dragonfly.scheduler")
 
-SCHEDULER_PATH = "/v1/scheduler"
 # Messages waiting for one host; a host that falls this far behind is disconnected.
 OUTBOX_SIZE = 100_000
 TICK = 0.1
@@ -46,6 +45,7 @@ class _HostConnection:
     host_id: str
     channel: Channel
     outbox: trio.MemorySendChannel[Message]
+    scope: trio.CancelScope | None = None
 
 
 class SchedulerServer:
@@ -109,6 +109,7 @@ class SchedulerServer:
         log.info("host connected", host_id=host.host_id, seed=host.seed, ip=host.ip)
         try:
             async with trio.open_nursery() as nursery:
+                conn.scope = nursery.cancel_scope
                 nursery.start_soon(self._write, channel, receive, nursery.cancel_scope)
                 self._apply(self.core.host_connected(host, trio.current_time()))
                 async for msg in channel:
@@ -156,9 +157,12 @@ class SchedulerServer:
                 continue
             try:
                 conn.outbox.send_nowait(msg)
-            except trio.WouldBlock:
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                # Too far behind (or going away): drop that host, never the scheduler.
                 log.warning("host too slow, disconnecting", host_id=conn.host_id)
                 conn.outbox.close()
+                if conn.scope is not None:
+                    conn.scope.cancel()
 
     async def _ticker(self) -> None:
         interval = min(TICK, max(self.config.scheduling.retry_interval, 0.01))

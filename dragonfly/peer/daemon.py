@@ -3,7 +3,6 @@ trio nursery tree (a seed peer is the same daemon with `seed.enabled`)."""
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 from pathlib import Path
 
@@ -135,7 +134,17 @@ class PeerDaemon:
                     self.schedulers.host = self.host
                     for conn in self.schedulers.connections.values():
                         conn.host = self.host
-                    await nursery.start(self.schedulers.run)
+                    # Shielded: on shutdown the connections must outlive the rest long
+                    # enough to tell the schedulers that this host leaves.
+                    scheduler_scope = trio.CancelScope(shield=True)
+
+                    async def run_schedulers(
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                    ) -> None:
+                        with scheduler_scope:
+                            await self.schedulers.run(task_status=task_status)
+
+                    await nursery.start(run_schedulers)
                     nursery.start_soon(store.gc_forever, cfg.storage.gc_interval)
                     self._serving = True
                     log.info(
@@ -147,10 +156,15 @@ class PeerDaemon:
                         data_dir=str(self.data_dir),
                     )
                     task_status.started(self)
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self._serving = False
+                        with trio.CancelScope(shield=True), trio.move_on_after(2):
+                            await self.schedulers.leave()
+                        scheduler_scope.cancel()
             finally:
                 self._serving = False
-                with contextlib.suppress(AttributeError):
-                    await self.schedulers.leave()
                 await self.origin_client.aclose()
 
     async def _on_trigger(self, msg: TriggerDownload) -> None:

@@ -13,19 +13,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import secrets
+from collections.abc import Iterator, KeysView
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import trio
 
+from dragonfly.errors import find_exception
 from dragonfly.identity import piece_count as count_pieces
 from dragonfly.identity import piece_length_for
+from dragonfly.identity import task_id as compute_task_id
 from dragonfly.log import bound, get_logger
 from dragonfly.peer.picker import PiecePicker
 from dragonfly.peer.scheduler_client import NoScheduler, SchedulerLost, SchedulerSession
 from dragonfly.peer.source import OriginChanged, OriginError, OriginFetcher
-from dragonfly.storage import DigestMismatch, PieceRecord, TaskHandle, TaskState
-from dragonfly.wire.channel import ChannelClosed, connect
+from dragonfly.storage import DigestMismatch, PieceRecord, StorageError, TaskHandle, TaskState
+from dragonfly.wire.channel import ANNOUNCE_PATH, ChannelClosed, connect
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message
 from dragonfly.wire.http_client import HTTPClient, HTTPClientError
 from dragonfly.wire.messages import (
@@ -59,7 +62,6 @@ log = get_logger("dragonfly.peer.download")
 REPORT_INTERVAL = 0.05
 REPORT_BATCH = 1000
 RESCHEDULE_INTERVAL = 1.0
-ANNOUNCE_PATH = "/v1/announce"
 
 
 class DownloadFailed(Exception):
@@ -88,6 +90,41 @@ class DownloadRequest:
     # False: only the byte ranges given through `Download.want_range` (a Range request
     # with proxy.prefetch off); the rest of the task is left for later.
     whole: bool = True
+
+    @classmethod
+    def for_url(
+        cls,
+        url: str,
+        *,
+        tag: str = "",
+        application: str = "",
+        headers: dict[str, str] | None = None,
+        filtered_query_params: list[str] | None = None,
+        back_to_source: bool = True,
+        shared_credentials: bool = False,
+    ) -> DownloadRequest:
+        """The request and its task ID. A download made with someone's credentials
+        (Authorization, Cookie) is theirs unless a rule says the origin is asked first
+        (`shared_credentials`): its task ID is scoped to those credentials, so nobody
+        else is ever served it from P2P."""
+        headers = headers or {}
+        filtered = filtered_query_params or []
+        id_tag = tag
+        credentials = headers.get("authorization", "") + "\0" + headers.get("cookie", "")
+        if credentials != "\0" and not shared_credentials:
+            scope = hashlib.sha256(credentials.encode()).hexdigest()[:32]
+            id_tag = f"{tag}\0credentials:{scope}"
+        return cls(
+            task_id=compute_task_id(
+                url, tag=id_tag, application=application, filtered_query_params=filtered
+            ),
+            url=url,
+            tag=tag,
+            application=application,
+            headers=headers,
+            filtered_query_params=filtered,
+            back_to_source=back_to_source,
+        )
 
 
 @dataclass
@@ -120,7 +157,7 @@ class Download:
         self.content_type = ""
         self.digests: dict[int, bytes] = {}
         self.handle: TaskHandle | None = None
-        self.have: set[int] = set()
+        self._pieces: dict[int, PieceRecord] = {}  # the store handle's own record
         self.picker: PiecePicker | None = None
         # progress and outcome
         self.metadata_ready = trio.Event()
@@ -131,8 +168,11 @@ class Download:
         self._report_wakeup = trio.Event()
         self._subscribers: list[trio.MemorySendChannel[list[PieceInfo]]] = []
         self._parents: dict[str, _Parent] = {}
+        self._retired: list[HTTPClient] = []  # clients of dropped parents, closed at the end
         self._blocked: set[str] = set()
-        self._fetches: dict[tuple[int, str], trio.CancelScope] = {}
+        # (piece, parent) → the request's cancel scope and an event set once it stopped
+        self._fetches: dict[tuple[int, str], tuple[trio.CancelScope, trio.Event]] = {}
+        self._settle_locks: dict[int, trio.Lock] = {}
         self._claimed: set[int] = set()
         self._waiting: dict[int, int] = {}  # piece → streams waiting for it
         self._last_reschedule = -1e9
@@ -141,12 +181,19 @@ class Download:
         self._wanted_ranges: list[tuple[int, int]] | None = None if request.whole else []
         self._wanted: set[int] | None = None
         self.accepting = True  # False once it decided to stop: the manager starts anew
-        self._interest_dropped = False
+        self.clients = 0  # proxy streams attached; a range-only download outlives none
+        self._ended = False
         self.bytes_p2p = 0
         self.bytes_source = 0
         self.started_at = trio.current_time()
 
     # ------------------------------------------------------------ public
+
+    @property
+    def have(self) -> KeysView[int]:
+        """Pieces verified and stored: the store's record is the one source of truth
+        (kept after the download released its handle, for streams still reading)."""
+        return self._pieces.keys()
 
     @property
     def done(self) -> bool:
@@ -181,10 +228,16 @@ class Download:
             self._feed_picker(self.digests)
         self._notify()
 
-    def drop_interest(self) -> None:
-        """A range-only client left without asking for any range (416): stop if idle."""
-        self._interest_dropped = True
-        self._notify()
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        """A client stream uses this download (attach right after TaskManager.open, with
+        no await between, so the download cannot stop in the gap)."""
+        self.clients += 1
+        try:
+            yield
+        finally:
+            self.clients -= 1
+            self._notify()
 
     def _compute_wanted(self) -> None:
         if self._wanted_ranges is None:
@@ -207,9 +260,14 @@ class Download:
     async def wait_metadata(self) -> None:
         """Until the length and layout are known; raises DownloadFailed."""
         while not self.metadata_ready.is_set():
-            if self.error is not None:
-                raise self.error
+            self._check_alive()
             await self._changed.wait()
+
+    def _check_alive(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self._ended and not self.finished.is_set():
+            raise DownloadFailed("the download stopped before this part arrived")
 
     async def wait_piece(self, number: int) -> None:
         """Until piece `number` is verified and stored; raises DownloadFailed."""
@@ -220,8 +278,7 @@ class Download:
         self._update_cursor()
         try:
             while number not in self.have:
-                if self.error is not None:
-                    raise self.error
+                self._check_alive()
                 await self._changed.wait()
         finally:
             self._waiting[number] -= 1
@@ -231,8 +288,7 @@ class Download:
 
     async def wait_finished(self) -> None:
         while not self.finished.is_set():
-            if self.error is not None:
-                raise self.error
+            self._check_alive()
             await self._changed.wait()
 
     def subscribe(self) -> tuple[list[PieceInfo], trio.MemoryReceiveChannel[list[PieceInfo]]]:
@@ -263,18 +319,23 @@ class Download:
             with bound(task_id=self.task_id, peer_id=self.peer_id):
                 await self._run()
         except Exception as exc:
-            failure = _find(exc, DownloadFailed)
+            failure = find_exception(exc, DownloadFailed)
             if failure is None:
                 self.log.exception("download failed")
                 failure = DownloadFailed(f"internal error: {exc!r}")
             self._fail(failure)
         finally:
+            self._ended = True
+            self.accepting = False
             metrics.active_tasks.dec()
             for send in self._subscribers:
                 send.close()
             if self.handle is not None:
                 self.daemon.store.release(self.handle)
                 self.handle = None
+            with trio.CancelScope(shield=True):
+                for client in self._retired + [p.client for p in self._parents.values()]:
+                    await client.aclose()
             self._notify()
 
     def _fail(self, exc: DownloadFailed) -> None:
@@ -317,10 +378,10 @@ class Download:
             except Exception as exc:
                 # Nurseries wrap what their tasks raise: a failure decides, a lost
                 # scheduler means the next one on the ring.
-                failure = _find(exc, DownloadFailed)
+                failure = find_exception(exc, DownloadFailed)
                 if failure is not None:
                     raise failure from None
-                lost = _find(exc, SchedulerLost)
+                lost = find_exception(exc, SchedulerLost)
                 if lost is None:
                     raise
                 self.log.warning("scheduler lost, trying the next", error=str(lost))
@@ -493,7 +554,7 @@ class Download:
             etag=etag,
             last_modified=last_modified,
         )
-        self.have = set(self.handle.pieces)
+        self._pieces = self.handle.pieces
         for p in self.handle.pieces.values():
             self.digests.setdefault(p.number, p.sha256)
         if self.piece_count >= 0:
@@ -521,7 +582,7 @@ class Download:
             self._notify()
 
     def _piece_landed(self, piece: PieceRecord, parent_id: str, cost: float) -> None:
-        self.have.add(piece.number)
+        """A verified piece is in the store: report, announce, count, wake the streams."""
         self._reports.append(
             PieceReport(
                 number=piece.number,
@@ -554,16 +615,16 @@ class Download:
         return self.piece_count >= 0 and len(self.have) >= self.piece_count
 
     @property
+    def _wanted_had(self) -> bool:
+        return self._wanted is not None and self._wanted <= self.have
+
+    @property
     def _target_reached(self) -> bool:
-        """Every piece this download is for is had (all of them, or the wanted ones)."""
+        """Every piece is had; or, for a range-only download, every wanted piece is had
+        and no client stream is attached any more (one may still add a range)."""
         if self._all_pieces_had:
             return True
-        if self._wanted is None or self.piece_count < 0:
-            return False
-        # No range asked for yet: keep going, unless the client went away without one.
-        if not self._wanted_ranges:
-            return self._interest_dropped
-        return self._wanted <= self.have
+        return self.piece_count >= 0 and self.clients == 0 and self._wanted_had
 
     # ------------------------------------------------------------ P2P
 
@@ -634,12 +695,12 @@ class Download:
         """Drop every parent without blaming it: their requests return to the queue."""
         for pid, parent in list(self._parents.items()):
             parent.scope.cancel()
+            self._retired.append(parent.client)
             if self.picker is not None:
                 self.picker.remove_parent(pid)
         self._parents.clear()
-        for scope in self._fetches.values():
+        for scope, _ in self._fetches.values():
             scope.cancel()
-        self._fetches.clear()
 
     def _stop_p2p(self) -> None:
         for pid in list(self._parents):
@@ -651,11 +712,12 @@ class Download:
         if parent is None:
             return
         parent.scope.cancel()
+        self._retired.append(parent.client)
         if self.picker is not None:
             for number in self.picker.remove_parent(pid):
-                scope = self._fetches.pop((number, pid), None)
-                if scope is not None:
-                    scope.cancel()
+                entry = self._fetches.get((number, pid))
+                if entry is not None:
+                    entry[0].cancel()
         self._notify()
 
     async def _p2p_loop(self, session: SchedulerSession, nursery: trio.Nursery) -> None:
@@ -668,8 +730,12 @@ class Download:
                     picker.on_failure(number, pid)
                     continue
                 nursery.start_soon(self._fetch_piece, session, number, parent)
+            # Stalled with digests in hand but no parent serving them: ask for others.
+            # (Pieces whose digest is unknown wait for the origin, not for parents.)
+            waiting_for_parents = len(self.digests) > len(self.have) and not self._wanted_had
             if (
-                picker.stalled()
+                waiting_for_parents
+                and picker.stalled()
                 and trio.current_time() - self._last_reschedule > RESCHEDULE_INTERVAL
             ):
                 self._last_reschedule = trio.current_time()
@@ -686,83 +752,46 @@ class Download:
                 await self._changed.wait()
 
     async def _fetch_piece(self, session: SchedulerSession, number: int, parent: _Parent) -> None:
-        """Fetch one piece from one parent, verify it, record it."""
+        """Fetch one piece from one parent, verify it, record it.
+
+        The first request for a piece splices straight into the task file; an endgame
+        duplicate receives into memory and verifies there. Whoever wins first stops the
+        other requests for the piece and waits until they have stopped writing before it
+        writes and records: no bytes but verified ones ever lie under a recorded piece.
+        """
         assert self.picker is not None and self.handle is not None
         pid = parent.info.peer_id
         offset = number * self.piece_length
         length = min(self.piece_length, self.content_length - offset)
         expected = self.digests[number]
-        # A duplicate (endgame) request never writes into the file before it verified:
-        # two writers on one piece could leave bytes that no digest vouched for.
-        duplicate = len(self.picker.in_flight.get(number, ())) > 1 or number in self.have
+        in_place = len(self.picker.in_flight.get(number, ())) <= 1 and number not in self.have
         started = trio.current_time()
         scope = trio.CancelScope()
-        self._fetches[(number, pid)] = scope
+        stopped = trio.Event()
+        self._fetches[(number, pid)] = (scope, stopped)
         failure: str | None = None
         try:
             with scope:
-                limiter = self.daemon.download_limiter
-                if limiter is not None:
-                    await limiter.acquire(length)
-                url = f"{parent.base_url}/pieces/{self.task_id}/{number}"
-                with trio.fail_after(self.daemon.config.download.piece_timeout):
-                    async with parent.client.request("GET", url) as r:
-                        if r.status != 200:
-                            raise HTTPClientError(f"parent answered {r.status}")
-                        if r.content_length != length:
-                            raise HTTPClientError(
-                                f"parent sent {r.content_length} bytes for a {length}-byte piece"
-                            )
-                        if duplicate:
-                            buf = bytearray(length)
-                            await r.readinto_exactly(buf)
-                            if hashlib.sha256(buf).digest() != expected:
-                                raise DigestMismatch(f"piece {number}", expected.hex(), "other")
-                            if number in self.have:
-                                return
-                            for other in self.picker.on_success(
-                                number, pid, length, trio.current_time() - started
-                            ):
-                                s = self._fetches.pop(other, None)
-                                if s is not None:
-                                    s.cancel()
-                            piece = await self.daemon.store.write_piece(
-                                self.handle, number, buf, expected
-                            )
-                        else:
-                            await r.splice_to(self.handle.file.fd, offset, length)
-                            piece = await self.daemon.store.commit_piece(
-                                self.handle, number, length, expected
-                            )
-                            if number in self.have:
-                                return
-                            for other in self.picker.on_success(
-                                number, pid, length, trio.current_time() - started
-                            ):
-                                s = self._fetches.pop(other, None)
-                                if s is not None:
-                                    s.cancel()
+                buf = await self._receive_piece(parent, number, offset, length, in_place)
+                if buf is not None and hashlib.sha256(buf).digest() != expected:
+                    raise DigestMismatch(f"piece {number}", expected.hex(), "other")
+                await self._settle_piece(number, pid, buf, length, expected, started)
             if scope.cancelled_caught:
-                return
-            self.log.debug(
-                "piece fetched",
-                number=number,
-                parent=pid,
-                seconds=round(trio.current_time() - started, 4),
-            )
-            self._piece_landed(piece, pid, trio.current_time() - started)
+                self.picker.on_cancelled(number, pid)  # stopped by us: no blame
         except DigestMismatch:
             failure = "digest mismatch"
             self.daemon.metrics.piece_failures.labels("digest").inc()
         except trio.TooSlowError:
             failure = "timeout"
             self.daemon.metrics.piece_failures.labels("timeout").inc()
-        except (HTTPClientError, OSError) as exc:
+        except (HTTPClientError, OSError, StorageError) as exc:
             failure = str(exc)[:500]
             self.daemon.metrics.piece_failures.labels("transfer").inc()
         finally:
-            self._fetches.pop((number, pid), None)
-        if failure is not None:
+            if self._fetches.get((number, pid), (None,))[0] is scope:
+                del self._fetches[(number, pid)]
+            stopped.set()
+        if failure is not None and number not in self.have:
             self.log.info("piece failed", number=number, parent=pid, reason=failure)
             self.picker.on_failure(number, pid)
             if failure == "digest mismatch":
@@ -780,6 +809,81 @@ class Download:
             )
             self._notify()
 
+    async def _receive_piece(
+        self, parent: _Parent, number: int, offset: int, length: int, in_place: bool
+    ) -> bytearray | None:
+        """The piece's bytes: spliced into the file (None), or in memory for a duplicate."""
+        assert self.handle is not None
+        limiter = self.daemon.download_limiter
+        if limiter is not None:
+            await limiter.acquire(length)
+        url = f"{parent.base_url}/pieces/{self.task_id}/{number}"
+        with trio.fail_after(self.daemon.config.download.piece_timeout):
+            async with parent.client.request("GET", url) as r:
+                if r.status != 200:
+                    raise HTTPClientError(f"parent answered {r.status}")
+                if r.content_length != length:
+                    raise HTTPClientError(
+                        f"parent sent {r.content_length} bytes for a {length}-byte piece"
+                    )
+                if in_place:
+                    await r.splice_to(self.handle.file.fd, offset, length)
+                    return None
+                buf = bytearray(length)
+                await r.readinto_exactly(buf)
+                return buf
+
+    async def _settle_piece(
+        self,
+        number: int,
+        pid: str,
+        buf: bytearray | None,
+        length: int,
+        expected: bytes,
+        started: float,
+    ) -> None:
+        """Stop the other requests for the piece, then verify/write and record it.
+
+        Shielded: once it starts, the piece is recorded and announced (or found bad)
+        as one step, so the picker, the store and the announcements never disagree.
+        """
+        assert self.picker is not None and self.handle is not None
+        # One settler per piece at a time; waiting for the turn stays cancellable, so a
+        # settler that stops the others never waits on one that waits for it.
+        lock = self._settle_locks.setdefault(number, trio.Lock())
+        async with lock:
+            with trio.CancelScope(shield=True):
+                if number in self.have:
+                    return  # another request won meanwhile
+                others = [
+                    entry
+                    for key, entry in self._fetches.items()
+                    if key[0] == number and key[1] != pid
+                ]
+                for other_scope, _ in others:
+                    other_scope.cancel()
+                for _, other_stopped in others:
+                    await other_stopped.wait()
+                if buf is None:
+                    piece = await self.daemon.store.commit_piece(
+                        self.handle, number, length, expected
+                    )
+                else:
+                    piece = await self.daemon.store.write_piece(self.handle, number, buf, expected)
+                for key in self.picker.on_success(
+                    number, pid, length, trio.current_time() - started
+                ):
+                    entry = self._fetches.get(key)
+                    if entry is not None:
+                        entry[0].cancel()  # requests made while this one settled
+                self.log.debug(
+                    "piece fetched",
+                    number=number,
+                    parent=pid,
+                    seconds=round(trio.current_time() - started, 4),
+                )
+                self._piece_landed(piece, pid, trio.current_time() - started)
+
     # ------------------------------------------------------------ back to source
 
     async def _source_task(self, msg: NeedBackToSource, session: SchedulerSession) -> None:
@@ -788,7 +892,9 @@ class Download:
         try:
             await self._back_to_source(msg, session)
         except Exception as raised:
-            exc = _find(raised, DownloadFailed)
+            exc = find_exception(raised, DownloadFailed)
+            if exc is None and find_exception(raised, SchedulerLost) is not None:
+                raise  # the next scheduler takes over; the origin fetch resumes there
             if exc is None:
                 self.log.exception("back to source failed")
                 exc = DownloadFailed(f"internal error: {raised!r}")
@@ -905,12 +1011,23 @@ class Download:
                 f"origin content changed: piece {number} differs from the task's first fetch", 409
             )
         piece = PieceRecord(number, offset, length, digest)
-        await self.daemon.store.piece_done(self.handle, piece)
-        self.digests[number] = digest
-        self._claimed.discard(number)
-        if self.picker is not None:
-            self.picker.mark_have(number)
-        self._piece_landed(piece, "", trio.current_time() - started)
+        with trio.CancelScope(shield=True):  # recorded and announced as one step
+            await self.daemon.store.piece_done(self.handle, piece)
+            self.digests[number] = digest
+            self._claimed.discard(number)
+            if self.picker is not None:
+                self.picker.mark_have(number)
+            self._piece_landed(piece, "", trio.current_time() - started)
+
+    def holds(self, number: int) -> bool:
+        return number in self.have
+
+    def check_held_piece(self, number: int, data: bytes | bytearray) -> None:
+        """A streamed origin body passes a piece this peer already has: same bytes?"""
+        if hashlib.sha256(data).digest() != self.digests.get(number):
+            raise OriginChanged(
+                f"origin content changed: piece {number} differs from the stored one", 409
+            )
 
     async def set_content_length(self, content_length: int) -> None:
         self.content_length = content_length
@@ -920,18 +1037,3 @@ class Download:
 
 def _piece_info(p: PieceRecord) -> PieceInfo:
     return PieceInfo(number=p.number, offset=p.offset, length=p.length, digest=p.sha256)
-
-
-_E = TypeVar("_E", bound=BaseException)
-
-
-def _find(exc: BaseException, kind: type[_E]) -> _E | None:
-    """The first `kind` inside an exception (group): nurseries wrap what their tasks raise."""
-    if isinstance(exc, kind):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _find(inner, kind)
-            if found is not None:
-                return found
-    return None

@@ -390,6 +390,17 @@ class PiecePicker:
         parent.failures += 1
         parent.consecutive_failures += 1
 
+    def on_cancelled(self, number: int, parent_id: str) -> None:
+        """The engine abandoned a request without blaming the parent (it stopped it for
+        another request of the same piece, or shut down): the piece goes back to the
+        queue. Harmless for a request no longer in flight."""
+        self._check_number(number)
+        requesters = self._in_flight.get(number)
+        parent = self._parents.get(parent_id)
+        if requesters is None or parent_id not in requesters or parent is None:
+            return
+        self._drop_request(number, parent_id, parent)
+
     # -- internals ----------------------------------------------------------------------------
 
     def _check_number(self, number: int) -> None:

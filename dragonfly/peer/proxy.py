@@ -21,10 +21,10 @@ import trio
 
 from dragonfly.config import ProxyRule
 from dragonfly.identity import IdentityError
-from dragonfly.identity import task_id as compute_task_id
 from dragonfly.log import get_logger
 from dragonfly.peer.download import Download, DownloadFailed, DownloadRequest
 from dragonfly.peer.upload import serve_common
+from dragonfly.storage.taskfile import task_path
 from dragonfly.wire.http_client import HTTPClientError
 from dragonfly.wire.http_common import Headers, RangeNotSatisfiable, parse_range
 from dragonfly.wire.http_server import Request, Responder
@@ -194,30 +194,25 @@ class ProxyHandler:
             await responder.send_error(502, f"origin: {exc}")
             return False
 
-    def _download_request(self, request: Request) -> DownloadRequest:
+    def _download_request(self, request: Request, *, shared_credentials: bool) -> DownloadRequest:
         cfg = self.daemon.config.proxy
-        tag = request.headers.get(H_TAG) or ""
-        application = request.headers.get(H_APPLICATION) or ""
-        filtered = list(cfg.filtered_query_params) + filtered_params(
-            request.headers.get(H_FILTERED)
-        )
-        return DownloadRequest(
-            task_id=compute_task_id(
-                request.target, tag=tag, application=application, filtered_query_params=filtered
-            ),
-            url=request.target,
-            tag=tag,
-            application=application,
+        return DownloadRequest.for_url(
+            request.target,
+            tag=request.headers.get(H_TAG) or "",
+            application=request.headers.get(H_APPLICATION) or "",
             headers=origin_headers(request.headers),
-            filtered_query_params=filtered,
+            filtered_query_params=list(cfg.filtered_query_params)
+            + filtered_params(request.headers.get(H_FILTERED)),
+            shared_credentials=shared_credentials,
         )
 
     async def _p2p(self, request: Request, responder: Responder, rule: ProxyRule) -> None:
-        has_credentials = "authorization" in request.headers or "cookie" in request.headers
-        if has_credentials and not await self._check_credentials(request, responder):
+        # Under a rule that shares credentialed downloads, the origin decides for every
+        # client (with its credentials or none) before P2P serves it anything.
+        if rule.allow_credentials and not await self._check_credentials(request, responder):
             return
         try:
-            req = self._download_request(request)
+            req = self._download_request(request, shared_credentials=rule.allow_credentials)
         except IdentityError as exc:
             await responder.send_error(400, str(exc))
             return
@@ -225,13 +220,14 @@ class ProxyHandler:
         ranged = request.headers.get("range") is not None
         req.whole = not ranged or self.daemon.config.proxy.prefetch
         download = self.daemon.tasks.open(req)
-        try:
-            await download.wait_metadata()
-        except DownloadFailed as exc:
-            status = exc.http_status if 400 <= exc.http_status < 600 else 502
-            await responder.send_error(status, f"dragonfly: {exc.reason}")
-            return
-        await stream_download(self.daemon, download, request, responder)
+        with download.attached():
+            try:
+                await download.wait_metadata()
+            except DownloadFailed as exc:
+                status = exc.http_status if 400 <= exc.http_status < 600 else 502
+                await responder.send_error(status, f"dragonfly: {exc.reason}")
+                return
+            await stream_download(self.daemon, download, request, responder)
 
     # ---------------------------------------------------------------- local API
 
@@ -246,27 +242,26 @@ class ProxyHandler:
             url = spec["url"]
             if not isinstance(url, str):
                 raise TypeError("url must be a string")
-            filtered = list(self.daemon.config.proxy.filtered_query_params) + list(
-                spec.get("filtered_query_params", [])
-            )
-            req = DownloadRequest(
-                task_id=compute_task_id(
-                    url,
-                    tag=spec.get("tag", ""),
-                    application=spec.get("application", ""),
-                    filtered_query_params=filtered,
-                ),
-                url=url,
-                tag=spec.get("tag", ""),
-                application=spec.get("application", ""),
-                headers={str(k).lower(): str(v) for k, v in spec.get("headers", {}).items()},
-                filtered_query_params=filtered,
+            headers = spec.get("headers", {})
+            req = DownloadRequest.for_url(
+                url,
+                tag=str(spec.get("tag", "")),
+                application=str(spec.get("application", "")),
+                headers={str(k).lower(): str(v) for k, v in headers.items()},
+                filtered_query_params=list(self.daemon.config.proxy.filtered_query_params)
+                + [str(p) for p in spec.get("filtered_query_params", [])],
                 back_to_source=bool(spec.get("back_to_source", True)),
             )
         except (ValueError, KeyError, TypeError, AttributeError, IdentityError) as exc:
             await responder.send_error(400, f"bad download request: {exc}")
             return
         download = self.daemon.tasks.open(req)
+        with download.attached():
+            await self._report_progress(req, download, responder)
+
+    async def _report_progress(
+        self, req: DownloadRequest, download: Download, responder: Responder
+    ) -> None:
         await responder.start(200, [(b"content-type", b"application/x-ndjson")])
 
         async def line(obj: dict[str, object]) -> None:
@@ -280,12 +275,7 @@ class ProxyHandler:
                 )
                 with trio.move_on_after(0.2):
                     await download.wait_finished()
-            handle = self.daemon.store.handle(req.task_id)
-            path = str(handle.file.path) if handle is not None else ""
-            if not path:
-                from dragonfly.storage.taskfile import task_path
-
-                path = str(task_path(self.daemon.data_dir, req.task_id))
+            path = str(task_path(self.daemon.data_dir, req.task_id))
             await line(
                 {
                     "state": "succeeded",
@@ -305,6 +295,9 @@ async def stream_download(
     daemon: PeerDaemon, download: Download, request: Request, responder: Responder
 ) -> None:
     """Answer with the task's bytes, each piece sent (sendfile) as soon as it is verified."""
+    if download.content_length < 0:
+        # An origin that sent no length (chunked, no ranges): known once the body ended.
+        await download.wait_finished()
     total = download.content_length
     headers = Headers()
     headers.set(b"accept-ranges", b"bytes")
@@ -317,7 +310,6 @@ async def stream_download(
     try:
         byte_range = parse_range(request.headers.get("range"), total)
     except RangeNotSatisfiable:
-        download.drop_interest()
         headers.set(b"content-range", f"bytes */{total}".encode())
         headers.set(b"content-length", b"0")
         await responder.start(416, headers)

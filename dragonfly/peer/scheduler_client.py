@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from dragonfly.log import get_logger
-from dragonfly.wire.channel import Channel, ChannelClosed, connect
+from dragonfly.wire.channel import SCHEDULER_PATH, Channel, ChannelClosed, connect
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message
 from dragonfly.wire.messages import (
     CandidateParents,
@@ -34,8 +34,9 @@ from dragonfly.wire.messages import (
 
 log = get_logger("dragonfly.peer.scheduler")
 
-SCHEDULER_PATH = "/v1/scheduler"
 ROUTE_QUEUE = 256
+KEEPALIVE_INTERVAL = 5.0
+KEEPALIVE_TIMEOUT = 10.0
 
 
 class NoScheduler(Exception):
@@ -114,7 +115,10 @@ class SchedulerConnection:
                     self.failures = 0
                     backoff = 0.1
                     log.info("scheduler connected", scheduler=self.address)
-                    await self._read(channel, nursery)
+                    async with trio.open_nursery() as connection:
+                        connection.start_soon(self._keepalive, channel)
+                        await self._read(channel, nursery)
+                        connection.cancel_scope.cancel()
             except (OSError, ChannelClosed, trio.TooSlowError) as exc:
                 self.failures += 1
                 if self.failures in (1, 10) or self.failures % 100 == 0:
@@ -131,6 +135,18 @@ class SchedulerConnection:
                 self._lose_routes()
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    async def _keepalive(self, channel: Channel) -> None:
+        """A scheduler that stops answering pings is gone, even if its socket is not:
+        close the channel, so downloads fail over to the next scheduler."""
+        while True:
+            await trio.sleep(KEEPALIVE_INTERVAL)
+            with trio.move_on_after(KEEPALIVE_TIMEOUT) as waited:
+                await channel.ws.ping()
+            if waited.cancelled_caught:
+                log.warning("scheduler does not answer pings", scheduler=self.address)
+                await channel.aclose(1001, "no pong")
+                return
 
     async def _read(self, channel: Channel, nursery: trio.Nursery) -> None:
         async for msg in channel:
@@ -159,7 +175,6 @@ class SchedulerConnection:
                     route.send.close()
                 except trio.ClosedResourceError:
                     pass
-        raise ChannelClosed("scheduler closed the channel")
 
     def _lose_routes(self) -> None:
         for route in self.routes.values():

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import trio
 
+from dragonfly.errors import find_exception
 from dragonfly.log import get_logger
 from dragonfly.ratelimit import RateLimiter
 from dragonfly.wire.http_client import HTTPClient, HTTPClientError, Response, discard
@@ -71,6 +72,12 @@ class PieceSink(Protocol):
 
     async def set_content_length(self, content_length: int) -> None:
         """A streamed body of unknown length ended: now the length is known."""
+
+    def holds(self, number: int) -> bool:
+        """The piece is already recorded (a resumed task)."""
+
+    def check_held_piece(self, number: int, data: bytes | bytearray) -> None:
+        """Raise OriginChanged unless `data` is the recorded piece's bytes."""
 
 
 def origin_request_headers(headers: dict[str, str]) -> Headers:
@@ -177,7 +184,7 @@ class OriginFetcher:
                             nursery.start_soon(self._range_worker, sink)
                 except BaseExceptionGroup as group:
                     # One worker's origin failure ends them all; say which, unwrapped.
-                    origin_error = _first(group, OriginError)
+                    origin_error = find_exception(group, OriginError)
                     if origin_error is None:
                         raise
                     raise origin_error from None
@@ -247,8 +254,14 @@ class OriginFetcher:
         if total >= 0:
             while offset < total:
                 length = min(sink.piece_length, total - offset)
-                await self._splice(response, sink.fd, offset, length)
-                await sink.origin_piece_written(number, offset, length)
+                if sink.holds(number):
+                    # Never write over a recorded piece: compare the bytes instead.
+                    buf = bytearray(length)
+                    await response.readinto_exactly(buf)
+                    sink.check_held_piece(number, buf)
+                else:
+                    await self._splice(response, sink.fd, offset, length)
+                    await sink.origin_piece_written(number, offset, length)
                 number += 1
                 offset += length
             return
@@ -269,14 +282,3 @@ class OriginFetcher:
         await sink.set_content_length(offset + filled)
         if filled:
             await sink.origin_piece_written(number, offset, filled)
-
-
-def _first(group: BaseExceptionGroup, kind: type[OriginError]) -> OriginError | None:
-    for exc in group.exceptions:
-        if isinstance(exc, kind):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            found = _first(exc, kind)
-            if found is not None:
-                return found
-    return None

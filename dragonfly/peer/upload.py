@@ -16,7 +16,7 @@ import trio_websocket
 from dragonfly.log import get_logger
 from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dragonfly.storage import StorageError, TaskState, UnknownTask
-from dragonfly.wire.channel import Channel, ChannelClosed
+from dragonfly.wire.channel import ANNOUNCE_PATH, Channel, ChannelClosed
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 from dragonfly.wire.http_common import Headers
 from dragonfly.wire.http_server import Request, Responder
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 log = get_logger("dragonfly.peer.upload")
 
 PIECE_PATH = re.compile(r"^/pieces/([A-Za-z0-9._:+-]{1,255})/([0-9]{1,10})$")
-ANNOUNCE_PATH = "/v1/announce"
 ANNOUNCE_BATCH = 4096
 SEND_CHUNK = 4 << 20
 

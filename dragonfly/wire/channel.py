@@ -19,6 +19,9 @@ from dragonfly.wire.messages import Error, ErrorCode, Hello, check_version
 
 log = get_logger("dragonfly.channel")
 
+# Where the websockets live: peers → scheduler, and children → a parent's upload port.
+SCHEDULER_PATH = "/v1/scheduler"
+ANNOUNCE_PATH = "/v1/announce"
 HANDSHAKE_TIMEOUT = 10.0
 # Messages queued by the websocket reader before it stops reading (backpressure).
 MESSAGE_QUEUE = 64

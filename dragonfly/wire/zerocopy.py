@@ -132,8 +132,15 @@ async def splice_to_file(
     stop = threading.Event()
     stopped = trio.Event()
     token = trio.lowlevel.current_trio_token()
+    lock = threading.Lock()
+    started = False
 
     def work() -> int:
+        nonlocal started
+        with lock:
+            if stop.is_set():  # cancelled before the thread got going: do nothing
+                raise _Stopped()
+            started = True
         try:
             return _splice_blocking(sock.fileno(), fd, offset, count, pipe, read_timeout, stop)
         finally:
@@ -141,12 +148,30 @@ async def splice_to_file(
                 token.run_sync_soon(stopped.set)
 
     try:
-        return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(
+            work, abandon_on_cancel=True, limiter=_splice_limiter()
+        )
     except trio.Cancelled:
-        stop.set()
-        with trio.CancelScope(shield=True):
-            await stopped.wait()
+        with lock:
+            stop.set()
+            running = started
+        if running:  # wait until the thread wrote its last byte
+            with trio.CancelScope(shield=True):
+                await stopped.wait()
         raise
+
+
+_SPLICE_THREADS = 64
+_limiter: trio.CapacityLimiter | None = None
+
+
+def _splice_limiter() -> trio.CapacityLimiter:
+    """Splices get threads of their own: waiting for trio's shared pool behind other
+    work would stall the data path."""
+    global _limiter
+    if _limiter is None:
+        _limiter = trio.CapacityLimiter(_SPLICE_THREADS)
+    return _limiter
 
 
 _POLL_SECONDS = 0.05
