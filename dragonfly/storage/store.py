@@ -612,8 +612,9 @@ class PieceStore:
                             self.release(h)
                             raise
                     return h
-                if h.in_use:
-                    raise TaskInUse(f"task {task_id} is in use with another layout")
+                # Other bytes now (the origin changed): the old handle is detached; its
+                # users keep reading the old, consistent file through their open fd,
+                # and the task starts over in a new file.
                 self._discard_queued(task_id)
                 self._detach(h)
                 self._maybe_close(h)

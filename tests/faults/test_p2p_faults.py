@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio_websocket
 
-from dragonfly.cluster import Cluster
+from dragonfly.cluster import Cluster, Node
 from dragonfly.identity import task_id
 from dragonfly.peer.scheduler_client import ring_order
 from dragonfly.testing.nginx import Nginx
@@ -24,11 +24,15 @@ from tests.p2p_support import MiB, curl, finish, metric, random_file, sha256_fil
 pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
 
-def _wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+def wait_for_bytes(node: Node, source: str, at_least: float, timeout: float = 30.0) -> None:
+    """Until a node's download counter for `source` reaches `at_least` bytes."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    url = node.info["metrics"]
+    while metric(url, "dragonfly_download_bytes_total", f'source="{source}"') < at_least:
         if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
+            raise TimeoutError(
+                f"{node.name}: fewer than {at_least} {source} bytes after {timeout}s"
+            )
         time.sleep(0.05)
 
 
@@ -45,12 +49,7 @@ def test_parent_killed_mid_transfer(tmp_path: Path, www: Path):
             curl(cluster.node(f"peer-{i}").info["proxy"], url, tmp_path / f"o{i}") for i in range(3)
         ]
         # once the victim holds pieces (and so is a parent of the others), kill it
-        _wait_for(
-            lambda: (
-                metric(victim.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"')
-                >= 8 * MiB
-            )
-        )
+        wait_for_bytes(victim, "p2p", 8 * MiB)
         assert victim.process is not None
         victim.process.send_signal(signal.SIGKILL)
         finish(procs[0])
@@ -130,16 +129,7 @@ def test_two_schedulers_one_killed(tmp_path: Path, www: Path):
             curl(cluster.node(f"peer-{i}").info["proxy"], url, tmp_path / f"o{i}") for i in range(2)
         ]
         seed = cluster.node("seed-peer-0")
-        _wait_for(
-            lambda: (
-                metric(
-                    seed.info["metrics"],
-                    "dragonfly_download_bytes_total",
-                    'source="back_to_source"',
-                )
-                > 0
-            )
-        )
+        wait_for_bytes(seed, "back_to_source", 1)
         assert owner.process is not None
         owner.process.send_signal(signal.SIGKILL)
         for i, proc in enumerate(procs):
@@ -187,16 +177,7 @@ def test_origin_replaced_mid_task_fails_clearly_then_starts_afresh(tmp_path: Pat
         peer = cluster.node("peer-0")
         seed = cluster.node("seed-peer-0")
         proc = curl(peer.info["proxy"], url, tmp_path / "o")
-        _wait_for(
-            lambda: (
-                metric(
-                    seed.info["metrics"],
-                    "dragonfly_download_bytes_total",
-                    'source="back_to_source"',
-                )
-                > 0
-            )
-        )
+        wait_for_bytes(seed, "back_to_source", 1)
         # a new version of the file: same size, other bytes, new ETag
         new = random_file(www / "f.new", size)
         os.utime(www / "f.new", (time.time() + 10, time.time() + 10))

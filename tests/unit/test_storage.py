@@ -539,3 +539,18 @@ async def test_reopening_a_loaded_task_updates_it(store: PieceStore) -> None:
     store.release(h)
     store.release(h)
     assert not h.in_use
+
+
+async def test_new_version_while_old_one_is_read(store: PieceStore) -> None:
+    """The origin changed (new ETag) while a reader holds the old task: the task starts
+    over in a new file and the reader keeps reading the old bytes, never a mix."""
+    pl = 64 * KiB
+    old = await store.open_task(TID, content_length=2 * pl, piece_length=pl, etag='"v1"')
+    data = piece_bytes(TID, 0, pl)
+    await store.write_piece(old, 0, data, sha(data))
+    async with store.use(TID) as reader:
+        fresh = await store.open_task(TID, content_length=2 * pl, piece_length=pl, etag='"v2"')
+        assert fresh is not reader and not fresh.pieces
+        assert os.pread(reader.file.fd, pl, 0) == data
+        store.release(fresh)
+    store.release(old)
