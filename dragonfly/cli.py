@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--workdir", required=True, help="directory for data, logs, cluster.json")
     _add_config_args(cluster, subcommand=True)
 
-    sim = sub.add_parser("sim", help="simulate a swarm in virtual time")
-    _add_config_args(sim, subcommand=True)
+    # The simulation has options of its own: `main` hands everything after `sim` to it.
+    sub.add_parser("sim", help="simulate a swarm in virtual time (sim --help lists its options)")
 
     conf = sub.add_parser("config", help="print a role's configuration")
     conf.add_argument("--role", dest="config_role", choices=ROLES, required=True)
@@ -139,6 +139,11 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sim"]:
+        from dragonfly.sim.cli import main as sim_main
+
+        return sim_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None and args.role is None:
@@ -146,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "config":
         return _config_command(args)
+
     role = args.role or {"get": "peer", "cluster": "peer", "sim": "scheduler"}[args.command]
     try:
         cfg = load_config(role, args.config, overrides=_overrides(args))

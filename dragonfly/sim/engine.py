@@ -6,25 +6,28 @@ clock, and nothing iterates a set whose order depends on string hashing.
 
 Bandwidth model.  Every endpoint (the origin, each simulated host) has an upload
 capacity and optionally a download capacity.  A transfer ("flow") of one piece from A
-to B progresses at a rate recomputed whenever a flow starts or ends on A (or on B, when
-B has a download cap):
+to B moves at a fair share of A's uplink and B's downlink:
 
-* each flow gets a cap of ``B.down / (flows into B)`` (infinite without a download cap);
-* A's upload is water-filled over its flows: flows capped below the equal share get
-  their cap, the rest of the uplink is split equally over the others.
+* Without download caps (``UplinkNetwork``) the uplinks are the only shared resources,
+  and max-min fairness is exact and simple: A's uplink is split equally between A's
+  active flows (processor sharing).  Each uplink keeps a virtual clock (bytes served to
+  each of its flows so far) and a heap of its flows' virtual finish tags, so a flow
+  starting or ending costs O(log n) and one event in the loop's heap per uplink change.
+* With download caps (``FairNetwork``) each flow gets a cap of ``B.down / (flows into
+  B)`` and A's uplink is water-filled over its flows under those caps.  That is a
+  conservative approximation of max-min fairness: a downlink is split equally between
+  its flows even when one of them is held back by a busy uplink, so the simulation
+  never moves more bytes than the links allow and may move fewer (the measured
+  efficiency can only err low).  Rates are recomputed for the uplinks a change touches
+  (the uplink itself, and every uplink feeding B when B's flow count changed).
 
-Without download caps this *is* max-min fairness (the uplinks are the only shared
-resources, and a processor-sharing uplink is exactly its equal split).  With download
-caps it is a conservative approximation of max-min fairness: a downlink is split
-equally between its flows even when one of them is held back by a busy uplink, so the
-simulation never moves more bytes than the links allow and may move fewer; the measured
-efficiency can only err low.
+Either way an uplink also has a number of upload slots (the peer's concurrent upload
+limit): flows beyond it wait in a FIFO queue without moving, as requests wait for the
+real upload server's capacity limiter.
 
-Rates are recomputed lazily: starting or ending flows marks uploaders dirty, and the
-loop recomputes each dirty uploader once after the event that touched it (the clock
-does not move inside an event, so settling the bytes moved so far is exact).
-A flow's completion is a heap event; when its rate changes a new event is pushed and
-the old one is recognised as stale by its time (``Flow.due``).
+Both recompute lazily: starting or ending flows marks uplinks dirty and the loop
+recomputes each dirty uplink once after the event that touched it (the clock does not
+move inside an event, so settling what moved so far is exact).
 """
 
 from __future__ import annotations
@@ -36,9 +39,19 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Endpoint", "EventLoop", "Flow", "Network"]
+__all__ = [
+    "INF",
+    "Endpoint",
+    "EventLoop",
+    "FairNetwork",
+    "Flow",
+    "Network",
+    "UplinkNetwork",
+    "make_network",
+]
 
 INF = math.inf
+_TAG_SLACK = 1e-3  # bytes: virtual finish tags this close to the clock count as reached
 
 
 class EventLoop:
@@ -48,7 +61,7 @@ class EventLoop:
 
     def __init__(self) -> None:
         self.now = 0.0
-        self.events = 0  # events run, stale flow completions included
+        self.events = 0  # events run, stale completions included
         self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
         self._seq = itertools.count()
         self._after_event: Callable[[], None] | None = None
@@ -73,6 +86,8 @@ class EventLoop:
         pop = heapq.heappop
         hook = self._after_event
         events = self.events
+        if hook is not None:
+            hook()  # changes made before the loop started (flows started at setup)
         try:
             while heap and not stop():
                 if heap[0][0] > until:
@@ -96,27 +111,37 @@ class Endpoint:
     __slots__ = (
         "down",
         "downloads",
+        "due",
         "name",
         "queue",
         "received",
         "sent",
         "slots",
+        "tags",
         "up",
         "uploads",
+        "vt",
+        "vt_time",
     )
 
     def __init__(self, name: str, up: float, down: float = INF, slots: int = 1 << 30) -> None:
-        if up <= 0 or down <= 0:
+        if not up > 0 or not down > 0:
             raise ValueError(f"{name}: capacities must be positive")
         self.name = name
         self.up = float(up)
         self.down = float(down)
-        self.slots = slots  # concurrent uploads; more wait in ``queue`` (a load limit)
+        self.slots = slots  # concurrent uploads; more wait in ``queue``
         self.uploads: dict[int, Flow] = {}
         self.downloads: dict[int, Flow] = {}
         self.queue: deque[Flow] = deque()
-        self.sent = 0.0  # bytes uploaded (whole and cancelled-partial flows)
+        self.sent = 0.0  # bytes uploaded (landed flows and cancelled ones' partial bytes)
         self.received = 0.0
+        # UplinkNetwork: bytes served to each active flow since the uplink was last idle,
+        # as of vt_time; the flows' finish tags; when the first of them lands.
+        self.vt = 0.0
+        self.vt_time = 0.0
+        self.tags: list[tuple[float, int, Flow]] = []
+        self.due = INF
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.name} up={len(self.uploads)} down={len(self.downloads)}>"
@@ -127,9 +152,11 @@ class Flow:
 
     __slots__ = (
         "active",
+        "data",
         "done",
         "dst",
         "due",
+        "finish",
         "id",
         "on_done",
         "rate",
@@ -137,7 +164,6 @@ class Flow:
         "size",
         "src",
         "started",
-        "tag",
         "updated",
     )
 
@@ -148,39 +174,39 @@ class Flow:
         dst: Endpoint,
         size: int,
         on_done: Callable[[Flow], None],
-        tag: Any,
+        data: Any,
         now: float,
     ) -> None:
         self.id = fid
         self.src = src
         self.dst = dst
         self.size = size
+        self.on_done = on_done
+        self.data = data  # the caller's
+        self.started = now  # when it was asked for (queueing included)
+        self.active = False  # moving bytes (False while queued)
+        self.done = False  # landed or cancelled
+        # FairNetwork: bytes left as of ``updated``, at ``rate``, landing at ``due``.
         self.remaining = float(size)
         self.rate = 0.0
         self.updated = now
-        self.started = now
         self.due = INF
-        self.on_done = on_done
-        self.tag = tag
-        self.active = False  # moving bytes (False while queued)
-        self.done = False  # landed or cancelled
+        # UplinkNetwork: the uplink's virtual clock reading at which it lands.
+        self.finish = 0.0
 
 
 class Network:
-    """Flows between endpoints with the rates described in the module docstring."""
+    """Flows between endpoints: the queueing common to both models."""
 
-    __slots__ = ("_dirty", "_ids", "_loop", "_no_down_caps", "flows_done", "flows_cancelled")
+    __slots__ = ("_dirty", "_ids", "_loop", "flows_cancelled", "flows_done")
 
-    def __init__(self, loop: EventLoop, *, download_caps: bool) -> None:
+    def __init__(self, loop: EventLoop) -> None:
         self._loop = loop
         self._ids = itertools.count()
         self._dirty: dict[int, Endpoint] = {}  # id(endpoint) -> endpoint, insertion-ordered
-        self._no_down_caps = not download_caps
         self.flows_done = 0
         self.flows_cancelled = 0
         loop.set_after_event(self.flush)
-
-    # -- flows ----------------------------------------------------------------------
 
     def start(
         self,
@@ -188,31 +214,156 @@ class Network:
         dst: Endpoint,
         size: int,
         on_done: Callable[[Flow], None],
-        tag: Any = None,
+        data: Any = None,
     ) -> Flow:
-        """Begin moving ``size`` bytes (queued behind the uploader's load limit)."""
+        """Begin moving ``size`` bytes (queued behind the uploader's slots)."""
         now = self._loop.now
-        flow = Flow(next(self._ids), src, dst, size, on_done, tag, now)
+        flow = Flow(next(self._ids), src, dst, size, on_done, data, now)
         if len(src.uploads) >= src.slots:
             src.queue.append(flow)
         else:
             self._activate(flow, now)
         return flow
 
-    def cancel(self, flow: Flow) -> None:
-        """Stop a flow (an endgame duplicate that lost the race); its bytes so far count."""
+    def cancel(self, flow: Flow) -> float:
+        """Stop a flow (a lost endgame race, a timeout); returns the bytes it had moved,
+        which count as sent and received."""
         if flow.done:
-            return
+            return 0.0
         flow.done = True
         self.flows_cancelled += 1
         if not flow.active:
             flow.src.queue.remove(flow)
-            return
-        now = self._loop.now
-        moved = flow.size - max(0.0, flow.remaining - flow.rate * (now - flow.updated))
+            return 0.0
+        moved = self.moved(flow)
         flow.src.sent += moved
         flow.dst.received += moved
         self._deactivate(flow)
+        return moved
+
+    def moved(self, flow: Flow) -> float:
+        """Bytes the flow has moved so far."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Recompute what the last event changed (run by the loop after every event)."""
+        raise NotImplementedError
+
+    def _activate(self, flow: Flow, now: float) -> None:
+        raise NotImplementedError
+
+    def _deactivate(self, flow: Flow) -> None:
+        raise NotImplementedError
+
+    def _dequeue(self, src: Endpoint) -> None:
+        queue = src.queue
+        while queue and len(src.uploads) < src.slots:
+            self._activate(queue.popleft(), self._loop.now)
+
+
+class UplinkNetwork(Network):
+    """Exact max-min fairness when only uplinks are shared: processor sharing per uplink."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def _settle(ep: Endpoint, now: float) -> None:
+        n = len(ep.uploads)
+        if n:
+            ep.vt += ep.up / n * (now - ep.vt_time)
+        ep.vt_time = now
+
+    def moved(self, flow: Flow) -> float:
+        if not flow.active:
+            return 0.0
+        src = flow.src
+        vt = src.vt + src.up / len(src.uploads) * (self._loop.now - src.vt_time)
+        left = flow.finish - vt
+        return flow.size - (left if left > 0.0 else 0.0)
+
+    def _activate(self, flow: Flow, now: float) -> None:
+        src = flow.src
+        self._settle(src, now)
+        flow.active = True
+        flow.finish = src.vt + flow.size
+        heapq.heappush(src.tags, (flow.finish, flow.id, flow))
+        src.uploads[flow.id] = flow
+        flow.dst.downloads[flow.id] = flow
+        self._dirty[id(src)] = src
+
+    def _deactivate(self, flow: Flow) -> None:
+        src = flow.src
+        self._settle(src, self._loop.now)
+        flow.active = False
+        del src.uploads[flow.id]
+        del flow.dst.downloads[flow.id]
+        self._dirty[id(src)] = src
+        self._dequeue(src)
+
+    def _due(self, src: Endpoint) -> None:
+        """Heap callback: the uplink's first flow lands now (unless the event is stale)."""
+        now = self._loop.now
+        if src.due != now:
+            return
+        src.due = INF
+        self._settle(src, now)
+        tags = src.tags
+        reached = src.vt + _TAG_SLACK
+        landed: list[Flow] = []
+        while tags and (tags[0][2].done or tags[0][0] <= reached):
+            flow = heapq.heappop(tags)[2]
+            if not flow.done:
+                landed.append(flow)
+        for flow in landed:
+            flow.done = True
+            flow.active = False
+            del src.uploads[flow.id]
+            del flow.dst.downloads[flow.id]
+            src.sent += flow.size
+            flow.dst.received += flow.size
+        self.flows_done += len(landed)
+        self._dirty[id(src)] = src
+        self._dequeue(src)
+        for flow in landed:
+            flow.on_done(flow)
+
+    def flush(self) -> None:
+        dirty = self._dirty
+        if not dirty:
+            return
+        now = self._loop.now
+        at = self._loop.at
+        due_cb = self._due
+        while dirty:
+            _, ep = dirty.popitem()
+            tags = ep.tags
+            while tags and tags[0][2].done:
+                heapq.heappop(tags)
+            n = len(ep.uploads)
+            if not n:
+                ep.vt = 0.0  # idle: restart the virtual clock (keeps the numbers small)
+                ep.vt_time = now
+                tags.clear()
+                ep.due = INF
+                continue
+            due = now + (tags[0][0] - ep.vt) * n / ep.up
+            if due < now:
+                due = now
+            if due != ep.due:
+                ep.due = due
+                at(due, due_cb, ep)
+
+
+class FairNetwork(Network):
+    """Download caps too: per-flow rates, water-filled per uplink (see module doc)."""
+
+    __slots__ = ()
+
+    def moved(self, flow: Flow) -> float:
+        if not flow.active:
+            return 0.0
+        left = flow.remaining - flow.rate * (self._loop.now - flow.updated)
+        return flow.size - (left if left > 0.0 else 0.0)
 
     def _activate(self, flow: Flow, now: float) -> None:
         flow.active = True
@@ -228,16 +379,13 @@ class Network:
         del src.uploads[flow.id]
         del dst.downloads[flow.id]
         self._touch(src, dst)
-        queue = src.queue
-        while queue and len(src.uploads) < src.slots:
-            self._activate(queue.popleft(), self._loop.now)
+        self._dequeue(src)
 
     def _touch(self, src: Endpoint, dst: Endpoint) -> None:
         dirty = self._dirty
         dirty[id(src)] = src
-        if not self._no_down_caps and dst.down < INF:
-            # dst's flow count changed: every flow into it has a new cap.
-            for f in dst.downloads.values():
+        if dst.down < INF:
+            for f in dst.downloads.values():  # dst's flow count changed: new caps
                 dirty[id(f.src)] = f.src
 
     def _complete(self, flow: Flow) -> None:
@@ -252,60 +400,31 @@ class Network:
         self._deactivate(flow)
         flow.on_done(flow)
 
-    # -- rates ----------------------------------------------------------------------
-
     def flush(self) -> None:
-        """Recompute the rates of every dirty uploader's flows (after each event)."""
         dirty = self._dirty
         if not dirty:
             return
         now = self._loop.now
-        push = self._loop.at
+        at = self._loop.at
         complete = self._complete
-        simple = self._no_down_caps
         while dirty:
             _, ep = dirty.popitem()
-            flows = ep.uploads
-            n = len(flows)
-            if not n:
+            if not ep.uploads:
                 continue
-            if simple:
-                share = ep.up / n
-                for f in flows.values():
-                    if f.rate != share:
-                        _set_rate(f, share, now, push, complete)
-            else:
-                for f, rate in _water_fill(ep):
-                    if f.rate != rate:
-                        _set_rate(f, rate, now, push, complete)
-
-
-def _set_rate(
-    f: Flow,
-    rate: float,
-    now: float,
-    push: Callable[[float, Callable[[Any], None], Any], None],
-    complete: Callable[[Flow], None],
-) -> None:
-    """Settle the bytes moved at the old rate, then schedule the landing at the new one."""
-    rem = f.remaining - f.rate * (now - f.updated)
-    if rem < 0.0:
-        rem = 0.0
-    f.remaining = rem
-    f.updated = now
-    f.rate = rate
-    due = now + rem / rate
-    f.due = due
-    push(due, complete, f)
+            for f, rate in _water_fill(ep):
+                if f.rate == rate:
+                    continue
+                left = f.remaining - f.rate * (now - f.updated)
+                f.remaining = left if left > 0.0 else 0.0
+                f.updated = now
+                f.rate = rate
+                f.due = now + f.remaining / rate
+                at(f.due, complete, f)
 
 
 def _water_fill(ep: Endpoint) -> list[tuple[Flow, float]]:
     """The uplink's capacity over its flows, each held to its downlink's equal share."""
-    capped: list[tuple[float, int, Flow]] = []
-    for f in ep.uploads.values():
-        dst = f.dst
-        capped.append((dst.down / len(dst.downloads), f.id, f))
-    capped.sort()
+    capped = sorted((f.dst.down / len(f.dst.downloads), f.id, f) for f in ep.uploads.values())
     left = ep.up
     k = len(capped)
     out: list[tuple[Flow, float]] = []
@@ -318,3 +437,8 @@ def _water_fill(ep: Endpoint) -> list[tuple[Flow, float]]:
             out.extend((g, share) for _, _, g in capped[i:])
             break
     return out
+
+
+def make_network(loop: EventLoop, *, download_caps: bool) -> Network:
+    """The exact uplink-only model unless some endpoint has a download cap."""
+    return FairNetwork(loop) if download_caps else UplinkNetwork(loop)

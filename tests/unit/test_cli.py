@@ -91,7 +91,7 @@ def test_config_before_the_subcommand_is_used() -> None:
 def test_config_options_work_before_and_after_a_subcommand(
     before: bool, option: str, value: str, fragment: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for command in (["get", "http://o/f", "-O", "f"], ["cluster", "--workdir", "w"], ["sim"]):
+    for command in (["get", "http://o/f", "-O", "f"], ["cluster", "--workdir", "w"]):
         argv = [option, value, *command] if before else [*command, option, value]
         assert main(argv) == EXIT_USAGE, argv
         assert fragment in capsys.readouterr().err
