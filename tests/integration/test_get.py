@@ -1,0 +1,66 @@
+"""`python -m dragonfly get`: through a running peer, and with a one-shot embedded peer."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dragonfly.cluster import Cluster
+from dragonfly.testing.nginx import Nginx
+
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
+
+
+def get(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dragonfly", "get", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_get_through_a_peer_and_embedded(tmp_path: Path, www: Path, nginx: Nginx):
+    data = os.urandom(9 * 1024 * 1024 + 3)
+    (www / "f.bin").write_bytes(data)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    url = f"{nginx.url}/f.bin"
+    with Cluster(tmp_path / "c", schedulers=1, seed_peers=1, peers=1) as cluster:
+        proxy = cluster.node("peer-0").info["proxy"]
+        r = get(url, "-O", str(tmp_path / "a"), "--peer", proxy, "--digest", digest)
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "a").read_bytes() == data
+        # a wrong digest: exit 1, one line naming both digests, no output file
+        r = get(url, "-O", str(tmp_path / "b"), "--peer", proxy, "--digest", "sha256:" + "0" * 64)
+        assert r.returncode == 1 and "digest mismatch" in r.stderr
+        assert not (tmp_path / "b").exists()
+        # ... and the shared task is untouched: the next get succeeds from the cache
+        r = get(url, "-O", str(tmp_path / "c2"), "--peer", proxy)
+        assert r.returncode == 0 and (tmp_path / "c2").read_bytes() == data
+        # an origin 404 is a clear failure, nothing written
+        r = get(f"{nginx.url}/nope.bin", "-O", str(tmp_path / "d"), "--peer", proxy)
+        assert r.returncode == 1 and "404" in r.stderr
+        assert not (tmp_path / "d").exists()
+    # no daemon answers: a one-shot peer in-process goes to the origin
+    r = get(
+        url,
+        "-O",
+        str(tmp_path / "e"),
+        "--peer",
+        "http://127.0.0.1:1",
+        "--set",
+        f"storage.data_dir={tmp_path / 'embedded'}",
+        "--set",
+        "scheduler.addresses=[]",
+        "--hard-link",
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "e").read_bytes() == data
+    # bad usage is exit 2
+    r = get(url, "-O", str(tmp_path / "f"), "--digest", "md5:abc")
+    assert r.returncode == 2 and "--digest" in r.stderr
