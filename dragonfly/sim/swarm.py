@@ -336,7 +336,7 @@ class SimNode:
             self._on_back_to_source(msg)
         elif kind is TriggerDownload:
             assert isinstance(msg, TriggerDownload)
-            if not self.registered:  # a repeated trigger of a task already started
+            if not self.registered:  # (a repeated trigger of a started task is moot)
                 self.arrived = self.sw.loop.now
                 self.register(need_back_to_source=True, piece_length=msg.piece_length)
         elif kind is TaskFailed:
@@ -398,8 +398,14 @@ class SimNode:
         if picker is None or self.done or self.failed or self.have[number]:
             return  # (a piece it holds changes none of the picker's decisions)
         picker.parent_has(parent_id, (number,))
-        if picker.requests_in_flight < self.sw.cfg.concurrent_pieces:
-            self.pump()  # (else nothing can start: no request budget left)
+        if picker.requests_in_flight >= self.sw.cfg.concurrent_pieces:
+            return  # no request budget left: nothing can start
+        requestable = self.known[number] and number not in picker.in_flight
+        if not requestable and len(picker.in_flight) != picker.missing:
+            # The picker's last answer stands (in the endgame, an in-flight piece could
+            # be duplicated on this parent: ask again then).
+            return
+        self.pump()
 
     def _fail(self, reason: str) -> None:
         """The download ends without the file (the real engine raises DownloadFailed)."""
@@ -414,6 +420,23 @@ class SimNode:
         for parent in self.parents.values():
             parent.subscribers.pop(self.peer_id, None)
         self.parents.clear()
+        # Its announcement channels close: its children drop it, as the real engine.
+        for child in list(self.subscribers.values()):
+            child.drop_parent(self.peer_id)
+        self.subscribers.clear()
+
+    def drop_parent(self, parent_id: str) -> None:
+        """A parent's announcements ended without it holding everything: never again."""
+        parent = self.parents.pop(parent_id, None)
+        self.blocked[parent_id] = None
+        if parent is None or self.picker is None:
+            return
+        sw = self.sw
+        for number in self.picker.remove_parent(parent_id):
+            flow = self.fetches.pop((number, parent_id), None)
+            if flow is not None:
+                sw.wasted += sw.net.cancel(flow)
+        self.pump()
 
     # -- fetching from parents -------------------------------------------------------
 
