@@ -80,22 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
             "picker from a discrete-event loop (virtual time, deterministic for a seed)."
         ),
     )
-    p.add_argument("--peers", type=_count, required=True, help="downloading peers (N)")
-    p.add_argument("--size", type=_size, required=True, help="file size, e.g. 1GiB")
+    p.add_argument("--peers", metavar="N", type=_count, required=True, help="downloading peers (N)")
+    p.add_argument("--size", metavar="SIZE", type=_size, required=True, help="file size, e.g. 1GiB")
     p.add_argument(
-        "--piece-size", type=_size, help="piece length, e.g. 4MiB (default: the system's rule)"
+        "--piece-size",
+        metavar="SIZE",
+        type=_size,
+        help="piece length, e.g. 4MiB (default: the system's rule)",
     )
-    p.add_argument("--origin-up", type=_rate, default=10_000_000, help="origin upload (10MB/s)")
-    p.add_argument("--peer-up", type=_rate, default=10_000_000, help="peer upload (10MB/s)")
-    p.add_argument("--peer-down", type=_rate, help="peer download cap (default: none)")
-    p.add_argument("--seed-peers", type=_count0, default=1, help="seed peers (M, default 1)")
+    p.add_argument(
+        "--origin-up", metavar="BW", type=_rate, default=10_000_000, help="origin upload (10MB/s)"
+    )
+    p.add_argument(
+        "--peer-up", metavar="BW", type=_rate, default=10_000_000, help="peer upload (10MB/s)"
+    )
+    p.add_argument(
+        "--peer-down", metavar="BW", type=_rate, help="peer download cap (default: none)"
+    )
+    p.add_argument(
+        "--seed-peers", metavar="M", type=_count0, default=1, help="seed peers (M, default 1)"
+    )
     p.add_argument(
         "--arrival",
+        metavar="burst|poisson:RATE",
         type=_arrival,
         default=("burst", 0.0),
         help="burst (all at t=0, the default) or poisson:RATE (arrivals per second)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", metavar="S", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON")
     knobs = p.add_argument_group("model knobs (defaults: the shipped configuration)")
     knobs.add_argument(
@@ -166,7 +178,11 @@ def render(result: SimResult, out: TextIO, *, wall_time: bool = True) -> None:
     """The report; without ``wall_time`` it is a pure function of the configuration."""
     cfg = result.config
     k = result.piece_count
-    arrival = "burst" if cfg.arrival == "burst" else f"poisson, {cfg.arrival_rate:g}/s"
+    arrival = (
+        "burst (all at t=0)"
+        if cfg.arrival == "burst"
+        else f"poisson, {cfg.arrival_rate:g}/s (T_all counts from t=0; T_min assumes a burst)"
+    )
     t_all = f"{result.t_all:.3f} s" if result.finished == cfg.peers else "-"
     best = 1.0 / result.piece_factor
     origin_ratio = result.origin_bytes / cfg.size

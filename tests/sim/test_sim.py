@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from dragonfly.sim import SimConfig, Swarm, fluid_bound, main, piece_factor, run_simulation
-from dragonfly.sim.cli import render
 from dragonfly.sim.engine import Endpoint, EventLoop, FairNetwork, Flow, UplinkNetwork
 
 MiB = 1 << 20
@@ -62,7 +61,7 @@ def test_piece_factor() -> None:
 # ---------------------------------------------------------------------------- bandwidth
 
 
-def _record(done: list[tuple[float, int]], loop: EventLoop) -> object:
+def _record(done: list[tuple[float, int]], loop: EventLoop) -> Callable[[Flow], None]:
     def on_done(flow: Flow) -> None:
         done.append((loop.now, flow.data))
 
@@ -76,8 +75,8 @@ def test_uplink_is_shared_equally(model: type[UplinkNetwork] | type[FairNetwork]
     a, b, c = Endpoint("a", 100.0), Endpoint("b", 1.0), Endpoint("c", 1.0)
     done: list[tuple[float, int]] = []
     on_done = _record(done, loop)
-    net.start(a, b, 100, on_done, 1)  # type: ignore[arg-type]
-    loop.at(0.5, lambda _: net.start(a, c, 100, on_done, 2))  # type: ignore[arg-type]
+    net.start(a, b, 100, on_done, 1)
+    loop.at(0.5, lambda _: net.start(a, c, 100, on_done, 2))
     loop.run(math.inf, lambda: False)
     # Alone for 0.5 s (50 bytes), then 50 B/s each: flow 1 lands at 1.5 s, flow 2 has
     # 50 bytes by then and the whole uplink after: 2.0 s.
@@ -94,8 +93,8 @@ def test_download_cap_and_water_filling() -> None:
     slow, fast = Endpoint("slow", 1.0, down=10.0), Endpoint("fast", 1.0)
     done: list[tuple[float, int]] = []
     on_done = _record(done, loop)
-    net.start(a, slow, 100, on_done, 1)  # type: ignore[arg-type]
-    net.start(a, fast, 180, on_done, 2)  # type: ignore[arg-type]
+    net.start(a, slow, 100, on_done, 1)
+    net.start(a, fast, 180, on_done, 2)
     loop.run(math.inf, lambda: False)
     # slow is held to 10 B/s, so fast gets the other 90 B/s: 180 bytes in 2 s.
     assert done[0] == (pytest.approx(2.0), 2)
@@ -109,9 +108,9 @@ def test_upload_slots_queue_and_cancel() -> None:
     b = Endpoint("b", 1.0)
     done: list[tuple[float, int]] = []
     on_done = _record(done, loop)
-    first = net.start(a, b, 10, on_done, 1)  # type: ignore[arg-type]
-    queued = net.start(a, b, 10, on_done, 2)  # type: ignore[arg-type]
-    third = net.start(a, b, 10, on_done, 3)  # type: ignore[arg-type]
+    first = net.start(a, b, 10, on_done, 1)
+    queued = net.start(a, b, 10, on_done, 2)
+    third = net.start(a, b, 10, on_done, 3)
     assert first.active and not queued.active
     assert net.cancel(queued) == 0.0  # never moved a byte
     loop.at(0.5, lambda _: net.cancel(third))  # active from 1.0 s on: still queued
@@ -121,12 +120,6 @@ def test_upload_slots_queue_and_cancel() -> None:
 
 
 # ---------------------------------------------------------------------------- whole runs
-
-
-def _report(result: object) -> str:
-    buf = io.StringIO()
-    render(result, buf, wall_time=False)  # type: ignore[arg-type]
-    return buf.getvalue()
 
 
 def test_200_peers_twice_identical(capsys: pytest.CaptureFixture[str]) -> None:
