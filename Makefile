@@ -1,6 +1,6 @@
 # make test   set up (system packages, .venv, the project) and run ruff + the test suite
 # make demo   set up, distribute a file through a local P2P cluster, print where bytes went
-# make bench  the benchmarks
+# make bench  the standard benchmarks (under 15 minutes); make bench-full: all of them
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -8,11 +8,13 @@ VENV := .venv
 DEMO_SIZE ?= 512MiB
 PY := $(VENV)/bin/python
 # Debian packages whose programs the tests start for real, as program:package
-# (nginx as the origin, curl as a client, openssl for test certificates).
+# (nginx as the origin, curl and aria2c as clients, openssl for test certificates,
+# opentracker for the BitTorrent reference swarm, ip/tc for the swarm's network namespaces).
 # Checked by program, not package name: Debian 12 and 13 package nginx differently.
-NEEDS := nginx:nginx curl:curl openssl:openssl update-ca-certificates:ca-certificates
+NEEDS := nginx:nginx curl:curl openssl:openssl update-ca-certificates:ca-certificates \
+	aria2c:aria2 opentracker:opentracker ip:iproute2 tc:iproute2
 
-.PHONY: test setup deps lint demo bench clean
+.PHONY: test setup deps lint demo bench bench-full clean
 
 deps:
 	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
@@ -44,8 +46,18 @@ demo: setup
 	$(PY) -m dragonfly.demo --size $(DEMO_SIZE)
 
 bench: setup
+	$(PY) -m benchmarks throughput
+	$(PY) -m benchmarks swarm --peers 8
+	$(PY) -m benchmarks scheduler --duration 30s
+	$(PY) -m benchmarks simulation --peers 1000
+
+bench-full: setup
 	$(PY) -m benchmarks http_serve
 	$(PY) -m benchmarks proxy_throughput
+	$(PY) -m benchmarks throughput
+	$(PY) -m benchmarks swarm --peers 8,16
+	$(PY) -m benchmarks scheduler --duration 60s
+	$(PY) -m benchmarks simulation --peers 1000,10000
 
 clean:
 	rm -rf $(VENV) benchmarks/results .pytest_cache .ruff_cache .hypothesis

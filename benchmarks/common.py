@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+# Smoke tests point this elsewhere so a test run never touches a real run's results.
+RESULTS = Path(os.environ.get("DRAGONFLY_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def ensure_file(path: Path, size: int) -> Path:
@@ -57,4 +58,67 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
         **payload,
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (no display here, and none needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_cdf(
+    name: str, series: dict[str, list[float]], *, xlabel: str, title: str, bound: float | None = None
+) -> Path:
+    """One step CDF per series (e.g. per-peer completion times), written to RESULTS/NAME.png.
+
+    `bound`, if given, is drawn as a vertical line (the fluid lower bound)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, values in series.items():
+        xs = sorted(values)
+        if not xs:
+            continue
+        ys = [(i + 1) / len(xs) for i in range(len(xs))]
+        ax.step(xs, ys, where="post", label=f"{label} (n={len(xs)})")
+    if bound is not None:
+        ax.axvline(bound, color="grey", linestyle="--", label=f"lower bound {bound:.1f}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction of peers done")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(left=0)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(plt, fig, name)
+
+
+def plot_bars(
+    name: str, values: dict[str, float], *, ylabel: str, title: str, reference: float | None = None
+) -> Path:
+    """A bar per contender (e.g. seconds or ratios), written to RESULTS/NAME.png."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = list(values)
+    bars = ax.bar(labels, [values[k] for k in labels], color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=20)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(plt, fig, name)
+
+
+def _save(plt: Any, fig: Any, name: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
