@@ -1,16 +1,27 @@
-"""Helpers shared by benchmarks: test data, timing of commands, result files."""
+"""Helpers shared by benchmarks: test data, timing of commands, a cluster in front of an
+nginx origin with its memory sampled, result tables and files."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dragonfly.cluster import Cluster
+from dragonfly.testing.nginx import Nginx
+from dragonfly.testing.probe import sha256_file
+from dragonfly.units import human_bytes
 
 # Smoke tests point this elsewhere so a test run never touches a real run's results.
 RESULTS = Path(os.environ.get("DRAGONFLY_BENCH_RESULTS") or Path(__file__).parent / "results")
@@ -33,11 +44,30 @@ def ensure_file(path: Path, size: int) -> Path:
     return path
 
 
-def timed(cmd: list[str]) -> float:
-    """Wall time of a command; raises if it fails."""
+def timed(cmd: list[str], *, sync: bool = False) -> float:
+    """Wall time of a command; raises if it fails.
+
+    `sync` first writes back every dirty page, so the last run's writeback does not
+    land on this one's clock."""
+    if sync:
+        os.sync()
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
+
+
+def curl_cmd(out: Path, url: str, proxy: str | None = None) -> list[str]:
+    """curl writing the body to a file, through a proxy when given; fails on HTTP errors."""
+    return ["curl", "-sS", "-f", "-o", str(out), *(["-x", proxy] if proxy else []), url]
+
+
+def check_download(name: str, out: Path, want: str) -> str:
+    """The sha256 of a finished download, which must be the origin's; the file is removed."""
+    got = sha256_file(out)
+    out.unlink()
+    if got != want:
+        raise SystemExit(f"{name}: the downloaded bytes differ from the origin's")
+    return got
 
 
 def median(values: list[float]) -> float:
@@ -46,6 +76,110 @@ def median(values: list[float]) -> float:
 
 def machine() -> str:
     return f"{os.cpu_count()} cores, {platform.machine()}, Python {sys.version.split()[0]}"
+
+
+def rss_anon(pid: int) -> int:
+    """Private memory (heap, not mapped file pages) of a process, 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class MemorySampler(threading.Thread):
+    """Peak RssAnon of some processes, sampled every 50 ms."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.peak = dict.fromkeys(pids, 0)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            for name, pid in self.pids.items():
+                self.peak[name] = max(self.peak[name], rss_anon(pid))
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join()
+
+
+MEMORY_TARGET = 150 * 1024 * 1024  # peak RssAnon per daemon
+
+
+@dataclass
+class ProxyRig:
+    """nginx serving the test file and a local cluster in front of it, memory sampled."""
+
+    nginx: Nginx
+    cluster: Cluster
+    sampler: MemorySampler
+
+    def proxy(self, node: str) -> str:
+        return str(self.cluster.node(node).info["proxy"])
+
+    def pids(self) -> dict[str, int]:
+        """Every process the rig started, so a caller can check they are gone."""
+        assert self.nginx.process is not None
+        return {"nginx": self.nginx.process.pid, **self.sampler.pids}
+
+
+@contextmanager
+def proxy_rig(work: Path, www: Path, peers: int) -> Iterator[ProxyRig]:
+    """1 scheduler, 1 seed peer and `peers` peers under WORK/cluster, nginx serving WWW.
+
+    The cluster's task files are removed afterwards (a 1 GiB run leaves several GiB of
+    them); its logs stay for a look after a failure."""
+    shutil.rmtree(work / "cluster", ignore_errors=True)
+    try:
+        with (
+            Nginx(root=www, workdir=work / "nginx") as nginx,
+            Cluster(work / "cluster", schedulers=1, seed_peers=1, peers=peers) as cluster,
+        ):
+            sampler = MemorySampler({n.name: n.info["pid"] for n in cluster.nodes})
+            sampler.start()
+            try:
+                yield ProxyRig(nginx, cluster, sampler)
+            finally:
+                sampler.stop()
+    finally:
+        shutil.rmtree(work / "cluster" / "data", ignore_errors=True)
+
+
+def print_memory(peak: dict[str, int]) -> None:
+    print(f"peak private memory (RssAnon) per daemon, target < {human_bytes(MEMORY_TARGET)}:")
+    for name, value in peak.items():
+        print(f"  {name:<14}{human_bytes(value):>12}")
+
+
+def print_ratios(
+    title: str,
+    median_seconds: dict[str, float],
+    reference: str,
+    targets: dict[str, float],
+    size: int,
+) -> dict[str, float]:
+    """A table of contenders: median time, MB/s, reference time / time, target, pass/miss.
+
+    Returns the ratios (the reference's is 1.0)."""
+    ref = median_seconds[reference]
+    ratios = {name: ref / t for name, t in median_seconds.items()}
+    width = max(12, *(len(name) + 2 for name in median_seconds))
+    print(title)
+    print(f"{'contender':<{width}}{'median s':>10}{'MB/s':>9}{'ratio':>8}{'target':>10}{'':>6}")
+    for name, t in median_seconds.items():
+        target = f">= {targets[name]}" if name in targets else ""
+        verdict = ("pass" if ratios[name] >= targets[name] else "MISS") if name in targets else ""
+        print(
+            f"{name:<{width}}{t:>10.2f}{size / t / 1e6:>9.0f}{ratios[name]:>8.2f}"
+            f"{target:>10}{verdict:>6}"
+        )
+    return ratios
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:

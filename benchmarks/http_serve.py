@@ -13,11 +13,18 @@ python -m benchmarks http_serve [--size 1GiB] [--rounds 5]
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 
-from benchmarks.common import RESULTS, ensure_file, median, timed, write_result
+from benchmarks.common import (
+    RESULTS,
+    check_download,
+    ensure_file,
+    median,
+    plot_bars,
+    timed,
+    write_result,
+)
 from dragonfly.testing.nginx import Nginx, free_port, wait_for_port
 from dragonfly.testing.probe import sha256_file
 from dragonfly.units import human_bytes, parse_size
@@ -63,11 +70,8 @@ def main(argv: list[str]) -> int:
             # Rotate the order, and start each run with no dirty pages of the last one
             # being written back under it.
             for name in names[round_no % len(names) :] + names[: round_no % len(names)]:
-                os.sync()
-                runs[name].append(timed(commands[name]))
-                if sha256_file(out) != want:
-                    raise SystemExit(f"{name}: downloaded bytes differ from the file")
-                out.unlink()
+                runs[name].append(timed(commands[name], sync=True))
+                check_download(name, out, want)
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -96,7 +100,14 @@ def main(argv: list[str]) -> int:
             "client_ratio": client_ratio,
         },
     )
-    print(f"wrote {path}")
+    png = plot_bars(
+        "http_serve",
+        {"server (curl <- h11)": server_ratio, "client (h11 <- nginx)": client_ratio},
+        ylabel="curl <- nginx time / time (1 = as fast)",
+        title=f"http_serve, {human_bytes(size)}, median of {args.rounds}",
+        reference=1.0,
+    )
+    print(f"wrote {path} and {png}")
     return 0
 
 

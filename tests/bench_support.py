@@ -1,0 +1,29 @@
+"""Running a benchmark from a smoke test, its results redirected to the test's directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def run_benchmark(results: Path, name: str, *args: str, timeout: float = 120) -> dict[str, Any]:
+    """`python -m benchmarks NAME ARGS` writing into RESULTS; its JSON once it succeeded.
+
+    A child process, as `make bench` runs it: RESULTS is read when benchmarks.common is
+    imported, and the benchmark's own processes must be gone when it returns."""
+    env = {**os.environ, "DRAGONFLY_BENCH_RESULTS": str(results)}
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks", name, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (results / f"{name}.png").stat().st_size > 0
+    result: dict[str, Any] = json.loads((results / f"{name}.json").read_text())
+    return result
