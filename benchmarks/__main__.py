@@ -7,7 +7,7 @@ import pkgutil
 import sys
 from pathlib import Path
 
-HELPERS = {"file_server", "fetch", "common"}
+HELPERS = {"file_server", "fetch", "common", "scheduler_load"}
 
 
 def available() -> list[str]:
