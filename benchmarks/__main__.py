@@ -7,7 +7,7 @@ import pkgutil
 import sys
 from pathlib import Path
 
-HELPERS = {"file_server", "fetch", "common", "scheduler_load"}
+HELPERS = {"file_server", "fetch", "common", "scheduler_load", "netns", "bittorrent"}
 
 
 def available() -> list[str]:
