@@ -267,6 +267,22 @@ def wait_ready(
 # ------------------------------------------------------------------------------- results
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return (0, 0)
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle, sum(fields[:8]))
+
+
+@dataclass
+class Snapshot:
+    links: dict[str, tuple[int, int]] | None
+    cpu: tuple[int, int]
+
+
 @dataclass
 class Run:
     """One contender at one N."""
@@ -282,6 +298,8 @@ class Run:
     link_tx: dict[str, int] = field(default_factory=dict)
     link_rx: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Share of both cores busy during the race: near 1, the machine, not the caps, limited.
+    cpu_busy: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -319,6 +337,7 @@ class Run:
             "link_tx_bytes": self.link_tx,
             "link_rx_bytes": self.link_rx,
             "metrics": self.metrics,
+            "cpu_busy": self.cpu_busy,
         }
 
 
@@ -333,16 +352,16 @@ def race(
 ) -> None:
     """Start every client held at a barrier, release them all at once, and record when
     each one's output (the sha256 of what it received) ends. Each client is a bash
-    script that reads one line before it starts, so process start-up is off the clock."""
+    script that says it is ready and waits for a line, so start-up is off the clock."""
     started: dict[str, subprocess.Popen[bytes]] = {}
     for peer, argv in clients.items():
-        script = "read go; set -o pipefail; " + shlex.join(argv) + " | sha256sum"
+        script = "echo ready; read go; set -o pipefail; " + shlex.join(argv) + " | sha256sum"
         started[peer] = procs.spawn(
             env.argv(peer, ["bash", "-c", script]),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
-    time.sleep(0.2)  # let every wrapper reach its `read`
+    barrier(started)
     outcome: dict[str, tuple[float, bytes, bytes, int]] = {}
     t0 = time.monotonic()
 
@@ -353,13 +372,7 @@ def race(
         err = proc.stderr.read()
         outcome[peer] = (done, out, err, proc.wait())
 
-    for proc in started.values():
-        assert proc.stdin is not None
-        proc.stdin.write(b"go\n")
-        proc.stdin.flush()
-    for proc in started.values():
-        assert proc.stdin is not None
-        proc.stdin.close()
+    release(started)
     threads = [
         threading.Thread(target=collect, args=(peer, proc), daemon=True)
         for peer, proc in started.items()
@@ -390,6 +403,25 @@ def race(
     if errors:
         run.error = "; ".join(errors)
         (logs / "errors.txt").write_text("\n".join(errors) + "\n")
+
+
+def barrier(waiting: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Until every wrapper has printed "ready" (it is then blocked on its `read`)."""
+    for name, proc in waiting.items():
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"{name}: the client wrapper exited ({proc.wait()})")
+
+
+def release(waiting: dict[str, subprocess.Popen[bytes]]) -> None:
+    """The start signal: one line to every wrapper, as close together as can be."""
+    for proc in waiting.values():
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+    for proc in waiting.values():
+        assert proc.stdin is not None
+        proc.stdin.close()
 
 
 # ------------------------------------------------------------------------------- the origin
@@ -467,18 +499,24 @@ class Bench:
         path.mkdir(parents=True)
         return path
 
-    def timeout(self, bound: float) -> float:
-        return 5 * bound + 60
+    def timeout(self, run: Run) -> float:
+        """Give up on a run this late: twice the time the origin alone needs to serve
+        every peer (no distribution should be slower), at least 5 × its own bound."""
+        direct = run.peers * self.caps.size / self.caps.origin_up
+        return max(5 * run.bound, 2 * direct) + 60
 
-    def snapshot(self) -> dict[str, tuple[int, int]] | None:
-        return self.env.link_bytes()
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.env.link_bytes(), cpu_times())
 
-    def links(self, run: Run, before: dict[str, tuple[int, int]] | None) -> None:
+    def links(self, run: Run, before: Snapshot) -> None:
+        """Per-node wire bytes and the machine's CPU use since `before`."""
         after = self.snapshot()
-        if before is None or after is None:
+        busy, total = (a - b for a, b in zip(after.cpu, before.cpu, strict=True))
+        run.cpu_busy = round(busy / total, 3) if total else None
+        if before.links is None or after.links is None:
             return
-        run.link_tx = {n: after[n][0] - before[n][0] for n in after}
-        run.link_rx = {n: after[n][1] - before[n][1] for n in after}
+        run.link_tx = {n: after.links[n][0] - before.links[n][0] for n in after.links}
+        run.link_rx = {n: after.links[n][1] - before.links[n][1] for n in after.links}
 
     # -- dragonfly
 
@@ -555,7 +593,7 @@ class Bench:
                 for i in range(n)
             }
             before = self.snapshot()
-            race(env, self.procs, clients, self.want, run, self.timeout(run.bound), logs)
+            race(env, self.procs, clients, self.want, run, self.timeout(run), logs)
             self.links(run, before)
             for name in names:
                 run.metrics[name] = self._scrape(name, metrics[name])
@@ -564,9 +602,8 @@ class Bench:
                 self.procs.stop(proc)
             nginx.stop()
             run.origin_bytes = nginx.served_bytes("/")
-            shutil.copy(
-                nginx.access_log, logs / "origin-access.log"
-            ) if nginx.access_log.exists() else None
+            if nginx.access_log.exists():
+                shutil.copy(nginx.access_log, logs / "origin-access.log")
             shutil.rmtree(data, ignore_errors=True)
         return run
 
@@ -602,7 +639,7 @@ class Bench:
             url = f"http://{env.addr('origin')}:{nginx.port}/{self.src.name}"
             clients = {f"peer-{i}": ["curl", "-sS", "-f", url] for i in range(n)}
             before = self.snapshot()
-            race(env, self.procs, clients, self.want, run, self.timeout(run.bound), logs)
+            race(env, self.procs, clients, self.want, run, self.timeout(run), logs)
             self.links(run, before)
         finally:
             nginx.stop()
@@ -700,24 +737,19 @@ class Bench:
                     hook=hook,
                     stop_with_pid=os.getpid(),
                 )
-                script = "read go; exec " + shlex.join(argv)
+                out = shlex.quote(str(logs / f"{peer}.out"))
+                script = f"echo ready; read go; exec {shlex.join(argv)} >>{out} 2>&1"
                 leechers[peer] = self.procs.spawn(
                     env.argv(peer, ["bash", "-c", script]),
                     stdin=subprocess.PIPE,
-                    log=logs / f"{peer}.out",
+                    stdout=subprocess.PIPE,
                 )
             procs.extend(leechers.values())
-            time.sleep(0.2)  # every wrapper at its `read`
+            barrier(leechers)
             before = self.snapshot()
             t0 = time.time()  # the hooks stamp with the wall clock
-            for proc in leechers.values():
-                assert proc.stdin is not None
-                proc.stdin.write(b"go\n")
-                proc.stdin.flush()
-            for proc in leechers.values():
-                assert proc.stdin is not None
-                proc.stdin.close()
-            deadline = time.monotonic() + self.timeout(run.bound)
+            release(leechers)
+            deadline = time.monotonic() + self.timeout(run)
             done: dict[str, tuple[float, str]] = {}
             while len(done) < n and time.monotonic() < deadline:
                 for peer in leechers:
@@ -802,15 +834,16 @@ def print_table(caps: Caps, mode: str, runs: list[Run]) -> None:
         f"swarm ({mode}): F = {human_bytes(f.size)}, U_o = {f.origin_up / 1e6:g} MB/s, "
         f"U_p = {f.peer_up / 1e6:g} MB/s, D = {down}, M = {f.seed_peers} seed peer(s)"
     )
-    print(
-        f"{'N':>3}  {'contender':<11}{'T_all s':>9}{'bound s':>9}{'effic.':>8}{'origin/F':>10}{'p50 s':>8}{'max s':>8}"
-    )
+    heads = f"{'T_all s':>9}{'bound s':>9}{'effic.':>8}{'origin/F':>10}{'p50 s':>8}{'max s':>8}"
+    heads += f"{'cpu':>6}"
+    print(f"{'N':>3}  {'contender':<11}{heads}")
     for r in runs:
         s = r.summary()
         print(
             f"{r.peers:>3}  {r.contender:<11}{fmt(s['t_all'], '.1f'):>9}{r.bound:>9.1f}"
             f"{fmt(s['efficiency'], '.2f'):>8}{fmt(s['origin_ratio'], '.3f'):>10}"
             f"{fmt(s['p50'], '.1f'):>8}{fmt(s['max'], '.1f'):>8}"
+            f"{'-' if r.cpu_busy is None else f'{r.cpu_busy:.0%}':>6}"
         )
         if r.error:
             print(f"     failed: {r.error[:500]}")
@@ -933,7 +966,11 @@ def main(argv: list[str]) -> int:
             for n in args.peers:
                 for contender in args.only:
                     print(f"N={n} {contender} ...", flush=True)
-                    run = getattr(bench, contender)(n)
+                    try:
+                        run = getattr(bench, contender)(n)
+                    except Exception as exc:  # one contender's failure is a result too
+                        run = Run(contender, n, caps.bound(contender, n), caps.size)
+                        run.error = f"{type(exc).__name__}: {exc}"
                     runs.append(run)
                     print(
                         f"N={n} {contender}: T_all {fmt(run.t_all, '.1f')} s, "
