@@ -277,6 +277,20 @@ def cpu_times() -> tuple[int, int]:
     return (sum(fields[:8]) - idle, sum(fields[:8]))
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_during(run: Run, pids: dict[str, int], before: dict[str, float]) -> None:
+    """Each node's CPU seconds since `before`: a node near T_all seconds was CPU-bound."""
+    run.cpu_seconds = {n: round(proc_cpu(p) - before.get(n, 0.0), 2) for n, p in pids.items()}
+
+
 @dataclass
 class Snapshot:
     links: dict[str, tuple[int, int]] | None
@@ -300,6 +314,7 @@ class Run:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     # Share of both cores busy during the race: near 1, the machine, not the caps, limited.
     cpu_busy: float | None = None
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # per node, in the race
 
     @property
     def ok(self) -> bool:
@@ -338,6 +353,7 @@ class Run:
             "link_rx_bytes": self.link_rx,
             "metrics": self.metrics,
             "cpu_busy": self.cpu_busy,
+            "cpu_seconds": self.cpu_seconds,
         }
 
 
@@ -592,9 +608,12 @@ class Bench:
                 f"peer-{i}": ["curl", "-sS", "-f", "-x", proxies[f"peer-{i}"], url]
                 for i in range(n)
             }
+            pids = {"scheduler": sched.pid, **{k: p.pid for k, p in started.items()}}
+            cpu0 = {k: proc_cpu(p) for k, p in pids.items()}
             before = self.snapshot()
             race(env, self.procs, clients, self.want, run, self.timeout(run), logs)
             self.links(run, before)
+            cpu_during(run, pids, cpu0)
             for name in names:
                 run.metrics[name] = self._scrape(name, metrics[name])
         finally:
@@ -746,6 +765,8 @@ class Bench:
                 )
             procs.extend(leechers.values())
             barrier(leechers)
+            pids = {"origin": seeder.pid, **{k: p.pid for k, p in leechers.items()}}
+            cpu0 = {k: proc_cpu(p) for k, p in pids.items()}
             before = self.snapshot()
             t0 = time.time()  # the hooks stamp with the wall clock
             release(leechers)
@@ -765,6 +786,7 @@ class Bench:
                     break
                 time.sleep(0.05)
             self.links(run, before)
+            cpu_during(run, pids, cpu0)
             with contextlib.suppress(OSError, urllib.error.URLError, ValueError):
                 run.origin_bytes = env.call("origin", lambda: bittorrent.uploaded_bytes(seeder_rpc))
             errors = []
@@ -854,6 +876,9 @@ def print_table(caps: Caps, mode: str, runs: list[Run]) -> None:
                 f"{n} {b / f.size:.2f}" for n, b in r.link_tx.items() if b > f.size * 0.01
             )
             print(f"  N={r.peers} {r.contender}: uploaded (wire bytes / F): {ups}")
+        if r.cpu_seconds:
+            cpus = ", ".join(f"{n} {c:.1f}" for n, c in r.cpu_seconds.items())
+            print(f"  N={r.peers} {r.contender}: CPU seconds in the race: {cpus}")
         if r.metrics:
             parts = []
             for n, m in r.metrics.items():
@@ -939,8 +964,7 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"swarm: not installed: {', '.join(missing)} (make deps installs them)")
     mode, why = choose_mode(args.mode)
     print(f"swarm: mode {mode} ({why})", flush=True)
-    if mode == "netns":
-        netns.cleanup_stale()
+    netns.cleanup_stale()  # what runs killed outright left behind (dead pids only)
     work = common.RESULTS / "swarm"
     src = common.ensure_file(work / "www" / f"f-{caps.size}.bin", caps.size)
     want = sha256_file(src)
