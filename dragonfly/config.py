@@ -139,7 +139,15 @@ class UploadSection:
     listen: str = opt("127.0.0.1", "address of the upload server (also /metrics, /healthy)")
     port: int = opt(0, "port of the upload server; 0 picks a free one", min=0, max=65535)
     rate_limit: Rate = opt(0, "total upload rate in bytes/s; 0: unlimited", min=0)
-    concurrent_limit: int = opt(50, "concurrent piece uploads (load limit)", min=1, max=10000)
+    concurrent_limit: int = opt(
+        2, "pieces sent at once; few, so that each lands soon and is passed on", min=1, max=10000
+    )
+    queue_limit: int = opt(
+        2, "piece requests that wait for a sending slot; more are answered 503 at once", min=0, max=10000
+    )
+    children_limit: int = opt(
+        16, "children the scheduler may give this host per task at once", min=1, max=10000
+    )
 
 
 @dataclass
@@ -197,7 +205,7 @@ class SeedSection:
 class SchedulingSection:
     """Scheduling decisions."""
 
-    candidate_parent_limit: int = opt(4, "parents handed to a peer at once", min=1, max=64)
+    candidate_parent_limit: int = opt(8, "parents handed to a peer at once", min=1, max=64)
     filter_parent_limit: int = opt(40, "candidates considered per decision", min=1, max=10000)
     back_to_source_count: int = opt(
         3, "peers of one task that may go back to source at once", min=0, max=1000

@@ -37,6 +37,11 @@ class PeerMetrics:
         self.active_uploads = Gauge(
             "dragonfly_active_uploads", "Piece uploads in progress", registry=r
         )
+        self.busy_refusals = Counter(
+            "dragonfly_upload_busy_refusals",
+            "Piece requests answered 503 at once because every upload slot was taken",
+            registry=r,
+        )
         self.proxy_requests = Counter(
             "dragonfly_proxy_requests",
             "Proxy requests, by how they were served",

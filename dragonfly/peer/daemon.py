@@ -116,7 +116,7 @@ class PeerDaemon:
                         idc=cfg.host.idc,
                         location=cfg.host.location,
                         seed=cfg.seed.enabled,
-                        upload_limit=cfg.upload.concurrent_limit,
+                        upload_limit=cfg.upload.children_limit,
                         upload_rate=cfg.upload.rate_limit,
                     )
                     self.schedulers = SchedulerPool(

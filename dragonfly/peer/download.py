@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import secrets
 from collections.abc import Iterator, KeysView
 from dataclasses import dataclass, field
@@ -24,13 +25,14 @@ from dragonfly.identity import piece_count as count_pieces
 from dragonfly.identity import piece_length_for
 from dragonfly.identity import task_id as compute_task_id
 from dragonfly.log import bound, get_logger
+from dragonfly.peer.announce import AnnounceSchedule
 from dragonfly.peer.picker import PiecePicker
 from dragonfly.peer.scheduler_client import NoScheduler, SchedulerLost, SchedulerSession
 from dragonfly.peer.source import OriginChanged, OriginError, OriginFetcher
 from dragonfly.storage import DigestMismatch, PieceRecord, StorageError, TaskHandle, TaskState
 from dragonfly.wire.channel import ANNOUNCE_PATH, ChannelClosed, connect
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message
-from dragonfly.wire.http_client import HTTPClient, HTTPClientError
+from dragonfly.wire.http_client import HTTPClient, HTTPClientError, discard
 from dragonfly.wire.messages import (
     AnnounceDone,
     CandidateParents,
@@ -62,6 +64,10 @@ log = get_logger("dragonfly.peer.download")
 REPORT_INTERVAL = 0.05
 REPORT_BATCH = 1000
 RESCHEDULE_INTERVAL = 1.0
+
+
+class ParentBusy(Exception):
+    """A parent refused a piece request at once: every upload slot of its host is taken."""
 
 
 class DownloadFailed(Exception):
@@ -166,7 +172,11 @@ class Download:
         self._changed = trio.Event()
         self._reports: list[PieceReport] = []
         self._report_wakeup = trio.Event()
-        self._subscribers: list[trio.MemorySendChannel[list[PieceInfo]]] = []
+        # Children following this download's announcements, by token; a download that
+        # fetches from the origin staggers them (dragonfly/peer/announce.py).
+        self._subscribers: dict[int, trio.MemorySendChannel[list[PieceInfo]]] = {}
+        self._subscriber_tokens = itertools.count()
+        self._announce: AnnounceSchedule[int] = AnnounceSchedule(stagger=False)
         self._parents: dict[str, _Parent] = {}
         self._retired: list[HTTPClient] = []  # clients of dropped parents, closed at the end
         self._blocked: set[str] = set()
@@ -292,13 +302,43 @@ class Download:
             await self._changed.wait()
 
     def subscribe(self) -> tuple[list[PieceInfo], trio.MemoryReceiveChannel[list[PieceInfo]]]:
-        """For a child: the pieces held now, and a channel of the ones that land later."""
+        """For a child: the pieces it may know of now, and a channel of later ones."""
         assert self.handle is not None
-        held = [_piece_info(p) for p in sorted(self.handle.pieces.values(), key=lambda p: p.number)]
+        pieces = self.handle.pieces
+        self._announce.known(pieces)  # (held before this run: resumed, or adopted)
+        token = next(self._subscriber_tokens)
         # One slot per piece: the channel can never fill up.
         send, receive = trio.open_memory_channel[list[PieceInfo]](max(self.piece_count, 0) + 16)
-        self._subscribers.append(send)
+        self._subscribers[token] = send
+        held: list[PieceInfo] = []
+        for _, numbers in self._announce.subscribe(token):
+            held = [_piece_info(pieces[n]) for n in sorted(numbers) if n in pieces]
         return held, receive
+
+    def held_back(self, number: int) -> bool:
+        """Whether the piece awaits its first copy to a child (served ahead of others)."""
+        return self._announce.held_back(number)
+
+    def piece_uploaded(self, number: int) -> None:
+        """The upload server sent this piece in full to a child."""
+        self._announce.uploaded(number, trio.current_time())
+        self._tell(self._announce.due(trio.current_time()))
+
+    def _tell(self, announcements: list[tuple[int, list[int]]]) -> None:
+        """Send announcements to the children's channels; a closed one unsubscribes."""
+        pieces = self._pieces
+        gone: list[int] = []
+        for token, numbers in announcements:
+            send = self._subscribers.get(token)
+            if send is None:
+                continue
+            try:
+                send.send_nowait([_piece_info(pieces[n]) for n in numbers if n in pieces])
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                gone.append(token)
+        for token in gone:
+            del self._subscribers[token]
+            self._tell(self._announce.unsubscribe(token))
 
     def _update_cursor(self) -> None:
         """The picker keeps an in-order window ahead of the slowest streaming client."""
@@ -328,7 +368,10 @@ class Download:
             self._ended = True
             self.accepting = False
             metrics.active_tasks.dec()
-            for send in self._subscribers:
+            # Held-back announcements go out before the channels close: a finished
+            # download's children learn the rest from the AnnounceDone that follows.
+            self._tell(self._announce.reveal_all())
+            for send in self._subscribers.values():
                 send.close()
             if self.handle is not None:
                 self.daemon.store.release(self.handle)
@@ -594,12 +637,8 @@ class Download:
             )
         )
         self._report_wakeup.set()
-        info = [_piece_info(piece)]
-        for send in list(self._subscribers):
-            try:
-                send.send_nowait(info)
-            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                self._subscribers.remove(send)
+        now = trio.current_time()
+        self._tell(self._announce.landed((piece.number,), now) + self._announce.due(now))
         metrics = self.daemon.metrics
         source = "back_to_source" if parent_id == "" else "p2p"
         metrics.download_bytes.labels(source).inc(piece.length)
@@ -748,7 +787,9 @@ class Download:
                         reason="no parent can serve the missing pieces",
                     ),
                 )
-            with trio.move_on_after(RESCHEDULE_INTERVAL):
+            wake = trio.current_time() + RESCHEDULE_INTERVAL
+            rest = picker.busy_until()
+            with trio.move_on_at(wake if rest is None else min(wake, rest)):
                 await self._changed.wait()
 
     async def _fetch_piece(self, session: SchedulerSession, number: int, parent: _Parent) -> None:
@@ -778,6 +819,10 @@ class Download:
                 await self._settle_piece(number, pid, buf, length, expected, started)
             if scope.cancelled_caught:
                 self.picker.on_cancelled(number, pid)  # stopped by us: no blame
+        except ParentBusy:
+            # Not a failure: the parent is full; ask it again a moment later.
+            self.picker.on_busy(number, pid, trio.current_time())
+            self._notify()
         except DigestMismatch:
             failure = "digest mismatch"
             self.daemon.metrics.piece_failures.labels("digest").inc()
@@ -820,6 +865,9 @@ class Download:
         url = f"{parent.base_url}/pieces/{self.task_id}/{number}"
         with trio.fail_after(self.daemon.config.download.piece_timeout):
             async with parent.client.request("GET", url) as r:
+                if r.status == 503:
+                    await discard(r)
+                    raise ParentBusy(url)
                 if r.status != 200:
                     raise HTTPClientError(f"parent answered {r.status}")
                 if r.content_length != length:
@@ -916,6 +964,7 @@ class Download:
         cfg = self.daemon.config.download
         if not req.back_to_source or not cfg.back_to_source:
             raise DownloadFailed("no parent can serve and back-to-source is off")
+        self._announce.stagger = True  # new bytes enter the swarm here
         if msg is not None:
             self._add_digests(msg.digests)
         if not (self.metadata_ready.is_set() and self._all_pieces_had):

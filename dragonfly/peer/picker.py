@@ -42,6 +42,8 @@ class _Parent:
     """
 
     __slots__ = (
+        "busy_streak",
+        "busy_until",
         "capacity",
         "consecutive_failures",
         "failures",
@@ -54,6 +56,8 @@ class _Parent:
 
     def __init__(self, capacity: int | None, rank: float) -> None:
         self.capacity = capacity  # None: the picker's per_parent_limit
+        self.busy_until = 0.0  # refused a request for want of upload slots: rest till then
+        self.busy_streak = 0  # refusals since its last success: the rest doubles with each
         self.has_bits = 0  # pieces it announced
         self.serve_bits = 0  # pieces it announced and did not fail on
         self.in_flight: set[int] = set()
@@ -76,11 +80,13 @@ class PiecePicker:
         *,
         have: Iterable[int] = (),
         max_in_flight: int = 8,
-        per_parent_limit: int = 4,
+        per_parent_limit: int = 2,
         window: int = 8,
         endgame_duplicates: int = 2,
         endgame_after: float = 1.0,
         failure_threshold: int = 3,
+        busy_backoff: float = 0.25,
+        busy_backoff_max: float = 0.5,
         seed: int | str | bytes = 0,
     ) -> None:
         if piece_count < 0:
@@ -107,6 +113,9 @@ class PiecePicker:
         self._now: float | None = None
         self._request_started: dict[int, float] = {}  # piece -> start of its first request
         self._failure_threshold = failure_threshold
+        self._busy_backoff = busy_backoff
+        self._busy_backoff_max = busy_backoff_max
+        self._resting: dict[str, _Parent] = {}  # parents resting after a "busy" answer
         self._rng = random.Random(seed)
 
         perm = list(range(piece_count))
@@ -219,6 +228,7 @@ class PiecePicker:
         engine may learn twice that a parent left).
         """
         parent = self._parents.pop(parent_id, None)
+        self._resting.pop(parent_id, None)
         if parent is None:
             return []
         bits = parent.has_bits
@@ -290,10 +300,14 @@ class PiecePicker:
         budget = self._max_in_flight - self._requests
         if budget <= 0 or self.done:
             return []
+        if now is not None and self._resting:
+            for pid in [pid for pid, p in self._resting.items() if p.busy_until <= now]:
+                del self._resting[pid]
+        resting = self._resting if now is not None else {}
         free: dict[str, int] = {}
         for pid, parent in self._parents.items():
             slots = self._capacity(parent) - len(parent.in_flight)
-            if slots > 0:
+            if slots > 0 and pid not in resting:
                 free[pid] = slots
         if not free:
             return []
@@ -364,6 +378,7 @@ class PiecePicker:
         if parent is not None and requesters is not None and parent_id in requesters:
             self._measure(parent, nbytes, seconds)
             parent.consecutive_failures = 0
+            parent.busy_streak = 0
         if number in self._have:
             return []
         cancel: list[tuple[int, str]] = []
@@ -389,6 +404,32 @@ class PiecePicker:
         parent.serve_bits &= ~bit
         parent.failures += 1
         parent.consecutive_failures += 1
+
+    def on_busy(self, number: int, parent_id: str, now: float) -> None:
+        """The parent refused the request at once: every upload slot of its host is taken.
+        Not the parent's fault and not the piece's: the piece goes back to the queue and
+        the parent rests (``busy_backoff``, doubling with each refusal in a row up to
+        ``busy_backoff_max``; ``pick(now)`` honours it)."""
+        self._check_number(number)
+        requesters = self._in_flight.get(number)
+        parent = self._parents.get(parent_id)
+        if requesters is None or parent_id not in requesters or parent is None:
+            return
+        self._drop_request(number, parent_id, parent)
+        rest = min(self._busy_backoff * (1 << min(parent.busy_streak, 16)), self._busy_backoff_max)
+        parent.busy_streak += 1
+        parent.busy_until = max(parent.busy_until, now + rest)
+        self._resting[parent_id] = parent
+
+    def busy_until(self) -> float | None:
+        """The earliest moment a resting parent that could serve a waiting piece takes
+        requests again (None: none is resting); the engine wakes the picker then."""
+        waiting = self._waiting_bits
+        best: float | None = None
+        for p in self._resting.values():
+            if p.serve_bits & waiting and (best is None or p.busy_until < best):
+                best = p.busy_until
+        return best
 
     def on_cancelled(self, number: int, parent_id: str) -> None:
         """The engine abandoned a request without blaming the parent (it stopped it for

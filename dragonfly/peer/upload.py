@@ -60,6 +60,7 @@ class UploadHandler:
     def __init__(self, daemon: PeerDaemon) -> None:
         self.daemon = daemon
         self.load_limit = trio.CapacityLimiter(daemon.config.upload.concurrent_limit)
+        self.queue_limit = daemon.config.upload.queue_limit
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         path = request.target.split("?", 1)[0]
@@ -82,20 +83,40 @@ class UploadHandler:
                 if piece is None:
                     await responder.send(404, f"piece {number} of {task_id} not held\n".encode())
                     return
-                async with self.load_limit:
-                    daemon.metrics.active_uploads.inc()
-                    try:
-                        headers = Headers(
-                            [
-                                (b"content-length", str(piece.length).encode()),
-                                (b"content-type", b"application/octet-stream"),
-                            ]
-                        )
-                        await responder.start(200, headers)
-                        await self._send(responder, handle.file.fd, piece.offset, piece.length)
-                        await responder.finish()
-                    finally:
-                        daemon.metrics.active_uploads.dec()
+                download = daemon.tasks.active(task_id)
+                limit = self.load_limit
+                if (
+                    limit.available_tokens == 0
+                    and limit.statistics().tasks_waiting >= self.queue_limit
+                    and not (download is not None and download.held_back(number))
+                ):
+                    # Every upload slot taken and enough requests waiting: say so at once
+                    # (the child asks another parent meanwhile) rather than queue it
+                    # behind pieces already moving. A held-back piece's first copy is
+                    # never refused: the swarm needs it (dragonfly/peer/announce.py).
+                    daemon.metrics.busy_refusals.inc()
+                    await responder.send(
+                        503, b"busy: every upload slot is taken\n", headers=[(b"retry-after", b"1")]
+                    )
+                    return
+                await limit.acquire()
+                daemon.metrics.active_uploads.inc()
+                try:
+                    headers = Headers(
+                        [
+                            (b"content-length", str(piece.length).encode()),
+                            (b"content-type", b"application/octet-stream"),
+                        ]
+                    )
+                    await responder.start(200, headers)
+                    await self._send(responder, handle.file.fd, piece.offset, piece.length)
+                    await responder.finish()
+                finally:
+                    daemon.metrics.active_uploads.dec()
+                    limit.release()
+                download = daemon.tasks.active(task_id)
+                if download is not None:
+                    download.piece_uploaded(number)
         except UnknownTask:
             await responder.send(404, f"task {task_id} not held\n".encode())
         except StorageError as exc:

@@ -82,22 +82,20 @@ __all__ = [
 # Digests per message: [number, 32 bytes] is ~40 bytes of CBOR, so 8000 stay far below
 # the 1 MiB frame and the codec's 10,000-item list limit.
 DIGESTS_PER_MESSAGE = 8000
-# Bounds that keep one decision's cost independent of the swarm's size: random draws
-# from the task's serving peers per candidate wanted, and peers visited by the cycle
-# check (beyond which a candidate that might close a cycle is refused).
+# Bounds one decision's cost independent of the swarm's size: random draws from the
+# task's serving peers per candidate wanted.
 _DRAWS_PER_CANDIDATE = 4
-_CYCLE_CHECK_BUDGET = 64
-_TOP_UP_CYCLE_CHECK_BUDGET = 16  # a top-up is optional: give up sooner
 
 _SCHEDULABLE = (PeerState.PENDING, PeerState.RUNNING)
 _SERVING = (PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED, PeerState.RUNNING)
+_WHOLE = (PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED)
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerSettings:
     """The knobs of scheduling and collection (config: [scheduling] and [gc])."""
 
-    candidate_parent_limit: int = 4  # parents handed to a peer at once
+    candidate_parent_limit: int = 8  # parents handed to a peer at once
     filter_parent_limit: int = 40  # candidates scored per decision
     back_to_source_count: int = 3  # peers of one task fetching from the origin at once
     retry_limit: int = 5  # retries without a parent before back to source
@@ -110,7 +108,7 @@ class SchedulerSettings:
     # after this long is presumed lost; the next seed (or a waiting peer) takes over.
     seed_trigger_timeout: float = 5.0
     # Running peers with fewer parents than the limit offered each new serving peer.
-    top_up_limit: int = 4
+    top_up_limit: int = 8
 
     @classmethod
     def from_config(cls, cfg: SchedulerConfig) -> SchedulerSettings:
@@ -525,7 +523,7 @@ class Scheduler:
         chosen = (
             []
             if task.content_length == 0
-            else self._select_parents(peer, prefer, only_prefer=only_prefer)
+            else self._select_parents(peer, prefer, only_prefer=only_prefer, refresh=force)
         )
         self._set_parents(peer, chosen)
         if not chosen and task.content_length != 0:
@@ -571,25 +569,27 @@ class Scheduler:
         return True
 
     def _select_parents(
-        self, peer: Peer, prefer: Peer | None, *, only_prefer: bool = False
+        self, peer: Peer, prefer: Peer | None, *, only_prefer: bool = False, refresh: bool = False
     ) -> list[Peer]:
         """Keep the parents that still serve, fill up with the best-scored candidates
-        (``only_prefer``: with ``prefer`` alone, if it may parent this peer)."""
+        that hold something the peer lacks (``only_prefer``: with ``prefer`` alone, if it
+        may parent this peer).  ``refresh`` (the peer is stalled or lost a parent): keep
+        only parents that hold a piece the peer lacks, so that a stalled peer gets new
+        ones rather than the same set again."""
         limit = self.settings.candidate_parent_limit
         sources = peer.task.sources
         keep = [
             p
             for p in peer.parents.values()
-            if p in sources and p.id not in peer.blocklist and p.host.connected
+            if p in sources
+            and p.id not in peer.blocklist
+            and p.host.connected
+            and (not refresh or _useful(p, peer))
         ][:limit]
         need = limit - len(keep)
         if need <= 0:
             return keep
-        accept = _ParentFilter(
-            peer,
-            {p.id for p in keep},
-            _TOP_UP_CYCLE_CHECK_BUDGET if only_prefer else _CYCLE_CHECK_BUDGET,
-        )
+        accept = _ParentFilter(peer, {p.id for p in keep}, useful=True)
         if only_prefer:
             if prefer is not None and prefer in sources and accept(prefer):
                 keep.append(prefer)
@@ -708,8 +708,8 @@ class Scheduler:
             self._unwait(peer)
             return
         task = peer.task
-        if task.metadata_known or not self._has_source(task):
-            peer.attempts += 1
+        if not self._has_open_source(task, peer):
+            peer.attempts += 1  # (waiting for a free upload slot of a live source is free)
         peer.next_retry = now + self.settings.retry_interval
         limit = self.settings.retry_limit
         if peer.attempts >= limit and self._bts_allowed(task):
@@ -760,6 +760,19 @@ class Scheduler:
         sources = task.sources
         return any(p in sources for p in task.back_to_source.values()) or any(
             p in sources for p in task.succeeded.values()
+        )
+
+    def _has_open_source(self, task: Task, peer: Peer) -> bool:
+        """A seed was just asked to fetch the task, or a peer fetching it from the origin
+        or holding all of it is live and not blocked by ``peer``: the peer's parents will
+        come as upload slots free up and pieces spread."""
+        if task.seed_host is not None:
+            return True
+        sources = task.sources
+        blocked = peer.blocklist
+        return any(
+            p in sources and p.id not in blocked and p.host.connected
+            for p in itertools.chain(task.back_to_source.values(), task.succeeded.values())
         )
 
     def _ensure_source(self, task: Task, now: float, out: list[Send]) -> None:
@@ -1020,96 +1033,41 @@ class Scheduler:
             assert host.active_uploads == load.get(host.id, 0), host
         for pid, peer in self._waiting.items():
             assert self._peers.get(pid) is peer, peer
-        # Acyclic: iterative DFS with colours over parent edges.
-        colour: dict[str, int] = {}
-        for start in self._peers.values():
-            if start.id in colour:
-                continue
-            stack: list[tuple[Peer, Any]] = [(start, iter(start.parents.values()))]
-            colour[start.id] = 1
-            while stack:
-                node, it = stack[-1]
-                nxt = next(it, None)
-                if nxt is None:
-                    colour[node.id] = 2
-                    stack.pop()
-                    continue
-                c = colour.get(nxt.id, 0)
-                assert c != 1, f"cycle through {nxt.id}"
-                if c == 0:
-                    colour[nxt.id] = 1
-                    stack.append((nxt, iter(nxt.parents.values())))
 
 
 class _ParentFilter:
     """Whether a serving peer may parent ``child`` in one decision: not itself, not an
-    excluded or blocked one, not on its host or a bad/disconnected/non-uploading host,
-    and not a descendant of it (the edge would close a cycle).
+    excluded or blocked one, not on its host or a bad/disconnected host or one whose
+    upload slots are all promised to children, and (``useful``) holding some piece the child lacks.
 
-    The cycle check is exact while it is cheap: the child's descendants are listed
-    once (up to a budget); a child with a larger subtree falls back to searching each
-    candidate's ancestors for the child, memoising the peers proven clear, again
-    within a budget.  Past the budget a candidate with parents is refused: a missed
-    parent is harmless, a cycle is not.
+    Parent edges may form cycles: A fetching piece 5 from B while B fetches piece 7
+    from A is how a swarm uses every host's upload. A child only ever requests pieces
+    its parent announced, so a cycle cannot deadlock; an acyclic parent graph, on the
+    other hand, caps a swarm fed at the origin's rate to a chain (the prefix of its
+    topological order must spend all its upload on the next peer).
     """
 
-    __slots__ = ("_budget", "_descendants", "_listed", "_safe", "child", "exclude")
+    __slots__ = ("child", "exclude", "useful")
 
-    def __init__(self, child: Peer, exclude: set[str], budget: int) -> None:
+    def __init__(self, child: Peer, exclude: set[str], *, useful: bool) -> None:
         self.child = child
         self.exclude = exclude
-        self._listed = False
-        self._descendants: set[str] | None = None
-        self._safe: set[str] = set()
-        self._budget = budget
+        self.useful = useful
 
     def __call__(self, c: Peer) -> bool:
         child = self.child
         if c is child or c.id in self.exclude or c.id in child.blocklist:
             return False
         h = c.host
-        if h is child.host or not h.connected or h.bad or h.info.upload_limit <= 0:
-            return False
-        # Only a peer with parents can be below the child, only a child with children
-        # can have anything below it.
-        return not (c.parents and child.children) or not self._below_child(c)
-
-    def _below_child(self, c: Peer) -> bool:
-        if not self._listed:
-            self._listed = True
-            self._descendants = _descendants(self.child, self._budget)
-        if self._descendants is not None:
-            return c.id in self._descendants
-        child, safe = self.child, self._safe
-        seen = {c.id}
-        stack = [c]
-        while stack:
-            for q in stack.pop().parents.values():
-                if q is child:
-                    return True
-                if q.id in safe or q.id in seen:
-                    continue
-                self._budget -= 1
-                if self._budget < 0:
-                    return True  # unknown: treat as a cycle
-                seen.add(q.id)
-                stack.append(q)
-        safe.update(seen)
-        return False
+        if h is child.host or not h.connected or h.bad or h.active_uploads >= h.info.upload_limit:
+            return False  # (a host with every upload slot promised answers "busy")
+        return not self.useful or _useful(c, child)
 
 
-def _descendants(peer: Peer, budget: int) -> set[str] | None:
-    """Ids of every peer below ``peer`` in the DAG; None when there are more than budget."""
-    seen: set[str] = set()
-    stack = [peer]
-    while stack:
-        for c in stack.pop().children.values():
-            if c.id not in seen:
-                if len(seen) >= budget:
-                    return None
-                seen.add(c.id)
-                stack.append(c)
-    return seen
+def _useful(parent: Peer, child: Peer) -> bool:
+    """Whether ``parent`` holds, or is about to hold, a piece ``child`` lacks: one that
+    finished, or fetches from the origin, has (or will have) every piece."""
+    return parent.state in _WHOLE or parent.finished.has_outside(child.finished)
 
 
 def _chunks(items: list[PieceDigest]) -> Iterable[list[PieceDigest]]:

@@ -114,16 +114,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--latency", type=_duration, default=0.001, help="peer-scheduler one-way latency (1ms)"
     )
     knobs.add_argument(
-        "--parents", type=_count, default=4, help="[scheduling] candidate_parent_limit (4)"
+        "--parents", type=_count, default=8, help="[scheduling] candidate_parent_limit (8)"
     )
     knobs.add_argument(
         "--concurrent-pieces", type=_count, default=8, help="[download] concurrent_piece_count (8)"
     )
     knobs.add_argument(
-        "--per-parent", type=_count, default=4, help="piece picker requests per parent (4)"
+        "--per-parent", type=_count, default=2, help="piece picker requests per parent (2)"
     )
     knobs.add_argument(
-        "--upload-slots", type=_count, default=50, help="[upload] concurrent_limit (50)"
+        "--upload-slots", type=_count, default=2, help="[upload] concurrent_limit (2)"
+    )
+    knobs.add_argument(
+        "--upload-queue", type=_count0, default=2, help="[upload] queue_limit (2)"
+    )
+    knobs.add_argument(
+        "--upload-children", type=_count, default=16, help="[upload] children_limit (16)"
+    )
+    knobs.add_argument(
+        "--no-stagger",
+        action="store_true",
+        help="a peer fetching from the origin announces each piece to every child at once",
     )
     knobs.add_argument(
         "--piece-timeout", type=_timeout, default=30.0, help="[download] piece_timeout (30s)"
@@ -161,9 +172,14 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         concurrent_pieces=args.concurrent_pieces,
         per_parent_limit=args.per_parent,
         upload_slots=args.upload_slots,
+        upload_queue=args.upload_queue,
+        upload_children=args.upload_children,
+        stagger=not args.no_stagger,
         piece_timeout=args.piece_timeout,
         stall_limit=args.stall_limit,
-        settings=SchedulerSettings(candidate_parent_limit=args.parents),
+        settings=SchedulerSettings(
+            candidate_parent_limit=args.parents, top_up_limit=args.parents
+        ),
         check_invariants=args.check_invariants,
     )
 

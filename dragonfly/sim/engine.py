@@ -215,12 +215,18 @@ class Network:
         size: int,
         on_done: Callable[[Flow], None],
         data: Any = None,
+        *,
+        urgent: bool = False,
     ) -> Flow:
-        """Begin moving ``size`` bytes (queued behind the uploader's slots)."""
+        """Begin moving ``size`` bytes (queued behind the uploader's slots; ``urgent``:
+        at the head of the queue)."""
         now = self._loop.now
         flow = Flow(next(self._ids), src, dst, size, on_done, data, now)
         if len(src.uploads) >= src.slots:
-            src.queue.append(flow)
+            if urgent:
+                src.queue.appendleft(flow)
+            else:
+                src.queue.append(flow)
         else:
             self._activate(flow, now)
         return flow

@@ -39,6 +39,7 @@ from typing import Any
 
 from dragonfly.identity import piece_count as count_pieces
 from dragonfly.identity import piece_length_for, task_id
+from dragonfly.peer.announce import AnnounceSchedule
 from dragonfly.peer.picker import PiecePicker
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
 from dragonfly.sim.bound import fluid_bound, piece_factor
@@ -84,9 +85,13 @@ class SimConfig:
     seed: int = 0
     latency: float = 0.001  # one-way peer <-> scheduler message latency
     concurrent_pieces: int = 8  # [download] concurrent_piece_count
-    per_parent_limit: int = 4  # the engine's PiecePicker default: requests per parent
+    per_parent_limit: int = 2  # the engine's PiecePicker default: requests per parent
     origin_concurrency: int = 8  # [download] origin_concurrency
-    upload_slots: int = 50  # [upload] concurrent_limit
+    upload_slots: int = 2  # [upload] concurrent_limit
+    upload_queue: int = 2  # [upload] queue_limit: requests that wait for a slot
+    upload_children: int = 16  # [upload] children_limit: the host's HostInfo.upload_limit
+    stagger: bool = True  # a peer fetching from the origin staggers its announcements
+    reveal_after: float = 2.0  # ... and tells the other children this much later
     piece_timeout: float = 30.0  # [download] piece_timeout: queueing at the parent included
     report_interval: float = 0.05  # PiecesFinished batching, as the real engine
     reschedule_interval: float = 1.0  # at most one Reschedule per this, as the real engine
@@ -217,6 +222,7 @@ class SimNode:
     """One simulated host with its one download of the task (a peer or a seed peer)."""
 
     __slots__ = (
+        "announce",
         "arrived",
         "blocked",
         "bts",
@@ -243,6 +249,7 @@ class SimNode:
         "picker",
         "registered",
         "reports",
+        "reveal_pending",
         "seed",
         "subscribers",
         "sw",
@@ -268,7 +275,7 @@ class SimNode:
             ip="10.0.0.1",
             upload_port=4000,
             seed=seed,
-            upload_limit=cfg.upload_slots,
+            upload_limit=cfg.upload_children,
             upload_rate=int(cfg.peer_up),
         )
         k = sw.k
@@ -286,10 +293,14 @@ class SimNode:
         self.known_count = 0
         self.parents: dict[str, SimNode] = {}
         self.subscribers: dict[str, SimNode] = {}  # children following my announcements
+        self.announce: AnnounceSchedule[str] = AnnounceSchedule(
+            stagger=False, reveal_after=cfg.reveal_after
+        )
         self.blocked: dict[str, None] = {}
         self.fetches: dict[tuple[int, str], Flow] = {}
         self.reports: list[PieceReport] = []
         self.flush_pending = False
+        self.reveal_pending = False
         self.wake_pending = False
         self.timer_pending = False
         self.last_reschedule = -INF
@@ -373,9 +384,7 @@ class SimNode:
             self.parents[pid] = parent
             picker.add_parent(pid)
             # Subscribe: the backlog now, each new piece as it lands.
-            parent.subscribers[self.peer_id] = self
-            if parent.have_list:
-                picker.parent_has(pid, parent.have_list)
+            parent.subscribe(self)
         self.pump()
 
     def _add_digests(self, digests: list[PieceDigest]) -> None:
@@ -418,7 +427,7 @@ class SimNode:
             sw.wasted += sw.net.cancel(flow)
         self.fetches.clear()
         for parent in self.parents.values():
-            parent.subscribers.pop(self.peer_id, None)
+            parent.unsubscribe(self)
         self.parents.clear()
         # Its announcement channels close: its children drop it, as the real engine.
         for child in list(self.subscribers.values()):
@@ -438,6 +447,37 @@ class SimNode:
                 sw.wasted += sw.net.cancel(flow)
         self.pump()
 
+    # -- announcing to children ------------------------------------------------------
+
+    def subscribe(self, child: SimNode) -> None:
+        self.subscribers[child.peer_id] = child
+        self._tell(self.announce.subscribe(child.peer_id))
+
+    def unsubscribe(self, child: SimNode) -> None:
+        self.subscribers.pop(child.peer_id, None)
+        self._tell(self.announce.unsubscribe(child.peer_id))
+
+    def uploaded(self, number: int) -> None:
+        """A child received a whole piece from me."""
+        self.announce.uploaded(number, self.sw.loop.now)
+        self._tell([])
+
+    def _tell(self, announcements: list[tuple[str, list[int]]]) -> None:
+        me = self.peer_id
+        for child_id, numbers in announcements:
+            child = self.subscribers.get(child_id)
+            if child is not None:
+                for n in numbers:
+                    child.parent_has(me, n)
+        due = self.announce.next_due()
+        if due is not None and not self.reveal_pending:
+            self.reveal_pending = True
+            self.sw.loop.at(due, self._reveal)
+
+    def _reveal(self, _: object) -> None:
+        self.reveal_pending = False
+        self._tell(self.announce.due(self.sw.loop.now))
+
     # -- fetching from parents -------------------------------------------------------
 
     def pump(self) -> None:
@@ -447,12 +487,38 @@ class SimNode:
             return
         sw = self.sw
         now = sw.loop.now
-        for number, pid in picker.pick(now):
-            parent = self.parents[pid]
-            flow = sw.net.start(
-                parent.ep, self.ep, sw.piece_len(number), self._p2p_landed, (number, pid)
-            )
-            self.fetches[(number, pid)] = flow
+        refused = True
+        while refused:  # a refusal frees a request slot: pick again (that parent rests)
+            refused = False
+            for number, pid in picker.pick(now):
+                parent = self.parents[pid]
+                ep = parent.ep
+                # A held-back piece's first copy waits at the head of the queue: the
+                # swarm needs it (dragonfly/peer/announce.py), as the real upload server.
+                first = parent.announce.held_back(number)
+                if (
+                    not first
+                    and len(ep.uploads) >= ep.slots
+                    and len(ep.queue) >= sw.cfg.upload_queue
+                ):
+                    # Every upload slot taken: the parent answers 503 at once, as the
+                    # real upload server does.
+                    picker.on_busy(number, pid, now)
+                    sw.busy += 1
+                    refused = True
+                    continue
+                flow = sw.net.start(
+                    ep,
+                    self.ep,
+                    sw.piece_len(number),
+                    self._p2p_landed,
+                    (number, pid),
+                    urgent=first,
+                )
+                self.fetches[(number, pid)] = flow
+        rest = picker.busy_until()
+        if rest is not None and rest > now:
+            self._wake_at(rest)
         if not self.timer_pending and self.fetches:
             self._arm_timer()
         interval = sw.cfg.reschedule_interval
@@ -534,6 +600,9 @@ class SimNode:
         sw = self.sw
         now = sw.loop.now
         seconds = now - flow.started
+        parent = self.parents.get(pid)
+        if parent is not None:
+            parent.uploaded(number)
         for other in picker.on_success(number, pid, flow.size, seconds):
             dup = self.fetches.pop(other, None)
             if dup is not None:
@@ -554,11 +623,12 @@ class SimNode:
             return
         sw = self.sw
         self.bts = True
+        self.announce.stagger = sw.cfg.stagger  # new bytes enter the swarm here
         if not self.seed:
             sw.back_to_source += 1
         # Stop P2P: every parent dropped (and never asked again), fetches cancelled.
         for pid, parent in list(self.parents.items()):
-            parent.subscribers.pop(self.peer_id, None)
+            parent.unsubscribe(self)
             self.blocked[pid] = None
             if self.picker is not None:
                 for number in self.picker.remove_parent(pid):
@@ -649,10 +719,7 @@ class SimNode:
             )
         )
         self._schedule_flush()
-        if self.subscribers:
-            me = self.peer_id
-            for child in list(self.subscribers.values()):
-                child.parent_has(me, number)
+        self._tell(self.announce.landed((number,), sw.loop.now))
 
     def _schedule_flush(self) -> None:
         if not self.flush_pending and self.reports:
@@ -685,7 +752,7 @@ class SimNode:
             ),
         )
         for parent in self.parents.values():
-            parent.subscribers.pop(self.peer_id, None)
+            parent.unsubscribe(self)
         if not self.seed:
             sw.finished += 1
 
@@ -712,6 +779,7 @@ class Swarm:
         self.back_to_source = 0
         self.reschedules = 0
         self.timeouts = 0
+        self.busy = 0  # requests refused for want of upload slots
         self.origin_bytes = 0
         self.p2p_bytes = 0
         self.wasted = 0.0

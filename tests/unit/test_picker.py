@@ -213,7 +213,7 @@ def test_endgame_duplicates_and_cancellation() -> None:
 
 
 def test_no_endgame_while_a_piece_still_waits() -> None:
-    picker = PiecePicker(3, max_in_flight=8)
+    picker = PiecePicker(3, max_in_flight=8, per_parent_limit=4)
     picker.digest_known([0, 1])  # piece 2 is missing but cannot be requested yet
     for pid in ("a", "b"):
         picker.add_parent(pid)
@@ -528,3 +528,41 @@ def test_small_swarm_finishes_deterministically_and_shares() -> None:
     assert trace != run_swarm(pieces=32, children=3, seed=8)
     from_seed = sum(1 for _, _, parent in trace if parent == "seed")
     assert from_seed < 3 * 32  # children served each other part of the file
+
+
+def test_busy_parent_rests_without_blame() -> None:
+    picker = PiecePicker(2, max_in_flight=8, per_parent_limit=1, busy_backoff=0.5)
+    picker.digest_known([0, 1])
+    for pid in ("a", "b"):
+        picker.add_parent(pid)
+    picker.parent_has("a", [0, 1])
+    picker.parent_has("b", [0])
+    assert sorted(picker.pick(10.0)) == [(0, "b"), (1, "a")]  # rarest (1) first
+    picker.on_busy(0, "b", 10.0)
+    assert picker.busy_until() == 10.5
+    assert picker.parent_failures("b") == 0 and picker.suspended_parents() == []
+    assert picker.pick(10.1) == []  # a is full, b rests
+    assert not picker.stalled()  # resting is not stalled: no Reschedule for it
+    assert picker.pick(10.5) == [(0, "b")]
+    picker._check_invariants()
+
+
+def test_busy_rest_doubles_and_resets_on_success() -> None:
+    picker = PiecePicker(1, per_parent_limit=1, busy_backoff=0.25, busy_backoff_max=1.0)
+    picker.digest_known([0])
+    picker.add_parent("a")
+    picker.parent_has("a", [0])
+    rests = []
+    now = 0.0
+    for _ in range(4):
+        assert picker.pick(now) == [(0, "a")]
+        picker.on_busy(0, "a", now)
+        until = picker.busy_until()
+        assert until is not None
+        rests.append(until - now)
+        assert picker.pick(now) == []  # resting
+        now = until
+    assert rests == [0.25, 0.5, 1.0, 1.0]
+    assert picker.pick(now) == [(0, "a")]
+    picker.on_success(0, "a", 10, 0.1)
+    assert picker.done and picker.busy_until() is None

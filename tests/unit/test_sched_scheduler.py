@@ -352,7 +352,8 @@ def test_unknown_length_still_schedules() -> None:
     assert (task.content_length, task.piece_count, task.state) == (2500, 3, TaskState.SUCCEEDED)
 
 
-def test_no_cycles_when_an_ancestor_is_rescheduled() -> None:
+def test_two_peers_may_parent_each_other() -> None:
+    """Cycles are allowed: each side only asks for pieces the other announced."""
     w = World()
     w.seeded_task()
     w.connect("a")
@@ -360,13 +361,33 @@ def test_no_cycles_when_an_ancestor_is_rescheduled() -> None:
     w.register("a", "pa")
     w.pieces("a", "pa", [0], parent="s1")
     w.register("b", "pb")
-    w.pieces("b", "pb", [0], parent="pa")
-    assert set(w.s.peers["pb"].parents) == {"s1", "pa"}
-    # pa loses the seed; its only other candidate, pb, is below it.
+    w.pieces("b", "pb", [1], parent="s1")
+    assert "pa" in w.s.peers["pb"].parents
+    # pa loses the seed: pb holds piece 1, which pa lacks, so pb parents pa as well.
     out = w.send("a", Reschedule(peer_id="pa", task_id="t1", blocked_parents=["s1"]))
-    assert not of(out, CandidateParents, "a")
-    assert w.s.peers["pa"].parents == {}
-    assert "pa" in w.s.tasks["t1"].waiting
+    (cp,) = of(out, CandidateParents, "a")
+    assert parents_of(cp) == ["pb"]
+    assert "pa" in w.s.peers["pb"].parents and "pb" in w.s.peers["pa"].parents
+    w.s.check_invariants()
+
+
+def test_a_stalled_peer_gets_parents_with_pieces_it_lacks() -> None:
+    w = World()
+    w.seeded_task()
+    for h in "abc":
+        w.connect(h)
+    w.register("a", "pa")
+    w.pieces("a", "pa", [0], parent="s1")
+    w.register("b", "pb")
+    w.pieces("b", "pb", [0], parent="pa")
+    w.register("c", "pc")
+    w.pieces("c", "pc", [0, 1], parent="s1")
+    assert set(w.s.peers["pb"].parents) >= {"pa"}
+    # pb is stalled (it has what pa has): a refresh drops pa, keeps those with news.
+    out = w.send("b", Reschedule(peer_id="pb", task_id="t1", blocked_parents=["s1"]))
+    (cp,) = of(out, CandidateParents, "b")
+    assert "pa" not in parents_of(cp)
+    assert "pc" in parents_of(cp)
     w.s.check_invariants()
 
 

@@ -1,0 +1,167 @@
+"""Which child hears of which piece, and when: a parent's announcement schedule.
+
+Sans-I/O: the upload server (dragonfly/peer/upload.py, via the download's subscriptions)
+and the swarm simulation drive it with events (a child subscribes or leaves, a piece
+lands, the clock reaches ``next_due()``) and send the announcements it returns.
+
+Why a schedule and not "tell everyone at once": a peer that fetches from the origin is
+the only way new bytes enter the swarm, and its upload is as fast as the origin feeds it.
+Told of a new piece at the same moment, all of its children ask for that same piece (it
+is the rarest one for each of them), so its upload carries the piece many times over and
+new pieces enter the swarm at a fraction of the rate they could. Staggered, each new
+piece is first announced to one child (in turn), which passes it on to the swarm; the
+other children hear of it ``reveal_after`` seconds after that first copy was uploaded,
+so none of them waits for good on a piece that only this parent has (a first child that
+leaves, or does not fetch its piece within ``give_up_after``, passes it to the next
+child in turn). The upload server serves first copies ahead of other requests. This is BitTorrent's
+"super-seeding", on a timer because a parent here does not see its children's
+announcements.
+
+A normal peer announces at once (``stagger=False``): copies it uploads are needed by
+each child anyway.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Hashable, Iterable
+from typing import Generic, TypeVar
+
+__all__ = ["AnnounceSchedule"]
+
+Child = TypeVar("Child", bound=Hashable)
+
+
+class AnnounceSchedule(Generic[Child]):
+    """The announcements of one parent for one task.
+
+    Every method returns ``(child, numbers)`` pairs to announce now; a child is anything
+    hashable (a channel, a simulated node's id).
+    """
+
+    def __init__(
+        self, *, stagger: bool, reveal_after: float = 2.0, give_up_after: float = 30.0
+    ) -> None:
+        if reveal_after < 0 or give_up_after < 0:
+            raise ValueError("reveal_after and give_up_after must be >= 0")
+        self.stagger = stagger
+        self.reveal_after = reveal_after
+        self.give_up_after = give_up_after
+        self._children: dict[Child, None] = {}  # subscription order: the turn order
+        self._turn = 0
+        self._revealed: list[int] = []  # every child may know these
+        self._revealed_set: set[int] = set()
+        self._first: dict[int, Hashable] = {}  # held-back piece -> the child told first
+        self._timed: set[int] = set()  # held-back pieces whose first copy was uploaded
+        self._pending: list[tuple[float, int]] = []  # heap of (reveal time, piece)
+
+    @property
+    def children(self) -> int:
+        return len(self._children)
+
+    def subscribe(self, child: Child) -> list[tuple[Child, list[int]]]:
+        """A child subscribed: it hears of every revealed piece now."""
+        self._children[child] = None
+        return [(child, list(self._revealed))] if self._revealed else []
+
+    def known(self, numbers: Iterable[int]) -> None:
+        """Pieces held before anyone subscribed (resumed from disk): revealed, silently."""
+        self._reveal([n for n in numbers if n not in self._revealed_set and n not in self._first])
+
+    def unsubscribe(self, child: Child) -> list[tuple[Child, list[int]]]:
+        """A child left: its held-back pieces go to the next children in turn."""
+        self._children.pop(child, None)
+        orphans = [n for n, c in self._first.items() if c == child and n not in self._timed]
+        return self._pass_on(orphans)
+
+    def _pass_on(self, numbers: list[int]) -> list[tuple[Child, list[int]]]:
+        """Give held-back pieces to the next child in turn (or to all: none is left)."""
+        if not numbers:
+            return []
+        children = list(self._children)
+        if not children:
+            return self._reveal_now(numbers)
+        out: dict[Child, list[int]] = {}
+        for n in numbers:
+            child = children[self._turn % len(children)]
+            self._turn += 1
+            self._first[n] = child
+            out.setdefault(child, []).append(n)
+        return list(out.items())
+
+    def landed(self, numbers: Iterable[int], now: float) -> list[tuple[Child, list[int]]]:
+        """Pieces now held: to one child each in turn (staggered), else to every child."""
+        numbers = [n for n in numbers if n not in self._revealed_set and n not in self._first]
+        if not numbers:
+            return []
+        children = list(self._children)
+        if not self.stagger or len(children) <= 1:
+            self._reveal(numbers)
+            return [(c, numbers) for c in children] if children else []
+        out: dict[Child, list[int]] = {}
+        give_up = now + self.give_up_after
+        for n in numbers:
+            child = children[self._turn % len(children)]
+            self._turn += 1
+            self._first[n] = child
+            heapq.heappush(self._pending, (give_up, n))
+            out.setdefault(child, []).append(n)
+        return list(out.items())
+
+    def held_back(self, number: int) -> bool:
+        """Whether the piece awaits its first copy (its request goes ahead of others)."""
+        return number in self._first and number not in self._timed
+
+    def uploaded(self, number: int, now: float) -> None:
+        """A copy of the piece went out in full: the others hear of it reveal_after later."""
+        if number in self._first and number not in self._timed:
+            self._timed.add(number)
+            heapq.heappush(self._pending, (now + self.reveal_after, number))
+
+    def next_due(self) -> float | None:
+        """When ``due`` next has something to announce (None: nothing is held back)."""
+        pending = self._pending
+        while pending and pending[0][1] not in self._first:
+            heapq.heappop(pending)  # revealed already (its other timer fired first)
+        return pending[0][0] if pending else None
+
+    def due(self, now: float) -> list[tuple[Child, list[int]]]:
+        """Reveal the held-back pieces whose time has come to the children not yet told."""
+        pending = self._pending
+        reveal: list[int] = []
+        stale: list[int] = []
+        while pending and pending[0][0] <= now:
+            n = heapq.heappop(pending)[1]
+            if n not in self._first:
+                continue
+            if n in self._timed:
+                reveal.append(n)
+            else:  # its first child never fetched it: the next one gets the chance
+                stale.append(n)
+                heapq.heappush(pending, (now + self.give_up_after, n))
+        return self._reveal_now(reveal) + self._pass_on(stale)
+
+    def _reveal_now(self, numbers: list[int]) -> list[tuple[Child, list[int]]]:
+        if not numbers:
+            return []
+        out: dict[Child, list[int]] = {}
+        for n in numbers:
+            first = self._first.pop(n, None)
+            self._timed.discard(n)
+            for c in self._children:
+                if c is not first and c != first:
+                    out.setdefault(c, []).append(n)
+        self._reveal(numbers)
+        return list(out.items())
+
+    def reveal_all(self) -> list[tuple[Child, list[int]]]:
+        """Announce everything held back now (e.g. the parent has every piece and the
+        children with nowhere else to go should not wait)."""
+        self._pending.clear()
+        return self._reveal_now(list(self._first))
+
+    def _reveal(self, numbers: list[int]) -> None:
+        for n in numbers:
+            if n not in self._revealed_set:
+                self._revealed_set.add(n)
+                self._revealed.append(n)

@@ -1,0 +1,117 @@
+"""The announcement schedule of a parent (dragonfly/peer/announce.py)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dragonfly.peer.announce import AnnounceSchedule
+
+
+def told(out: list[tuple[str, list[int]]]) -> dict[str, list[int]]:
+    d: dict[str, list[int]] = defaultdict(list)
+    for child, numbers in out:
+        d[child].extend(numbers)
+    return dict(d)
+
+
+def test_unstaggered_tells_everyone_at_once() -> None:
+    s: AnnounceSchedule[str] = AnnounceSchedule(stagger=False)
+    assert s.subscribe("a") == []
+    s.subscribe("b")
+    assert told(s.landed([3], 0.0)) == {"a": [3], "b": [3]}
+    assert s.subscribe("c") == [("c", [3])]  # the backlog
+    assert s.next_due() is None
+
+
+def test_staggered_piece_goes_to_one_child_then_to_all_after_its_first_upload() -> None:
+    s: AnnounceSchedule[str] = AnnounceSchedule(stagger=True, reveal_after=2.0)
+    for c in ("a", "b", "c"):
+        s.subscribe(c)
+    assert told(s.landed([0, 1, 2], 0.0)) == {"a": [0], "b": [1], "c": [2]}  # in turn
+    assert s.held_back(0) and s.held_back(1)
+    assert s.subscribe("d") == []  # nothing revealed yet
+    s.uploaded(0, 5.0)
+    assert not s.held_back(0)  # its first copy is out: no priority any more
+    assert s.next_due() == 7.0
+    assert s.due(6.9) == []
+    assert told(s.due(7.0)) == {"b": [0], "c": [0], "d": [0]}  # not a again
+    assert s.subscribe("e") == [("e", [0])]
+
+
+def test_a_first_child_that_never_fetches_passes_the_piece_on() -> None:
+    s: AnnounceSchedule[str] = AnnounceSchedule(stagger=True, give_up_after=10.0)
+    s.subscribe("a")
+    s.subscribe("b")
+    assert told(s.landed([0], 0.0)) == {"a": [0]}
+    assert told(s.due(10.0)) == {"b": [0]}  # the next in turn gets its chance
+    assert s.held_back(0)
+    assert told(s.unsubscribe("b")) == {"a": [0]}  # b left: back to a
+
+
+def test_the_last_child_leaving_reveals_and_reveal_all_flushes() -> None:
+    s: AnnounceSchedule[str] = AnnounceSchedule(stagger=True)
+    s.subscribe("a")
+    s.subscribe("b")
+    s.landed([0, 1], 0.0)
+    assert told(s.reveal_all()) == {"a": [1], "b": [0]}
+    assert s.next_due() is None
+    assert s.subscribe("c") == [("c", [0, 1])]
+
+
+def test_known_pieces_are_revealed_silently() -> None:
+    s: AnnounceSchedule[str] = AnnounceSchedule(stagger=True)
+    s.known([4, 5])
+    assert s.subscribe("a") == [("a", [4, 5])]
+    assert s.landed([4], 1.0) == []  # already known: nothing new
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("sub"), st.integers(0, 5)),
+            st.tuples(st.just("unsub"), st.integers(0, 5)),
+            st.tuples(st.just("land"), st.integers(0, 30)),
+            st.tuples(st.just("upload"), st.integers(0, 30)),
+            st.tuples(st.just("tick"), st.integers(0, 5)),
+        ),
+        max_size=80,
+    ),
+    st.booleans(),
+)
+def test_every_child_hears_of_every_piece_exactly_once(ops: list, stagger: bool) -> None:
+    """Whatever happens, after reveal_all every child still subscribed has been told of
+    every landed piece exactly once, and never of a piece that did not land."""
+    s: AnnounceSchedule[str] = AnnounceSchedule(stagger=stagger, reveal_after=1.0, give_up_after=3.0)
+    heard: dict[str, list[int]] = {}
+    landed: set[int] = set()
+    now = 0.0
+
+    def record(out: list[tuple[str, list[int]]]) -> None:
+        for child, numbers in out:
+            assert child in heard, "told a child that is not subscribed"
+            heard[child].extend(numbers)
+
+    for op, arg in ops:
+        child = f"c{arg}"
+        if op == "sub" and child not in heard:
+            heard[child] = []
+            record(s.subscribe(child))
+        elif op == "unsub" and child in heard:
+            del heard[child]
+            record(s.unsubscribe(child))
+        elif op == "land":
+            landed.add(arg)
+            record(s.landed([arg], now))
+        elif op == "upload" and arg in landed:
+            s.uploaded(arg, now)
+        elif op == "tick":
+            now += arg
+            record(s.due(now))
+    record(s.reveal_all())
+    for child, numbers in heard.items():
+        assert sorted(numbers) == sorted(set(numbers)), f"{child} told twice: {numbers}"
+        assert set(numbers) == landed, child
