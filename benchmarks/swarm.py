@@ -25,9 +25,13 @@ Modes:
     loopback    127.0.0.1 only: nginx `limit_rate` for the origin, dragonfly's own
                 upload rate limit for the peers, aria2's for BitTorrent (approximate)
 
+Dragonfly's peers are configured with upload.rate_limit = U_p (download.rate_limit = D),
+as an operator sizes them, so the scheduler knows their rates; in netns mode the kernel
+enforces the caps all the same (--no-app-limits: leave the peers' own limits unset).
+
 python -m benchmarks swarm [--peers 8,16] [--size 256MiB] [--origin-up 10MB/s]
     [--peer-up 10MB/s] [--peer-down RATE] [--seed-peers 1] [--mode netns|loopback]
-    [--only dragonfly,direct,bittorrent]
+    [--only dragonfly,direct,bittorrent] [--no-app-limits]
 """
 
 from __future__ import annotations
@@ -941,7 +945,12 @@ def main(argv: list[str]) -> int:
         help="netns mode: leave dragonfly's own upload/download rate limits unset "
         "(the kernel's caps alone; the scheduler is not told the peers' rates)",
     )
-    parser.add_argument("--mode", choices=("netns", "loopback"), default=None)
+    parser.add_argument(
+        "--mode",
+        choices=("netns", "loopback"),
+        default=None,
+        help="default: netns when root and `ip netns` work, else loopback",
+    )
     parser.add_argument(
         "--only", type=parse_only, default=list(CONTENDERS), help="comma list of contenders"
     )

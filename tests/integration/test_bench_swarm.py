@@ -59,6 +59,14 @@ def start(results: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
+def cmdline(pid: int) -> bytes:
+    """A process's command line; empty once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def fluid(n: int, f: int, u_o: float, u_p: float, m: int) -> float:
     """Kumar & Ross, written out again: max(F/U_o, N·F / (U_o + (N+M)·U_p))."""
     return max(f / u_o, n * f / (u_o + (n + m) * u_p))
@@ -144,11 +152,7 @@ def test_swarm_interrupted_leaves_nothing(tmp_path: Path) -> None:
     # Wait until the clients run: curl processes inside the peers' namespaces.
     while time.monotonic() < deadline and proc.poll() is None:
         inside = [p for ns in netns.ours(run_id) for p in netns.netns_pids(ns)]
-        if any(
-            b"curl" in Path(f"/proc/{p}/cmdline").read_bytes()
-            for p in inside
-            if Path(f"/proc/{p}").exists()
-        ):
+        if any(b"curl" in cmdline(p) for p in inside):
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0]
