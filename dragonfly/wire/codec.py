@@ -47,6 +47,7 @@ __all__ = [
     "encode",
     "limits",
     "message",
+    "reused",
 ]
 
 PROTOCOL_VERSION = 1
@@ -121,7 +122,8 @@ class _ClassSpec:
     cls: type
     compact: bool
     validate: _Validator
-    encode: Callable[[Any], Any]
+    encode: Callable[[Any], Any]  # to a CBOR-ready value (for nesting)
+    to_bytes: Callable[[Any], bytes] | None = None  # messages: the whole frame
 
 
 _REGISTRY: dict[str, type[Message]] = {}
@@ -150,6 +152,13 @@ def limits(
 def compact(cls: T) -> T:
     """Mark a nested dataclass to be encoded as an array of its fields (hot records)."""
     cls._wire_compact = True  # type: ignore[attr-defined]
+    return cls
+
+
+def reused(cls: T) -> T:
+    """Mark a nested record that senders reuse across messages (the same object in many
+    frames): lists of it are encoded from a cache of each record's bytes."""
+    cls._wire_reused = True  # type: ignore[attr-defined]
     return cls
 
 
@@ -320,8 +329,139 @@ def _class_spec(cls: type, tag: str | None = None) -> _ClassSpec:
         src += "def encode(o):\n    return {" + ", ".join(enc_items) + "}\n"
     exec(compile(src, f"<wire codec for {cls.__qualname__}>", "exec"), ns)
     spec = _ClassSpec(cls=cls, compact=is_compact, validate=ns["validate"], encode=ns["encode"])
+    if tag is not None:
+        spec.to_bytes = _frame_encoder(cls, tag, hints, ns)
     _SPECS[cls] = spec
     return spec
+
+
+# ---------------------------------------------------------------------------
+# Frame encoding with cached records
+# ---------------------------------------------------------------------------
+#
+# The scheduler sends the same records again and again: a task's PieceDigest list in
+# every CandidateParents of that task, a parent's ParentInfo to each of its children.
+# Encoding them is most of the cost of those messages (cbor2 spends ~0.5 us per small
+# array), so a message's lists of records are written from a cache of each record's
+# CBOR bytes, keyed by the record object (only for record classes marked @reused: a
+# record sent once would only fill the cache).  The records are frozen dataclasses
+# of scalars: their bytes cannot change.  Such lists come last in the message's map (one
+# cbor2 call writes every other field); the decoder does not care about key order.
+
+# Records per class; past it that class's cache starts afresh.  One class's churn (a
+# ParentInfo per peer, gone when the peer leaves) does not evict another's hot records
+# (a task's digests).  At most a few MiB per class.
+_RECORD_CACHE_LIMIT = 1 << 14
+
+
+class _RecordCache:
+    """id(record) -> its CBOR bytes.  `keep` holds every cached record alive, so an id in
+    `raw` cannot be reused by another object while this cache exists: a hit by id is a
+    hit on the very same object."""
+
+    __slots__ = ("keep", "raw")
+
+    def __init__(self) -> None:
+        self.raw: dict[int, bytes] = {}
+        self.keep: list[object] = []
+
+    def add(self, record: object, data: bytes) -> None:
+        self.keep.append(record)  # first keep it alive, then make it findable
+        self.raw[id(record)] = data
+
+
+# The current cache of each @reused class (a new one replaces a full one: readers of
+# the old one stay consistent).
+_record_caches: dict[type, _RecordCache] = {}
+
+
+def _array_head(n: int) -> bytes:
+    if n < 24:
+        return bytes((0x80 | n,))
+    if n < 0x100:
+        return bytes((0x98, n))
+    if n < 0x10000:
+        return b"\x99" + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return b"\x9a" + n.to_bytes(4, "big")
+    return b"\x9b" + n.to_bytes(8, "big")
+
+
+def _record_list_encoder(record_cls: type) -> Callable[[Any], bytes]:
+    dumps = cbor2.dumps
+    record_encode = _class_spec(record_cls).encode
+    caches = _record_caches
+    caches.setdefault(record_cls, _RecordCache())
+
+    def encode_list(items: Any) -> bytes:
+        cache = caches[record_cls]
+        parts = list(map(cache.raw.get, map(id, items)))
+        try:
+            return _array_head(len(parts)) + b"".join(parts)
+        except TypeError:  # a None: records not cached yet
+            pass
+        for i, part in enumerate(parts):
+            if part is None:
+                item = items[i]
+                parts[i] = data = dumps(record_encode(item))
+                if len(cache.keep) >= _RECORD_CACHE_LIMIT:
+                    cache = caches[record_cls] = _RecordCache()
+                cache.add(item, data)
+        return _array_head(len(parts)) + b"".join(parts)
+
+    return encode_list
+
+
+_SCALARS = (int, str, bytes, bool, float, type(None))
+
+
+def _cacheable_record(tp: Any) -> type | None:
+    """The record class of a `list[Record]` field whose records can be cached: marked
+    @reused, a frozen dataclass with scalar fields only (so its bytes never change)."""
+    if typing.get_origin(tp) is not list:
+        return None
+    (item,) = typing.get_args(tp)
+    if not (isinstance(item, type) and dataclasses.is_dataclass(item)):
+        return None
+    if not getattr(item, "_wire_reused", False):
+        return None
+    if not item.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        return None
+    for hint in typing.get_type_hints(item).values():
+        args = typing.get_args(hint) if typing.get_origin(hint) is not None else (hint,)
+        if not all(a in _SCALARS for a in args):
+            return None
+    return item
+
+
+def _frame_encoder(
+    cls: type, tag: str, hints: dict[str, Any], ns: dict[str, Any]
+) -> Callable[[Any], bytes]:
+    """A message's frame: one map head for every field, the plain fields written by one
+    cbor2 call (its own 1-byte map head dropped), then each list of cacheable records."""
+    fields = dataclasses.fields(cls)
+    plain_enc: Callable[[Any], Any] = ns["encode"]
+    records = {f.name: _cacheable_record(hints[f.name]) for f in fields}
+    if len(fields) + 1 >= 24 or not any(records.values()):  # (a map head of one byte)
+        return lambda o: cbor2.dumps(plain_enc(o))
+    env: dict[str, Any] = {"_dumps": cbor2.dumps, "_join": b"".join}
+    plain = [f"{_TAG_KEY!r}: {tag!r}"]
+    lists = []
+    for i, f in enumerate(fields):
+        record = records[f.name]
+        if record is not None:
+            env[f"_r{i}"] = _record_list_encoder(record)
+            lists += [repr(cbor2.dumps(f.name)), f"_r{i}(o.{f.name})"]
+        elif f"_e{i}" in ns:  # the field's own encoder (a nested record, an optional...)
+            env[f"_e{i}"] = ns[f"_e{i}"]
+            plain.append(f"{f.name!r}: _e{i}(o.{f.name})")
+        else:
+            plain.append(f"{f.name!r}: o.{f.name}")
+    head = repr(bytes((0xA0 | (len(fields) + 1),)))
+    parts = [head, "_dumps({" + ", ".join(plain) + "})[1:]", *lists]
+    src = "def to_bytes(o):\n    return _join((" + ", ".join(parts) + ",))\n"
+    exec(compile(src, f"<wire frame encoder for {cls.__qualname__}>", "exec"), env)
+    return env["to_bytes"]  # type: ignore[no-any-return]
 
 
 def _compile(tp: Any, meta: dict[str, Any]) -> _TypeSpec:
@@ -539,6 +679,9 @@ def _prescan(data: bytes, max_depth: int = MAX_DEPTH) -> None:
                 if 0x60 <= ib <= 0x77:
                     start = pos + 1
                     end = start + ib - 0x60
+                elif ib == 0x78:  # a one-byte length, inline: the common long-ish key
+                    start = pos + 2
+                    end = start + data[pos + 1]
                 else:
                     if not 0x78 <= ib <= 0x7B:
                         if ib == 0x7F or ib == 0xBF or ib == 0x9F or ib == 0x5F:
@@ -569,6 +712,9 @@ def _prescan(data: bytes, max_depth: int = MAX_DEPTH) -> None:
                     if ai < 24:
                         start = pos + 1
                         end = start + ai
+                    elif ai == 24:  # one-byte length (a digest, an id), inline: hot
+                        start = pos + 2
+                        end = start + data[pos + 1]
                     else:
                         start, end = _long_string(data, pos, n)
                     if end > n:
@@ -644,9 +790,9 @@ def encode(msg: Message) -> bytes:
     cls = type(msg)
     spec = _SPECS.get(cls)
     tag = getattr(cls, "TAG", None)
-    if spec is None or tag is None or _REGISTRY.get(tag) is not cls:
+    if spec is None or tag is None or _REGISTRY.get(tag) is not cls or spec.to_bytes is None:
         raise TypeError(f"{cls.__name__} is not a registered message")
-    return cbor2.dumps(spec.encode(msg))
+    return spec.to_bytes(msg)
 
 
 def decode(frame: bytes | bytearray | memoryview, max_frame: int = MAX_FRAME) -> Message:

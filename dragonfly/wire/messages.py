@@ -20,6 +20,7 @@ from dragonfly.wire.codec import (
     compact,
     limits,
     message,
+    reused,
 )
 
 __all__ = [
@@ -117,6 +118,7 @@ class HostInfo:
     upload_rate: int = limits(default=0, min=0, max=2**50)  # bytes/s, 0 = unlimited
 
 
+@reused  # the scheduler keeps one per peer and sends it to each of the peer's children
 @dataclass(frozen=True, slots=True)
 class ParentInfo:
     """A candidate parent handed to a downloading peer: where to subscribe and fetch."""
@@ -146,6 +148,7 @@ class PieceReport:
 
 
 @compact
+@reused  # a task's digests go out again in every CandidateParents of the task
 @dataclass(frozen=True, slots=True)
 class PieceDigest:
     """Origin-side digest of one piece; wire form [number, digest]."""
