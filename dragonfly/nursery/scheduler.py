@@ -1,9 +1,13 @@
 """`--role scheduler`: the trio shell around the sans-I/O scheduler.
 
 One h11 listener serves /healthy, /metrics and the websocket peers connect to
-(`/v1/scheduler`). Each host's websocket has a reader that feeds the scheduler
-core and a writer that drains that host's outbox, so a slow host never blocks
-decisions for the others. Time comes from trio's clock, once per event.
+(`/v1/scheduler`). Each host's websocket (a `ServerChannel`) has a reader that
+feeds the scheduler core every message one receive brings; what the core decides
+is queued on the hosts' channels and one flusher task writes each host's queue
+with one non-blocking write per round of the loop (a host whose socket is full
+is left to its own writer task), so a slow host never blocks decisions for the
+others and a busy scheduler pays task switches and syscalls per batch, not per
+message. Time comes from trio's clock, once per event.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import trio
-import trio_websocket
 
 from dragonfly.config import SchedulerConfig
 from dragonfly.log import get_logger
@@ -19,8 +22,14 @@ from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dragonfly.metrics import SchedulerMetrics
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
-from dragonfly.wire.channel import SCHEDULER_PATH, Channel, ChannelClosed
-from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message, ProtocolError
+from dragonfly.wire.channel import (
+    SCHEDULER_PATH,
+    ChannelClosed,
+    Flusher,
+    ServerChannel,
+    accept_websocket,
+)
+from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtocolError
 from dragonfly.wire.http_server import Request, Responder, bound_port, serve
 from dragonfly.wire.messages import (
     CandidateParents,
@@ -43,9 +52,8 @@ TICK = 0.1
 @dataclass
 class _HostConnection:
     host_id: str
-    channel: Channel
-    outbox: trio.MemorySendChannel[Message]
-    scope: trio.CancelScope | None = None
+    channel: ServerChannel
+    scope: trio.CancelScope
 
 
 class SchedulerServer:
@@ -56,6 +64,7 @@ class SchedulerServer:
         self.core = Scheduler(SchedulerSettings.from_config(config), seed=seed)
         self.metrics = SchedulerMetrics()
         self.hosts: dict[str, _HostConnection] = {}
+        self.flusher = Flusher()  # writes every host's messages, once per loop round
         self.port = 0
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -64,6 +73,7 @@ class SchedulerServer:
             listeners = await nursery.start(serve, self.handle_http, server.listen, server.port)
             self.port = bound_port(listeners)
             nursery.start_soon(self._ticker)
+            nursery.start_soon(self.flusher.run)
             log.info("scheduler started", listen=f"{server.listen}:{self.port}")
             task_status.started(self.port)
 
@@ -74,15 +84,21 @@ class SchedulerServer:
         elif path == "/metrics":
             await responder.send(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
         elif path == SCHEDULER_PATH and responder.is_websocket_request:
-            await responder.websocket(self._serve_host, message_queue_size=256)
+            await accept_websocket(
+                request,
+                responder,
+                self._serve_host,
+                name="host",
+                on_protocol_error=self._protocol_error,
+                flusher=self.flusher,
+            )
         else:
             await responder.send(404, b"not found\n")
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         self.metrics.protocol_errors.inc()
 
-    async def _serve_host(self, ws: trio_websocket.WebSocketConnection) -> None:
-        channel = Channel(ws, name="host", on_protocol_error=self._protocol_error)
+    async def _serve_host(self, channel: ServerChannel) -> None:
         hello = Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="scheduler")
         try:
             peer_hello = await channel.handshake(hello)
@@ -90,79 +106,86 @@ class SchedulerServer:
             return
         host = peer_hello.host
         if host is None or peer_hello.role not in ("peer", "seed-peer"):
-            await channel.send(
+            channel.queue(
                 Error(
                     code=ErrorCode.PROTOCOL,
                     message="a peer's hello must carry its host",
                     ref=Hello.TAG,
                 )
             )
-            await channel.aclose(1002, "hello without host")
+            channel.close_soon(1002, "hello without host")
             return
-        send, receive = trio.open_memory_channel[Message](OUTBOX_SIZE)
-        conn = _HostConnection(host.host_id, channel, send)
-        old = self.hosts.get(host.host_id)
-        if old is not None:
-            await old.channel.aclose(1000, "replaced by a new connection")
-        self.hosts[host.host_id] = conn
-        self.metrics.connected_hosts.set(len(self.hosts))
-        log.info("host connected", host_id=host.host_id, seed=host.seed, ip=host.ip)
-        try:
-            async with trio.open_nursery() as nursery:
-                conn.scope = nursery.cancel_scope
-                nursery.start_soon(self._write, channel, receive, nursery.cancel_scope)
-                self._apply(self.core.host_connected(host, trio.current_time()))
-                async for msg in channel:
-                    self._count(msg)
-                    self._apply(self.core.handle(host.host_id, msg, trio.current_time()))
-                nursery.cancel_scope.cancel()
-        finally:
-            if self.hosts.get(host.host_id) is conn:
-                del self.hosts[host.host_id]
-                self._apply(self.core.host_disconnected(host.host_id, trio.current_time()))
+        host_id = host.host_id
+        with trio.CancelScope() as scope:
+            conn = _HostConnection(host_id, channel, scope)
+            old = self.hosts.get(host_id)
+            if old is not None:
+                old.channel.close_soon(1000, "replaced by a new connection")
+                old.scope.cancel()
+            self.hosts[host_id] = conn
             self.metrics.connected_hosts.set(len(self.hosts))
-            log.info("host disconnected", host_id=host.host_id)
+            log.info("host connected", host_id=host_id, seed=host.seed, ip=host.ip)
+            try:
+                self._apply(self.core.host_connected(host, trio.current_time()))
+                handle, clock = self.core.handle, trio.current_time
+                while True:
+                    try:
+                        batch = await channel.receive_batch()
+                    except ChannelClosed:
+                        break
+                    registrations = pieces = 0
+                    for msg in batch:
+                        kind = type(msg)
+                        if kind is RegisterPeer:
+                            registrations += 1
+                        elif kind is PiecesFinished:
+                            pieces += len(msg.pieces)  # type: ignore[attr-defined]
+                        self._apply(handle(host_id, msg, clock()))
+                    # Counted per batch: a prometheus increment takes a lock.
+                    if registrations:
+                        self.metrics.registrations.inc(registrations)
+                    if pieces:
+                        self.metrics.piece_reports.inc(pieces)
+            finally:
+                if self.hosts.get(host_id) is conn:
+                    del self.hosts[host_id]
+                    self._apply(self.core.host_disconnected(host_id, trio.current_time()))
+                self.metrics.connected_hosts.set(len(self.hosts))
+                log.info("host disconnected", host_id=host_id)
 
-    async def _write(
-        self,
-        channel: Channel,
-        outbox: trio.MemoryReceiveChannel[Message],
-        scope: trio.CancelScope,
-    ) -> None:
-        try:
-            async for msg in outbox:
-                await channel.send(msg)
-        except ChannelClosed:
-            scope.cancel()
-
-    def _count(self, msg: Message) -> None:
-        if isinstance(msg, RegisterPeer):
-            self.metrics.registrations.inc()
-        elif isinstance(msg, PiecesFinished):
-            self.metrics.piece_reports.inc(len(msg.pieces))
-
-    def _apply(self, decisions: list[object]) -> None:
+    def _apply(self, decisions: list[Send]) -> None:
+        if not decisions:
+            return
+        candidates = back_to_source = triggers = 0
+        hosts = self.hosts
         for decision in decisions:
             if not isinstance(decision, Send):
                 continue
             msg = decision.message
-            if isinstance(msg, CandidateParents):
-                self.metrics.schedule_decisions.inc()
-            elif isinstance(msg, NeedBackToSource):
-                self.metrics.back_to_source_decisions.inc()
-            elif isinstance(msg, TriggerDownload):
-                self.metrics.triggers.inc()
-            conn = self.hosts.get(decision.host_id)
+            kind = type(msg)
+            if kind is CandidateParents:
+                candidates += 1
+            elif kind is NeedBackToSource:
+                back_to_source += 1
+            elif kind is TriggerDownload:
+                triggers += 1
+            conn = hosts.get(decision.host_id)
             if conn is None:
                 continue
-            try:
-                conn.outbox.send_nowait(msg)
-            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                # Too far behind (or going away): drop that host, never the scheduler.
+            channel = conn.channel
+            if channel.backlog >= OUTBOX_SIZE:
+                # Too far behind: drop that host, never the scheduler.
                 log.warning("host too slow, disconnecting", host_id=conn.host_id)
-                conn.outbox.close()
-                if conn.scope is not None:
-                    conn.scope.cancel()
+                channel.close_soon(1008, "too slow: messages not read")
+                conn.scope.cancel()
+                continue
+            channel.queue(msg)
+        if candidates:
+            self.metrics.schedule_decisions.inc(candidates)
+        if back_to_source:
+            self.metrics.back_to_source_decisions.inc(back_to_source)
+        if triggers:
+            self.metrics.triggers.inc(triggers)
 
     async def _ticker(self) -> None:
         interval = min(TICK, max(self.config.scheduling.retry_interval, 0.01))
