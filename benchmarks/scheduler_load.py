@@ -93,7 +93,7 @@ def host_id(index: int, seed: bool) -> str:
     return f"bench-seed-{index:04d}" if seed else f"bench-host-{index:05d}"
 
 
-def host_info(index: int, seed: bool) -> HostInfo:
+def host_info(index: int, seed: bool, seed_upload_slots: int = 1000) -> HostInfo:
     name = host_id(index, seed)
     return HostInfo(
         host_id=name,
@@ -103,6 +103,10 @@ def host_info(index: int, seed: bool) -> HostInfo:
         # A few zones, so the evaluator's location term has something to compare.
         location=f"bench|zone-{index % 4}",
         seed=seed,
+        # A simulated peer leaves as soon as it finishes, so nearly every parent is a
+        # seed: with a plain host's 50 upload slots, most registrations would wait for
+        # a slot and the run would measure the slots, not the scheduler.
+        upload_limit=seed_upload_slots if seed else 50,
     )
 
 
@@ -268,10 +272,12 @@ def self_check(task: SimTask) -> None:
 class SimHost:
     __slots__ = ("closed", "fd", "index", "info", "out", "rbuf", "seed", "sock", "wbuf")
 
-    def __init__(self, index: int, seed: bool, sock: socket.socket, rest: bytes) -> None:
+    def __init__(
+        self, index: int, seed: bool, info: HostInfo, sock: socket.socket, rest: bytes
+    ) -> None:
         self.index = index
         self.seed = seed
-        self.info = host_info(index, seed)
+        self.info = info
         self.sock = sock
         self.fd = sock.fileno()
         self.rbuf = bytearray(rest)
@@ -346,10 +352,10 @@ class Worker:
         mine = [(i, False) for i in range(a.worker, a.hosts, a.workers)]
         mine += [(i, True) for i in range(a.worker, a.seed_hosts, a.workers)]
         for index, seed in mine:
-            info = host_info(index, seed)
+            info = host_info(index, seed, a.seed_upload_slots)
             sock, rest = handshake(a.port, info, "seed-peer" if seed else "peer", a.timeout)
             sock.setblocking(False)
-            h = SimHost(index, seed, sock, rest)
+            h = SimHost(index, seed, info, sock, rest)
             self.hosts[h.fd] = h
             self.ep.register(h.fd, select.EPOLLIN)
 
@@ -631,6 +637,10 @@ class Worker:
             "seed_hosts": sum(1 for h in self.hosts.values() if h.seed),
             "counts": self.counts.c,
             "unanswered": len(self.pending),
+            "unanswered_samples": [
+                f"{pid} (task {p.task.index}, sent at +{p.sent - self.start:.2f} s)"
+                for pid, p in list(self.pending.items())[:5]
+            ],
             "error_samples": self.counts.error_samples,
             "latencies": [round(x, 6) for x in self.latencies],
             "bins": self.bins,
@@ -648,6 +658,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--pieces", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--peers-per-host", type=int, default=1)
+    p.add_argument("--seed-upload-slots", type=int, default=1000)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--drain", type=float, default=15.0)
