@@ -645,6 +645,7 @@ class Bench:
                 r'^dragonfly_download_bytes_total\{source="back_to_source"\} (\S+)$',
             ),
             ("upload", r"^dragonfly_upload_bytes_total (\S+)$"),
+            ("busy", r"^dragonfly_upload_busy_refusals_total (\S+)$"),
         ):
             m = re.search(pattern, text, re.MULTILINE)
             out[key] = float(m.group(1)) if m else 0.0
@@ -895,6 +896,7 @@ def print_table(caps: Caps, mode: str, runs: list[Run]) -> None:
                     parts.append(
                         f"{n} up {m['upload'] / f.size:.2f} p2p {m['p2p'] / f.size:.2f}"
                         f" b2s {m['back_to_source'] / f.size:.2f}"
+                        f" 503s {m.get('busy', 0):.0f}"
                     )
             print(f"  N={r.peers} dragonfly metrics (/ F): " + "; ".join(parts))
 

@@ -125,7 +125,7 @@ class DownloadSection:
     back_to_source: bool = opt(True, "go to the origin when no parent can serve")
     back_to_source_rate_limit: Rate = opt(0, "origin download rate in bytes/s; 0: unlimited", min=0)
     origin_concurrency: int = opt(
-        8, "concurrent Range requests to an origin that accepts ranges", min=1, max=64
+        4, "concurrent Range requests to an origin that accepts ranges", min=1, max=64
     )
     piece_timeout: Duration = opt(30.0, "time for one piece from one parent", min=0.001)
     connect_timeout: Duration = opt(10.0, "time to connect to an origin or parent", min=0.001)

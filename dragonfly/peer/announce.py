@@ -51,7 +51,8 @@ class AnnounceSchedule(Generic[Child]):
         self._turn = 0
         self._revealed: list[int] = []  # every child may know these
         self._revealed_set: set[int] = set()
-        self._first: dict[int, Hashable] = {}  # held-back piece -> the child told first
+        self._first: dict[int, Child] = {}  # held-back piece -> the child to fetch it first
+        self._told: dict[int, set[Child]] = {}  # held-back piece -> every child told of it
         self._timed: set[int] = set()  # held-back pieces whose first copy was uploaded
         self._pending: list[tuple[float, int]] = []  # heap of (reveal time, piece)
 
@@ -75,19 +76,25 @@ class AnnounceSchedule(Generic[Child]):
         return self._pass_on(orphans)
 
     def _pass_on(self, numbers: list[int]) -> list[tuple[Child, list[int]]]:
-        """Give held-back pieces to the next child in turn (or to all: none is left)."""
+        """Give held-back pieces to the next child in turn not yet told of them (or to
+        all: every child was told, or none is left)."""
         if not numbers:
             return []
         children = list(self._children)
-        if not children:
-            return self._reveal_now(numbers)
         out: dict[Child, list[int]] = {}
+        reveal: list[int] = []
         for n in numbers:
-            child = children[self._turn % len(children)]
+            told = self._told.setdefault(n, set())
+            fresh = [c for c in children if c not in told]
+            if not fresh:
+                reveal.append(n)
+                continue
+            child = fresh[self._turn % len(fresh)]
             self._turn += 1
             self._first[n] = child
+            told.add(child)
             out.setdefault(child, []).append(n)
-        return list(out.items())
+        return list(out.items()) + self._reveal_now(reveal)
 
     def landed(self, numbers: Iterable[int], now: float) -> list[tuple[Child, list[int]]]:
         """Pieces now held: to one child each in turn (staggered), else to every child."""
@@ -104,6 +111,7 @@ class AnnounceSchedule(Generic[Child]):
             child = children[self._turn % len(children)]
             self._turn += 1
             self._first[n] = child
+            self._told[n] = {child}
             heapq.heappush(self._pending, (give_up, n))
             out.setdefault(child, []).append(n)
         return list(out.items())
@@ -146,10 +154,11 @@ class AnnounceSchedule(Generic[Child]):
             return []
         out: dict[Child, list[int]] = {}
         for n in numbers:
-            first = self._first.pop(n, None)
+            self._first.pop(n, None)
             self._timed.discard(n)
+            told = self._told.pop(n, set())
             for c in self._children:
-                if c is not first and c != first:
+                if c not in told:
                     out.setdefault(c, []).append(n)
         self._reveal(numbers)
         return list(out.items())

@@ -86,7 +86,7 @@ class SimConfig:
     latency: float = 0.001  # one-way peer <-> scheduler message latency
     concurrent_pieces: int = 8  # [download] concurrent_piece_count
     per_parent_limit: int = 2  # the engine's PiecePicker default: requests per parent
-    origin_concurrency: int = 8  # [download] origin_concurrency
+    origin_concurrency: int = 4  # [download] origin_concurrency
     upload_slots: int = 2  # [upload] concurrent_limit
     upload_queue: int = 2  # [upload] queue_limit: requests that wait for a slot
     upload_children: int = 16  # [upload] children_limit: the host's HostInfo.upload_limit

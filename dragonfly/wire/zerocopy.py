@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import select
+import socket
 import threading
 import time
 from pathlib import Path
@@ -91,6 +92,8 @@ async def sendfile_all(
     """
     sent_total = 0
     out_fd = sock.fileno()
+    if count >= _BIG_SEND:
+        _widen_send_buffer(sock)
     while sent_total < count:
         try:
             sent = os.sendfile(out_fd, fd, offset + sent_total, count - sent_total)
@@ -105,6 +108,20 @@ async def sendfile_all(
         sent_total += sent
         await trio.lowlevel.checkpoint()
     return sent_total
+
+
+# A send buffer of at least this much for large bodies: on a link capped below the
+# machine's speed (a rate-limited peer, a shaped network) the kernel's small default
+# buffer wakes the sender every few kilobytes, and each wakeup is a trip through the
+# event loop; with 1 MiB it is a few dozen a second.
+_BIG_SEND = 256 * 1024
+_SEND_BUFFER = 1 << 20
+
+
+def _widen_send_buffer(sock: trio.socket.SocketType) -> None:
+    with contextlib.suppress(OSError):
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < _SEND_BUFFER:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
 
 
 async def splice_to_file(
@@ -196,35 +213,66 @@ def _splice_blocking(
     poller.register(in_fd, select.POLLIN | select.POLLERR | select.POLLHUP)
     moved = 0
     idle_since = time.monotonic()
-    while moved < count:
-        if stop.is_set():
-            raise _Stopped()
-        if pipe.buffered == 0:
-            try:
-                n = os.splice(
-                    in_fd, pipe.write_fd, min(pipe.size, count - moved), flags=_SPLICE_FLAGS
+    lowat = 1
+    try:
+        while moved < count:
+            if stop.is_set():
+                raise _Stopped()
+            if pipe.buffered == 0:
+                try:
+                    n = os.splice(
+                        in_fd, pipe.write_fd, min(pipe.size, count - moved), flags=_SPLICE_FLAGS
+                    )
+                except BlockingIOError:
+                    if time.monotonic() - idle_since > read_timeout:
+                        raise trio.TooSlowError from None
+                    # Wake once a good batch waits (or the rest of the body): a body
+                    # arriving at a capped rate would otherwise wake this loop for every
+                    # packet. (poll still times out in a slice: no batch is ever missed.)
+                    want = min(_RECV_BATCH, count - moved)
+                    if want != lowat:
+                        lowat = _set_rcvlowat(in_fd, want)
+                    poller.poll(int(_POLL_SECONDS * 1000))
+                    continue
+                except ConnectionError as exc:
+                    raise IncompleteBody(
+                        f"connection broken after {moved} of {count} bytes: {exc}", moved
+                    ) from exc
+                if n == 0:
+                    raise IncompleteBody(
+                        f"connection closed after {moved} of {count} bytes", moved
+                    )
+                pipe.buffered = n
+                idle_since = time.monotonic()
+            # The file side never blocks; SPLICE_F_NONBLOCK only concerns the pipe.
+            while pipe.buffered:
+                written = os.splice(
+                    pipe.read_fd, fd, pipe.buffered, offset_dst=offset + moved, flags=_SPLICE_FLAGS
                 )
-            except BlockingIOError:
-                if time.monotonic() - idle_since > read_timeout:
-                    raise trio.TooSlowError from None
-                poller.poll(int(_POLL_SECONDS * 1000))
-                continue
-            except ConnectionError as exc:
-                raise IncompleteBody(
-                    f"connection broken after {moved} of {count} bytes: {exc}", moved
-                ) from exc
-            if n == 0:
-                raise IncompleteBody(f"connection closed after {moved} of {count} bytes", moved)
-            pipe.buffered = n
-            idle_since = time.monotonic()
-        # The file side never blocks; SPLICE_F_NONBLOCK only concerns the pipe.
-        while pipe.buffered:
-            written = os.splice(
-                pipe.read_fd, fd, pipe.buffered, offset_dst=offset + moved, flags=_SPLICE_FLAGS
-            )
-            pipe.buffered -= written
-            moved += written
+                pipe.buffered -= written
+                moved += written
+    finally:
+        if lowat != 1:
+            _set_rcvlowat(in_fd, 1)  # the connection is reused for the next response
     return moved
+
+
+_RECV_BATCH = 256 * 1024
+
+
+def _set_rcvlowat(fd: int, value: int) -> int:
+    """SO_RCVLOWAT on a socket given by fd; returns what is now in force."""
+    try:
+        s = socket.socket(fileno=fd)
+    except OSError:
+        return 1
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
+        return value
+    except OSError:
+        return 1
+    finally:
+        s.detach()  # the fd belongs to the caller's socket
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -48,7 +48,9 @@ def test_a_first_child_that_never_fetches_passes_the_piece_on() -> None:
     assert told(s.landed([0], 0.0)) == {"a": [0]}
     assert told(s.due(10.0)) == {"b": [0]}  # the next in turn gets its chance
     assert s.held_back(0)
-    assert told(s.unsubscribe("b")) == {"a": [0]}  # b left: back to a
+    # b left too: every child left was told of it, so it is simply revealed.
+    assert s.unsubscribe("b") == []
+    assert not s.held_back(0) and s.subscribe("c") == [("c", [0])]
 
 
 def test_the_last_child_leaving_reveals_and_reveal_all_flushes() -> None:
