@@ -206,7 +206,13 @@ def _pyplot() -> Any:
 
 
 def plot_cdf(
-    name: str, series: dict[str, list[float]], *, xlabel: str, title: str, bound: float | None = None
+    name: str,
+    series: dict[str, list[float]],
+    *,
+    xlabel: str,
+    title: str,
+    bound: float | None = None,
+    ylabel: str = "fraction of peers done",
 ) -> Path:
     """One step CDF per series (e.g. per-peer completion times), written to RESULTS/NAME.png.
 
@@ -222,7 +228,7 @@ def plot_cdf(
     if bound is not None:
         ax.axvline(bound, color="grey", linestyle="--", label=f"lower bound {bound:.1f}")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("fraction of peers done")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
     ax.set_xlim(left=0)
     ax.set_title(title)

@@ -22,6 +22,7 @@ def test_scheduler_benchmark_small_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "smoke.json").read_text())
     assert (tmp_path / "smoke.png").stat().st_size > 0
+    assert (tmp_path / "smoke_series.png").stat().st_size > 0
     assert result["problems"] == []
     assert result["connected_hosts"] == 54  # 50 hosts and 4 seed hosts said Hello
     load, sent, counted = (result["totals"][k] for k in ("load", "sent", "scheduler"))
