@@ -40,7 +40,7 @@ class AnnounceSchedule(Generic[Child]):
     """
 
     def __init__(
-        self, *, stagger: bool, reveal_after: float = 2.0, give_up_after: float = 30.0
+        self, *, stagger: bool, reveal_after: float = 10.0, give_up_after: float = 30.0
     ) -> None:
         if reveal_after < 0 or give_up_after < 0:
             raise ValueError("reveal_after and give_up_after must be >= 0")

@@ -538,35 +538,40 @@ class Scheduler:
             task.downloading[peer.id] = peer
             if len(peer.finished):  # pieces reported while it waited (a resumed download)
                 self._index_source(peer)
-        ids = tuple(chosen_peer.id for chosen_peer in chosen)
-        if force or ids != peer.last_sent:
-            peer.last_sent = ids
-            self.counters.schedule_decisions += 1
-            digests = task.digest_list
-            out.append(
-                Send(
-                    peer.host.id,
-                    CandidateParents(
-                        peer_id=peer.id,
-                        task_id=task.id,
-                        parents=[p.parent_info() for p in chosen],
-                        content_length=task.content_length,
-                        piece_length=task.piece_length,
-                        piece_count=task.piece_count,
-                        digests=digests[:DIGESTS_PER_MESSAGE],
-                        etag=task.etag,
-                        last_modified=task.last_modified,
-                        content_type=task.content_type,
-                    ),
-                )
-            )
-            self._send_extra_digests(peer, out)
+        self._send_parents(peer, out, force=force)
         if 0 < len(chosen) < self.settings.candidate_parent_limit:
             task.hungry.pop(peer.id, None)
             task.hungry[peer.id] = peer  # to the back of the queue
         else:
             task.hungry.pop(peer.id, None)
         return True
+
+    def _send_parents(self, peer: Peer, out: list[Send], *, force: bool = False) -> None:
+        """Tell the peer its parent set (with the layout and digests), if it changed."""
+        task = peer.task
+        ids = tuple(peer.parents)
+        if not force and ids == peer.last_sent:
+            return
+        peer.last_sent = ids
+        self.counters.schedule_decisions += 1
+        out.append(
+            Send(
+                peer.host.id,
+                CandidateParents(
+                    peer_id=peer.id,
+                    task_id=task.id,
+                    parents=[p.parent_info() for p in peer.parents.values()],
+                    content_length=task.content_length,
+                    piece_length=task.piece_length,
+                    piece_count=task.piece_count,
+                    digests=task.digest_list[:DIGESTS_PER_MESSAGE],
+                    etag=task.etag,
+                    last_modified=task.last_modified,
+                    content_type=task.content_type,
+                ),
+            )
+        )
+        self._send_extra_digests(peer, out)
 
     def _select_parents(
         self, peer: Peer, prefer: Peer | None, *, only_prefer: bool = False, refresh: bool = False
@@ -669,8 +674,12 @@ class Scheduler:
         )
 
     def _top_up(self, source: Peer, now: float, out: list[Send]) -> None:
-        """Offer a new serving peer to running peers short of parents, longest-waiting
-        first, while its host has free upload slots: each gets it as one more parent."""
+        """Offer a new serving peer to running peers, while its host has free upload
+        slots: first to peers short of parents (longest-waiting first), each gets it as
+        one more parent; then to a sample of the others, where it replaces a parent with
+        more children than it has. Without the second step, peers that start serving
+        after the swarm filled its parent sets would never be given a child, and their
+        upload would go unused."""
         task = source.task
         k = self.settings.top_up_limit
         given = 0
@@ -682,6 +691,26 @@ class Scheduler:
             self._schedule(h, now, out, prefer=source, only_prefer=True)
             if source.id in h.parents:
                 given += 1
+        # Running peers that hold pieces are in the sources index: sample it.
+        items = task.sources.items
+        n = len(items)
+        draws = min(n, _DRAWS_PER_CANDIDATE * k)
+        rng = self._rng
+        for i in range(draws):
+            if given >= k or self.evaluator.load_quality(source.host) <= 0:
+                break
+            h = items[i] if n <= draws else items[rng.randrange(n)]
+            if h is source or source.id in h.parents or h.state is not PeerState.RUNNING:
+                continue
+            if not _ParentFilter(h, set(), useful=True)(source):
+                continue
+            busiest = max(h.parents.values(), key=lambda p: len(p.children), default=None)
+            if busiest is None or len(busiest.children) <= len(source.children) + 1:
+                continue
+            chosen = [p for p in h.parents.values() if p is not busiest] + [source]
+            self._set_parents(h, chosen)
+            self._send_parents(h, out)
+            given += 1
 
     # ------------------------------------------------------------------ waiting and retries
 

@@ -91,7 +91,8 @@ class SimConfig:
     upload_queue: int = 2  # [upload] queue_limit: requests that wait for a slot
     upload_children: int = 16  # [upload] children_limit: the host's HostInfo.upload_limit
     stagger: bool = True  # a peer fetching from the origin staggers its announcements
-    reveal_after: float = 2.0  # ... and tells the other children this much later
+    reveal_after: float = 10.0  # ... and tells the other children this much later
+    give_up_after: float = 30.0  # ... or passes it on when its first child never fetched it
     piece_timeout: float = 30.0  # [download] piece_timeout: queueing at the parent included
     report_interval: float = 0.05  # PiecesFinished batching, as the real engine
     reschedule_interval: float = 1.0  # at most one Reschedule per this, as the real engine
@@ -294,7 +295,7 @@ class SimNode:
         self.parents: dict[str, SimNode] = {}
         self.subscribers: dict[str, SimNode] = {}  # children following my announcements
         self.announce: AnnounceSchedule[str] = AnnounceSchedule(
-            stagger=False, reveal_after=cfg.reveal_after
+            stagger=False, reveal_after=cfg.reveal_after, give_up_after=cfg.give_up_after
         )
         self.blocked: dict[str, None] = {}
         self.fetches: dict[tuple[int, str], Flow] = {}
