@@ -84,3 +84,19 @@ def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         cache = codec._record_caches[PieceDigest]
         assert len(cache.keep) <= 10
         assert len(cache.raw) == len(cache.keep)
+
+
+def test_a_cached_list_is_matched_item_by_item() -> None:
+    """Same first record and length, another record inside: not the cached list."""
+    digests = _digests(30)
+    first = PieceDigests(peer_id="x", task_id="t", digests=digests)
+    assert decode(encode(first)) == first
+    assert decode(encode(first)) == first  # the whole-list hit
+    other = [*digests[:10], PieceDigest(10, b"\3" * 32), *digests[11:]]
+    changed = PieceDigests(peer_id="x", task_id="t", digests=other)
+    assert decode(encode(changed)) == changed
+    assert (
+        decode(encode(PieceDigests(peer_id="x", task_id="t", digests=digests[:29]))).digests
+        == (digests[:29])
+    )
+    assert decode(encode(first)) == first
