@@ -421,6 +421,11 @@ class PiecePicker:
         parent.busy_until = max(parent.busy_until, now + rest)
         self._resting[parent_id] = parent
 
+    def resting(self, parent_id: str, now: float) -> bool:
+        """Whether the parent still rests after a "busy" answer at ``now``."""
+        parent = self._resting.get(parent_id)
+        return parent is not None and parent.busy_until > now
+
     def busy_until(self) -> float | None:
         """The earliest moment a resting parent that could serve a waiting piece takes
         requests again (None: none is resting); the engine wakes the picker then."""

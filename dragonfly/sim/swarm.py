@@ -415,6 +415,8 @@ class SimNode:
             # The picker's last answer stands (in the endgame, an in-flight piece could
             # be duplicated on this parent: ask again then).
             return
+        if picker.resting(parent_id, self.sw.loop.now):
+            return  # it answered "busy" a moment ago: the wake-up after its rest will ask
         self.pump()
 
     def _fail(self, reason: str) -> None:
