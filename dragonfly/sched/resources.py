@@ -368,6 +368,7 @@ class Peer:
         "blocklist",
         "children",
         "created_at",
+        "digests_sent",
         "finished",
         "generation",
         "host",
@@ -397,6 +398,7 @@ class Peer:
         self.back_to_source = False  # was told NeedBackToSource: its origin digests count
         self.received: PeerState | None = None  # the size class of its first answer
         self.last_sent: tuple[str, ...] | None = None  # parent ids of the last answer
+        self.digests_sent = False  # had every digest; later ones reach it in PieceDigests
         self.attempts = 0  # scheduling attempts without any parent, while waiting
         self.next_retry = now
         self._parent_info: ParentInfo | None = None

@@ -16,7 +16,9 @@ Protocol notes for the peer side:
 
 * ``CandidateParents`` always carries the peer's *whole* current parent set; a
   parent missing from a later one is no longer assigned to it.
-* Digests beyond ``DIGESTS_PER_MESSAGE`` follow in ``PieceDigests`` messages.
+* Digests beyond ``DIGESTS_PER_MESSAGE`` follow in ``PieceDigests`` messages.  A
+  peer's first ``CandidateParents`` carries every digest known; later ones carry none,
+  since every new digest reaches a downloading peer in ``PieceDigests``.
 * A ``TaskMetadata`` with ``content_length`` -1 (origin sent no length) is enough
   to schedule: children get ``content_length``/``piece_count`` -1 and learn the
   end from their parents.
@@ -554,6 +556,10 @@ class Scheduler:
             return
         peer.last_sent = ids
         self.counters.schedule_decisions += 1
+        # The digests once: a peer in task.downloading gets every later one in
+        # PieceDigests, so a parent update need not repeat (and encode) them all.
+        full = not peer.digests_sent or peer.id not in task.downloading
+        digests = task.digest_list[:DIGESTS_PER_MESSAGE] if full else []
         out.append(
             Send(
                 peer.host.id,
@@ -564,14 +570,16 @@ class Scheduler:
                     content_length=task.content_length,
                     piece_length=task.piece_length,
                     piece_count=task.piece_count,
-                    digests=task.digest_list[:DIGESTS_PER_MESSAGE],
+                    digests=digests,
                     etag=task.etag,
                     last_modified=task.last_modified,
                     content_type=task.content_type,
                 ),
             )
         )
-        self._send_extra_digests(peer, out)
+        if full:
+            self._send_extra_digests(peer, out)
+            peer.digests_sent = peer.id in task.downloading
 
     def _select_parents(
         self, peer: Peer, prefer: Peer | None, *, only_prefer: bool = False, refresh: bool = False
@@ -1021,6 +1029,8 @@ class Scheduler:
         task.metadata_known = True
 
     def _send_extra_digests(self, peer: Peer, out: list[Send]) -> None:
+        if len(peer.task.digest_list) <= DIGESTS_PER_MESSAGE:
+            return
         rest = peer.task.digest_list[DIGESTS_PER_MESSAGE:]
         for chunk in _chunks(rest):
             out.append(
