@@ -146,7 +146,7 @@ class UploadSection:
         2, "piece requests that wait for a sending slot; more are answered 503 at once", min=0, max=10000
     )
     children_limit: int = opt(
-        16, "children the scheduler may give this host per task at once", min=1, max=10000
+        16, "children the scheduler may give this host at once, over all tasks", min=1, max=10000
     )
 
 
