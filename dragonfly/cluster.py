@@ -22,6 +22,8 @@ from typing import Any
 
 from dragonfly.testing.nginx import free_port
 
+_START_ATTEMPTS = 3  # (see Cluster.start: a port race with other processes' connections)
+
 READY_TIMEOUT = 60.0
 
 
@@ -120,19 +122,31 @@ class Cluster:
 
     def start(self) -> Cluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._plan()
-        try:
-            for node in self.nodes:
-                with open(node.log_path, "ab") as log:
-                    node.process = subprocess.Popen(
-                        node.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-                    )
-                node.info["pid"] = node.process.pid
-            self._wait_healthy()
-            self._write_json()
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(_START_ATTEMPTS):
+            self.nodes = []
+            self._plan()
+            try:
+                for node in self.nodes:
+                    with open(node.log_path, "ab") as log:
+                        node.process = subprocess.Popen(
+                            node.args,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL,
+                        )
+                    node.info["pid"] = node.process.pid
+                self._wait_healthy()
+                self._write_json()
+                return self
+            except ClusterError as exc:
+                self.stop()
+                # A free port picked here can be taken by another process's outgoing
+                # connection before the node binds it: pick new ports and start again.
+                if "Address already in use" not in str(exc) or attempt + 1 == _START_ATTEMPTS:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def _wait_healthy(self) -> None:
