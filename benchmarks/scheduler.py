@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from benchmarks.common import RESULTS, _pyplot, _save, plot_cdf, write_result
+from benchmarks.common import RESULTS, _pyplot, _save, plot_cdf, rss_anon, write_result
 from benchmarks.scheduler_load import BIN
 from dragonfly.testing.nginx import free_port
 from dragonfly.units import parse_duration
@@ -85,16 +85,6 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
     fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3 onward
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_anon(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -310,10 +310,8 @@ class Download:
         # One slot per piece: the channel can never fill up.
         send, receive = trio.open_memory_channel[list[PieceInfo]](max(self.piece_count, 0) + 16)
         self._subscribers[token] = send
-        held: list[PieceInfo] = []
-        for _, numbers in self._announce.subscribe(token):
-            held = [_piece_info(pieces[n]) for n in sorted(numbers) if n in pieces]
-        return held, receive
+        numbers = [n for _, told in self._announce.subscribe(token) for n in told]
+        return [_piece_info(pieces[n]) for n in sorted(numbers) if n in pieces], receive
 
     def held_back(self, number: int) -> bool:
         """Whether the piece awaits its first copy to a child (served ahead of others)."""

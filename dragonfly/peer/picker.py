@@ -393,12 +393,9 @@ class PiecePicker:
         """A request failed (error, timeout, bad digest): the piece goes back to the queue,
         the parent is never asked for it again and its failure is counted. Failures of
         requests no longer in flight (cancelled duplicates, removed parents) are ignored."""
-        self._check_number(number)
-        requesters = self._in_flight.get(number)
-        parent = self._parents.get(parent_id)
-        if requesters is None or parent_id not in requesters or parent is None:
+        parent = self._end_request(number, parent_id)
+        if parent is None:
             return
-        self._drop_request(number, parent_id, parent)
         bit = 1 << self._pos[number]
         self._excluded[parent_id] = self._excluded.get(parent_id, 0) | bit
         parent.serve_bits &= ~bit
@@ -410,12 +407,9 @@ class PiecePicker:
         Not the parent's fault and not the piece's: the piece goes back to the queue and
         the parent rests (``busy_backoff``, doubling with each refusal in a row up to
         ``busy_backoff_max``; ``pick(now)`` honours it)."""
-        self._check_number(number)
-        requesters = self._in_flight.get(number)
-        parent = self._parents.get(parent_id)
-        if requesters is None or parent_id not in requesters or parent is None:
+        parent = self._end_request(number, parent_id)
+        if parent is None:
             return
-        self._drop_request(number, parent_id, parent)
         rest = min(self._busy_backoff * (1 << min(parent.busy_streak, 16)), self._busy_backoff_max)
         parent.busy_streak += 1
         parent.busy_until = max(parent.busy_until, now + rest)
@@ -440,14 +434,20 @@ class PiecePicker:
         """The engine abandoned a request without blaming the parent (it stopped it for
         another request of the same piece, or shut down): the piece goes back to the
         queue. Harmless for a request no longer in flight."""
+        self._end_request(number, parent_id)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _end_request(self, number: int, parent_id: str) -> _Parent | None:
+        """Take a (piece, parent) request out of flight, the piece back to the queue;
+        None (and nothing done) if that request is no longer in flight."""
         self._check_number(number)
         requesters = self._in_flight.get(number)
         parent = self._parents.get(parent_id)
         if requesters is None or parent_id not in requesters or parent is None:
-            return
+            return None
         self._drop_request(number, parent_id, parent)
-
-    # -- internals ----------------------------------------------------------------------------
+        return parent
 
     def _check_number(self, number: int) -> None:
         if not 0 <= number < self._n:
