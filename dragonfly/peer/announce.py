@@ -72,6 +72,8 @@ class AnnounceSchedule(Generic[Child]):
     def unsubscribe(self, child: Child) -> list[tuple[Child, list[int]]]:
         """A child left: its held-back pieces go to the next children in turn."""
         self._children.pop(child, None)
+        for told in self._told.values():
+            told.discard(child)  # (a child that subscribes again must be told again)
         orphans = [n for n, c in self._first.items() if c == child and n not in self._timed]
         return self._pass_on(orphans)
 

@@ -63,6 +63,16 @@ def test_the_last_child_leaving_reveals_and_reveal_all_flushes() -> None:
     assert s.subscribe("c") == [("c", [0, 1])]
 
 
+def test_a_child_that_comes_back_is_told_again() -> None:
+    s: AnnounceSchedule[str] = AnnounceSchedule(stagger=True)
+    s.subscribe("a")
+    s.subscribe("b")
+    s.landed([0], 0.0)  # to a first
+    assert told(s.unsubscribe("a")) == {"b": [0]}
+    s.subscribe("a")
+    assert told(s.reveal_all()) == {"a": [0]}
+
+
 def test_known_pieces_are_revealed_silently() -> None:
     s: AnnounceSchedule[str] = AnnounceSchedule(stagger=True)
     s.known([4, 5])
