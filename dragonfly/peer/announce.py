@@ -140,10 +140,12 @@ class AnnounceSchedule(Generic[Child]):
         pending = self._pending
         reveal: list[int] = []
         stale: list[int] = []
+        seen: set[int] = set()
         while pending and pending[0][0] <= now:
             n = heapq.heappop(pending)[1]
-            if n not in self._first:
-                continue
+            if n not in self._first or n in seen:
+                continue  # revealed already, or its other timer fired in this same call
+            seen.add(n)
             if n in self._timed:
                 reveal.append(n)
             else:  # its first child never fetched it: the next one gets the chance
