@@ -130,6 +130,10 @@ class DownloadSection:
     piece_timeout: Duration = opt(30.0, "time for one piece from one parent", min=0.001)
     connect_timeout: Duration = opt(10.0, "time to connect to an origin or parent", min=0.001)
     read_timeout: Duration = opt(60.0, "time without a byte from an origin", min=0.001)
+    origin_ca_file: str = opt(
+        "",
+        "extra CA certificates (PEM) trusted for https origins and registries, beside the system's",
+    )
 
 
 @dataclass
@@ -143,7 +147,10 @@ class UploadSection:
         2, "pieces sent at once; few, so that each lands soon and is passed on", min=1, max=10000
     )
     queue_limit: int = opt(
-        2, "piece requests that wait for a sending slot; more are answered 503 at once", min=0, max=10000
+        2,
+        "piece requests that wait for a sending slot; more are answered 503 at once",
+        min=0,
+        max=10000,
     )
     children_limit: int = opt(
         16, "children the scheduler may give this host at once, over all tasks", min=1, max=10000
@@ -162,6 +169,19 @@ class ProxyRule:
 
 
 @dataclass
+class HijackHTTPSSection:
+    """Intercept CONNECT tunnels to matching hosts so their requests can use P2P."""
+
+    ca_cert: str = opt("", "CA certificate (PEM) that signs the leaf certificates; see `ca init`")
+    ca_key: str = opt("", "the CA's private key (PEM)")
+    hosts: list[str] = opt(
+        [],
+        "regexes of HOST:PORT whose CONNECT is intercepted; empty: every tunnel is blind",
+        regex=True,
+    )
+
+
+@dataclass
 class ProxySection:
     """The HTTP proxy in front of wget, curl and other clients."""
 
@@ -172,13 +192,25 @@ class ProxySection:
         [], "query parameters left out of task IDs, added to the signed-URL defaults"
     )
     prefetch: bool = opt(False, "on a Range request, fetch the rest of the file in the background")
+    hijack_https: HijackHTTPSSection = opt(HijackHTTPSSection(), "")
 
 
 @dataclass
 class RegistryMirrorSection:
     """OCI registry mirror on the proxy listener."""
 
-    upstream: str = opt("", "default upstream registry URL, e.g. https://registry-1.docker.io")
+    upstream: str = opt(
+        "",
+        "default upstream registry URL, e.g. https://registry-1.docker.io; a request's "
+        "?ns=HOST (containerd) names another",
+        item_regex=r"^(https?://[^/?#]+/?)?$",
+    )
+    insecure: list[str] = opt(
+        [], "HOST[:PORT] registries reached over plain http when named by ?ns= (else https)"
+    )
+    auth_cache_ttl: Duration = opt(
+        60.0, "how long a registry's yes to a credential reading a repository is trusted", min=0
+    )
 
 
 @dataclass
@@ -505,7 +537,7 @@ class _Loader:
                 self.apply_table(obj, item, f"{item_path}.")
                 out.append(obj)
             else:
-                item_meta = {"item_regex": meta["item_regex"]} if "item_regex" in meta else {}
+                item_meta = {k: meta[k] for k in ("item_regex", "regex") if k in meta}
                 try:
                     out.append(_coerce(item_tp, item, item_meta, self.from_text))
                 except ValueError as exc:
@@ -680,6 +712,15 @@ def _render_section(section: Any, name: str) -> list[str]:
             tables.append(f"# {f.metadata['doc']}")
             for item in value:
                 tables += ["", f"[[{name}.{f.name}]]", *_render_section(item, f"{name}.{f.name}")]
+            continue
+        if dataclasses.is_dataclass(tp):
+            doc = (tp.__doc__ or "").strip()
+            tables += [
+                "",
+                f"# {doc}",
+                f"[{name}.{f.name}]",
+                *_render_section(value, f"{name}.{f.name}"),
+            ]
             continue
         lines += [f"# {f.metadata['doc']}", f"{f.name} = {_toml_value(tp, value)}"]
     if tables:
