@@ -99,19 +99,28 @@ class ProxyHandler:
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         target = request.target
-        metrics = self.daemon.metrics
         if target.startswith("/"):
-            path = target.split("?", 1)[0]
-            if await serve_common(self.daemon, path, responder):
-                return
-            if path == LOCAL_API and request.method == "POST":
-                await self._local_api(request, responder)
-                return
-            await responder.send(404, b"not found: this is a forward proxy (absolute URLs)\n")
+            await self._origin_form(request, responder)
             return
         if request.method == "CONNECT":
             await responder.send_error(501, "CONNECT tunnels are not supported yet")
             return
+        await self.forward(request, responder)
+
+    async def _origin_form(self, request: Request, responder: Responder) -> None:
+        """Requests to the daemon itself: health, metrics, the local API."""
+        path = request.target.split("?", 1)[0]
+        if await serve_common(self.daemon, path, responder):
+            return
+        if path == LOCAL_API and request.method == "POST":
+            await self._local_api(request, responder)
+            return
+        await responder.send(404, b"not found: this is a forward proxy (absolute URLs)\n")
+
+    async def forward(self, request: Request, responder: Responder) -> None:
+        """A request for an absolute http(s) URL: through P2P under a rule, else direct."""
+        target = request.target
+        metrics = self.daemon.metrics
         if not target.lower().startswith(("http://", "https://")):
             await responder.send_error(400, f"bad request target {target[:200]!r}")
             return
