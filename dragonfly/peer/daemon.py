@@ -179,6 +179,7 @@ class PeerDaemon:
                 headers=dict(msg.headers),
                 filtered_query_params=list(msg.filtered_query_params),
                 piece_length=msg.piece_length,
+                digest=msg.digest,
                 seed_trigger=True,
             )
         )

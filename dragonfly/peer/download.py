@@ -91,6 +91,8 @@ class DownloadRequest:
     filtered_query_params: list[str] = field(default_factory=list)
     piece_length: int | None = None
     back_to_source: bool = True
+    # "sha256:HEX" of the whole file (an OCI blob): checked before the task completes.
+    digest: str = ""
     # A seed peer answering a trigger: it is the origin's first reader.
     seed_trigger: bool = False
     # False: only the byte ranges given through `Download.want_range` (a Range request
@@ -458,6 +460,7 @@ class Download:
                 headers=req.headers,
                 piece_length=req.piece_length,
                 need_back_to_source=req.seed_trigger,
+                digest=req.digest,
             )
         )
         async with trio.open_nursery() as nursery:
@@ -594,6 +597,7 @@ class Download:
             piece_length=piece_length,
             etag=etag,
             last_modified=last_modified,
+            digest=self.request.digest or None,
         )
         self._pieces = self.handle.pieces
         for p in self.handle.pieces.values():
@@ -990,8 +994,11 @@ class Download:
                 or self.piece_length
                 or piece_length_for(info.content_length)
             )
+            # A blob's digest names its bytes: the origin's validators add nothing, and
+            # two registries (or a storage redirect) give the same blob different ones.
+            etag, last_modified = ("", "") if req.digest else (info.etag, info.last_modified)
             await self._set_layout(
-                info.content_length, piece_length, info.etag, info.last_modified, info.content_type
+                info.content_length, piece_length, etag, last_modified, info.content_type
             )
             await self._announce_source(session)
             try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ from dragonfly.storage.taskfile import task_path
 from dragonfly.wire.http_client import HTTPClientError
 from dragonfly.wire.http_common import Headers, RangeNotSatisfiable, parse_range
 from dragonfly.wire.http_server import Request, Responder
+from dragonfly.wire.oci import is_registry_path
 
 if TYPE_CHECKING:
     from dragonfly.peer.daemon import PeerDaemon
@@ -94,8 +96,12 @@ class ProxyHandler:
     """Routes of the proxy listener."""
 
     def __init__(self, daemon: PeerDaemon) -> None:
+        # Imported here: the mirror builds on this module's serving functions.
+        from dragonfly.peer.registry import RegistryMirror
+
         self.daemon = daemon
         self.rules = [CompiledRule(re.compile(r.regex), r) for r in daemon.config.proxy.rules]
+        self.registry = RegistryMirror(daemon)
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         target = request.target
@@ -108,8 +114,12 @@ class ProxyHandler:
         await self.forward(request, responder)
 
     async def _origin_form(self, request: Request, responder: Responder) -> None:
-        """Requests to the daemon itself: health, metrics, the local API."""
+        """Requests to the daemon itself: health, metrics, the local API, the registry
+        mirror (`/v2/...`)."""
         path = request.target.split("?", 1)[0]
+        if is_registry_path(path):
+            await self.registry(request, responder)
+            return
         if await serve_common(self.daemon, path, responder):
             return
         if path == LOCAL_API and request.method == "POST":
@@ -155,33 +165,7 @@ class ProxyHandler:
     # ---------------------------------------------------------------- direct
 
     async def _direct(self, request: Request, responder: Responder) -> None:
-        """Pass the request to the origin and stream its answer back."""
-        headers = Headers(
-            (k, v)
-            for k, v in request.headers.without_hop_by_hop()
-            if k not in (b"host", b"proxy-authorization", b"content-length")
-            and not k.startswith(b"x-dragonfly-")
-        )
-        try:
-            body = await request.read_body(limit=MAX_FORWARD_BODY)
-        except ValueError as exc:
-            await responder.send_error(413, str(exc))
-            return
-        try:
-            response = await self.daemon.origin_client.send(
-                request.method, request.target, headers, body, follow_redirects=False
-            )
-        except HTTPClientError as exc:
-            await responder.send_error(502, f"origin: {exc}")
-            return
-        try:
-            out = response.headers.without_hop_by_hop()
-            await responder.start(response.status, out)
-            async for chunk in response.iter_chunks():
-                await responder.write(chunk)
-            await responder.finish()
-        finally:
-            await response.aclose()
+        await relay(self.daemon, request, request.target, responder)
 
     # ---------------------------------------------------------------- P2P
 
@@ -300,10 +284,64 @@ class ProxyHandler:
         await responder.finish()
 
 
-async def stream_download(
-    daemon: PeerDaemon, download: Download, request: Request, responder: Responder
+def relayed_headers(headers: Headers) -> Headers:
+    """A client's request headers as the origin should get them from a relaying proxy:
+    every one (repeated ones such as Accept one by one), but for the hop-by-hop ones,
+    the proxy's own and the length, which the proxy sets."""
+    return Headers(
+        (k, v)
+        for k, v in headers.without_hop_by_hop()
+        if k not in (b"host", b"proxy-authorization", b"content-length")
+        and not k.startswith(b"x-dragonfly-")
+    )
+
+
+async def relay(
+    daemon: PeerDaemon,
+    request: Request,
+    url: str,
+    responder: Responder,
+    *,
+    headers: Headers | None = None,
+    on_error: Callable[[int, str], Awaitable[None]] | None = None,
 ) -> None:
-    """Answer with the task's bytes, each piece sent (sendfile) as soon as it is verified."""
+    """Pass the request to `url` and stream the answer back unchanged (redirects too).
+    An origin that cannot be reached is a 502 (through `on_error` when given)."""
+    hdrs = relayed_headers(request.headers) if headers is None else headers
+    fail = on_error or responder.send_error
+    try:
+        body = await request.read_body(limit=MAX_FORWARD_BODY)
+    except ValueError as exc:
+        await fail(413, str(exc))
+        return
+    try:
+        response = await daemon.origin_client.send(
+            request.method, url, hdrs, body, follow_redirects=False
+        )
+    except HTTPClientError as exc:
+        await fail(502, f"origin: {exc}")
+        return
+    try:
+        await responder.start(response.status, response.headers.without_hop_by_hop())
+        async for chunk in response.iter_chunks():
+            await responder.write(chunk)
+        await responder.finish()
+    finally:
+        await response.aclose()
+
+
+async def stream_download(
+    daemon: PeerDaemon,
+    download: Download,
+    request: Request,
+    responder: Responder,
+    extra_headers: Headers | None = None,
+) -> None:
+    """Answer with the task's bytes, each piece sent (sendfile) as soon as it is verified.
+
+    When the whole file has a known digest (an OCI blob), its last piece waits until
+    the whole file hashed right: a client never holds all the bytes of a wrong file.
+    """
     if download.content_length < 0:
         # An origin that sent no length (chunked, no ranges): known once the body ended.
         await download.wait_finished()
@@ -316,6 +354,8 @@ async def stream_download(
     if download.last_modified:
         headers.set(b"last-modified", download.last_modified.encode())
     headers.set(H_TASK_ID, download.task_id.encode())
+    for name, value in extra_headers or ():
+        headers.set(name, value)
     try:
         byte_range = parse_range(request.headers.get("range"), total)
     except RangeNotSatisfiable:
@@ -338,12 +378,15 @@ async def stream_download(
         await responder.finish()
         return
     piece_length = download.piece_length
+    last_piece = (total - 1) // piece_length
     async with daemon.store.use(download.task_id) as handle:
         fd = handle.file.fd
         position = start
         while position <= end:
             number = position // piece_length
             await download.wait_piece(number)
+            if number == last_piece and download.request.digest:
+                await download.wait_finished()
             piece_end = min(end, (number + 1) * piece_length - 1)
             await responder.sendfile(fd, position, piece_end - position + 1)
             if local:

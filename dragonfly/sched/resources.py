@@ -251,6 +251,7 @@ class Task:
         "content_length",
         "content_type",
         "created_at",
+        "digest",
         "digest_list",
         "digests",
         "downloading",
@@ -288,8 +289,10 @@ class Task:
         headers: dict[str, str] | None = None,
         filtered_query_params: list[str] | None = None,
         piece_length: int | None = None,
+        digest: str = "",
     ) -> None:
         self.id = task_id
+        self.digest = digest  # the whole file's, when the registration knew it
         self.url = url
         self.tag = tag
         self.application = application
@@ -317,6 +320,7 @@ class Task:
             headers=msg.headers,
             filtered_query_params=msg.filtered_query_params,
             piece_length=msg.piece_length,
+            digest=msg.digest,
         )
 
     def _reset_content(self) -> None:

@@ -863,6 +863,7 @@ class Scheduler:
                     filtered_query_params=list(task.filtered_query_params),
                     headers=dict(task.headers),
                     piece_length=task.piece_length,
+                    digest=task.digest,
                 ),
             )
         )

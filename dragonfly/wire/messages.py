@@ -59,6 +59,7 @@ ROLES = ("peer", "seed-peer", "scheduler")
 
 ID_MAX = 128
 URL_MAX = 8192
+DIGEST_MAX = 128  # "sha256:" + 64 hex, with room for longer algorithms
 REASON_MAX = 1024
 PIECE_NUMBER_MAX = 2**31 - 1
 OFFSET_MAX = 2**50
@@ -258,6 +259,8 @@ class RegisterPeer(Message):
     piece_length: int | None = limits(default=None, min=1, max=PIECE_LENGTH_MAX)
     content_length: int | None = limits(default=None, min=0, max=OFFSET_MAX)
     need_back_to_source: bool = False
+    # "sha256:HEX" the whole file must hash to (an OCI blob), "" if unknown.
+    digest: str = limits(default="", max_len=DIGEST_MAX)
 
 
 @message("task_metadata")
@@ -420,6 +423,7 @@ class TriggerDownload(Message):
         default_factory=dict, metadata=dict(max_items=256, max_len=URL_MAX)
     )
     piece_length: int | None = limits(default=None, min=1, max=PIECE_LENGTH_MAX)
+    digest: str = limits(default="", max_len=DIGEST_MAX)
 
 
 @message("task_failed")
