@@ -9,10 +9,14 @@ DEMO_SIZE ?= 512MiB
 PY := $(VENV)/bin/python
 # Debian packages whose programs the tests start for real, as program:package
 # (nginx as the origin, curl and aria2c as clients, openssl for test certificates,
-# opentracker for the BitTorrent reference swarm, ip/tc for the swarm's network namespaces).
+# opentracker for the BitTorrent reference swarm, ip/tc for the swarm's network namespaces;
+# for the registry mirror: docker-registry as the registry, skopeo, containerd's ctr and
+# podman as the clients, htpasswd for the registry's bcrypt auth file).
 # Checked by program, not package name: Debian 12 and 13 package nginx differently.
 NEEDS := nginx:nginx curl:curl openssl:openssl update-ca-certificates:ca-certificates \
-	aria2c:aria2 opentracker:opentracker ip:iproute2 tc:iproute2
+	aria2c:aria2 opentracker:opentracker ip:iproute2 tc:iproute2 \
+	docker-registry:docker-registry skopeo:skopeo containerd:containerd ctr:containerd \
+	podman:podman htpasswd:apache2-utils
 
 .PHONY: test setup deps lint demo bench bench-full clean
 
