@@ -237,6 +237,7 @@ def skopeo_copy(
     dest: str,
     *,
     src_creds: str | None = None,
+    src_authfile: Path | None = None,
     dest_creds: str | None = None,
     registries_conf: Path | None = None,
     tls_verify: bool = False,
@@ -247,27 +248,32 @@ def skopeo_copy(
 
     Plain http registries on loopback: TLS verification is off on both sides unless
     asked (skopeo then speaks http to a registry that answers http). `registries_conf`
-    goes in CONTAINERS_REGISTRIES_CONF: Debian 12's skopeo 1.9 has no --registries-conf
-    flag (later ones do), and containers/image reads the variable in every version."""
-    cmd = ["skopeo", "--insecure-policy", "copy", "--retry-times", "0"]
+    is skopeo's global --registries-conf (hidden in Debian 12's skopeo 1.9, but there;
+    that skopeo ignores CONTAINERS_REGISTRIES_CONF, which podman reads)."""
+    cmd = ["skopeo", "--insecure-policy"]
+    if registries_conf is not None:
+        cmd += ["--registries-conf", str(registries_conf)]
+    cmd += ["copy", "--retry-times", "0"]
     if not tls_verify:
         if src.startswith("docker://"):
             cmd.append("--src-tls-verify=false")
         if dest.startswith("docker://"):
             cmd.append("--dest-tls-verify=false")
+    # containers/image never sends --src-creds to a mirror (they are meant for the
+    # registry named in the reference): a mirror's credentials come from an auth file
+    # keyed by the mirror's HOST:PORT, as `skopeo login MIRROR` would write it.
     if src_creds:
         cmd += ["--src-creds", src_creds]
-    elif src.startswith("docker://"):
+    if src_authfile is not None:
+        cmd += ["--src-authfile", str(src_authfile)]
+    if not src_creds and src_authfile is None and src.startswith("docker://"):
         cmd.append("--src-no-creds")  # never a login from ~/.docker or $XDG_RUNTIME_DIR
     if dest_creds:
         cmd += ["--dest-creds", dest_creds]
     elif dest.startswith("docker://"):
         cmd.append("--dest-no-creds")
     cmd += [*extra, src, dest]
-    env = dict(os.environ)
-    if registries_conf is not None:
-        env["CONTAINERS_REGISTRIES_CONF"] = str(registries_conf)
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if run.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stderr}")
     return run

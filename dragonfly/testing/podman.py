@@ -9,6 +9,7 @@ never touches /var/lib/containers or the caller's logins.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -27,6 +28,19 @@ def write_registries_conf(path: Path, registry: str, mirror: str | None = None) 
         text += f'\n[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n'
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+    return path
+
+
+def write_auth_json(path: Path, logins: dict[str, tuple[str, str]]) -> Path:
+    """A containers auth.json (what `podman login HOST` writes): HOST:PORT -> (user,
+    password). skopeo and podman send a mirror only the credentials filed under the
+    mirror's own HOST:PORT, never those given for the registry with --creds."""
+    auths = {
+        host: {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
+        for host, (user, password) in logins.items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"auths": auths}, indent=1) + "\n")
     return path
 
 
@@ -97,11 +111,23 @@ class Podman:
             raise RuntimeError(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stderr}")
         return run
 
-    def pull(self, ref: str, *, creds: str | None = None, timeout: float = 300) -> str:
-        """`podman pull REF` (tls-verify off: plain-http registries); the image ID."""
+    def pull(
+        self,
+        ref: str,
+        *,
+        creds: str | None = None,
+        authfile: Path | None = None,
+        timeout: float = 300,
+    ) -> str:
+        """`podman pull REF` (tls-verify off: plain-http registries); the image ID.
+
+        `creds` reach the registry only; a mirror gets what `authfile` files under its
+        HOST:PORT (see write_auth_json)."""
         args = ["pull", "--tls-verify=false"]  # (podman 4.3 has no --retry)
         if creds:
             args += ["--creds", creds]
+        if authfile is not None:
+            args += ["--authfile", str(authfile)]
         return self.run(*args, ref, timeout=timeout).stdout.strip()
 
     def inspect(self, ref: str) -> dict[str, Any]:

@@ -118,3 +118,46 @@ def test_pull_through_cache(tmp_path: Path) -> None:
         from_upstream = upstream.served_blob_bytes()
         assert all(from_upstream[b.digest] <= 2 * b.size for b in image.blobs)
         assert cache.served_blob_bytes() == {b.digest: 2 * b.size for b in image.blobs}
+
+
+def test_each_client_goes_through_the_mirror_its_config_names(tmp_path: Path) -> None:
+    """skopeo (--registries-conf), podman (CONTAINERS_REGISTRIES_CONF) and containerd
+    (hosts.toml) each send their requests to the mirror their config names: here a
+    pull-through cache, which logs them. Without this, a mirror test could pass with a
+    client that quietly went straight to the registry."""
+    image = write_oci_layout(tmp_path / "image", total_size=2 * MiB, layers=2, seed=4)
+    with (
+        Registry(tmp_path / "upstream") as upstream,
+        Registry(tmp_path / "cache", proxy_remote=upstream.url) as mirror,
+        Containerd(tmp_path / "containerd") as ctrd,
+    ):
+        ref = push(image, upstream.address, "test/mirrored")
+        conf = write_registries_conf(tmp_path / "registries.conf", upstream.address, mirror.address)
+
+        def mirror_agents() -> set[str]:
+            return {
+                e.agent.split("/")[0]
+                for e in mirror.log_entries()
+                if "/blobs/sha256:" in e.uri and e.method == "GET"
+            }
+
+        skopeo_copy(f"docker://{ref}", f"dir:{tmp_path / 'out'}", registries_conf=conf)
+        assert "skopeo" in mirror_agents(), mirror.blob_report()
+        write_hosts_toml(tmp_path / "hosts", upstream.address, mirror.url)
+        ctrd.fetch(ref, tmp_path / "hosts", timeout=120)
+        assert "containerd" in mirror_agents(), mirror.blob_report()
+        # containerd names the registry the mirror stands for in ?ns=
+        assert any(
+            f"ns={upstream.address.replace(':', '%3A')}" in e.uri for e in mirror.log_entries()
+        )
+        with Podman(tmp_path / "podman", conf) as podman:
+            podman.pull(ref, timeout=120)
+        # (podman's User-Agent is containers/image's: "containers/5.23.1 (github.com/...)")
+        assert "containers" in mirror_agents(), mirror.blob_report()
+        # ...and none of them went to the registry itself: only the cache fetched from it
+        agents = {
+            e.agent.split("/")[0]
+            for e in upstream.log_entries()
+            if e.method == "GET" and "/blobs/sha256:" in e.uri
+        }
+        assert not agents & {"skopeo", "containerd", "containers"}, upstream.blob_report()
