@@ -9,6 +9,13 @@ file to the socket; h11 only sees a placeholder of the right length
 A handler that fails before the response starts yields a 500; after it started,
 the connection is closed: a client never gets a silently short body.
 
+The server runs over any trio Stream: a TCP connection, or a TLS stream inside a
+CONNECT tunnel the proxy intercepts. `sendfile` is zero-copy only on a plain
+socket; elsewhere (TLS encrypts in Python anyway) it reads the file and sends.
+A CONNECT is answered with `Responder.accept_connect()`, which hands the raw
+connection to the handler (bytes the client already sent after the request
+included), as `Responder.websocket` does for an upgrade.
+
 Timeouts: `idle_timeout` bounds the wait for a request's headers, `body_timeout`
 each wait for request body bytes and `send_timeout` each wait for the client to
 take response bytes, so a client that stops sending or reading cannot hold a
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import socket as _socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -73,10 +81,11 @@ class _Placeholder:
 
 
 class _ReplayStream(trio.abc.HalfCloseableStream):
-    """A socket stream that first yields bytes h11 already consumed: the upgrade
-    request, rebuilt, so trio-websocket can run its handshake on this connection."""
+    """A connection's stream that first yields bytes h11 already consumed: the
+    upgrade request, rebuilt, so trio-websocket can run its handshake on this
+    connection; or what a client sent right after its CONNECT (a TLS ClientHello)."""
 
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
         self._stream = stream
         self._prefix = prefix
 
@@ -95,6 +104,9 @@ class _ReplayStream(trio.abc.HalfCloseableStream):
         await self._stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
+        if not isinstance(self._stream, trio.abc.HalfCloseableStream):
+            # (a TLS stream cannot half-close: only the raw connection of a tunnel is asked)
+            raise trio.BrokenResourceError("this stream cannot half-close")
         await self._stream.send_eof()
 
     async def aclose(self) -> None:
@@ -106,19 +118,20 @@ class ClientGone(Exception):
 
 
 class HTTPConnection:
-    """One accepted TCP connection driven by h11."""
+    """One accepted connection (TCP, or TLS inside a tunnel) driven by h11."""
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         *,
         max_header_bytes: int = MAX_HEADER_BYTES,
         send_timeout: float = SEND_TIMEOUT,
         body_timeout: float = BODY_TIMEOUT,
+        peer: str | None = None,
     ):
         self.stream = stream
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
-        self.peer = _peername(stream)
+        self.peer = peer if peer is not None else _peername(stream)
         self.send_timeout = send_timeout
         self.body_timeout = body_timeout
 
@@ -150,12 +163,20 @@ class HTTPConnection:
             self.conn.receive_data(data)
 
 
-def _peername(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-        return f"{host}:{port}"
-    except OSError:
-        return "?"
+def _peername(stream: trio.abc.Stream) -> str:
+    """host:port of the client; through TLS and replay wrappers to the TCP socket."""
+    for _ in range(4):
+        if isinstance(stream, trio.SocketStream):
+            try:
+                host, port = stream.socket.getpeername()[:2]
+                return f"{host}:{port}"
+            except OSError:
+                return "?"
+        inner = getattr(stream, "transport_stream", None) or getattr(stream, "_stream", None)
+        if not isinstance(inner, trio.abc.Stream):
+            break
+        stream = inner
+    return "?"
 
 
 @dataclass
@@ -262,15 +283,24 @@ class Responder:
         if count <= 0 or self.head_only:
             return
         conn = self._c.conn
+        stream = self._c.stream
         framing = conn.send_with_data_passthrough(h11.Data(data=_Placeholder(count)))
         # With chunked framing h11 returns [chunk header, placeholder, CRLF].
         for part in framing:
             if not isinstance(part, _Placeholder):
                 await self._c.send_bytes(bytes(part))
                 continue
+            if not isinstance(stream, trio.SocketStream):
+                # TLS (or another wrapper): the kernel cannot send the file for us.
+                try:
+                    await self._send_file_copy(fd, offset, count)
+                except BaseException:
+                    conn.send_failed()
+                    raise
+                continue
             timeout = self._c.send_timeout
             try:
-                await sendfile_all(self._c.stream.socket, fd, offset, count, write_timeout=timeout)
+                await sendfile_all(stream.socket, fd, offset, count, write_timeout=timeout)
             except trio.TooSlowError:
                 conn.send_failed()
                 raise ClientGone(f"client {self._c.peer} read nothing for {timeout}s") from None
@@ -282,6 +312,16 @@ class Responder:
                 conn.send_failed()
                 raise
         self.body_bytes += count
+
+    async def _send_file_copy(self, fd: int, offset: int, count: int) -> None:
+        """sendfile's fallback for streams that are not a plain socket: pread + send_all."""
+        sent = 0
+        while sent < count:
+            chunk = os.pread(fd, min(SEND_SLICE, count - sent), offset + sent)
+            if not chunk:
+                raise OSError(f"file ended after {sent} of {count} bytes at offset {offset}")
+            await self._c.send_bytes(chunk)
+            sent += len(chunk)
 
     async def finish(self) -> None:
         """End the body: h11 checks that exactly Content-Length bytes were sent."""
@@ -307,6 +347,32 @@ class Responder:
 
     async def send_error(self, status: int, message: str) -> None:
         await self.send(status, (message + "\n").encode(), [(b"connection", b"close")])
+
+    async def accept_connect(
+        self, headers: Headers | list[tuple[bytes, bytes]] | None = None
+    ) -> trio.abc.HalfCloseableStream:
+        """Answer a CONNECT with 200 and hand over the raw connection.
+
+        The returned stream first yields what the client sent after its CONNECT
+        request (h11 had buffered it: often a TLS ClientHello). The connection is
+        the caller's from then on and is closed when the handler returns.
+        """
+        c = self._c
+        if self._request.method != "CONNECT":
+            raise RuntimeError("accept_connect() answers a CONNECT request only")
+        # h11 holds the request until it saw its end; then it waits for our verdict.
+        while c.conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
+            try:
+                event = await c.next_event(c.body_timeout)
+            except trio.TooSlowError:
+                raise ClientGone(f"client {c.peer} did not finish its CONNECT") from None
+            if isinstance(event, h11.ConnectionClosed):
+                raise ClientGone("client closed the connection before its tunnel opened")
+        hdrs = headers if isinstance(headers, Headers) else Headers(headers or [])
+        await self.start(200, hdrs, reason=b"Connection established")
+        # A 2xx to CONNECT switches h11 to SWITCHED_PROTOCOL: no framing, no body.
+        self.finished = self.upgraded = True
+        return _ReplayStream(c.stream, bytes(c.conn.trailing_data[0]))
 
     @property
     def is_websocket_request(self) -> bool:
@@ -420,13 +486,15 @@ async def _answer_protocol_error(c: HTTPConnection, exc: h11.RemoteProtocolError
         pass
 
 
-async def _lingering_close(stream: trio.SocketStream) -> None:
+async def _lingering_close(stream: trio.abc.Stream) -> None:
     """Half-close, then drain briefly: closing with unread input sends a RST that
     can destroy the response before the client reads it (or fail the client's
     upload before it looks at the response). Bounded by time, not bytes: a client
-    still sending a large body needs all of it taken."""
+    still sending a large body needs all of it taken. A stream that cannot
+    half-close (TLS) is only drained."""
     try:
-        await stream.send_eof()
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
         with trio.move_on_after(LINGER_SECONDS):
             while await stream.receive_some(RECEIVE_SIZE):
                 pass
@@ -435,17 +503,23 @@ async def _lingering_close(stream: trio.SocketStream) -> None:
 
 
 async def serve_connection(
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
     handler: Handler,
     *,
     idle_timeout: float = 120.0,
     send_timeout: float = SEND_TIMEOUT,
     body_timeout: float = BODY_TIMEOUT,
+    peer: str | None = None,
 ) -> None:
-    """Run requests on one connection until it closes, idles out, or breaks."""
-    c = HTTPConnection(stream, send_timeout=send_timeout, body_timeout=body_timeout)
-    with contextlib.suppress(OSError):
-        stream.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, True)
+    """Run requests on one connection until it closes, idles out, or breaks.
+
+    `stream` is a TCP connection or any other trio Stream (TLS in a tunnel);
+    `peer` names the client when the stream cannot (default: its socket's address).
+    """
+    c = HTTPConnection(stream, send_timeout=send_timeout, body_timeout=body_timeout, peer=peer)
+    if isinstance(stream, trio.SocketStream):
+        with contextlib.suppress(OSError):
+            stream.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, True)
     try:
         if await _serve_requests(c, handler, idle_timeout):
             await _lingering_close(stream)
