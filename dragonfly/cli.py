@@ -100,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     # The simulation has options of its own: `main` hands everything after `sim` to it.
     sub.add_parser("sim", help="simulate a swarm in virtual time (sim --help lists its options)")
 
+    ca = sub.add_parser("ca", help="the CA for HTTPS interception (proxy.hijack_https)")
+    ca_sub = ca.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
+    ca_init = ca_sub.add_parser(
+        "init", help="make DIR/ca.pem and DIR/ca.key and print how to use and trust them"
+    )
+    ca_init.add_argument("dir", metavar="DIR", help="directory for ca.pem and ca.key")
+    ca_init.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
+    ca_init.add_argument("--name", default="Dragonfly proxy CA", help="the CA's common name")
+    ca_init.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
+
     conf = sub.add_parser("config", help="print a role's configuration")
     conf.add_argument("--role", dest="config_role", choices=ROLES, required=True)
     conf.add_argument(
@@ -151,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "config":
         return _config_command(args)
+    if args.command == "ca":
+        from dragonfly.ca import ca_command
+
+        return ca_command(args)
 
     role = args.role or {"get": "peer", "cluster": "peer", "sim": "scheduler"}[args.command]
     try:
@@ -185,6 +199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if runner is None:
         print(f"dragonfly: role '{role}' is not built yet", file=sys.stderr)
         return EXIT_NOT_BUILT
+    if isinstance(cfg, PeerConfig):
+        # Files the configuration names (CA certificates and keys) are checked here, so
+        # a bad one stops the start with the key's name instead of a traceback.
+        from dragonfly.wire.tls import check_peer_files
+
+        try:
+            check_peer_files(cfg)
+        except ConfigError as exc:
+            print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     return runner(cfg)
 
 
