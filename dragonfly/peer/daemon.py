@@ -14,12 +14,14 @@ from dragonfly.metrics import PeerMetrics
 from dragonfly.peer.download import Download, DownloadRequest
 from dragonfly.peer.proxy import ProxyHandler
 from dragonfly.peer.scheduler_client import SchedulerPool
+from dragonfly.peer.tunnel import Hijacker
 from dragonfly.peer.upload import UploadHandler
 from dragonfly.ratelimit import RateLimiter
 from dragonfly.storage import GCConfig, PieceStore
 from dragonfly.wire.http_client import HTTPClient
 from dragonfly.wire.http_server import bound_port, serve
 from dragonfly.wire.messages import HostInfo, TriggerDownload
+from dragonfly.wire.tls import origin_ssl_context
 
 log = get_logger("dragonfly.peer")
 
@@ -67,9 +69,14 @@ class PeerDaemon:
         self.metrics = PeerMetrics()
         self.role = "seed-peer" if config.seed.enabled else "peer"
         d = config.download
+        # https origins: the system's CAs plus download.origin_ca_file. Both this and the
+        # hijack CA raise ConfigError naming the key, so a bad file stops the start.
         self.origin_client = HTTPClient(
-            connect_timeout=d.connect_timeout, read_timeout=d.read_timeout
+            connect_timeout=d.connect_timeout,
+            read_timeout=d.read_timeout,
+            ssl_context=origin_ssl_context(d),
         )
+        self.hijacker = Hijacker(config.proxy.hijack_https)
         self.upload_limiter = _limiter(config.upload.rate_limit)
         self.download_limiter = _limiter(d.rate_limit)
         self.source_limiter = _limiter(d.back_to_source_rate_limit)

@@ -24,6 +24,7 @@ from dragonfly.config import ProxyRule
 from dragonfly.identity import IdentityError
 from dragonfly.log import get_logger
 from dragonfly.peer.download import Download, DownloadFailed, DownloadRequest
+from dragonfly.peer.tunnel import handle_connect
 from dragonfly.peer.upload import serve_common
 from dragonfly.storage.taskfile import task_path
 from dragonfly.wire.http_client import HTTPClientError
@@ -109,7 +110,7 @@ class ProxyHandler:
             await self._origin_form(request, responder)
             return
         if request.method == "CONNECT":
-            await responder.send_error(501, "CONNECT tunnels are not supported yet")
+            await handle_connect(self, request, responder)
             return
         await self.forward(request, responder)
 
