@@ -64,6 +64,7 @@ bench-full: setup
 	$(PY) -m benchmarks swarm --peers 8,16
 	$(PY) -m benchmarks scheduler --duration 60s
 	$(PY) -m benchmarks simulation --peers 1000,10000
+	$(PY) -m benchmarks image_pull
 
 clean:
 	rm -rf $(VENV) benchmarks/results .pytest_cache .ruff_cache .hypothesis
