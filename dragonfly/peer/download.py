@@ -525,6 +525,26 @@ class Download:
         store = self.daemon.store
         try:
             await store.complete_task(self.task_id)
+        except DigestMismatch as exc:
+            # Every piece matched what the origin sent, and the whole is not the file
+            # named by its digest: the origin serves other bytes under that name. The
+            # scheduler fails the task for all (when this peer was its source).
+            failure = DownloadFailed(
+                f"the origin's bytes are not {self.request.digest or 'the expected file'}: "
+                f"they hash to {exc.actual}",
+                502,
+            )
+            if session is not None:
+                await self._report_failure(
+                    session,
+                    PeerFailed(
+                        peer_id=self.peer_id,
+                        task_id=self.task_id,
+                        reason=failure.reason[:1000],
+                        http_status=502,
+                    ),
+                )
+            raise failure from None
         except Exception as exc:
             raise DownloadFailed(f"completing the task failed: {exc}") from exc
         if session is not None:

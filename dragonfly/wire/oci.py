@@ -24,6 +24,8 @@ _DIGEST = r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[A-Za-z0-9=_-]+"
 _MANIFEST = re.compile(rf"^/v2/(?P<name>{_NAME})/manifests/(?P<ref>{_TAG}|{_DIGEST})$")
 _BLOB = re.compile(rf"^/v2/(?P<name>{_NAME})/blobs/(?P<ref>{_DIGEST})$")
 _TAGS = re.compile(rf"^/v2/(?P<name>{_NAME})/tags/list$")
+# A blob or manifest path whose name or reference is malformed (uploads end elsewhere).
+_LOOKS_LIKE_CONTENT = re.compile(r"^/v2/.+/(?:blobs|manifests)/[^/]+$")
 _SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
 # A host[:port] as containerd writes it in ?ns= (a DNS name, IPv4, or [IPv6]).
 _NS = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
@@ -80,7 +82,7 @@ def parse_route(path: str) -> Route:
         m = pattern.match(path)
         if m is not None:
             return Route(kind, path, m.group("name"), m.groupdict().get("ref") or "")
-    if "/blobs/" in path or "/manifests/" in path:
+    if _LOOKS_LIKE_CONTENT.match(path):
         raise MirrorError(
             400, "NAME_INVALID", f"not a valid repository name or reference: {path!r}"
         )

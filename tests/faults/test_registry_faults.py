@@ -1,0 +1,120 @@
+"""The registry mirror against an upstream that lies, redirects, fails or is named badly.
+
+nginx plays the upstream registry here: it serves blob paths from files, so a test
+can make it serve bytes that do not match a blob's digest, or answer a blob with a
+307 to "storage" carrying signed query parameters, as S3-backed registries do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dragonfly.cluster import Cluster
+from dragonfly.testing.nginx import Nginx, free_port
+from tests.p2p_support import MiB
+
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
+
+
+def _blob(root: Path, repo: str, data: bytes, digest: str | None = None) -> str:
+    digest = digest or "sha256:" + hashlib.sha256(data).hexdigest()
+    path = root / "v2" / repo / "blobs" / digest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return digest
+
+
+def _get(proxy: str, path: str, *headers: str) -> tuple[int, dict[str, str], bytes]:
+    """GET through the mirror with curl: (status, headers, body); status 0: cut short."""
+    cmd = ["curl", "-sS", "-D", "/dev/stderr", "--max-time", "60"]
+    for h in headers:
+        cmd += ["-H", h]
+    out = subprocess.run([*cmd, f"{proxy}{path}"], capture_output=True, timeout=90)
+    head = out.stderr.decode(errors="replace").split("\r\n")
+    status = int(head[0].split()[1]) if head[0].startswith("HTTP/") else 0
+    hdrs = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:]) if v}
+    return (status if out.returncode == 0 else 0), hdrs, out.stdout
+
+
+def test_a_blob_whose_bytes_do_not_match_its_digest_is_never_delivered_whole(
+    tmp_path: Path, www: Path, nginx: Nginx
+):
+    """An upstream serving other bytes under a digest: the client gets less than the
+    whole blob and an error, the peer keeps no complete task, and asking again fails too."""
+    real = os.urandom(9 * MiB)
+    claimed = "sha256:" + hashlib.sha256(real).hexdigest()
+    _blob(www, "lie", os.urandom(9 * MiB), digest=claimed)
+    extra = ["--set", f"registry_mirror.upstream={nginx.url}"]
+    with Cluster(tmp_path / "cluster", schedulers=1, seed_peers=1, peers=1, extra=extra) as c:
+        # Asked again on the same peer and on the seed, which fetched it from the origin:
+        # neither keeps the blob as complete, so neither serves it whole as a local hit.
+        for node in ("peer-0", "peer-0", "seed-peer-0"):
+            status, _, body = _get(c.node(node).info["proxy"], f"/v2/lie/blobs/{claimed}")
+            assert status == 0 or status >= 500, (node, status)
+            assert len(body) < len(real)
+
+
+def test_a_307_to_signed_storage_is_followed_and_signatures_stay_out_of_the_task(
+    tmp_path: Path, www: Path
+):
+    """Blobs answered with 307 to storage URLs that differ per request: the peer follows
+    them, the task is the digest, and the same blob under another repository (or from
+    another registry) is one task that the origin served once."""
+    data = os.urandom(6 * MiB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (www / "storage").mkdir()
+    (www / "storage" / digest.split(":")[1]).write_bytes(data)
+    redirect = (
+        "location ~ \"^/v2/.+/blobs/sha256:(?<hex>[0-9a-f]{64})$\" {\n"
+        "    return 307 /storage/$hex?X-Amz-Signature=$request_id&X-Amz-Expires=60;\n"
+        "}\n"
+    )
+    with Nginx(root=www, workdir=tmp_path / "nginx", extra_server_conf=redirect) as reg:
+        extra = ["--set", f"registry_mirror.upstream={reg.url}"]
+        with Cluster(tmp_path / "cluster", schedulers=1, seed_peers=1, peers=2, extra=extra) as c:
+            first, second = (c.node(f"peer-{i}").info["proxy"] for i in range(2))
+            status, hdrs, body = _get(first, f"/v2/team/app/blobs/{digest}")
+            assert status == 200 and body == data
+            assert hdrs["x-dragonfly-task-id"] == digest.split(":")[1]
+            assert hdrs["docker-content-digest"] == digest
+            # Another repository on another peer, and the same upstream named by ns=.
+            host = reg.url.split("//")[1]
+            status, hdrs, body = _get(second, f"/v2/other/name/blobs/{digest}?ns={host}")
+            assert status == 200 and body == data
+            assert hdrs["x-dragonfly-task-id"] == digest.split(":")[1]
+        assert reg.served_bytes("/storage/") <= len(data) + 16
+
+
+def test_upstream_failures_reach_the_client_as_the_upstream_said(
+    tmp_path: Path, www: Path, nginx: Nginx
+):
+    """404 stays 404; an unreachable upstream is a 502 naming it; a bad ns is a 400: the
+    runtime's own fallback to the registry can act on each."""
+    (www / "v2").mkdir()
+    (www / "v2" / "index.html").write_text("{}")
+    closed = free_port()
+    extra = [
+        "--set",
+        f"registry_mirror.upstream={nginx.url}",
+        "--set",
+        f'registry_mirror.insecure=["127.0.0.1:{closed}"]',
+    ]
+    with Cluster(tmp_path / "cluster", schedulers=1, seed_peers=0, peers=1, extra=extra) as c:
+        proxy = c.node("peer-0").info["proxy"]
+        missing = "sha256:" + "0" * 64
+        status, _, _ = _get(proxy, f"/v2/none/blobs/{missing}")
+        assert status == 404
+        status, hdrs, body = _get(proxy, f"/v2/x/blobs/{missing}?ns=127.0.0.1:{closed}")
+        assert status == 502
+        assert hdrs["content-type"].startswith("application/json")
+        assert f"127.0.0.1:{closed}" in json.loads(body)["errors"][0]["message"]
+        status, _, body = _get(proxy, "/v2/x/manifests/latest?ns=bad%20host")
+        assert status == 400 and b"ns" in body
+        status, _, body = _get(proxy, "/v2/UPPER/blobs/" + missing)
+        assert status == 400 and json.loads(body)["errors"][0]["code"] == "NAME_INVALID"
