@@ -73,5 +73,6 @@ Wrote {cert} (the CA certificate: give it to clients)
     cat /etc/ssl/certs/ca-certificates.crt {q(str(cert))} > {q(str(bundle))}
     export https_proxy=http://127.0.0.1:PROXY_PORT
     export REQUESTS_CA_BUNDLE={q(str(bundle))} SSL_CERT_FILE={q(str(bundle))}
-   (after update-ca-certificates, /etc/ssl/certs/ca-certificates.crt already holds it)
+   (after update-ca-certificates, /etc/ssl/certs/ca-certificates.crt already holds it;
+   a REQUESTS_CA_BUNDLE set without our CA overrides pip's --cert and PIP_CERT)
 """
