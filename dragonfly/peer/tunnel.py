@@ -252,7 +252,10 @@ async def _hijack(
         await responder.send_error(502, f"cannot make a certificate for {authority}: {exc}")
         return
     raw = await responder.accept_connect()
-    tls = trio.SSLStream(raw, ctx, server_side=True, https_compatible=True)
+    # Not https_compatible: closing sends close_notify, so even a strict client sees a
+    # clean end. (A client that just drops the connection ends it as a broken one:
+    # the server loop takes that as the client gone, which it is.)
+    tls = trio.SSLStream(raw, ctx, server_side=True)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await tls.do_handshake()

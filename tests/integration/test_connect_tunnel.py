@@ -26,6 +26,7 @@ from dragonfly.wire.http_server import (
     serve,
     serve_connection,
 )
+from dragonfly.wire.tls import make_ca
 
 
 @pytest.fixture
@@ -228,4 +229,51 @@ async def test_http_server_over_tls_after_connect(tmp_path: Path):
         assert out.read_bytes() == data
         # the client's address is found through the TLS and replay wrappers
         assert clients and all(c.startswith("127.0.0.1:") for c in clients)
+        nursery.cancel_scope.cancel()
+
+
+async def test_hijacked_requests_stay_on_the_tunnels_host(tmp_path: Path):
+    """Inside an intercepted tunnel, origin-form requests become https://HOST:PORT/...;
+    a Host header or absolute URL naming another host is refused (421)."""
+    ca = make_ca(tmp_path / "ca")
+    cfg = load_config(
+        "peer",
+        env={},
+        overrides=[
+            "scheduler.addresses=[]",
+            f"storage.data_dir={tmp_path / 'data'}",
+            f"proxy.hijack_https.ca_cert={ca.cert}",
+            f"proxy.hijack_https.ca_key={ca.key}",
+            'proxy.hijack_https.hosts=["^127\\\\.0\\\\.0\\\\.1:"]',
+        ],
+    )
+    with trio.socket.socket() as s:  # the "origin": a port nobody listens on
+        await s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client_ctx = ssl.create_default_context(cafile=str(ca.cert))
+
+    async def ask(daemon: PeerDaemon, request: bytes) -> bytes:
+        raw, head = await _connect(daemon.proxy_port, f"127.0.0.1:{port}")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        tls = trio.SSLStream(raw, client_ctx, server_hostname="127.0.0.1")
+        await tls.send_all(request)
+        answer = await _read_all(tls)
+        await tls.aclose()
+        return answer
+
+    async with trio.open_nursery() as nursery:
+        daemon = await nursery.start(PeerDaemon(cfg).run)
+        host = f"127.0.0.1:{port}".encode()
+        # the right host: proxied to https://127.0.0.1:PORT/f?x=1 (which refuses: 502)
+        answer = await ask(daemon, b"GET /f?x=1 HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 502 "), answer
+        assert f"https://127.0.0.1:{port}/f?x=1".encode() in answer
+        answer = await ask(daemon, b"GET /f HTTP/1.1\r\nHost: other.example\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 421 "), answer
+        absolute = b"GET https://other.example/f HTTP/1.1\r\nHost: other.example\r\n\r\n"
+        answer = await ask(daemon, absolute)
+        assert answer.startswith(b"HTTP/1.1 421 "), answer
+        metrics = daemon.metrics.render().decode()
+        assert 'dragonfly_proxy_requests_total{mode="hijack"} 3.0' in metrics
+        assert daemon.hijacker.leaves is not None and daemon.hijacker.leaves.made == 1
         nursery.cancel_scope.cancel()
