@@ -251,6 +251,13 @@ class Registry:
             if e.method == "GET" and _BLOB_URI.match(e.uri)
         )
 
+    def stored(self, digest: str) -> bool:
+        """Whether the blob is in this registry's own storage (a pull-through cache
+        stores a missed blob in the background, after the client has it)."""
+        algo, hexd = digest.split(":", 1)
+        root = self.workdir / "storage" / "docker" / "registry" / "v2" / "blobs"
+        return (root / algo / hexd[:2] / hexd / "data").exists()
+
     def get(self, path: str, *, auth: bool = True, method: str = "GET") -> tuple[int, bytes]:
         """A request straight to the registry (status, body); 4xx/5xx are returned."""
         req = urllib.request.Request(f"{self.url}{path}", method=method)

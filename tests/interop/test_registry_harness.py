@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -113,6 +114,12 @@ def test_pull_through_cache(tmp_path: Path) -> None:
             skopeo_copy(f"docker://{cache.address}/test/cached:latest", f"dir:{tmp_path / f'o{i}'}")
             for blob in image.blobs:
                 assert sha256_file(tmp_path / f"o{i}" / blob.hex) == blob.hex
+            # the cache stores a missed blob in the background: a second pull before that
+            # is done would be a miss again
+            deadline = time.monotonic() + 30
+            while not all(cache.stored(b.digest) for b in image.blobs):
+                assert time.monotonic() < deadline, "the cache did not store the blobs"
+                time.sleep(0.05)
         # The second pull came from the cache's storage. (Distribution 2.8 fetches a
         # missed blob twice from upstream: once streamed to the client, once to store it.)
         from_upstream = upstream.served_blob_bytes()
