@@ -30,7 +30,7 @@ from dragonfly.storage.taskfile import task_path
 from dragonfly.wire.http_client import HTTPClientError
 from dragonfly.wire.http_common import Headers, RangeNotSatisfiable, parse_range
 from dragonfly.wire.http_server import Request, Responder
-from dragonfly.wire.oci import is_registry_path
+from dragonfly.wire.oci import is_registry_path, registry_blob
 
 if TYPE_CHECKING:
     from dragonfly.peer.daemon import PeerDaemon
@@ -135,7 +135,16 @@ class ProxyHandler:
         if not target.lower().startswith(("http://", "https://")):
             await responder.send_error(400, f"bad request target {target[:200]!r}")
             return
-        rule = self._p2p_rule(request)
+        rule = self._matching_rule(request)
+        blob = registry_blob(target) if rule is not None else None
+        if blob is not None:
+            # A registry blob by URL (a runtime behind https_proxy, say): the same task,
+            # checks and read permission as through the mirror.
+            metrics.proxy_requests.labels("registry_blob").inc()
+            await self.registry.blob(request, responder, *blob)
+            return
+        if rule is not None and not self._credentials_allowed(request, rule):
+            rule = None
         if rule is None:
             metrics.proxy_requests.labels("direct").inc()
             await self._direct(request, responder)
@@ -143,8 +152,8 @@ class ProxyHandler:
         metrics.proxy_requests.labels("p2p").inc()
         await self._p2p(request, responder, rule)
 
-    def _p2p_rule(self, request: Request) -> ProxyRule | None:
-        """The rule under which this request goes through P2P, or None (direct).
+    def _matching_rule(self, request: Request) -> ProxyRule | None:
+        """The rule under which this request may go through P2P, or None (direct).
 
         HEAD goes to the origin: it must not start a download of the whole file.
         """
@@ -154,14 +163,14 @@ class ProxyHandler:
             return None
         for compiled in self.rules:
             if compiled.regex.search(request.target):
-                rule = compiled.rule
-                if rule.direct:
-                    return None
-                has_credentials = "authorization" in request.headers or "cookie" in request.headers
-                if has_credentials and not rule.allow_credentials:
-                    return None
-                return rule
+                return None if compiled.rule.direct else compiled.rule
         return None
+
+    @staticmethod
+    def _credentials_allowed(request: Request, rule: ProxyRule) -> bool:
+        """A request with someone's credentials shares P2P only where its rule says so."""
+        has_credentials = "authorization" in request.headers or "cookie" in request.headers
+        return rule.allow_credentials or not has_credentials
 
     # ---------------------------------------------------------------- direct
 

@@ -69,14 +69,15 @@ class RegistryMirror:
         metrics = self.daemon.metrics
         if route.sha256_blob and request.method == "GET":
             metrics.proxy_requests.labels("registry_blob").inc()
-            await self._blob(request, responder, route, base, url)
+            await self.blob(request, responder, route, base, url)
             return
         metrics.proxy_requests.labels("registry_upstream").inc()
         await relay(self.daemon, request, url, responder, on_error=_upstream_error(responder))
 
-    async def _blob(
+    async def blob(
         self, request: Request, responder: Responder, route: Route, base: str, url: str
     ) -> None:
+        """A GET of a sha256 blob: from P2P once the registry agreed this client may."""
         credential = credential_key(request.headers.get("authorization") or "")
         if not self.grants.allowed(base, route.name, credential, trio.current_time()):
             allowed = await self._registry_allows(request, url)

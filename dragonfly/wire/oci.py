@@ -89,6 +89,19 @@ def parse_route(path: str) -> Route:
     return Route(RouteKind.OTHER, path)
 
 
+def registry_blob(url: str) -> tuple[Route, str, str] | None:
+    """(route, registry base URL, the URL) if an absolute URL names a sha256 blob of a
+    registry (`scheme://host/v2/NAME/blobs/sha256:HEX`), else None."""
+    try:
+        parts = urlsplit(url)
+        route = parse_route(parts.path)
+    except (ValueError, MirrorError):
+        return None
+    if not route.sha256_blob or parts.scheme not in ("http", "https"):
+        return None
+    return route, f"{parts.scheme}://{parts.netloc}", url
+
+
 @dataclass(frozen=True, slots=True)
 class Upstreams:
     """Which registry a request goes to."""

@@ -17,7 +17,7 @@ import pytest
 
 from dragonfly.cluster import Cluster
 from dragonfly.testing.nginx import Nginx, free_port
-from tests.p2p_support import MiB
+from tests.p2p_support import MiB, metric
 
 pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
@@ -71,7 +71,7 @@ def test_a_307_to_signed_storage_is_followed_and_signatures_stay_out_of_the_task
     (www / "storage").mkdir()
     (www / "storage" / digest.split(":")[1]).write_bytes(data)
     redirect = (
-        "location ~ \"^/v2/.+/blobs/sha256:(?<hex>[0-9a-f]{64})$\" {\n"
+        'location ~ "^/v2/.+/blobs/sha256:(?<hex>[0-9a-f]{64})$" {\n'
         "    return 307 /storage/$hex?X-Amz-Signature=$request_id&X-Amz-Expires=60;\n"
         "}\n"
     )
@@ -118,3 +118,29 @@ def test_upstream_failures_reach_the_client_as_the_upstream_said(
         assert status == 400 and b"ns" in body
         status, _, body = _get(proxy, "/v2/UPPER/blobs/" + missing)
         assert status == 400 and json.loads(body)["errors"][0]["code"] == "NAME_INVALID"
+
+
+def test_a_blob_url_through_the_forward_proxy_is_the_mirrors_task(
+    tmp_path: Path, www: Path, nginx: Nginx
+):
+    """`curl -x PEER http://REGISTRY/v2/NAME/blobs/sha256:...` (a runtime behind a proxy):
+    the digest is the task, as through the mirror, so the mirror's later request for the
+    same blob is a local hit."""
+    data = os.urandom(5 * MiB)
+    digest = _blob(www, "fw/app", data)
+    extra = ["--set", f"registry_mirror.upstream={nginx.url}"]
+    with Cluster(tmp_path / "cluster", schedulers=1, seed_peers=1, peers=1, extra=extra) as c:
+        peer = c.node("peer-0")
+        out = subprocess.run(
+            ["curl", "-sSf", "-D", "/dev/stderr", "-x", peer.info["proxy"],
+             f"{nginx.url}/v2/fw/app/blobs/{digest}"],
+            capture_output=True, timeout=90,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == data
+        assert f"x-dragonfly-task-id: {digest.split(':')[1]}" in out.stderr.decode()
+        status, _, body = _get(peer.info["proxy"], f"/v2/fw/app/blobs/{digest}")
+        assert status == 200 and body == data
+        metrics = peer.info["metrics"]
+        assert metric(metrics, "dragonfly_proxy_requests_total", 'mode="registry_blob"') == 2
+        assert metric(metrics, "dragonfly_download_bytes_total", 'source="local"') == len(data)

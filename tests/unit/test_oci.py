@@ -18,6 +18,7 @@ from dragonfly.wire.oci import (
     error_body,
     is_registry_path,
     parse_route,
+    registry_blob,
     split_query,
 )
 
@@ -142,3 +143,20 @@ def test_grants_stay_bounded_and_never_outlive_ttl(
         for (n, c), at in granted_at.items():
             if grants.allowed("u", n, c, now):
                 assert now - at < 5
+
+
+def test_registry_blob_urls() -> None:
+    url = f"https://reg.example:5000/v2/team/app/blobs/{DIGEST}"
+    found = registry_blob(url)
+    assert found is not None
+    route, base, same = found
+    assert (route.name, route.reference, base, same) == (
+        "team/app",
+        DIGEST,
+        "https://reg.example:5000",
+        url,
+    )
+    assert registry_blob(f"https://reg/v2/app/manifests/{DIGEST}") is None
+    assert registry_blob("https://reg/files/app.tar") is None
+    assert registry_blob("https://reg/v2/UPPER/blobs/" + DIGEST) is None
+    assert registry_blob("http://[bad/v2/x/blobs/" + DIGEST) is None
