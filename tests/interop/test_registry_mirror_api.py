@@ -1,0 +1,109 @@
+"""The mirror's answers, request by request, against Debian's docker-registry: what
+runtimes rely on beyond "the pull worked".
+
+Each check is made against the registry itself first, so the test shows the mirror
+answers as the registry does, not merely that it answers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dragonfly.cluster import Cluster
+from dragonfly.testing.oci_image import OciImage, push, write_oci_layout
+from dragonfly.testing.registry import Registry
+
+pytestmark = [pytest.mark.registry, pytest.mark.slow, pytest.mark.timeout(300)]
+
+MiB = 1024 * 1024
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+NAME = "api/app"
+
+
+def curl(url: str, *args: str) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one request."""
+    out = subprocess.run(
+        ["curl", "-sS", "-D", "/dev/stderr", "--max-time", "60", *args, url],
+        capture_output=True,
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stderr.decode(errors="replace")
+    lines = out.stderr.decode(errors="replace").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:]) if v}
+    return status, headers, out.stdout
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[Registry, OciImage, Cluster]]:
+    image = write_oci_layout(tmp_path / "image", total_size=6 * MiB, layers=2, seed=7)
+    with Registry(tmp_path / "registry") as registry:
+        push(image, registry.address, NAME, timeout=120)
+        extra = [
+            "--set",
+            f"registry_mirror.upstream={registry.url}",
+            "--set",
+            f'registry_mirror.insecure=["{registry.address}"]',
+        ]
+        with Cluster(tmp_path / "cluster", schedulers=1, seed_peers=1, peers=1, extra=extra) as c:
+            yield registry, image, c
+
+
+def test_manifests_tags_and_base_answer_as_the_registry_does(
+    setup: tuple[Registry, OciImage, Cluster],
+) -> None:
+    registry, image, cluster = setup
+    mirror = cluster.node("peer-0").info["proxy"]
+    manifest = f"/v2/{NAME}/manifests/{image.tag}"
+    # Several Accept headers, the OCI type last: the registry must see every one.
+    both = ["-H", f"Accept: {DOCKER_MANIFEST}", "-H", f"Accept: {OCI_MANIFEST}"]
+    for base in (registry.url, mirror):
+        status, headers, body = curl(base + manifest, *both)
+        assert status == 200, (base, body)
+        assert headers["content-type"] == OCI_MANIFEST
+        assert headers["docker-content-digest"] == image.manifest.digest
+        assert len(body) == image.manifest.size
+    # Without the OCI type the registry refuses an OCI manifest, and so does the mirror.
+    only_docker = curl(registry.url + manifest, "-H", f"Accept: {DOCKER_MANIFEST}")[0]
+    assert only_docker == curl(mirror + manifest, "-H", f"Accept: {DOCKER_MANIFEST}")[0] == 404
+    # containerd's HEAD with ?ns= names the upstream; the answer is the registry's.
+    status, headers, _ = curl(
+        f"{mirror}{manifest}?ns={registry.address}", "-I", "-H", f"Accept: {OCI_MANIFEST}"
+    )
+    assert status == 200 and headers["docker-content-digest"] == image.manifest.digest
+    # Tags and /v2/ pass through.
+    assert (
+        curl(f"{mirror}/v2/{NAME}/tags/list")[2] == curl(f"{registry.url}/v2/{NAME}/tags/list")[2]
+    )
+    status, headers, _ = curl(f"{mirror}/v2/")
+    assert status == 200 and headers["docker-distribution-api-version"] == "registry/2.0"
+
+
+def test_blobs_by_range_head_and_unknown_digest(
+    setup: tuple[Registry, OciImage, Cluster],
+) -> None:
+    registry, image, cluster = setup
+    mirror = cluster.node("peer-0").info["proxy"]
+    layer = image.layers[0]
+    data = (image.path / "blobs" / "sha256" / layer.digest.split(":")[1]).read_bytes()
+    blob = f"/v2/{NAME}/blobs/{layer.digest}"
+    # A resumed pull asks for the rest of a blob.
+    status, headers, body = curl(mirror + blob, "-H", "Range: bytes=1000-")
+    assert status == 206 and body == data[1000:]
+    assert headers["content-range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
+    status, headers, body = curl(mirror + blob)
+    assert status == 200 and body == data
+    assert headers["docker-content-digest"] == layer.digest
+    status, headers, _ = curl(mirror + blob, "-I")
+    assert status == 200 and int(headers["content-length"]) == len(data)
+    # A digest the repository does not have: the registry's own 404 and error code.
+    missing = f"/v2/{NAME}/blobs/sha256:{'1' * 64}"
+    want = curl(registry.url + missing)
+    got = curl(mirror + missing)
+    assert got[0] == want[0] == 404
+    assert b"BLOB_UNKNOWN" in got[2]
