@@ -209,7 +209,9 @@ class RegistryMirrorSection:
         [], "HOST[:PORT] registries reached over plain http when named by ?ns= (else https)"
     )
     auth_cache_ttl: Duration = opt(
-        60.0, "how long a registry's yes to a credential reading a repository is trusted", min=0
+        60.0,
+        "how long a registry's yes to a credential reading a blob of a repository is trusted",
+        min=0,
     )
 
 

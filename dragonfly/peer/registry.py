@@ -10,7 +10,7 @@ client so it authenticates as it would with the registry itself.
 
 Before a blob is served from P2P the registry is asked whether this client may
 read it: a HEAD of the blob with the client's own credentials (or none), a yes
-remembered briefly per credential and repository. A client the registry refuses
+remembered briefly per credential, repository and blob. A client the registry refuses
 gets the registry's own answer, even when every byte of the blob is on this peer.
 """
 
@@ -79,7 +79,8 @@ class RegistryMirror:
     ) -> None:
         """A GET of a sha256 blob: from P2P once the registry agreed this client may."""
         credential = credential_key(request.headers.get("authorization") or "")
-        if not self.grants.allowed(base, route.name, credential, trio.current_time()):
+        digest = route.reference
+        if not self.grants.allowed(base, route.name, digest, credential, trio.current_time()):
             allowed = await self._registry_allows(request, url)
             if allowed is None:
                 await send_registry_error(
@@ -92,8 +93,7 @@ class RegistryMirror:
                     self.daemon, request, url, responder, on_error=_upstream_error(responder)
                 )
                 return
-            self.grants.grant(base, route.name, credential, trio.current_time())
-        digest = route.reference
+            self.grants.grant(base, route.name, digest, credential, trio.current_time())
         download_request = DownloadRequest(
             task_id=blob_task_id(digest),
             url=url,

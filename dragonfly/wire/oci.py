@@ -162,21 +162,25 @@ def credential_key(authorization: str) -> str:
 
 
 class ReadGrants:
-    """Which credential was recently allowed to read which repository of which upstream.
+    """Which credential was recently allowed to read which blob of which repository of
+    which upstream.
 
     A blob is served from P2P only to a client the registry would serve: the mirror
     asks the registry (a HEAD with the client's credentials) and remembers a yes for
     `ttl` seconds. A no is never remembered: the client gets the registry's answer
-    itself, every time.
+    itself, every time. The blob is part of the key, not only the repository: a
+    registry answers 404 for a digest that is not in the repository named, so a yes
+    for one repository must not let its reader fetch another repository's private
+    layer by naming its digest there.
     """
 
     def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
-        self._granted: dict[tuple[str, str, str], float] = {}
+        self._granted: dict[tuple[str, str, str, str], float] = {}
 
-    def allowed(self, upstream: str, name: str, credential: str, now: float) -> bool:
-        key = (upstream, name, credential)
+    def allowed(self, upstream: str, name: str, blob: str, credential: str, now: float) -> bool:
+        key = (upstream, name, blob, credential)
         until = self._granted.get(key)
         if until is None:
             return False
@@ -185,7 +189,7 @@ class ReadGrants:
             return False
         return True
 
-    def grant(self, upstream: str, name: str, credential: str, now: float) -> None:
+    def grant(self, upstream: str, name: str, blob: str, credential: str, now: float) -> None:
         if self.ttl <= 0:
             return
         if len(self._granted) >= self.max_entries:
@@ -193,8 +197,9 @@ class ReadGrants:
             while len(self._granted) >= self.max_entries:
                 # Oldest grant first: dicts keep insertion order.
                 del self._granted[next(iter(self._granted))]
-        self._granted.pop((upstream, name, credential), None)
-        self._granted[(upstream, name, credential)] = now + self.ttl
+        key = (upstream, name, blob, credential)
+        self._granted.pop(key, None)
+        self._granted[key] = now + self.ttl
 
     def _expire(self, now: float) -> None:
         for key in [k for k, until in self._granted.items() if now >= until]:

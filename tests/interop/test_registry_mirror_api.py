@@ -107,3 +107,20 @@ def test_blobs_by_range_head_and_unknown_digest(
     got = curl(mirror + missing)
     assert got[0] == want[0] == 404
     assert b"BLOB_UNKNOWN" in got[2]
+
+
+def test_a_blob_held_by_the_peer_is_not_served_under_a_repository_that_lacks_it(
+    setup: tuple[Registry, OciImage, Cluster], tmp_path: Path
+) -> None:
+    """Once a client may read repository A, naming another repository's layer under A
+    must get the registry's 404, even though the peer holds that layer."""
+    registry, image, cluster = setup
+    mirror = cluster.node("peer-0").info["proxy"]
+    other = write_oci_layout(tmp_path / "other", total_size=2 * MiB, layers=1, seed=8)
+    push(other, registry.address, "api/private", timeout=120)
+    private = other.layers[0].digest
+    assert curl(f"{mirror}/v2/api/private/blobs/{private}")[0] == 200  # now on the peer
+    assert curl(f"{mirror}/v2/{NAME}/blobs/{image.layers[0].digest}")[0] == 200  # A: yes
+    assert curl(f"{registry.url}/v2/{NAME}/blobs/{private}")[0] == 404
+    status, _, body = curl(f"{mirror}/v2/{NAME}/blobs/{private}")
+    assert status == 404 and b"BLOB_UNKNOWN" in body

@@ -109,18 +109,20 @@ def test_credential_key_hides_the_secret() -> None:
 
 def test_grants_expire_and_are_scoped() -> None:
     grants = ReadGrants(ttl=10)
-    grants.grant("http://r", "a", "cred", now=0)
-    assert grants.allowed("http://r", "a", "cred", now=9.9)
-    assert not grants.allowed("http://r", "a", "cred", now=10)
-    assert not grants.allowed("http://r", "a", "other", now=1)
-    assert not grants.allowed("http://r", "b", "cred", now=1)
-    assert not grants.allowed("http://s", "a", "cred", now=1)
+    grants.grant("http://r", "a", DIGEST, "cred", now=0)
+    assert grants.allowed("http://r", "a", DIGEST, "cred", now=9.9)
+    assert not grants.allowed("http://r", "a", DIGEST, "cred", now=10)
+    assert not grants.allowed("http://r", "a", DIGEST, "other", now=1)
+    assert not grants.allowed("http://r", "b", DIGEST, "cred", now=1)
+    assert not grants.allowed("http://s", "a", DIGEST, "cred", now=1)
+    # A yes for one blob of a repository is not a yes for another digest named there.
+    assert not grants.allowed("http://r", "a", "sha256:" + "cd" * 32, "cred", now=1)
 
 
 def test_zero_ttl_remembers_nothing() -> None:
     grants = ReadGrants(ttl=0)
-    grants.grant("u", "n", "c", now=0)
-    assert not grants.allowed("u", "n", "c", now=0) and len(grants) == 0
+    grants.grant("u", "n", DIGEST, "c", now=0)
+    assert not grants.allowed("u", "n", DIGEST, "c", now=0) and len(grants) == 0
 
 
 @given(
@@ -137,11 +139,11 @@ def test_grants_stay_bounded_and_never_outlive_ttl(
     now = 0.0
     for name, cred, dt in events:
         now += dt / 10
-        grants.grant("u", name, cred, now)
+        grants.grant("u", name, DIGEST, cred, now)
         granted_at[(name, cred)] = now
         assert len(grants) <= 4
         for (n, c), at in granted_at.items():
-            if grants.allowed("u", n, c, now):
+            if grants.allowed("u", n, DIGEST, c, now):
                 assert now - at < 5
 
 
