@@ -78,6 +78,11 @@ class DownloadFailed(Exception):
         self.reason = reason
         self.http_status = http_status
 
+    @property
+    def client_status(self) -> int:
+        """The status to answer a client with: the origin's error, else 502."""
+        return self.http_status if 400 <= self.http_status < 600 else 502
+
 
 @dataclass
 class DownloadRequest:

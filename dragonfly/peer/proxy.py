@@ -227,8 +227,7 @@ class ProxyHandler:
             try:
                 await download.wait_metadata()
             except DownloadFailed as exc:
-                status = exc.http_status if 400 <= exc.http_status < 600 else 502
-                await responder.send_error(status, f"dragonfly: {exc.reason}")
+                await responder.send_error(exc.client_status, f"dragonfly: {exc.reason}")
                 return
             await stream_download(self.daemon, download, request, responder)
 

@@ -105,7 +105,7 @@ class RegistryMirror:
             try:
                 await download.wait_metadata()
             except DownloadFailed as exc:
-                status = exc.http_status if 400 <= exc.http_status < 600 else 502
+                status = exc.client_status
                 code = "BLOB_UNKNOWN" if status == 404 else "UNKNOWN"
                 await send_registry_error(responder, status, code, f"dragonfly: {exc.reason}")
                 return
