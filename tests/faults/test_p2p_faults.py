@@ -4,7 +4,9 @@ pieces, lying peers, a changing origin, rate limits, bad frames on the scheduler
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -225,6 +227,58 @@ def test_upload_rate_limit(tmp_path: Path, www: Path, nginx: Nginx):
                     break
         assert worst <= 1.5 * rate, f"served {worst / 1e6:.1f} MB/s under a {rate / 1e6} MB/s limit"
         assert worst > 0
+
+
+def test_a_busy_parent_answers_503_and_children_still_get_every_byte(
+    tmp_path: Path, www: Path, nginx: Nginx
+):
+    """One upload slot and no queue: a second piece request is refused at once with 503
+    and Retry-After (not queued, not failed), and a child whose parents keep refusing
+    its second request still downloads the whole file, right."""
+    want = random_file(www / "f.bin", 20 * MiB + 5)  # 5 pieces
+    extra = [
+        "--set", "upload.concurrent_limit=1", "--set", "upload.queue_limit=0",
+        "--set", "upload.rate_limit=8MB/s",
+    ]  # fmt: skip
+    with Cluster(tmp_path / "c", schedulers=1, seed_peers=1, peers=2, extra=extra) as cluster:
+        first, second = cluster.node("peer-0"), cluster.node("peer-1")
+        out = subprocess.run(
+            ["curl", "-sSf", "-D", "/dev/stderr", "-o", str(tmp_path / "a"), "-x",
+             first.info["proxy"], f"{nginx.url}/f.bin"],
+            capture_output=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert sha256_file(tmp_path / "a") == want
+        task = re.search(rb"x-dragonfly-task-id: (\w+)", out.stderr).group(1).decode()
+        # Two requests at once to peer-0's upload server: one is served (about 0.5 s at
+        # 8 MB/s), the other refused at once.
+        piece = f"{first.info['upload']}/pieces/{task}/0"
+        procs = [
+            subprocess.Popen(
+                ["curl", "-s", "-o", "/dev/null", "-D", "-", "-w", "%{http_code}\n", piece],
+                stdout=subprocess.PIPE,
+            )
+            for _ in range(2)
+        ]
+        answers = [p.communicate(timeout=60)[0].decode() for p in procs]
+        codes = sorted(a.strip().splitlines()[-1] for a in answers)
+        assert codes == ["200", "503"], answers
+        refused = next(a for a in answers if a.strip().endswith("503"))
+        assert "retry-after: 1" in refused.lower()
+        assert metric(first.info["metrics"], "dragonfly_upload_busy_refusals_total") >= 1
+        # peer-1 asks two pieces of each parent at once; every parent takes one at a time.
+        code, err = finish(curl(second.info["proxy"], f"{nginx.url}/f.bin", tmp_path / "b"))
+        assert code == 0, err
+        assert sha256_file(tmp_path / "b") == want
+        assert (
+            metric(second.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"')
+            >= 20 * MiB
+        )
+        refusals = sum(
+            metric(n.info["metrics"], "dragonfly_upload_busy_refusals_total")
+            for n in (first, cluster.node("seed-peer-0"))
+        )
+        assert refusals >= 2, "the child never met a busy parent: the test tests nothing"
 
 
 async def test_bad_frames_on_the_scheduler_socket(tmp_path: Path):
