@@ -2,8 +2,11 @@
 
 A *hub* namespace holds a bridge; every node gets a namespace of its own with a veth
 pair (``eth0`` inside the node, ``h<i>`` on the bridge), an address in 10.77.0.0/16 and
-loopback up. Caps are enforced by the kernel, outside the code under test: an htb token
-bucket on the node's ``eth0`` egress (its upload) and, if asked, on the bridge side's
+loopback up. A node can instead be linked to the root namespace itself
+(:meth:`Topology.add_root_linked`: one veth pair, a /30 in 10.78.0.0/16), so that
+ordinary processes reach it through its capped link without a namespace of their own.
+Caps are enforced by the kernel, outside the code under test: an htb token bucket on
+the node's ``eth0`` egress (its upload) and, if asked, on the bridge (or root) side's
 egress towards the node (its download). Segmentation and receive offloads are turned
 off, so the buckets see wire-sized packets rather than 64 KiB bursts.
 
@@ -207,6 +210,7 @@ class NetNode:
     up: int | None = None  # bytes/s, None: uncapped
     down: int | None = None
     dev: str = "eth0"
+    root_addr: str = ""  # root-linked node: the root namespace's end (hub_dev is there)
 
 
 @dataclass
@@ -224,14 +228,19 @@ class Topology:
         """`ip [-n ns] ARGS`; ARGS split on spaces (names here never hold one)."""
         run([self._ip, *(["-n", ns] if ns else []), *args.split()], check=check)
 
-    def _tc_cmd(self, ns: str, args: str) -> None:
-        run([self._tc, "-n", ns, *args.split()])
+    def _tc_cmd(self, ns: str | None, args: str) -> None:
+        run([self._tc, *(["-n", ns] if ns else []), *args.split()])
 
-    def start(self) -> Topology:
+    def tools(self) -> Topology:
+        """Find ip, tc (and ethtool); start() does it, add_root_linked alone needs only this."""
         ip, tc = _ip_binary(), _tc_binary()
         if ip is None or tc is None:
             raise RuntimeError("iproute2 (ip, tc) is not installed")
         self._ip, self._tc, self._ethtool = ip, tc, shutil.which("ethtool")
+        return self
+
+    def start(self) -> Topology:
+        self.tools()
         self.hub = f"{self.run_id}-hub"
         try:
             self._ip_cmd(None, f"netns add {self.hub}")
@@ -269,17 +278,52 @@ class Topology:
             self._shape(self.hub, n.hub_dev, down)
         return n
 
-    def _offloads_off(self, ns: str, dev: str) -> None:
+    def add_root_linked(
+        self, name: str, *, up: int | None = None, down: int | None = None
+    ) -> NetNode:
+        """A node `name` in a namespace of its own, joined to the *root* namespace by one
+        veth pair (no hub): processes outside any namespace reach it at `addr`, through
+        its upload cap `up` and download cap `down` (bytes/s). Needs tools() or start().
+
+        The root end's name carries the run id too; it goes with the namespace."""
+        i = len(self.nodes)
+        root_dev = f"{self.run_id}-r{i}"
+        if len(root_dev) > 15:  # IFNAMSIZ
+            raise ValueError(f"interface name {root_dev!r} is too long")
+        a, b = _free_root_subnet(self._ip)
+        n = NetNode(
+            name=name,
+            ns=f"{self.run_id}-{name}",
+            addr=f"10.78.{a}.{b + 2}",
+            hub_dev=root_dev,
+            up=up,
+            down=down,
+            root_addr=f"10.78.{a}.{b + 1}",
+        )
+        self.nodes[name] = n
+        self._ip_cmd(None, f"netns add {n.ns}")
+        self._ip_cmd(None, f"link add {root_dev} type veth peer name {n.dev} netns {n.ns}")
+        self._offloads_off(None, root_dev)
+        self._offloads_off(n.ns, n.dev)
+        self._ip_cmd(None, f"addr add {n.root_addr}/30 dev {root_dev}")
+        self._ip_cmd(None, f"link set {root_dev} up")
+        self._ip_cmd(n.ns, f"addr add {n.addr}/30 dev {n.dev}")
+        self._ip_cmd(n.ns, f"link set {n.dev} up")
+        self._ip_cmd(n.ns, "link set lo up")
+        if up:
+            self._shape(n.ns, n.dev, up)
+        if down:
+            self._shape(None, root_dev, down)
+        return n
+
+    def _offloads_off(self, ns: str | None, dev: str) -> None:
         # One MSS per skb and no GRO merging: the token bucket meters real packets.
         frame = MTU + 14
         self._ip_cmd(ns, f"link set {dev} gso_max_segs 1 gso_max_size {frame} gro_max_size {frame}")
         if self._ethtool:  # also the feature flags, where the tool is installed
             run(
                 [
-                    self._ip,
-                    "netns",
-                    "exec",
-                    ns,
+                    *([self._ip, "netns", "exec", ns] if ns else []),
                     self._ethtool,
                     "-K",
                     dev,
@@ -288,7 +332,7 @@ class Topology:
                 check=False,
             )
 
-    def _shape(self, ns: str, dev: str, rate: int) -> None:
+    def _shape(self, ns: str | None, dev: str, rate: int) -> None:
         """htb capping `dev`'s egress at `rate` payload bytes/s.
 
         Small packets (pure ACKs, piece requests, announcements) go first, within the
@@ -341,6 +385,10 @@ class Topology:
         which takes the bridge and every veth end with it)."""
         for node in list(self.nodes.values()):
             _delete_namespace(node.ns)
+            # The root end goes with the namespace, but the kernel frees a namespace
+            # asynchronously: delete it now (a no-op if it is gone already).
+            if node.root_addr:
+                run([self._ip, "link", "del", node.hub_dev], check=False)
         if self.hub:
             _delete_namespace(self.hub)
         self.nodes.clear()
@@ -350,6 +398,20 @@ class Topology:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _free_root_subnet(ip: str) -> tuple[int, int]:
+    """(a, b): a /30 10.78.a.b that no address in the root namespace uses, searched from
+    a pid-derived start so that concurrent runs pick different ones."""
+    used = run([ip, "-4", "-o", "addr", "show"]).stdout
+    taken = set(re.findall(r"inet (10\.78\.\d+\.\d+)/", used))
+    start = os.getpid() % 16384
+    for j in range(16384):
+        k = (start + j) % 16384
+        a, b = k // 64, k % 64 * 4
+        if not {f"10.78.{a}.{b + d}" for d in range(4)} & taken:
+            return a, b
+    raise RuntimeError("no free /30 left in 10.78.0.0/16")
 
 
 def ours(run_id: str) -> list[str]:
