@@ -1,9 +1,17 @@
 """image_pull: one container image pulled by several clients at once, three ways.
 
 A synthetic image (default 4 uncompressed tar layers, 1 GiB in all, written once as an
-OCI layout and reused) is pushed to Debian's docker-registry (distribution 2.8) on
-loopback. Then, one scenario after the other, N clients (default 4) run
-`skopeo copy docker://... dir:OUT` at the same moment:
+OCI layout and reused) is pushed to Debian's docker-registry (distribution 2.8). The
+registry sits behind a link capped at --registry-rate (default 100MB/s) in both
+directions: it runs in a network namespace of its own (`ip netns exec NS docker-registry
+serve CONFIG`), joined to the root namespace by a veth pair with an htb bucket on each
+end (benchmarks/netns.py). Everything else (the pull-through cache, the dragonfly
+cluster, the clients) stays in the root namespace on loopback, so whatever reaches the
+registry crosses the cap, as a real registry sits behind a link slower than the fleet's
+aggregate. --registry-rate 0: the registry on 127.0.0.1 as well, no cap (the default
+when namespaces are unavailable: not root, or no iproute2). Then, one scenario after
+the other, N clients (default 4) run `skopeo copy docker://... dir:OUT` at the same
+moment:
 
   registry direct     every client straight from the registry (the reference)
   pull-through cache  every client from a docker-registry in proxy mode in front of the
@@ -20,20 +28,24 @@ not as a registries.conf mirror: a mirror that fails would be hidden by the clie
 fallback to the registry (tests/interop checks the registries.conf route).
 
 python -m benchmarks image_pull [--size 1GiB] [--layers 4] [--clients 4]
+    [--registry-rate 100MB/s|0]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks import netns
 from benchmarks.common import (
     RESULTS,
     MemorySampler,
@@ -45,13 +57,58 @@ from benchmarks.common import (
 from dragonfly.cluster import Cluster
 from dragonfly.testing.oci_image import OciImage, push, write_oci_layout
 from dragonfly.testing.probe import sha256_file
-from dragonfly.testing.registry import Registry
-from dragonfly.units import human_bytes, parse_size
+from dragonfly.testing.registry import Registry, registry_binary
+from dragonfly.units import human_bytes, parse_rate, parse_size
 
 REFERENCE = "registry direct"
 SCENARIOS = (REFERENCE, "pull-through cache", "dragonfly mirror")
 NAME = "dragonfly/image-pull"
 PULL_TIMEOUT = 1800.0  # one pull; a hung client fails the run instead of stalling it
+DEFAULT_RATE = "100MB/s"
+REGISTRY_PORT = 5000  # inside the registry's own namespace: nothing else binds there
+
+
+@dataclass
+class NsRegistry(Registry):
+    """The origin registry inside its own network namespace.
+
+    `ip netns exec NS docker-registry serve CONFIG`: ip execs the registry, so the PID is
+    the registry's own and Registry.stop() ends it by that PID (its own session). The
+    config, storage and log are files under workdir as for any Registry; the namespace
+    has its own network stack, so the port is fixed and no other process can take it."""
+
+    exec_prefix: list[str] = field(default_factory=list)
+
+    def start(self, timeout: float = 20.0) -> NsRegistry:
+        binary = registry_binary()
+        if binary is None:
+            raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "storage").mkdir(exist_ok=True)
+        conf = self.workdir / "config.yml"
+        conf.write_text(self._config())
+        # (REGISTRY_* variables would override the file: none of the caller's leak in)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [*self.exec_prefix, binary, "serve", str(conf)],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+                preexec_fn=netns.die_with_parent,  # not left behind by a SIGKILLed run
+            )
+        try:
+            self._wait_ready(timeout)  # from the root namespace: through the veth
+        except (TimeoutError, RuntimeError) as exc:
+            self.stop()
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"docker-registry did not start; {self.log_path}:\n{tail}") from exc
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
 
 def skopeo_pull_cmd(source: str, out: Path) -> list[str]:
@@ -96,10 +153,16 @@ def pull_all(sources: list[str], outs: list[Path]) -> list[float]:
             errors.append(f"client {i} ({sources[i]}): {err.decode(errors='replace')}")
 
     threads = [threading.Thread(target=wait, args=(i, p), daemon=True) for i, p in enumerate(procs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:  # interrupted: no client outlives the run
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     if errors:
         raise SystemExit("image_pull: a pull failed:\n" + "\n".join(errors))
     return times
@@ -116,19 +179,32 @@ def check_outputs(image: OciImage, outs: list[Path]) -> None:
 
 
 def run_scenario(
-    registry: Registry, image: OciImage, sources: list[str], outs: list[Path]
+    registry: Registry,
+    image: OciImage,
+    sources: list[str],
+    outs: list[Path],
+    topo: netns.Topology | None,
 ) -> dict[str, Any]:
+    """One scenario; `topo`: the registry's capped link, whose bytes are counted too."""
+
+    def link_tx() -> int:
+        return topo.link_bytes("registry")[0] if topo else 0
+
     before = registry.total_blob_bytes()
+    tx_before = link_tx()
     times = pull_all(sources, outs)
     served = registry.total_blob_bytes() - before
-    check_outputs(image, outs)
-    return {
+    result = {
         "seconds": times,
         "max_seconds": max(times),
         "median_seconds": median(times),
         "registry_bytes": served,
         "registry_copies": served / image_bytes(image),
     }
+    if topo:  # what crossed the capped link, headers included: the log's cross-check
+        result["registry_link_tx_bytes"] = link_tx() - tx_before
+    check_outputs(image, outs)
+    return result
 
 
 def image_bytes(image: OciImage) -> int:
@@ -153,14 +229,47 @@ def print_table(title: str, results: dict[str, dict[str, Any]]) -> None:
     )
 
 
+def rate_text(rate: int) -> str:
+    return f"{rate / 1e6:g} MB/s" if rate else "uncapped (loopback)"
+
+
+def choose_rate(text: str | None) -> tuple[int, str]:
+    """(cap in bytes/s, 0 for none; why): the default cap where namespaces work here,
+    loopback where they do not; a cap asked for explicitly must be possible."""
+    reason = netns.unavailable()
+    if text is None:
+        if reason:
+            return 0, f"no cap: network namespaces unavailable ({reason})"
+        return parse_rate(DEFAULT_RATE), "the default"
+    rate = parse_rate(text)
+    if rate < 0:
+        raise SystemExit("image_pull: --registry-rate must be >= 0")
+    if rate and reason:
+        raise SystemExit(
+            f"image_pull: --registry-rate {text} needs network namespaces: {reason} "
+            "(--registry-rate 0: uncapped, on loopback)"
+        )
+    return rate, "requested"
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks image_pull")
     parser.add_argument("--size", default="1GiB", help="bytes in all layers (default 1GiB)")
     parser.add_argument("--layers", type=int, default=4, help="layers (default 4)")
     parser.add_argument("--clients", type=int, default=4, help="clients at once (default 4)")
+    parser.add_argument(
+        "--registry-rate",
+        default=None,
+        help=f"cap on the registry's link, each direction (default {DEFAULT_RATE} where "
+        "network namespaces work, else 0); 0: uncapped, the registry on loopback",
+    )
     args = parser.parse_args(argv)
     size = parse_size(args.size)
     clients = args.clients
+    rate, why = choose_rate(args.registry_rate)
+    print(f"image_pull: registry link {rate_text(rate)} ({why})", flush=True)
+    if rate:
+        netns.cleanup_stale()  # what runs killed outright left behind (dead pids only)
     work = RESULTS / "image_pull"
     # The layout is reused while its parameters match; registries and cluster start empty.
     image = write_oci_layout(work / "image", total_size=size, layers=args.layers, seed=1)
@@ -170,61 +279,104 @@ def main(argv: list[str]) -> int:
     results: dict[str, dict[str, Any]] = {}
     pids: dict[str, int] = {}
     peak: dict[str, int] = {}
+    topo = netns.Topology()
+    started: list[Registry | Cluster] = []  # stopped again at the end, whatever happened
+    interrupted = False
     try:
-        with Registry(work / "registry") as registry:
-            assert registry.process is not None
-            pids["registry"] = registry.process.pid
-            ref = push(image, registry.address, NAME, timeout=PULL_TIMEOUT).split("/", 1)[1]
-            print(
-                f"pushed {human_bytes(image_bytes(image))} ({args.layers} layers) to {registry.url}"
-            )
+        with netns.signals_raise():
+            if rate:
+                topo.tools()
+                node = topo.add_root_linked("registry", up=rate, down=rate)
+                origin: Registry = NsRegistry(
+                    work / "registry",
+                    host=node.addr,
+                    port=REGISTRY_PORT,
+                    exec_prefix=topo.exec_argv("registry", []),
+                )
+            else:
+                origin = Registry(work / "registry")
+            started.append(origin)
+            with origin as registry:
+                assert registry.process is not None
+                pids["registry"] = registry.process.pid
+                # The push crosses the cap too (the registry's download direction).
+                ref = push(image, registry.address, NAME, timeout=PULL_TIMEOUT).split("/", 1)[1]
+                print(
+                    f"pushed {human_bytes(image_bytes(image))} ({args.layers} layers) "
+                    f"to {registry.url}",
+                    flush=True,
+                )
 
-            def scenario(name: str, hosts: list[str]) -> None:
-                print(f"{name}: {clients} clients...", flush=True)
-                sources = [f"{h}/{ref}" for h in hosts]
-                results[name] = run_scenario(registry, image, sources, outs)
+                def scenario(name: str, hosts: list[str]) -> None:
+                    print(f"{name}: {clients} clients...", flush=True)
+                    sources = [f"{h}/{ref}" for h in hosts]
+                    results[name] = run_scenario(
+                        registry, image, sources, outs, topo if rate else None
+                    )
+                    print(f"{name}: last client done after {results[name]['max_seconds']:.1f} s")
 
-            scenario(REFERENCE, [registry.address] * clients)
-            with Registry(work / "cache", proxy_remote=registry.url) as cache:
-                assert cache.process is not None
-                pids["pull-through cache"] = cache.process.pid
-                scenario("pull-through cache", [cache.address] * clients)
-            shutil.rmtree(work / "cache" / "storage", ignore_errors=True)
-            with Cluster(
-                work / "cluster",
-                schedulers=1,
-                seed_peers=1,
-                peers=clients,
-                extra=[
-                    "--set",
-                    f"registry_mirror.upstream={registry.url}",
-                    "--set",
-                    f'registry_mirror.insecure=["{registry.address}"]',
-                ],
-            ) as cluster:
-                sampler = MemorySampler({n.name: n.info["pid"] for n in cluster.nodes})
-                pids.update(sampler.pids)
-                sampler.start()
-                try:
-                    hosts = [
-                        cluster.node(f"peer-{i}").info["proxy"].removeprefix("http://")
-                        for i in range(clients)
-                    ]
-                    scenario("dragonfly mirror", hosts)
-                finally:
-                    sampler.stop()
-                peak = sampler.peak
+                scenario(REFERENCE, [registry.address] * clients)
+                cache_reg = Registry(work / "cache", proxy_remote=registry.url)
+                started.append(cache_reg)
+                with cache_reg as cache:
+                    assert cache.process is not None
+                    pids["pull-through cache"] = cache.process.pid
+                    scenario("pull-through cache", [cache.address] * clients)
+                shutil.rmtree(work / "cache" / "storage", ignore_errors=True)
+                cluster_obj = Cluster(
+                    work / "cluster",
+                    schedulers=1,
+                    seed_peers=1,
+                    peers=clients,
+                    extra=[
+                        "--set",
+                        f"registry_mirror.upstream={registry.url}",
+                        "--set",
+                        f'registry_mirror.insecure=["{registry.address}"]',
+                    ],
+                )
+                started.append(cluster_obj)
+                with cluster_obj as cluster:
+                    sampler = MemorySampler({n.name: n.info["pid"] for n in cluster.nodes})
+                    pids.update(sampler.pids)
+                    sampler.start()
+                    try:
+                        hosts = [
+                            cluster.node(f"peer-{i}").info["proxy"].removeprefix("http://")
+                            for i in range(clients)
+                        ]
+                        scenario("dragonfly mirror", hosts)
+                    finally:
+                        sampler.stop()
+                    peak = sampler.peak
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
-        # 1 GiB per peer and per registry: keep the logs, drop the bytes.
-        shutil.rmtree(work / "cluster" / "data", ignore_errors=True)
-        for d in ("registry", "cache"):
-            shutil.rmtree(work / d / "storage", ignore_errors=True)
-        shutil.rmtree(work / "out", ignore_errors=True)
+        with netns.signals_ignored():  # a second Ctrl-C must not cut the teardown short
+            for obj in reversed(started):  # a no-op for what its `with` stopped already
+                with contextlib.suppress(Exception):
+                    obj.stop()
+            topo.stop()  # the registry's namespace and both ends of its veth
+            # 1 GiB per peer and per registry: keep the logs, drop the bytes.
+            shutil.rmtree(work / "cluster" / "data", ignore_errors=True)
+            for d in ("registry", "cache"):
+                shutil.rmtree(work / d / "storage", ignore_errors=True)
+            shutil.rmtree(work / "out", ignore_errors=True)
+    if interrupted:
+        print("image_pull: interrupted; every process and namespace of the run is gone")
+        return 130
+    size_text = human_bytes(image_bytes(image))
     title = (
-        f"image_pull: {human_bytes(image_bytes(image))} in {args.layers} layers, "
-        f"{clients} skopeo clients at once"
+        f"image_pull: {size_text} in {args.layers} layers, {clients} skopeo clients at once, "
+        f"registry link {rate_text(rate)}"
     )
     print_table(title, results)
+    if rate:
+        one = image_bytes(image) / rate
+        print(
+            f"at the cap one image takes {one:.1f} s to leave the registry, "
+            f"{clients} take {clients * one:.1f} s"
+        )
     print_memory(peak)
     ref_max = results[REFERENCE]["max_seconds"]
     ratios = {name: ref_max / r["max_seconds"] for name, r in results.items()}
@@ -235,18 +387,21 @@ def main(argv: list[str]) -> int:
             "image_bytes": image_bytes(image),
             "layers": [{"digest": b.digest, "size": b.size} for b in image.layers],
             "clients": clients,
+            "registry_rate": rate,
+            "mode": "netns" if rate else "loopback",
             "reference": REFERENCE,
             "scenarios": results,
             "ratios_max": ratios,
             "peak_rss_anon": peak,
             "pids": pids,
+            "run_id": topo.run_id,
         },
     )
     png = plot_bars(
         "image_pull",
         {name: r["max_seconds"] for name, r in results.items()},
         ylabel="seconds until the last client is done",
-        title=f"image_pull, {human_bytes(image_bytes(image))}, {clients} clients",
+        title=f"image_pull, {size_text}, {clients} clients, registry {rate_text(rate)}",
     )
     print(f"wrote {path} and {png}")
     return 0
