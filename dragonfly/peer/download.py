@@ -64,6 +64,8 @@ log = get_logger("dragonfly.peer.download")
 REPORT_INTERVAL = 0.05
 REPORT_BATCH = 1000
 RESCHEDULE_INTERVAL = 1.0
+# Longest a finished download keeps its announcement schedule for its children.
+LINGER_LIMIT = 120.0
 
 
 class ParentBusy(Exception):
@@ -363,6 +365,7 @@ class Download:
         try:
             with bound(task_id=self.task_id, peer_id=self.peer_id):
                 await self._run()
+                await self._linger()
         except Exception as exc:
             failure = find_exception(exc, DownloadFailed)
             if failure is None:
@@ -385,6 +388,20 @@ class Download:
                 for client in self._retired + [p.client for p in self._parents.values()]:
                     await client.aclose()
             self._notify()
+
+    async def _linger(self) -> None:
+        """A finished download that fed the swarm from the origin keeps its schedule
+        until its held-back pieces are revealed in their time: revealing them all at
+        once when the origin fetch ends would have every child ask this peer for the
+        same pieces, which is what the stagger is there to prevent."""
+        deadline = trio.current_time() + LINGER_LIMIT
+        while self._subscribers:
+            now = trio.current_time()
+            self._tell(self._announce.due(now))
+            next_due = self._announce.next_due()
+            if next_due is None or now >= deadline:
+                return
+            await trio.sleep_until(min(next_due, deadline))
 
     def _fail(self, exc: DownloadFailed) -> None:
         if self.error is None and not self.finished.is_set():
