@@ -17,12 +17,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dragonfly.testing.process import stop_process_group
 
 # Plugins that fail or warn on a machine without their filesystem or a kubelet; the
 # content store, metadata, leases and the image/content services are all that fetch uses.
@@ -194,15 +195,8 @@ disabled_plugins = [{disabled}]
 
     def stop(self) -> None:
         """SIGTERM by PID, SIGKILL if it lingers; a fallback socket dir is removed."""
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
+        if self.process is not None:
+            stop_process_group(self.process)
         self.process = None
         if self.socket_dir is not None and self.socket_dir != self.workdir:
             shutil.rmtree(self.socket_dir, ignore_errors=True)

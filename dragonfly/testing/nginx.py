@@ -7,7 +7,6 @@ is stopped by PID.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -16,6 +15,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dragonfly.testing.process import stop_process_group
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -143,14 +144,7 @@ http {{
         """Stop nginx by PID (its process group: master and worker)."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGQUIT)
-                self.process.wait(timeout=5)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
+        stop_process_group(self.process, signal.SIGQUIT, grace=5)  # SIGQUIT: graceful
         self.process = None
 
     def served_bytes(self, path_prefix: str = "/") -> int:

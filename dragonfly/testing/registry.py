@@ -14,12 +14,10 @@ registry served each blob once in total.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dragonfly.testing.nginx import free_port
+from dragonfly.testing.process import stop_process_group
 
 _BLOB_URI = re.compile(r"^/v2/(?P<name>.+)/blobs/(?P<digest>sha256:[0-9a-f]{64})(?:\?.*)?$")
 
@@ -171,15 +170,7 @@ class Registry:
         """SIGTERM by PID (its own session), SIGKILL if it lingers."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
+        stop_process_group(self.process)
         self.process = None
 
     def __enter__(self) -> Registry:

@@ -1,0 +1,25 @@
+"""Stopping the real programs tests and benchmarks start (nginx, docker-registry,
+containerd, ...): each runs in its own session, so its process group is the program."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+
+
+def stop_process_group(
+    process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 10.0
+) -> None:
+    """`sig` to the process group by PID, SIGKILL to what is left after `grace` seconds."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)
+    # Whatever of the group is left (the leader may be gone, a worker not).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
