@@ -60,6 +60,7 @@ from benchmarks import bittorrent, common, netns
 from dragonfly.sim.bound import fluid_bound
 from dragonfly.testing.nginx import Nginx, free_port, nginx_binary, wait_for_port
 from dragonfly.testing.probe import sha256_file
+from dragonfly.testing.process import stop_process_group
 from dragonfly.units import human_bytes, parse_rate, parse_size
 
 T = TypeVar("T")
@@ -144,16 +145,7 @@ class Procs:
         self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 8
     ) -> None:
         """`sig` to the process group, SIGKILL after `grace` seconds; then the group is gone."""
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=grace)
-        # Whatever of the group is left (the leader may be gone, a child not).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
+        stop_process_group(proc, sig, grace)
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
                 with contextlib.suppress(OSError):
