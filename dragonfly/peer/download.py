@@ -395,6 +395,8 @@ class Download:
         once when the origin fetch ends would have every child ask this peer for the
         same pieces, which is what the stagger is there to prevent."""
         deadline = trio.current_time() + LINGER_LIMIT
+        if self._subscribers and self._announce.next_due() is not None:
+            self.log.info("keeping the announcement schedule", children=len(self._subscribers))
         while self._subscribers:
             now = trio.current_time()
             self._tell(self._announce.due(now))
