@@ -418,6 +418,7 @@ class Download:
             record is not None
             and record.state == TaskState.SUCCEEDED
             and not self.request.seed_trigger
+            and await self._is_the_requested_file(record.digest)
         ):
             await self._adopt_record(record)
             self._finish_local()
@@ -455,6 +456,20 @@ class Download:
                 tried.add(session.address)
             finally:
                 session.close()
+
+    async def _is_the_requested_file(self, recorded_digest: str | None) -> bool:
+        """A complete task serves a request that names a whole-file digest only if it was
+        checked against that digest: if it was completed without one, it is hashed now
+        (and failed and removed on a mismatch, so the download starts over)."""
+        wanted = self.request.digest
+        if not wanted or recorded_digest == wanted:
+            return True
+        try:
+            await self.daemon.store.complete_task(self.task_id, wanted)
+        except DigestMismatch:
+            self.log.warning("a complete task is not the requested file", digest=wanted)
+            return False
+        return True
 
     async def _adopt_record(self, record: object) -> None:
         from dragonfly.storage import TaskRecord

@@ -136,6 +136,8 @@ class ProxyHandler:
             await responder.send_error(400, f"bad request target {target[:200]!r}")
             return
         rule = self._matching_rule(request)
+        if rule is not None and not self._credentials_allowed(request, rule):
+            rule = None
         blob = registry_blob(target) if rule is not None else None
         if blob is not None:
             # A registry blob by URL (a runtime behind https_proxy, say): the same task,
@@ -143,8 +145,6 @@ class ProxyHandler:
             metrics.proxy_requests.labels("registry_blob").inc()
             await self.registry.blob(request, responder, *blob)
             return
-        if rule is not None and not self._credentials_allowed(request, rule):
-            rule = None
         if rule is None:
             metrics.proxy_requests.labels("direct").inc()
             await self._direct(request, responder)
@@ -382,6 +382,8 @@ async def stream_download(
     if byte_range is not None:
         headers.set(b"content-range", byte_range.content_range().encode())
     local = download.finished.is_set() and download.bytes_p2p == 0 and download.bytes_source == 0
+    if total == 0 and download.request.digest:
+        await download.wait_finished()  # an empty "blob" is checked too, before the 200
     await responder.start(206 if byte_range is not None else 200, headers)
     if request.method == "HEAD" or total == 0:
         await responder.finish()

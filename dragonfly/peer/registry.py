@@ -9,13 +9,18 @@ unchanged: tags are mutable, and a 401 with its WWW-Authenticate must reach the
 client so it authenticates as it would with the registry itself.
 
 Before a blob is served from P2P the registry is asked whether this client may
-read it: a HEAD of the blob with the client's own credentials (or none), a yes
-remembered briefly per credential, repository and blob. A client the registry refuses
-gets the registry's own answer, even when every byte of the blob is on this peer.
+read it: a HEAD of the blob with the client's own credentials (or none), then a few
+bytes at a random offset read from it, which must equal the blob's verified bytes
+(a registry the client names itself cannot say yes to a layer it does not hold). A
+yes is remembered briefly per registry, repository, blob and credential. A client
+the registry refuses gets the registry's own answer, even when every byte of the
+blob is on this peer.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -23,7 +28,7 @@ import trio
 
 from dragonfly.identity import blob_task_id
 from dragonfly.log import get_logger
-from dragonfly.peer.download import DownloadFailed, DownloadRequest
+from dragonfly.peer.download import Download, DownloadFailed, DownloadRequest
 from dragonfly.peer.proxy import origin_headers, relay, relayed_headers, stream_download
 from dragonfly.wire.http_client import HTTPClientError
 from dragonfly.wire.http_common import Headers
@@ -45,6 +50,10 @@ if TYPE_CHECKING:
 log = get_logger("dragonfly.peer.registry")
 
 _CONTENT_TYPE_JSON = b"application/json; charset=utf-8"
+# The proof a registry holds a blob: this many bytes at a random offset in its first
+# PROOF_WINDOW bytes (within the first piece, which a client streams first anyway).
+PROOF_BYTES = 32
+PROOF_WINDOW = 1 << 20
 
 
 class RegistryMirror:
@@ -77,10 +86,16 @@ class RegistryMirror:
     async def blob(
         self, request: Request, responder: Responder, route: Route, base: str, url: str
     ) -> None:
-        """A GET of a sha256 blob: from P2P once the registry agreed this client may."""
-        credential = credential_key(request.headers.get("authorization") or "")
+        """A GET of a sha256 blob: from P2P once the registry agreed this client may,
+        and showed it holds this blob's bytes."""
+        headers = request.headers
+        credential = credential_key(
+            (headers.get("authorization") or "") + "\0" + (headers.get("cookie") or "")
+        )
         digest = route.reference
-        if not self.grants.allowed(base, route.name, digest, credential, trio.current_time()):
+        key = (base, route.name, digest, credential)
+        granted = self.grants.allowed(*key, trio.current_time())
+        if not granted:
             allowed = await self._registry_allows(request, url)
             if allowed is None:
                 await send_registry_error(
@@ -88,12 +103,8 @@ class RegistryMirror:
                 )
                 return
             if not allowed:
-                # The registry's own answer (401 + WWW-Authenticate, 403, 404...).
-                await relay(
-                    self.daemon, request, url, responder, on_error=_upstream_error(responder)
-                )
+                await self._registry_answer(request, responder, url)
                 return
-            self.grants.grant(base, route.name, digest, credential, trio.current_time())
         download_request = DownloadRequest(
             task_id=blob_task_id(digest),
             url=url,
@@ -104,6 +115,11 @@ class RegistryMirror:
         with download.attached():
             try:
                 await download.wait_metadata()
+                if not granted:
+                    if not await self._registry_holds(request, url, download):
+                        await self._registry_answer(request, responder, url)
+                        return
+                    self.grants.grant(*key, trio.current_time())
             except DownloadFailed as exc:
                 status = exc.client_status
                 code = "BLOB_UNKNOWN" if status == 404 else "UNKNOWN"
@@ -112,21 +128,73 @@ class RegistryMirror:
             extra = Headers([(b"docker-content-digest", digest.encode())])
             await stream_download(self.daemon, download, request, responder, extra)
 
+    async def _registry_answer(self, request: Request, responder: Responder, url: str) -> None:
+        """The registry's own answer to this client (401 + WWW-Authenticate, 404...)."""
+        await relay(self.daemon, request, url, responder, on_error=_upstream_error(responder))
+
     async def _registry_allows(self, request: Request, url: str) -> bool | None:
         """Whether the registry would serve this blob to this client: a HEAD with the
-        client's headers (its credentials among them). None: no answer at all."""
-        headers = relayed_headers(request.headers)
-        for name in (b"range", b"if-range", b"if-none-match", b"if-modified-since"):
-            headers.remove(name)
+        client's headers (its credentials among them). None: no answer at all.
+
+        Only 200 or a 307/308 to storage is a yes: a 302 is what single-sign-on fronts
+        answer an unauthenticated client with (a login page)."""
+        headers = _ask_headers(request)
         try:
             async with self.daemon.origin_client.request(
                 "HEAD", url, headers, follow_redirects=False
             ) as response:
-                # A redirect is the registry handing out the blob (a signed storage URL).
-                return response.status < 400
+                return response.status in (200, 307, 308)
         except HTTPClientError as exc:
             log.warning("registry HEAD failed", url=url, error=str(exc))
             return None
+
+    async def _registry_holds(self, request: Request, url: str, download: Download) -> bool:
+        """Proof that the registry this client named holds this very blob: a few bytes at
+        a random offset, fetched from it with the client's credentials, equal the
+        verified bytes in the swarm.
+
+        The task is the digest alone, shared by every registry; without this, a client
+        could name a registry of its own that says yes to anything (`?ns=`, or a URL
+        through the forward proxy) and read a private layer that some other client
+        pulled from the registry that guards it."""
+        total = download.content_length
+        if total <= 0:
+            return True  # the empty blob: nothing to guard
+        n = min(PROOF_BYTES, total)
+        offset = secrets.randbelow(min(total, PROOF_WINDOW) - n + 1)
+        headers = _ask_headers(request)
+        headers.set("range", f"bytes={offset}-{offset + n - 1}")
+        try:
+            async with self.daemon.origin_client.request("GET", url, headers) as response:
+                if response.status == 206:
+                    got = await response.read(limit=n)
+                elif response.status == 200:  # no ranges: the body's first bytes
+                    buf = bytearray(offset + n)
+                    await response.readinto_exactly(buf)
+                    got = bytes(buf[offset:])
+                else:
+                    log.info("registry refused the proof read", url=url, status=response.status)
+                    return False
+        except HTTPClientError as exc:
+            log.info("registry proof read failed", url=url, error=str(exc))
+            return False
+        piece_length = download.piece_length
+        for number in range(offset // piece_length, (offset + n - 1) // piece_length + 1):
+            await download.wait_piece(number)
+        async with self.daemon.store.use(download.task_id) as handle:
+            held = os.pread(handle.file.fd, n, offset)
+        if got != held:
+            log.warning("a registry did not show this blob's bytes", url=url)
+            return False
+        return True
+
+
+def _ask_headers(request: Request) -> Headers:
+    """The client's headers for asking its registry on its behalf (no conditionals)."""
+    headers = relayed_headers(request.headers)
+    for name in (b"range", b"if-range", b"if-none-match", b"if-modified-since"):
+        headers.remove(name)
+    return headers
 
 
 def _upstream_error(responder: Responder) -> Callable[[int, str], Awaitable[None]]:

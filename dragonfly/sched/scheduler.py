@@ -291,6 +291,9 @@ class Scheduler:
         elif task.state is TaskState.FAILED:
             self._clear_trigger(task)
             task.restart(msg.piece_length)
+            # A new try goes to this registrant's origin, with its headers (the first
+            # registrant's may be why it failed: an expired token, another registry).
+            task.url, task.headers = msg.url, dict(msg.headers)
             first = True
         peer = Peer(msg.peer_id, host, task, now)
         task.peers[peer.id] = peer
@@ -480,7 +483,10 @@ class Scheduler:
             if host.seed:
                 task.seed_failures.add(host.id)
             alone = all(p is peer for p in task.back_to_source.values())
-            if msg.http_status and alone:
+            # A blob (digest task) is shared by clients of several registries: one
+            # registry's failure is its own clients' failure, not everyone's; the
+            # others are rescheduled and, with no parent, fetch from their own.
+            if msg.http_status and alone and not task.digest:
                 reason = msg.reason or f"origin answered HTTP {msg.http_status}"
                 self._fail_task(task, now, out, reason, msg.http_status, except_peer=peer)
         self._detach(peer, PeerState.FAILED, now, out)

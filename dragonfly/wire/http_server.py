@@ -317,7 +317,10 @@ class Responder:
         """sendfile's fallback for streams that are not a plain socket: pread + send_all."""
         sent = 0
         while sent < count:
-            chunk = os.pread(fd, min(SEND_SLICE, count - sent), offset + sent)
+            # In a thread: a cold page cache must not stall every other connection.
+            chunk = await trio.to_thread.run_sync(
+                os.pread, fd, min(SEND_SLICE, count - sent), offset + sent
+            )
             if not chunk:
                 raise OSError(f"file ended after {sent} of {count} bytes at offset {offset}")
             await self._c.send_bytes(chunk)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dragonfly.cluster import Cluster
+from dragonfly.peer.registry import PROOF_BYTES
 from dragonfly.testing.nginx import Nginx, free_port
 from tests.p2p_support import MiB, metric
 
@@ -88,7 +89,8 @@ def test_a_307_to_signed_storage_is_followed_and_signatures_stay_out_of_the_task
             status, hdrs, body = _get(second, f"/v2/other/name/blobs/{digest}?ns={host}")
             assert status == 200 and body == data
             assert hdrs["x-dragonfly-task-id"] == digest.split(":")[1]
-        assert reg.served_bytes("/storage/") <= len(data) + 16
+        # Once in total, but for the seed's 1-byte probe and each client's proof read.
+        assert reg.served_bytes("/storage/") <= len(data) + 1 + 2 * PROOF_BYTES
 
 
 def test_upstream_failures_reach_the_client_as_the_upstream_said(
@@ -144,3 +146,43 @@ def test_a_blob_url_through_the_forward_proxy_is_the_mirrors_task(
         metrics = peer.info["metrics"]
         assert metric(metrics, "dragonfly_proxy_requests_total", 'mode="registry_blob"') == 2
         assert metric(metrics, "dragonfly_download_bytes_total", 'source="local"') == len(data)
+
+
+def test_a_registry_the_client_names_must_show_the_blobs_bytes(tmp_path: Path, www: Path):
+    """The task is the digest alone, shared by every registry. A client that names a
+    registry of its own (?ns=, or a URL through the forward proxy) which says yes to
+    everything must not get a layer the peer holds from another registry: it gets what
+    its registry serves. A single-sign-on front that answers 302 is no yes either."""
+    data = os.urandom(5 * MiB)
+    digest = _blob(www, "private/app", data)
+    evil_root = tmp_path / "evil"
+    evil_root.mkdir()
+    (evil_root / "junk.bin").write_bytes(os.urandom(5 * MiB))
+    say_yes = 'location /v2/ { try_files /junk.bin =404; }\nlocation /v2/sso/ { return 302 /login; }\n'
+    with (
+        Nginx(root=www, workdir=tmp_path / "legit") as legit,
+        Nginx(root=evil_root, workdir=tmp_path / "evil-nginx", extra_server_conf=say_yes) as evil,
+    ):
+        evil_host = evil.url.split("//")[1]
+        extra = [
+            "--set", f"registry_mirror.upstream={legit.url}",
+            "--set", f'registry_mirror.insecure=["{evil_host}"]',
+        ]  # fmt: skip
+        with Cluster(tmp_path / "cluster", schedulers=1, seed_peers=1, peers=1, extra=extra) as c:
+            proxy = c.node("peer-0").info["proxy"]
+            status, _, body = _get(proxy, f"/v2/private/app/blobs/{digest}")
+            assert status == 200 and body == data  # the peer now holds the layer
+            status, hdrs, body = _get(proxy, f"/v2/private/app/blobs/{digest}?ns={evil_host}")
+            assert body != data and "x-dragonfly-task-id" not in hdrs, status
+            out = subprocess.run(
+                ["curl", "-sS", "-x", proxy, f"{evil.url}/v2/private/app/blobs/{digest}"],
+                capture_output=True, timeout=60,
+            )  # fmt: skip
+            assert out.returncode == 0 and out.stdout != data
+            assert metric(
+                c.node("peer-0").info["metrics"], "dragonfly_proxy_requests_total",
+                'mode="registry_blob"',
+            ) == 3  # fmt: skip
+            # A 302 (a login page) is the registry's answer, not a yes.
+            status, hdrs, body = _get(proxy, f"/v2/sso/app/blobs/{digest}?ns={evil_host}")
+            assert status == 302 and hdrs["location"].endswith("/login") and body != data

@@ -565,6 +565,41 @@ def test_origin_404_fails_every_waiting_and_running_peer() -> None:
     assert w.s.tasks["t1"].state is TaskState.PENDING and w.s.tasks["t1"].generation == 1
 
 
+def test_a_blobs_origin_failure_is_not_every_registrys_failure() -> None:
+    """A digest task is one blob pulled from several registries: the seed's registry
+    answering 401 or 404 fails the seed only; the others fetch from their own."""
+    w = World()
+    w.connect("seed", seed=True)
+    w.connect("a")
+    blob = "sha256:" + "ab" * 32
+    out = w.register("a", "pa", digest=blob)
+    (trigger,) = of(out, TriggerDownload, "seed")
+    assert trigger.digest == blob
+    w.register("seed", "s1", digest=blob)
+    out = w.send("seed", PeerFailed(peer_id="s1", task_id="t1", reason="401", http_status=401))
+    assert not of(out, TaskFailed)
+    assert w.s.tasks["t1"].state is not TaskState.FAILED
+    assert len(of(out, NeedBackToSource, "a")) == 1  # to its own registry
+
+
+def test_a_restarted_task_goes_to_the_new_registrants_origin() -> None:
+    w = World()
+    w.connect("seed", seed=True)
+    w.connect("a")
+    w.register("a", "pa", headers={"authorization": "Bearer old"})
+    w.register("seed", "s1")
+    w.send("seed", PeerFailed(peer_id="s1", task_id="t1", reason="401", http_status=401))
+    assert w.s.tasks["t1"].state is TaskState.FAILED
+    out = w.send(
+        "a",
+        RegisterPeer(
+            peer_id="pa2", task_id="t1", url=URL + "?v=2", headers={"authorization": "Bearer new"}
+        ),
+    )
+    (trigger,) = of(out, TriggerDownload, "seed")
+    assert trigger.url == URL + "?v=2" and trigger.headers == {"authorization": "Bearer new"}
+
+
 def test_seed_network_failure_reschedules_and_finds_a_new_source() -> None:
     w = World()
     w.seeded_task()
