@@ -13,6 +13,7 @@ from dragonfly.testing.probe import metric, sha256_file
 __all__ = [
     "MiB",
     "curl",
+    "curl_response",
     "curl_sha256",
     "finish",
     "metric",
@@ -58,3 +59,17 @@ def finish(proc: subprocess.Popen[bytes], timeout: float = 300) -> tuple[int, st
 def task_files(data_dir: str | Path) -> list[Path]:
     root = Path(data_dir) / "tasks"
     return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+def curl_response(url: str, *args: str, timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers lower-cased, body) of one curl request; status 0 when curl failed
+    (no answer, or a body cut short)."""
+    out = subprocess.run(
+        ["curl", "-sS", "-D", "/dev/stderr", "--max-time", str(timeout), *args, url],
+        capture_output=True,
+        timeout=timeout + 30,
+    )
+    head = out.stderr.decode(errors="replace").split("\r\n")
+    status = int(head[0].split()[1]) if head[0].startswith("HTTP/") else 0
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in head[1:]) if v}
+    return (status if out.returncode == 0 else 0), headers, out.stdout

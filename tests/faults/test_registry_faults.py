@@ -18,7 +18,7 @@ import pytest
 from dragonfly.cluster import Cluster
 from dragonfly.peer.registry import PROOF_BYTES
 from dragonfly.testing.nginx import Nginx, free_port
-from tests.p2p_support import MiB, metric
+from tests.p2p_support import MiB, curl_response, metric
 
 pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
@@ -32,15 +32,8 @@ def _blob(root: Path, repo: str, data: bytes, digest: str | None = None) -> str:
 
 
 def _get(proxy: str, path: str, *headers: str) -> tuple[int, dict[str, str], bytes]:
-    """GET through the mirror with curl: (status, headers, body); status 0: cut short."""
-    cmd = ["curl", "-sS", "-D", "/dev/stderr", "--max-time", "60"]
-    for h in headers:
-        cmd += ["-H", h]
-    out = subprocess.run([*cmd, f"{proxy}{path}"], capture_output=True, timeout=90)
-    head = out.stderr.decode(errors="replace").split("\r\n")
-    status = int(head[0].split()[1]) if head[0].startswith("HTTP/") else 0
-    hdrs = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:]) if v}
-    return (status if out.returncode == 0 else 0), hdrs, out.stdout
+    """GET through the mirror: (status, headers, body); status 0: cut short."""
+    return curl_response(f"{proxy}{path}", *(a for h in headers for a in ("-H", h)))
 
 
 def test_a_blob_whose_bytes_do_not_match_its_digest_is_never_delivered_whole(
@@ -158,7 +151,9 @@ def test_a_registry_the_client_names_must_show_the_blobs_bytes(tmp_path: Path, w
     evil_root = tmp_path / "evil"
     evil_root.mkdir()
     (evil_root / "junk.bin").write_bytes(os.urandom(5 * MiB))
-    say_yes = 'location /v2/ { try_files /junk.bin =404; }\nlocation /v2/sso/ { return 302 /login; }\n'
+    say_yes = (
+        "location /v2/ { try_files /junk.bin =404; }\nlocation /v2/sso/ { return 302 /login; }\n"
+    )
     with (
         Nginx(root=www, workdir=tmp_path / "legit") as legit,
         Nginx(root=evil_root, workdir=tmp_path / "evil-nginx", extra_server_conf=say_yes) as evil,

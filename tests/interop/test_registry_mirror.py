@@ -8,7 +8,6 @@ each), so pieces really move between peers.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from dragonfly.testing.oci_image import OciImage, push, skopeo_copy, write_oci_l
 from dragonfly.testing.podman import Podman, host_port, write_auth_json, write_registries_conf
 from dragonfly.testing.probe import metric, sha256_file
 from dragonfly.testing.registry import Registry
+from tests.p2p_support import curl_response
 
 pytestmark = [pytest.mark.registry, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -123,19 +123,6 @@ def test_skopeo_containerd_podman_pull_through_three_peers(
             )
 
 
-def curl_status(url: str, *args: str) -> tuple[int, str]:
-    """HTTP status of a GET (body discarded) and the response headers, lower-cased."""
-    run = subprocess.run(
-        ["curl", "-sS", "-o", "/dev/null", "-D", "-", "-w", "%{http_code}", *args, url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode == 0, run.stderr
-    head, _, code = run.stdout.rpartition("\n")
-    return int(code), head.lower()
-
-
 def test_credentials_are_checked_even_when_the_peer_holds_every_layer(tmp_path: Path) -> None:
     user, password = "alice", "s3cret-pass"
     image = write_oci_layout(tmp_path / "image", total_size=10 * MiB, layers=2, seed=12)
@@ -173,16 +160,16 @@ def test_credentials_are_checked_even_when_the_peer_holds_every_layer(tmp_path: 
             # the peer now holds every layer; still no credentials, no blob
             for blob in image.blobs:
                 url = f"{proxy}/v2/private/app/blobs/{blob.digest}"
-                code, head = curl_status(url)
+                code, head, _ = curl_response(url)
                 assert code == 401, f"{blob.digest} without credentials: {code}"
-                assert "www-authenticate: basic" in head, head
-                code, _ = curl_status(url, "-u", f"{user}:wrong")
+                assert head["www-authenticate"].lower().startswith("basic"), head
+                code, _, _ = curl_response(url, "-u", f"{user}:wrong")
                 assert code == 401, f"{blob.digest} with a wrong password: {code}"
                 # ...and the right credentials get it (from the peer's store)
-                code, _ = curl_status(url, "-u", f"{user}:{password}")
+                code, _, _ = curl_response(url, "-u", f"{user}:{password}")
                 assert code == 200
-            code, head = curl_status(f"{proxy}/v2/")
-            assert code == 401 and "www-authenticate: basic" in head
+            code, head, _ = curl_response(f"{proxy}/v2/")
+            assert code == 401 and head["www-authenticate"].lower().startswith("basic")
 
             # skopeo without credentials fails as it would against the registry
             with pytest.raises(RuntimeError, match=r"401|unauthorized|authentication required"):

@@ -7,7 +7,6 @@ answers as the registry does, not merely that it answers.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from dragonfly.cluster import Cluster
 from dragonfly.testing.oci_image import OciImage, push, write_oci_layout
 from dragonfly.testing.registry import Registry
+from tests.p2p_support import curl_response
 
 pytestmark = [pytest.mark.registry, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -23,20 +23,6 @@ MiB = 1024 * 1024
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 NAME = "api/app"
-
-
-def curl(url: str, *args: str) -> tuple[int, dict[str, str], bytes]:
-    """(status, headers, body) of one request."""
-    out = subprocess.run(
-        ["curl", "-sS", "-D", "/dev/stderr", "--max-time", "60", *args, url],
-        capture_output=True,
-        timeout=90,
-    )
-    assert out.returncode == 0, out.stderr.decode(errors="replace")
-    lines = out.stderr.decode(errors="replace").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:]) if v}
-    return status, headers, out.stdout
 
 
 @pytest.fixture
@@ -63,24 +49,29 @@ def test_manifests_tags_and_base_answer_as_the_registry_does(
     # Several Accept headers, the OCI type last: the registry must see every one.
     both = ["-H", f"Accept: {DOCKER_MANIFEST}", "-H", f"Accept: {OCI_MANIFEST}"]
     for base in (registry.url, mirror):
-        status, headers, body = curl(base + manifest, *both)
+        status, headers, body = curl_response(base + manifest, *both)
         assert status == 200, (base, body)
         assert headers["content-type"] == OCI_MANIFEST
         assert headers["docker-content-digest"] == image.manifest.digest
         assert len(body) == image.manifest.size
     # Without the OCI type the registry refuses an OCI manifest, and so does the mirror.
-    only_docker = curl(registry.url + manifest, "-H", f"Accept: {DOCKER_MANIFEST}")[0]
-    assert only_docker == curl(mirror + manifest, "-H", f"Accept: {DOCKER_MANIFEST}")[0] == 404
+    only_docker = curl_response(registry.url + manifest, "-H", f"Accept: {DOCKER_MANIFEST}")[0]
+    assert (
+        only_docker
+        == curl_response(mirror + manifest, "-H", f"Accept: {DOCKER_MANIFEST}")[0]
+        == 404
+    )
     # containerd's HEAD with ?ns= names the upstream; the answer is the registry's.
-    status, headers, _ = curl(
+    status, headers, _ = curl_response(
         f"{mirror}{manifest}?ns={registry.address}", "-I", "-H", f"Accept: {OCI_MANIFEST}"
     )
     assert status == 200 and headers["docker-content-digest"] == image.manifest.digest
     # Tags and /v2/ pass through.
     assert (
-        curl(f"{mirror}/v2/{NAME}/tags/list")[2] == curl(f"{registry.url}/v2/{NAME}/tags/list")[2]
+        curl_response(f"{mirror}/v2/{NAME}/tags/list")[2]
+        == curl_response(f"{registry.url}/v2/{NAME}/tags/list")[2]
     )
-    status, headers, _ = curl(f"{mirror}/v2/")
+    status, headers, _ = curl_response(f"{mirror}/v2/")
     assert status == 200 and headers["docker-distribution-api-version"] == "registry/2.0"
 
 
@@ -93,18 +84,18 @@ def test_blobs_by_range_head_and_unknown_digest(
     data = (image.path / "blobs" / "sha256" / layer.digest.split(":")[1]).read_bytes()
     blob = f"/v2/{NAME}/blobs/{layer.digest}"
     # A resumed pull asks for the rest of a blob.
-    status, headers, body = curl(mirror + blob, "-H", "Range: bytes=1000-")
+    status, headers, body = curl_response(mirror + blob, "-H", "Range: bytes=1000-")
     assert status == 206 and body == data[1000:]
     assert headers["content-range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
-    status, headers, body = curl(mirror + blob)
+    status, headers, body = curl_response(mirror + blob)
     assert status == 200 and body == data
     assert headers["docker-content-digest"] == layer.digest
-    status, headers, _ = curl(mirror + blob, "-I")
+    status, headers, _ = curl_response(mirror + blob, "-I")
     assert status == 200 and int(headers["content-length"]) == len(data)
     # A digest the repository does not have: the registry's own 404 and error code.
     missing = f"/v2/{NAME}/blobs/sha256:{'1' * 64}"
-    want = curl(registry.url + missing)
-    got = curl(mirror + missing)
+    want = curl_response(registry.url + missing)
+    got = curl_response(mirror + missing)
     assert got[0] == want[0] == 404
     assert b"BLOB_UNKNOWN" in got[2]
 
@@ -119,8 +110,8 @@ def test_a_blob_held_by_the_peer_is_not_served_under_a_repository_that_lacks_it(
     other = write_oci_layout(tmp_path / "other", total_size=2 * MiB, layers=1, seed=8)
     push(other, registry.address, "api/private", timeout=120)
     private = other.layers[0].digest
-    assert curl(f"{mirror}/v2/api/private/blobs/{private}")[0] == 200  # now on the peer
-    assert curl(f"{mirror}/v2/{NAME}/blobs/{image.layers[0].digest}")[0] == 200  # A: yes
-    assert curl(f"{registry.url}/v2/{NAME}/blobs/{private}")[0] == 404
-    status, _, body = curl(f"{mirror}/v2/{NAME}/blobs/{private}")
+    assert curl_response(f"{mirror}/v2/api/private/blobs/{private}")[0] == 200  # now on the peer
+    assert curl_response(f"{mirror}/v2/{NAME}/blobs/{image.layers[0].digest}")[0] == 200  # A: yes
+    assert curl_response(f"{registry.url}/v2/{NAME}/blobs/{private}")[0] == 404
+    status, _, body = curl_response(f"{mirror}/v2/{NAME}/blobs/{private}")
     assert status == 404 and b"BLOB_UNKNOWN" in body
