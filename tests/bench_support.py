@@ -27,3 +27,18 @@ def run_benchmark(results: Path, name: str, *args: str, timeout: float = 120) ->
     assert (results / f"{name}.png").stat().st_size > 0
     result: dict[str, Any] = json.loads((results / f"{name}.json").read_text())
     return result
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention `text` (e.g. a work directory)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found

@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks import netns
 from dragonfly.peer.registry import PROOF_BYTES
-from tests.bench_support import run_benchmark
+from tests.bench_support import processes_mentioning, run_benchmark
 
 pytestmark = [pytest.mark.registry, pytest.mark.slow]
 
@@ -31,21 +31,6 @@ def _needs_netns() -> None:
     reason = netns.unavailable()
     if reason:
         pytest.skip(f"network namespaces unavailable here: {reason}")
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes that mention `text` (e.g. a work directory)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found.append(f"{entry.name}: {cmdline}")
-    return found
 
 
 def root_links(run_id: str) -> list[str]:

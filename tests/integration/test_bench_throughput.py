@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dragonfly.testing.probe import sha256_file
-from tests.bench_support import run_benchmark
+from tests.bench_support import processes_mentioning, run_benchmark
 
 pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
@@ -19,21 +19,6 @@ CONTENDERS = {
     "proxy local hit",
     "dragonfly get",
 }
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes that mention `text` (e.g. a work directory)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found.append(f"{entry.name}: {cmdline}")
-    return found
 
 
 def test_throughput_smoke(tmp_path: Path) -> None:
