@@ -41,7 +41,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,7 @@ from benchmarks.common import (
 from dragonfly.cluster import Cluster
 from dragonfly.testing.oci_image import OciImage, push, write_oci_layout
 from dragonfly.testing.probe import sha256_file
-from dragonfly.testing.registry import Registry, registry_binary
+from dragonfly.testing.registry import Registry
 from dragonfly.units import human_bytes, parse_rate, parse_size
 
 REFERENCE = "registry direct"
@@ -66,49 +65,6 @@ NAME = "dragonfly/image-pull"
 PULL_TIMEOUT = 1800.0  # one pull; a hung client fails the run instead of stalling it
 DEFAULT_RATE = "100MB/s"
 REGISTRY_PORT = 5000  # inside the registry's own namespace: nothing else binds there
-
-
-@dataclass
-class NsRegistry(Registry):
-    """The origin registry inside its own network namespace.
-
-    `ip netns exec NS docker-registry serve CONFIG`: ip execs the registry, so the PID is
-    the registry's own and Registry.stop() ends it by that PID (its own session). The
-    config, storage and log are files under workdir as for any Registry; the namespace
-    has its own network stack, so the port is fixed and no other process can take it."""
-
-    exec_prefix: list[str] = field(default_factory=list)
-
-    def start(self, timeout: float = 20.0) -> NsRegistry:
-        binary = registry_binary()
-        if binary is None:
-            raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "storage").mkdir(exist_ok=True)
-        conf = self.workdir / "config.yml"
-        conf.write_text(self._config())
-        # (REGISTRY_* variables would override the file: none of the caller's leak in)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [*self.exec_prefix, binary, "serve", str(conf)],
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-                preexec_fn=netns.die_with_parent,  # not left behind by a SIGKILLed run
-            )
-        try:
-            self._wait_ready(timeout)  # from the root namespace: through the veth
-        except (TimeoutError, RuntimeError) as exc:
-            self.stop()
-            tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"docker-registry did not start; {self.log_path}:\n{tail}") from exc
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
 
 def skopeo_pull_cmd(source: str, out: Path) -> list[str]:
@@ -287,11 +243,12 @@ def main(argv: list[str]) -> int:
             if rate:
                 topo.tools()
                 node = topo.add_root_linked("registry", up=rate, down=rate)
-                origin: Registry = NsRegistry(
+                origin = Registry(
                     work / "registry",
                     host=node.addr,
                     port=REGISTRY_PORT,
-                    exec_prefix=topo.exec_argv("registry", []),
+                    command_prefix=topo.exec_argv("registry", []),
+                    preexec_fn=netns.die_with_parent,  # not left behind by a SIGKILLed run
                 )
             else:
                 origin = Registry(work / "registry")
@@ -328,12 +285,7 @@ def main(argv: list[str]) -> int:
                     schedulers=1,
                     seed_peers=1,
                     peers=clients,
-                    extra=[
-                        "--set",
-                        f"registry_mirror.upstream={registry.url}",
-                        "--set",
-                        f'registry_mirror.insecure=["{registry.address}"]',
-                    ],
+                    extra=registry.mirror_options(),
                 )
                 started.append(cluster_obj)
                 with cluster_obj as cluster:

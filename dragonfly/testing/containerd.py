@@ -14,7 +14,6 @@ it sends a mirror).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dragonfly.testing.process import stop_process_group
+from dragonfly.testing.process import spawn_logged, stop_process_group
 
 # Plugins that fail or warn on a machine without their filesystem or a kubelet; the
 # content store, metadata, leases and the image/content services are all that fetch uses.
@@ -119,15 +118,7 @@ disabled_plugins = [{disabled}]
             self.socket_dir = Path(tempfile.mkdtemp(prefix="ctrd-", dir="/tmp"))
         conf = self.workdir / "config.toml"
         conf.write_text(self._config())
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
-        self.process = subprocess.Popen(
-            [binary, "--config", str(conf)],
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
+        self.process = spawn_logged([binary, "--config", str(conf)], self.log_path)
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -171,22 +162,9 @@ disabled_plugins = [{disabled}]
             args += ["--user", user]
         return self.ctr(*args, ref, timeout=timeout)
 
-    def content_digests(self) -> dict[str, int]:
-        """digest -> size of every blob in the content store (`ctr content ls`)."""
-        out = self.ctr("content", "ls", "--quiet").stdout.split()
-        sizes = {}
-        for line in self.ctr("content", "ls").stdout.splitlines()[1:]:
-            parts = line.split()
-            if parts and parts[0] in out:
-                sizes[parts[0]] = _parse_size(parts[1])
-        return sizes
-
-    def content_bytes(self, digest: str) -> bytes:
-        """The blob's bytes (`ctr content get`): small blobs only."""
-        cmd = ["ctr", "--address", self.address, "--namespace", "dragonfly-test"]
-        return subprocess.run(
-            [*cmd, "content", "get", digest], capture_output=True, check=True, timeout=60
-        ).stdout
+    def content_digests(self) -> set[str]:
+        """The digest of every blob in the content store (`ctr content ls --quiet`)."""
+        return set(self.ctr("content", "ls", "--quiet").stdout.split())
 
     def blob_path(self, digest: str) -> Path:
         """Where the content store keeps a blob (to hash a large one without ctr)."""
@@ -206,13 +184,3 @@ disabled_plugins = [{disabled}]
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _parse_size(text: str) -> int:
-    """ctr prints sizes as 8.397MB, 495B, 1.2GiB...: approximate, for display only."""
-    units = {"B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 1024, "MiB": 1 << 20}
-    for unit in sorted(units, key=len, reverse=True):
-        if text.endswith(unit):
-            with contextlib.suppress(ValueError):
-                return int(float(text[: -len(unit)]) * units[unit])
-    return 0

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dragonfly.testing.process import stop_process_group
+from dragonfly.testing.process import spawn_logged, stop_process_group
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -112,14 +112,10 @@ http {{
             w = self.workdir
             conf = w / "nginx.conf"
             conf.write_text(self._config())
-            log = open(self.workdir / "stderr.log", "ab")  # noqa: SIM115 - owned by the process
-            self.process = subprocess.Popen(
+            self.process = spawn_logged(
                 [binary, "-c", str(conf), "-p", str(self.workdir), "-e", str(w / "error.log")],
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
+                self.workdir / "stderr.log",
             )
-            log.close()
             try:
                 self._wait_ready()
                 return self

@@ -7,6 +7,8 @@ import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 
 def stop_process_group(
@@ -23,3 +25,24 @@ def stop_process_group(
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=5)
+
+
+def spawn_logged(
+    argv: list[str],
+    log_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a program in a session of its own (so stop_process_group ends it and its
+    workers), its output appended to `log_path`, no stdin."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=preexec_fn,
+        )

@@ -23,12 +23,13 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dragonfly.testing.nginx import free_port
-from dragonfly.testing.process import stop_process_group
+from dragonfly.testing.process import spawn_logged, stop_process_group
 
 _BLOB_URI = re.compile(r"^/v2/(?P<name>.+)/blobs/(?P<digest>sha256:[0-9a-f]{64})(?:\?.*)?$")
 
@@ -69,6 +70,10 @@ class Registry:
     proxy_auth: tuple[str, str] | None = None  # credentials for the remote in proxy mode
     host: str = "127.0.0.1"
     port: int = 0
+    # e.g. `ip netns exec NS`: the registry in a network namespace of its own, whose
+    # fixed port nothing else can take (ip execs the registry: the PID is its own)
+    command_prefix: list[str] = field(default_factory=list)
+    preexec_fn: Callable[[], None] | None = field(default=None, repr=False)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -83,6 +88,16 @@ class Registry:
     @property
     def log_path(self) -> Path:
         return self.workdir / "registry.log"
+
+    def mirror_options(self) -> list[str]:
+        """--set options for peers that mirror this registry: the default upstream, and
+        plain http for it when containerd names it with ?ns=."""
+        return [
+            "--set",
+            f"registry_mirror.upstream={self.url}",
+            "--set",
+            f'registry_mirror.insecure=["{self.address}"]',
+        ]
 
     @property
     def creds(self) -> str | None:
@@ -122,23 +137,19 @@ class Registry:
             raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "storage").mkdir(exist_ok=True)
-        for attempt in range(5):
+        for attempt in range(1 if self.command_prefix else 5):
             # a free port can be taken before the registry binds it: try another
             self.port = free_port(self.host) if attempt or not self.port else self.port
             conf = self.workdir / "config.yml"
             conf.write_text(self._config())
-            log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
             # (REGISTRY_* variables would override the file: none of the caller's leak in)
             env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-            self.process = subprocess.Popen(
-                [binary, "serve", str(conf)],
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
+            self.process = spawn_logged(
+                [*self.command_prefix, binary, "serve", str(conf)],
+                self.log_path,
                 env=env,
-                start_new_session=True,
+                preexec_fn=self.preexec_fn,
             )
-            log.close()
             try:
                 self._wait_ready(timeout)
                 return self

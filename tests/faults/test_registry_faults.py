@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -126,14 +125,11 @@ def test_a_blob_url_through_the_forward_proxy_is_the_mirrors_task(
     extra = ["--set", f"registry_mirror.upstream={nginx.url}"]
     with Cluster(tmp_path / "cluster", schedulers=1, seed_peers=1, peers=1, extra=extra) as c:
         peer = c.node("peer-0")
-        out = subprocess.run(
-            ["curl", "-sSf", "-D", "/dev/stderr", "-x", peer.info["proxy"],
-             f"{nginx.url}/v2/fw/app/blobs/{digest}"],
-            capture_output=True, timeout=90,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr
-        assert out.stdout == data
-        assert f"x-dragonfly-task-id: {digest.split(':')[1]}" in out.stderr.decode()
+        status, hdrs, body = curl_response(
+            f"{nginx.url}/v2/fw/app/blobs/{digest}", "-x", peer.info["proxy"]
+        )
+        assert status == 200 and body == data
+        assert hdrs["x-dragonfly-task-id"] == digest.split(":")[1]
         status, _, body = _get(peer.info["proxy"], f"/v2/fw/app/blobs/{digest}")
         assert status == 200 and body == data
         metrics = peer.info["metrics"]
@@ -169,11 +165,10 @@ def test_a_registry_the_client_names_must_show_the_blobs_bytes(tmp_path: Path, w
             assert status == 200 and body == data  # the peer now holds the layer
             status, hdrs, body = _get(proxy, f"/v2/private/app/blobs/{digest}?ns={evil_host}")
             assert body != data and "x-dragonfly-task-id" not in hdrs, status
-            out = subprocess.run(
-                ["curl", "-sS", "-x", proxy, f"{evil.url}/v2/private/app/blobs/{digest}"],
-                capture_output=True, timeout=60,
-            )  # fmt: skip
-            assert out.returncode == 0 and out.stdout != data
+            status, _, body = curl_response(
+                f"{evil.url}/v2/private/app/blobs/{digest}", "-x", proxy
+            )
+            assert status == 200 and body != data
             assert metric(
                 c.node("peer-0").info["metrics"], "dragonfly_proxy_requests_total",
                 'mode="registry_blob"',

@@ -50,7 +50,8 @@ def test_push_then_skopeo_ctr_podman_pull_straight_from_the_registry(tmp_path: P
     image = write_oci_layout(tmp_path / "image", total_size=6 * MiB, layers=3, seed=1)
     with Registry(tmp_path / "registry") as registry:
         ref = push(image, registry.address, "test/harness")
-        pid = registry.process.pid if registry.process else 0
+        assert registry.process is not None
+        pid = registry.process.pid
         assert registry.served_blob_bytes() == {}  # a push GETs no blob
 
         # skopeo to a dir: one file per blob, named by its digest
@@ -66,7 +67,8 @@ def test_push_then_skopeo_ctr_podman_pull_straight_from_the_registry(tmp_path: P
             for blob in (*image.blobs, image.manifest):
                 assert blob.digest in held
                 assert sha256_file(ctrd.blob_path(blob.digest)) == blob.hex
-            ctrd_pid = ctrd.process.pid if ctrd.process else 0
+            assert ctrd.process is not None
+            ctrd_pid = ctrd.process.pid
 
         # podman unpacks every layer and checks it against the config's diff_ids
         conf = write_registries_conf(tmp_path / "registries.conf", registry.address)

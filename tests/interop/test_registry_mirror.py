@@ -32,17 +32,6 @@ CLIENT_TIMEOUT = 180  # one pull of 24 MiB on loopback takes seconds; this bound
 SLACK = 1 + 4 * PROOF_BYTES
 
 
-def mirror_options(registry: Registry) -> list[str]:
-    """--set options for every peer: REGISTRY as the default upstream, and plain http
-    for it when containerd names it with ?ns=."""
-    return [
-        "--set",
-        f"registry_mirror.upstream={registry.url}",
-        "--set",
-        f'registry_mirror.insecure=["{registry.address}"]',
-    ]
-
-
 def p2p_bytes(cluster: Cluster, node: str) -> float:
     url = cluster.node(node).info["metrics"]
     return metric(url, "dragonfly_download_bytes_total", 'source="p2p"')
@@ -77,7 +66,7 @@ def test_skopeo_containerd_podman_pull_through_three_peers(
             schedulers=1,
             seed_peers=1,
             peers=3,
-            extra=mirror_options(registry),
+            extra=registry.mirror_options(),
         ) as cluster,
         Containerd(tmp_path / "containerd") as containerd,
     ):
@@ -133,7 +122,7 @@ def test_credentials_are_checked_even_when_the_peer_holds_every_layer(tmp_path: 
             schedulers=1,
             seed_peers=1,
             peers=1,
-            extra=mirror_options(registry),
+            extra=registry.mirror_options(),
         ) as cluster:
             proxy = cluster.node("peer-0").info["proxy"]
             conf = write_registries_conf(

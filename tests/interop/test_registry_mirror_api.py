@@ -30,12 +30,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[Registry, OciImage, Cluster]]:
     image = write_oci_layout(tmp_path / "image", total_size=6 * MiB, layers=2, seed=7)
     with Registry(tmp_path / "registry") as registry:
         push(image, registry.address, NAME, timeout=120)
-        extra = [
-            "--set",
-            f"registry_mirror.upstream={registry.url}",
-            "--set",
-            f'registry_mirror.insecure=["{registry.address}"]',
-        ]
+        extra = registry.mirror_options()
         with Cluster(tmp_path / "cluster", schedulers=1, seed_peers=1, peers=1, extra=extra) as c:
             yield registry, image, c
 
@@ -67,10 +62,8 @@ def test_manifests_tags_and_base_answer_as_the_registry_does(
     )
     assert status == 200 and headers["docker-content-digest"] == image.manifest.digest
     # Tags and /v2/ pass through.
-    assert (
-        curl_response(f"{mirror}/v2/{NAME}/tags/list")[2]
-        == curl_response(f"{registry.url}/v2/{NAME}/tags/list")[2]
-    )
+    tags = [curl_response(f"{base}/v2/{NAME}/tags/list") for base in (mirror, registry.url)]
+    assert tags[0][0] == tags[1][0] == 200 and tags[0][2] == tags[1][2]
     status, headers, _ = curl_response(f"{mirror}/v2/")
     assert status == 200 and headers["docker-distribution-api-version"] == "registry/2.0"
 
