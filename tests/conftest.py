@@ -1,4 +1,5 @@
-"""Shared fixtures: a real nginx origin serving generated files."""
+"""Shared fixtures: a real nginx origin serving generated files; logging put back after
+each test."""
 
 from __future__ import annotations
 
@@ -9,8 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import structlog
 
 from dragonfly.testing.nginx import Nginx, nginx_binary
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """A test that runs the CLI configures structlog to print to the stderr pytest
+    captured for that test, which is closed afterwards: put the configuration back, so
+    a later test's daemon does not log into a closed file."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @dataclass
