@@ -175,6 +175,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `get` is a client: only warnings unless asked, so its output stays readable.
     quiet = args.command == "get" and not args.log_level and not _overrides_log_level(args)
     configure("warning" if quiet else cfg.log.level, cfg.log.format)
+    if isinstance(cfg, PeerConfig):
+        # Files the configuration names (CA certificates and keys) are checked here, for
+        # the daemon and `get`'s one-shot peer alike, so a bad one stops the start with
+        # the key's name instead of a traceback.
+        from dragonfly.wire.tls import check_peer_files
+
+        try:
+            check_peer_files(cfg)
+        except ConfigError as exc:
+            print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if args.command == "get":
         from dragonfly.get import run_get
 
@@ -199,16 +210,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if runner is None:
         print(f"dragonfly: role '{role}' is not built yet", file=sys.stderr)
         return EXIT_NOT_BUILT
-    if isinstance(cfg, PeerConfig):
-        # Files the configuration names (CA certificates and keys) are checked here, so
-        # a bad one stops the start with the key's name instead of a traceback.
-        from dragonfly.wire.tls import check_peer_files
-
-        try:
-            check_peer_files(cfg)
-        except ConfigError as exc:
-            print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
     return runner(cfg)
 
 

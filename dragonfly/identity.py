@@ -149,6 +149,11 @@ def blob_task_id(digest: str) -> str:
     return m.group(1)
 
 
+def is_sha256_digest(digest: str) -> bool:
+    """'sha256:' and 64 lowercase hex, exactly."""
+    return _SHA256_DIGEST.match(digest) is not None
+
+
 def parse_sha256_digest(digest: str) -> bytes:
     """'sha256:HEX' to the 32 raw bytes."""
     return bytes.fromhex(blob_task_id(digest))

@@ -334,13 +334,17 @@ class Download:
     def _tell(self, announcements: list[tuple[int, list[int]]]) -> None:
         """Send announcements to the children's channels; a closed one unsubscribes."""
         pieces = self._pieces
+        infos: dict[int, PieceInfo] = {}  # one PieceInfo per piece, shared by the children
         gone: list[int] = []
         for token, numbers in announcements:
             send = self._subscribers.get(token)
             if send is None:
                 continue
+            for n in numbers:
+                if n not in infos and n in pieces:
+                    infos[n] = _piece_info(pieces[n])
             try:
-                send.send_nowait([_piece_info(pieces[n]) for n in numbers if n in pieces])
+                send.send_nowait([infos[n] for n in numbers if n in infos])
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 gone.append(token)
         for token in gone:
@@ -574,15 +578,7 @@ class Download:
                 502,
             )
             if session is not None:
-                await self._report_failure(
-                    session,
-                    PeerFailed(
-                        peer_id=self.peer_id,
-                        task_id=self.task_id,
-                        reason=failure.reason[:1000],
-                        http_status=502,
-                    ),
-                )
+                await self._report_peer_failed(session, failure)
             raise failure from None
         except Exception as exc:
             raise DownloadFailed(f"completing the task failed: {exc}") from exc
@@ -624,6 +620,17 @@ class Download:
         """Best effort: if the scheduler is gone, the next one learns from the new session."""
         with contextlib.suppress(SchedulerLost):
             await session.send(msg)
+
+    async def _report_peer_failed(self, session: SchedulerSession, failure: DownloadFailed) -> None:
+        await self._report_failure(
+            session,
+            PeerFailed(
+                peer_id=self.peer_id,
+                task_id=self.task_id,
+                reason=failure.reason[:1000],
+                http_status=failure.http_status,
+            ),
+        )
 
     # ------------------------------------------------------------ layout and pieces
 
@@ -1007,15 +1014,7 @@ class Download:
             if exc is None:
                 self.log.exception("back to source failed")
                 exc = DownloadFailed(f"internal error: {raised!r}")
-            await self._report_failure(
-                session,
-                PeerFailed(
-                    peer_id=self.peer_id,
-                    task_id=self.task_id,
-                    reason=exc.reason[:1000],
-                    http_status=exc.http_status,
-                ),
-            )
+            await self._report_peer_failed(session, exc)
             self._fail(exc)
 
     async def _back_to_source(

@@ -29,7 +29,8 @@ import trio
 from dragonfly.identity import blob_task_id
 from dragonfly.log import get_logger
 from dragonfly.peer.download import Download, DownloadFailed, DownloadRequest
-from dragonfly.peer.proxy import origin_headers, relay, relayed_headers, stream_download
+from dragonfly.peer.proxy import origin_headers, relay, stream_download
+from dragonfly.peer.source import origin_request_headers
 from dragonfly.wire.http_client import HTTPClientError
 from dragonfly.wire.http_common import Headers
 from dragonfly.wire.http_server import Request, Responder
@@ -81,16 +82,15 @@ class RegistryMirror:
             await self.blob(request, responder, route, base, url)
             return
         metrics.proxy_requests.labels("registry_upstream").inc()
-        await relay(self.daemon, request, url, responder, on_error=_upstream_error(responder))
+        await self._registry_answer(request, responder, url)
 
     async def blob(
         self, request: Request, responder: Responder, route: Route, base: str, url: str
     ) -> None:
         """A GET of a sha256 blob: from P2P once the registry agreed this client may,
         and showed it holds this blob's bytes."""
-        headers = request.headers
         credential = credential_key(
-            (headers.get("authorization") or "") + "\0" + (headers.get("cookie") or "")
+            request.headers.get("authorization") or "", request.headers.get("cookie") or ""
         )
         digest = route.reference
         key = (base, route.name, digest, credential)
@@ -190,11 +190,9 @@ class RegistryMirror:
 
 
 def _ask_headers(request: Request) -> Headers:
-    """The client's headers for asking its registry on its behalf (no conditionals)."""
-    headers = relayed_headers(request.headers)
-    for name in (b"range", b"if-range", b"if-none-match", b"if-modified-since"):
-        headers.remove(name)
-    return headers
+    """The client's headers for asking its registry on its behalf: those a fetch from the
+    origin carries (credentials among them; no range, conditionals or encodings)."""
+    return origin_request_headers(origin_headers(request.headers))
 
 
 def _upstream_error(responder: Responder) -> Callable[[int, str], Awaitable[None]]:

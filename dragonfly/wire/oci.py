@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import parse_qsl, urlsplit
 
+from dragonfly.identity import is_sha256_digest
+
 # The repository name grammar of the distribution spec: path components of lowercase
 # alphanumerics joined by separators, components joined by "/".
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
@@ -26,7 +28,6 @@ _BLOB = re.compile(rf"^/v2/(?P<name>{_NAME})/blobs/(?P<ref>{_DIGEST})$")
 _TAGS = re.compile(rf"^/v2/(?P<name>{_NAME})/tags/list$")
 # A blob or manifest path whose name or reference is malformed (uploads end elsewhere).
 _LOOKS_LIKE_CONTENT = re.compile(r"^/v2/.+/(?:blobs|manifests)/[^/]+$")
-_SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
 # A host[:port] as containerd writes it in ?ns= (a DNS name, IPv4, or [IPv6]).
 _NS = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
 
@@ -54,7 +55,7 @@ class Route:
     def sha256_blob(self) -> bool:
         """A blob named by a sha256 digest: the only kind fetched through P2P, since its
         bytes can be checked against its name."""
-        return self.kind is RouteKind.BLOB and _SHA256.match(self.reference) is not None
+        return self.kind is RouteKind.BLOB and is_sha256_digest(self.reference)
 
 
 class MirrorError(ValueError):
@@ -156,9 +157,12 @@ def error_body(code: str, message: str) -> bytes:
     return json.dumps({"errors": [{"code": code, "message": message}]}).encode()
 
 
-def credential_key(authorization: str) -> str:
-    """A credential's name in caches: a hash, so tokens are not kept in memory as keys."""
-    return hashlib.sha256(authorization.encode()).hexdigest()[:32] if authorization else ""
+def credential_key(authorization: str, cookie: str = "") -> str:
+    """A credential's name in caches: a hash, so tokens are not kept in memory as keys;
+    "" for a client without credentials."""
+    if not authorization and not cookie:
+        return ""
+    return hashlib.sha256(f"{authorization}\0{cookie}".encode()).hexdigest()[:32]
 
 
 class ReadGrants:

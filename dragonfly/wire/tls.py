@@ -58,16 +58,16 @@ class CAFiles:
     key: Path
 
 
-def openssl(*args: str, cwd: Path | None = None) -> None:
-    """Run the openssl CLI; TLSError with its stderr if it fails."""
+def openssl(*args: str, cwd: Path | None = None) -> bytes:
+    """Run the openssl CLI and return what it printed; TLSError with its stderr if it fails."""
     try:
-        subprocess.run(
+        return subprocess.run(
             ["openssl", *args],
             check=True,
             capture_output=True,
             timeout=OPENSSL_TIMEOUT,
             cwd=cwd,
-        )
+        ).stdout
     except FileNotFoundError:
         raise TLSError("the openssl command is not installed (apt-get install openssl)") from None
     except subprocess.CalledProcessError as exc:
@@ -132,15 +132,8 @@ def check_ca(ca: CAFiles) -> None:
             raise TLSError(f"key {ca.key} does not belong to certificate {ca.cert}") from None
         raise TLSError(f"cannot load {ca.cert} with key {ca.key}: {exc}") from None
     # A leaf or other non-CA certificate would sign leaves that no client accepts.
-    try:
-        out = subprocess.run(
-            ["openssl", "x509", "-noout", "-ext", "basicConstraints", "-in", str(ca.cert)],
-            capture_output=True,
-            timeout=OPENSSL_TIMEOUT,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise TLSError(f"cannot run openssl to inspect {ca.cert}: {exc}") from None
-    if b"CA:TRUE" not in out.stdout:
+    out = openssl("x509", "-noout", "-ext", "basicConstraints", "-in", str(ca.cert))
+    if b"CA:TRUE" not in out:
         raise TLSError(f"{ca.cert} is not a CA certificate (no basicConstraints CA:TRUE)")
 
 

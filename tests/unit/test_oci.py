@@ -105,6 +105,7 @@ def test_credential_key_hides_the_secret() -> None:
     key = credential_key("Basic dXNlcjpwYXNz")
     assert "dXNlcjpwYXNz" not in key and key == credential_key("Basic dXNlcjpwYXNz")
     assert credential_key("") == "" and key != credential_key("Basic other")
+    assert credential_key("", "session=1") not in ("", credential_key(""))
 
 
 def test_grants_expire_and_are_scoped() -> None:
