@@ -45,6 +45,7 @@ from typing import Any
 import cbor2
 
 from dragonfly.identity import task_id as compute_task_id
+from dragonfly.wire.channel import websocket_accept_key
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message, decode, encode
 from dragonfly.wire.messages import (
     CandidateParents,
@@ -61,7 +62,6 @@ from dragonfly.wire.messages import (
 
 PIECE_LENGTH = 4 << 20
 BIN = 0.1  # seconds per bin of the throughput time series
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _RECV = 1 << 18
 
 
@@ -188,7 +188,7 @@ def handshake(port: int, info: HostInfo, role: str, timeout: float) -> tuple[soc
         raise ConnectionError(f"upgrade refused: {lines[0]!r}")
     headers = dict(line.split(b":", 1) for line in lines[1:] if b":" in line)
     accept = {k.strip().lower(): v.strip() for k, v in headers.items()}.get(b"sec-websocket-accept")
-    if accept != base64.b64encode(hashlib.sha1(key + _WS_GUID).digest()):
+    if accept != websocket_accept_key(key.decode()).encode():
         raise ConnectionError("bad Sec-WebSocket-Accept")
     hello = Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role=role, host=info)
     sock.sendall(client_frame(encode(hello)))

@@ -160,8 +160,6 @@ class SchedulerServer:
         candidates = back_to_source = triggers = 0
         hosts = self.hosts
         for decision in decisions:
-            if not isinstance(decision, Send):
-                continue
             msg = decision.message
             kind = type(msg)
             if kind is CandidateParents:

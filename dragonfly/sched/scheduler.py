@@ -608,7 +608,7 @@ class Scheduler:
         need = limit - len(keep)
         if need <= 0:
             return keep
-        accept = _ParentFilter(peer, {p.id for p in keep}, useful=True)
+        accept = _ParentFilter(peer, {p.id for p in keep})
         if only_prefer:
             if prefer is not None and prefer in sources and accept(prefer):
                 keep.append(prefer)
@@ -716,7 +716,7 @@ class Scheduler:
             h = items[i] if n <= draws else items[rng.randrange(n)]
             if h is source or source.id in h.parents or h.state is not PeerState.RUNNING:
                 continue
-            if not _ParentFilter(h, set(), useful=True)(source):
+            if not _ParentFilter(h, set())(source):
                 continue
             busiest = max(h.parents.values(), key=lambda p: len(p.children), default=None)
             if busiest is None or len(busiest.children) <= len(source.children) + 1:
@@ -1084,7 +1084,7 @@ class Scheduler:
 class _ParentFilter:
     """Whether a serving peer may parent ``child`` in one decision: not itself, not an
     excluded or blocked one, not on its host or a bad/disconnected host or one whose
-    upload slots are all promised to children, and (``useful``) holding some piece the child lacks.
+    upload slots are all promised to children, and holding some piece the child lacks.
 
     Parent edges may form cycles: A fetching piece 5 from B while B fetches piece 7
     from A is how a swarm uses every host's upload. A child only ever requests pieces
@@ -1093,12 +1093,11 @@ class _ParentFilter:
     topological order must spend all its upload on the next peer).
     """
 
-    __slots__ = ("child", "exclude", "useful")
+    __slots__ = ("child", "exclude")
 
-    def __init__(self, child: Peer, exclude: set[str], *, useful: bool) -> None:
+    def __init__(self, child: Peer, exclude: set[str]) -> None:
         self.child = child
         self.exclude = exclude
-        self.useful = useful
 
     def __call__(self, c: Peer) -> bool:
         child = self.child
@@ -1107,7 +1106,7 @@ class _ParentFilter:
         h = c.host
         if h is child.host or not h.connected or h.bad or h.active_uploads >= h.info.upload_limit:
             return False  # (a host with every upload slot promised answers "busy")
-        return not self.useful or _useful(c, child)
+        return _useful(c, child)
 
 
 def _useful(parent: Peer, child: Peer) -> bool:

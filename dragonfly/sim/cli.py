@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from dragonfly.config import PeerConfig, SchedulerConfig
 from dragonfly.identity import piece_length_for
 from dragonfly.sched.scheduler import SchedulerSettings
 from dragonfly.sim.swarm import SimConfig, SimResult, run_simulation
@@ -110,26 +111,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", metavar="S", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON")
     knobs = p.add_argument_group("model knobs (defaults: the shipped configuration)")
+    peer, sched = PeerConfig(), SchedulerConfig()
     knobs.add_argument(
         "--latency", type=_duration, default=0.001, help="peer-scheduler one-way latency (1ms)"
     )
     knobs.add_argument(
-        "--parents", type=_count, default=8, help="[scheduling] candidate_parent_limit (8)"
+        "--parents",
+        type=_count,
+        default=sched.scheduling.candidate_parent_limit,
+        help="[scheduling] candidate_parent_limit (%(default)s)",
     )
     knobs.add_argument(
-        "--concurrent-pieces", type=_count, default=8, help="[download] concurrent_piece_count (8)"
+        "--concurrent-pieces",
+        type=_count,
+        default=peer.download.concurrent_piece_count,
+        help="[download] concurrent_piece_count (%(default)s)",
     )
     knobs.add_argument(
-        "--per-parent", type=_count, default=2, help="piece picker requests per parent (2)"
+        "--per-parent",
+        type=_count,
+        default=2,
+        help="piece picker requests per parent (%(default)s)",
     )
     knobs.add_argument(
-        "--upload-slots", type=_count, default=2, help="[upload] concurrent_limit (2)"
+        "--upload-slots",
+        type=_count,
+        default=peer.upload.concurrent_limit,
+        help="[upload] concurrent_limit (%(default)s)",
     )
     knobs.add_argument(
-        "--upload-queue", type=_count0, default=2, help="[upload] queue_limit (2)"
+        "--upload-queue",
+        type=_count0,
+        default=peer.upload.queue_limit,
+        help="[upload] queue_limit (%(default)s)",
     )
     knobs.add_argument(
-        "--upload-children", type=_count, default=16, help="[upload] children_limit (16)"
+        "--upload-children",
+        type=_count,
+        default=peer.upload.children_limit,
+        help="[upload] children_limit (%(default)s)",
     )
     knobs.add_argument(
         "--no-stagger",
@@ -177,9 +197,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         stagger=not args.no_stagger,
         piece_timeout=args.piece_timeout,
         stall_limit=args.stall_limit,
-        settings=SchedulerSettings(
-            candidate_parent_limit=args.parents, top_up_limit=args.parents
-        ),
+        settings=SchedulerSettings(candidate_parent_limit=args.parents, top_up_limit=args.parents),
         check_invariants=args.check_invariants,
     )
 

@@ -507,7 +507,6 @@ class SimNode:
                     # Every upload slot taken: the parent answers 503 at once, as the
                     # real upload server does.
                     picker.on_busy(number, pid, now)
-                    sw.busy += 1
                     refused = True
                     continue
                 flow = sw.net.start(
@@ -782,7 +781,6 @@ class Swarm:
         self.back_to_source = 0
         self.reschedules = 0
         self.timeouts = 0
-        self.busy = 0  # requests refused for want of upload slots
         self.origin_bytes = 0
         self.p2p_bytes = 0
         self.wasted = 0.0

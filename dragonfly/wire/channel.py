@@ -308,9 +308,7 @@ class ServerChannel:
             return
         try:
             sent = os.write(self._fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:  # the client is gone: the writer notes it, the reader sees EOF
+        except OSError:  # full (BlockingIOError), or the client is gone: the reader sees EOF
             sent = 0
         if sent < len(data):
             self._tail = data[sent:]
