@@ -751,7 +751,7 @@ class Scheduler:
             self._unwait(peer)
             return
         task = peer.task
-        if not self._has_open_source(task, peer):
+        if not self._has_source(task, for_peer=peer):
             peer.attempts += 1  # (waiting for a free upload slot of a live source is free)
         peer.next_retry = now + self.settings.retry_interval
         limit = self.settings.retry_limit
@@ -796,25 +796,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ sources and seeds
 
-    def _has_source(self, task: Task) -> bool:
-        """Someone holds or is fetching the whole task (or a seed was just asked to)."""
-        if task.seed_host is not None:
-            return True
-        sources = task.sources
-        return any(p in sources for p in task.back_to_source.values()) or any(
-            p in sources for p in task.succeeded.values()
-        )
-
-    def _has_open_source(self, task: Task, peer: Peer) -> bool:
+    def _has_source(self, task: Task, for_peer: Peer | None = None) -> bool:
         """A seed was just asked to fetch the task, or a peer fetching it from the origin
-        or holding all of it is live and not blocked by ``peer``: the peer's parents will
-        come as upload slots free up and pieces spread."""
+        or holding all of it exists; with ``for_peer``, it must also be live and not
+        blocked by that peer (whose parents then come as upload slots free up)."""
         if task.seed_host is not None:
             return True
         sources = task.sources
-        blocked = peer.blocklist
+        blocked = for_peer.blocklist if for_peer is not None else ()
         return any(
-            p in sources and p.id not in blocked and p.host.connected
+            p in sources
+            and (for_peer is None or (p.id not in blocked and p.host.connected))
             for p in itertools.chain(task.back_to_source.values(), task.succeeded.values())
         )
 
