@@ -25,7 +25,7 @@ import trio
 from dragonfly.config import HijackHTTPSSection
 from dragonfly.log import get_logger
 from dragonfly.wire.http_server import Request, Responder, serve_connection
-from dragonfly.wire.tls import DNS_NAME, LeafCache, TLSError, hijack_ca
+from dragonfly.wire.tls import LeafCache, TLSError, hijack_ca, is_dns_name
 
 if TYPE_CHECKING:
     from dragonfly.peer.proxy import ProxyHandler
@@ -59,14 +59,18 @@ class Authority:
     def is_ipv6(self) -> bool:
         return ":" in self.host
 
+    @property
+    def bracketed_host(self) -> str:
+        """The host as a URL or request line writes it (IPv6 in brackets)."""
+        return f"[{self.host}]" if self.is_ipv6 else self.host
+
     def __str__(self) -> str:
-        """HOST:PORT as a request names it (IPv6 in brackets): what hijack regexes see."""
-        host = f"[{self.host}]" if self.is_ipv6 else self.host
-        return f"{host}:{self.port}"
+        """HOST:PORT as a request names it: what hijack regexes see."""
+        return f"{self.bracketed_host}:{self.port}"
 
     def url_prefix(self) -> str:
         """https://HOST[:PORT] (the port left out when it is 443)."""
-        host = f"[{self.host}]" if self.is_ipv6 else self.host
+        host = self.bracketed_host
         return f"https://{host}" if self.port == 443 else f"https://{host}:{self.port}"
 
 
@@ -89,7 +93,7 @@ def parse_authority(target: str) -> Authority:
             raise BadTarget(f"CONNECT target {shown}: not an IPv6 address in brackets") from None
         return Authority(str(address), port)
     host = m.group("host").lower()
-    if not DNS_NAME.match(host) or ".." in host:
+    if not is_dns_name(host):
         raise BadTarget(f"CONNECT target {shown}: {host!r} is not a host name or address")
     return Authority(host, port)
 

@@ -140,6 +140,11 @@ def check_ca(ca: CAFiles) -> None:
 # ---------------------------------------------------------------- leaf certificates
 
 
+def is_dns_name(name: str) -> bool:
+    """A syntactically valid DNS host name (labels of letters, digits and hyphens)."""
+    return DNS_NAME.match(name) is not None and ".." not in name
+
+
 def host_san(host: str) -> str:
     """The subjectAltName entry naming `host` (IP or DNS); TLSError if it is neither."""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -147,7 +152,7 @@ def host_san(host: str) -> str:
         return f"IP:{ipaddress.ip_address(bare)}"
     except ValueError:
         pass
-    if not DNS_NAME.match(bare) or ".." in bare:
+    if not is_dns_name(bare):
         raise TLSError(f"{host!r} is not a host name or IP address")
     return f"DNS:{bare.lower()}"
 
