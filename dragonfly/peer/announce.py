@@ -27,7 +27,11 @@ import heapq
 from collections.abc import Hashable, Iterable
 from typing import Generic, TypeVar
 
-__all__ = ["AnnounceSchedule"]
+__all__ = ["GIVE_UP_AFTER", "REVEAL_AFTER", "AnnounceSchedule"]
+
+# The schedule's timers, as the daemon runs them (the simulation takes the same).
+REVEAL_AFTER = 10.0
+GIVE_UP_AFTER = 30.0
 
 Child = TypeVar("Child", bound=Hashable)
 
@@ -40,7 +44,11 @@ class AnnounceSchedule(Generic[Child]):
     """
 
     def __init__(
-        self, *, stagger: bool, reveal_after: float = 10.0, give_up_after: float = 30.0
+        self,
+        *,
+        stagger: bool,
+        reveal_after: float = REVEAL_AFTER,
+        give_up_after: float = GIVE_UP_AFTER,
     ) -> None:
         if reveal_after < 0 or give_up_after < 0:
             raise ValueError("reveal_after and give_up_after must be >= 0")

@@ -37,9 +37,10 @@ from dataclasses import asdict, dataclass, field
 from random import Random
 from typing import Any
 
+from dragonfly.config import PeerConfig
 from dragonfly.identity import piece_count as count_pieces
 from dragonfly.identity import piece_length_for, task_id
-from dragonfly.peer.announce import AnnounceSchedule
+from dragonfly.peer.announce import GIVE_UP_AFTER, REVEAL_AFTER, AnnounceSchedule
 from dragonfly.peer.picker import PiecePicker
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
 from dragonfly.sim.bound import fluid_bound, piece_factor
@@ -69,6 +70,10 @@ URL = "http://origin.sim/file.bin"
 PERCENTILES = (0, 10, 25, 50, 75, 90, 99, 100)
 
 
+# The model's knobs default to what a peer ships with.
+_SHIPPED = PeerConfig()
+
+
 @dataclass(frozen=True)
 class SimConfig:
     """One simulated scenario.  Sizes in bytes, rates in bytes/s, times in seconds."""
@@ -86,14 +91,16 @@ class SimConfig:
     latency: float = 0.001  # one-way peer <-> scheduler message latency
     concurrent_pieces: int = 8  # [download] concurrent_piece_count
     per_parent_limit: int = 2  # the engine's PiecePicker default: requests per parent
-    origin_concurrency: int = 4  # [download] origin_concurrency
-    upload_slots: int = 2  # [upload] concurrent_limit
-    upload_queue: int = 2  # [upload] queue_limit: requests that wait for a slot
-    upload_children: int = 16  # [upload] children_limit: the host's HostInfo.upload_limit
+    origin_concurrency: int = _SHIPPED.download.origin_concurrency
+    upload_slots: int = _SHIPPED.upload.concurrent_limit
+    upload_queue: int = _SHIPPED.upload.queue_limit  # requests that wait for a slot
+    upload_children: int = _SHIPPED.upload.children_limit  # the host's HostInfo.upload_limit
     stagger: bool = True  # a peer fetching from the origin staggers its announcements
-    reveal_after: float = 10.0  # ... and tells the other children this much later
-    give_up_after: float = 30.0  # ... or passes it on when its first child never fetched it
-    piece_timeout: float = 30.0  # [download] piece_timeout: queueing at the parent included
+    reveal_after: float = REVEAL_AFTER  # ... and tells the other children this much later
+    give_up_after: float = (
+        GIVE_UP_AFTER  # ... or passes it on when its first child never fetched it
+    )
+    piece_timeout: float = _SHIPPED.download.piece_timeout  # queueing at the parent included
     report_interval: float = 0.05  # PiecesFinished batching, as the real engine
     reschedule_interval: float = 1.0  # at most one Reschedule per this, as the real engine
     max_time: float | None = None  # give up (unfinished) at this sim time; None: derived
