@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dragonfly.cluster import Cluster
-from dragonfly.testing.certs import TestPKI, make_pki
+from dragonfly.testing.certs import TestPKI, ca_bundle, hijack_options, make_pki
 from dragonfly.testing.nginx import Nginx
 from dragonfly.wire.tls import CAFiles, make_ca
 from tests.p2p_support import MiB, metric, random_file, sha256_file
@@ -143,18 +143,7 @@ def test_hijacked_https_goes_peer_to_peer(
     want = random_file(site.root / "model.bin", SIZE)
     random_file(rogue.root / "model.bin", 1000)
     hosts = f'["^127\\\\.0\\\\.0\\\\.1:({site.nginx.port}|{rogue.nginx.port})$"]'
-    extra = [
-        "--set",
-        f"proxy.hijack_https.ca_cert={project_ca.cert}",
-        "--set",
-        f"proxy.hijack_https.ca_key={project_ca.key}",
-        "--set",
-        f"proxy.hijack_https.hosts={hosts}",
-        "--set",
-        'proxy.rules=[{regex = "^https?://"}]',
-        "--set",
-        f"download.origin_ca_file={site.pki.ca_cert}",
-    ]
+    extra = hijack_options(project_ca, hosts, '[{regex = "^https?://"}]', site.pki.ca_cert)
     trust_project = ("--cacert", str(project_ca.cert))
     cluster = Cluster(tmp_path / "cluster", schedulers=1, seed_peers=1, peers=2, extra=extra)
     with cluster:
@@ -193,11 +182,7 @@ def test_hijacked_https_goes_peer_to_peer(
         # the way `ca init` says: a bundle of the system's CAs and ours in REQUESTS_CA_BUNDLE
         # and SSL_CERT_FILE (requests lets REQUESTS_CA_BUNDLE override pip's --cert)
         wheel_sha = _wheel(site.root)
-        bundle = tmp_path / "bundle.pem"
-        system = Path("/etc/ssl/certs/ca-certificates.crt")
-        bundle.write_bytes(
-            (system.read_bytes() if system.exists() else b"") + project_ca.cert.read_bytes()
-        )
+        bundle = ca_bundle(tmp_path / "bundle.pem", project_ca.cert)
         env = {
             k: v
             for k, v in os.environ.items()

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from dragonfly.cluster import Cluster
-from dragonfly.testing.certs import make_pki
+from dragonfly.testing.certs import ca_bundle, hijack_options, make_pki
 from dragonfly.testing.nginx import Nginx
 from dragonfly.wire.tls import make_ca
 from tests.p2p_support import MiB, metric, random_file
@@ -138,24 +138,11 @@ def test_hf_hub_download_through_the_proxy_goes_peer_to_peer(
     nginx, origin_ca, model_sha = hub
     port = nginx.port
     project_ca = make_ca(tmp_path / "project-ca")  # as `python -m dragonfly ca init` makes it
-    system = Path("/etc/ssl/certs/ca-certificates.crt")
-    bundle = tmp_path / "bundle.pem"
-    bundle.write_bytes(
-        (system.read_bytes() if system.exists() else b"") + project_ca.cert.read_bytes()
-    )
+    bundle = ca_bundle(tmp_path / "bundle.pem", project_ca.cert)
     names = f"(127\\\\.0\\\\.0\\\\.1|localhost):{port}"
-    extra = [
-        "--set",
-        f"proxy.hijack_https.ca_cert={project_ca.cert}",
-        "--set",
-        f"proxy.hijack_https.ca_key={project_ca.key}",
-        "--set",
-        f'proxy.hijack_https.hosts=["^{names}$"]',
-        "--set",
-        f'proxy.rules=[{{regex = "^https://{names}/"}}]',
-        "--set",
-        f"download.origin_ca_file={origin_ca}",
-    ]
+    extra = hijack_options(
+        project_ca, f'["^{names}$"]', f'[{{regex = "^https://{names}/"}}]', origin_ca
+    )
     endpoint = f"https://127.0.0.1:{port}"
     files = ["config.json", "model.safetensors"]
     cluster = Cluster(tmp_path / "cluster", schedulers=1, seed_peers=1, peers=2, extra=extra)
