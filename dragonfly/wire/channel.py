@@ -539,15 +539,13 @@ async def accept_websocket(
     ):
         await responder.send(400, b"bad websocket upgrade\n", [(b"sec-websocket-version", b"13")])
         return
-    conn = request.connection
-    received = bytes(conn.conn.trailing_data[0])  # what the client sent after its request
-    responder.started = responder.finished = responder.upgraded = True
-    await conn.stream.send_all(
+    stream, received = responder.take_over()
+    await stream.send_all(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Accept: " + websocket_accept_key(key).encode() + b"\r\n\r\n"
     )
     channel = ServerChannel(
-        conn.stream,
+        stream,
         received,
         name=name,
         max_message=max_message,

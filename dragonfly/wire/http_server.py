@@ -351,6 +351,13 @@ class Responder:
     async def send_error(self, status: int, message: str) -> None:
         await self.send(status, (message + "\n").encode(), [(b"connection", b"close")])
 
+    def take_over(self) -> tuple[trio.abc.Stream, bytes]:
+        """The connection leaves HTTP (an upgrade, a tunnel): it is the caller's from now
+        on, and closed when the handler returns. Returns the raw stream and the bytes the
+        client already sent after its request (h11 had buffered them)."""
+        self.started = self.finished = self.upgraded = True
+        return self._c.stream, bytes(self._c.conn.trailing_data[0])
+
     async def accept_connect(
         self, headers: Headers | list[tuple[bytes, bytes]] | None = None
     ) -> trio.abc.HalfCloseableStream:
@@ -374,8 +381,8 @@ class Responder:
         hdrs = headers if isinstance(headers, Headers) else Headers(headers or [])
         await self.start(200, hdrs, reason=b"Connection established")
         # A 2xx to CONNECT switches h11 to SWITCHED_PROTOCOL: no framing, no body.
-        self.finished = self.upgraded = True
-        return _ReplayStream(c.stream, bytes(c.conn.trailing_data[0]))
+        stream, received = self.take_over()
+        return _ReplayStream(stream, received)
 
     @property
     def is_websocket_request(self) -> bool:
@@ -396,9 +403,8 @@ class Responder:
         req = self._request
         head = [f"{req.method} {req.target} HTTP/1.1".encode()]
         head += [k + b": " + v for k, v in req.headers]
-        prefix = b"\r\n".join(head) + b"\r\n\r\n" + bytes(self._c.conn.trailing_data[0])
-        self.started = self.finished = self.upgraded = True
-        stream = _ReplayStream(self._c.stream, prefix)
+        raw, received = self.take_over()
+        stream = _ReplayStream(raw, b"\r\n".join(head) + b"\r\n\r\n" + received)
         async with trio.open_nursery() as nursery:
             ws_request = await trio_websocket.wrap_server_stream(
                 nursery,
