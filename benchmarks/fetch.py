@@ -10,7 +10,7 @@ import sys
 
 import trio
 
-from dragonfly.wire.http_client import HTTPClient
+from dragonfly.net.http_client import HTTPClient
 
 
 async def fetch(url: str, out: str) -> int:

@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from dragonfly.wire.http_server import Request, Responder, send_file_response, serve
+from dragonfly.net.http_server import Request, Responder, send_file_response, serve
 
 
 def make_handler(root: Path):

@@ -45,7 +45,7 @@ from typing import Any
 import cbor2
 
 from dragonfly.identity import task_id as compute_task_id
-from dragonfly.wire.channel import websocket_accept_key
+from dragonfly.net.channel import websocket_accept_key
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message, decode, encode
 from dragonfly.wire.messages import (
     CandidateParents,

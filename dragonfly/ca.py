@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from dragonfly.wire.tls import TLSError, make_ca
+from dragonfly.net.tls import TLSError, make_ca
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Files the configuration names (CA certificates and keys) are checked here, for
         # the daemon and `get`'s one-shot peer alike, so a bad one stops the start with
         # the key's name instead of a traceback.
-        from dragonfly.wire.tls import check_peer_files
+        from dragonfly.net.tls import check_peer_files
 
         try:
             check_peer_files(cfg)

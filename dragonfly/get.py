@@ -22,8 +22,8 @@ import trio
 
 from dragonfly.config import PeerConfig
 from dragonfly.identity import IdentityError, parse_sha256_digest
+from dragonfly.net.http_client import HTTPClient, HTTPClientError
 from dragonfly.units import human_bytes
-from dragonfly.wire.http_client import HTTPClient, HTTPClientError
 
 LOCAL_API = "/_dragonfly/tasks"
 
@@ -125,7 +125,7 @@ def _headers(d: dict[str, str]) -> Any:
 
 async def _embedded(cfg: PeerConfig, spec: dict[str, Any], progress: Progress) -> Outcome:
     """No daemon: run a one-shot peer in this process for this one download."""
-    from dragonfly.peer.daemon import PeerDaemon
+    from dragonfly.nursery.peer import PeerDaemon
     from dragonfly.peer.download import DownloadFailed, DownloadRequest
 
     cfg.proxy.port = 0

@@ -1,12 +1,176 @@
-"""`--role peer` and `--role seed-peer`: the peer daemon's nursery tree."""
+"""`--role peer` and `--role seed-peer`: the peer daemon's nursery tree.
+
+Store, scheduler connections, downloads, upload server and proxy in one trio
+nursery tree (a seed peer is the same daemon with `seed.enabled`). The daemon is
+the `PeerServices` its components (dragonfly/peer/) are given."""
 
 from __future__ import annotations
 
+import secrets
+from pathlib import Path
+
 import trio
 
-from dragonfly.config import PeerConfig
+from dragonfly.config import PeerConfig, data_dir, resolved_hostname
+from dragonfly.log import get_logger
+from dragonfly.metrics import PeerMetrics
+from dragonfly.net.http_client import HTTPClient
+from dragonfly.net.http_server import bound_port, serve
+from dragonfly.net.tls import origin_ssl_context
 from dragonfly.nursery.signals import run_until_signal
-from dragonfly.peer.daemon import PeerDaemon
+from dragonfly.peer.download import DownloadRequest
+from dragonfly.peer.proxy import ProxyHandler
+from dragonfly.peer.scheduler_client import SchedulerPool
+from dragonfly.peer.tasks import TaskManager
+from dragonfly.peer.tunnel import Hijacker
+from dragonfly.peer.upload import UploadHandler
+from dragonfly.ratelimit import RateLimiter
+from dragonfly.storage import GCConfig, PieceStore
+from dragonfly.wire.messages import HostInfo, TriggerDownload
+
+log = get_logger("dragonfly.peer")
+
+
+class PeerDaemon:
+    """A running peer (or seed peer)."""
+
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self.data_dir: Path = data_dir(config.storage)
+        self.metrics = PeerMetrics()
+        self.role = "seed-peer" if config.seed.enabled else "peer"
+        d = config.download
+        # https origins: the system's CAs plus download.origin_ca_file. Both this and the
+        # hijack CA raise ConfigError naming the key, so a bad file stops the start.
+        self.origin_client = HTTPClient(
+            connect_timeout=d.connect_timeout,
+            read_timeout=d.read_timeout,
+            ssl_context=origin_ssl_context(d),
+        )
+        self.hijacker = Hijacker(config.proxy.hijack_https)
+        self.upload_limiter = _limiter(config.upload.rate_limit)
+        self.download_limiter = _limiter(d.rate_limit)
+        self.source_limiter = _limiter(d.back_to_source_rate_limit)
+        self.store: PieceStore
+        self.schedulers: SchedulerPool
+        self.tasks: TaskManager
+        self.host: HostInfo
+        self.upload_port = 0
+        self.proxy_port = 0
+        self._serving = False
+
+    @property
+    def healthy(self) -> bool:
+        """Serving, and known to every scheduler (a seed must be, before peers ask)."""
+        return self._serving and (not self.schedulers.connections or self.schedulers.all_connected)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[PeerDaemon] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        cfg = self.config
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        gc = GCConfig(
+            ttl=cfg.storage.task_ttl,
+            quota_bytes=cfg.storage.disk_quota,
+            high_watermark=cfg.storage.high_watermark,
+            low_watermark=cfg.storage.low_watermark,
+        )
+        async with PieceStore.open(self.data_dir, fsync=cfg.storage.fsync, gc_config=gc) as store:
+            self.store = store
+            try:
+                async with trio.open_nursery() as nursery:
+                    self.tasks = TaskManager(self, nursery)
+                    upload = await nursery.start(
+                        serve, UploadHandler(self), cfg.upload.listen, cfg.upload.port
+                    )
+                    self.upload_port = bound_port(upload)
+                    self.host = HostInfo(
+                        host_id=f"{resolved_hostname(cfg.host)}-{self.upload_port}-{secrets.token_hex(4)}"[
+                            :128
+                        ],
+                        hostname=resolved_hostname(cfg.host)[:255],
+                        ip=cfg.host.ip,
+                        upload_port=self.upload_port,
+                        idc=cfg.host.idc,
+                        location=cfg.host.location,
+                        seed=cfg.seed.enabled,
+                        upload_limit=cfg.upload.children_limit,
+                        upload_rate=cfg.upload.rate_limit,
+                    )
+                    self.schedulers = SchedulerPool(
+                        cfg.scheduler.addresses,
+                        self.host,
+                        role=self.role,
+                        on_trigger=self._on_trigger,
+                        connect_timeout=cfg.scheduler.connect_timeout,
+                    )
+                    proxy = await nursery.start(
+                        serve, ProxyHandler(self), cfg.proxy.listen, cfg.proxy.port
+                    )
+                    self.proxy_port = bound_port(proxy)
+                    self.host = _with_proxy_port(self.host, self.proxy_port)
+                    self.schedulers.host = self.host
+                    for conn in self.schedulers.connections.values():
+                        conn.host = self.host
+                    # Shielded: on shutdown the connections must outlive the rest long
+                    # enough to tell the schedulers that this host leaves.
+                    scheduler_scope = trio.CancelScope(shield=True)
+
+                    async def run_schedulers(
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                    ) -> None:
+                        with scheduler_scope:
+                            await self.schedulers.run(task_status=task_status)
+
+                    await nursery.start(run_schedulers)
+                    nursery.start_soon(store.gc_forever, cfg.storage.gc_interval)
+                    self._serving = True
+                    log.info(
+                        "peer started",
+                        role=self.role,
+                        host_id=self.host.host_id,
+                        proxy=f"{cfg.proxy.listen}:{self.proxy_port}",
+                        upload=f"{cfg.upload.listen}:{self.upload_port}",
+                        data_dir=str(self.data_dir),
+                    )
+                    task_status.started(self)
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self._serving = False
+                        with trio.CancelScope(shield=True), trio.move_on_after(2):
+                            await self.schedulers.leave()
+                        scheduler_scope.cancel()
+            finally:
+                self._serving = False
+                await self.origin_client.aclose()
+
+    async def _on_trigger(self, msg: TriggerDownload) -> None:
+        """A scheduler asks this seed peer to fetch a task from the origin first."""
+        log.info("triggered", task_id=msg.task_id, url=msg.url)
+        self.tasks.open(
+            DownloadRequest(
+                task_id=msg.task_id,
+                url=msg.url,
+                tag=msg.tag,
+                application=msg.application,
+                headers=dict(msg.headers),
+                filtered_query_params=list(msg.filtered_query_params),
+                piece_length=msg.piece_length,
+                digest=msg.digest,
+                seed_trigger=True,
+            )
+        )
+
+
+def _with_proxy_port(host: HostInfo, port: int) -> HostInfo:
+    import dataclasses
+
+    return dataclasses.replace(host, proxy_port=port)
+
+
+def _limiter(rate: int) -> RateLimiter | None:
+    return RateLimiter(rate) if rate > 0 else None
 
 
 def run_peer(cfg: PeerConfig) -> int:

@@ -21,17 +21,17 @@ from dragonfly.config import SchedulerConfig
 from dragonfly.log import get_logger
 from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dragonfly.metrics import SchedulerMetrics
-from dragonfly.nursery.signals import run_until_signal
-from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
-from dragonfly.wire.channel import (
+from dragonfly.net.channel import (
     SCHEDULER_PATH,
     ChannelClosed,
     Flusher,
     ServerChannel,
     accept_websocket,
 )
+from dragonfly.net.http_server import Request, Responder, bound_port, serve
+from dragonfly.nursery.signals import run_until_signal
+from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtocolError
-from dragonfly.wire.http_server import Request, Responder, bound_port, serve
 from dragonfly.wire.messages import (
     CandidateParents,
     Error,

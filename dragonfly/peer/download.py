@@ -16,27 +16,43 @@ import itertools
 import secrets
 from collections.abc import Iterator, KeysView
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
+from dragonfly.config import PeerConfig
+from dragonfly.engine.announce import AnnounceSchedule
+from dragonfly.engine.picker import PiecePicker
 from dragonfly.errors import find_exception
 from dragonfly.identity import piece_count as count_pieces
 from dragonfly.identity import piece_length_for
 from dragonfly.identity import task_id as compute_task_id
 from dragonfly.log import bound, get_logger
-from dragonfly.peer.announce import AnnounceSchedule
-from dragonfly.peer.picker import PiecePicker
-from dragonfly.peer.scheduler_client import NoScheduler, SchedulerLost, SchedulerSession
+from dragonfly.metrics import PeerMetrics
+from dragonfly.net.channel import ANNOUNCE_PATH, ChannelClosed, connect
+from dragonfly.net.http_client import HTTPClient, HTTPClientError, discard
+from dragonfly.peer.scheduler_client import (
+    NoScheduler,
+    SchedulerLost,
+    SchedulerPool,
+    SchedulerSession,
+)
 from dragonfly.peer.source import OriginChanged, OriginError, OriginFetcher
-from dragonfly.storage import DigestMismatch, PieceRecord, StorageError, TaskHandle, TaskState
-from dragonfly.wire.channel import ANNOUNCE_PATH, ChannelClosed, connect
+from dragonfly.ratelimit import RateLimiter
+from dragonfly.storage import (
+    DigestMismatch,
+    PieceRecord,
+    PieceStore,
+    StorageError,
+    TaskHandle,
+    TaskState,
+)
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message
-from dragonfly.wire.http_client import HTTPClient, HTTPClientError, discard
 from dragonfly.wire.messages import (
     AnnounceDone,
     CandidateParents,
     Hello,
+    HostInfo,
     LeavePeer,
     NeedBackToSource,
     ParentInfo,
@@ -56,9 +72,6 @@ from dragonfly.wire.messages import (
     TaskMetadata,
 )
 
-if TYPE_CHECKING:
-    from dragonfly.peer.daemon import PeerDaemon
-
 log = get_logger("dragonfly.peer.download")
 
 REPORT_INTERVAL = 0.05
@@ -66,6 +79,19 @@ REPORT_BATCH = 1000
 RESCHEDULE_INTERVAL = 1.0
 # Longest a finished download keeps its announcement schedule for its children.
 LINGER_LIMIT = 120.0
+
+
+class DownloadServices(Protocol):
+    """What a download uses of its daemon."""
+
+    config: PeerConfig
+    metrics: PeerMetrics
+    store: PieceStore
+    schedulers: SchedulerPool
+    host: HostInfo
+    origin_client: HTTPClient
+    download_limiter: RateLimiter | None
+    source_limiter: RateLimiter | None
 
 
 class ParentBusy(Exception):
@@ -157,7 +183,7 @@ class _Parent:
 class Download:
     """The download of one task on this peer (shared by every client asking for it)."""
 
-    def __init__(self, daemon: PeerDaemon, request: DownloadRequest) -> None:
+    def __init__(self, daemon: DownloadServices, request: DownloadRequest) -> None:
         self.daemon = daemon
         self.request = request
         self.task_id = request.task_id
@@ -182,7 +208,7 @@ class Download:
         self._reports: list[PieceReport] = []
         self._report_wakeup = trio.Event()
         # Children following this download's announcements, by token; a download that
-        # fetches from the origin staggers them (dragonfly/peer/announce.py).
+        # fetches from the origin staggers them (dragonfly/engine/announce.py).
         self._subscribers: dict[int, trio.MemorySendChannel[list[PieceInfo]]] = {}
         self._subscriber_tokens = itertools.count()
         self._announce: AnnounceSchedule[int] = AnnounceSchedule(stagger=False)

@@ -14,26 +14,23 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
 from dragonfly.config import ProxyRule
 from dragonfly.identity import IdentityError
 from dragonfly.log import get_logger
+from dragonfly.net.http_client import HTTPClientError
+from dragonfly.net.http_server import Request, Responder
 from dragonfly.peer.download import Download, DownloadFailed, DownloadRequest
+from dragonfly.peer.registry import RegistryMirror
+from dragonfly.peer.services import PeerServices
+from dragonfly.peer.serving import origin_headers, relay, serve_common, stream_download
 from dragonfly.peer.tunnel import handle_connect
-from dragonfly.peer.upload import serve_common
 from dragonfly.storage.taskfile import task_path
-from dragonfly.wire.http_client import HTTPClientError
-from dragonfly.wire.http_common import Headers, RangeNotSatisfiable, parse_range
-from dragonfly.wire.http_server import Request, Responder
+from dragonfly.wire.http_common import Headers
 from dragonfly.wire.oci import is_registry_path, registry_blob
-
-if TYPE_CHECKING:
-    from dragonfly.peer.daemon import PeerDaemon
 
 log = get_logger("dragonfly.peer.proxy")
 
@@ -41,50 +38,13 @@ H_TAG = "x-dragonfly-tag"
 H_APPLICATION = "x-dragonfly-application"
 H_FILTERED = "x-dragonfly-filtered-query-params"
 H_USE_P2P = "x-dragonfly-use-p2p"
-H_TASK_ID = b"x-dragonfly-task-id"
 LOCAL_API = "/_dragonfly/tasks"
-MAX_FORWARD_BODY = 64 << 20
-
-# Request headers that describe the client's connection or ask for a part of the
-# body: never sent to the origin for a whole-task fetch.
-_NOT_FORWARDED = frozenset(
-    {
-        "host",
-        "range",
-        "if-range",
-        "if-none-match",
-        "if-modified-since",
-        "if-match",
-        "if-unmodified-since",
-        "accept-encoding",
-        "proxy-authorization",
-        "proxy-connection",
-        "connection",
-        "keep-alive",
-        "te",
-        "upgrade",
-        "content-length",
-        "transfer-encoding",
-        "expect",
-    }
-)
 
 
 @dataclass(frozen=True)
 class CompiledRule:
     regex: re.Pattern[str]
     rule: ProxyRule
-
-
-def origin_headers(headers: Headers) -> dict[str, str]:
-    """The client's headers that the origin should see when we fetch on its behalf."""
-    out: dict[str, str] = {}
-    for name, value in headers:
-        key = name.decode("latin-1")
-        if key in _NOT_FORWARDED or key.startswith("x-dragonfly-"):
-            continue
-        out[key] = value.decode("latin-1")
-    return out
 
 
 def filtered_params(header: str | None) -> list[str]:
@@ -96,10 +56,7 @@ def filtered_params(header: str | None) -> list[str]:
 class ProxyHandler:
     """Routes of the proxy listener."""
 
-    def __init__(self, daemon: PeerDaemon) -> None:
-        # Imported here: the mirror builds on this module's serving functions.
-        from dragonfly.peer.registry import RegistryMirror
-
+    def __init__(self, daemon: PeerServices) -> None:
         self.daemon = daemon
         self.rules = [CompiledRule(re.compile(r.regex), r) for r in daemon.config.proxy.rules]
         self.registry = RegistryMirror(daemon)
@@ -110,7 +67,14 @@ class ProxyHandler:
             await self._origin_form(request, responder)
             return
         if request.method == "CONNECT":
-            await handle_connect(self, request, responder)
+            await handle_connect(
+                request,
+                responder,
+                hijacker=self.daemon.hijacker,
+                forward=self.forward,
+                metrics=self.daemon.metrics,
+                connect_timeout=self.daemon.config.download.connect_timeout,
+            )
             return
         await self.forward(request, responder)
 
@@ -291,116 +255,3 @@ class ProxyHandler:
         except DownloadFailed as exc:
             await line({"state": "failed", "reason": exc.reason, "http_status": exc.http_status})
         await responder.finish()
-
-
-def relayed_headers(headers: Headers) -> Headers:
-    """A client's request headers as the origin should get them from a relaying proxy:
-    every one (repeated ones such as Accept one by one), but for the hop-by-hop ones,
-    the proxy's own and the length, which the proxy sets."""
-    return Headers(
-        (k, v)
-        for k, v in headers.without_hop_by_hop()
-        if k not in (b"host", b"proxy-authorization", b"content-length")
-        and not k.startswith(b"x-dragonfly-")
-    )
-
-
-async def relay(
-    daemon: PeerDaemon,
-    request: Request,
-    url: str,
-    responder: Responder,
-    *,
-    headers: Headers | None = None,
-    on_error: Callable[[int, str], Awaitable[None]] | None = None,
-) -> None:
-    """Pass the request to `url` and stream the answer back unchanged (redirects too).
-    An origin that cannot be reached is a 502 (through `on_error` when given)."""
-    hdrs = relayed_headers(request.headers) if headers is None else headers
-    fail = on_error or responder.send_error
-    try:
-        body = await request.read_body(limit=MAX_FORWARD_BODY)
-    except ValueError as exc:
-        await fail(413, str(exc))
-        return
-    try:
-        response = await daemon.origin_client.send(
-            request.method, url, hdrs, body, follow_redirects=False
-        )
-    except HTTPClientError as exc:
-        await fail(502, f"origin: {exc}")
-        return
-    try:
-        await responder.start(response.status, response.headers.without_hop_by_hop())
-        async for chunk in response.iter_chunks():
-            await responder.write(chunk)
-        await responder.finish()
-    finally:
-        await response.aclose()
-
-
-async def stream_download(
-    daemon: PeerDaemon,
-    download: Download,
-    request: Request,
-    responder: Responder,
-    extra_headers: Headers | None = None,
-) -> None:
-    """Answer with the task's bytes, each piece sent (sendfile) as soon as it is verified.
-
-    When the whole file has a known digest (an OCI blob), its last piece waits until
-    the whole file hashed right: a client never holds all the bytes of a wrong file.
-    """
-    if download.content_length < 0:
-        # An origin that sent no length (chunked, no ranges): known once the body ended.
-        await download.wait_finished()
-    total = download.content_length
-    headers = Headers()
-    headers.set(b"accept-ranges", b"bytes")
-    headers.set(b"content-type", (download.content_type or "application/octet-stream").encode())
-    if download.etag:
-        headers.set(b"etag", download.etag.encode())
-    if download.last_modified:
-        headers.set(b"last-modified", download.last_modified.encode())
-    headers.set(H_TASK_ID, download.task_id.encode())
-    for name, value in extra_headers or ():
-        headers.set(name, value)
-    try:
-        byte_range = parse_range(request.headers.get("range"), total)
-    except RangeNotSatisfiable:
-        headers.set(b"content-range", f"bytes */{total}".encode())
-        headers.set(b"content-length", b"0")
-        await responder.start(416, headers)
-        await responder.finish()
-        return
-    start, end = (0, total - 1) if byte_range is None else (byte_range.start, byte_range.end)
-    if byte_range is None:
-        download.want_all()
-    elif total:
-        download.want_range(start, end)
-    headers.set(b"content-length", str(end - start + 1 if total else 0).encode())
-    if byte_range is not None:
-        headers.set(b"content-range", byte_range.content_range().encode())
-    local = download.finished.is_set() and download.bytes_p2p == 0 and download.bytes_source == 0
-    if total == 0 and download.request.digest:
-        await download.wait_finished()  # an empty "blob" is checked too, before the 200
-    await responder.start(206 if byte_range is not None else 200, headers)
-    if request.method == "HEAD" or total == 0:
-        await responder.finish()
-        return
-    piece_length = download.piece_length
-    last_piece = (total - 1) // piece_length
-    async with daemon.store.use(download.task_id) as handle:
-        fd = handle.file.fd
-        position = start
-        while position <= end:
-            number = position // piece_length
-            await download.wait_piece(number)
-            if number == last_piece and download.request.digest:
-                await download.wait_finished()
-            piece_end = min(end, (number + 1) * piece_length - 1)
-            await responder.sendfile(fd, position, piece_end - position + 1)
-            if local:
-                daemon.metrics.download_bytes.labels("local").inc(piece_end - position + 1)
-            position = piece_end + 1
-    await responder.finish()

@@ -22,18 +22,18 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import trio
 
 from dragonfly.identity import blob_task_id
 from dragonfly.log import get_logger
+from dragonfly.net.http_client import HTTPClientError
+from dragonfly.net.http_server import Request, Responder
 from dragonfly.peer.download import Download, DownloadFailed, DownloadRequest
-from dragonfly.peer.proxy import origin_headers, relay, stream_download
+from dragonfly.peer.services import PeerServices
+from dragonfly.peer.serving import origin_headers, relay, stream_download
 from dragonfly.peer.source import origin_request_headers
-from dragonfly.wire.http_client import HTTPClientError
 from dragonfly.wire.http_common import Headers
-from dragonfly.wire.http_server import Request, Responder
 from dragonfly.wire.oci import (
     MirrorError,
     ReadGrants,
@@ -44,9 +44,6 @@ from dragonfly.wire.oci import (
     parse_route,
     split_query,
 )
-
-if TYPE_CHECKING:
-    from dragonfly.peer.daemon import PeerDaemon
 
 log = get_logger("dragonfly.peer.registry")
 
@@ -60,7 +57,7 @@ PROOF_WINDOW = 1 << 20
 class RegistryMirror:
     """Serves origin-form `/v2/...` requests as a mirror of one or more registries."""
 
-    def __init__(self, daemon: PeerDaemon) -> None:
+    def __init__(self, daemon: PeerServices) -> None:
         self.daemon = daemon
         cfg = daemon.config.registry_mirror
         self.upstreams = Upstreams.from_config(cfg.upstream, cfg.insecure)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from dragonfly.log import get_logger
-from dragonfly.wire.channel import SCHEDULER_PATH, Channel, ChannelClosed, connect
+from dragonfly.net.channel import SCHEDULER_PATH, Channel, ChannelClosed, connect
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message
 from dragonfly.wire.messages import (
     CandidateParents,

@@ -18,10 +18,10 @@ import trio
 
 from dragonfly.errors import find_exception
 from dragonfly.log import get_logger
+from dragonfly.net.http_client import HTTPClient, HTTPClientError, Response, discard
+from dragonfly.net.zerocopy import pwrite_all
 from dragonfly.ratelimit import RateLimiter
-from dragonfly.wire.http_client import HTTPClient, HTTPClientError, Response, discard
 from dragonfly.wire.http_common import Headers, parse_content_range
-from dragonfly.wire.zerocopy import pwrite_all
 
 log = get_logger("dragonfly.peer.source")
 

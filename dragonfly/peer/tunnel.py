@@ -17,18 +17,19 @@ import ipaddress
 import math
 import re
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
 from dragonfly.config import HijackHTTPSSection
 from dragonfly.log import get_logger
-from dragonfly.wire.http_server import Request, Responder, serve_connection
-from dragonfly.wire.tls import LeafCache, TLSError, hijack_ca, is_dns_name
+from dragonfly.metrics import PeerMetrics
+from dragonfly.net.http_server import Request, Responder, serve_connection
+from dragonfly.net.tls import LeafCache, TLSError, hijack_ca, is_dns_name
 
-if TYPE_CHECKING:
-    from dragonfly.peer.proxy import ProxyHandler
+# The proxy's path for one request (absolute URL): what an intercepted request goes to.
+Forward = Callable[[Request, Responder], Awaitable[None]]
 
 log = get_logger("dragonfly.peer.tunnel")
 
@@ -118,8 +119,17 @@ class Hijacker:
         return await self.leaves.context(authority.host)
 
 
-async def handle_connect(proxy: ProxyHandler, request: Request, responder: Responder) -> None:
-    """Answer one CONNECT: 400 for a bad target, else intercept or tunnel it."""
+async def handle_connect(
+    request: Request,
+    responder: Responder,
+    *,
+    hijacker: Hijacker,
+    forward: Forward,
+    metrics: PeerMetrics,
+    connect_timeout: float,
+) -> None:
+    """Answer one CONNECT: 400 for a bad target, else intercept it (the requests inside
+    go to `forward`) or tunnel it."""
     try:
         authority = parse_authority(request.target)
     except BadTarget as exc:
@@ -130,19 +140,12 @@ async def handle_connect(proxy: ProxyHandler, request: Request, responder: Respo
     ):
         await responder.send_error(400, "a CONNECT request has no body")
         return
-    daemon = proxy.daemon
-    hijacker = daemon.hijacker
     if hijacker.matches(authority):
-        daemon.metrics.proxy_requests.labels("hijack").inc()
-        await _hijack(proxy, hijacker, authority, request, responder)
+        metrics.proxy_requests.labels("hijack").inc()
+        await _hijack(forward, hijacker, authority, request, responder)
         return
-    daemon.metrics.proxy_requests.labels("tunnel").inc()
-    await tunnel(
-        request,
-        responder,
-        authority,
-        connect_timeout=daemon.config.download.connect_timeout,
-    )
+    metrics.proxy_requests.labels("tunnel").inc()
+    await tunnel(request, responder, authority, connect_timeout=connect_timeout)
 
 
 # ---------------------------------------------------------------- blind tunnels
@@ -241,7 +244,7 @@ async def splice_streams(
 
 
 async def _hijack(
-    proxy: ProxyHandler,
+    forward: Forward,
     hijacker: Hijacker,
     authority: Authority,
     request: Request,
@@ -275,13 +278,13 @@ async def _hijack(
         return
 
     async def inner(inner_request: Request, inner_responder: Responder) -> None:
-        await _serve_inner(proxy, authority, inner_request, inner_responder)
+        await _serve_inner(forward, authority, inner_request, inner_responder)
 
     await serve_connection(tls, inner, idle_timeout=HIJACK_IDLE_TIMEOUT, peer=request.client)
 
 
 async def _serve_inner(
-    proxy: ProxyHandler, authority: Authority, request: Request, responder: Responder
+    forward: Forward, authority: Authority, request: Request, responder: Responder
 ) -> None:
     """One request inside an intercepted tunnel: made absolute, then proxied."""
     target = request.target
@@ -302,7 +305,7 @@ async def _serve_inner(
     elif not _absolute_on(target, authority):
         await responder.send_error(421, f"{target[:200]!r} is not on the tunnel's host {authority}")
         return
-    await proxy.forward(request, responder)
+    await forward(request, responder)
 
 
 def _same_authority(host_header: str, authority: Authority) -> bool:

@@ -8,18 +8,18 @@ Only verified pieces of known tasks are served. Concurrent uploads are capped
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 import trio
 import trio_websocket
 
 from dragonfly.log import get_logger
-from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from dragonfly.net.channel import ANNOUNCE_PATH, Channel, ChannelClosed
+from dragonfly.net.http_server import Request, Responder
+from dragonfly.peer.services import PeerServices
+from dragonfly.peer.serving import serve_common
 from dragonfly.storage import StorageError, TaskState, UnknownTask
-from dragonfly.wire.channel import ANNOUNCE_PATH, Channel, ChannelClosed
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 from dragonfly.wire.http_common import Headers
-from dragonfly.wire.http_server import Request, Responder
 from dragonfly.wire.messages import (
     AnnounceDone,
     Error,
@@ -30,9 +30,6 @@ from dragonfly.wire.messages import (
     Subscribe,
 )
 
-if TYPE_CHECKING:
-    from dragonfly.peer.daemon import PeerDaemon
-
 log = get_logger("dragonfly.peer.upload")
 
 PIECE_PATH = re.compile(r"^/pieces/([A-Za-z0-9._:+-]{1,255})/([0-9]{1,10})$")
@@ -40,24 +37,10 @@ ANNOUNCE_BATCH = 4096
 SEND_CHUNK = 4 << 20
 
 
-async def serve_common(daemon: PeerDaemon, path: str, responder: Responder) -> bool:
-    """/healthy and /metrics, on both of a peer's listeners; True if answered."""
-    if path == "/healthy":
-        if daemon.healthy:
-            await responder.send(200, b"ok\n")
-        else:
-            await responder.send(503, b"starting: not connected to every scheduler yet\n")
-        return True
-    if path == "/metrics":
-        await responder.send(200, daemon.metrics.render(), content_type=METRICS_CONTENT_TYPE)
-        return True
-    return False
-
-
 class UploadHandler:
     """Routes of the upload listener."""
 
-    def __init__(self, daemon: PeerDaemon) -> None:
+    def __init__(self, daemon: PeerServices) -> None:
         self.daemon = daemon
         self.load_limit = trio.CapacityLimiter(daemon.config.upload.concurrent_limit)
         self.queue_limit = daemon.config.upload.queue_limit
@@ -93,7 +76,7 @@ class UploadHandler:
                     # Every upload slot taken and enough requests waiting: say so at once
                     # (the child asks another parent meanwhile) rather than queue it
                     # behind pieces already moving. A held-back piece's first copy is
-                    # never refused: the swarm needs it (dragonfly/peer/announce.py).
+                    # never refused: the swarm needs it (dragonfly/engine/announce.py).
                     daemon.metrics.busy_refusals.inc()
                     await responder.send(
                         503, b"busy: every upload slot is taken\n", headers=[(b"retry-after", b"1")]

@@ -142,9 +142,7 @@ class Bitset:
         """Whether some piece here is missing from ``other`` (a parent useful to a child)."""
         if self._count > other._count:
             return True  # more pieces than the other has: one of them must be new to it
-        return bool(
-            int.from_bytes(self._bits, "little") & ~int.from_bytes(other._bits, "little")
-        )
+        return bool(int.from_bytes(self._bits, "little") & ~int.from_bytes(other._bits, "little"))
 
     def __iter__(self) -> Iterator[int]:
         for idx, byte in enumerate(self._bits):

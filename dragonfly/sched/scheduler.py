@@ -805,8 +805,7 @@ class Scheduler:
         sources = task.sources
         blocked = for_peer.blocklist if for_peer is not None else ()
         return any(
-            p in sources
-            and (for_peer is None or (p.id not in blocked and p.host.connected))
+            p in sources and (for_peer is None or (p.id not in blocked and p.host.connected))
             for p in itertools.chain(task.back_to_source.values(), task.succeeded.values())
         )
 

@@ -38,10 +38,10 @@ from random import Random
 from typing import Any
 
 from dragonfly.config import PeerConfig
+from dragonfly.engine.announce import GIVE_UP_AFTER, REVEAL_AFTER, AnnounceSchedule
+from dragonfly.engine.picker import PiecePicker
 from dragonfly.identity import piece_count as count_pieces
 from dragonfly.identity import piece_length_for, task_id
-from dragonfly.peer.announce import GIVE_UP_AFTER, REVEAL_AFTER, AnnounceSchedule
-from dragonfly.peer.picker import PiecePicker
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
 from dragonfly.sim.bound import fluid_bound, piece_factor
 from dragonfly.sim.engine import INF, Endpoint, EventLoop, Flow, make_network
@@ -504,7 +504,7 @@ class SimNode:
                 parent = self.parents[pid]
                 ep = parent.ep
                 # A held-back piece's first copy waits at the head of the queue: the
-                # swarm needs it (dragonfly/peer/announce.py), as the real upload server.
+                # swarm needs it (dragonfly/engine/announce.py), as the real upload server.
                 first = parent.announce.held_back(number)
                 if (
                     not first

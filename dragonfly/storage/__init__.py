@@ -1,6 +1,6 @@
 """Bytes on disk: sparse task files, piece metadata in SQLite, digests, GC."""
 
-from dragonfly.wire.zerocopy import IncompleteBody, SplicePipe
+from dragonfly.net.zerocopy import IncompleteBody, SplicePipe
 
 from .errors import (
     DigestMismatch,

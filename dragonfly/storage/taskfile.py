@@ -18,7 +18,7 @@ from types import TracebackType
 
 import trio
 
-from dragonfly.wire.zerocopy import IncompleteBody, SplicePipe, pwrite_all, splice_to_file
+from dragonfly.net.zerocopy import IncompleteBody, SplicePipe, pwrite_all, splice_to_file
 
 __all__ = [
     "IncompleteBody",

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dragonfly.wire.tls import CAFiles, make_ca, make_leaf
+from dragonfly.net.tls import CAFiles, make_ca, make_leaf
 
 
 @dataclass(frozen=True)

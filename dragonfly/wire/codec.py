@@ -857,8 +857,3 @@ def decode(frame: bytes | bytearray | memoryview, max_frame: int = MAX_FRAME) ->
         raise ProtocolError(f"{cls.__name__}{path}: {e.detail}", ref=tag) from None
     except Exception as e:  # a dataclass __post_init__ refusing the value, say
         raise ProtocolError(f"{cls.__name__}: {e}", ref=tag) from e
-
-
-# The message classes register themselves with this module; importing them here
-# means ``decode`` knows every type even if the caller only imported the codec.
-from dragonfly.wire import messages as _messages  # noqa: E402, F401

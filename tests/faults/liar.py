@@ -9,9 +9,9 @@ import os
 
 import trio
 
-from dragonfly.wire.channel import Channel, connect
+from dragonfly.net.channel import Channel, connect
+from dragonfly.net.http_server import Request, Responder, bound_port, serve
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
-from dragonfly.wire.http_server import Request, Responder, bound_port, serve
 from dragonfly.wire.messages import (
     AnnounceDone,
     CandidateParents,

@@ -15,10 +15,7 @@ import trio
 import trio.testing
 
 from dragonfly.config import PeerConfig, load_config
-from dragonfly.peer.daemon import PeerDaemon
-from dragonfly.peer.tunnel import BadTarget, parse_authority, splice_streams
-from dragonfly.testing.certs import make_pki
-from dragonfly.wire.http_server import (
+from dragonfly.net.http_server import (
     Request,
     Responder,
     bound_port,
@@ -26,7 +23,10 @@ from dragonfly.wire.http_server import (
     serve,
     serve_connection,
 )
-from dragonfly.wire.tls import make_ca
+from dragonfly.net.tls import make_ca
+from dragonfly.nursery.peer import PeerDaemon
+from dragonfly.peer.tunnel import BadTarget, parse_authority, splice_streams
+from dragonfly.testing.certs import make_pki
 
 
 @pytest.fixture

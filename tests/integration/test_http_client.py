@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from dragonfly.testing.nginx import Nginx
-from dragonfly.wire.http_client import (
+from dragonfly.net.http_client import (
     BadResponse,
     BodyIncomplete,
     ConnectError,
@@ -25,6 +24,7 @@ from dragonfly.wire.http_client import (
     HTTPTimeout,
     TooManyRedirects,
 )
+from dragonfly.testing.nginx import Nginx
 from tests.conftest import Origin
 
 pytestmark = pytest.mark.nginx

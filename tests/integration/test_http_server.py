@@ -15,9 +15,9 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from dragonfly.wire import http_server
-from dragonfly.wire.http_client import HTTPClient
-from dragonfly.wire.http_server import (
+from dragonfly.net import http_server
+from dragonfly.net.http_client import HTTPClient
+from dragonfly.net.http_server import (
     ClientGone,
     Handler,
     Request,

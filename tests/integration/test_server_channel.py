@@ -11,15 +11,15 @@ import pytest
 import trio
 import trio_websocket
 
-from dragonfly.wire.channel import (
+from dragonfly.net.channel import (
     ChannelClosed,
     Flusher,
     ServerChannel,
     accept_websocket,
     websocket_accept_key,
 )
+from dragonfly.net.http_server import Request, Responder, bound_port, serve
 from dragonfly.wire.codec import decode, encode
-from dragonfly.wire.http_server import Request, Responder, bound_port, serve
 from dragonfly.wire.messages import Error, Hello, PieceDigest, PieceDigests, Ping, Pong
 
 HELLO = Hello(version=1, min_version=1, role="scheduler")

@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 
 from dragonfly.cluster import Cluster
+from dragonfly.net.tls import make_ca
 from dragonfly.testing.certs import ca_bundle, hijack_options, make_pki
 from dragonfly.testing.nginx import Nginx
-from dragonfly.wire.tls import make_ca
 from tests.p2p_support import MiB, metric, random_file
 
 pytestmark = [pytest.mark.nginx, pytest.mark.slow]

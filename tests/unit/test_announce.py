@@ -1,4 +1,4 @@
-"""The announcement schedule of a parent (dragonfly/peer/announce.py)."""
+"""The announcement schedule of a parent (dragonfly/engine/announce.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import defaultdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dragonfly.peer.announce import AnnounceSchedule
+from dragonfly.engine.announce import AnnounceSchedule
 
 
 def told(out: list[tuple[str, list[int]]]) -> dict[str, list[int]]:
@@ -97,7 +97,9 @@ def test_known_pieces_are_revealed_silently() -> None:
 def test_every_child_hears_of_every_piece_exactly_once(ops: list, stagger: bool) -> None:
     """Whatever happens, after reveal_all every child still subscribed has been told of
     every landed piece exactly once, and never of a piece that did not land."""
-    s: AnnounceSchedule[str] = AnnounceSchedule(stagger=stagger, reveal_after=1.0, give_up_after=3.0)
+    s: AnnounceSchedule[str] = AnnounceSchedule(
+        stagger=stagger, reveal_after=1.0, give_up_after=3.0
+    )
     heard: dict[str, list[int]] = {}
     landed: set[int] = set()
     now = 0.0

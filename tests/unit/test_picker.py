@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from dragonfly.peer.picker import PiecePicker
+from dragonfly.engine.picker import PiecePicker
 
 
 def make(n: int, parents: dict[str, Iterable[int]] | None = None, **kwargs: object) -> PiecePicker:

@@ -13,7 +13,7 @@ import trio
 from dragonfly.ca import instructions
 from dragonfly.cli import main
 from dragonfly.config import ConfigError, DownloadSection, HijackHTTPSSection, load_config
-from dragonfly.wire.tls import (
+from dragonfly.net.tls import (
     CAFiles,
     LeafCache,
     TLSError,

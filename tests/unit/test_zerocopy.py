@@ -8,8 +8,8 @@ from pathlib import Path
 
 import trio
 
-from dragonfly.wire import zerocopy
-from dragonfly.wire.zerocopy import IncompleteBody, SplicePipe, splice_to_file
+from dragonfly.net import zerocopy
+from dragonfly.net.zerocopy import IncompleteBody, SplicePipe, splice_to_file
 
 
 async def test_splice_exact_bytes_at_offset(tmp_path: Path) -> None:

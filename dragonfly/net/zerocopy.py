@@ -239,9 +239,7 @@ def _splice_blocking(
                         f"connection broken after {moved} of {count} bytes: {exc}", moved
                     ) from exc
                 if n == 0:
-                    raise IncompleteBody(
-                        f"connection closed after {moved} of {count} bytes", moved
-                    )
+                    raise IncompleteBody(f"connection closed after {moved} of {count} bytes", moved)
                 pipe.buffered = n
                 idle_since = time.monotonic()
             # The file side never blocks; SPLICE_F_NONBLOCK only concerns the pipe.

@@ -24,8 +24,8 @@ from urllib.parse import urljoin, urlsplit
 import h11
 import trio
 
+from dragonfly.net.zerocopy import IncompleteBody, SplicePipe, pwrite_all, splice_to_file
 from dragonfly.wire.http_common import Headers, parse_content_length
-from dragonfly.wire.zerocopy import IncompleteBody, SplicePipe, pwrite_all, splice_to_file
 
 RECEIVE_SIZE = 256 * 1024
 MAX_HEADER_BYTES = 64 * 1024

@@ -28,7 +28,7 @@ from dragonfly.wire.codec import MAX_FRAME, Message, ProtocolError, decode, enco
 from dragonfly.wire.messages import Error, ErrorCode, Hello, check_version
 
 if TYPE_CHECKING:
-    from dragonfly.wire.http_server import Request, Responder
+    from dragonfly.net.http_server import Request, Responder
 
 log = get_logger("dragonfly.channel")
 

@@ -38,13 +38,13 @@ import trio
 import trio_websocket
 
 from dragonfly.log import get_logger
+from dragonfly.net.zerocopy import sendfile_all
 from dragonfly.wire.http_common import (
     ByteRange,
     Headers,
     RangeNotSatisfiable,
     parse_range,
 )
-from dragonfly.wire.zerocopy import sendfile_all
 
 log = get_logger("dragonfly.http.server")
 

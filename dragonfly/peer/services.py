@@ -1,0 +1,23 @@
+"""What the peer's listeners (proxy, registry mirror, upload server) use of their
+daemon. The daemon (dragonfly/nursery/peer.py) provides it; the listeners never
+import the daemon or each other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from dragonfly.peer.download import DownloadServices
+from dragonfly.peer.tasks import TaskManager
+from dragonfly.peer.tunnel import Hijacker
+from dragonfly.ratelimit import RateLimiter
+
+
+class PeerServices(DownloadServices, Protocol):
+    data_dir: Path
+    tasks: TaskManager
+    hijacker: Hijacker
+    upload_limiter: RateLimiter | None
+
+    @property
+    def healthy(self) -> bool: ...
