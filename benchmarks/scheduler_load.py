@@ -58,6 +58,7 @@ from dragonfly.wire.messages import (
     PiecesFinished,
     RegisterPeer,
     TaskMetadata,
+    TaskSpec,
 )
 
 PIECE_LENGTH = 4 << 20
@@ -76,6 +77,10 @@ class SimTask:
     piece_length: int
     piece_count: int
     digests: tuple[bytes, ...]
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TaskSpec(url=self.url)
 
 
 def make_tasks(count: int, pieces: int, piece_length: int = PIECE_LENGTH) -> list[SimTask]:
@@ -417,7 +422,7 @@ class Worker:
     def register(self, h: SimHost, task: SimTask, now: float) -> None:
         self.seq += 1
         peer_id = f"{h.info.host_id}-{'seed' if h.seed else 'peer'}-{self.seq}"
-        self._send(h, RegisterPeer(peer_id=peer_id, task_id=task.task_id, url=task.url))
+        self._send(h, RegisterPeer(peer_id=peer_id, task_id=task.task_id, task=task.spec))
         self.pending[peer_id] = Pending(h, task, now)
         self.counts.add("registrations")
         if h.seed:

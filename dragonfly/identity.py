@@ -23,6 +23,11 @@ GiB = 1024 * MiB
 MIN_PIECE_LENGTH = 4 * MiB
 MAX_PIECE_LENGTH = 64 * MiB
 TARGET_PIECE_COUNT = 500
+# An explicit piece length (a task that names one) is a power of two in this range:
+# one byte per piece would make the origin serve one request and the store write one
+# row per byte.
+MIN_EXPLICIT_PIECE_LENGTH = 1 * MiB
+MAX_EXPLICIT_PIECE_LENGTH = MAX_PIECE_LENGTH
 
 # Query parameters of signed URLs: they differ per request for the same object.
 # A trailing "*" is a prefix match; matching is case-insensitive.
@@ -163,15 +168,27 @@ def next_power_of_two(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def check_piece_length(piece_length: int) -> int:
+    """An explicit piece length: a power of two in [1 MiB, 64 MiB], else IdentityError."""
+    if (
+        not MIN_EXPLICIT_PIECE_LENGTH <= piece_length <= MAX_EXPLICIT_PIECE_LENGTH
+        or piece_length & (piece_length - 1)
+    ):
+        raise IdentityError(
+            f"piece length must be a power of two from {MIN_EXPLICIT_PIECE_LENGTH} to "
+            f"{MAX_EXPLICIT_PIECE_LENGTH} bytes, got {piece_length}"
+        )
+    return piece_length
+
+
 def piece_length_for(content_length: int, explicit: int | None = None) -> int:
-    """Piece length: next_power_of_two(content_length / 500) in [4 MiB, 64 MiB].
+    """The one rule for a task's piece length: an explicit one (checked), else
+    next_power_of_two(content_length / 500) in [4 MiB, 64 MiB].
 
     An unknown length (negative) gets the minimum: the file is cut as it streams.
     """
     if explicit is not None:
-        if explicit <= 0:
-            raise IdentityError(f"piece length must be positive, got {explicit}")
-        return explicit
+        return check_piece_length(explicit)
     if content_length <= 0:
         return MIN_PIECE_LENGTH
     wanted = next_power_of_two(-(-content_length // TARGET_PIECE_COUNT))
@@ -191,3 +208,69 @@ def piece_range(number: int, content_length: int, piece_length: int) -> tuple[in
     if number < 0 or offset >= content_length:
         raise IdentityError(f"piece {number} is outside a file of {content_length} bytes")
     return offset, min(piece_length, content_length - offset)
+
+
+@dataclass(frozen=True, slots=True)
+class PieceLayout:
+    """How a file of known length is cut into pieces: every piece is ``piece_length``
+    bytes but the last, which holds the rest."""
+
+    content_length: int
+    piece_length: int
+
+    def __post_init__(self) -> None:
+        if self.content_length < 0 or self.piece_length <= 0:
+            raise IdentityError(
+                f"no layout for {self.content_length} bytes in {self.piece_length}-byte pieces"
+            )
+
+    @property
+    def piece_count(self) -> int:
+        return -(-self.content_length // self.piece_length)
+
+    def offset(self, number: int) -> int:
+        return number * self.piece_length
+
+    def length(self, number: int) -> int:
+        """Bytes in piece `number` (which must exist)."""
+        return piece_range(number, self.content_length, self.piece_length)[1]
+
+    def pieces_of(self, start: int, end: int) -> range:
+        """The pieces holding bytes [start, end] (inclusive), clipped to the file."""
+        last = min(end, self.content_length - 1)
+        if start > last:
+            return range(0)
+        return range(start // self.piece_length, last // self.piece_length + 1)
+
+
+def spec_task_id(
+    url: str,
+    *,
+    tag: str = "",
+    application: str = "",
+    filtered_query_params: Sequence[str] = (),
+    piece_length: int | None = None,
+    digest: str = "",
+    scope: str = "",
+) -> str:
+    """The ID of a task made of these fields (see wire.messages.TaskSpec)."""
+    if piece_length is not None:
+        check_piece_length(piece_length)
+    if digest:
+        return blob_task_id(digest)
+    return task_id(
+        url,
+        tag=f"{tag}\0credentials:{scope}" if scope else tag,
+        application=application,
+        piece_length=piece_length,
+        filtered_query_params=filtered_query_params,
+    )
+
+
+def credential_scope(headers: dict[str, str]) -> str:
+    """The scope of a download made with someone's credentials (Authorization, Cookie),
+    "" when it carries none."""
+    credentials = headers.get("authorization", "") + "\0" + headers.get("cookie", "")
+    if credentials == "\0":
+        return ""
+    return hashlib.sha256(credentials.encode()).hexdigest()[:32]

@@ -12,6 +12,7 @@ from pathlib import Path
 import trio
 
 from dragonfly.config import PeerConfig, data_dir, resolved_hostname
+from dragonfly.identity import IdentityError
 from dragonfly.log import get_logger
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.http_client import HTTPClient
@@ -147,20 +148,17 @@ class PeerDaemon:
 
     async def _on_trigger(self, msg: TriggerDownload) -> None:
         """A scheduler asks this seed peer to fetch a task from the origin first."""
-        log.info("triggered", task_id=msg.task_id, url=msg.url)
-        self.tasks.open(
-            DownloadRequest(
-                task_id=msg.task_id,
-                url=msg.url,
-                tag=msg.tag,
-                application=msg.application,
-                headers=dict(msg.headers),
-                filtered_query_params=list(msg.filtered_query_params),
-                piece_length=msg.piece_length,
-                digest=msg.digest,
-                seed_trigger=True,
-            )
-        )
+        try:
+            request = DownloadRequest(msg.task, dict(msg.headers), seed_trigger=True)
+        except IdentityError as exc:
+            log.warning("trigger refused", task_id=msg.task_id, error=str(exc))
+            return
+        if request.task_id != msg.task_id:
+            # The ID is what the fields make, never what a sender says it is.
+            log.warning("trigger refused: task ID is not its fields'", task_id=msg.task_id)
+            return
+        log.info("triggered", task_id=msg.task_id, url=msg.task.url)
+        self.tasks.open(request)
 
 
 def _with_proxy_port(host: HostInfo, port: int) -> HostInfo:

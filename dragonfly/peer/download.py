@@ -24,9 +24,8 @@ from dragonfly.config import PeerConfig
 from dragonfly.engine.announce import AnnounceSchedule
 from dragonfly.engine.picker import PiecePicker
 from dragonfly.errors import find_exception
+from dragonfly.identity import credential_scope, piece_length_for
 from dragonfly.identity import piece_count as count_pieces
-from dragonfly.identity import piece_length_for
-from dragonfly.identity import task_id as compute_task_id
 from dragonfly.log import bound, get_logger
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.channel import ANNOUNCE_PATH, ChannelClosed, connect
@@ -70,6 +69,7 @@ from dragonfly.wire.messages import (
     Subscribe,
     TaskFailed,
     TaskMetadata,
+    TaskSpec,
 )
 
 log = get_logger("dragonfly.peer.download")
@@ -114,23 +114,20 @@ class DownloadFailed(Exception):
 
 @dataclass
 class DownloadRequest:
-    """What a client asked for; the task ID was computed from these."""
+    """What a client asked for: the task (whose ID is computed from it) and how."""
 
-    task_id: str
-    url: str
-    tag: str = ""
-    application: str = ""
+    spec: TaskSpec
     headers: dict[str, str] = field(default_factory=dict)
-    filtered_query_params: list[str] = field(default_factory=list)
-    piece_length: int | None = None
     back_to_source: bool = True
-    # "sha256:HEX" of the whole file (an OCI blob): checked before the task completes.
-    digest: str = ""
     # A seed peer answering a trigger: it is the origin's first reader.
     seed_trigger: bool = False
     # False: only the byte ranges given through `Download.want_range` (a Range request
     # with proxy.prefetch off); the rest of the task is left for later.
     whole: bool = True
+    task_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.task_id = self.spec.task_id  # IdentityError for a spec that makes none
 
     @classmethod
     def for_url(
@@ -144,28 +141,19 @@ class DownloadRequest:
         back_to_source: bool = True,
         shared_credentials: bool = False,
     ) -> DownloadRequest:
-        """The request and its task ID. A download made with someone's credentials
+        """The request and its task. A download made with someone's credentials
         (Authorization, Cookie) is theirs unless a rule says the origin is asked first
-        (`shared_credentials`): its task ID is scoped to those credentials, so nobody
+        (`shared_credentials`): its task is scoped to those credentials, so nobody
         else is ever served it from P2P."""
         headers = headers or {}
-        filtered = filtered_query_params or []
-        id_tag = tag
-        credentials = headers.get("authorization", "") + "\0" + headers.get("cookie", "")
-        if credentials != "\0" and not shared_credentials:
-            scope = hashlib.sha256(credentials.encode()).hexdigest()[:32]
-            id_tag = f"{tag}\0credentials:{scope}"
-        return cls(
-            task_id=compute_task_id(
-                url, tag=id_tag, application=application, filtered_query_params=filtered
-            ),
+        spec = TaskSpec(
             url=url,
             tag=tag,
             application=application,
-            headers=headers,
-            filtered_query_params=filtered,
-            back_to_source=back_to_source,
+            filtered_query_params=list(filtered_query_params or []),
+            scope="" if shared_credentials else credential_scope(headers),
         )
+        return cls(spec, headers, back_to_source=back_to_source)
 
 
 @dataclass
@@ -491,7 +479,7 @@ class Download:
         """A complete task serves a request that names a whole-file digest only if it was
         checked against that digest: if it was completed without one, it is hashed now
         (and failed and removed on a mismatch, so the download starts over)."""
-        wanted = self.request.digest
+        wanted = self.request.spec.digest
         if not wanted or recorded_digest == wanted:
             return True
         try:
@@ -522,14 +510,9 @@ class Download:
             RegisterPeer(
                 peer_id=self.peer_id,
                 task_id=self.task_id,
-                url=req.url,
-                tag=req.tag,
-                application=req.application,
-                filtered_query_params=req.filtered_query_params,
+                task=req.spec,
                 headers=req.headers,
-                piece_length=req.piece_length,
                 need_back_to_source=req.seed_trigger,
-                digest=req.digest,
             )
         )
         async with trio.open_nursery() as nursery:
@@ -599,7 +582,7 @@ class Download:
             # named by its digest: the origin serves other bytes under that name. The
             # scheduler fails the task for all (when this peer was its source).
             failure = DownloadFailed(
-                f"the origin's bytes are not {self.request.digest or 'the expected file'}: "
+                f"the origin's bytes are not {self.request.spec.digest or 'the expected file'}: "
                 f"they hash to {exc.actual}",
                 502,
             )
@@ -682,14 +665,14 @@ class Download:
         self.etag, self.last_modified, self.content_type = etag, last_modified, content_type
         self.handle = await self.daemon.store.open_task(
             self.task_id,
-            url=self.request.url,
-            tag=self.request.tag,
-            application=self.request.application,
+            url=self.request.spec.url,
+            tag=self.request.spec.tag,
+            application=self.request.spec.application,
             content_length=content_length,
             piece_length=piece_length,
             etag=etag,
             last_modified=last_modified,
-            digest=self.request.digest or None,
+            digest=self.request.spec.digest or None,
         )
         self._pieces = self.handle.pieces
         for p in self.handle.pieces.values():
@@ -1056,7 +1039,7 @@ class Download:
         if not (self.metadata_ready.is_set() and self._all_pieces_had):
             fetcher = OriginFetcher(
                 self.daemon.origin_client,
-                req.url,
+                req.spec.url,
                 req.headers,
                 limiter=self.daemon.source_limiter,
                 concurrency=cfg.origin_concurrency,
@@ -1074,13 +1057,13 @@ class Download:
                 )
             piece_length = (
                 (msg.piece_length if msg is not None else None)
-                or req.piece_length
+                or req.spec.piece_length
                 or self.piece_length
                 or piece_length_for(info.content_length)
             )
             # A blob's digest names its bytes: the origin's validators add nothing, and
             # two registries (or a storage redirect) give the same blob different ones.
-            etag, last_modified = ("", "") if req.digest else (info.etag, info.last_modified)
+            etag, last_modified = ("", "") if req.spec.digest else (info.etag, info.last_modified)
             await self._set_layout(
                 info.content_length, piece_length, etag, last_modified, info.content_type
             )

@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from dragonfly.identity import blob_task_id
 from dragonfly.log import get_logger
 from dragonfly.net.http_client import HTTPClientError
 from dragonfly.net.http_server import Request, Responder
@@ -34,6 +33,7 @@ from dragonfly.peer.services import PeerServices
 from dragonfly.peer.serving import origin_headers, relay, stream_download
 from dragonfly.peer.source import origin_request_headers
 from dragonfly.wire.http_common import Headers
+from dragonfly.wire.messages import TaskSpec
 from dragonfly.wire.oci import (
     MirrorError,
     ReadGrants,
@@ -103,10 +103,7 @@ class RegistryMirror:
                 await self._registry_answer(request, responder, url)
                 return
         download_request = DownloadRequest(
-            task_id=blob_task_id(digest),
-            url=url,
-            headers=origin_headers(request.headers),
-            digest=digest,
+            TaskSpec(url=url, digest=digest), origin_headers(request.headers)
         )
         download = self.daemon.tasks.open(download_request)
         with download.attached():

@@ -158,7 +158,7 @@ async def stream_download(
     if byte_range is not None:
         headers.set(b"content-range", byte_range.content_range().encode())
     local = download.finished.is_set() and download.bytes_p2p == 0 and download.bytes_source == 0
-    if total == 0 and download.request.digest:
+    if total == 0 and download.request.spec.digest:
         await download.wait_finished()  # an empty "blob" is checked too, before the 200
     await responder.start(206 if byte_range is not None else 200, headers)
     if request.method == "HEAD" or total == 0:
@@ -172,7 +172,7 @@ async def stream_download(
         while position <= end:
             number = position // piece_length
             await download.wait_piece(number)
-            if number == last_piece and download.request.digest:
+            if number == last_piece and download.request.spec.digest:
                 await download.wait_finished()
             piece_end = min(end, (number + 1) * piece_length - 1)
             await responder.sendfile(fd, position, piece_end - position + 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 
-from dragonfly.wire.messages import HostInfo, ParentInfo, PieceDigest, RegisterPeer
+from dragonfly.wire.messages import HostInfo, ParentInfo, PieceDigest, RegisterPeer, TaskSpec
 
 __all__ = [
     "MAX_TRACKED_PIECES",
@@ -244,7 +244,6 @@ class Task:
     """One download (one task ID) with everything known about its content and peers."""
 
     __slots__ = (
-        "application",
         "back_to_source",
         "content_length",
         "content_type",
@@ -255,7 +254,6 @@ class Task:
         "downloading",
         "empty_since",
         "etag",
-        "filtered_query_params",
         "generation",
         "headers",
         "hungry",
@@ -268,35 +266,26 @@ class Task:
         "seed_failures",
         "seed_host",
         "sources",
+        "spec",
         "state",
         "succeeded",
-        "tag",
         "triggered_at",
-        "url",
         "waiting",
     )
 
     def __init__(
         self,
         task_id: str,
-        url: str,
+        spec: TaskSpec,
         now: float,
         *,
-        tag: str = "",
-        application: str = "",
         headers: dict[str, str] | None = None,
-        filtered_query_params: list[str] | None = None,
-        piece_length: int | None = None,
-        digest: str = "",
     ) -> None:
         self.id = task_id
-        self.digest = digest  # the whole file's, when the registration knew it
-        self.url = url
-        self.tag = tag
-        self.application = application
+        self.spec = spec  # what the task is made of (its ID was checked against it)
+        self.digest = spec.digest  # the whole file's, when the registration knew it
         self.headers = dict(headers or {})
-        self.filtered_query_params = list(filtered_query_params or [])
-        self.piece_length = piece_length  # the registration's explicit one until metadata
+        self.piece_length = spec.piece_length  # the explicit one until metadata
         self.created_at = now
         self.state = TaskState.PENDING
         self.peers: dict[str, Peer] = {}
@@ -309,17 +298,7 @@ class Task:
 
     @classmethod
     def from_register(cls, msg: RegisterPeer, now: float) -> Task:
-        return cls(
-            msg.task_id,
-            msg.url,
-            now,
-            tag=msg.tag,
-            application=msg.application,
-            headers=msg.headers,
-            filtered_query_params=msg.filtered_query_params,
-            piece_length=msg.piece_length,
-            digest=msg.digest,
-        )
+        return cls(msg.task_id, msg.task, now, headers=msg.headers)
 
     def _reset_content(self) -> None:
         self.metadata_known = False
@@ -338,12 +317,15 @@ class Task:
         self.downloading: dict[str, Peer] = {}  # RUNNING and told their parents
         self.hungry: dict[str, Peer] = {}  # RUNNING with fewer parents than the limit
 
-    def restart(self, registration_piece_length: int | None) -> None:
+    def restart(self, registration: RegisterPeer) -> None:
         """FAILED → PENDING: forget what the failed attempt learned; older peers stay
-        registered but belong to the previous generation and never serve this one."""
+        registered but belong to the previous generation and never serve this one. A new
+        try goes to this registrant's origin, with its headers (the first registrant's may
+        be why it failed: an expired token, another registry)."""
         self.transition(TaskState.PENDING)
         self.generation += 1
-        self.piece_length = registration_piece_length
+        self.spec, self.headers = registration.task, dict(registration.headers)
+        self.piece_length = self.spec.piece_length
         self.seed_failures.clear()
         self._reset_content()
 

@@ -36,6 +36,7 @@ from random import Random
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from dragonfly.identity import IdentityError
 from dragonfly.sched.evaluator import Evaluator
 from dragonfly.sched.resources import (
     MAX_TRACKED_PIECES,
@@ -271,6 +272,23 @@ class Scheduler:
     # ------------------------------------------------------------------ message handlers
 
     def _on_register(self, host: Host, msg: RegisterPeer, now: float, out: list[Send]) -> None:
+        try:
+            made = msg.task.task_id
+        except IdentityError as exc:
+            self._error(out, host.id, ErrorCode.PROTOCOL, f"bad task: {exc}", msg)
+            return
+        if made != msg.task_id:
+            # The ID is what the fields make: believing the sender's would let anyone
+            # put one URL's bytes under another URL's ID.
+            self.counters.bad_reports += 1
+            self._error(
+                out,
+                host.id,
+                ErrorCode.PROTOCOL,
+                f"task ID {msg.task_id!r} is not the ID of its fields ({made})",
+                msg,
+            )
+            return
         existing = self._peers.get(msg.peer_id)
         if existing is not None:
             if existing.host is not host or existing.task.id != msg.task_id:
@@ -290,10 +308,7 @@ class Scheduler:
             first = True
         elif task.state is TaskState.FAILED:
             self._clear_trigger(task)
-            task.restart(msg.piece_length)
-            # A new try goes to this registrant's origin, with its headers (the first
-            # registrant's may be why it failed: an expired token, another registry).
-            task.url, task.headers = msg.url, dict(msg.headers)
+            task.restart(msg)
             first = True
         peer = Peer(msg.peer_id, host, task, now)
         task.peers[peer.id] = peer
@@ -852,16 +867,7 @@ class Scheduler:
         out.append(
             Send(
                 seed.id,
-                TriggerDownload(
-                    task_id=task.id,
-                    url=task.url,
-                    tag=task.tag,
-                    application=task.application,
-                    filtered_query_params=list(task.filtered_query_params),
-                    headers=dict(task.headers),
-                    piece_length=task.piece_length,
-                    digest=task.digest,
-                ),
+                TriggerDownload(task_id=task.id, task=task.spec, headers=dict(task.headers)),
             )
         )
 

@@ -40,8 +40,8 @@ from typing import Any
 from dragonfly.config import PeerConfig
 from dragonfly.engine.announce import GIVE_UP_AFTER, REVEAL_AFTER, AnnounceSchedule
 from dragonfly.engine.picker import PiecePicker
+from dragonfly.identity import IdentityError, check_piece_length, piece_length_for
 from dragonfly.identity import piece_count as count_pieces
-from dragonfly.identity import piece_length_for, task_id
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
 from dragonfly.sim.bound import fluid_bound, piece_factor
 from dragonfly.sim.engine import INF, Endpoint, EventLoop, Flow, make_network
@@ -61,6 +61,7 @@ from dragonfly.wire.messages import (
     Reschedule,
     TaskFailed,
     TaskMetadata,
+    TaskSpec,
     TriggerDownload,
 )
 
@@ -324,9 +325,9 @@ class SimNode:
         sw = self.sw
         self.arrived = sw.loop.now
         sw.scheduler.host_connected(self.info, sw.loop.now)
-        self.register(need_back_to_source=False, piece_length=sw.cfg.piece_size)
+        self.register(need_back_to_source=False)
 
-    def register(self, *, need_back_to_source: bool, piece_length: int | None) -> None:
+    def register(self, *, need_back_to_source: bool) -> None:
         self.registered = True
         sw = self.sw
         sw.to_scheduler(
@@ -334,8 +335,7 @@ class SimNode:
             RegisterPeer(
                 peer_id=self.peer_id,
                 task_id=sw.task_id,
-                url=URL,
-                piece_length=piece_length,
+                task=sw.spec,
                 need_back_to_source=need_back_to_source,
             ),
         )
@@ -357,7 +357,7 @@ class SimNode:
             assert isinstance(msg, TriggerDownload)
             if not self.registered:  # (a repeated trigger of a started task is moot)
                 self.arrived = self.sw.loop.now
-                self.register(need_back_to_source=True, piece_length=msg.piece_length)
+                self.register(need_back_to_source=True)
         elif kind is TaskFailed:
             assert isinstance(msg, TaskFailed)
             self._fail(f"TaskFailed: {msg.reason}")
@@ -776,7 +776,15 @@ class Swarm:
         self.net = make_network(self.loop, download_caps=cfg.peer_down is not None)
         self.scheduler = Scheduler(cfg.settings, seed=cfg.seed)
         self.rng = Random(cfg.seed)
-        self.task_id = task_id(URL, piece_length=cfg.piece_size)
+        # The piece size goes in the task when it is one a task may name; else the
+        # seed's TaskMetadata sets it (the scheduler takes the reporter's layout).
+        explicit = cfg.piece_size
+        try:
+            check_piece_length(explicit)
+        except IdentityError:
+            explicit = None
+        self.spec = TaskSpec(url=URL, piece_length=explicit)
+        self.task_id = self.spec.task_id
         # Deterministic stand-ins for the origin's piece digests.
         self.digests = [hashlib.sha256(n.to_bytes(8, "big")).digest() for n in range(self.k)]
         self._last_len = cfg.size - (self.k - 1) * cfg.piece_size

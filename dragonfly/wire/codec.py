@@ -51,8 +51,9 @@ __all__ = [
     "reused",
 ]
 
-PROTOCOL_VERSION = 1
-MIN_PROTOCOL_VERSION = 1
+# 2: RegisterPeer and TriggerDownload carry the task as one TaskSpec record.
+PROTOCOL_VERSION = 2
+MIN_PROTOCOL_VERSION = 2
 MAX_FRAME = 1 << 20
 MAX_DEPTH = 8
 

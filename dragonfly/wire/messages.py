@@ -12,6 +12,11 @@ so older peers, which ignore unknown keys, keep working.
 
 from dataclasses import dataclass, field
 
+from dragonfly.identity import (
+    MAX_EXPLICIT_PIECE_LENGTH,
+    MIN_EXPLICIT_PIECE_LENGTH,
+    spec_task_id,
+)
 from dragonfly.wire.codec import (
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
@@ -51,6 +56,7 @@ __all__ = [
     "Subscribe",
     "TaskFailed",
     "TaskMetadata",
+    "TaskSpec",
     "TriggerDownload",
     "check_version",
 ]
@@ -117,6 +123,44 @@ class HostInfo:
     seed: bool = False
     upload_limit: int = limits(default=50, min=0, max=2**16)  # concurrent uploads, 0 = none
     upload_rate: int = limits(default=0, min=0, max=2**50)  # bytes/s, 0 = unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """What a task is made of. Its ID is computed from these fields and nothing else, so
+    whoever receives an ID with its spec recomputes it (`task_id`) and never takes the
+    sender's word for it. Carried as is by RegisterPeer and TriggerDownload.
+
+    ``digest`` ("sha256:HEX") names an OCI blob: the ID is the digest itself, so one
+    layer from two registries is one task, and the URL is only where to fetch it.
+    ``scope`` ties a task to one client's credentials (a hash of them): nobody else's
+    request ever maps to that task.
+    """
+
+    url: str = limits(min_len=1, max_len=URL_MAX)
+    tag: str = limits(default="", max_len=1024)
+    application: str = limits(default="", max_len=1024)
+    filtered_query_params: list[str] = field(
+        default_factory=list, metadata=dict(max_items=256, max_len=256)
+    )
+    piece_length: int | None = limits(
+        default=None, min=MIN_EXPLICIT_PIECE_LENGTH, max=MAX_EXPLICIT_PIECE_LENGTH
+    )
+    digest: str = limits(default="", max_len=DIGEST_MAX)
+    scope: str = limits(default="", max_len=64)
+
+    @property
+    def task_id(self) -> str:
+        """The ID these fields make (IdentityError if they cannot make one)."""
+        return spec_task_id(
+            self.url,
+            tag=self.tag,
+            application=self.application,
+            filtered_query_params=self.filtered_query_params,
+            piece_length=self.piece_length,
+            digest=self.digest,
+            scope=self.scope,
+        )
 
 
 @reused  # the scheduler keeps one per peer and sends it to each of the peer's children
@@ -243,24 +287,17 @@ class Pong(Message):
 @dataclass(frozen=True, slots=True)
 class RegisterPeer(Message):
     """Peer → scheduler: this peer starts downloading a task; answered by CandidateParents,
-    NeedBackToSource or TaskFailed.  The fields are what the task ID was computed from."""
+    NeedBackToSource or TaskFailed. ``task_id`` must be the ID ``task`` makes."""
 
     peer_id: str = _id()
     task_id: str = _id()
-    url: str = limits(min_len=1, max_len=URL_MAX)
-    tag: str = limits(default="", max_len=1024)
-    application: str = limits(default="", max_len=1024)
-    filtered_query_params: list[str] = field(
-        default_factory=list, metadata=dict(max_items=256, max_len=256)
-    )
+    task: TaskSpec
+    # Request headers the origin must see (credentials where a rule shares them).
     headers: dict[str, str] = field(
         default_factory=dict, metadata=dict(max_items=256, max_len=URL_MAX)
     )
-    piece_length: int | None = limits(default=None, min=1, max=PIECE_LENGTH_MAX)
     content_length: int | None = limits(default=None, min=0, max=OFFSET_MAX)
     need_back_to_source: bool = False
-    # "sha256:HEX" the whole file must hash to (an OCI blob), "" if unknown.
-    digest: str = limits(default="", max_len=DIGEST_MAX)
 
 
 @message("task_metadata")
@@ -413,17 +450,10 @@ class TriggerDownload(Message):
     peer then registers as a peer of the task like any other)."""
 
     task_id: str = _id()
-    url: str = limits(min_len=1, max_len=URL_MAX)
-    tag: str = limits(default="", max_len=1024)
-    application: str = limits(default="", max_len=1024)
-    filtered_query_params: list[str] = field(
-        default_factory=list, metadata=dict(max_items=256, max_len=256)
-    )
+    task: TaskSpec
     headers: dict[str, str] = field(
         default_factory=dict, metadata=dict(max_items=256, max_len=URL_MAX)
     )
-    piece_length: int | None = limits(default=None, min=1, max=PIECE_LENGTH_MAX)
-    digest: str = limits(default="", max_len=DIGEST_MAX)
 
 
 @message("task_failed")

@@ -24,6 +24,7 @@ from dragonfly.wire.messages import (
     PiecesFinished,
     RegisterPeer,
     Subscribe,
+    TaskSpec,
 )
 
 
@@ -95,7 +96,9 @@ class Liar:
 
     async def _register(self, channel: Channel) -> None:
         peer_id = f"liar-peer-{os.getpid()}"
-        await channel.send(RegisterPeer(peer_id=peer_id, task_id=self.task_id, url=self.url))
+        await channel.send(
+            RegisterPeer(peer_id=peer_id, task_id=self.task_id, task=TaskSpec(url=self.url))
+        )
         digests: dict[int, bytes] = {}
         parent = ""
         while not self.piece_count or len(digests) < self.piece_count:

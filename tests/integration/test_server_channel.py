@@ -19,11 +19,11 @@ from dragonfly.net.channel import (
     websocket_accept_key,
 )
 from dragonfly.net.http_server import Request, Responder, bound_port, serve
-from dragonfly.wire.codec import decode, encode
+from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, decode, encode
 from dragonfly.wire.messages import Error, Hello, PieceDigest, PieceDigests, Ping, Pong
 
-HELLO = Hello(version=1, min_version=1, role="scheduler")
-PEER_HELLO = Hello(version=1, min_version=1, role="peer")
+HELLO = Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="scheduler")
+PEER_HELLO = Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="peer")
 
 Run = Callable[[ServerChannel], Awaitable[None]]
 

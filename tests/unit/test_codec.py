@@ -31,6 +31,7 @@ from dragonfly.wire.messages import (
     PiecesFinished,
     Ping,
     RegisterPeer,
+    TaskSpec,
     check_version,
 )
 
@@ -364,9 +365,10 @@ def test_unknown_fields_are_ignored() -> None:
 
 
 def test_optional_fields_take_their_defaults() -> None:
-    msg = decode(cbor2.dumps({"t": "register_peer", "peer_id": "p", "task_id": "t", "url": "u"}))
-    assert msg == RegisterPeer("p", "t", "u")
-    assert msg.headers == {} and msg.piece_length is None and msg.need_back_to_source is False
+    frame = {"t": "register_peer", "peer_id": "p", "task_id": "t", "task": {"url": "u"}}
+    msg = decode(cbor2.dumps(frame))
+    assert msg == RegisterPeer("p", "t", TaskSpec(url="u"))
+    assert msg.headers == {} and msg.task.piece_length is None and not msg.need_back_to_source
 
 
 def test_error_message_round_trip() -> None:
@@ -413,8 +415,8 @@ def _hello(lo: int, hi: int) -> Hello:
 
 
 def test_version_overlap_negotiates_the_lower_maximum() -> None:
-    assert check_version(_hello(1, 1)) == 1
-    assert check_version(_hello(1, 5)) == 1
+    assert check_version(_hello(2, 2)) == 2
+    assert check_version(_hello(1, 5)) == 2
     assert check_version(_hello(2, 5), local_min=1, local_max=3) == 3
     assert check_version(_hello(1, 2), local_min=1, local_max=3) == 2
 
@@ -422,7 +424,7 @@ def test_version_overlap_negotiates_the_lower_maximum() -> None:
 def test_version_without_overlap_names_both_ranges() -> None:
     with pytest.raises(ProtocolError) as info:
         check_version(_hello(3, 5))
-    assert str(info.value) == "peer speaks protocol 3..5, this side 1..1"
+    assert str(info.value) == "peer speaks protocol 3..5, this side 2..2"
     assert info.value.ref == "hello"
     with pytest.raises(ProtocolError, match=r"peer speaks protocol 1\.\.1, this side 2\.\.4"):
         check_version(_hello(1, 1), local_min=2, local_max=4)

@@ -21,7 +21,7 @@ from dragonfly.sched.resources import (
     TaskState,
     size_class,
 )
-from dragonfly.wire.messages import HostInfo
+from dragonfly.wire.messages import HostInfo, RegisterPeer, TaskSpec
 
 P, T = PeerState, TaskState
 
@@ -48,7 +48,9 @@ def host(
 
 
 def peer(name: str, h: Host | None = None, task: Task | None = None) -> Peer:
-    return Peer(name, h or host(f"h-{name}"), task or Task("t", "http://o/f", 0.0), 0.0)
+    return Peer(
+        name, h or host(f"h-{name}"), task or Task("t", TaskSpec(url="http://o/f"), 0.0), 0.0
+    )
 
 
 # -- peer state machine -------------------------------------------------------------------
@@ -121,7 +123,7 @@ def test_every_live_peer_state_can_leave_or_fail() -> None:
     ],
 )
 def test_task_transitions(old: TaskState, new: TaskState, legal: bool) -> None:
-    t = Task("t", "http://o/f", 0.0)
+    t = Task("t", TaskSpec(url="http://o/f"), 0.0)
     t.state = old
     assert t.can(new) is legal
     if legal:
@@ -134,17 +136,19 @@ def test_task_transitions(old: TaskState, new: TaskState, legal: bool) -> None:
 
 
 def test_restart_starts_a_new_generation() -> None:
-    t = Task("t", "http://o/f", 0.0, piece_length=8)
+    t = Task("t", TaskSpec(url="http://o/f", piece_length=1 << 20), 0.0)
     t.metadata_known, t.content_length, t.digests[0] = True, 100, b"x" * 32
     t.transition(T.FAILED)
-    t.restart(16)
+    again = TaskSpec(url="http://o/f?Signature=2", piece_length=2 << 20)
+    t.restart(RegisterPeer(peer_id="p", task_id="t", task=again, headers={"a": "b"}))
     assert (t.state, t.generation, t.metadata_known, t.digests, t.piece_length) == (
         T.PENDING,
         1,
         False,
         {},
-        16,
+        2 << 20,
     )
+    assert (t.spec, t.headers) == (again, {"a": "b"})
 
 
 @pytest.mark.parametrize(

@@ -34,15 +34,27 @@ from dragonfly.wire.messages import (
     Reschedule,
     TaskFailed,
     TaskMetadata,
+    TaskSpec,
     TriggerDownload,
 )
 
 M = TypeVar("M", bound=Message)
 PL = 1000  # piece length used throughout
 URL = "http://origin/file.bin"
+SPECS: dict[str, TaskSpec] = {}  # task ID -> what it is made of
 
 
-def digest(n: int, task: str = "t1") -> bytes:
+def tid(name: str) -> str:
+    """The ID of the test's task called `name` (the scheduler checks IDs against specs)."""
+    spec = TaskSpec(url=f"{URL}?task={name}")
+    SPECS[spec.task_id] = spec
+    return spec.task_id
+
+
+T1, T2, T3 = tid("t1"), tid("t2"), tid("t3")
+
+
+def digest(n: int, task: str = T1) -> bytes:
     return hashlib.sha256(f"{task}/{n}".encode()).digest()
 
 
@@ -77,10 +89,11 @@ class World:
         self.now += dt
         return self._record(self.s.tick(self.now))
 
-    def register(self, host: str, peer: str, task: str = "t1", **kw: Any) -> list[Send]:
-        return self.send(host, RegisterPeer(peer_id=peer, task_id=task, url=URL, **kw))
+    def register(self, host: str, peer: str, task: str = T1, **kw: Any) -> list[Send]:
+        spec = kw.pop("spec", None) or SPECS[task]
+        return self.send(host, RegisterPeer(peer_id=peer, task_id=task, task=spec, **kw))
 
-    def metadata(self, host: str, peer: str, length: int = 10 * PL, task: str = "t1") -> list[Send]:
+    def metadata(self, host: str, peer: str, length: int = 10 * PL, task: str = T1) -> list[Send]:
         count = -(-length // PL)
         return self.send(
             host,
@@ -101,7 +114,7 @@ class World:
         peer: str,
         numbers: list[int],
         parent: str = "",
-        task: str = "t1",
+        task: str = T1,
         bad: bool = False,
     ) -> list[Send]:
         reports = [
@@ -116,7 +129,7 @@ class World:
         ]
         return self.send(host, PiecesFinished(peer_id=peer, task_id=task, pieces=reports))
 
-    def seeded_task(self, task: str = "t1", length: int = 10 * PL) -> None:
+    def seeded_task(self, task: str = T1, length: int = 10 * PL) -> None:
         """A seed host, a task fetched by the seed with metadata and piece 0 known."""
         self.connect("seed", seed=True)
         self.register("seed", "s1", task)
@@ -146,20 +159,15 @@ def test_first_registration_triggers_exactly_one_seed() -> None:
         w.connect(f"seed{i}", seed=True)
     w.connect("a")
     w.connect("b")
-    out = w.register("a", "pa", headers={"X-K": "v"}, tag="tg", piece_length=PL)
+    spec = TaskSpec(url=URL, tag="tg", piece_length=1 << 20)
+    out = w.register("a", "pa", spec.task_id, headers={"X-K": "v"}, spec=spec)
     triggers = [(d.host_id, d.message) for d in out if isinstance(d.message, TriggerDownload)]
     assert len(triggers) == 1
     seed_host, trig = triggers[0]
     assert seed_host.startswith("seed")
-    assert (trig.task_id, trig.url, trig.tag, trig.headers, trig.piece_length) == (
-        "t1",
-        URL,
-        "tg",
-        {"X-K": "v"},
-        PL,
-    )
+    assert (trig.task_id, trig.task, trig.headers) == (spec.task_id, spec, {"X-K": "v"})
     assert not of(out, CandidateParents) and not of(out, NeedBackToSource)
-    assert not of(w.register("b", "pb"), TriggerDownload)
+    assert not of(w.register("b", "pb", spec.task_id, spec=spec), TriggerDownload)
     assert w.s.counters.triggers == 1
 
 
@@ -173,7 +181,7 @@ def test_seed_choice_is_stable_and_spreads_tasks() -> None:
         return d.host_id
 
     seeds = ["s-a", "s-b", "s-c"]
-    tasks = [f"task{i}" for i in range(60)]
+    tasks = [tid(f"task{i}") for i in range(60)]
     before = {t: choice(seeds, t) for t in tasks}
     assert {t: choice(list(reversed(seeds)), t) for t in tasks} == before  # order-free
     spread = Counter(before.values())
@@ -211,7 +219,7 @@ def test_seed_gets_back_to_source_and_metadata_schedules_waiting_peers() -> None
     assert cp.content_type == "application/octet-stream" and cp.digests == []
     peer = w.s.peers["pa"]
     assert peer.state is PeerState.RUNNING and peer.received is PeerState.RECEIVED_NORMAL
-    assert w.s.tasks["t1"].state is TaskState.RUNNING
+    assert w.s.tasks[T1].state is TaskState.RUNNING
     assert w.s.hosts["seed"].active_uploads == 1
     # New origin digests reach the running peer, batched: one message per report.
     out = w.pieces("seed", "s1", [0, 1])
@@ -235,7 +243,7 @@ def test_no_seed_sends_the_first_peer_to_the_origin() -> None:
     out = w.register("a", "pa")
     (nbts,) = of(out, NeedBackToSource, "a")
     assert nbts.reason and not of(out, TriggerDownload)
-    assert w.s.tasks["t1"].back_to_source == {"pa": w.s.peers["pa"]}
+    assert w.s.tasks[T1].back_to_source == {"pa": w.s.peers["pa"]}
 
 
 def test_seed_trigger_timeout_moves_to_the_next_seed() -> None:
@@ -340,15 +348,13 @@ def test_unknown_length_still_schedules() -> None:
     w.register("seed", "s1")
     w.send(
         "seed",
-        TaskMetadata(
-            peer_id="s1", task_id="t1", content_length=-1, piece_length=PL, piece_count=-1
-        ),
+        TaskMetadata(peer_id="s1", task_id=T1, content_length=-1, piece_length=PL, piece_count=-1),
     )
     w.connect("a")
     (cp,) = of(w.register("a", "pa"), CandidateParents)
     assert (cp.content_length, cp.piece_count, parents_of(cp)) == (-1, -1, ["s1"])
-    w.send("seed", PeerFinished(peer_id="s1", task_id="t1", content_length=2500, piece_count=3))
-    task = w.s.tasks["t1"]
+    w.send("seed", PeerFinished(peer_id="s1", task_id=T1, content_length=2500, piece_count=3))
+    task = w.s.tasks[T1]
     assert (task.content_length, task.piece_count, task.state) == (2500, 3, TaskState.SUCCEEDED)
 
 
@@ -364,7 +370,7 @@ def test_two_peers_may_parent_each_other() -> None:
     w.pieces("b", "pb", [1], parent="s1")
     assert "pa" in w.s.peers["pb"].parents
     # pa loses the seed: pb holds piece 1, which pa lacks, so pb parents pa as well.
-    out = w.send("a", Reschedule(peer_id="pa", task_id="t1", blocked_parents=["s1"]))
+    out = w.send("a", Reschedule(peer_id="pa", task_id=T1, blocked_parents=["s1"]))
     (cp,) = of(out, CandidateParents, "a")
     assert parents_of(cp) == ["pb"]
     assert "pa" in w.s.peers["pb"].parents and "pb" in w.s.peers["pa"].parents
@@ -384,7 +390,7 @@ def test_a_stalled_peer_gets_parents_with_pieces_it_lacks() -> None:
     w.pieces("c", "pc", [0, 1], parent="s1")
     assert set(w.s.peers["pb"].parents) >= {"pa"}
     # pb is stalled (it has what pa has): a refresh drops pa, keeps those with news.
-    out = w.send("b", Reschedule(peer_id="pb", task_id="t1", blocked_parents=["s1"]))
+    out = w.send("b", Reschedule(peer_id="pb", task_id=T1, blocked_parents=["s1"]))
     (cp,) = of(out, CandidateParents, "b")
     assert "pa" not in parents_of(cp)
     assert "pc" in parents_of(cp)
@@ -402,7 +408,7 @@ def test_piece_failed_blocks_that_parent_for_that_peer() -> None:
     w.pieces("b", "pb", [0], parent="pa")
     w.register("c", "pc")
     assert {"pa", "pb"} <= set(w.s.peers["pc"].parents)
-    msg = PieceFailed(peer_id="pc", task_id="t1", number=1, parent_id="pa", reason="timeout")
+    msg = PieceFailed(peer_id="pc", task_id=T1, number=1, parent_id="pa", reason="timeout")
     (cp,) = of(w.send("c", msg), CandidateParents, "c")
     assert "pa" not in parents_of(cp) and "pb" in parents_of(cp)
     assert w.s.hosts["a"].failures == 1
@@ -415,7 +421,7 @@ def test_piece_failed_blocks_that_parent_for_that_peer() -> None:
     w.register("d", "pd")
     assert "pa" in w.s.peers["pd"].parents
     # Reschedule blocks a whole list and always answers.
-    out = w.send("c", Reschedule(peer_id="pc", task_id="t1", blocked_parents=["pb"]))
+    out = w.send("c", Reschedule(peer_id="pc", task_id=T1, blocked_parents=["pb"]))
     (cp2,) = of(out, CandidateParents, "c")
     assert not {"pa", "pb"} & set(parents_of(cp2)) and parents_of(cp2)
     w.s.check_invariants()
@@ -439,7 +445,7 @@ def test_bad_digest_excludes_the_reporter_for_good() -> None:
     (cp_c,) = of(w.register("c", "pc"), CandidateParents, "c")
     assert "pa" not in parents_of(cp_c)
     w.pieces("a", "pa", [3], parent="s1")
-    assert "pa" not in w.s.tasks["t1"].sources
+    assert "pa" not in w.s.tasks[T1].sources
     w.s.check_invariants()
 
 
@@ -451,7 +457,7 @@ def test_origin_digest_disagreement_marks_the_second_fetcher_bad() -> None:
     assert w.s.peers["pa"].state is PeerState.BACK_TO_SOURCE
     w.pieces("a", "pa", [0], bad=True)
     assert w.s.peers["pa"].bad and w.s.counters.bad_reports == 1
-    assert w.s.tasks["t1"].digests[0] == digest(0)  # the first report stands
+    assert w.s.tasks[T1].digests[0] == digest(0)  # the first report stands
 
 
 def test_only_origin_fetchers_set_digests() -> None:
@@ -460,13 +466,13 @@ def test_only_origin_fetchers_set_digests() -> None:
     w.connect("a")
     w.register("a", "pa")
     w.pieces("a", "pa", [5], parent="")  # claims the origin but was never sent there
-    assert 5 not in w.s.tasks["t1"].digests
+    assert 5 not in w.s.tasks[T1].digests
     out = w.send(
         "a",
-        TaskMetadata(peer_id="pa", task_id="t1", content_length=1, piece_length=1, piece_count=1),
+        TaskMetadata(peer_id="pa", task_id=T1, content_length=1, piece_length=1, piece_count=1),
     )
     assert of(out, Error)[0].code == ErrorCode.PROTOCOL
-    assert w.s.tasks["t1"].content_length == 10 * PL
+    assert w.s.tasks[T1].content_length == 10 * PL
 
 
 def test_out_of_range_piece_is_refused() -> None:
@@ -506,9 +512,9 @@ def test_back_to_source_count_is_respected() -> None:
         assert not of(w.tick(), NeedBackToSource)
     assert w.s.peers["pb"].attempts == 0
     # pa fails (not an origin refusal): pb takes over.
-    out = w.send("a", PeerFailed(peer_id="pa", task_id="t1", reason="disk full"))
+    out = w.send("a", PeerFailed(peer_id="pa", task_id=T1, reason="disk full"))
     assert of(out, NeedBackToSource, "b")
-    assert w.s.tasks["t1"].back_to_source == {"pb": w.s.peers["pb"]}
+    assert w.s.tasks[T1].back_to_source == {"pb": w.s.peers["pb"]}
 
 
 def test_no_parent_after_retries_goes_back_to_source() -> None:
@@ -516,8 +522,8 @@ def test_no_parent_after_retries_goes_back_to_source() -> None:
     w.seeded_task()
     w.connect("a")
     w.register("a", "pa")
-    w.send("a", PieceFailed(peer_id="pa", task_id="t1", number=0, parent_id="s1"))
-    assert "pa" in w.s.tasks["t1"].waiting
+    w.send("a", PieceFailed(peer_id="pa", task_id=T1, number=0, parent_id="s1"))
+    assert "pa" in w.s.tasks[T1].waiting
     assert not w.tick(0.5) and not w.tick(0.5)
     (nbts,) = of(w.tick(0.5), NeedBackToSource, "a")
     assert nbts.content_length == 10 * PL and [d.number for d in nbts.digests] == [0]
@@ -530,7 +536,7 @@ def test_no_parent_and_no_back_to_source_fails_after_twice_the_retries() -> None
     w.connect("a")
     w.register("a", "pa", need_back_to_source=True)
     assert w.s.peers["pa"].state is PeerState.RUNNING
-    w.send("a", PieceFailed(peer_id="pa", task_id="t1", number=0, parent_id="s1"))
+    w.send("a", PieceFailed(peer_id="pa", task_id=T1, number=0, parent_id="s1"))
     for _ in range(3):
         assert not w.tick()
     (tf,) = of(w.tick(), TaskFailed, "a")
@@ -548,7 +554,7 @@ def test_origin_404_fails_every_waiting_and_running_peer() -> None:
     w.register("b", "pb")
     w.register("seed", "s1")
     out = w.send(
-        "seed", PeerFailed(peer_id="s1", task_id="t1", reason="404 Not Found", http_status=404)
+        "seed", PeerFailed(peer_id="s1", task_id=T1, reason="404 Not Found", http_status=404)
     )
     failed = {
         (d.host_id, d.message.peer_id, d.message.http_status)
@@ -556,13 +562,13 @@ def test_origin_404_fails_every_waiting_and_running_peer() -> None:
         if isinstance(d.message, TaskFailed)
     }
     assert failed == {("a", "pa", 404), ("b", "pb", 404)}
-    assert w.s.tasks["t1"].state is TaskState.FAILED
+    assert w.s.tasks[T1].state is TaskState.FAILED
     assert not of(out, NeedBackToSource) and not of(out, TriggerDownload)
     assert {w.s.peers[p].state for p in ("pa", "pb", "s1")} == {PeerState.FAILED}
     # A later request starts afresh: the seed is asked again.
     out = w.register("c", "pc")
     assert of(out, TriggerDownload, "seed")
-    assert w.s.tasks["t1"].state is TaskState.PENDING and w.s.tasks["t1"].generation == 1
+    assert w.s.tasks[T1].state is TaskState.PENDING and w.s.tasks[T1].generation == 1
 
 
 def test_a_blobs_origin_failure_is_not_every_registrys_failure() -> None:
@@ -571,33 +577,34 @@ def test_a_blobs_origin_failure_is_not_every_registrys_failure() -> None:
     w = World()
     w.connect("seed", seed=True)
     w.connect("a")
-    blob = "sha256:" + "ab" * 32
-    out = w.register("a", "pa", digest=blob)
+    blob = TaskSpec(url=URL, digest="sha256:" + "ab" * 32)
+    task = blob.task_id
+    out = w.register("a", "pa", task, spec=blob)
     (trigger,) = of(out, TriggerDownload, "seed")
-    assert trigger.digest == blob
-    w.register("seed", "s1", digest=blob)
-    out = w.send("seed", PeerFailed(peer_id="s1", task_id="t1", reason="401", http_status=401))
+    assert trigger.task.digest == blob.digest
+    w.register("seed", "s1", task, spec=blob)
+    out = w.send("seed", PeerFailed(peer_id="s1", task_id=task, reason="401", http_status=401))
     assert not of(out, TaskFailed)
-    assert w.s.tasks["t1"].state is not TaskState.FAILED
+    assert w.s.tasks[task].state is not TaskState.FAILED
     assert len(of(out, NeedBackToSource, "a")) == 1  # to its own registry
 
 
 def test_a_restarted_task_goes_to_the_new_registrants_origin() -> None:
+    # One task, two signed URLs (signatures are left out of the ID): the first expired.
+    old = TaskSpec(url=URL + "?X-Amz-Signature=old")
+    new = TaskSpec(url=URL + "?X-Amz-Signature=new")
+    task = old.task_id
+    assert new.task_id == task
     w = World()
     w.connect("seed", seed=True)
     w.connect("a")
-    w.register("a", "pa", headers={"authorization": "Bearer old"})
-    w.register("seed", "s1")
-    w.send("seed", PeerFailed(peer_id="s1", task_id="t1", reason="401", http_status=401))
-    assert w.s.tasks["t1"].state is TaskState.FAILED
-    out = w.send(
-        "a",
-        RegisterPeer(
-            peer_id="pa2", task_id="t1", url=URL + "?v=2", headers={"authorization": "Bearer new"}
-        ),
-    )
+    w.register("a", "pa", task, spec=old, headers={"authorization": "Bearer old"})
+    w.register("seed", "s1", task, spec=old)
+    w.send("seed", PeerFailed(peer_id="s1", task_id=task, reason="401", http_status=401))
+    assert w.s.tasks[task].state is TaskState.FAILED
+    out = w.register("a", "pa2", task, spec=new, headers={"authorization": "Bearer new"})
     (trigger,) = of(out, TriggerDownload, "seed")
-    assert trigger.url == URL + "?v=2" and trigger.headers == {"authorization": "Bearer new"}
+    assert trigger.task == new and trigger.headers == {"authorization": "Bearer new"}
 
 
 def test_seed_network_failure_reschedules_and_finds_a_new_source() -> None:
@@ -605,12 +612,12 @@ def test_seed_network_failure_reschedules_and_finds_a_new_source() -> None:
     w.seeded_task()
     w.connect("a")
     w.register("a", "pa")
-    out = w.send("seed", PeerFailed(peer_id="s1", task_id="t1", reason="reset"))
+    out = w.send("seed", PeerFailed(peer_id="s1", task_id=T1, reason="reset"))
     assert not of(out, TaskFailed)
     # The only seed failed this task: the waiting peer goes to the origin itself.
     (nbts,) = of(out, NeedBackToSource, "a")
     assert nbts.content_length == 10 * PL
-    assert w.s.tasks["t1"].state is TaskState.RUNNING
+    assert w.s.tasks[T1].state is TaskState.RUNNING
 
 
 def test_back_to_source_finish_completes_the_task() -> None:
@@ -618,12 +625,12 @@ def test_back_to_source_finish_completes_the_task() -> None:
     w.seeded_task()
     w.connect("a")
     w.register("a", "pa")
-    w.send("seed", PeerFinished(peer_id="s1", task_id="t1", content_length=10 * PL, piece_count=10))
-    assert w.s.tasks["t1"].state is TaskState.SUCCEEDED
+    w.send("seed", PeerFinished(peer_id="s1", task_id=T1, content_length=10 * PL, piece_count=10))
+    assert w.s.tasks[T1].state is TaskState.SUCCEEDED
     assert w.s.peers["s1"].state is PeerState.SUCCEEDED
     assert "s1" in w.s.peers["pa"].parents  # still serving
     assert w.s.hosts["seed"].active_uploads == 1
-    w.send("a", PeerFinished(peer_id="pa", task_id="t1", content_length=10 * PL, piece_count=10))
+    w.send("a", PeerFinished(peer_id="pa", task_id=T1, content_length=10 * PL, piece_count=10))
     assert w.s.hosts["seed"].active_uploads == 0 and w.s.peers["pa"].parents == {}
     # A finished peer is offered to newcomers.
     w.connect("b")
@@ -663,7 +670,7 @@ def test_leave_peer_and_leave_host() -> None:
     w.register("a", "pa")
     w.pieces("a", "pa", [0], parent="s1")
     w.register("b", "pb")
-    out = w.send("a", LeavePeer(peer_id="pa", task_id="t1"))
+    out = w.send("a", LeavePeer(peer_id="pa", task_id=T1))
     assert "pa" not in w.s.peers
     assert parents_of(of(out, CandidateParents, "b")[0]) == ["s1"]
     out = w.send("seed", LeaveHost(host_id="seed"))
@@ -693,22 +700,22 @@ def test_collection_after_ttls() -> None:
     w.connect("a")
     w.connect("b")
     w.register("a", "pa")
-    w.send("seed", PeerFinished(peer_id="s1", task_id="t1", content_length=10 * PL, piece_count=10))
-    w.register("b", "pb", task="t2")
+    w.send("seed", PeerFinished(peer_id="s1", task_id=T1, content_length=10 * PL, piece_count=10))
+    w.register("b", "pb", task=T2)
     w.disconnect("b")
     w.tick(4)
     assert "b" in w.s.hosts
     w.tick(2)
     assert "b" not in w.s.hosts and w.s.counters.collected_hosts == 1
-    assert "t2" in w.s.tasks
+    assert T2 in w.s.tasks
     w.tick(5)  # t = 11: pa has been quiet for 11 s; the finished seed peer is serving
     assert "pa" not in w.s.peers and "s1" in w.s.peers
     w.pieces("seed", "s1", [1])
-    w.send("seed", LeavePeer(peer_id="s1", task_id="t1"))
+    w.send("seed", LeavePeer(peer_id="s1", task_id=T1))
     w.tick(19)
-    assert "t1" in w.s.tasks and "t2" not in w.s.tasks
+    assert T1 in w.s.tasks and T2 not in w.s.tasks
     w.tick(1)
-    assert "t1" not in w.s.tasks and w.s.counters.collected_tasks == 2
+    assert T1 not in w.s.tasks and w.s.counters.collected_tasks == 2
     w.s.check_invariants()
 
 
@@ -721,12 +728,12 @@ def test_unknown_peer_task_or_host_is_an_error_decision() -> None:
     w.connect("a")
     w.register("a", "pa")
     cases: list[tuple[str, Message]] = [
-        ("a", PiecesFinished(peer_id="nobody", task_id="t1")),
+        ("a", PiecesFinished(peer_id="nobody", task_id=T1)),
         ("a", PeerFinished(peer_id="pa", task_id="other", content_length=0, piece_count=0)),
-        ("a", LeavePeer(peer_id="s1", task_id="t1")),  # the seed's peer, not a's
-        ("seed", PieceFailed(peer_id="pa", task_id="t1", number=0, parent_id="s1")),
-        ("a", RegisterPeer(peer_id="s1", task_id="t1", url=URL)),  # taken by another host
-        ("ghost", RegisterPeer(peer_id="g", task_id="t1", url=URL)),
+        ("a", LeavePeer(peer_id="s1", task_id=T1)),  # the seed's peer, not a's
+        ("seed", PieceFailed(peer_id="pa", task_id=T1, number=0, parent_id="s1")),
+        ("a", RegisterPeer(peer_id="s1", task_id=T1, task=SPECS[T1])),  # taken by another host
+        ("ghost", RegisterPeer(peer_id="g", task_id=T1, task=SPECS[T1])),
     ]
     for host, msg in cases:
         (d,) = w.send(host, msg)
@@ -745,11 +752,11 @@ def test_messages_out_of_turn_are_refused_not_raised() -> None:
     w.connect("a")
     w.register("a", "pa", need_back_to_source=True)
     # A back-to-source peer cannot be rescheduled.
-    (d,) = w.send("a", Reschedule(peer_id="pa", task_id="t1"))
+    (d,) = w.send("a", Reschedule(peer_id="pa", task_id=T1))
     assert isinstance(d.message, Error)
-    w.send("a", PeerFailed(peer_id="pa", task_id="t1"))
-    assert not w.send("a", PeerFailed(peer_id="pa", task_id="t1"))  # repeated: ignored
-    (d,) = w.send("a", PeerFinished(peer_id="pa", task_id="t1", content_length=0, piece_count=0))
+    w.send("a", PeerFailed(peer_id="pa", task_id=T1))
+    assert not w.send("a", PeerFailed(peer_id="pa", task_id=T1))  # repeated: ignored
+    (d,) = w.send("a", PeerFinished(peer_id="pa", task_id=T1, content_length=0, piece_count=0))
     assert isinstance(d.message, Error) and d.message.code == ErrorCode.PROTOCOL
 
 
@@ -776,12 +783,12 @@ def crowd(seed: int) -> list[Send]:
     """Sixty peers of two tasks, more candidates than filter_parent_limit: sampling matters."""
     w = World(SchedulerSettings(filter_parent_limit=5), seed=seed)
     w.connect("seed", seed=True)
-    for t in ("t1", "t2"):
+    for t in (T1, T2):
         w.register("seed", f"s-{t}", t)
         w.metadata("seed", f"s-{t}", 10 * PL, t)
         w.pieces("seed", f"s-{t}", [0, 1], task=t)
     for i in range(60):
-        t = f"t{i % 2 + 1}"
+        t = tid(f"t{i % 2 + 1}")
         w.connect(f"h{i}", idc="x" if i % 3 else "y")
         w.register(f"h{i}", f"p{i}", t)
         w.pieces(f"h{i}", f"p{i}", [0], parent=f"s-{t}", task=t)
@@ -838,7 +845,7 @@ OPS = st.one_of(
 )
 
 
-LENGTHS = {"t0": 3500, "t1": 0}
+LENGTHS = {tid("t0"): 3500, T1: 0}
 
 
 def run_ops(ops: list[tuple[Any, ...]], seed: int, react: bool) -> tuple[World, list[Send]]:
@@ -875,8 +882,8 @@ def run_ops(ops: list[tuple[Any, ...]], seed: int, react: bool) -> tuple[World, 
             w.disconnect(hosts[op[1]])
         elif kind == "register":
             pid = f"p{len(peers)}"
-            peers.append((pid, hosts[op[1]], f"t{op[2]}"))
-            w.register(hosts[op[1]], pid, f"t{op[2]}", need_back_to_source=op[3])
+            peers.append((pid, hosts[op[1]], tid(f"t{op[2]}")))
+            w.register(hosts[op[1]], pid, tid(f"t{op[2]}"), need_back_to_source=op[3])
         elif kind == "triggered" and triggers:
             host, task = triggers.pop(op[1] % len(triggers))
             pid = f"p{len(peers)}"
