@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     ca_init.add_argument("--name", default="Dragonfly proxy CA", help="the CA's common name")
     ca_init.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
 
+    from dragonfly.credentials import add_token_parser
+
+    add_token_parser(sub)
+
     conf = sub.add_parser("config", help="print a role's configuration")
     conf.add_argument("--role", dest="config_role", choices=ROLES, required=True)
     conf.add_argument(
@@ -165,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dragonfly.ca import ca_command
 
         return ca_command(args)
+    if args.command == "token":
+        from dragonfly.credentials import token_command
+
+        return token_command(args)
 
     role = args.role or {"get": "peer", "cluster": "peer", "sim": "scheduler"}[args.command]
     try:
@@ -210,6 +218,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if runner is None:
         print(f"dragonfly: role '{role}' is not built yet", file=sys.stderr)
         return EXIT_NOT_BUILT
+    if role != "manager":
+        # The cluster secret or host credential: missing or readable by others stops the
+        # start with the key's name and the command that makes one.
+        from dragonfly.config import SchedulerConfig
+        from dragonfly.credentials import check_trust_files
+
+        assert isinstance(cfg, (PeerConfig, SchedulerConfig))
+        try:
+            check_trust_files(cfg)
+        except ConfigError as exc:
+            print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     return runner(cfg)
 
 

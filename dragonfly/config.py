@@ -155,6 +155,11 @@ class UploadSection:
     children_limit: int = opt(
         16, "children the scheduler may give this host at once, over all tasks", min=1, max=10000
     )
+    min_rate: Rate = opt(
+        64 * 1024,
+        "a child reading a piece slower than this loses its upload slot; 0: no minimum",
+        min=0,
+    )
 
 
 @dataclass
@@ -192,6 +197,16 @@ class ProxySection:
         [], "query parameters left out of task IDs, added to the signed-URL defaults"
     )
     prefetch: bool = opt(False, "on a Range request, fetch the rest of the file in the background")
+    credential_headers: list[str] = opt(
+        [],
+        "request headers that carry credentials (e.g. X-Api-Key, PRIVATE-TOKEN): like "
+        "Authorization, they make a task private",
+    )
+    private_check_ttl: Duration = opt(
+        60.0,
+        "how long the origin's yes to a client's URL and credentials for a private task is trusted",
+        min=0,
+    )
     hijack_https: HijackHTTPSSection = opt(HijackHTTPSSection(), "")
 
 
@@ -233,6 +248,47 @@ class SeedSection:
     """Seed peer behaviour."""
 
     enabled: bool = opt(False, "announce this peer as a seed peer (root of the P2P tree)")
+
+
+@dataclass
+class PeerTrustSection:
+    """Cluster identity: this host's credential (see docs/SECURITY.md)."""
+
+    credential_file: str = opt(
+        "",
+        "host credential (mode 0600) made by `python -m dragonfly token new`; required "
+        "with schedulers unless insecure",
+    )
+    insecure: bool = opt(
+        False, "no identity: schedulers and children are taken at their word (trusted networks)"
+    )
+
+
+@dataclass
+class SchedulerTrustSection:
+    """Cluster identity: the secret that makes and checks host credentials."""
+
+    secret_file: str = opt(
+        "",
+        "cluster secret (mode 0600) made by `python -m dragonfly token init`; required "
+        "unless insecure",
+    )
+    insecure: bool = opt(False, "no identity: hosts are taken at their word for their ID and role")
+    ticket_ttl: Duration = opt(
+        1800.0, "how long a ticket lets a child fetch a task from a parent", min=120
+    )
+
+
+@dataclass
+class SchedulerLimitsSection:
+    """Bounds per host, so one member cannot make the cluster work for it alone."""
+
+    peers_per_host: int = opt(
+        10000, "downloads one host may have registered at once", min=1, max=10**7
+    )
+    registration_rate: int = opt(
+        1000, "registrations per second one host may make (bursts of as many)", min=1, max=10**7
+    )
 
 
 @dataclass
@@ -289,6 +345,7 @@ class PeerConfig:
     registry_mirror: RegistryMirrorSection = opt(RegistryMirrorSection(), "")
     storage: StorageSection = opt(StorageSection(), "")
     seed: SeedSection = opt(SeedSection(), "")
+    trust: PeerTrustSection = opt(PeerTrustSection(), "")
 
 
 @dataclass
@@ -300,6 +357,8 @@ class SchedulerConfig:
     server: ListenSection = opt(ListenSection("127.0.0.1", 8002), "")
     scheduling: SchedulingSection = opt(SchedulingSection(), "")
     gc: SchedulerGCSection = opt(SchedulerGCSection(), "")
+    trust: SchedulerTrustSection = opt(SchedulerTrustSection(), "")
+    limits: SchedulerLimitsSection = opt(SchedulerLimitsSection(), "")
     manager: str = opt("", "manager URL to register with; empty: none")
 
 

@@ -52,8 +52,10 @@ __all__ = [
 ]
 
 # 2: RegisterPeer and TriggerDownload carry the task as one TaskSpec record.
-PROTOCOL_VERSION = 2
-MIN_PROTOCOL_VERSION = 2
+# 3: cluster identity: Hello carries a nonce (and a peer's claims), a Proof each way;
+#    tickets in CandidateParents and Subscribe; the private flag of a task.
+PROTOCOL_VERSION = 3
+MIN_PROTOCOL_VERSION = 3
 MAX_FRAME = 1 << 20
 MAX_DEPTH = 8
 

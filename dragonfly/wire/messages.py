@@ -32,6 +32,7 @@ __all__ = [
     "ROLES",
     "AnnounceDone",
     "CandidateParents",
+    "Claims",
     "Error",
     "ErrorCode",
     "Hello",
@@ -51,6 +52,7 @@ __all__ = [
     "PiecesFinished",
     "Ping",
     "Pong",
+    "Proof",
     "RegisterPeer",
     "Reschedule",
     "Subscribe",
@@ -71,12 +73,17 @@ PIECE_NUMBER_MAX = 2**31 - 1
 OFFSET_MAX = 2**50
 PIECE_LENGTH_MAX = 2**40
 DIGEST_LEN = 32  # raw sha256
+NONCE_MAX = 64  # bytes of a Hello's nonce
+PROOF_LEN = 32  # an HMAC-SHA256
+TICKET_MAX = 32  # bytes of a ticket (a truncated HMAC-SHA256)
 
 
 class ErrorCode:
     """Values of ``Error.code``."""
 
     PROTOCOL = "protocol"  # undecodable or invalid message
+    FORBIDDEN = "forbidden"  # no proof of identity, or no ticket, for what was asked
+    LIMIT = "limit"  # over a bound (tasks or registrations of one host)
     VERSION = "version"  # no common protocol version
     NOT_FOUND = "not_found"  # unknown task / peer / host
     INTERNAL = "internal"  # the receiver failed handling a valid message
@@ -123,6 +130,20 @@ class HostInfo:
     seed: bool = False
     upload_limit: int = limits(default=50, min=0, max=2**16)  # concurrent uploads, 0 = none
     upload_rate: int = limits(default=0, min=0, max=2**50)  # bytes/s, 0 = unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """What a host credential says (dragonfly/trust.py): whose it is, for which role,
+    until when, under which cluster key. Only the issuer, who holds the cluster secret,
+    can make the host key that goes with these claims; a scheduler recomputes it."""
+
+    cluster: str = limits(min_len=1, max_len=64)
+    host_id: str = _id()
+    role: str = limits(choices=("peer", "seed-peer"))
+    issued_at: int = limits(min=0, max=2**40)  # unix seconds
+    expires_at: int = limits(min=0, max=2**40)
+    key_id: str = limits(min_len=1, max_len=32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,14 +244,17 @@ class PieceInfo:
 class Hello(Message):
     """First message on every websocket, both directions: versions spoken, role, host.
 
-    A peer's Hello to the scheduler carries its HostInfo; the scheduler's and a
-    parent's carry none.
+    A peer's Hello to the scheduler carries its HostInfo and the claims of its credential
+    (never its key); the scheduler's and a parent's carry none. ``nonce`` is fresh for
+    each connection: the Proofs that follow are made over both sides' nonces.
     """
 
     version: int = limits(min=1, max=2**16)  # highest version spoken
     min_version: int = limits(min=1, max=2**16)  # lowest version spoken
     role: str = limits(choices=ROLES)
     host: HostInfo | None = None
+    nonce: bytes = limits(default=b"", max_len=NONCE_MAX)
+    claims: Claims | None = None
 
 
 def check_version(
@@ -249,6 +273,15 @@ def check_version(
             ref=Hello.TAG,
         )
     return min(hello.version, local_max)
+
+
+@message("proof")
+@dataclass(frozen=True, slots=True)
+class Proof(Message):
+    """After the Hellos, on the scheduler websocket: the peer proves it holds the host key
+    of its claims, then the scheduler proves it could compute that key (trust.py)."""
+
+    proof: bytes = limits(len=PROOF_LEN)
 
 
 @message("error")
@@ -298,6 +331,9 @@ class RegisterPeer(Message):
     )
     content_length: int | None = limits(default=None, min=0, max=OFFSET_MAX)
     need_back_to_source: bool = False
+    # The request carried credentials (Authorization, Cookie, a signature left out of
+    # the ID, a configured credential header): the task is private from now on.
+    private: bool = False
 
 
 @message("task_metadata")
@@ -400,7 +436,11 @@ class LeaveHost(Message):
 @dataclass(frozen=True, slots=True)
 class CandidateParents(Message):
     """Scheduler → peer: parents to download from, what is known of the task, and the
-    origin-side digests known so far (a child checks every piece against these)."""
+    origin-side digests known so far (a child checks every piece against these).
+
+    ``tickets[i]`` lets this peer's host fetch the task from ``parents[i]`` until
+    ``ticket_expires_at`` (unix seconds); empty when the cluster runs without identity.
+    ``private``: a client's bytes come only after the origin said yes to its credentials."""
 
     peer_id: str = _id()
     task_id: str = _id()
@@ -414,6 +454,11 @@ class CandidateParents(Message):
     etag: str = limits(default="", max_len=1024)
     last_modified: str = limits(default="", max_len=256)
     content_type: str = limits(default="", max_len=256)
+    tickets: list[bytes] = field(
+        default_factory=list, metadata=dict(max_items=256, max_len=TICKET_MAX)
+    )
+    ticket_expires_at: int = limits(default=0, min=0, max=2**40)
+    private: bool = False
 
 
 @message("piece_digests")
@@ -441,6 +486,7 @@ class NeedBackToSource(Message):
     digests: list[PieceDigest] = field(default_factory=list)
     etag: str = limits(default="", max_len=1024)
     last_modified: str = limits(default="", max_len=256)
+    private: bool = False
 
 
 @message("trigger_download")
@@ -477,11 +523,16 @@ class TaskFailed(Message):
 @dataclass(frozen=True, slots=True)
 class Subscribe(Message):
     """Child → parent: send me the pieces you hold of this task, then new ones as they land.
-    ``peer_id`` is the child; ``parent_id`` the parent peer it expects ("" = any)."""
+    ``peer_id`` is the child; ``parent_id`` the parent peer it expects ("" = any).
+    ``ticket`` is what the scheduler gave the child's host (``host_id``) for this parent,
+    valid until ``expires_at``; a parent in a cluster with identity checks it."""
 
     task_id: str = _id()
     peer_id: str = _id()
     parent_id: str = _opt_id()
+    host_id: str = _opt_id()
+    ticket: bytes = limits(default=b"", max_len=TICKET_MAX)
+    expires_at: int = limits(default=0, min=0, max=2**40)
 
 
 @message("piece_announce")
