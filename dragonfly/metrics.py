@@ -87,6 +87,13 @@ class SchedulerMetrics:
         self.protocol_errors = Counter(
             "dragonfly_scheduler_protocol_errors", "Invalid messages received", registry=r
         )
+        self.refusals = Counter(
+            "dragonfly_scheduler_refusals",
+            "Hosts and registrations refused, by reason: no_credential, expired, "
+            "unknown_key, cluster, proof, host_mismatch, role_mismatch, timeout, bounds",
+            ["reason"],
+            registry=r,
+        )
         self.connected_hosts = Gauge(
             "dragonfly_scheduler_connected_hosts", "Hosts with an open connection", registry=r
         )

@@ -8,20 +8,30 @@ with one non-blocking write per round of the loop (a host whose socket is full
 is left to its own writer task), so a slow host never blocks decisions for the
 others and a busy scheduler pays task switches and syscalls per batch, not per
 message. Time comes from trio's clock, once per event.
+
+A host is admitted once it proved its credential (dragonfly/trust.py): its Hello
+carries its claims and a nonce, it sends a Proof made with its host key, and the
+scheduler answers with its own Proof. The claims must be this cluster's and valid,
+and the Hello's host ID and seed flag must be the credential's: nobody speaks as
+another host or makes itself a seed peer. Each refusal is an Error naming the reason,
+a log line (rate-limited) and a count in dragonfly_scheduler_refusals_total.
 """
 
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass
 
 import trio
 
 from dragonfly.config import SchedulerConfig
-from dragonfly.log import get_logger
+from dragonfly.credentials import scheduler_secrets
+from dragonfly.log import LogLimiter, get_logger
 from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dragonfly.metrics import SchedulerMetrics
 from dragonfly.net.channel import (
+    HANDSHAKE_TIMEOUT,
     SCHEDULER_PATH,
     ChannelClosed,
     Flusher,
@@ -31,6 +41,14 @@ from dragonfly.net.channel import (
 from dragonfly.net.http_server import Request, Responder, bound_port, serve
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
+from dragonfly.trust import (
+    TrustError,
+    Verifier,
+    check_proof,
+    new_nonce,
+    peer_proof,
+    scheduler_proof,
+)
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtocolError
 from dragonfly.wire.messages import (
     CandidateParents,
@@ -39,6 +57,7 @@ from dragonfly.wire.messages import (
     Hello,
     NeedBackToSource,
     PiecesFinished,
+    Proof,
     RegisterPeer,
     TriggerDownload,
 )
@@ -63,7 +82,11 @@ class SchedulerServer:
     def __init__(self, config: SchedulerConfig, *, seed: int = 0) -> None:
         self.config = config
         self.core = Scheduler(SchedulerSettings.from_config(config), seed=seed)
+        ring = scheduler_secrets(config)  # ConfigError naming trust.secret_file
+        self.verifier = Verifier(ring) if ring is not None else None
         self.metrics = SchedulerMetrics()
+        self._refusal_log = LogLimiter()
+        self._refused = 0  # the core's refused registrations already counted
         self.hosts: dict[str, _HostConnection] = {}
         self.flusher = Flusher()  # writes every host's messages, once per loop round
         self.port = 0
@@ -73,6 +96,10 @@ class SchedulerServer:
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(serve, self.handle_http, server.listen, server.port)
             self.port = bound_port(listeners)
+            # Tickets expire in wall time; the core's clock is trio's.
+            self.core.wall_offset = time.time() - trio.current_time()
+            if self.verifier is None:
+                log.warning("INSECURE: trust.insecure is set: hosts are taken at their word")
             nursery.start_soon(self._ticker)
             nursery.start_soon(self.flusher.run)
             log.info("scheduler started", listen=f"{server.listen}:{self.port}")
@@ -100,21 +127,41 @@ class SchedulerServer:
         self.metrics.protocol_errors.inc()
 
     async def _serve_host(self, channel: ServerChannel) -> None:
-        hello = Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="scheduler")
-        try:
-            peer_hello = await channel.handshake(hello)
-        except (ChannelClosed, trio.TooSlowError):
-            return
-        host = peer_hello.host
-        if host is None or peer_hello.role not in ("peer", "seed-peer"):
-            channel.queue(
-                Error(
-                    code=ErrorCode.PROTOCOL,
-                    message="a peer's hello must carry its host",
-                    ref=Hello.TAG,
+        nonce = new_nonce()
+        hello = Hello(
+            version=PROTOCOL_VERSION,
+            min_version=MIN_PROTOCOL_VERSION,
+            role="scheduler",
+            nonce=nonce,
+        )
+        key = b""
+        # Hello and proof within one deadline: a socket that says nothing is dropped.
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as waited:
+            try:
+                peer_hello = await channel.handshake(hello, timeout=HANDSHAKE_TIMEOUT)
+            except (ChannelClosed, trio.TooSlowError):
+                return
+            host = peer_hello.host
+            if host is None or peer_hello.role not in ("peer", "seed-peer"):
+                channel.queue(
+                    Error(
+                        code=ErrorCode.PROTOCOL,
+                        message="a peer's hello must carry its host",
+                        ref=Hello.TAG,
+                    )
                 )
-            )
-            channel.close_soon(1002, "hello without host")
+                channel.close_soon(1002, "hello without host")
+                return
+            if self.verifier is not None:
+                try:
+                    key = await self._authenticate(channel, peer_hello, nonce)
+                except TrustError as exc:
+                    self._refuse(channel, exc.reason, str(exc), host.host_id, host.ip)
+                    return
+                except ChannelClosed:
+                    return
+        if waited.cancelled_caught:
+            self._refuse(channel, "timeout", "no proof in time", host.host_id, host.ip)
             return
         host_id = host.host_id
         with trio.CancelScope() as scope:
@@ -127,7 +174,7 @@ class SchedulerServer:
             self.metrics.connected_hosts.set(len(self.hosts))
             log.info("host connected", host_id=host_id, seed=host.seed, ip=host.ip)
             try:
-                self._apply(self.core.host_connected(host, trio.current_time()))
+                self._apply(self.core.host_connected(host, trio.current_time(), key=key))
                 handle, clock = self.core.handle, trio.current_time
                 while True:
                     try:
@@ -145,6 +192,10 @@ class SchedulerServer:
                     # Counted per batch: a prometheus increment takes a lock.
                     if registrations:
                         self.metrics.registrations.inc(registrations)
+                        refused = self.core.counters.refused_registrations
+                        if refused != self._refused:  # over a host's bounds
+                            self.metrics.refusals.labels("bounds").inc(refused - self._refused)
+                            self._refused = refused
                     if pieces:
                         self.metrics.piece_reports.inc(pieces)
             finally:
@@ -153,6 +204,51 @@ class SchedulerServer:
                     self._apply(self.core.host_disconnected(host_id, trio.current_time()))
                 self.metrics.connected_hosts.set(len(self.hosts))
                 log.info("host disconnected", host_id=host_id)
+
+    async def _authenticate(self, channel: ServerChannel, hello: Hello, nonce: bytes) -> bytes:
+        """The host key of a peer that proved it holds it; TrustError naming why not."""
+        assert self.verifier is not None and hello.host is not None
+        claims = hello.claims
+        if claims is None:
+            raise TrustError(
+                "no_credential",
+                "this cluster requires a host credential (trust.credential_file on the peer)",
+            )
+        key = self.verifier.host_key(claims, time.time())
+        if hello.host.host_id != claims.host_id:
+            raise TrustError(
+                "host_mismatch",
+                f"the hello names host {hello.host.host_id!r}, the credential {claims.host_id!r}",
+            )
+        if hello.role != claims.role or hello.host.seed != (claims.role == "seed-peer"):
+            raise TrustError(
+                "role_mismatch",
+                f"the hello says {hello.role} (seed={hello.host.seed}), "
+                f"the credential {claims.role}",
+            )
+        msg = await channel.receive()
+        if not isinstance(msg, Proof):
+            raise TrustError("proof", f"expected a proof after the hello, got {msg.TAG}")
+        check_proof(peer_proof(key, hello.nonce, nonce, claims), msg.proof, "peer")
+        channel.queue(Proof(proof=scheduler_proof(key, hello.nonce, nonce)))
+        return key
+
+    def _refuse(
+        self, channel: ServerChannel, reason: str, text: str, host_id: str, ip: str
+    ) -> None:
+        self.metrics.refusals.labels(reason).inc()
+        skipped = self._refusal_log.allow(trio.current_time())
+        if skipped is not None:
+            log.warning(
+                "host refused",
+                reason=reason,
+                error=text,
+                host_id=host_id[:128],
+                ip=ip[:64],
+                skipped=skipped,
+            )
+        channel.queue(Error(code=ErrorCode.FORBIDDEN, message=text[:1024], ref=Hello.TAG))
+        channel.close_soon(1008, "identity not proven")
 
     def _apply(self, decisions: list[Send]) -> None:
         if not decisions:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 
+from dragonfly.ratelimit import TokenBucket
+from dragonfly.trust import TicketKey
 from dragonfly.wire.messages import HostInfo, ParentInfo, PieceDigest, RegisterPeer, TaskSpec
 
 __all__ = [
@@ -195,7 +197,9 @@ class PeerIndex:
 
 
 class Host:
-    """A connected (or recently connected) peer daemon, as its Hello described it."""
+    """A connected (or recently connected) peer daemon, as its Hello described it (and,
+    in a cluster with identity, as its credential proved: its ID and whether it is a
+    seed are the credential's)."""
 
     __slots__ = (
         "active_uploads",
@@ -208,6 +212,8 @@ class Host:
         "last_seen",
         "location_levels",
         "peers",
+        "registrations",
+        "ticket_key",
         "triggered",
     )
 
@@ -224,6 +230,9 @@ class Host:
         self.bad = False  # reported a digest that differs from the origin's
         self.peers: dict[str, Peer] = {}
         self.triggered: dict[str, Task] = {}  # tasks this seed was asked to fetch
+        # Tickets to fetch from this host are made with its host key (None: no identity).
+        self.ticket_key: TicketKey | None = None
+        self.registrations: TokenBucket | None = None  # the registration rate limit
         self.update(info)
 
     def update(self, info: HostInfo) -> None:
@@ -251,6 +260,7 @@ class Task:
         "digest",
         "digest_list",
         "digests",
+        "disputed",
         "downloading",
         "empty_since",
         "etag",
@@ -260,9 +270,11 @@ class Task:
         "id",
         "last_modified",
         "metadata_known",
+        "origin_hosts",
         "peers",
         "piece_count",
         "piece_length",
+        "private",
         "seed_failures",
         "seed_host",
         "sources",
@@ -270,6 +282,7 @@ class Task:
         "state",
         "succeeded",
         "triggered_at",
+        "unconfirmed",
         "waiting",
     )
 
@@ -294,6 +307,9 @@ class Task:
         self.seed_host: Host | None = None
         self.triggered_at = 0.0
         self.seed_failures: set[str] = set()
+        # Made from a request with credentials: clients get its bytes only after the
+        # origin said yes to theirs. Never goes back to public.
+        self.private = False
         self._reset_content()
 
     @classmethod
@@ -309,6 +325,12 @@ class Task:
         self.last_modified = ""
         self.digests: dict[int, bytes] = {}  # origin-side sha256 per piece number
         self.digest_list: list[PieceDigest] = []  # the same, ready for messages
+        # Digests ordinary peers fetching from the origin reported, not confirmed yet:
+        # piece → digest → the peers that reported it (Scheduler._origin_digest).
+        self.unconfirmed: dict[int, dict[bytes, list[Peer]]] = {}
+        self.disputed = False  # two of them reported different digests for a piece
+        # Hosts of ordinary peers this generation sent to the origin.
+        self.origin_hosts: set[str] = set()
         # Peers of the current generation that can serve (see Scheduler._became_source).
         self.sources = PeerIndex()
         self.back_to_source: dict[str, Peer] = {}  # fetching from the origin right now
@@ -325,6 +347,7 @@ class Task:
         self.transition(TaskState.PENDING)
         self.generation += 1
         self.spec, self.headers = registration.task, dict(registration.headers)
+        self.private = self.private or registration.private
         self.piece_length = self.spec.piece_length
         self.seed_failures.clear()
         self._reset_content()

@@ -22,6 +22,14 @@ Protocol notes for the peer side:
 * A ``TaskMetadata`` with ``content_length`` -1 (origin sent no length) is enough
   to schedule: children get ``content_length``/``piece_count`` -1 and learn the
   end from their parents.
+
+Trust (docs/SECURITY.md): the shell admits a host only with a proven credential, so
+a Host's ID and seed flag are its credential's. Per-piece origin digests come from
+seed peers, or from two ordinary peers on different hosts, both sent to the origin,
+that agree (`_origin_digest`); a peer that reported other bytes than a digest that
+became known is marked bad. Every parent in a CandidateParents comes with a ticket
+made with the parent's host key (`TicketKey`), valid ``ticket_ttl`` seconds of wall
+time: ``wall_offset`` (set by the shell) turns ``now`` into unix time.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from random import Random
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from dragonfly.identity import IdentityError
+from dragonfly.identity import IdentityError, piece_length_for
+from dragonfly.ratelimit import TokenBucket
 from dragonfly.sched.evaluator import Evaluator
 from dragonfly.sched.resources import (
     MAX_TRACKED_PIECES,
@@ -48,6 +57,7 @@ from dragonfly.sched.resources import (
     TaskState,
     size_class,
 )
+from dragonfly.trust import TicketKey
 from dragonfly.wire.codec import Message
 from dragonfly.wire.messages import (
     CandidateParents,
@@ -89,6 +99,10 @@ DIGESTS_PER_MESSAGE = 8000
 # task's serving peers per candidate wanted.
 _DRAWS_PER_CANDIDATE = 4
 
+# Ordinary peers sent to the origin for a task without seed peers, at most: two that
+# agree confirm the digests; a third decides when the first two disagree.
+WITNESSES = 3
+
 _SCHEDULABLE = (PeerState.PENDING, PeerState.RUNNING)
 _SERVING = (PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED, PeerState.RUNNING)
 _WHOLE = (PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED)
@@ -112,6 +126,12 @@ class SchedulerSettings:
     seed_trigger_timeout: float = 5.0
     # Running peers with fewer parents than the limit offered each new serving peer.
     top_up_limit: int = 8
+    # Tickets handed out with each parent last this long (0: none, a cluster without
+    # identity; config: [trust]).
+    ticket_ttl: float = 0.0
+    # Bounds per host (config: [limits]).
+    peers_per_host: int = 10000
+    registration_rate: float = 1000.0
 
     @classmethod
     def from_config(cls, cfg: SchedulerConfig) -> SchedulerSettings:
@@ -126,6 +146,9 @@ class SchedulerSettings:
             task_ttl=gc.task_ttl,
             host_ttl=gc.host_ttl,
             gc_interval=gc.interval,
+            ticket_ttl=0.0 if cfg.trust.insecure else cfg.trust.ticket_ttl,
+            peers_per_host=cfg.limits.peers_per_host,
+            registration_rate=cfg.limits.registration_rate,
         )
 
 
@@ -151,6 +174,7 @@ class SchedulerCounters:
     bad_reports: int = 0  # reports that contradict what the scheduler knows
     task_failures: int = 0  # TaskFailed sent
     errors: int = 0  # Error replies
+    refused_registrations: int = 0  # over a host's bounds (peers_per_host, rate)
     collected_peers: int = 0
     collected_tasks: int = 0
     collected_hosts: int = 0
@@ -180,6 +204,9 @@ class Scheduler:
         self._waiting: dict[str, Peer] = {}  # every task's waiting peers, for retries
         self._triggers: dict[str, Task] = {}  # tasks whose seed has not registered yet
         self._next_gc = -math.inf
+        # now + wall_offset = unix time (tickets expire in wall time, which the hosts
+        # share; the shell sets it, the simulation leaves it).
+        self.wall_offset = 0.0
         self._handlers: dict[type[Message], Callable[[Host, Any, float, list[Send]], None]] = {
             RegisterPeer: self._on_register,
             TaskMetadata: self._on_task_metadata,
@@ -208,16 +235,20 @@ class Scheduler:
 
     # ------------------------------------------------------------------ entry points
 
-    def host_connected(self, host: HostInfo, now: float) -> list[Send]:
-        """A host said Hello: (re)create it; a reconnecting host keeps its record."""
+    def host_connected(self, host: HostInfo, now: float, *, key: bytes = b"") -> list[Send]:
+        """A host said Hello (and proved ``key``, its host key, in a cluster with
+        identity): (re)create it; a reconnecting host keeps its record."""
         h = self._hosts.get(host.host_id)
         if h is None:
             h = self._hosts[host.host_id] = Host(host, now)
+            rate = self.settings.registration_rate
+            h.registrations = TokenBucket(rate, rate, now)
         else:
             h.update(host)
             h.connected = True
             h.disconnected_at = None
             h.last_seen = now
+        h.ticket_key = TicketKey(key) if key and self.settings.ticket_ttl > 0 else None
         if h.seed and not h.bad:
             self._seeds[h.id] = h
         else:
@@ -289,6 +320,8 @@ class Scheduler:
                 msg,
             )
             return
+        if not self._within_bounds(host, msg, now, out):
+            return
         existing = self._peers.get(msg.peer_id)
         if existing is not None:
             if existing.host is not host or existing.task.id != msg.task_id:
@@ -310,6 +343,7 @@ class Scheduler:
             self._clear_trigger(task)
             task.restart(msg)
             first = True
+        task.private = task.private or msg.private
         peer = Peer(msg.peer_id, host, task, now)
         task.peers[peer.id] = peer
         task.empty_since = None
@@ -332,8 +366,38 @@ class Scheduler:
             elif self._bts_allowed(task):
                 self._back_to_source(peer, now, out, "no seed peer")
                 return
+        elif self._needs_witness(task) and self._bts_allowed(task):
+            # One ordinary peer's word is not enough for a digest: a second one, on
+            # another host, fetches from the origin too, and what both say holds.
+            self._back_to_source(peer, now, out, "a second origin fetch confirms digests")
+            return
         if not self._schedule(peer, now, out):
             self._ensure_source(task, now, out)
+
+    def _within_bounds(self, host: Host, msg: RegisterPeer, now: float, out: list[Send]) -> bool:
+        """A host registers at most ``registration_rate`` peers a second and has at most
+        ``peers_per_host`` at once; beyond that the registration fails (HTTP 503 for
+        the client), so one host cannot make the seeds and the origin work for it."""
+        bucket = host.registrations
+        if bucket is not None and not bucket.try_take(1, now):
+            reason = f"over {self.settings.registration_rate:g} registrations/s for this host"
+        elif len(host.peers) >= self.settings.peers_per_host and msg.peer_id not in host.peers:
+            reason = f"this host has {len(host.peers)} downloads registered, the most allowed"
+        else:
+            return True
+        self.counters.refused_registrations += 1
+        out.append(
+            Send(
+                host.id,
+                TaskFailed(
+                    task_id=msg.task_id,
+                    reason=f"registration refused: {reason}",
+                    peer_id=msg.peer_id,
+                    http_status=503,
+                ),
+            )
+        )
+        return False
 
     def _on_task_metadata(self, host: Host, msg: TaskMetadata, now: float, out: list[Send]) -> None:
         peer = self._lookup(host, msg, now, out)
@@ -344,6 +408,19 @@ class Scheduler:
             self.counters.bad_reports += 1
             self._error(
                 out, host.id, ErrorCode.PROTOCOL, f"peer {peer.id} was not sent to the origin", msg
+            )
+            return
+        want = task.piece_length or piece_length_for(msg.content_length)
+        if msg.piece_length != want:
+            # One rule for the piece length everywhere: a task cut in 1-byte pieces would
+            # make every peer ask its parents once per byte.
+            self.counters.bad_reports += 1
+            self._error(
+                out,
+                host.id,
+                ErrorCode.PROTOCOL,
+                f"piece length {msg.piece_length} is not the task's ({want})",
+                msg,
             )
             return
         if task.metadata_known:
@@ -376,7 +453,8 @@ class Scheduler:
         count = task.piece_count
         had_pieces = len(peer.finished) > 0
         new_digests: list[PieceDigest] = []
-        lied = False
+        liars: list[Peer] = []
+        disputed = task.disputed
         for r in msg.pieces:
             n = r.number
             if (count >= 0 and n >= count) or n >= MAX_TRACKED_PIECES:
@@ -385,16 +463,16 @@ class Scheduler:
             digest = known.get(n)
             if digest is not None:
                 if digest != r.digest:
-                    lied = True
+                    liars.append(peer)
                     continue
             elif not r.parent_id and origin_trusted:
-                task.digests[n] = r.digest
-                entry = PieceDigest(number=n, digest=r.digest)
-                task.digest_list.append(entry)
-                new_digests.append(entry)
+                self._origin_digest(task, peer, n, r.digest, new_digests, liars)
             peer.finished.add(n)
-        if lied:
-            self._mark_bad(peer, now, out)
+        for liar in dict.fromkeys(liars):
+            if self._peers.get(liar.id) is liar:
+                self._mark_bad(liar, now, out)
+        if task.disputed and not disputed:
+            self._call_witness(task, now, out)
         if new_digests:
             for p in task.downloading.values():
                 if p is not peer:
@@ -407,6 +485,36 @@ class Scheduler:
                         )
         if not had_pieces and len(peer.finished) and peer.state is PeerState.RUNNING:
             self._became_source(peer, now, out)
+
+    def _origin_digest(
+        self,
+        task: Task,
+        peer: Peer,
+        number: int,
+        digest: bytes,
+        new_digests: list[PieceDigest],
+        liars: list[Peer],
+    ) -> None:
+        """A piece's digest as a peer sent to the origin reports it. A seed peer's is
+        the digest; an ordinary peer's waits for a second ordinary peer, on another
+        host, to report the same (or for a seed's). Whoever reported another digest
+        for a piece whose digest became known reported other bytes: a liar."""
+        if not peer.host.seed:
+            seen = task.unconfirmed.setdefault(number, {})
+            reporters = seen.setdefault(digest, [])
+            if peer not in reporters:
+                reporters.append(peer)
+            if len(seen) > 1:
+                task.disputed = True
+            if len({p.host.id for p in reporters}) < 2:
+                return
+        for other, reporters in task.unconfirmed.pop(number, {}).items():
+            if other != digest:
+                liars.extend(reporters)
+        task.digests[number] = digest
+        entry = PieceDigest(number=number, digest=digest)
+        task.digest_list.append(entry)
+        new_digests.append(entry)
 
     def _on_piece_failed(self, host: Host, msg: PieceFailed, now: float, out: list[Send]) -> None:
         peer = self._lookup(host, msg, now, out)
@@ -561,7 +669,7 @@ class Scheduler:
             task.downloading[peer.id] = peer
             if len(peer.finished):  # pieces reported while it waited (a resumed download)
                 self._index_source(peer)
-        self._send_parents(peer, out, force=force)
+        self._send_parents(peer, now, out, force=force)
         if 0 < len(chosen) < self.settings.candidate_parent_limit:
             task.hungry.pop(peer.id, None)
             task.hungry[peer.id] = peer  # to the back of the queue
@@ -569,8 +677,11 @@ class Scheduler:
             task.hungry.pop(peer.id, None)
         return True
 
-    def _send_parents(self, peer: Peer, out: list[Send], *, force: bool = False) -> None:
-        """Tell the peer its parent set (with the layout and digests), if it changed."""
+    def _send_parents(
+        self, peer: Peer, now: float, out: list[Send], *, force: bool = False
+    ) -> None:
+        """Tell the peer its parent set (with the layout, digests and a ticket per
+        parent), if it changed."""
         task = peer.task
         ids = tuple(peer.parents)
         if not force and ids == peer.last_sent:
@@ -581,13 +692,24 @@ class Scheduler:
         # PieceDigests, so a parent update need not repeat (and encode) them all.
         full = not peer.digests_sent or peer.id not in task.downloading
         digests = task.digest_list[:DIGESTS_PER_MESSAGE] if full else []
+        parents = list(peer.parents.values())
+        tickets: list[bytes] = []
+        expires_at = 0
+        if self.settings.ticket_ttl > 0:
+            expires_at = int(now + self.wall_offset + self.settings.ticket_ttl)
+            child = peer.host.id
+            for p in parents:
+                key = p.host.ticket_key
+                tickets.append(
+                    key.mint(task.id, child, p.host.id, expires_at) if key is not None else b""
+                )
         out.append(
             Send(
                 peer.host.id,
                 CandidateParents(
                     peer_id=peer.id,
                     task_id=task.id,
-                    parents=[p.parent_info() for p in peer.parents.values()],
+                    parents=[p.parent_info() for p in parents],
                     content_length=task.content_length,
                     piece_length=task.piece_length,
                     piece_count=task.piece_count,
@@ -595,6 +717,9 @@ class Scheduler:
                     etag=task.etag,
                     last_modified=task.last_modified,
                     content_type=task.content_type,
+                    tickets=tickets,
+                    ticket_expires_at=expires_at,
+                    private=task.private,
                 ),
             )
         )
@@ -738,7 +863,7 @@ class Scheduler:
                 continue
             chosen = [p for p in h.parents.values() if p is not busiest] + [source]
             self._set_parents(h, chosen)
-            self._send_parents(h, out)
+            self._send_parents(h, now, out)
             given += 1
 
     # ------------------------------------------------------------------ waiting and retries
@@ -786,6 +911,8 @@ class Scheduler:
         peer.transition(PeerState.BACK_TO_SOURCE)
         peer.back_to_source = True
         task.back_to_source[peer.id] = peer
+        if not peer.host.seed:
+            task.origin_hosts.add(peer.host.id)
         self.counters.back_to_source += 1
         known = task.metadata_known
         out.append(
@@ -800,6 +927,7 @@ class Scheduler:
                     digests=task.digest_list[:DIGESTS_PER_MESSAGE],
                     etag=task.etag,
                     last_modified=task.last_modified,
+                    private=task.private,
                 ),
             )
         )
@@ -808,6 +936,28 @@ class Scheduler:
 
     def _bts_allowed(self, task: Task) -> bool:
         return len(task.back_to_source) < self.settings.back_to_source_count
+
+    @staticmethod
+    def _needs_witness(task: Task) -> bool:
+        """No seed peer is at the task, and the ordinary peers that fetched it from the
+        origin cannot confirm its digests: one alone, or two that disagree."""
+        if task.seed_host is not None or any(
+            p.host.seed
+            for p in itertools.chain(task.back_to_source.values(), task.succeeded.values())
+        ):
+            return False
+        n = len(task.origin_hosts)
+        return n == 1 or (task.disputed and n < WITNESSES)
+
+    def _call_witness(self, task: Task, now: float, out: list[Send]) -> None:
+        """Origin fetches disagree: one more peer, on another host, fetches from the
+        origin (peers waiting for digests nobody can confirm would wait forever)."""
+        if not self._needs_witness(task) or not self._bts_allowed(task):
+            return
+        for p in itertools.chain(task.downloading.values(), task.waiting.values()):
+            if p.state in _SCHEDULABLE and not p.host.bad and p.host.id not in task.origin_hosts:
+                self._back_to_source(p, now, out, "origin fetches disagree: a third decides")
+                return
 
     # ------------------------------------------------------------------ sources and seeds
 

@@ -120,6 +120,13 @@ class SimConfig:
             raise ValueError(f"piece size must be at least one byte, got {self.piece_size}")
         if count_pieces(self.size, self.piece_size) > 1 << 20:
             raise ValueError("more than 2**20 pieces: choose a larger piece size")
+        if self.piece_size != piece_length_for(self.size):
+            try:  # the scheduler refuses a layout no peer would make
+                check_piece_length(self.piece_size)
+            except IdentityError as exc:
+                raise ValueError(
+                    f"piece size: {exc}, or the size's own ({piece_length_for(self.size)})"
+                ) from None
         for name in ("origin_up", "peer_up"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive rate")

@@ -39,14 +39,14 @@ from dragonfly.wire.messages import (
 )
 
 M = TypeVar("M", bound=Message)
-PL = 1000  # piece length used throughout
+PL = 1 << 20  # piece length used throughout (each task names it: the scheduler checks it)
 URL = "http://origin/file.bin"
 SPECS: dict[str, TaskSpec] = {}  # task ID -> what it is made of
 
 
 def tid(name: str) -> str:
     """The ID of the test's task called `name` (the scheduler checks IDs against specs)."""
-    spec = TaskSpec(url=f"{URL}?task={name}")
+    spec = TaskSpec(url=f"{URL}?task={name}", piece_length=PL)
     SPECS[spec.task_id] = spec
     return spec.task_id
 
@@ -353,9 +353,10 @@ def test_unknown_length_still_schedules() -> None:
     w.connect("a")
     (cp,) = of(w.register("a", "pa"), CandidateParents)
     assert (cp.content_length, cp.piece_count, parents_of(cp)) == (-1, -1, ["s1"])
-    w.send("seed", PeerFinished(peer_id="s1", task_id=T1, content_length=2500, piece_count=3))
+    length = 2 * PL + PL // 2
+    w.send("seed", PeerFinished(peer_id="s1", task_id=T1, content_length=length, piece_count=3))
     task = w.s.tasks[T1]
-    assert (task.content_length, task.piece_count, task.state) == (2500, 3, TaskState.SUCCEEDED)
+    assert (task.content_length, task.piece_count, task.state) == (length, 3, TaskState.SUCCEEDED)
 
 
 def test_two_peers_may_parent_each_other() -> None:
