@@ -12,6 +12,8 @@ from typing import Any
 
 import structlog
 
+from dragonfly.ratelimit import TokenBucket
+
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -49,3 +51,24 @@ def get_logger(name: str | None = None, **bound: Any) -> Any:
 
 bind = structlog.contextvars.bind_contextvars
 bound = structlog.contextvars.bound_contextvars
+
+
+class LogLimiter:
+    """Lines of one kind (a protocol error, a refused host) at most ``rate`` a second
+    with bursts of ``burst``: whoever can send garbage must not fill the disk with
+    our logs. `allow` says how many lines were skipped since the last one that went
+    out (say it in that line), or None: skip this one. Time is an argument."""
+
+    def __init__(self, rate: float = 1.0, burst: float = 20.0) -> None:
+        self._bucket = TokenBucket(rate, burst)
+        self._started = False
+        self._skipped = 0
+
+    def allow(self, now: float) -> int | None:
+        if not self._started:  # a bucket starts full at the first line, whenever it is
+            self._bucket.updated, self._started = now, True
+        if not self._bucket.try_take(1, now):
+            self._skipped += 1
+            return None
+        skipped, self._skipped = self._skipped, 0
+        return skipped

@@ -2,7 +2,10 @@
 
 A frame that does not decode is answered with an `Error` message and the
 connection goes on; only a fatal protocol error (an oversize frame, a version
-mismatch) closes it. trio-websocket enforces the frame size itself (close 1009).
+mismatch) closes it, or a client that keeps sending bad frames: each channel
+forgives ERROR_BUDGET of them (refilled at ERROR_REFILL a second), then closes with
+1008. Protocol errors are logged at most a few a second for the whole process.
+trio-websocket enforces the frame size itself (close 1009).
 
 `Channel` runs over trio-websocket (peers, parents' announcements). `ServerChannel`
 is the scheduler's side of its hosts' websockets, on the raw connection: it reads
@@ -23,7 +26,8 @@ from typing import TYPE_CHECKING
 import trio
 import trio_websocket
 
-from dragonfly.log import get_logger
+from dragonfly.log import LogLimiter, get_logger
+from dragonfly.ratelimit import TokenBucket
 from dragonfly.wire.codec import MAX_FRAME, Message, ProtocolError, decode, encode
 from dragonfly.wire.messages import Error, ErrorCode, Hello, check_version
 
@@ -38,6 +42,22 @@ ANNOUNCE_PATH = "/v1/announce"
 HANDSHAKE_TIMEOUT = 10.0
 # Messages queued by the websocket reader before it stops reading (backpressure).
 MESSAGE_QUEUE = 64
+# Protocol errors a channel forgives, and how many a second come back; past them the
+# channel closes (1008): bad frames cost a bounded amount of work and of log.
+ERROR_BUDGET = 20
+ERROR_REFILL = 0.5
+_ERROR_LOG = LogLimiter(rate=2.0, burst=20)
+
+
+def _log_protocol_error(channel: str, error: str) -> None:
+    skipped = _ERROR_LOG.allow(trio.current_time())
+    if skipped is not None:
+        log.warning("protocol error", channel=channel, error=error[:300], skipped=skipped)
+
+
+def _error_budget() -> TokenBucket:
+    return TokenBucket(ERROR_REFILL, ERROR_BUDGET, trio.current_time())
+
 
 ConnectionClosed = trio_websocket.ConnectionClosed
 
@@ -62,6 +82,7 @@ class Channel:
         self.peer_hello: Hello | None = None
         self._send_lock = trio.Lock()
         self._on_protocol_error = on_protocol_error
+        self._budget = _error_budget()
 
     async def send(self, msg: Message) -> None:
         data = encode(msg)
@@ -90,9 +111,12 @@ class Channel:
                     raise ChannelClosed(f"{self.name}: {exc}") from None
 
     async def _reject(self, exc: ProtocolError) -> None:
-        log.warning("protocol error", channel=self.name, error=str(exc))
+        _log_protocol_error(self.name, str(exc))
         if self._on_protocol_error is not None:
             self._on_protocol_error(exc)
+        if not self._budget.try_take(1, trio.current_time()):
+            await self.aclose(1008, "too many protocol errors")
+            raise ChannelClosed(f"{self.name}: too many protocol errors")
         with suppress(ChannelClosed):
             await self.send(
                 Error(code=ErrorCode.PROTOCOL, message=str(exc)[:1024], ref=exc.ref or "")
@@ -270,6 +294,7 @@ class ServerChannel:
         self._closing = False  # our close frame is queued: nothing more goes out
         self._closed = False  # no more reading: the client closed or broke the framing
         self.close_reason = ""
+        self._budget = _error_budget()
 
     # -- sending ---------------------------------------------------------------------
 
@@ -386,7 +411,7 @@ class ServerChannel:
             try:
                 self._parse(data)
             except _CloseNow as exc:
-                log.warning("websocket protocol error", channel=self.name, error=exc.reason)
+                _log_protocol_error(self.name, exc.reason)
                 self._closed = True
                 self.close_soon(exc.code, exc.reason)
         ready, self._ready = self._ready, []
@@ -482,9 +507,11 @@ class ServerChannel:
                 raise _CloseNow(1009, str(exc)) from None
 
     def _reject(self, exc: ProtocolError) -> None:
-        log.warning("protocol error", channel=self.name, error=str(exc))
+        _log_protocol_error(self.name, str(exc))
         if self._on_protocol_error is not None:
             self._on_protocol_error(exc)
+        if not self._budget.try_take(1, trio.current_time()):
+            raise _CloseNow(1008, "too many protocol errors")
         self.queue(Error(code=ErrorCode.PROTOCOL, message=str(exc)[:1024], ref=exc.ref or ""))
 
     # -- the handshake ---------------------------------------------------------------
