@@ -130,6 +130,10 @@ async def _embedded(cfg: PeerConfig, spec: dict[str, Any], progress: Progress) -
 
     cfg.proxy.port = 0
     cfg.upload.port = 0
+    if not cfg.trust.insecure and not cfg.trust.credential_file:
+        # No scheduler admits a host without a credential: this one fetches from the
+        # origin alone (and its upload port serves nobody).
+        cfg.scheduler.addresses = []
     req = DownloadRequest.for_url(
         spec["url"],
         tag=spec["tag"],

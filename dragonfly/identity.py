@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
@@ -122,13 +122,7 @@ def task_id(
     `filtered_query_params` are added to the defaults (or replace them when
     `use_default_filters` is false).
     """
-    patterns: list[str] = list(DEFAULT_FILTERED_QUERY_PARAMS) if use_default_filters else []
-    patterns.extend(filtered_query_params)
-    query_filter = (
-        DEFAULT_QUERY_FILTER
-        if use_default_filters and not filtered_query_params
-        else QueryFilter.from_patterns(patterns)
-    )
+    query_filter = _query_filter(filtered_query_params, use_default_filters)
     if piece_length is not None and piece_length <= 0:
         raise IdentityError(f"piece length must be positive, got {piece_length}")
     h = hashlib.sha256()
@@ -144,6 +138,41 @@ def task_id(
         h.update(len(data).to_bytes(4, "big"))
         h.update(data)
     return h.hexdigest()
+
+
+def _query_filter(filtered_query_params: Sequence[str], use_defaults: bool = True) -> QueryFilter:
+    """The defaults plus `filtered_query_params` (or these alone)."""
+    if use_defaults and not filtered_query_params:
+        return DEFAULT_QUERY_FILTER
+    patterns = list(DEFAULT_FILTERED_QUERY_PARAMS) if use_defaults else []
+    return QueryFilter.from_patterns([*patterns, *filtered_query_params])
+
+
+# Request headers that always carry credentials.
+CREDENTIAL_HEADERS = ("authorization", "cookie")
+
+
+def carries_credentials(
+    url: str,
+    headers: Mapping[str, str],
+    filtered_query_params: Sequence[str] = (),
+    *,
+    extra_headers: Sequence[str] = (),
+) -> bool:
+    """Whether a request carries credentials: Authorization or Cookie, a header named in
+    `extra_headers` (X-Api-Key, PRIVATE-TOKEN...), or a query parameter left out of the
+    task ID (the signature of a presigned URL). A task made by such a request is private:
+    its ID is shared with requests that carry none, so the origin decides per client."""
+    names = {*CREDENTIAL_HEADERS, *(h.strip().lower() for h in extra_headers)}
+    if any(name.lower() in names for name in headers):
+        return True
+    query_filter = _query_filter(filtered_query_params)
+    query = urlsplit(url).query
+    return any(
+        query_filter.drops(unquote_plus(segment.partition("=")[0]))
+        for segment in query.split("&")
+        if segment
+    )
 
 
 def blob_task_id(digest: str) -> str:

@@ -2,16 +2,23 @@
 
 Store, scheduler connections, downloads, upload server and proxy in one trio
 nursery tree (a seed peer is the same daemon with `seed.enabled`). The daemon is
-the `PeerServices` its components (dragonfly/peer/) are given."""
+the `PeerServices` its components (dragonfly/peer/) are given.
+
+A host's ID is the one its credential names (trust.credential_file), so a restarted
+peer is the same host; without a credential (insecure mode, or a peer with no
+scheduler) it is made once and kept in the data directory."""
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
 from pathlib import Path
 
 import trio
 
 from dragonfly.config import PeerConfig, data_dir, resolved_hostname
+from dragonfly.credentials import peer_credential
 from dragonfly.identity import IdentityError
 from dragonfly.log import get_logger
 from dragonfly.metrics import PeerMetrics
@@ -27,9 +34,12 @@ from dragonfly.peer.tunnel import Hijacker
 from dragonfly.peer.upload import UploadHandler
 from dragonfly.ratelimit import RateLimiter
 from dragonfly.storage import GCConfig, PieceStore
+from dragonfly.trust import TicketKey
 from dragonfly.wire.messages import HostInfo, TriggerDownload
 
 log = get_logger("dragonfly.peer")
+
+HOST_ID_FILE = "host-id"
 
 
 class PeerDaemon:
@@ -49,6 +59,11 @@ class PeerDaemon:
             ssl_context=origin_ssl_context(d),
         )
         self.hijacker = Hijacker(config.proxy.hijack_https)
+        # ConfigError naming trust.credential_file if one is needed and unusable.
+        self.credential = peer_credential(config)
+        # Children's tickets are checked with this host's key; without one (and not
+        # insecure) the upload port serves nobody.
+        self.ticket_key = TicketKey(self.credential.host_key) if self.credential else None
         self.upload_limiter = _limiter(config.upload.rate_limit)
         self.download_limiter = _limiter(d.rate_limit)
         self.source_limiter = _limiter(d.back_to_source_rate_limit)
@@ -86,9 +101,9 @@ class PeerDaemon:
                     )
                     self.upload_port = bound_port(upload)
                     self.host = HostInfo(
-                        host_id=f"{resolved_hostname(cfg.host)}-{self.upload_port}-{secrets.token_hex(4)}"[
-                            :128
-                        ],
+                        host_id=self.credential.claims.host_id
+                        if self.credential is not None
+                        else _stable_host_id(self.data_dir, resolved_hostname(cfg.host)),
                         hostname=resolved_hostname(cfg.host)[:255],
                         ip=cfg.host.ip,
                         upload_port=self.upload_port,
@@ -104,6 +119,7 @@ class PeerDaemon:
                         role=self.role,
                         on_trigger=self._on_trigger,
                         connect_timeout=cfg.scheduler.connect_timeout,
+                        credential=self.credential,
                     )
                     proxy = await nursery.start(
                         serve, ProxyHandler(self), cfg.proxy.listen, cfg.proxy.port
@@ -126,6 +142,11 @@ class PeerDaemon:
                     await nursery.start(run_schedulers)
                     nursery.start_soon(store.gc_forever, cfg.storage.gc_interval)
                     self._serving = True
+                    if cfg.trust.insecure:
+                        log.warning(
+                            "INSECURE: trust.insecure is set: schedulers and children are "
+                            "taken at their word, pieces are served without tickets"
+                        )
                     log.info(
                         "peer started",
                         role=self.role,
@@ -159,6 +180,26 @@ class PeerDaemon:
             return
         log.info("triggered", task_id=msg.task_id, url=msg.task.url)
         self.tasks.open(request)
+
+
+def _stable_host_id(directory: Path, hostname: str) -> str:
+    """This host's ID without a credential: made once, then read from the data directory."""
+    path = directory / HOST_ID_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pass
+    else:
+        with os.fdopen(fd) as f:
+            kept = f.read(256).strip()
+        if kept:
+            return kept[:128]
+    name = re.sub(r"[^A-Za-z0-9._:@+-]", "-", hostname)[:100] or "host"
+    made = f"{name}-{secrets.token_hex(4)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(made + "\n")
+    return made
 
 
 def _with_proxy_port(host: HostInfo, port: int) -> HostInfo:

@@ -14,7 +14,8 @@ import contextlib
 import hashlib
 import itertools
 import secrets
-from collections.abc import Iterator, KeysView
+import time
+from collections.abc import Iterator, KeysView, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,7 +25,7 @@ from dragonfly.config import PeerConfig
 from dragonfly.engine.announce import AnnounceSchedule
 from dragonfly.engine.picker import PiecePicker
 from dragonfly.errors import find_exception
-from dragonfly.identity import credential_scope, piece_length_for
+from dragonfly.identity import carries_credentials, credential_scope, piece_length_for
 from dragonfly.identity import piece_count as count_pieces
 from dragonfly.log import bound, get_logger
 from dragonfly.metrics import PeerMetrics
@@ -46,6 +47,7 @@ from dragonfly.storage import (
     TaskHandle,
     TaskState,
 )
+from dragonfly.trust import TICKET_HEADER, Ticket
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message
 from dragonfly.wire.messages import (
     AnnounceDone,
@@ -124,6 +126,8 @@ class DownloadRequest:
     # False: only the byte ranges given through `Download.want_range` (a Range request
     # with proxy.prefetch off); the rest of the task is left for later.
     whole: bool = True
+    # Made with credentials (identity.carries_credentials): the task is private.
+    private: bool = False
     task_id: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -140,11 +144,13 @@ class DownloadRequest:
         filtered_query_params: list[str] | None = None,
         back_to_source: bool = True,
         shared_credentials: bool = False,
+        credential_headers: Sequence[str] = (),
     ) -> DownloadRequest:
         """The request and its task. A download made with someone's credentials
         (Authorization, Cookie) is theirs unless a rule says the origin is asked first
         (`shared_credentials`): its task is scoped to those credentials, so nobody
-        else is ever served it from P2P."""
+        else is ever served it from P2P. Any credential (those two, a signature left out
+        of the ID, a header named in `credential_headers`) makes the task private."""
         headers = headers or {}
         spec = TaskSpec(
             url=url,
@@ -153,7 +159,11 @@ class DownloadRequest:
             filtered_query_params=list(filtered_query_params or []),
             scope="" if shared_credentials else credential_scope(headers),
         )
-        return cls(spec, headers, back_to_source=back_to_source)
+        request = cls(spec, headers, back_to_source=back_to_source)  # (the URL is checked)
+        request.private = carries_credentials(
+            url, headers, spec.filtered_query_params, extra_headers=credential_headers
+        )
+        return request
 
 
 @dataclass
@@ -161,6 +171,7 @@ class _Parent:
     info: ParentInfo
     client: HTTPClient
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    ticket: Ticket | None = None  # the scheduler's latest for this parent
 
     @property
     def base_url(self) -> str:
@@ -185,6 +196,9 @@ class Download:
         self.last_modified = ""
         self.content_type = ""
         self.digests: dict[int, bytes] = {}
+        # A client's bytes come only after the origin said yes to its credentials: the
+        # request had some, or the scheduler or the store says the task is private.
+        self.private = request.private
         self.handle: TaskHandle | None = None
         self._pieces: dict[int, PieceRecord] = {}  # the store handle's own record
         self.picker: PiecePicker | None = None
@@ -493,6 +507,7 @@ class Download:
         from dragonfly.storage import TaskRecord
 
         assert isinstance(record, TaskRecord)
+        self.private = self.private or record.private
         await self._set_layout(
             record.content_length, record.piece_length, record.etag, record.last_modified, ""
         )
@@ -513,6 +528,7 @@ class Download:
                 task=req.spec,
                 headers=req.headers,
                 need_back_to_source=req.seed_trigger,
+                private=req.private,
             )
         )
         async with trio.open_nursery() as nursery:
@@ -533,6 +549,7 @@ class Download:
                 elif isinstance(msg, PieceDigests):
                     self._add_digests(msg.digests)
                 elif isinstance(msg, NeedBackToSource):
+                    self.private = self.private or msg.private
                     if not source_started:
                         source_started = True
                         self._stop_p2p()
@@ -673,6 +690,7 @@ class Download:
             etag=etag,
             last_modified=last_modified,
             digest=self.request.spec.digest or None,
+            private=self.private or None,  # (never back to public)
         )
         self._pieces = self.handle.pieces
         for p in self.handle.pieces.values():
@@ -745,6 +763,7 @@ class Download:
     # ------------------------------------------------------------ P2P
 
     async def _on_candidates(self, msg: CandidateParents, nursery: trio.Nursery) -> None:
+        self.private = self.private or msg.private
         if msg.piece_length is not None and msg.content_length >= 0:
             await self._set_layout(
                 msg.content_length, msg.piece_length, msg.etag, msg.last_modified, msg.content_type
@@ -759,8 +778,13 @@ class Download:
         if self.piece_count == 0:
             self._notify()  # empty file: nothing to fetch
             return
+        tickets = _tickets(msg, self.daemon.host.host_id)
         for info in msg.parents:
-            if info.peer_id in self._parents or info.peer_id in self._blocked:
+            known = self._parents.get(info.peer_id)
+            if known is not None:
+                known.ticket = tickets.get(info.peer_id) or known.ticket  # a fresh one
+                continue
+            if info.peer_id in self._blocked:
                 continue
             parent = _Parent(
                 info,
@@ -768,6 +792,7 @@ class Download:
                     connect_timeout=self.daemon.config.download.connect_timeout,
                     read_timeout=self.daemon.config.download.piece_timeout,
                 ),
+                ticket=tickets.get(info.peer_id),
             )
             self._parents[info.peer_id] = parent
             assert self.picker is not None
@@ -788,8 +813,16 @@ class Download:
                     name=f"parent {pid}",
                     connect_timeout=self.daemon.config.download.connect_timeout,
                 ) as channel:
+                    ticket = parent.ticket
                     await channel.send(
-                        Subscribe(task_id=self.task_id, peer_id=self.peer_id, parent_id=pid)
+                        Subscribe(
+                            task_id=self.task_id,
+                            peer_id=self.peer_id,
+                            parent_id=pid,
+                            host_id=ticket.child_host_id if ticket else "",
+                            ticket=ticket.mac if ticket else b"",
+                            expires_at=ticket.expires_at if ticket else 0,
+                        )
                     )
                     async for msg in channel:
                         if isinstance(msg, PieceAnnounce):
@@ -840,20 +873,25 @@ class Download:
         assert self.picker is not None
         picker = self.picker
         while not self._target_reached:
+            stale = False
             for number, pid in picker.pick(trio.current_time()):
                 parent = self._parents.get(pid)
                 if parent is None:
                     picker.on_failure(number, pid)
+                    continue
+                if parent.ticket is not None and parent.ticket.stale(time.time()):
+                    # Its ticket is (about to be) refused: fresh ones come with the
+                    # scheduler's answer to a Reschedule; meanwhile the parent rests.
+                    picker.on_busy(number, pid, trio.current_time())
+                    stale = True
                     continue
                 nursery.start_soon(self._fetch_piece, session, number, parent)
             # Stalled with digests in hand but no parent serving them: ask for others.
             # (Pieces whose digest is unknown wait for the origin, not for parents.)
             waiting_for_parents = len(self.digests) > len(self.have) and not self._wanted_had
             if (
-                waiting_for_parents
-                and picker.stalled()
-                and trio.current_time() - self._last_reschedule > RESCHEDULE_INTERVAL
-            ):
+                stale or (waiting_for_parents and picker.stalled())
+            ) and trio.current_time() - self._last_reschedule > RESCHEDULE_INTERVAL:
                 self._last_reschedule = trio.current_time()
                 await self._report_failure(
                     session,
@@ -940,8 +978,9 @@ class Download:
         if limiter is not None:
             await limiter.acquire(length)
         url = f"{parent.base_url}/pieces/{self.task_id}/{number}"
+        ticket = [(TICKET_HEADER, parent.ticket.header())] if parent.ticket else []
         with trio.fail_after(self.daemon.config.download.piece_timeout):
-            async with parent.client.request("GET", url) as r:
+            async with parent.client.request("GET", url, ticket) as r:
                 if r.status == 503:
                     await discard(r)
                     raise ParentBusy(url)
@@ -1154,6 +1193,17 @@ class Download:
         self.content_length = content_length
         self.piece_count = count_pieces(content_length, self.piece_length)
         await self.daemon.store.set_content_length(self.task_id, content_length)
+
+
+def _tickets(msg: CandidateParents, host_id: str) -> dict[str, Ticket]:
+    """The tickets of a CandidateParents by parent peer ID (none without identity)."""
+    if len(msg.tickets) != len(msg.parents):
+        return {}
+    return {
+        info.peer_id: Ticket(host_id, msg.ticket_expires_at, mac)
+        for info, mac in zip(msg.parents, msg.tickets, strict=True)
+        if mac
+    }
 
 
 def _piece_info(p: PieceRecord) -> PieceInfo:

@@ -21,15 +21,14 @@ import trio
 from dragonfly.config import ProxyRule
 from dragonfly.identity import IdentityError
 from dragonfly.log import get_logger
-from dragonfly.net.http_client import HTTPClientError
 from dragonfly.net.http_server import Request, Responder
 from dragonfly.peer.download import Download, DownloadFailed, DownloadRequest
+from dragonfly.peer.private import PrivateAccess
 from dragonfly.peer.registry import RegistryMirror
 from dragonfly.peer.services import PeerServices
 from dragonfly.peer.serving import origin_headers, relay, serve_common, stream_download
 from dragonfly.peer.tunnel import handle_connect
 from dragonfly.storage.taskfile import task_path
-from dragonfly.wire.http_common import Headers
 from dragonfly.wire.oci import is_registry_path, registry_blob
 
 log = get_logger("dragonfly.peer.proxy")
@@ -60,6 +59,7 @@ class ProxyHandler:
         self.daemon = daemon
         self.rules = [CompiledRule(re.compile(r.regex), r) for r in daemon.config.proxy.rules]
         self.registry = RegistryMirror(daemon)
+        self.private = PrivateAccess(daemon)
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         target = request.target
@@ -143,24 +143,6 @@ class ProxyHandler:
 
     # ---------------------------------------------------------------- P2P
 
-    async def _check_credentials(self, request: Request, responder: Responder) -> bool:
-        """The origin must accept this client's credentials before P2P may serve it."""
-        headers = Headers(
-            (k, v) for k, v in request.headers.without_hop_by_hop() if k not in (b"host", b"range")
-        )
-        try:
-            async with self.daemon.origin_client.request("HEAD", request.target, headers) as r:
-                if r.status < 300:
-                    return True
-                hdrs = r.headers.without_hop_by_hop()
-                hdrs.set(b"content-length", b"0")
-                await responder.start(r.status, hdrs)
-                await responder.finish()
-                return False
-        except HTTPClientError as exc:
-            await responder.send_error(502, f"origin: {exc}")
-            return False
-
     def _download_request(self, request: Request, *, shared_credentials: bool) -> DownloadRequest:
         cfg = self.daemon.config.proxy
         return DownloadRequest.for_url(
@@ -171,17 +153,18 @@ class ProxyHandler:
             filtered_query_params=list(cfg.filtered_query_params)
             + filtered_params(request.headers.get(H_FILTERED)),
             shared_credentials=shared_credentials,
+            credential_headers=cfg.credential_headers,
         )
 
     async def _p2p(self, request: Request, responder: Responder, rule: ProxyRule) -> None:
-        # Under a rule that shares credentialed downloads, the origin decides for every
-        # client (with its credentials or none) before P2P serves it anything.
-        if rule.allow_credentials and not await self._check_credentials(request, responder):
-            return
         try:
             req = self._download_request(request, shared_credentials=rule.allow_credentials)
         except IdentityError as exc:
             await responder.send_error(400, str(exc))
+            return
+        # A request with credentials: the origin says yes to them before anything starts
+        # on its behalf (dragonfly/peer/private.py).
+        if req.private and not await self.private.allowed(request, responder, req.task_id):
             return
         # A Range request fetches only the pieces it covers, unless prefetch is on.
         ranged = request.headers.get("range") is not None
@@ -192,6 +175,14 @@ class ProxyHandler:
                 await download.wait_metadata()
             except DownloadFailed as exc:
                 await responder.send_error(exc.client_status, f"dragonfly: {exc.reason}")
+                return
+            # Someone made the task with credentials: its bytes are not this client's
+            # unless the origin says so.
+            if (
+                download.private
+                and not req.private
+                and not await self.private.allowed(request, responder, req.task_id)
+            ):
                 return
             await stream_download(self.daemon, download, request, responder)
 

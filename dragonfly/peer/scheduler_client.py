@@ -6,6 +6,10 @@ Each connection has a reader that routes messages to the download they are for
 (by task and peer ID) and hands TriggerDownload to the daemon. Connections are
 kept open and re-opened with backoff; a download whose scheduler goes away gets
 `SchedulerLost` and registers with the next scheduler on the ring.
+
+With a credential, a connection is used only once both sides proved themselves
+(`authenticate`): nothing, not a registration nor a client's headers, goes to a
+scheduler that cannot show it holds the cluster secret.
 """
 
 from __future__ import annotations
@@ -18,7 +22,21 @@ from dataclasses import dataclass
 import trio
 
 from dragonfly.log import get_logger
-from dragonfly.net.channel import SCHEDULER_PATH, Channel, ChannelClosed, connect
+from dragonfly.net.channel import (
+    HANDSHAKE_TIMEOUT,
+    SCHEDULER_PATH,
+    Channel,
+    ChannelClosed,
+    connect,
+)
+from dragonfly.trust import (
+    Credential,
+    TrustError,
+    check_proof,
+    new_nonce,
+    peer_proof,
+    scheduler_proof,
+)
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message
 from dragonfly.wire.messages import (
     CandidateParents,
@@ -28,6 +46,7 @@ from dragonfly.wire.messages import (
     LeaveHost,
     NeedBackToSource,
     PieceDigests,
+    Proof,
     TaskFailed,
     TriggerDownload,
 )
@@ -62,6 +81,39 @@ def scheduler_url(address: str) -> str:
     return address.rstrip("/") + SCHEDULER_PATH if "/v1/" not in address else address
 
 
+def scheduler_hello(
+    host: HostInfo, role: str, credential: Credential | None, nonce: bytes
+) -> Hello:
+    """A host's Hello to a scheduler: its host, and its credential's claims if it has one."""
+    return Hello(
+        version=PROTOCOL_VERSION,
+        min_version=MIN_PROTOCOL_VERSION,
+        role=role,
+        host=host,
+        nonce=nonce,
+        claims=credential.claims if credential is not None else None,
+    )
+
+
+async def authenticate(
+    channel: Channel, credential: Credential, nonce: bytes, *, timeout: float = HANDSHAKE_TIMEOUT
+) -> None:
+    """After the Hellos: prove this host's credential, then check the scheduler's proof
+    (made with this host's key, which only the holder of the cluster secret can
+    compute). TrustError if the scheduler refuses this host or cannot prove itself."""
+    theirs = channel.peer_hello
+    assert theirs is not None
+    key = credential.host_key
+    await channel.send(Proof(proof=peer_proof(key, nonce, theirs.nonce, credential.claims)))
+    with trio.fail_after(timeout):
+        answer = await channel.receive()
+    if isinstance(answer, Error):
+        raise TrustError("refused", f"the scheduler refused this host: {answer.message}")
+    if not isinstance(answer, Proof):
+        raise TrustError("proof", f"expected the scheduler's proof, got {answer.TAG}")
+    check_proof(scheduler_proof(key, nonce, theirs.nonce), answer.proof, "scheduler")
+
+
 @dataclass
 class Route:
     """Where messages for one (task, peer) go."""
@@ -77,11 +129,18 @@ class SchedulerConnection:
     """A kept-open channel to one scheduler."""
 
     def __init__(
-        self, address: str, host: HostInfo, role: str, on_trigger: TriggerHandler, timeout: float
+        self,
+        address: str,
+        host: HostInfo,
+        role: str,
+        on_trigger: TriggerHandler,
+        timeout: float,
+        credential: Credential | None = None,
     ) -> None:
         self.address = address
         self.host = host
         self.role = role
+        self.credential = credential
         self.on_trigger = on_trigger
         self.timeout = timeout
         self.channel: Channel | None = None
@@ -97,12 +156,8 @@ class SchedulerConnection:
         """Connect, serve, reconnect with backoff, until cancelled."""
         backoff = 0.1
         while True:
-            hello = Hello(
-                version=PROTOCOL_VERSION,
-                min_version=MIN_PROTOCOL_VERSION,
-                role=self.role,
-                host=self.host,
-            )
+            nonce = new_nonce()
+            hello = scheduler_hello(self.host, self.role, self.credential, nonce)
             try:
                 async with connect(
                     scheduler_url(self.address),
@@ -110,6 +165,8 @@ class SchedulerConnection:
                     name=f"scheduler {self.address}",
                     connect_timeout=self.timeout,
                 ) as channel:
+                    if self.credential is not None:
+                        await authenticate(channel, self.credential, nonce, timeout=self.timeout)
                     self.channel = channel
                     self.connected.set()
                     self.failures = 0
@@ -119,6 +176,10 @@ class SchedulerConnection:
                         connection.start_soon(self._keepalive, channel)
                         await self._read(channel, nursery)
                         connection.cancel_scope.cancel()
+            except TrustError as exc:
+                self.failures += 1
+                if self.failures in (1, 10) or self.failures % 100 == 0:
+                    log.warning("scheduler not trusted", scheduler=self.address, error=str(exc))
             except (OSError, ChannelClosed, trio.TooSlowError) as exc:
                 self.failures += 1
                 if self.failures in (1, 10) or self.failures % 100 == 0:
@@ -241,9 +302,11 @@ class SchedulerPool:
         role: str,
         on_trigger: TriggerHandler,
         connect_timeout: float,
+        credential: Credential | None = None,
     ) -> None:
         self.connections = {
-            a: SchedulerConnection(a, host, role, on_trigger, connect_timeout) for a in addresses
+            a: SchedulerConnection(a, host, role, on_trigger, connect_timeout, credential)
+            for a in addresses
         }
         self.connect_timeout = connect_timeout
         self.host = host

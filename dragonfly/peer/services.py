@@ -11,6 +11,7 @@ from dragonfly.peer.download import DownloadServices
 from dragonfly.peer.tasks import TaskManager
 from dragonfly.peer.tunnel import Hijacker
 from dragonfly.ratelimit import RateLimiter
+from dragonfly.trust import TicketKey
 
 
 class PeerServices(DownloadServices, Protocol):
@@ -18,6 +19,7 @@ class PeerServices(DownloadServices, Protocol):
     tasks: TaskManager
     hijacker: Hijacker
     upload_limiter: RateLimiter | None
+    ticket_key: TicketKey | None  # this host's key: children's tickets are checked with it
 
     @property
     def healthy(self) -> bool: ...

@@ -1,23 +1,30 @@
 """The upload server: pieces to other peers over HTTP with sendfile, piece
 announcements over a websocket on the same port, and /metrics and /healthy.
 
-Only verified pieces of known tasks are served. Concurrent uploads are capped
-(the load limit) and paced by the upload rate limit shared by all of them.
+Only verified pieces of known tasks are served, and only to a child holding a ticket
+the scheduler made for that task, that child's host and this host (dragonfly/trust.py):
+a piece request or a Subscribe without one is refused (403, or an Error). Concurrent
+uploads are capped (the load limit) and paced by the upload rate limit shared by all
+of them; a child that reads slower than `upload.min_rate` loses its slot, and one that
+says nothing after its Hello is dropped after SUBSCRIBE_TIMEOUT.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import time
 
 import trio
 import trio_websocket
 
-from dragonfly.log import get_logger
+from dragonfly.log import LogLimiter, get_logger
 from dragonfly.net.channel import ANNOUNCE_PATH, Channel, ChannelClosed
-from dragonfly.net.http_server import Request, Responder
+from dragonfly.net.http_server import ClientGone, Request, Responder
 from dragonfly.peer.services import PeerServices
 from dragonfly.peer.serving import serve_common
 from dragonfly.storage import StorageError, TaskState, UnknownTask
+from dragonfly.trust import TICKET_HEADER, Ticket, TrustError
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 from dragonfly.wire.http_common import Headers
 from dragonfly.wire.messages import (
@@ -35,6 +42,10 @@ log = get_logger("dragonfly.peer.upload")
 PIECE_PATH = re.compile(r"^/pieces/([A-Za-z0-9._:+-]{1,255})/([0-9]{1,10})$")
 ANNOUNCE_BATCH = 4096
 SEND_CHUNK = 4 << 20
+# A child that opened the announcement websocket says what it wants within this long.
+SUBSCRIBE_TIMEOUT = 10.0
+# Seconds every chunk may take beyond what upload.min_rate allows (a slow start).
+SLOW_GRACE = 5.0
 
 
 class UploadHandler:
@@ -44,6 +55,9 @@ class UploadHandler:
         self.daemon = daemon
         self.load_limit = trio.CapacityLimiter(daemon.config.upload.concurrent_limit)
         self.queue_limit = daemon.config.upload.queue_limit
+        self.min_rate = daemon.config.upload.min_rate
+        self.open = daemon.config.trust.insecure  # no tickets asked for
+        self._refusal_log = LogLimiter()
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         path = request.target.split("?", 1)[0]
@@ -56,7 +70,30 @@ class UploadHandler:
         if m is None or request.method not in ("GET", "HEAD"):
             await responder.send(404, b"not found\n")
             return
+        refusal = self._refusal(m.group(1), request.headers.get(TICKET_HEADER))
+        if refusal is not None:
+            await responder.send(403, f"{refusal}\n".encode())
+            return
         await self._serve_piece(m.group(1), int(m.group(2)), responder)
+
+    def _refusal(self, task_id: str, ticket: str | Ticket | None) -> str | None:
+        """Why a child may not have this task's pieces (None: it may)."""
+        if self.open:
+            return None
+        key = self.daemon.ticket_key
+        try:
+            if key is None:
+                raise TrustError("ticket", "this host has no credential: it serves no piece")
+            if isinstance(ticket, str):
+                ticket = Ticket.from_header(ticket)
+            key.verify(ticket, task_id, self.daemon.host.host_id, time.time())
+        except TrustError as exc:
+            self.daemon.metrics.errors.labels("ticket").inc()
+            skipped = self._refusal_log.allow(trio.current_time())
+            if skipped is not None:
+                log.info("piece refused", task_id=task_id[:128], error=str(exc), skipped=skipped)
+            return str(exc)
+        return None
 
     async def _serve_piece(self, task_id: str, number: int, responder: Responder) -> None:
         daemon = self.daemon
@@ -107,13 +144,20 @@ class UploadHandler:
 
     async def _send(self, responder: Responder, fd: int, offset: int, length: int) -> None:
         limiter = self.daemon.upload_limiter
-        chunk = limiter.chunk(SEND_CHUNK) if limiter is not None else length
+        chunk = limiter.chunk(SEND_CHUNK) if limiter is not None else min(length, SEND_CHUNK)
         sent = 0
         while sent < length:
             n = min(chunk, length - sent)
             if limiter is not None:
                 await limiter.acquire(n)
-            await responder.sendfile(fd, offset + sent, n)
+            # A reader below the minimum rate gives its upload slot back (the request
+            # fails, the connection closes): slots are for children that take bytes.
+            allowed = SLOW_GRACE + n / self.min_rate if self.min_rate else math.inf
+            with trio.move_on_after(allowed) as waited:
+                await responder.sendfile(fd, offset + sent, n)
+            if waited.cancelled_caught:
+                self.daemon.metrics.errors.labels("slow_reader").inc()
+                raise ClientGone(f"a child read under {self.min_rate} bytes/s")
             sent += n
             self.daemon.metrics.upload_bytes.inc(n)
 
@@ -123,10 +167,18 @@ class UploadHandler:
         hello = Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="peer")
         try:
             await channel.handshake(hello)
-            msg = await channel.receive()
+            with trio.fail_after(SUBSCRIBE_TIMEOUT):
+                msg = await channel.receive()
             if not isinstance(msg, Subscribe):
                 await channel.send(
                     Error(code=ErrorCode.PROTOCOL, message="expected subscribe", ref=msg.TAG)
+                )
+                return
+            ticket = Ticket(msg.host_id, msg.expires_at, msg.ticket) if msg.ticket else None
+            refusal = self._refusal(msg.task_id, ticket)
+            if refusal is not None:
+                await channel.send(
+                    Error(code=ErrorCode.FORBIDDEN, message=refusal, ref=Subscribe.TAG)
                 )
                 return
             await self._announce_task(channel, msg.task_id)

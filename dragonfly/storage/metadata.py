@@ -65,11 +65,15 @@ class TaskRecord:
     created_at: float = 0.0
     last_access: float = 0.0
     done_bytes: int = 0
+    # Made from a request with credentials: served to a client only after the origin
+    # said yes to that client's (dragonfly/peer/private.py).
+    private: bool = False
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> TaskRecord:
         values = {f.name: row[f.name] for f in dataclasses.fields(cls)}
         values["state"] = TaskState(values["state"])
+        values["private"] = bool(values["private"])
         return cls(**values)
 
 
@@ -114,6 +118,12 @@ def m001_tasks_and_pieces(db: Database) -> None:
         ) WITHOUT ROWID
         """
     )
+
+
+@MIGRATIONS()
+def m003_private_tasks(db: Database) -> None:
+    """Tasks made from requests with credentials are marked (never unmarked)."""
+    db.execute("ALTER TABLE tasks ADD COLUMN private INTEGER NOT NULL DEFAULT 0")
 
 
 _TASK_FIELDS = frozenset(f.name for f in dataclasses.fields(TaskRecord)) - {"id"}

@@ -560,8 +560,12 @@ class PieceStore:
         digest: str | None = None,
         etag: str | None = None,
         last_modified: str | None = None,
+        private: bool | None = None,
     ) -> TaskHandle:
         """Create or resume a task and hold it (``release`` it when done).
+
+        ``private`` True marks the task private for good (a later False or None does not
+        undo it): its bytes reach a client only after the origin said yes to that client.
 
         An interrupted task comes back with the pieces it had; a succeeded one comes back
         complete. If the layout or the origin's validators (content length, piece length,
@@ -597,6 +601,7 @@ class PieceStore:
                 "digest": digest,
                 "etag": etag,
                 "last_modified": last_modified,
+                "private": True if private else None,
             }.items()
             if v is not None
         }
