@@ -51,6 +51,7 @@ from typing import IO, Any
 from benchmarks.common import RESULTS, _pyplot, _save, plot_cdf, rss_anon, write_result
 from benchmarks.scheduler_load import BIN
 from dragonfly.testing.nginx import free_port
+from dragonfly.testing.trust import LocalIssuer
 from dragonfly.units import parse_duration
 
 TARGETS = {"registrations/s": 2000.0, "piece reports/s": 50000.0}
@@ -134,7 +135,7 @@ class Worker:
 # ---------------------------------------------------------------------------
 
 
-def start_scheduler(port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def start_scheduler(port: int, log_path: Path, secret_file: Path) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable,
         "-m",
@@ -145,6 +146,8 @@ def start_scheduler(port: int, log_path: Path) -> subprocess.Popen[bytes]:
         f"server.port={port}",
         "--set",
         "log.format=json",
+        "--set",
+        f"trust.secret_file={secret_file}",
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -175,7 +178,9 @@ def stop(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
         proc.wait(timeout=5)
 
 
-def start_workers(args: argparse.Namespace, port: int, log_dir: Path) -> list[Worker]:
+def start_workers(
+    args: argparse.Namespace, port: int, log_dir: Path, secret_file: Path
+) -> list[Worker]:
     workers = []
     for i in range(args.load_procs):
         cmd = [
@@ -196,6 +201,7 @@ def start_workers(args: argparse.Namespace, port: int, log_dir: Path) -> list[Wo
             f"--duration={args.duration}",
             f"--drain={args.drain}",
             f"--rng-seed={args.seed}",
+            f"--secret-file={secret_file}",
         ]
         with open(log_dir / f"load-{i}.log", "w") as err:
             proc = subprocess.Popen(
@@ -222,12 +228,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
-    sched = start_scheduler(port, log_dir / "scheduler.log")
+    # Identity on, as in any cluster: the load's hosts prove credentials made from it.
+    secret_file = LocalIssuer(log_dir / "trust").secret_file
+    sched = start_scheduler(port, log_dir / "scheduler.log", secret_file)
     # The PID is for a profiler (py-spy record --pid) and for ps.
     print(f"scheduler pid {sched.pid} on port {port}; logs in {log_dir}", flush=True)
     workers: list[Worker] = []
     try:
-        workers = start_workers(args, port, log_dir)
+        workers = start_workers(args, port, log_dir, secret_file)
         deadline = time.monotonic() + READY_TIMEOUT
         for w in workers:
             line = w.line(deadline)

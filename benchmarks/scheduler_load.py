@@ -15,6 +15,11 @@ clock for every process on Linux); the worker runs until START + warmup + durati
 lets every outstanding registration finish (bounded by --drain), says LeaveHost,
 closes every websocket cleanly and prints one JSON line of results.
 
+Each host proves a credential as a real peer does (the worker makes them from the
+cluster secret of --secret-file, as `dragonfly cluster` does), so the figures include
+the handshake's and the tickets' cost; without --secret-file the scheduler must run
+with trust.insecure.
+
 A plain host runs --peers-per-host download slots; each slot loops as fast as it can:
   RegisterPeer (a random task) -> CandidateParents (or NeedBackToSource)
   -> PiecesFinished x ceil(pieces / batch), each piece naming one of the offered parents
@@ -44,9 +49,18 @@ from typing import Any
 
 import cbor2
 
-from dragonfly.identity import task_id as compute_task_id
+from dragonfly.credentials import read_secret_file
 from dragonfly.net.channel import websocket_accept_key
-from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message, decode, encode
+from dragonfly.peer.scheduler_client import scheduler_hello
+from dragonfly.trust import (
+    Credential,
+    check_proof,
+    issue,
+    new_nonce,
+    peer_proof,
+    scheduler_proof,
+)
+from dragonfly.wire.codec import Message, decode, encode
 from dragonfly.wire.messages import (
     CandidateParents,
     Hello,
@@ -56,6 +70,7 @@ from dragonfly.wire.messages import (
     PeerFinished,
     PieceReport,
     PiecesFinished,
+    Proof,
     RegisterPeer,
     TaskMetadata,
     TaskSpec,
@@ -80,7 +95,8 @@ class SimTask:
 
     @property
     def spec(self) -> TaskSpec:
-        return TaskSpec(url=self.url)
+        # The piece length is named: the scheduler accepts no other layout for the task.
+        return TaskSpec(url=self.url, piece_length=self.piece_length)
 
 
 def make_tasks(count: int, pieces: int, piece_length: int = PIECE_LENGTH) -> list[SimTask]:
@@ -88,7 +104,7 @@ def make_tasks(count: int, pieces: int, piece_length: int = PIECE_LENGTH) -> lis
     tasks = []
     for i in range(count):
         url = f"http://origin.bench.invalid/blobs/{i:05d}.bin"
-        tid = compute_task_id(url)
+        tid = TaskSpec(url=url, piece_length=piece_length).task_id
         digests = tuple(hashlib.sha256(f"{tid}:{n}".encode()).digest() for n in range(pieces))
         tasks.append(SimTask(i, url, tid, pieces * piece_length, piece_length, pieces, digests))
     return tasks
@@ -170,9 +186,27 @@ def parse_frames(buf: bytearray, limit: int = 1 << 30) -> tuple[list[tuple[int, 
     return frames, pos
 
 
-def handshake(port: int, info: HostInfo, role: str, timeout: float) -> tuple[socket.socket, bytes]:
-    """Websocket upgrade to /v1/scheduler and the Hello exchange, blocking. Returns the
-    socket and any bytes received after the scheduler's Hello."""
+def _next_message(sock: socket.socket, buf: bytearray, what: str) -> Message:
+    """The next server frame's message (blocking); `buf` keeps the bytes after it."""
+    while True:
+        frames, used = parse_frames(buf, limit=1)
+        if frames:
+            opcode, payload = frames[0]
+            del buf[:used]
+            if opcode != 0x2:
+                raise ConnectionError(f"expected {what}, got opcode {opcode}")
+            return decode(payload)
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"scheduler closed before {what}")
+        buf += chunk
+
+
+def handshake(
+    port: int, info: HostInfo, role: str, timeout: float, credential: Credential | None = None
+) -> tuple[socket.socket, bytes]:
+    """Websocket upgrade to /v1/scheduler, the Hello exchange and, with a credential, the
+    proofs both ways, blocking. Returns the socket and any bytes received after."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     key = base64.b64encode(os.urandom(16))
@@ -195,21 +229,22 @@ def handshake(port: int, info: HostInfo, role: str, timeout: float) -> tuple[soc
     accept = {k.strip().lower(): v.strip() for k, v in headers.items()}.get(b"sec-websocket-accept")
     if accept != websocket_accept_key(key.decode()).encode():
         raise ConnectionError("bad Sec-WebSocket-Accept")
-    hello = Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role=role, host=info)
+    nonce = new_nonce()
+    hello = scheduler_hello(info, role, credential, nonce)
     sock.sendall(client_frame(encode(hello)))
     buf = bytearray(rest)
-    while True:
-        frames, used = parse_frames(buf, limit=1)
-        if frames:
-            opcode, payload = frames[0]
-            answer = decode(payload)
-            if opcode != 0x2 or not isinstance(answer, Hello):
-                raise ConnectionError(f"expected the scheduler's hello, got {answer!r}")
-            return sock, bytes(buf[used:])  # anything after it is for the loop
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError("scheduler closed before its hello")
-        buf += chunk
+    answer = _next_message(sock, buf, "the scheduler's hello")
+    if not isinstance(answer, Hello):
+        raise ConnectionError(f"expected the scheduler's hello, got {answer!r}")
+    if credential is not None:
+        key = credential.host_key
+        proof = peer_proof(key, nonce, answer.nonce, credential.claims)
+        sock.sendall(client_frame(encode(Proof(proof=proof))))
+        theirs = _next_message(sock, buf, "the scheduler's proof")
+        if not isinstance(theirs, Proof):
+            raise ConnectionError(f"expected the scheduler's proof, got {theirs!r}")
+        check_proof(scheduler_proof(key, nonce, answer.nonce), theirs.proof, "scheduler")
+    return sock, bytes(buf)  # anything after it is for the loop
 
 
 # ---------------------------------------------------------------------------
@@ -356,9 +391,16 @@ class Worker:
         a = self.args
         mine = [(i, False) for i in range(a.worker, a.hosts, a.workers)]
         mine += [(i, True) for i in range(a.worker, a.seed_hosts, a.workers)]
+        ring = read_secret_file(a.secret_file) if a.secret_file else None
         for index, seed in mine:
             info = host_info(index, seed, a.seed_upload_slots)
-            sock, rest = handshake(a.port, info, "seed-peer" if seed else "peer", a.timeout)
+            role = "seed-peer" if seed else "peer"
+            credential = None
+            if ring is not None:
+                credential = issue(
+                    ring, host_id=info.host_id, role=role, now=time.time(), ttl=86400
+                )
+            sock, rest = handshake(a.port, info, role, a.timeout, credential)
             sock.setblocking(False)
             h = SimHost(index, seed, info, sock, rest)
             self.hosts[h.fd] = h
@@ -669,6 +711,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--drain", type=float, default=15.0)
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--rng-seed", type=int, default=1)
+    p.add_argument("--secret-file", default="", help="the scheduler's cluster secret")
     return p.parse_args(argv)
 
 

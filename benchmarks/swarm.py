@@ -61,6 +61,7 @@ from dragonfly.sim.bound import fluid_bound
 from dragonfly.testing.nginx import Nginx, free_port, nginx_binary, wait_for_port
 from dragonfly.testing.probe import sha256_file
 from dragonfly.testing.process import stop_process_group
+from dragonfly.testing.trust import LocalIssuer
 from dragonfly.units import human_bytes, parse_rate, parse_size
 
 T = TypeVar("T")
@@ -548,12 +549,16 @@ class Bench:
             py = [sys.executable, "-m", "dragonfly"]
             sched_port = env.port("scheduler")
             sched_url = f"ws://{env.addr('scheduler')}:{sched_port}"
+            # Identity on, as in any cluster: a secret for the scheduler, a credential
+            # per peer (made here, as `dragonfly cluster` does).
+            issuer = LocalIssuer(data / "trust")
             sched_settings = {
                 "server.listen": env.listen_any,
                 "server.port": sched_port,
                 "host.ip": env.addr("scheduler"),
                 "host.hostname": "scheduler",
                 "log.format": "json",
+                "trust.secret_file": str(issuer.secret_file),
             }
             sched = self.procs.spawn(
                 env.argv("scheduler", [*py, "--role", "scheduler", *sets(sched_settings)]),
@@ -579,6 +584,8 @@ class Bench:
                     "scheduler.addresses": json.dumps([sched_url]),
                     "log.format": "json",
                 }
+                role = "seed-peer" if name.startswith("seed") else "peer"
+                settings["trust.credential_file"] = str(issuer.credential_file(name, role))
                 if loopback or self.app_limits:
                     # As an operator configures a peer for its link: the scheduler then
                     # knows each host's upload rate (as in the simulation). In netns mode
@@ -589,7 +596,6 @@ class Bench:
                         settings["download.rate_limit"] = caps.peer_down
                 if loopback:
                     settings["download.back_to_source_rate_limit"] = caps.origin_up
-                role = "seed-peer" if name.startswith("seed") else "peer"
                 proc = self.procs.spawn(
                     env.argv(name, [*py, "--role", role, *sets(settings)]),
                     log=logs / f"{name}.log",

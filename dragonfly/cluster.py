@@ -4,6 +4,9 @@ Every role runs on 127.0.0.1 with free ports and its own data directory and log
 under WORKDIR. Once every role answers /healthy, WORKDIR/cluster.json is written
 (atomically: write, then rename) for benchmarks and checks to read. The cluster
 runs until SIGINT/SIGTERM, then every child is stopped and waited for.
+
+Identity is on, as in any cluster: WORKDIR/trust holds the cluster secret (given to
+the schedulers) and one credential per peer and seed peer, named after the node.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dragonfly.testing.nginx import free_port
+from dragonfly.testing.trust import LocalIssuer
 
 _START_ATTEMPTS = 3  # (see Cluster.start: a port race with other processes' connections)
 
@@ -53,9 +57,15 @@ class Cluster:
     extra: list[str] = field(default_factory=list)  # --set options for every peer
     nodes: list[Node] = field(default_factory=list)
 
+    @property
+    def issuer(self) -> LocalIssuer:
+        """The cluster's secret, and credentials made from it (WORKDIR/trust)."""
+        return LocalIssuer(self.workdir / "trust")
+
     def _plan(self) -> None:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        issuer = self.issuer
         py = [sys.executable, "-m", "dragonfly"]
         addresses = []
         for i in range(self.schedulers):
@@ -73,6 +83,7 @@ class Cluster:
                         f"server.port={port}",
                         "--set",
                         "log.format=json",
+                        *(f"--set={item}" for item in issuer.scheduler_overrides()),
                     ],
                     logs / f"scheduler-{i}.log",
                     f"http://127.0.0.1:{port}/healthy",
@@ -106,6 +117,7 @@ class Cluster:
                             f"scheduler.addresses={sched}",
                             "--set",
                             "log.format=json",
+                            *(f"--set={item}" for item in issuer.peer_overrides(name, kind)),
                             *self.extra,
                         ],
                         logs / f"{name}.log",

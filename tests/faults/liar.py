@@ -1,7 +1,8 @@
 """A peer that lies: it tells the scheduler it holds every piece (with the right
 digests, learnt from the scheduler itself), announces pieces to children with
 made-up digests, and serves garbage bytes. Built from the project's own wire
-modules, so it speaks the protocol exactly as a real (malicious) peer would."""
+modules, so it speaks the protocol exactly as a real (malicious) peer would, with a
+valid credential of the cluster: a member that behaves badly."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import trio
 
 from dragonfly.net.channel import Channel, connect
 from dragonfly.net.http_server import Request, Responder, bound_port, serve
+from dragonfly.peer.scheduler_client import authenticate, scheduler_hello
+from dragonfly.trust import Credential, new_nonce
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 from dragonfly.wire.messages import (
     AnnounceDone,
@@ -29,8 +32,9 @@ from dragonfly.wire.messages import (
 
 
 class Liar:
-    def __init__(self, scheduler: str, task_id: str, url: str) -> None:
+    def __init__(self, scheduler: str, task_id: str, url: str, credential: Credential) -> None:
         self.scheduler = scheduler
+        self.credential = credential
         self.task_id = task_id
         self.url = url
         self.piece_length = 0
@@ -83,12 +87,15 @@ class Liar:
             listeners = await nursery.start(serve, self.handle, "127.0.0.1", 0)
             port = bound_port(listeners)
             host = HostInfo(
-                host_id=f"liar-{port}", hostname="liar", ip="127.0.0.1", upload_port=port
+                host_id=self.credential.claims.host_id,
+                hostname="liar",
+                ip="127.0.0.1",
+                upload_port=port,
             )
-            hello = Hello(
-                version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="peer", host=host
-            )
+            nonce = new_nonce()
+            hello = scheduler_hello(host, "peer", self.credential, nonce)
             async with connect(self.scheduler + "/v1/scheduler", hello) as channel:
+                await authenticate(channel, self.credential, nonce)
                 await self._register(channel)
                 task_status.started()
                 async for _ in channel:

@@ -16,10 +16,12 @@ import trio_websocket
 
 from dragonfly.cluster import Cluster, Node
 from dragonfly.identity import task_id
-from dragonfly.peer.scheduler_client import ring_order
+from dragonfly.net.channel import connect
+from dragonfly.peer.scheduler_client import authenticate, ring_order, scheduler_hello
 from dragonfly.testing.nginx import Nginx
-from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, decode, encode
-from dragonfly.wire.messages import Error, Hello, HostInfo
+from dragonfly.trust import new_nonce
+from dragonfly.wire.codec import decode, encode
+from dragonfly.wire.messages import Error, HostInfo
 from tests.faults.liar import Liar
 from tests.p2p_support import MiB, curl, finish, metric, random_file, sha256_file, task_files
 
@@ -95,7 +97,7 @@ async def test_a_lying_parent_is_caught_and_blocked(tmp_path: Path, www: Path, n
     )
     try:
         scheduler = cluster.node("scheduler-0").info["url"]
-        liar = Liar(scheduler, task_id(url), url)
+        liar = Liar(scheduler, task_id(url), url, cluster.issuer.credential("liar", "peer"))
         async with trio.open_nursery() as nursery:
             with trio.fail_after(60):
                 await nursery.start(liar.run)
@@ -250,14 +252,13 @@ def test_a_busy_parent_answers_503_and_children_still_get_every_byte(
         assert out.returncode == 0, out.stderr
         assert sha256_file(tmp_path / "a") == want
         task = re.search(rb"x-dragonfly-task-id: (\w+)", out.stderr).group(1).decode()
-        # Two requests at once to peer-0's upload server: one is served (about 1 s at
-        # 4 MB/s), the other refused at once.
+        # Two requests at once to peer-0's upload server (with the ticket a scheduler
+        # would give): one is served (about 1 s at 4 MB/s), the other refused at once.
         piece = f"{first.info['upload']}/pieces/{task}/0"
+        ticket = f"x-dragonfly-ticket: {cluster.issuer.ticket_header(task, 'peer-0')}"
+        command = ["curl", "-s", "-o", "/dev/null", "-D", "-", "-w", "%{http_code}\n"]
         procs = [
-            subprocess.Popen(
-                ["curl", "-s", "-o", "/dev/null", "-D", "-", "-w", "%{http_code}\n", piece],
-                stdout=subprocess.PIPE,
-            )
+            subprocess.Popen([*command, "-H", ticket, piece], stdout=subprocess.PIPE)
             for _ in range(2)
         ]
         answers = [p.communicate(timeout=60)[0].decode() for p in procs]
@@ -288,12 +289,12 @@ async def test_bad_frames_on_the_scheduler_socket(tmp_path: Path):
     try:
         url = cluster.node("scheduler-0").info["url"] + "/v1/scheduler"
         host = HostInfo(host_id="test-host", hostname="t", ip="127.0.0.1", upload_port=9)
-        hello = Hello(
-            version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="peer", host=host
-        )
-        async with trio_websocket.open_websocket_url(url, max_message_size=4 << 20) as ws:
-            await ws.send_message(encode(hello))
-            assert isinstance(decode(await ws.get_message()), Hello)
+        credential = cluster.issuer.credential("test-host", "peer")
+        nonce = new_nonce()
+        hello = scheduler_hello(host, "peer", credential, nonce)
+        async with connect(url, hello) as channel:
+            await authenticate(channel, credential, nonce)
+            ws = channel.ws
             for bad in (b"\xff\x00garbage", encode(hello) + b"trailing", b"\xa1\x61t\x63zzz"):
                 await ws.send_message(bad)
                 reply = decode(await ws.get_message())
@@ -304,8 +305,8 @@ async def test_bad_frames_on_the_scheduler_socket(tmp_path: Path):
                 while True:
                     await ws.get_message()
         # ... and only it: the scheduler still serves others
-        async with trio_websocket.open_websocket_url(url) as ws:
-            await ws.send_message(encode(hello))
-            assert isinstance(decode(await ws.get_message()), Hello)
+        nonce = new_nonce()
+        async with connect(url, scheduler_hello(host, "peer", credential, nonce)) as channel:
+            await authenticate(channel, credential, nonce)
     finally:
         await trio.to_thread.run_sync(cluster.stop)
