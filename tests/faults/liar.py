@@ -6,10 +6,12 @@ valid credential of the cluster: a member that behaves badly."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import trio
 
+from dragonfly.identity import piece_length_for
 from dragonfly.net.channel import Channel, connect
 from dragonfly.net.http_server import Request, Responder, bound_port, serve
 from dragonfly.peer.scheduler_client import authenticate, scheduler_hello
@@ -20,6 +22,7 @@ from dragonfly.wire.messages import (
     CandidateParents,
     Hello,
     HostInfo,
+    NeedBackToSource,
     PieceAnnounce,
     PieceDigests,
     PieceInfo,
@@ -27,6 +30,7 @@ from dragonfly.wire.messages import (
     PiecesFinished,
     RegisterPeer,
     Subscribe,
+    TaskMetadata,
     TaskSpec,
 )
 
@@ -52,9 +56,16 @@ class Liar:
             number = int(path.rsplit("/", 1)[1])
             length = min(self.piece_length, self.content_length - number * self.piece_length)
             self.served += 1
-            await responder.send(200, os.urandom(length), content_type=b"application/octet-stream")
+            body = self.piece_bytes(number, length)
+            await responder.send(200, body, content_type=b"application/octet-stream")
             return
         await responder.send(404, b"")
+
+    def piece_bytes(self, number: int, length: int) -> bytes:
+        return os.urandom(length)
+
+    def announced_digest(self, number: int) -> bytes:
+        return os.urandom(32)  # lies about the digest too
 
     async def _announce(self, ws: object) -> None:
         channel = Channel(ws, name="liar-child")  # type: ignore[arg-type]
@@ -68,7 +79,7 @@ class Liar:
                 n,
                 n * self.piece_length,
                 min(self.piece_length, self.content_length - n * self.piece_length),
-                os.urandom(32),  # lies about the digest too
+                self.announced_digest(n),
             )
             for n in range(self.piece_count)
         ]
@@ -130,4 +141,64 @@ class Liar:
                 ],
             )
         )
+        self.registered.set()
+
+
+def made_up_piece(number: int, length: int) -> bytes:
+    """The bytes a source liar serves as piece `number`: not the origin's."""
+    seed = hashlib.sha256(f"made-up piece {number}".encode()).digest()
+    return (seed * (length // len(seed) + 1))[:length]
+
+
+class SourceLiar(Liar):
+    """A member that registers a task first, so that (without seed peers) it is the one
+    sent to the origin, and then reports made-up pieces as the origin's: digests that
+    match the bytes it serves, which are not the origin's. If its word were enough, a
+    child would check its pieces against its digests and keep them."""
+
+    def __init__(
+        self, scheduler: str, url: str, content_length: int, credential: Credential
+    ) -> None:
+        super().__init__(scheduler, TaskSpec(url=url).task_id, url, credential)
+        self.content_length = content_length
+        self.piece_length = piece_length_for(content_length)
+        self.piece_count = -(-content_length // self.piece_length)
+        self.sent_to_origin = False
+
+    def piece_bytes(self, number: int, length: int) -> bytes:
+        return made_up_piece(number, length)
+
+    def announced_digest(self, number: int) -> bytes:
+        offset = number * self.piece_length
+        length = min(self.piece_length, self.content_length - offset)
+        return hashlib.sha256(made_up_piece(number, length)).digest()
+
+    async def _register(self, channel: Channel) -> None:
+        peer_id = f"{self.credential.claims.host_id}-{os.getpid()}"
+        await channel.send(
+            RegisterPeer(peer_id=peer_id, task_id=self.task_id, task=TaskSpec(url=self.url))
+        )
+        while True:
+            msg = await channel.receive()
+            if isinstance(msg, NeedBackToSource):
+                break
+            if isinstance(msg, CandidateParents):
+                return  # not the origin's fetcher: nothing to lie about
+        self.sent_to_origin = True
+        await channel.send(
+            TaskMetadata(
+                peer_id=peer_id,
+                task_id=self.task_id,
+                content_length=self.content_length,
+                piece_length=self.piece_length,
+                piece_count=self.piece_count,
+            )
+        )
+        reports = []
+        for n in range(self.piece_count):
+            offset = n * self.piece_length
+            length = min(self.piece_length, self.content_length - offset)
+            digest = hashlib.sha256(made_up_piece(n, length)).digest()
+            reports.append(PieceReport(n, offset, length, digest, "", 1))
+        await channel.send(PiecesFinished(peer_id=peer_id, task_id=self.task_id, pieces=reports))
         self.registered.set()
