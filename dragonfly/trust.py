@@ -316,9 +316,9 @@ class Ticket:
             raise TrustError("ticket", "malformed ticket header: expected 'EXPIRES MAC HOST_ID'")
         return cls(child, int(expires), raw)
 
-    def stale(self, now: float, margin: float = TICKET_REFRESH_MARGIN) -> bool:
-        """Whether it expires within ``margin`` seconds (time to ask for a fresh one)."""
-        return now >= self.expires_at - margin
+    def stale(self, now: float) -> bool:
+        """Whether it expires within TICKET_REFRESH_MARGIN (time to ask for a fresh one)."""
+        return now >= self.expires_at - TICKET_REFRESH_MARGIN
 
 
 class TicketKey:

@@ -881,8 +881,8 @@ class Download:
                     continue
                 if parent.ticket is not None and parent.ticket.stale(time.time()):
                     # Its ticket is (about to be) refused: fresh ones come with the
-                    # scheduler's answer to a Reschedule; meanwhile the parent rests.
-                    picker.on_busy(number, pid, trio.current_time())
+                    # scheduler's answer to a Reschedule, and wake this loop.
+                    picker.on_cancelled(number, pid)
                     stale = True
                     continue
                 nursery.start_soon(self._fetch_piece, session, number, parent)

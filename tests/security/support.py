@@ -45,10 +45,12 @@ async def speak(
     *,
     listen: float = 10.0,
     connected: trio.Event | None = None,
+    received: list[Message] | None = None,
 ) -> tuple[list[Message], bool]:
-    """Send `first` and `then` on a websocket to `url` and collect what comes back for up
-    to `listen` seconds. Returns (the messages, whether the other side closed)."""
-    received: list[Message] = []
+    """Send `first` and `then` on a websocket to `url` and collect what comes back (into
+    `received`, as it comes) for up to `listen` seconds. Returns (the messages, whether
+    the other side closed)."""
+    received = [] if received is None else received
     closed = False
     with trio.move_on_after(listen):
         async with trio_websocket.open_websocket_url(url) as ws:

@@ -64,8 +64,8 @@ async def test_item5_piece_length_and_registrations_are_bounded(tmp_path: Path) 
         )
         got = await as_member(url, member, host, [register, metadata], listen=2)
         assert any(isinstance(m, NeedBackToSource) for m in got)
-        (error,) = [m for m in got if isinstance(m, Error)]
-        assert "piece length 1 is not the task's" in error.message
+        errors = [m for m in got if isinstance(m, Error)]
+        assert len(errors) == 1 and "piece length 1 is not the task's" in errors[0].message, got
         task = server.core.tasks[spec.task_id]
         assert not task.metadata_known and task.piece_count == -1
 
