@@ -377,11 +377,17 @@ class Scheduler:
     def _within_bounds(self, host: Host, msg: RegisterPeer, now: float, out: list[Send]) -> bool:
         """A host registers at most ``registration_rate`` peers a second and has at most
         ``peers_per_host`` at once; beyond that the registration fails (HTTP 503 for
-        the client), so one host cannot make the seeds and the origin work for it."""
+        the client), so one host cannot make the seeds and the origin work for it. (A
+        seed peer keeps every task it holds registered, to serve it: only its rate is
+        bounded.)"""
         bucket = host.registrations
         if bucket is not None and not bucket.try_take(1, now):
             reason = f"over {self.settings.registration_rate:g} registrations/s for this host"
-        elif len(host.peers) >= self.settings.peers_per_host and msg.peer_id not in host.peers:
+        elif (
+            len(host.peers) >= self.settings.peers_per_host
+            and not host.seed
+            and msg.peer_id not in host.peers
+        ):
             reason = f"this host has {len(host.peers)} downloads registered, the most allowed"
         else:
             return True

@@ -22,7 +22,7 @@ from dragonfly.wire.messages import (
     TaskMetadata,
     TaskSpec,
 )
-from tests.unit.test_sched_scheduler import BAD, SPECS, T1, World, digest, of, parents_of
+from tests.unit.test_sched_scheduler import BAD, PL, SPECS, T1, World, digest, of, parents_of
 
 KEYS = {name: bytes([i]) * 32 for i, name in enumerate(["seed", "a", "b", "c", "d"], 1)}
 TTL = 600.0
@@ -185,6 +185,13 @@ def test_bounds_per_host() -> None:
     assert failed.peer_id == "p3" and failed.http_status == 503
     assert "downloads registered" in failed.reason
     assert "p3" not in w.s.peers and w.s.counters.refused_registrations == 1
+    # A seed peer holds (and keeps registered) every task it was triggered for.
+    for i in range(3):
+        w.now += 1.0  # (within the rate)
+        task = f"seed-task-{i}"
+        spec = TaskSpec(url=f"http://origin/{task}", piece_length=PL)
+        SPECS[spec.task_id] = spec
+        assert of(w.register("seed", f"s-{task}", spec.task_id), NeedBackToSource)
     # Three a second: the fourth at once is refused whatever the count.
     w2 = World(SchedulerSettings(registration_rate=3))
     w2.seeded_task()
