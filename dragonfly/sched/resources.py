@@ -387,6 +387,8 @@ class Peer:
         "received",
         "state",
         "task",
+        "tickets",
+        "tickets_expire",
     )
 
     def __init__(self, peer_id: str, host: Host, task: Task, now: float) -> None:
@@ -409,6 +411,9 @@ class Peer:
         self.attempts = 0  # scheduling attempts without any parent, while waiting
         self.next_retry = now
         self._parent_info: ParentInfo | None = None
+        # Tickets made for this peer's parents, by parent ID, all expiring at one time.
+        self.tickets: dict[str, bytes] = {}
+        self.tickets_expire = 0
 
     def can(self, new: PeerState) -> bool:
         return new in PEER_TRANSITIONS[self.state]

@@ -102,6 +102,8 @@ _DRAWS_PER_CANDIDATE = 4
 # Ordinary peers sent to the origin for a task without seed peers, at most: two that
 # agree confirm the digests; a third decides when the first two disagree.
 WITNESSES = 3
+# Ticket expiries are rounded up to this many seconds (see Scheduler._tickets).
+TICKET_STEP = 60
 
 _SCHEDULABLE = (PeerState.PENDING, PeerState.RUNNING)
 _SERVING = (PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED, PeerState.RUNNING)
@@ -699,16 +701,7 @@ class Scheduler:
         full = not peer.digests_sent or peer.id not in task.downloading
         digests = task.digest_list[:DIGESTS_PER_MESSAGE] if full else []
         parents = list(peer.parents.values())
-        tickets: list[bytes] = []
-        expires_at = 0
-        if self.settings.ticket_ttl > 0:
-            expires_at = int(now + self.wall_offset + self.settings.ticket_ttl)
-            child = peer.host.id
-            for p in parents:
-                key = p.host.ticket_key
-                tickets.append(
-                    key.mint(task.id, child, p.host.id, expires_at) if key is not None else b""
-                )
+        tickets, expires_at = self._tickets(peer, parents, now)
         out.append(
             Send(
                 peer.host.id,
@@ -732,6 +725,33 @@ class Scheduler:
         if full:
             self._send_extra_digests(peer, out)
             peer.digests_sent = peer.id in task.downloading
+
+    def _tickets(self, peer: Peer, parents: list[Peer], now: float) -> tuple[list[bytes], int]:
+        """A ticket per parent (none without identity) and their expiry. The expiry is
+        rounded up to TICKET_STEP, so the many parent updates of a peer reuse the
+        tickets already made for it (a ticket is an HMAC: cheap, but ~14 updates of up
+        to 8 parents per registration add up)."""
+        ttl = self.settings.ticket_ttl
+        if ttl <= 0:
+            return [], 0
+        expires_at = -(-int(now + self.wall_offset + ttl) // TICKET_STEP) * TICKET_STEP
+        made = peer.tickets
+        if peer.tickets_expire != expires_at:
+            made = peer.tickets = {}
+            peer.tickets_expire = expires_at
+        out = []
+        for p in parents:
+            ticket = made.get(p.id)
+            if ticket is None:
+                key = p.host.ticket_key
+                ticket = (
+                    b""
+                    if key is None
+                    else key.mint(peer.task.id, peer.host.id, p.host.id, expires_at)
+                )
+                made[p.id] = ticket
+            out.append(ticket)
+        return out, expires_at
 
     def _select_parents(
         self, peer: Peer, prefer: Peer | None, *, only_prefer: bool = False, refresh: bool = False

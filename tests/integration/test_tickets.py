@@ -14,6 +14,7 @@ from dragonfly import trust
 from dragonfly.config import PeerConfig, SchedulerConfig, load_config
 from dragonfly.nursery.peer import PeerDaemon
 from dragonfly.nursery.scheduler import SchedulerServer
+from dragonfly.sched import scheduler as scheduler_module
 from dragonfly.sched.scheduler import Send
 from dragonfly.testing.nginx import Nginx
 from dragonfly.testing.trust import LocalIssuer
@@ -45,11 +46,12 @@ def _peer_config(
 async def test_a_child_renews_its_tickets_before_they_expire(
     tmp_path: Path, www: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Tickets last 120 s (whole seconds) and a child renews them 118 s early: they are
-    # stale 1 to 2 s after the scheduler made them, while the seed peer takes about 6 s
-    # to fetch the file (12 MiB from an origin sending 512 KiB/s a connection, with 4
-    # connections), so the child must renew them to get the later pieces.
+    # Tickets last 120 s (rounded up to the second) and a child renews them 118 s early:
+    # they are stale 1 to 2 s after the scheduler made them, while the seed peer takes
+    # about 6 s to fetch the file (12 MiB from an origin sending 512 KiB/s a connection,
+    # with 4 connections), so the child must renew them to get the later pieces.
     monkeypatch.setattr(trust, "TICKET_REFRESH_MARGIN", 118)
+    monkeypatch.setattr(scheduler_module, "TICKET_STEP", 1)
     want = random_file(www / "f.bin", 12 * MiB + 5)
     issuer = LocalIssuer(tmp_path / "trust")
     sched_cfg = load_config(
