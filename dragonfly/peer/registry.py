@@ -103,7 +103,9 @@ class RegistryMirror:
                 await self._registry_answer(request, responder, url)
                 return
         download_request = DownloadRequest(
-            TaskSpec(url=url, digest=digest), origin_headers(request.headers)
+            TaskSpec(url=url, digest=digest),
+            origin_headers(request.headers),
+            private=bool(credential),  # (pulled with credentials: the task is private)
         )
         download = self.daemon.tasks.open(download_request)
         with download.attached():
