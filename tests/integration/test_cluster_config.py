@@ -77,8 +77,12 @@ def test_files_and_sets_reach_the_roles_they_name(tmp_path: Path, origin: Origin
     assert "host connected" in (logs / "scheduler-0.log").read_text()
     assert "peer started" not in (logs / "peer-0.log").read_text()
 
-    # Each node's resolved configuration, with the source of every value, is on disk.
+    # Each node's resolved configuration, with the source of every value, is on disk;
+    # the cluster's own keys are the node's (its data dir is the one cluster.json names).
     conf = (workdir / "conf" / "peer-0.toml").read_text()
+    data_dir = nodes["peers"][0]["data_dir"]
+    assert f"data_dir = '{data_dir}'  # --set" in conf
+    assert (Path(data_dir) / "metadata.db").exists()
     assert f"level = 'warning'  # file {str(every_role)!r}" in conf
     assert f"direct = true  # file {str(peer_only)!r}" in conf
     assert "filtered_query_params = ['cfgtest']  # --set" in conf
