@@ -124,6 +124,7 @@ async def test_listeners_and_the_host_section_reach_where_they_are_used(tmp_path
             "host.location=cn|sh|z1",
             "upload.children_limit=3",
             "seed.enabled=true",
+            f"scheduler.addresses=['ws://127.0.0.2:{ports['server']}']",
             "proxy.listen=127.0.0.2",
             f"proxy.port={ports['proxy']}",
             "upload.listen=127.0.0.2",
@@ -160,6 +161,28 @@ async def test_components_get_their_timeouts_and_fsync(tmp_path: Path):
         client = daemon.origin_client
         assert (client.connect_timeout, client.read_timeout) == (2.5, 3.5)
         assert daemon.store.fsync is False
+
+
+async def test_a_silent_scheduler_is_waited_for_connect_timeout(
+    tmp_path: Path, www: Path, nginx: Nginx
+):
+    """The scheduler's address accepts connections and never answers: a download waits
+    scheduler.connect_timeout for it, then goes to the origin. 6.5 s, past the default 5 s:
+    the wait must be longer than 6 s."""
+    random_file(www / "f.bin", 1000)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"ws://127.0.0.1:{silent.getsockname()[1]}"
+        async with roles(tmp_path) as r:
+            r.schedulers.append(address)
+            daemon = await r.peer("p", "scheduler.connect_timeout=6.5s")
+            started = time.monotonic()
+            status, _, body = await fetch(daemon, f"{nginx.url}/f.bin")
+            elapsed = time.monotonic() - started
+            fallbacks = await sample(daemon, "dragonfly_back_to_source_fallbacks_total")
+    assert status == 200 and len(body) == 1000 and fallbacks == 1
+    assert elapsed > 6.0, f"gave the scheduler up after {elapsed:.2f}s"
 
 
 # -- going to the origin ------------------------------------------------------------------
