@@ -201,7 +201,7 @@ class RegistryMirrorSection:
     upstream: str = opt(
         "",
         "default upstream registry URL, e.g. https://registry-1.docker.io; a request's "
-        "?ns=HOST (containerd) names another",
+        "X-Dragonfly-Registry header or ?ns=HOST (containerd) names another",
         item_regex=r"^(https?://[^/?#]+/?)?$",
     )
     insecure: list[str] = opt(
