@@ -119,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="cluster_configs",
         help="TOML file of ROLE, or of every role for the tables it has (repeatable)",
     )
-    _add_config_args(cluster, subcommand=True, config=False)
+    _add_config_args(
+        cluster,
+        subcommand=True,
+        config=False,
+        set_help="[ROLE:]SECTION.KEY=VALUE: one key of ROLE, or of every role with that "
+        "section (repeatable)",
+    )
 
     # The simulation has options of its own: `main` hands everything after `sim` to it.
     sub.add_parser("sim", help="simulate a swarm in virtual time (sim --help lists its options)")
@@ -162,6 +168,7 @@ def _add_config_args(
     subcommand: bool = False,
     config: bool = True,
     overrides_dest: str = "subcommand_overrides",
+    set_help: str = "override one configuration key (repeatable)",
 ) -> None:
     """--config, --set and --log-level, accepted before and after a subcommand.
 
@@ -179,7 +186,7 @@ def _add_config_args(
         action="append",
         default=argparse.SUPPRESS if subcommand else [],
         dest=overrides_dest if subcommand else "overrides",
-        help="override one configuration key (repeatable)",
+        help=set_help,
     )
     parser.add_argument("--log-level", choices=LEVELS, help="overrides log.level", **suppress)
 
