@@ -11,8 +11,17 @@ import sys
 from collections.abc import Callable, Sequence
 
 from dragonfly import __version__
-from dragonfly.config import ROLES, ConfigError, PeerConfig, RoleConfig, load_config, render_toml
-from dragonfly.log import LEVELS, configure
+from dragonfly.config import (
+    ROLES,
+    ConfigError,
+    PeerConfig,
+    RoleConfig,
+    load_config_sources,
+    render_effective,
+    render_toml,
+    reserved_reason,
+)
+from dragonfly.log import LEVELS, configure, get_logger
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -90,12 +99,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(get, subcommand=True)
 
-    cluster = sub.add_parser("cluster", help="run a local cluster of roles on loopback")
+    cluster = sub.add_parser(
+        "cluster",
+        help="run a local cluster of roles on loopback",
+        description="Run schedulers, seed peers and peers on loopback, each its own process. "
+        "--config and --set take an optional ROLE: prefix (scheduler, seed-peer, peer): "
+        "with it they reach that role only; without it, every role that has the key's "
+        "section. Each node's resolved configuration is written to WORKDIR/conf/NODE.toml.",
+    )
     cluster.add_argument("--schedulers", type=int, default=1)
     cluster.add_argument("--seed-peers", type=int, default=1)
     cluster.add_argument("--peers", type=int, default=3)
     cluster.add_argument("--workdir", required=True, help="directory for data, logs, cluster.json")
-    _add_config_args(cluster, subcommand=True)
+    cluster.add_argument(
+        "--config",
+        metavar="[ROLE:]FILE",
+        action="append",
+        default=argparse.SUPPRESS,
+        dest="cluster_configs",
+        help="TOML file of ROLE, or of every role for the tables it has (repeatable)",
+    )
+    _add_config_args(
+        cluster,
+        subcommand=True,
+        config=False,
+        set_help="[ROLE:]SECTION.KEY=VALUE: one key of ROLE, or of every role with that "
+        "section (repeatable)",
+    )
 
     # The simulation has options of its own: `main` hands everything after `sim` to it.
     sub.add_parser("sim", help="simulate a swarm in virtual time (sim --help lists its options)")
@@ -114,39 +144,64 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_token_parser(sub)
 
-    conf = sub.add_parser("config", help="print a role's configuration")
-    conf.add_argument("--role", dest="config_role", choices=ROLES, required=True)
+    conf = sub.add_parser(
+        "config",
+        help="print a role's configuration in effect, each value with its source",
+        description="Print the configuration ROLE would run with, as TOML, each value with "
+        "where it came from (default, file, environment, --set); exit 2 naming the key "
+        "that is wrong. `config check --role ROLE FILE` checks FILE.",
+    )
+    conf.add_argument("--role", dest="config_role", choices=ROLES)
     conf.add_argument(
         "--defaults", action="store_true", help="print the documented defaults as TOML"
     )
     _add_config_args(conf, subcommand=True)
+    conf_sub = conf.add_subparsers(dest="config_action", metavar="ACTION")
+    check = conf_sub.add_parser(
+        "check", help="check FILE (with the environment and --set) and print what takes effect"
+    )
+    check.add_argument("--role", dest="config_role", choices=ROLES, default=argparse.SUPPRESS)
+    check.add_argument("file", nargs="?", metavar="FILE", help="the TOML file (as --config)")
+    _add_config_args(check, subcommand=True, overrides_dest="check_overrides")
     return parser
 
 
-def _add_config_args(parser: argparse.ArgumentParser, *, subcommand: bool = False) -> None:
+def _add_config_args(
+    parser: argparse.ArgumentParser,
+    *,
+    subcommand: bool = False,
+    config: bool = True,
+    overrides_dest: str = "subcommand_overrides",
+    set_help: str = "override one configuration key (repeatable)",
+) -> None:
     """--config, --set and --log-level, accepted before and after a subcommand.
 
     A subcommand's copies default to SUPPRESS: argparse copies every attribute
     of the subcommand's namespace over the main one, so a real default there
     would erase values given before the subcommand. Its --set collects into its
-    own list, which main() appends to the one given before the subcommand.
+    own list (`overrides_dest`), which main() appends to the one given before it.
     """
     suppress: dict[str, object] = {"default": argparse.SUPPRESS} if subcommand else {}
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration file", **suppress)
+    if config:
+        parser.add_argument("--config", metavar="FILE", help="TOML configuration file", **suppress)
     parser.add_argument(
         "--set",
         metavar="SECTION.KEY=VALUE",
         action="append",
         default=argparse.SUPPRESS if subcommand else [],
-        dest="subcommand_overrides" if subcommand else "overrides",
-        help="override one configuration key (repeatable)",
+        dest=overrides_dest if subcommand else "overrides",
+        help=set_help,
     )
     parser.add_argument("--log-level", choices=LEVELS, help="overrides log.level", **suppress)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     """--set items in command-line order, then --log-level (the more specific option)."""
-    overrides = [*args.overrides, *getattr(args, "subcommand_overrides", [])]
+    overrides = [
+        *args.overrides,
+        *getattr(args, "subcommand_overrides", []),
+        *getattr(args, "check_overrides", []),
+    ]
     if args.log_level:
         overrides.append(f"log.level={args.log_level}")
     return overrides
@@ -173,44 +228,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dragonfly.credentials import token_command
 
         return token_command(args)
+    if args.command == "cluster":
+        return _cluster_command(args)
 
-    role = args.role or {"get": "peer", "cluster": "peer", "sim": "scheduler"}[args.command]
+    role = args.role or {"get": "peer", "sim": "scheduler"}[args.command]
     try:
-        cfg = load_config(role, args.config, overrides=_overrides(args))
+        cfg, sources = load_config_sources(role, args.config, overrides=_overrides(args))
+        _check_files(cfg)
     except ConfigError as exc:
         print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     # `get` is a client: only warnings unless asked, so its output stays readable.
     quiet = args.command == "get" and not args.log_level and not _overrides_log_level(args)
     configure("warning" if quiet else cfg.log.level, cfg.log.format)
-    if isinstance(cfg, PeerConfig):
-        # Files the configuration names (CA certificates and keys) are checked here, for
-        # the daemon and `get`'s one-shot peer alike, so a bad one stops the start with
-        # the key's name instead of a traceback.
-        from dragonfly.net.tls import check_peer_files
-
-        try:
-            check_peer_files(cfg)
-        except ConfigError as exc:
-            print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+    for key in sources:
+        reason = reserved_reason(role, key)
+        if reason is not None:
+            get_logger("dragonfly.config").warning(
+                "a reserved key is set", key=key, source=sources[key], reserved=reason
+            )
     if args.command == "get":
         from dragonfly.get import run_get
 
         assert isinstance(cfg, PeerConfig)
         return run_get(args, cfg)
-    if args.command == "cluster":
-        from pathlib import Path
-
-        from dragonfly.cluster import run_cluster
-
-        if min(args.schedulers, args.seed_peers, args.peers) < 0 or args.schedulers < 1:
-            print(
-                "dragonfly: cluster needs at least one scheduler and no negative counts",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
-        return run_cluster(Path(args.workdir), args.schedulers, args.seed_peers, args.peers)
     if args.command is not None:
         print(f"dragonfly: '{args.command}' is not built yet", file=sys.stderr)
         return EXIT_NOT_BUILT
@@ -233,17 +274,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     return runner(cfg)
 
 
+def _check_files(cfg: RoleConfig) -> None:
+    """Files the configuration names (CA certificates and keys), checked before a start
+    (the daemon's and `get`'s one-shot peer's) and by `config check`, so a bad one is a
+    ConfigError naming its key instead of a traceback."""
+    if isinstance(cfg, PeerConfig):
+        from dragonfly.net.tls import check_peer_files
+
+        check_peer_files(cfg)
+
+
 def _config_command(args: argparse.Namespace) -> int:
+    role = args.config_role
+    if role is None:
+        print("dragonfly: config needs --role ROLE", file=sys.stderr)
+        return EXIT_USAGE
     if args.defaults:
-        sys.stdout.write(render_toml(args.config_role))
+        sys.stdout.write(render_toml(role))
         return EXIT_OK
+    path = getattr(args, "file", None) or args.config
     try:
-        cfg = load_config(args.config_role, args.config, overrides=_overrides(args))
+        cfg, sources = load_config_sources(role, path, overrides=_overrides(args))
+        _check_files(cfg)
     except ConfigError as exc:
         print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(cfg)
+    sys.stdout.write(render_effective(role, cfg, sources))
     return EXIT_OK
+
+
+def _cluster_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dragonfly.cluster import run_cluster
+
+    if min(args.schedulers, args.seed_peers, args.peers) < 0 or args.schedulers < 1:
+        print(
+            "dragonfly: cluster needs at least one scheduler and no negative counts",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    configs = [*([args.config] if args.config else []), *getattr(args, "cluster_configs", [])]
+    return run_cluster(
+        Path(args.workdir),
+        args.schedulers,
+        args.seed_peers,
+        args.peers,
+        configs=configs,
+        overrides=_overrides(args),
+    )
 
 
 def _overrides_log_level(args: argparse.Namespace) -> bool:

@@ -5,8 +5,17 @@ under WORKDIR. Once every role answers /healthy, WORKDIR/cluster.json is written
 (atomically: write, then rename) for benchmarks and checks to read. The cluster
 runs until SIGINT/SIGTERM, then every child is stopped and waited for.
 
+Configuration reaches the roles as `--config [ROLE:]FILE` and `--set [ROLE:]KEY=VALUE`
+say: with ROLE (scheduler, seed-peer, peer) for that role only; without, for every
+role that has the key's section (as DRAGONFLY_SECTION__KEY does). Each node's whole
+configuration is resolved here, checked before anything starts, and written to
+WORKDIR/conf/NODE.toml with the source of every value; the node runs with that file
+alone. The listen addresses, ports, data directories and scheduler addresses are the
+cluster's to set: a --set of one is an error, a file's value is replaced.
+
 Identity is on, as in any cluster: WORKDIR/trust holds the cluster secret (given to
-the schedulers) and one credential per peer and seed peer, named after the node.
+the schedulers) and one credential per peer and seed peer, named after the node; the
+cluster sets trust.secret_file and trust.credential_file too.
 """
 
 from __future__ import annotations
@@ -19,10 +28,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dragonfly.config import (
+    ENV_PREFIX,
+    ConfigError,
+    RoleConfig,
+    load_config_sources,
+    read_config_file,
+    render_effective,
+    role_keys,
+)
 from dragonfly.testing.nginx import free_port
 from dragonfly.testing.trust import LocalIssuer
 
@@ -46,6 +65,76 @@ class Node:
     process: subprocess.Popen[bytes] | None = None
 
 
+NODE_ROLES = ("scheduler", "seed-peer", "peer")
+# Set by the cluster for each node (every role on 127.0.0.1, its own ports and data).
+CLUSTER_KEYS = (
+    "server.listen",
+    "server.port",
+    "proxy.listen",
+    "proxy.port",
+    "upload.listen",
+    "upload.port",
+    "storage.data_dir",
+    "scheduler.addresses",
+    "trust.secret_file",
+    "trust.credential_file",
+)
+
+
+def split_role(spec: str) -> tuple[str | None, str]:
+    """`ROLE:REST` → (ROLE, REST); without a role before its first ':' → (None, spec)."""
+    role, sep, rest = spec.partition(":")
+    return (role, rest) if sep and role in NODE_ROLES else (None, spec)
+
+
+@dataclass(frozen=True)
+class RoleSettings:
+    """What reaches one role: files for every role, its own file, --set items."""
+
+    shared: tuple[str, ...] = ()
+    path: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+def role_settings(
+    roles: Sequence[str], configs: Sequence[str], overrides: Sequence[str]
+) -> dict[str, RoleSettings]:
+    """Which `--config [ROLE:]FILE` and `--set [ROLE:]KEY=VALUE` reach which of `roles`.
+
+    A ConfigError names a file or key that reaches no role of the cluster, a second
+    file for one role, and a --set of a key the cluster sets itself."""
+    names = ", ".join(roles)
+    shared: list[str] = []
+    own: dict[str, str] = {}
+    for spec in configs:
+        role, path = split_role(spec)
+        if role is None:
+            for key in read_config_file(path):
+                if not any(key in role_keys(r) for r in roles):
+                    raise ConfigError(path, key, f"no role of this cluster has it ({names})")
+            shared.append(path)
+        elif role not in roles:
+            raise ConfigError("--config", spec, f"this cluster has no {role} ({names})")
+        elif role in own:
+            raise ConfigError("--config", spec, f"a second file for the {role}")
+        else:
+            own[role] = path
+    sets: dict[str, list[str]] = {r: [] for r in roles}
+    for item in overrides:
+        role, rest = split_role(item)
+        key = rest.partition("=")[0].strip()
+        if any(key == k or k.startswith(f"{key}.") for k in CLUSTER_KEYS):
+            raise ConfigError("--set", key, "the cluster sets this for each node itself")
+        if role is not None and role not in roles:
+            raise ConfigError("--set", item, f"this cluster has no {role} ({names})")
+        targets = [role] if role else [r for r in roles if key.split(".")[0] in role_keys(r)]
+        if not targets:
+            raise ConfigError("--set", key, f"no role of this cluster has it ({names})")
+        for target in targets:
+            sets[target].append(rest)
+    return {r: RoleSettings(tuple(shared), own.get(r), tuple(sets[r])) for r in roles}
+
+
 @dataclass
 class Cluster:
     """The processes of a local cluster (usable as a context manager in tests)."""
@@ -54,7 +143,9 @@ class Cluster:
     schedulers: int = 1
     seed_peers: int = 1
     peers: int = 3
-    extra: list[str] = field(default_factory=list)  # --set options for every peer
+    extra: list[str] = field(default_factory=list)  # "--set", "K=V" pairs for every peer
+    configs: list[str] = field(default_factory=list)  # [ROLE:]FILE
+    overrides: list[str] = field(default_factory=list)  # [ROLE:]SECTION.KEY=VALUE
     nodes: list[Node] = field(default_factory=list)
 
     @property
@@ -62,34 +153,59 @@ class Cluster:
         """The cluster's secret, and credentials made from it (WORKDIR/trust)."""
         return LocalIssuer(self.workdir / "trust")
 
-    def _plan(self) -> None:
+    def check(self) -> dict[str, RoleSettings]:
+        """What reaches each role, every role's configuration resolved once: a ConfigError
+        (naming the role) before anything is written or started."""
+        counts = {"scheduler": self.schedulers, "seed-peer": self.seed_peers, "peer": self.peers}
+        roles = [r for r in NODE_ROLES if counts[r]]
+        if self.extra[::2] != ["--set"] * (len(self.extra) // 2) or len(self.extra) % 2:
+            raise ValueError(f"extra takes '--set', 'KEY=VALUE' pairs, not {self.extra!r}")
+        peer_sets = [f"{r}:{item}" for item in self.extra[1::2] for r in roles if r != "scheduler"]
+        settings = role_settings(roles, self.configs, [*self.overrides, *peer_sets])
+        for role, each in settings.items():
+            _resolve(role, each, [])
+        return settings
+
+    def _node_args(
+        self, name: str, role: str, settings: RoleSettings, cluster_sets: list[str]
+    ) -> list[str]:
+        """Resolve a node's configuration, write it to WORKDIR/conf/NAME.toml (each value
+        with its source) and return the arguments that run the node with it."""
+        cfg, sources = _resolve(role, settings, cluster_sets)
+        path = self.workdir / "conf" / f"{name}.toml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_effective(role, cfg, sources))
+        return [sys.executable, "-m", "dragonfly", "--role", role, "--config", str(path)]
+
+    def _plan(self, settings: dict[str, RoleSettings]) -> None:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         issuer = self.issuer
-        py = [sys.executable, "-m", "dragonfly"]
         addresses = []
         for i in range(self.schedulers):
-            port = free_port()
+            name, port = f"scheduler-{i}", free_port()
             addresses.append(f"ws://127.0.0.1:{port}")
+            args = self._node_args(
+                name,
+                "scheduler",
+                settings["scheduler"],
+                [
+                    "server.listen=127.0.0.1",
+                    f"server.port={port}",
+                    *issuer.scheduler_overrides(),
+                ],
+            )
             self.nodes.append(
                 Node(
-                    f"scheduler-{i}",
+                    name,
                     "scheduler",
-                    [
-                        *py,
-                        "--role",
-                        "scheduler",
-                        "--set",
-                        f"server.port={port}",
-                        "--set",
-                        "log.format=json",
-                        *(f"--set={item}" for item in issuer.scheduler_overrides()),
-                    ],
-                    logs / f"scheduler-{i}.log",
+                    args,
+                    logs / f"{name}.log",
                     f"http://127.0.0.1:{port}/healthy",
                     {
                         "url": f"ws://127.0.0.1:{port}",
                         "metrics": f"http://127.0.0.1:{port}/metrics",
+                        "config": args[-1],
                     },
                 )
             )
@@ -99,27 +215,21 @@ class Cluster:
                 name = f"{kind}-{i}"
                 proxy, upload = free_port(), free_port()
                 data = self.workdir / "data" / name
+                cluster_sets = [
+                    "proxy.listen=127.0.0.1",
+                    f"proxy.port={proxy}",
+                    "upload.listen=127.0.0.1",
+                    f"upload.port={upload}",
+                    f"storage.data_dir={data}",
+                    f"scheduler.addresses={sched}",
+                    *issuer.peer_overrides(name, kind),
+                ]
+                args = self._node_args(name, kind, settings[kind], cluster_sets)
                 self.nodes.append(
                     Node(
                         name,
                         kind,
-                        [
-                            *py,
-                            "--role",
-                            kind,
-                            "--set",
-                            f"proxy.port={proxy}",
-                            "--set",
-                            f"upload.port={upload}",
-                            "--set",
-                            f"storage.data_dir={data}",
-                            "--set",
-                            f"scheduler.addresses={sched}",
-                            "--set",
-                            "log.format=json",
-                            *(f"--set={item}" for item in issuer.peer_overrides(name, kind)),
-                            *self.extra,
-                        ],
+                        args,
                         logs / f"{name}.log",
                         f"http://127.0.0.1:{upload}/healthy",
                         {
@@ -127,16 +237,21 @@ class Cluster:
                             "upload": f"http://127.0.0.1:{upload}",
                             "metrics": f"http://127.0.0.1:{upload}/metrics",
                             "data_dir": str(data),
+                            "config": args[-1],
                             "pid": 0,
                         },
                     )
                 )
 
     def start(self) -> Cluster:
+        settings = self.check()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # The environment's settings are in each node's file already: a node must not
+        # apply them again over the ports and directories the cluster gave it.
+        env = {k: v for k, v in os.environ.items() if not _is_config_variable(k)}
         for attempt in range(_START_ATTEMPTS):
             self.nodes = []
-            self._plan()
+            self._plan(settings)
             try:
                 for node in self.nodes:
                     with open(node.log_path, "ab") as log:
@@ -145,6 +260,7 @@ class Cluster:
                             stdout=log,
                             stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL,
+                            env=env,
                         )
                     node.info["pid"] = node.process.pid
                 self._wait_healthy()
@@ -223,8 +339,43 @@ class Cluster:
         self.stop()
 
 
-def run_cluster(workdir: Path, schedulers: int, seed_peers: int, peers: int) -> int:
+def _resolve(
+    role: str, settings: RoleSettings, cluster_sets: list[str]
+) -> tuple[RoleConfig, dict[str, str]]:
+    """A role's configuration and the source of each value; JSON logs unless set."""
+    try:
+        return load_config_sources(
+            role,
+            settings.path,
+            shared=settings.shared,
+            overrides=["log.format=json", *settings.overrides, *cluster_sets],
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{exc.source} (for the {role})", exc.key, exc.problem) from None
+
+
+def _is_config_variable(name: str) -> bool:
+    return name.startswith(ENV_PREFIX) and "__" in name
+
+
+def run_cluster(
+    workdir: Path,
+    schedulers: int,
+    seed_peers: int,
+    peers: int,
+    *,
+    configs: Sequence[str] = (),
+    overrides: Sequence[str] = (),
+) -> int:
     """The CLI command: start, report, wait for a signal, stop."""
+    cluster = Cluster(
+        workdir, schedulers, seed_peers, peers, configs=list(configs), overrides=list(overrides)
+    )
+    try:
+        cluster.check()
+    except ConfigError as exc:
+        print(f"dragonfly cluster: configuration error: {exc}", file=sys.stderr)
+        return 2
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -233,7 +384,6 @@ def run_cluster(workdir: Path, schedulers: int, seed_peers: int, peers: int) -> 
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    cluster = Cluster(workdir, schedulers, seed_peers, peers)
     try:
         cluster.start()
     except ClusterError as exc:

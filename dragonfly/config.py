@@ -113,7 +113,6 @@ class SchedulerClientSection:
     )
     manager: str = opt("", "manager URL to discover schedulers from; empty: use addresses")
     connect_timeout: Duration = opt(5.0, "time to connect to a scheduler", min=0.001)
-    register_timeout: Duration = opt(10.0, "time to wait for a scheduling answer", min=0.001)
 
 
 @dataclass
@@ -217,7 +216,7 @@ class RegistryMirrorSection:
     upstream: str = opt(
         "",
         "default upstream registry URL, e.g. https://registry-1.docker.io; a request's "
-        "?ns=HOST (containerd) names another",
+        "X-Dragonfly-Registry header or ?ns=HOST (containerd) names another",
         item_regex=r"^(https?://[^/?#]+/?)?$",
     )
     insecure: list[str] = opt(
@@ -396,6 +395,33 @@ def default_config(role: str) -> RoleConfig:
     if role == "manager":
         return ManagerConfig()
     raise ConfigError("--role", "role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+
+
+_NO_MANAGER = "nothing reads this until the manager exists"
+
+# Keys a role accepts that nothing reads yet, with the reason, per role: a dotted key,
+# a section (each key in it) or "" (every key of the role). conf/ROLE.toml marks each
+# with `# reserved: REASON`, `config check` shows it, and a daemon warns when one is set.
+RESERVED: dict[str, dict[str, str]] = {
+    "manager": {"": "the manager is not built yet: nothing reads any key of this file"},
+    "scheduler": {
+        "manager": _NO_MANAGER,
+        "host": "nothing reads this until the scheduler registers with a manager",
+    },
+    "seed-peer": {"scheduler.manager": _NO_MANAGER},
+    "peer": {"scheduler.manager": _NO_MANAGER},
+}
+
+
+def reserved_reason(role: str, key: str) -> str | None:
+    """Why nothing reads `key` (dotted) of `role` yet; None for a key that is read."""
+    marks = RESERVED.get(role, {})
+    parts = key.split(".")
+    for n in range(len(parts) + 1):
+        reason = marks.get(".".join(parts[:n]))
+        if reason is not None:
+            return reason
+    return None
 
 
 # ---------------------------------------------------------------- coercion
@@ -664,21 +690,31 @@ def load_config(
     one environment often serves several roles on a host. An unknown key inside
     a section this role has is still an error, and --set is always strict.
     """
+    return load_config_sources(role, path, env=env, overrides=overrides)[0]
+
+
+def load_config_sources(
+    role: str,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Iterable[str] = (),
+    shared: Iterable[str | os.PathLike[str]] = (),
+) -> tuple[RoleConfig, dict[str, str]]:
+    """load_config, and the source that set each key not left at its default: the file's
+    path, "environment NAME" or "--set", by dotted key (list items as `rules[0].regex`).
+
+    `shared` files are read before `path` and, like the environment, give this role only
+    the tables it has (a cluster's file for all of its roles)."""
     cfg = default_config(role)
     origins: Origins = {}
+    own = role_keys(role)
+    for shared_path in shared:
+        table = read_config_file(shared_path)
+        mine = {key: value for key, value in table.items() if key in own}
+        _Loader(str(shared_path), False, origins).apply_table(cfg, mine, "")
     if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(source, "(file)", f"cannot read: {exc.strerror}") from None
-        try:
-            table = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(source, "(file)", f"not valid TOML: {exc}") from None
-        except ValueError:  # tomllib's int() refuses integers beyond its digit limit
-            raise ConfigError(source, "(file)", "not valid TOML: an integer too long") from None
-        _Loader(source, False, origins).apply_table(cfg, table, "")
+        _Loader(str(path), False, origins).apply_table(cfg, read_config_file(path), "")
     hints = _hints(type(cfg))
     sections = {name for name, tp in hints.items() if dataclasses.is_dataclass(tp)}
     for name, raw in sorted((env if env is not None else os.environ).items()):
@@ -694,7 +730,27 @@ def load_config(
             raise ConfigError("--set", item, "expected section.key=value")
         _set_path(cfg, key.strip(), raw, _Loader("--set", True, origins))
     _check_cross_field(cfg, origins)
-    return cfg
+    return cfg, {key: source for key, (_, source) in origins.items()}
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A TOML file's tables; a file that cannot be read or parsed is a ConfigError."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, "(file)", f"cannot read: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "(file)", f"not valid TOML: {exc}") from None
+    except ValueError:  # tomllib's int() refuses integers beyond its digit limit
+        raise ConfigError(source, "(file)", "not valid TOML: an integer too long") from None
+
+
+def role_keys(role: str) -> set[str]:
+    """The top-level names of a role's configuration: its sections and top-level keys."""
+    return set(_fields(type(default_config(role))))
 
 
 def resolved_hostname(host: HostSection) -> str:
@@ -716,7 +772,13 @@ def _toml_value(tp: Any, value: Any) -> str:
             return "0"
         return f'"{text}/s"' if unit == Unit.RATE else f'"{text}"'
     if unit == Unit.DURATION:
-        return f'"{format_duration(value)}"'
+        text = format_duration(value)
+        try:
+            if parse_duration(text) == value:
+                return f'"{text}"'
+        except ValueError:
+            pass
+        return repr(float(value))  # seconds as a TOML float: 2e-16 has no short text form
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -737,53 +799,113 @@ def _basic_string(value: str) -> str:
 
 def render_toml(role: str) -> str:
     """conf/ROLE.toml: every key with its default and a one-line comment."""
-    cfg = default_config(role)
-    lines = [
+    header = [
         f"# Dragonfly {role} configuration: every key, with its default.",
         f"# python -m dragonfly --role {role} --config conf/{role}.toml",
         "# Override any key with DRAGONFLY_SECTION__KEY=value or --set section.key=value.",
         "# Sizes take units (4MiB, 1GB), rates bytes/s (20MB/s), durations 30s/5m/1h.",
     ]
+    return _render(role, default_config(role), header, None)
+
+
+def render_effective(role: str, cfg: RoleConfig, sources: Mapping[str, str]) -> str:
+    """`config check`: every key with the value in effect and where that value came from
+    (`sources` as load_config_sources gives them). The text is TOML that loads to `cfg`."""
+
+    def source_of(key: str) -> str:
+        source = sources.get(key)
+        if source is None:
+            return "default"
+        if source == "--set" or source.startswith("environment "):
+            return source
+        return f"file {source!r}"  # repr: a newline in a path must not end the comment
+
+    header = [
+        f"# Dragonfly {role} configuration in effect: every key, and where its value came",
+        "# from (default < file < environment DRAGONFLY_SECTION__KEY < --set).",
+    ]
+    return _render(role, cfg, header, source_of)
+
+
+# Renders a key's source beside it (config check); None: its documentation above it.
+SourceOf = typing.Callable[[str], str] | None
+
+
+def _render(role: str, cfg: RoleConfig, header: list[str], source_of: SourceOf) -> str:
+    lines = list(header)
+    whole = RESERVED.get(role, {}).get("")
+    if whole:
+        lines.append(f"# reserved: {whole}")
     top_level: list[str] = []
     hints = _hints(type(cfg))
     for f in dataclasses.fields(cfg):
         tp = hints[f.name]
-        value = getattr(cfg, f.name)
         if not dataclasses.is_dataclass(tp):
-            top_level += [f"# {f.metadata['doc']}", f"{f.name} = {_toml_value(tp, value)}"]
+            top_level += _key_lines(role, f, tp, getattr(cfg, f.name), f.name, source_of)
     if top_level:
         lines += ["", *top_level]
     for f in dataclasses.fields(cfg):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            lines += ["", f"# {(tp.__doc__ or '').strip()}", f"[{f.name}]"]
-            lines += _render_section(getattr(cfg, f.name), f.name)
+            lines += ["", *_table_notes(role, tp, f.name, source_of), f"[{f.name}]"]
+            lines += _render_section(role, getattr(cfg, f.name), f.name, f.name, source_of)
     return "\n".join(lines) + "\n"
 
 
-def _render_section(section: Any, name: str) -> list[str]:
+def _table_notes(role: str, tp: Any, path: str, source_of: SourceOf) -> list[str]:
+    """The comment lines above a table: its doc (conf files), and why it is reserved."""
+    notes = [] if source_of else [f"# {(tp.__doc__ or '').strip()}"]
+    reason = RESERVED.get(role, {}).get(path)
+    return notes + ([f"# reserved: {reason}"] if reason else [])
+
+
+def _key_lines(
+    role: str, f: dataclasses.Field[Any], tp: Any, value: Any, path: str, source_of: SourceOf
+) -> list[str]:
+    lines = [] if source_of else [f"# {f.metadata['doc']}"]
+    reason = RESERVED.get(role, {}).get(path)
+    if reason:
+        lines.append(f"# reserved: {reason}")
+    text = f"{f.name} = {_toml_value(tp, value)}"
+    return [*lines, f"{text}  # {source_of(path)}" if source_of else text]
+
+
+def _render_section(
+    role: str, section: Any, name: str, path: str, source_of: SourceOf
+) -> list[str]:
+    """A table's keys, then its subtables; `name` heads them, `path` names its keys
+    (`proxy.rules[0]` for the first item of a list of tables)."""
     lines: list[str] = []
     tables: list[str] = []
     hints = _hints(type(section))
     for f in dataclasses.fields(section):
         tp = hints[f.name]
         value = getattr(section, f.name)
+        key = f"{path}.{f.name}"
         item_tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
         if item_tp is not None and dataclasses.is_dataclass(item_tp):
-            tables.append(f"# {f.metadata['doc']}")
-            for item in value:
-                tables += ["", f"[[{name}.{f.name}]]", *_render_section(item, f"{name}.{f.name}")]
+            if source_of is None:
+                tables.append(f"# {f.metadata['doc']}")
+            elif not value:
+                lines.append(f"{f.name} = []  # {source_of(key)}")
+            head = f"[[{name}.{f.name}]]"
+            if source_of is not None:
+                head += f"  # {source_of(key)}"
+            for i, item in enumerate(value):
+                item_lines = _render_section(
+                    role, item, f"{name}.{f.name}", f"{key}[{i}]", source_of
+                )
+                tables += ["", head, *item_lines]
             continue
         if dataclasses.is_dataclass(tp):
-            doc = (tp.__doc__ or "").strip()
             tables += [
                 "",
-                f"# {doc}",
+                *_table_notes(role, tp, key, source_of),
                 f"[{name}.{f.name}]",
-                *_render_section(value, f"{name}.{f.name}"),
+                *_render_section(role, value, f"{name}.{f.name}", key, source_of),
             ]
             continue
-        lines += [f"# {f.metadata['doc']}", f"{f.name} = {_toml_value(tp, value)}"]
+        lines += _key_lines(role, f, tp, value, key, source_of)
     if tables:
-        lines += ["", *tables]
+        lines += tables if tables[0] == "" else ["", *tables]
     return lines

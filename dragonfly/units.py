@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 from fractions import Fraction
 
 _SIZE_UNITS: dict[str, int] = {
@@ -130,7 +131,8 @@ def format_duration(seconds: float) -> str:
     ms = seconds * 1000
     if ms == int(ms):
         return f"{int(ms)}ms"
-    return f"{seconds}s"
+    # Positional digits of the shortest repr: '1e-06s' would not parse back.
+    return f"{Decimal(repr(seconds)):f}s"
 
 
 def human_bytes(n: float) -> str:

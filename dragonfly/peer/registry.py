@@ -1,9 +1,11 @@
 """The OCI registry mirror on the proxy listener: containerd, podman and skopeo pull
 through the peer.
 
-Blobs named by a sha256 digest go through P2P with the digest as the task ID (one
-layer from two registries or two repositories is one task) and the whole blob is
-checked against its digest before a client gets its last bytes. Everything else
+The registry a request is for: the one its X-Dragonfly-Registry header names (with
+its scheme), else containerd's `?ns=`, else `registry_mirror.upstream`. Blobs named
+by a sha256 digest go through P2P with the digest as the task ID (one layer from two
+registries or two repositories is one task) and the whole blob is checked against its
+digest before a client gets its last bytes. Everything else
 (`/v2/`, manifests, tags, HEADs) goes to the upstream registry and comes back
 unchanged: tags are mutable, and a 401 with its WWW-Authenticate must reach the
 client so it authenticates as it would with the registry itself.
@@ -35,6 +37,7 @@ from dragonfly.peer.source import origin_request_headers
 from dragonfly.wire.http_common import Headers
 from dragonfly.wire.messages import TaskSpec
 from dragonfly.wire.oci import (
+    H_REGISTRY,
     MirrorError,
     ReadGrants,
     Route,
@@ -68,7 +71,7 @@ class RegistryMirror:
         try:
             route = parse_route(path)
             ns, rest = split_query(query)
-            base = self.upstreams.base_url(ns)
+            base = self.upstreams.base_url(ns, request.headers.get_all(H_REGISTRY))
         except MirrorError as exc:
             await send_registry_error(responder, exc.status, exc.code, str(exc))
             return

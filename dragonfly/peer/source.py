@@ -1,26 +1,23 @@
-"""Back to source: fetch a task from its origin, piece by piece.
+"""Back to source: the origin's side of fetching a task, one piece at a time.
 
 A 1-byte probe (`Range: bytes=0-0`) learns the length, whether the origin takes
-ranges, and its validators (ETag / Last-Modified). With ranges, up to
-`concurrency` workers each claim the lowest missing piece and fetch exactly its
-range, with `If-Range` so that an origin whose content changed answers 200 and
-the task fails instead of mixing two versions. Without ranges, one response is
-cut into pieces as it streams. Every piece is spliced straight into the task
-file, hashed from disk, and handed to the sink, which records and announces it.
+ranges, and its validators (ETag / Last-Modified). With ranges, each piece is one
+request for exactly its range, with `If-Range`, so that an origin whose content
+changed answers 200 and the task fails instead of mixing two versions. Without
+ranges, the probe's one response is read in order, piece by piece. Bytes are
+spliced straight into the store's piece sink; which pieces to fetch, and when, is
+the download machine's decision (dragonfly/engine/machine.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
 
-import trio
-
-from dragonfly.errors import find_exception
 from dragonfly.log import get_logger
 from dragonfly.net.http_client import HTTPClient, HTTPClientError, Response, discard
-from dragonfly.net.zerocopy import pwrite_all
 from dragonfly.ratelimit import RateLimiter
+from dragonfly.storage import PieceSink
 from dragonfly.wire.http_common import Headers, parse_content_range
 
 log = get_logger("dragonfly.peer.source")
@@ -53,33 +50,6 @@ class OriginInfo:
     content_type: str
 
 
-class PieceSink(Protocol):
-    """What the fetcher writes into: a download's task file and bookkeeping."""
-
-    piece_length: int
-    content_length: int
-
-    @property
-    def fd(self) -> int: ...
-
-    def claim_next_missing(self) -> int | None:
-        """The lowest missing piece nobody is fetching from the origin, marked as claimed."""
-
-    def unclaim(self, number: int) -> None: ...
-
-    async def origin_piece_written(self, number: int, offset: int, length: int) -> None:
-        """Bytes of a piece are in the file: hash, verify against any known digest, record."""
-
-    async def set_content_length(self, content_length: int) -> None:
-        """A streamed body of unknown length ended: now the length is known."""
-
-    def holds(self, number: int) -> bool:
-        """The piece is already recorded (a resumed task)."""
-
-    def check_held_piece(self, number: int, data: bytes | bytearray) -> None:
-        """Raise OriginChanged unless `data` is the recorded piece's bytes."""
-
-
 def origin_request_headers(headers: dict[str, str]) -> Headers:
     """The client's headers that go to the origin (credentials included where allowed)."""
     out = Headers((k, v) for k, v in headers.items() if k.lower() not in _DROP_REQUEST_HEADERS)
@@ -94,7 +64,7 @@ def _validator(etag: str, last_modified: str) -> str:
 
 
 class OriginFetcher:
-    """Fetches one task from its origin into a PieceSink."""
+    """One task's origin: the probe, then pieces into the store's sinks."""
 
     def __init__(
         self,
@@ -103,7 +73,6 @@ class OriginFetcher:
         headers: dict[str, str],
         *,
         limiter: RateLimiter | None = None,
-        concurrency: int = 8,
         expect_etag: str = "",
         expect_last_modified: str = "",
     ) -> None:
@@ -111,7 +80,6 @@ class OriginFetcher:
         self.url = url
         self.headers = origin_request_headers(headers)
         self.limiter = limiter
-        self.concurrency = concurrency
         self.expect_etag = expect_etag
         self.expect_last_modified = expect_last_modified
         self.info: OriginInfo | None = None
@@ -171,69 +139,76 @@ class OriginFetcher:
                 409,
             )
 
-    async def fetch(self, sink: PieceSink) -> None:
-        """Fetch every missing piece into the sink (after `probe`)."""
-        assert self.info is not None, "probe first"
-        try:
-            if self._stream is not None:
-                await self._fetch_stream(sink, self._stream)
-            elif self.info.content_length > 0:
-                try:
-                    async with trio.open_nursery() as nursery:
-                        for _ in range(self.concurrency):
-                            nursery.start_soon(self._range_worker, sink)
-                except BaseExceptionGroup as group:
-                    # One worker's origin failure ends them all; say which, unwrapped.
-                    origin_error = find_exception(group, OriginError)
-                    if origin_error is None:
-                        raise
-                    raise origin_error from None
-        finally:
-            if self._stream is not None:
-                await self._stream.aclose()
-                self._stream = None
+    @property
+    def stream(self) -> Response | None:
+        """The probe's 200 body (an origin without ranges): read it in order, piece by
+        piece, with ``read_piece``/``skip_piece`` or ``chunks``."""
+        return self._stream
 
-    async def _range_worker(self, sink: PieceSink) -> None:
-        assert self.info is not None
+    async def fetch_piece(self, sink: PieceSink) -> None:
+        """One Range request for the sink's piece, spliced into it (after ``probe``)."""
+        assert self.info is not None, "probe first"
+        assert sink.length is not None
+        offset, length = sink.offset, sink.length
+        total = self.info.content_length
         validator = _validator(self.info.etag, self.info.last_modified)
-        while (number := sink.claim_next_missing()) is not None:
-            offset = number * sink.piece_length
-            length = min(sink.piece_length, sink.content_length - offset)
-            hdrs = Headers(self.headers)
-            hdrs.set("range", f"bytes={offset}-{offset + length - 1}")
-            if validator:
-                hdrs.set("if-range", validator)
-            try:
-                async with self.client.request("GET", self.url, hdrs) as r:
-                    if r.status == 200:
-                        raise OriginChanged(
-                            f"{self.url}: origin content changed during the download "
-                            "(a Range request with If-Range got the whole new body)",
-                            409,
-                        )
-                    if r.status != 206:
-                        raise OriginError(
-                            f"origin answered {r.status} to a range request", r.status
-                        )
-                    cr = parse_content_range(r.headers.get("content-range"))
-                    if (
-                        cr is None
-                        or cr[:2] != (offset, offset + length - 1)
-                        or cr[2] != sink.content_length
-                    ):
-                        raise OriginChanged(
-                            f"{self.url}: origin sent range {r.headers.get('content-range')}, "
-                            f"expected bytes {offset}-{offset + length - 1}/{sink.content_length}",
-                            409,
-                        )
-                    await self._splice(r, sink.fd, offset, length)
-            except HTTPClientError as exc:
-                sink.unclaim(number)
-                raise OriginError(f"piece {number} from origin: {exc}") from None
-            except BaseException:
-                sink.unclaim(number)
-                raise
-            await sink.origin_piece_written(number, offset, length)
+        hdrs = Headers(self.headers)
+        hdrs.set("range", f"bytes={offset}-{offset + length - 1}")
+        if validator:
+            hdrs.set("if-range", validator)
+        try:
+            async with self.client.request("GET", self.url, hdrs) as r:
+                if r.status == 200:
+                    raise OriginChanged(
+                        f"{self.url}: origin content changed during the download "
+                        "(a Range request with If-Range got the whole new body)",
+                        409,
+                    )
+                if r.status != 206:
+                    raise OriginError(f"origin answered {r.status} to a range request", r.status)
+                cr = parse_content_range(r.headers.get("content-range"))
+                if cr is None or cr[:2] != (offset, offset + length - 1) or cr[2] != total:
+                    raise OriginChanged(
+                        f"{self.url}: origin sent range {r.headers.get('content-range')}, "
+                        f"expected bytes {offset}-{offset + length - 1}/{total}",
+                        409,
+                    )
+                await self._splice(r, sink.fd, offset, length)
+        except HTTPClientError as exc:
+            raise OriginError(f"piece {sink.number} from origin: {exc}") from None
+
+    async def read_piece(self, sink: PieceSink) -> None:
+        """The next ``sink.length`` bytes of the streamed body into the sink."""
+        assert self._stream is not None and sink.length is not None
+        try:
+            await self._splice(self._stream, sink.fd, sink.offset, sink.length)
+        except HTTPClientError as exc:
+            raise OriginError(f"origin body: {exc}") from None
+
+    async def skip_piece(self, length: int) -> bytes:
+        """The next ``length`` bytes of the streamed body, in memory: a piece already
+        held is compared, never written over."""
+        assert self._stream is not None
+        buf = bytearray(length)
+        try:
+            await self._stream.readinto_exactly(buf)
+        except HTTPClientError as exc:
+            raise OriginError(f"origin body: {exc}") from None
+        return bytes(buf)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The streamed body of unknown length, as it arrives."""
+        assert self._stream is not None
+        try:
+            async for chunk in self._stream.iter_chunks():
+                yield chunk
+        except HTTPClientError as exc:
+            raise OriginError(f"origin body: {exc}") from None
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+            self._stream = None
 
     async def _splice(self, response: Response, fd: int, offset: int, length: int) -> None:
         """Body bytes into the file, paced by the back-to-source rate limit."""
@@ -245,40 +220,3 @@ class OriginFetcher:
                 await self.limiter.acquire(n)
             await response.splice_to(fd, offset + done, n)
             done += n
-
-    async def _fetch_stream(self, sink: PieceSink, response: Response) -> None:
-        """No ranges: the one body, cut into pieces in order as it arrives."""
-        number = 0
-        offset = 0
-        total = sink.content_length
-        if total >= 0:
-            while offset < total:
-                length = min(sink.piece_length, total - offset)
-                if sink.holds(number):
-                    # Never write over a recorded piece: compare the bytes instead.
-                    buf = bytearray(length)
-                    await response.readinto_exactly(buf)
-                    sink.check_held_piece(number, buf)
-                else:
-                    await self._splice(response, sink.fd, offset, length)
-                    await sink.origin_piece_written(number, offset, length)
-                number += 1
-                offset += length
-            return
-        # Unknown length (chunked): fill pieces until the body ends.
-        filled = 0
-        async for chunk in response.iter_chunks():
-            view = memoryview(chunk)
-            while view:
-                take = min(len(view), sink.piece_length - filled)
-                pwrite_all(sink.fd, view[:take], offset + filled)
-                filled += take
-                view = view[take:]
-                if filled == sink.piece_length:
-                    await sink.origin_piece_written(number, offset, filled)
-                    number += 1
-                    offset += filled
-                    filled = 0
-        await sink.set_content_length(offset + filled)
-        if filled:
-            await sink.origin_piece_written(number, offset, filled)

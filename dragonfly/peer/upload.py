@@ -217,14 +217,15 @@ class UploadHandler:
                 )
             )
             return
-        if download is None or download.handle is None:
-            async with daemon.store.use(task_id) as handle:
-                pieces = sorted(handle.pieces.values(), key=lambda p: p.number)
-                await self._send_pieces(
-                    channel,
-                    task_id,
-                    [PieceInfo(p.number, p.offset, p.length, p.sha256) for p in pieces],
-                )
+        # Every piece, whatever this child heard before: a child that subscribed as the
+        # download ended must not learn of the end (AnnounceDone) without the pieces.
+        async with daemon.store.use(task_id) as handle:
+            pieces = sorted(handle.pieces.values(), key=lambda p: p.number)
+            await self._send_pieces(
+                channel,
+                task_id,
+                [PieceInfo(p.number, p.offset, p.length, p.sha256) for p in pieces],
+            )
         await channel.send(
             AnnounceDone(
                 task_id=task_id,

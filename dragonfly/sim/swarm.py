@@ -38,32 +38,33 @@ from random import Random
 from typing import Any
 
 from dragonfly.config import PeerConfig
-from dragonfly.engine.announce import GIVE_UP_AFTER, REVEAL_AFTER, AnnounceSchedule
-from dragonfly.engine.picker import PiecePicker
+from dragonfly.engine.actions import (
+    Action,
+    Announce,
+    Cancel,
+    Complete,
+    Failed,
+    Fetch,
+    FetchOrigin,
+    Finished,
+    MachineConfig,
+    OpenTask,
+    ProbeOrigin,
+    RangesDone,
+    Send,
+    StreamOrigin,
+    Subscribe,
+    Unsubscribe,
+)
+from dragonfly.engine.machine import DownloadMachine
 from dragonfly.identity import IdentityError, check_piece_length, piece_length_for
 from dragonfly.identity import piece_count as count_pieces
-from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
+from dragonfly.sched.scheduler import Scheduler, SchedulerSettings
+from dragonfly.sched.scheduler import Send as Decision
 from dragonfly.sim.bound import fluid_bound, piece_factor
 from dragonfly.sim.engine import INF, Endpoint, EventLoop, Flow, make_network
 from dragonfly.wire.codec import Message
-from dragonfly.wire.messages import (
-    CandidateParents,
-    Error,
-    HostInfo,
-    NeedBackToSource,
-    PeerFinished,
-    PieceDigest,
-    PieceDigests,
-    PieceFailed,
-    PieceReport,
-    PiecesFinished,
-    RegisterPeer,
-    Reschedule,
-    TaskFailed,
-    TaskMetadata,
-    TaskSpec,
-    TriggerDownload,
-)
+from dragonfly.wire.messages import Error, HostInfo, TaskSpec, TriggerDownload
 
 __all__ = ["PERCENTILES", "SimConfig", "SimResult", "Swarm", "run_simulation"]
 
@@ -73,6 +74,7 @@ PERCENTILES = (0, 10, 25, 50, 75, 90, 99, 100)
 
 # The model's knobs default to what a peer ships with.
 _SHIPPED = PeerConfig()
+_MACHINE = MachineConfig()
 
 
 @dataclass(frozen=True)
@@ -97,13 +99,14 @@ class SimConfig:
     upload_queue: int = _SHIPPED.upload.queue_limit  # requests that wait for a slot
     upload_children: int = _SHIPPED.upload.children_limit  # the host's HostInfo.upload_limit
     stagger: bool = True  # a peer fetching from the origin staggers its announcements
-    reveal_after: float = REVEAL_AFTER  # ... and tells the other children this much later
+    reveal_after: float = _MACHINE.reveal_after  # ... and tells the others this much later
     give_up_after: float = (
-        GIVE_UP_AFTER  # ... or passes it on when its first child never fetched it
+        _MACHINE.give_up_after  # ... or passes it on when its first child never fetched it
     )
     piece_timeout: float = _SHIPPED.download.piece_timeout  # queueing at the parent included
-    report_interval: float = 0.05  # PiecesFinished batching, as the real engine
-    reschedule_interval: float = 1.0  # at most one Reschedule per this, as the real engine
+    report_interval: float = _MACHINE.report_interval  # PiecesFinished batching
+    reschedule_interval: float = _MACHINE.reschedule_interval  # at most one Reschedule per this
+    linger_limit: float = _MACHINE.linger_limit  # a finished origin-fed peer keeps its schedule
     max_time: float | None = None  # give up (unfinished) at this sim time; None: derived
     stall_limit: float = 120.0  # give up when no piece lands anywhere for this long
     settings: SchedulerSettings = field(default_factory=SchedulerSettings)
@@ -235,42 +238,26 @@ class SimResult:
 
 
 class SimNode:
-    """One simulated host with its one download of the task (a peer or a seed peer)."""
+    """One simulated host and its download of the task: the real ``DownloadMachine``,
+    whose actions are performed in the model of the network (flows between endpoints,
+    message latency) instead of with sockets and a disk."""
 
     __slots__ = (
-        "announce",
         "arrived",
-        "blocked",
-        "bts",
-        "claim_from",
-        "claimed",
-        "count",
-        "done",
+        "children",
         "ep",
-        "failed",
-        "fetches",
         "finished_at",
-        "flush_pending",
-        "have",
-        "have_list",
+        "flows",
         "host_id",
         "info",
-        "known",
-        "known_count",
-        "last_reschedule",
+        "machine",
         "origin_bytes",
-        "origin_workers",
         "parents",
         "peer_id",
-        "picker",
-        "registered",
-        "reports",
-        "reveal_pending",
+        "revealed_all",
         "seed",
-        "subscribers",
         "sw",
-        "timer_pending",
-        "wake_pending",
+        "wake_at",
     )
 
     def __init__(self, sw: Swarm, host_id: str, *, seed: bool) -> None:
@@ -294,36 +281,31 @@ class SimNode:
             upload_limit=cfg.upload_children,
             upload_rate=int(cfg.peer_up),
         )
-        k = sw.k
+        self.machine: DownloadMachine | None = None
         self.arrived = 0.0
         self.finished_at = INF
-        self.registered = False
-        self.bts = False  # fetching from the origin
-        self.done = False
-        self.failed = False
-        self.picker: PiecePicker | None = None
-        self.have = bytearray(k)
-        self.have_list: list[int] = []  # in landing order: a parent's announcement backlog
-        self.count = 0
-        self.known = bytearray(k)  # origin-side digest known
-        self.known_count = 0
-        self.parents: dict[str, SimNode] = {}
-        self.subscribers: dict[str, SimNode] = {}  # children following my announcements
-        self.announce: AnnounceSchedule[str] = AnnounceSchedule(
-            stagger=False, reveal_after=cfg.reveal_after, give_up_after=cfg.give_up_after
-        )
-        self.blocked: dict[str, None] = {}
-        self.fetches: dict[tuple[int, str], Flow] = {}
-        self.reports: list[PieceReport] = []
-        self.flush_pending = False
-        self.reveal_pending = False
-        self.wake_pending = False
-        self.timer_pending = False
-        self.last_reschedule = -INF
-        self.claimed = bytearray(k)
-        self.claim_from = 0
-        self.origin_workers = 0
         self.origin_bytes = 0
+        self.flows: dict[int, Flow] = {}  # fetch id -> the piece's flow from a parent
+        self.parents: dict[str, SimNode] = {}  # subscribed to
+        self.children: dict[str, SimNode] = {}  # subscribed to this node
+        self.wake_at = INF  # the earliest tick already scheduled
+        self.revealed_all = False
+
+    @property
+    def done(self) -> bool:
+        return self.machine is not None and self.machine.finished
+
+    @property
+    def failed(self) -> bool:
+        return self.machine is not None and self.machine.error is not None
+
+    @property
+    def registered(self) -> bool:
+        return self.machine is not None
+
+    @property
+    def count(self) -> int:
+        return len(self.machine.have) if self.machine is not None else 0
 
     # -- arrival and scheduler messages ----------------------------------------------
 
@@ -332,445 +314,193 @@ class SimNode:
         sw = self.sw
         self.arrived = sw.loop.now
         sw.scheduler.host_connected(self.info, sw.loop.now)
-        self.register(need_back_to_source=False)
+        self._start(seed_trigger=False)
 
-    def register(self, *, need_back_to_source: bool) -> None:
-        self.registered = True
+    def _start(self, *, seed_trigger: bool) -> None:
         sw = self.sw
-        sw.to_scheduler(
-            self.host_id,
-            RegisterPeer(
-                peer_id=self.peer_id,
-                task_id=sw.task_id,
-                task=sw.spec,
-                need_back_to_source=need_back_to_source,
-            ),
+        self.machine = DownloadMachine(
+            sw.task_id,
+            self.peer_id,
+            sw.spec,
+            config=sw.machine_config,
+            seed_trigger=seed_trigger,
         )
+        self.perform(self.machine.connected(sw.loop.now))
 
     def receive(self, msg: Message) -> None:
         kind = type(msg)
-        if kind is PieceDigests:
-            assert isinstance(msg, PieceDigests)
-            if msg.peer_id == self.peer_id:
-                self._add_digests(msg.digests)
-                self.pump()
-        elif kind is CandidateParents:
-            assert isinstance(msg, CandidateParents)
-            self._on_candidates(msg)
-        elif kind is NeedBackToSource:
-            assert isinstance(msg, NeedBackToSource)
-            self._on_back_to_source(msg)
-        elif kind is TriggerDownload:
-            assert isinstance(msg, TriggerDownload)
-            if not self.registered:  # (a repeated trigger of a started task is moot)
+        if kind is TriggerDownload:
+            if self.machine is None:  # (a repeated trigger of a started task is moot)
                 self.arrived = self.sw.loop.now
-                self.register(need_back_to_source=True)
-        elif kind is TaskFailed:
-            assert isinstance(msg, TaskFailed)
-            self._fail(f"TaskFailed: {msg.reason}")
+                self._start(seed_trigger=True)
         elif kind is Error:
             self.sw.errors.append(f"{self.host_id}: {msg}")
+        elif self.machine is not None:
+            self.perform(self.machine.scheduler_message(msg, self.sw.loop.now))
 
-    def _on_candidates(self, msg: CandidateParents) -> None:
-        if self.done or self.bts or self.failed or msg.peer_id != self.peer_id:
-            return
-        sw = self.sw
-        if self.picker is None:
-            if msg.content_length < 0 or msg.piece_length is None:
-                return
-            if (msg.content_length, msg.piece_length) != (sw.cfg.size, sw.cfg.piece_size):
-                sw.errors.append(f"{self.peer_id}: unexpected layout in {msg}")
-                return
-            self.picker = PiecePicker(
-                sw.k,
-                have=self.have_list,
-                max_in_flight=sw.cfg.concurrent_pieces,
-                per_parent_limit=sw.cfg.per_parent_limit,
-                seed=self.peer_id,  # siblings pick differently, reproducibly
-            )
-        self._add_digests(msg.digests)
-        picker = self.picker
-        nodes = sw.nodes
-        for info in msg.parents:
-            pid = info.peer_id
-            if pid in self.parents or pid in self.blocked:
-                continue
-            parent = nodes[info.host_id]
-            self.parents[pid] = parent
-            picker.add_parent(pid)
-            # Subscribe: the backlog now, each new piece as it lands.
-            parent.subscribe(self)
-        self.pump()
+    # -- performing the machine's actions --------------------------------------------
 
-    def _add_digests(self, digests: list[PieceDigest]) -> None:
-        if self.picker is None or self.known_count == self.sw.k:
-            return  # (every CandidateParents repeats every digest: skip the walk)
-        known = self.known
-        new = []
-        for d in digests:
-            n = d.number
-            if not known[n]:
-                known[n] = 1
-                new.append(n)
-        if new:
-            self.known_count += len(new)
-            self.picker.digest_known(new)
-
-    def parent_has(self, parent_id: str, number: int) -> None:
-        """A subscribed parent announced a piece that just landed there."""
-        picker = self.picker
-        if picker is None or self.done or self.failed or self.have[number]:
-            return  # (a piece it holds changes none of the picker's decisions)
-        picker.parent_has(parent_id, (number,))
-        if picker.requests_in_flight >= self.sw.cfg.concurrent_pieces:
-            return  # no request budget left: nothing can start
-        requestable = self.known[number] and number not in picker.in_flight
-        if not requestable and len(picker.in_flight) != picker.missing:
-            # The picker's last answer stands (in the endgame, an in-flight piece could
-            # be duplicated on this parent: ask again then).
-            return
-        if picker.resting(parent_id, self.sw.loop.now):
-            return  # it answered "busy" a moment ago: the wake-up after its rest will ask
-        self.pump()
-
-    def _fail(self, reason: str) -> None:
-        """The download ends without the file (the real engine raises DownloadFailed)."""
-        if self.done or self.failed:
-            return
-        sw = self.sw
-        self.failed = True
-        sw.failures.append(f"{self.peer_id}: {reason}")
-        for flow in self.fetches.values():
-            sw.wasted += sw.net.cancel(flow)
-        self.fetches.clear()
-        for parent in self.parents.values():
-            parent.unsubscribe(self)
-        self.parents.clear()
-        # Its announcement channels close: its children drop it, as the real engine.
-        for child in list(self.subscribers.values()):
-            child.drop_parent(self.peer_id)
-        self.subscribers.clear()
-
-    def drop_parent(self, parent_id: str) -> None:
-        """A parent's announcements ended without it holding everything: never again."""
-        parent = self.parents.pop(parent_id, None)
-        self.blocked[parent_id] = None
-        if parent is None or self.picker is None:
-            return
-        sw = self.sw
-        for number in self.picker.remove_parent(parent_id):
-            flow = self.fetches.pop((number, parent_id), None)
-            if flow is not None:
-                sw.wasted += sw.net.cancel(flow)
-        self.pump()
-
-    # -- announcing to children ------------------------------------------------------
-
-    def subscribe(self, child: SimNode) -> None:
-        self.subscribers[child.peer_id] = child
-        self._tell(self.announce.subscribe(child.peer_id))
-
-    def unsubscribe(self, child: SimNode) -> None:
-        self.subscribers.pop(child.peer_id, None)
-        self._tell(self.announce.unsubscribe(child.peer_id))
-
-    def uploaded(self, number: int) -> None:
-        """A child received a whole piece from me."""
-        self.announce.uploaded(number, self.sw.loop.now)
-        self._tell([])
-
-    def _tell(self, announcements: list[tuple[str, list[int]]]) -> None:
-        me = self.peer_id
-        for child_id, numbers in announcements:
-            child = self.subscribers.get(child_id)
-            if child is not None:
-                for n in numbers:
-                    child.parent_has(me, n)
-        due = self.announce.next_due()
-        if due is not None and not self.reveal_pending:
-            self.reveal_pending = True
-            self.sw.loop.at(due, self._reveal)
-
-    def _reveal(self, _: object) -> None:
-        self.reveal_pending = False
-        self._tell(self.announce.due(self.sw.loop.now))
-
-    # -- fetching from parents -------------------------------------------------------
-
-    def pump(self) -> None:
-        """Start what the picker says; reschedule when stalled (as the real p2p loop)."""
-        picker = self.picker
-        if picker is None or self.done or self.bts or self.failed:
-            return
+    def perform(self, actions: list[Action]) -> None:
+        machine = self.machine
+        assert machine is not None
         sw = self.sw
         now = sw.loop.now
-        refused = True
-        while refused:  # a refusal frees a request slot: pick again (that parent rests)
-            refused = False
-            for number, pid in picker.pick(now):
-                parent = self.parents[pid]
-                ep = parent.ep
-                # A held-back piece's first copy waits at the head of the queue: the
-                # swarm needs it (dragonfly/engine/announce.py), as the real upload server.
-                first = parent.announce.held_back(number)
-                if (
-                    not first
-                    and len(ep.uploads) >= ep.slots
-                    and len(ep.queue) >= sw.cfg.upload_queue
-                ):
-                    # Every upload slot taken: the parent answers 503 at once, as the
-                    # real upload server does.
-                    picker.on_busy(number, pid, now)
-                    refused = True
-                    continue
-                flow = sw.net.start(
-                    ep,
-                    self.ep,
-                    sw.piece_len(number),
-                    self._p2p_landed,
-                    (number, pid),
-                    urgent=first,
-                )
-                self.fetches[(number, pid)] = flow
-        rest = picker.busy_until()
-        if rest is not None and rest > now:
-            self._wake_at(rest)
-        if not self.timer_pending and self.fetches:
-            self._arm_timer()
-        interval = sw.cfg.reschedule_interval
-        if picker.stalled():
-            due = self.last_reschedule + interval
-            if now >= due:  # (not now - last >= interval: rounding could wake forever)
-                self.last_reschedule = now
-                due = now + interval
-                sw.reschedules += 1
-                sw.to_scheduler(
-                    self.host_id,
-                    Reschedule(
-                        peer_id=self.peer_id,
-                        task_id=sw.task_id,
-                        blocked_parents=sorted(self.blocked)[:1024],
-                        reason="no parent can serve the missing pieces",
-                    ),
-                )
-            self._wake_at(due)
-        elif picker.requests_in_flight and len(picker.in_flight) == picker.missing:
-            self._wake_at(now + interval)  # endgame: duplicate overdue requests later
+        for action in actions:
+            kind = type(action)
+            if kind is Fetch:
+                assert isinstance(action, Fetch)
+                self._fetch(action)
+            elif kind is Announce:
+                assert isinstance(action, Announce)
+                child = self.children.get(action.child)  # type: ignore[call-overload]
+                if child is not None and child.machine is not None:
+                    child.perform(child.machine.parent_announced(self.peer_id, action.numbers, now))
+            elif kind is Send:
+                assert isinstance(action, Send)
+                sw.to_scheduler(self.host_id, action.message)
+            elif kind is Cancel:
+                assert isinstance(action, Cancel)
+                flow = self.flows.pop(action.fetch_id, None)
+                if flow is not None:
+                    sw.wasted += sw.net.cancel(flow)
+            elif kind is Subscribe:
+                assert isinstance(action, Subscribe)
+                parent = sw.nodes[action.parent.host_id]
+                self.parents[action.parent.peer_id] = parent
+                parent.subscribe(self)
+            elif kind is Unsubscribe:
+                assert isinstance(action, Unsubscribe)
+                gone = self.parents.pop(action.parent_id, None)
+                if gone is not None:
+                    gone.unsubscribe(self)
+            elif kind is OpenTask:
+                # No disk: the task opens at once, holding nothing.
+                self.perform(machine.task_opened({}, now))
+            elif kind is ProbeOrigin:
+                if not self.seed:
+                    sw.back_to_source += 1
+                sw.loop.after(2 * sw.cfg.latency, self._probed)  # a 1-byte range request
+            elif kind is FetchOrigin:
+                assert isinstance(action, FetchOrigin)
+                n = action.number
+                sw.net.start(sw.origin, self.ep, sw.piece_len(n), self._origin_landed, n)
+            elif kind is Complete:
+                self.perform(machine.completed(now))
+            elif kind is Finished:
+                self.finished_at = now
+                if not self.seed:
+                    sw.finished += 1
+            elif kind is Failed:
+                assert isinstance(action, Failed)
+                sw.failures.append(f"{self.peer_id}: {action.reason}")
+                self._left()
+            elif kind is StreamOrigin or kind is RangesDone:
+                raise AssertionError(f"not modelled: {action}")
+        self._schedule_tick()
 
-    def _wake_at(self, when: float) -> None:
-        if not self.wake_pending:
-            self.wake_pending = True
-            self.sw.loop.at(when, self._wake)
-
-    def _wake(self, _: object) -> None:
-        self.wake_pending = False
-        self.pump()
-
-    def _arm_timer(self) -> None:
-        """One timer per node for its oldest request: ``fetches`` is in request order."""
-        first = next(iter(self.fetches.values()))
-        self.timer_pending = True
-        self.sw.loop.at(first.started + self.sw.cfg.piece_timeout, self._check_timeouts)
-
-    def _check_timeouts(self, _: object) -> None:
-        """piece_timeout passed for the oldest requests (waiting for an upload slot
-        counts): give up on that parent for that piece and tell the scheduler, as the
-        real engine does."""
-        self.timer_pending = False
+    def _fetch(self, action: Fetch) -> None:
         sw = self.sw
-        now = sw.loop.now
-        timeout = sw.cfg.piece_timeout
-        expired = []
-        for flow in self.fetches.values():
-            if flow.started + timeout > now:
-                break
-            expired.append(flow)
-        picker = self.picker
-        for flow in expired:
-            number, pid = flow.data
-            del self.fetches[(number, pid)]
-            sw.wasted += sw.net.cancel(flow)
-            sw.timeouts += 1
-            if picker is not None:
-                picker.on_failure(number, pid)
-            sw.to_scheduler(
-                self.host_id,
-                PieceFailed(
-                    peer_id=self.peer_id,
-                    task_id=sw.task_id,
-                    number=number,
-                    parent_id=pid,
-                    reason="timeout",
-                ),
-            )
-        if expired:
-            self.pump()
-        if not self.timer_pending and self.fetches:
-            self._arm_timer()
+        parent = self.parents.get(action.parent_id)
+        machine = self.machine
+        assert machine is not None
+        if parent is None or parent.machine is None:
+            self.perform(machine.piece_failed(action.fetch_id, "parent gone", sw.loop.now))
+            return
+        ep = parent.ep
+        # A held-back piece's first copy waits at the head of the queue (the swarm needs
+        # it: dragonfly/engine/announce.py), as in the real upload server.
+        first = parent.machine.held_back(action.number)
+        if not first and len(ep.uploads) >= ep.slots and len(ep.queue) >= sw.cfg.upload_queue:
+            # Every upload slot taken: the parent answers 503 at once, as the real one.
+            self.perform(machine.piece_busy(action.fetch_id, sw.loop.now))
+            return
+        self.flows[action.fetch_id] = sw.net.start(
+            ep, self.ep, sw.piece_len(action.number), self._p2p_landed, action, urgent=first
+        )
 
     def _p2p_landed(self, flow: Flow) -> None:
-        number, pid = flow.data
-        del self.fetches[(number, pid)]
-        picker = self.picker
-        assert picker is not None
+        action: Fetch = flow.data
+        if self.flows.pop(action.fetch_id, None) is None:
+            return
         sw = self.sw
         now = sw.loop.now
-        seconds = now - flow.started
-        parent = self.parents.get(pid)
-        if parent is not None:
-            parent.uploaded(number)
-        for other in picker.on_success(number, pid, flow.size, seconds):
-            dup = self.fetches.pop(other, None)
-            if dup is not None:
-                sw.wasted += sw.net.cancel(dup)
-        if self.have[number]:
-            return
-        sw.p2p_bytes += flow.size
-        self._landed(number, pid, seconds)
-        if picker.done:
-            self._complete()
-        else:
-            self.pump()
-
-    # -- fetching from the origin ----------------------------------------------------
-
-    def _on_back_to_source(self, msg: NeedBackToSource) -> None:
-        if self.bts or self.done or self.failed or msg.peer_id != self.peer_id:
-            return
-        sw = self.sw
-        self.bts = True
-        self.announce.stagger = sw.cfg.stagger  # new bytes enter the swarm here
-        if not self.seed:
-            sw.back_to_source += 1
-        # Stop P2P: every parent dropped (and never asked again), fetches cancelled.
-        for pid, parent in list(self.parents.items()):
-            parent.unsubscribe(self)
-            self.blocked[pid] = None
-            if self.picker is not None:
-                for number in self.picker.remove_parent(pid):
-                    flow = self.fetches.pop((number, pid), None)
-                    if flow is not None:
-                        sw.wasted += sw.net.cancel(flow)
-        self.parents.clear()
-        self._add_digests(msg.digests)
-        sw.loop.after(2 * sw.cfg.latency, self._probed)  # a 1-byte range request
+        parent = self.parents.get(action.parent_id)
+        if parent is not None and parent.machine is not None:
+            parent.perform(parent.machine.piece_uploaded(action.number, now))
+        machine = self.machine
+        assert machine is not None
+        if action.number not in machine.have:
+            sw.p2p_bytes += flow.size
+            sw.last_progress = now
+        self.perform(
+            machine.piece_landed(action.fetch_id, action.number, action.parent_id, flow.size, now)
+        )
 
     def _probed(self, _: object) -> None:
-        """The origin answered the probe: tell the scheduler the layout, then fetch."""
-        sw = self.sw
-        cfg = sw.cfg
-        piece_length = cfg.piece_size or piece_length_for(cfg.size)
-        sw.to_scheduler(
-            self.host_id,
-            TaskMetadata(
-                peer_id=self.peer_id,
-                task_id=sw.task_id,
-                content_length=cfg.size,
-                piece_length=piece_length,
-                piece_count=sw.k,
-            ),
-        )
-        # Pieces already held count as fetched from the origin (as the real engine).
-        for n in self.have_list:
-            self.reports.append(
-                PieceReport(n, n * cfg.piece_size, sw.piece_len(n), sw.digests[n], "", 0)
-            )
-        self._schedule_flush()
-        if self.count == sw.k:
-            self._complete()
-            return
-        for _ in range(cfg.origin_concurrency):
-            if not self._origin_next():
-                break
-
-    def _origin_next(self) -> bool:
-        """A range worker claims the lowest missing piece; False when none is left."""
-        k = self.sw.k
-        have, claimed = self.have, self.claimed
-        n = self.claim_from
-        while n < k and (have[n] or claimed[n]):
-            n += 1
-        self.claim_from = n
-        if n >= k:
-            return False
-        claimed[n] = 1
-        sw = self.sw
-        self.origin_workers += 1
-        sw.net.start(sw.origin, self.ep, sw.piece_len(n), self._origin_landed, n)
-        return True
+        """The origin answered the probe (it takes ranges; one version, no validators)."""
+        machine = self.machine
+        assert machine is not None
+        self.perform(machine.origin_probed(self.sw.cfg.size, True, "", "", "", self.sw.loop.now))
 
     def _origin_landed(self, flow: Flow) -> None:
         number: int = flow.data
         sw = self.sw
-        self.origin_workers -= 1
         sw.origin_bytes += flow.size
         self.origin_bytes += flow.size
-        if self.picker is not None:
-            self.picker.mark_have(number)
-        if not self.have[number]:
-            self._landed(number, "", sw.loop.now - flow.started)
-        if self.count == sw.k:
-            if not self.done:
-                self._complete()
-        else:
-            self._origin_next()
-
-    # -- pieces landing, reports, completion -----------------------------------------
-
-    def _landed(self, number: int, parent_id: str, seconds: float) -> None:
-        """Record, report (batched) and announce a verified piece."""
-        sw = self.sw
         sw.last_progress = sw.loop.now
-        self.have[number] = 1
-        self.have_list.append(number)
-        self.count += 1
-        self.reports.append(
-            PieceReport(
-                number,
-                number * sw.cfg.piece_size,
-                sw.piece_len(number),
-                sw.digests[number],
-                parent_id,
-                int(seconds * 1000),
-            )
+        machine = self.machine
+        assert machine is not None
+        self.perform(
+            machine.origin_piece_landed(number, sw.digests[number], flow.size, sw.loop.now)
         )
-        self._schedule_flush()
-        self._tell(self.announce.landed((number,), sw.loop.now))
 
-    def _schedule_flush(self) -> None:
-        if not self.flush_pending and self.reports:
-            self.flush_pending = True
-            self.sw.loop.after(self.sw.cfg.report_interval, self._flush)
+    # -- children ----------------------------------------------------------------------
 
-    def _flush(self, _: object = None) -> None:
-        self.flush_pending = False
-        if self.reports:
-            batch, self.reports = self.reports, []
-            sw = self.sw
-            sw.to_scheduler(
-                self.host_id,
-                PiecesFinished(peer_id=self.peer_id, task_id=sw.task_id, pieces=batch),
-            )
+    def subscribe(self, child: SimNode) -> None:
+        machine = self.machine
+        assert machine is not None
+        self.children[child.peer_id] = child
+        self.perform(machine.child_subscribed(child.peer_id, self.sw.loop.now))
 
-    def _complete(self) -> None:
-        """Every piece held: flush the reports, PeerFinished, stop following parents."""
-        sw = self.sw
-        self.done = True
-        self.finished_at = sw.loop.now
-        self._flush()
-        sw.to_scheduler(
-            self.host_id,
-            PeerFinished(
-                peer_id=self.peer_id,
-                task_id=sw.task_id,
-                content_length=sw.cfg.size,
-                piece_count=sw.k,
-            ),
-        )
-        for parent in self.parents.values():
-            parent.unsubscribe(self)
-        if not self.seed:
-            sw.finished += 1
+    def unsubscribe(self, child: SimNode) -> None:
+        if self.children.pop(child.peer_id, None) is not None and self.machine is not None:
+            self.perform(self.machine.child_left(child.peer_id, self.sw.loop.now))
+
+    def _left(self) -> None:
+        """The download failed: its announcements end, its children drop it."""
+        now = self.sw.loop.now
+        for child in list(self.children.values()):
+            if child.machine is not None:
+                child.perform(child.machine.parent_gone(self.peer_id, now))
+        self.children.clear()
+
+    # -- time --------------------------------------------------------------------------
+
+    def _schedule_tick(self) -> None:
+        machine = self.machine
+        assert machine is not None
+        when = machine.next_wakeup()
+        if when < self.wake_at:
+            self.wake_at = when
+            self.sw.loop.at(max(when, self.sw.loop.now), self._tick)
+
+    def _tick(self, _: object) -> None:
+        machine = self.machine
+        assert machine is not None
+        now = self.sw.loop.now
+        self.wake_at = INF
+        if machine.next_wakeup() <= now:
+            self.perform(machine.tick(now))
+        if (
+            machine.done
+            and not self.revealed_all
+            and machine.ended_at is not None
+            and now >= machine.ended_at + self.sw.cfg.linger_limit
+        ):
+            # The real daemon ends its download here: everything is announced.
+            self.revealed_all = True
+            self.perform(machine.reveal_all())
+        self._schedule_tick()
 
 
 class Swarm:
@@ -792,6 +522,18 @@ class Swarm:
             explicit = None
         self.spec = TaskSpec(url=URL, piece_length=explicit)
         self.task_id = self.spec.task_id
+        self.machine_config = MachineConfig(
+            concurrent_pieces=cfg.concurrent_pieces,
+            per_parent_limit=cfg.per_parent_limit,
+            piece_timeout=cfg.piece_timeout,
+            origin_concurrency=cfg.origin_concurrency,
+            reschedule_interval=cfg.reschedule_interval,
+            report_interval=cfg.report_interval,
+            reveal_after=cfg.reveal_after,
+            give_up_after=cfg.give_up_after,
+            linger_limit=cfg.linger_limit,
+            stagger=cfg.stagger,
+        )
         # Deterministic stand-ins for the origin's piece digests.
         self.digests = [hashlib.sha256(n.to_bytes(8, "big")).digest() for n in range(self.k)]
         self._last_len = cfg.size - (self.k - 1) * cfg.piece_size
@@ -801,8 +543,6 @@ class Swarm:
         self.peers: list[SimNode] = []
         self.finished = 0
         self.back_to_source = 0
-        self.reschedules = 0
-        self.timeouts = 0
         self.origin_bytes = 0
         self.p2p_bytes = 0
         self.wasted = 0.0
@@ -832,12 +572,12 @@ class Swarm:
         host_id, msg = arg
         self._dispatch(self.scheduler.handle(host_id, msg, self.loop.now))
 
-    def _dispatch(self, sends: list[Send]) -> None:
+    def _dispatch(self, sends: list[Decision]) -> None:
         after, latency, deliver = self.loop.after, self.cfg.latency, self._deliver
         for s in sends:
             after(latency, deliver, s)
 
-    def _deliver(self, send: Send) -> None:
+    def _deliver(self, send: Decision) -> None:
         self.nodes[send.host_id].receive(send.message)
 
     def _tick(self, _: object) -> None:
@@ -882,6 +622,7 @@ class Swarm:
         cfg = self.cfg
         done = [p for p in self.peers if p.done]
         t_all = max(p.finished_at for p in done) if len(done) == len(self.peers) else INF
+        nodes = [n for n in self.nodes.values() if n.machine is not None]
         triggered = [s for s in self.seeds if s.registered]
         complete = all(p.count == self.k for p in self.peers) and all(
             s.count == self.k for s in triggered
@@ -900,8 +641,8 @@ class Swarm:
             p2p_bytes=self.p2p_bytes,
             wasted_bytes=round(self.wasted),
             back_to_source_peers=self.back_to_source,
-            reschedules=self.reschedules,
-            timeouts=self.timeouts,
+            reschedules=sum(n.machine.counters.reschedules for n in nodes),
+            timeouts=sum(n.machine.counters.timeouts for n in nodes),
             errors=len(self.errors),
             failed=sum(1 for p in self.peers if p.failed),
             gave_up=self.gave_up,

@@ -12,7 +12,7 @@ from .errors import (
 )
 from .gc import GCConfig, TaskUsage, plan_gc
 from .metadata import MetadataDB, PieceRecord, TaskRecord, TaskState
-from .store import PieceStore, TaskHandle
+from .store import PieceSink, PieceStore, TaskHandle
 from .taskfile import TaskFile, task_path, validate_task_id
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "IncompleteTask",
     "MetadataDB",
     "PieceRecord",
+    "PieceSink",
     "PieceStore",
     "RangeNotAvailable",
     "SplicePipe",

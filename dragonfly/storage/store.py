@@ -46,7 +46,7 @@ from .gc import GCConfig, TaskUsage, plan_gc
 from .metadata import MetadataDB, PieceRecord, TaskRecord, TaskState
 from .taskfile import BufferLike, TaskFile, task_path, validate_task_id
 
-__all__ = ["PieceStore", "TaskHandle"]
+__all__ = ["PieceSink", "PieceStore", "TaskHandle"]
 
 log = structlog.get_logger(__name__)
 
@@ -90,7 +90,7 @@ class TaskHandle:
     users: int = 0
     pins: int = 0  # batches (queued or in flight) that will fdatasync this file
     detached: bool = False  # no longer reachable from the store: close when unused
-    # Pieces a write_piece call is writing now: a second writer waits for the first.
+    # Pieces being written now (PieceStore.writing): a second writer waits for the first.
     writing: dict[int, trio.Event] = field(default_factory=dict, repr=False)
 
     @property
@@ -145,6 +145,30 @@ class TaskHandle:
                 return False
         last = self.pieces[(end - 1) // pl]
         return last.offset + last.length >= end
+
+
+@dataclass(eq=False)
+class PieceSink:
+    """Write access to one piece of a task file, given by :meth:`PieceStore.writing`.
+
+    Fill it in one of two ways: splice into ``fd`` at ``offset`` (exactly ``length``
+    bytes), or hand the bytes to :meth:`write`. ``done``: the piece was already recorded
+    when the sink was given; write nothing. ``length`` is None while the file's length is
+    unknown (a streamed body): set it to what was written.
+    """
+
+    fd: int
+    number: int
+    offset: int
+    length: int | None
+    done: bool = False
+    record: PieceRecord | None = None  # after a clean exit: what was recorded
+    _data: BufferLike | None = field(default=None, repr=False)
+
+    def write(self, data: BufferLike) -> None:
+        """The piece's bytes, written (and verified) when the ``writing`` block ends."""
+        self._data = data
+        self.length = memoryview(data).nbytes
 
 
 @dataclass(eq=False)
@@ -760,75 +784,76 @@ class PieceStore:
         else:
             await trio.lowlevel.checkpoint()
 
-    def _verify_sync(self, h: TaskHandle, offset: int, length: int, expected: bytes) -> None:
-        actual = h.file.digest(offset, length)
-        if actual != expected:
-            raise DigestMismatch(
-                f"task {h.task_id} bytes {offset}+{length}",
-                _format_digest(expected),
-                _format_digest(actual),
-            )
+    @contextlib.asynccontextmanager
+    async def writing(
+        self, task: TaskHandle | str, number: int, expected: bytes | None = None
+    ) -> AsyncIterator[PieceSink]:
+        """Exclusive write access to one piece; the one way bytes enter a task file.
 
-    async def commit_piece(
-        self, task: TaskHandle | str, number: int, length: int, sha256: bytes
-    ) -> PieceRecord:
-        """Verify a piece already written into the task file (e.g. by splice) against the
-        origin's digest, hashing it from disk, then queue it. Mismatch: DigestMismatch,
-        nothing recorded.
-
-        The caller must not write into a piece that is already done (``h.is_done(number)``,
-        i.e. in ``h.pieces``): its row stays "done" whatever lands in the file, so bad bytes
-        spliced over it would be served as verified. Check first, or fetch into a buffer and
-        use :meth:`write_piece`, which refuses to overwrite a done piece.
+        Writers of one piece take turns. On a clean exit the bytes are hashed from disk,
+        checked against ``expected`` (the origin-side digest; None for the origin's own
+        fetch, whose hash becomes the piece's digest) and recorded, shielded from
+        cancellation, as one step: ``sink.record`` is the record. A mismatch raises
+        DigestMismatch and records nothing; an exception or a cancellation inside the
+        block records nothing. So no bytes but verified ones ever lie under a recorded
+        piece, and a recorded piece is never written again (``sink.done``).
         """
         h = self._loaded(task)
-        offset, _ = h.piece_range(number)
-        piece = PieceRecord(number, offset, length, sha256)
-        self._check_layout(h, piece)
-        self._retain(h)  # the file must stay open while a worker thread hashes it
-        try:
-            await self._run_io(self._verify_sync, h, offset, length, sha256)
-            await self.piece_done(h, piece)
-        finally:
-            self.release(h)
-        return piece
-
-    async def write_piece(
-        self, task: TaskHandle | str, number: int, data: BufferLike, sha256: bytes
-    ) -> PieceRecord:
-        """pwrite a piece at its offset, verify it from disk, queue it (one thread hop).
-
-        A piece that is already done is left alone and its record returned: writing first
-        and checking after would let bad bytes replace good ones under a "done" row.
-        Concurrent writes of one piece run one after the other for the same reason.
-        """
-        h = self._loaded(task)
-        offset, _ = h.piece_range(number)
-        length = memoryview(data).nbytes
-        piece = PieceRecord(number, offset, length, sha256)
-        self._check_layout(h, piece)
+        offset, length = h.piece_range(number)
         while (busy := h.writing.get(number)) is not None:
             await busy.wait()
             self._loaded(h)  # the task may have been removed or failed meanwhile
         existing = h.pieces.get(number)
         if existing is not None:
             await trio.lowlevel.checkpoint()
-            return existing
-
-        def _write() -> None:
-            h.file.write_at(offset, data)
-            self._verify_sync(h, offset, length, sha256)
-
-        writing = h.writing[number] = trio.Event()
-        self._retain(h)  # the file must stay open while a worker thread writes it
+            yield PieceSink(h.file.fd, number, offset, existing.length, True, existing)
+            return
+        sink = PieceSink(h.file.fd, number, offset, length)
+        turn = h.writing[number] = trio.Event()
+        self._retain(h)  # the file stays open while a worker thread writes or hashes it
         try:
-            await self._run_io(_write)
-            await self.piece_done(h, piece)
+            yield sink
+            with trio.CancelScope(shield=True):
+                sink.record = await self._settle(h, sink, expected)
         finally:
             del h.writing[number]
-            writing.set()
+            turn.set()
             self.release(h)
+
+    async def _settle(self, h: TaskHandle, sink: PieceSink, expected: bytes | None) -> PieceRecord:
+        """Write the sink's bytes (if handed over), hash the piece from disk, check and
+        queue it: one worker-thread hop."""
+        if sink.length is None:
+            raise ValueError(f"task {h.task_id}: piece {sink.number} has no length")
+        offset, length, data = sink.offset, sink.length, sink._data
+
+        def _write_and_hash() -> bytes:
+            if data is not None:
+                h.file.write_at(offset, data)
+            return h.file.digest(offset, length)
+
+        self._check_layout(h, PieceRecord(sink.number, offset, length, b"\0" * 32))
+        actual = await self._run_io(_write_and_hash)
+        if expected is not None and actual != expected:
+            raise DigestMismatch(
+                f"task {h.task_id} piece {sink.number}",
+                _format_digest(expected),
+                _format_digest(actual),
+            )
+        piece = PieceRecord(sink.number, offset, length, actual)
+        await self.piece_done(h, piece)
         return piece
+
+    async def write_piece(
+        self, task: TaskHandle | str, number: int, data: BufferLike, sha256: bytes
+    ) -> PieceRecord:
+        """pwrite a piece at its offset, verify it from disk and record it (see
+        :meth:`writing`); a piece recorded already is left alone and its record returned."""
+        async with self.writing(task, number, sha256) as sink:
+            if not sink.done:
+                sink.write(data)
+        assert sink.record is not None
+        return sink.record
 
     def has_range(self, task_id: str, offset: int, length: int) -> bool:
         """True if the loaded task has verified bytes for the whole range (no I/O)."""

@@ -43,9 +43,12 @@ def containerd_binary() -> str | None:
     return shutil.which("containerd")
 
 
-def write_hosts_toml(hosts_dir: Path, registry: str, mirror: str | None) -> Path:
+def write_hosts_toml(
+    hosts_dir: Path, registry: str, mirror: str | None, *, headers: dict[str, str] | None = None
+) -> Path:
     """DIR/REGISTRY/hosts.toml: the registry at plain http, and `mirror` (a peer's proxy,
-    http://127.0.0.1:PORT) tried first for pull and resolve when given.
+    http://127.0.0.1:PORT) tried first for pull and resolve when given, with `headers`
+    sent to it (Dragonfly's form: `[host."MIRROR".header]`, X-Dragonfly-Registry = [...]).
 
     Without a mirror the registry itself is the one [host] entry: containerd 1.6 rejects
     a hosts.toml without any ("failed to decode hosts.toml: invalid `host` tree") and
@@ -56,6 +59,9 @@ def write_hosts_toml(hosts_dir: Path, registry: str, mirror: str | None) -> Path
     text = (
         f'server = "http://{registry}"\n\n[host."{host}"]\n  capabilities = ["pull", "resolve"]\n'
     )
+    if headers:
+        text += f'  [host."{host}".header]\n'
+        text += "".join(f'    {name} = ["{value}"]\n' for name, value in headers.items())
     path = d / "hosts.toml"
     path.write_text(text)
     return path

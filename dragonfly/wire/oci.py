@@ -1,8 +1,9 @@
 """The OCI distribution API as a mirror sees it (sans-I/O).
 
 Parses `/v2/...` request paths into routes, picks the upstream registry a request
-is for (the configured default, or containerd's `?ns=HOST[:PORT]`), and builds
-the error bodies registries answer with. No sockets, no clock: the caller passes
+is for (an `X-Dragonfly-Registry: SCHEME://HOST[:PORT]` header, as Dragonfly's
+containerd setup sends it; else containerd's `?ns=HOST[:PORT]`; else the configured
+default), and builds the error bodies registries answer with. No sockets, no clock: the caller passes
 `now` where time matters.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import parse_qsl, urlsplit
@@ -34,6 +36,10 @@ _NS = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\])(?
 # containerd names Docker Hub "docker.io"; its API lives elsewhere.
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 DOCKER_HUB_API = "https://registry-1.docker.io"
+
+# The upstream registry with its scheme, chosen by the client (a hosts.toml header).
+H_REGISTRY = "x-dragonfly-registry"
+_REGISTRY_URL_MAX = 300
 
 
 class RouteKind(Enum):
@@ -114,8 +120,12 @@ class Upstreams:
     def from_config(cls, upstream: str, insecure: list[str]) -> Upstreams:
         return cls(upstream.rstrip("/"), frozenset(h.strip().lower() for h in insecure))
 
-    def base_url(self, ns: str | None) -> str:
-        """The upstream's base URL for a request carrying `?ns=` (None: no ns)."""
+    def base_url(self, ns: str | None, named: Sequence[str] = ()) -> str:
+        """The upstream's base URL for a request: the one its X-Dragonfly-Registry header
+        names (`named`: the header's values), else the one `?ns=` names (None: no ns),
+        else the configured one."""
+        if named:
+            return registry_header_url(named)
         if ns is None or ns == "":
             if not self.default:
                 raise MirrorError(
@@ -136,6 +146,42 @@ class Upstreams:
             return self.default  # the configured upstream: its scheme is known
         scheme = "http" if host in self.insecure else "https"
         return f"{scheme}://{host}"
+
+
+def registry_header_url(values: Sequence[str]) -> str:
+    """The base URL an X-Dragonfly-Registry header names: `http(s)://HOST[:PORT]`, with
+    Docker Hub's names meaning its API host. Anything else (a path, credentials, a query,
+    another scheme, two registries) is a 400 naming the header.
+
+    The client picks the registry, and plain http, for its own requests only: the
+    registry is asked with that client's credentials and must show a blob's bytes before
+    the peer serves it the blob from P2P, as for `?ns=`."""
+    distinct = sorted({v.strip() for v in values})
+    if len(distinct) != 1:
+        raise MirrorError(
+            400, "NAME_INVALID", f"X-Dragonfly-Registry: one registry, not {len(distinct)}"
+        )
+    value = distinct[0]
+    problem = f"bad X-Dragonfly-Registry {value[:200]!r}: expected http(s)://HOST[:PORT]"
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # a ValueError when out of range
+    except ValueError:
+        raise MirrorError(400, "NAME_INVALID", problem) from None
+    scheme, host = parts.scheme.lower(), parts.netloc.lower()
+    if (
+        len(value) > _REGISTRY_URL_MAX
+        or scheme not in ("http", "https")
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or not _NS.match(host)  # no user:password@, nothing but HOST[:PORT]
+        or port == 0
+    ):
+        raise MirrorError(400, "NAME_INVALID", problem)
+    if scheme == "https" and host in DOCKER_HUB_ALIASES:
+        return DOCKER_HUB_API
+    return f"{scheme}://{host}"
 
 
 def split_query(query: str) -> tuple[str | None, str]:

@@ -48,6 +48,14 @@ def assert_served_once(registry: Registry, image: OciImage) -> None:
         )
 
 
+def assert_fetched(containerd: Containerd, image: OciImage, how: str) -> None:
+    """Every blob of the image and its manifest in containerd's content store, right."""
+    held = containerd.content_digests()
+    for blob in (*image.blobs, image.manifest):
+        assert blob.digest in held, f"{how}: {blob.digest} not in the content store"
+        assert sha256_file(containerd.blob_path(blob.digest)) == blob.hex
+
+
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[Registry]:
     with Registry(tmp_path / "registry") as r:
@@ -85,10 +93,7 @@ def test_skopeo_containerd_podman_pull_through_three_peers(
         # B: containerd, hosts.toml naming peer B's mirror (containerd adds ?ns=REGISTRY)
         write_hosts_toml(tmp_path / "b" / "hosts", registry.address, b)
         containerd.fetch(ref, tmp_path / "b" / "hosts", timeout=CLIENT_TIMEOUT)
-        held = containerd.content_digests()
-        for blob in (*image.blobs, image.manifest):
-            assert blob.digest in held, f"ctr via B: {blob.digest} not in the content store"
-            assert sha256_file(containerd.blob_path(blob.digest)) == blob.hex
+        assert_fetched(containerd, image, "ctr via B")
         assert_served_once(registry, image)
 
         # C: podman, its own storage; it unpacks every layer and checks its diff_id
@@ -110,6 +115,43 @@ def test_skopeo_containerd_podman_pull_through_three_peers(
             assert got >= 0.9 * layer_bytes, (
                 f"{node} got {got / layer_bytes:.0%} of the layer bytes peer-to-peer"
             )
+
+
+def test_containerd_names_a_plain_http_registry_with_the_x_dragonfly_registry_header(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """hosts.toml as Dragonfly documents it for containerd: the mirror's [host] entry
+    carries `X-Dragonfly-Registry = ["http://REGISTRY"]`. No peer is told of the registry
+    (no upstream, no insecure list: containerd's ?ns= alone would mean https), yet ctr
+    fetches every blob through the mirror, peer-to-peer, and the registry serves each
+    blob once."""
+    image = write_oci_layout(tmp_path / "image", total_size=16 * MiB, layers=2, seed=13)
+    ref = push(image, registry.address, "dragonfly/header-test")
+    with (
+        Cluster(tmp_path / "cluster", schedulers=1, seed_peers=1, peers=1) as cluster,
+        Containerd(tmp_path / "containerd") as containerd,
+    ):
+        peer = cluster.node("peer-0")
+        for node in cluster.nodes:  # no peer knows the registry
+            conf = Path(node.info["config"]).read_text()
+            assert node.role == "scheduler" or (
+                "upstream = ''  # default" in conf and "insecure = []  # default" in conf
+            )
+        hosts = tmp_path / "hosts"
+        written = write_hosts_toml(
+            hosts, registry.address, peer.info["proxy"],
+            headers={"X-Dragonfly-Registry": registry.url},
+        )  # fmt: skip
+        assert f'X-Dragonfly-Registry = ["{registry.url}"]' in written.read_text()
+        containerd.fetch(ref, hosts, timeout=CLIENT_TIMEOUT)
+        assert_fetched(containerd, image, "ctr with the header")
+        assert_served_once(registry, image)
+        # through the mirror, not around it: containerd falls back to the registry silently
+        blobs = metric(
+            peer.info["metrics"], "dragonfly_proxy_requests_total", 'mode="registry_blob"'
+        )
+        assert blobs >= len(image.blobs)
+        assert p2p_bytes(cluster, "peer-0") >= image.layer_bytes
 
 
 def test_credentials_are_checked_even_when_the_peer_holds_every_layer(tmp_path: Path) -> None:

@@ -86,15 +86,15 @@ async def as_member(
     return received
 
 
-def log_events(path: Path, event: str) -> list[dict[str, object]]:
-    """The JSON log lines of a daemon whose event is `event`."""
+def log_events(path: Path, event: str | None) -> list[dict[str, object]]:
+    """The JSON log lines of a daemon whose event is `event` (None: every line)."""
     out = []
     for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and record.get("event") == event:
+        if isinstance(record, dict) and event in (None, record.get("event")):
             out.append(record)
     return out
 

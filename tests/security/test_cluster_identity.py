@@ -29,7 +29,15 @@ from dragonfly.wire.messages import (
     TaskSpec,
     TriggerDownload,
 )
-from tests.p2p_support import MiB, curl, finish, metric, random_file, sha256_file
+from tests.p2p_support import (
+    MiB,
+    curl,
+    curl_response,
+    finish,
+    metric,
+    random_file,
+    sha256_file,
+)
 from tests.security.support import (
     access_log_paths,
     hello,
@@ -304,3 +312,34 @@ async def test_a_peer_tells_nothing_to_a_scheduler_that_cannot_prove_itself(
     assert not any(isinstance(m, RegisterPeer) for m in seen), seen
     assert "s3cr3t" not in repr(seen)
     assert any(isinstance(m, Proof) for m in seen)  # it proved itself, and waited for ours
+
+
+async def test_an_insecure_cluster(tmp_path: Path, www: Path, nginx: Nginx) -> None:
+    """trust.insecure on every role turns identity off, loudly: the scheduler takes a
+    Hello at its word, an upload port serves a piece without a ticket, and each daemon
+    says so in its log at start."""
+    want = random_file(www / "f.bin", 5 * MiB)
+    cluster = await trio.to_thread.run_sync(
+        Cluster(tmp_path / "c", 1, 1, 1, overrides=["trust.insecure=true"]).start
+    )
+    try:
+        proxy = cluster.node("peer-0").info["proxy"]
+        out = tmp_path / "out"
+        status, headers, _ = await trio.to_thread.run_sync(
+            lambda: curl_response(f"{nginx.url}/f.bin", "-x", proxy, "-o", str(out))
+        )
+        assert status == 200 and sha256_file(out) == want
+        task = headers["x-dragonfly-task-id"]
+        received, closed = await speak(scheduler_url(cluster), hello(host_info("x")), listen=2)
+        assert not closed and not [m for m in received if isinstance(m, Error)]
+        upload = cluster.node("peer-0").info["upload"]
+        piece = await trio.run_process(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{upload}/pieces/{task}/0"],
+            capture_stdout=True,
+        )
+        assert piece.stdout == b"200"
+        for node in cluster.nodes:
+            events = log_events(node.log_path, None)
+            assert any(str(e["event"]).startswith("INSECURE") for e in events), node.name
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)

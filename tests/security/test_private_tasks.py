@@ -13,6 +13,8 @@ import trio
 import trio_websocket
 
 from dragonfly.cluster import Cluster
+from dragonfly.config import PeerConfig, load_config
+from dragonfly.nursery.peer import PeerDaemon
 from dragonfly.testing.nginx import Nginx
 from dragonfly.trust import Ticket
 from dragonfly.wire.codec import decode, encode
@@ -165,3 +167,41 @@ async def test_item4_upload_ports_serve_nothing_without_a_ticket(
         assert any(isinstance(m, PieceAnnounce) for m in answers), answers
     finally:
         await trio.to_thread.run_sync(cluster.stop)
+
+
+async def test_the_origins_yes_is_remembered_private_check_ttl(
+    tmp_path: Path, origin: tuple[Nginx, dict[str, str]]
+) -> None:
+    """A client's yes from the origin is reused for proxy.private_check_ttl (per URL and
+    credential), never longer: with 0 every request asks again."""
+    nginx, files = origin
+    signed = f"{nginx.url}/private/p.bin?Expires=1&Signature=good"
+
+    def heads() -> int:
+        return sum(
+            1 for line in nginx.access_log.read_text().splitlines() if '"HEAD /private/' in line
+        )
+
+    for ttl, asked in (("1h", 1), ("0s", 2)):
+        cfg = load_config(
+            "peer",
+            env={},
+            overrides=[
+                "scheduler.addresses=[]",
+                "proxy.port=0",
+                "upload.port=0",
+                f"storage.data_dir={tmp_path / ttl}",
+                f"proxy.private_check_ttl={ttl}",
+            ],
+        )
+        assert isinstance(cfg, PeerConfig)
+        async with trio.open_nursery() as nursery:
+            daemon = await nursery.start(PeerDaemon(cfg).run)
+            proxy = f"http://127.0.0.1:{daemon.proxy_port}"
+            before = heads()
+            for i in range(2):
+                out = tmp_path / f"{ttl}-{i}"
+                status, _ = await trio.to_thread.run_sync(_get, proxy, signed, out)
+                assert status == 200 and sha256_file(out) == files["private/p.bin"]
+            assert heads() - before == asked, ttl
+            nursery.cancel_scope.cancel()

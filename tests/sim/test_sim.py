@@ -152,8 +152,8 @@ def test_200_peers_every_piece_everywhere() -> None:
     assert result.complete and not result.gave_up
     assert result.finished == 200 and result.failed == 0 and result.errors == 0
     for node in swarm.peers:
-        assert node.done and node.count == k and all(node.have)
-        assert sorted(node.have_list) == list(range(k))
+        assert node.machine is not None
+        assert node.done and node.count == k and node.machine.have == set(range(k))
     seed = swarm.seeds[0]
     assert seed.count == k and seed.origin_bytes == cfg.size
     # The origin served the seed's copy plus whatever peers sent back to it fetched.

@@ -107,7 +107,7 @@ def test_config_command_takes_options_before_and_after(
     command = ["config", "--role", "peer"]
     assert main([*options, *command] if before else [*command, *options]) == 0
     out = capsys.readouterr().out
-    assert "concurrent_piece_count=3" in out and "level='debug'" in out
+    assert "concurrent_piece_count = 3  # --set" in out and "level = 'debug'  # --set" in out
 
 
 def test_set_before_and_after_a_subcommand_add_up(
@@ -132,9 +132,10 @@ def test_set_before_and_after_a_subcommand_add_up(
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "concurrent_piece_count=4" in out and "port=7001" in out and "level='error'" in out
+    assert "concurrent_piece_count = 4  # --set" in out
+    assert "port = 7001  # --set" in out and "level = 'error'  # --set" in out
     # A --config after the subcommand wins over one before it.
     assert (
         main(["--config", "/nonexistent.toml", "config", "--role", "peer", "--config", str(f)]) == 0
     )
-    assert "concurrent_piece_count=2" in capsys.readouterr().out
+    assert f"concurrent_piece_count = 2  # file '{f}'" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from dragonfly.config import (
     PeerConfig,
     SchedulerConfig,
     load_config,
+    load_config_sources,
+    render_effective,
     render_toml,
 )
 from dragonfly.units import format_duration, format_size, parse_duration, parse_rate, parse_size
@@ -395,6 +398,19 @@ def test_size_round_trip(n: int) -> None:
 @given(st.integers(min_value=0, max_value=10**7))
 def test_duration_round_trip_ms(ms: int) -> None:
     assert parse_duration(format_duration(ms / 1000)) == pytest.approx(ms / 1000)
+
+
+@given(st.floats(min_value=0, max_value=1e12, allow_nan=False))
+def test_any_duration_is_written_so_that_it_reads_back(seconds: float) -> None:
+    """`config check` and the cluster's node files write durations back as TOML: every
+    value a config accepts must read back as itself (1e-06 was written '1e-06s')."""
+    cfg, sources = load_config_sources(
+        "scheduler", env={}, overrides=[f"scheduling.retry_interval={seconds!r}"]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "scheduler.toml"
+        path.write_text(render_effective("scheduler", cfg, sources))
+        assert load_config("scheduler", path, env={}) == cfg
 
 
 def test_unit_parsing() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from dragonfly.config import SchedulerConfig, load_config
 from dragonfly.sched.resources import PeerState, TaskState
 from dragonfly.sched.scheduler import TICKET_STEP, SchedulerSettings, Send
 from dragonfly.trust import Ticket, TicketKey, TrustError
@@ -233,3 +234,26 @@ def test_a_bad_report_is_still_caught_against_confirmed_digests() -> None:
     w.register("a", "pa")
     w.pieces("a", "pa", [0], parent="s1", bad=True)
     assert w.s.peers["pa"].bad and BAD not in w.s.tasks[T1].digests.values()
+
+
+def test_trust_and_limits_keys_become_settings() -> None:
+    """trust.ticket_ttl, limits.peers_per_host and limits.registration_rate are the
+    settings the core gets (what they decide: the tests above); trust.insecure means no
+    tickets at all."""
+    keys = [
+        "trust.secret_file=/x",
+        "trust.ticket_ttl=5m",
+        "limits.peers_per_host=7",
+        "limits.registration_rate=9",
+    ]
+    cfg = load_config("scheduler", env={}, overrides=keys)
+    assert isinstance(cfg, SchedulerConfig)
+    settings = SchedulerSettings.from_config(cfg)
+    assert (settings.ticket_ttl, settings.peers_per_host, settings.registration_rate) == (
+        300.0,
+        7,
+        9,
+    )
+    insecure = load_config("scheduler", env={}, overrides=[*keys, "trust.insecure=true"])
+    assert isinstance(insecure, SchedulerConfig)
+    assert SchedulerSettings.from_config(insecure).ticket_ttl == 0

@@ -1,0 +1,1045 @@
+"""The download of one task on one peer, as a sans-I/O state machine.
+
+Like h11's Connection: events go in as method calls (each takes ``now``, seconds, from the
+caller's clock), decisions come out as a list of actions for the caller to perform. The
+trio driver (dragonfly/peer/download.py) performs them with sockets and a disk; the
+simulation (dragonfly/sim/) performs them in a model of the network. No decision of the
+peer is made anywhere else.
+
+The rules, in the order a download meets them:
+
+1. **Register.** ``connected`` (a scheduler session is open): ``RegisterPeer`` with the
+   task's spec. ``scheduler_lost`` keeps every parent and fetch going; the next
+   ``connected`` registers again. ``no_scheduler``: back to source when allowed, else
+   fail.
+2. **Layout.** The first ``CandidateParents`` or origin probe that gives the length and
+   piece length opens the task (``OpenTask``); nothing is fetched before ``task_opened``
+   says which pieces the store already holds (a resumed task). A later, different layout
+   fails the download (409): two versions are never mixed.
+3. **Digests.** A piece is requested from a parent only once its origin-side digest is
+   known (from the scheduler); the store checks every piece against it before recording.
+4. **Parents.** Each parent of a ``CandidateParents`` is subscribed to once (``Subscribe``)
+   and kept until its announcements end without it holding everything
+   (``parent_gone``), it sends bytes that differ from the origin's, or the download goes
+   back to source; a dropped parent is never taken again for this download. Each comes
+   with the scheduler's ticket for it (dragonfly/trust.py), renewed by every later
+   ``CandidateParents`` that names it; a parent is asked nothing with a stale ticket.
+5. **Pieces.** The picker (dragonfly/engine/picker.py) decides which piece from which
+   parent; at most ``concurrent_pieces`` requests are in flight. The first request of a
+   piece is written in place; an endgame duplicate is received aside
+   (``Fetch.in_place``), and the first one in hand cancels the others (``piece_in_hand``).
+   A request not landed within ``piece_timeout`` (waiting for the parent's upload slot
+   included) is cancelled and counts as that parent's failure for that piece; a "busy"
+   answer only rests the parent. Every failure is reported to the scheduler.
+6. **Stalls.** With digests in hand and no parent able to serve a missing piece, or a
+   parent whose ticket is about to expire (wall time: ``now + wall_offset``), the
+   machine asks for other parents (``Reschedule``) at most every
+   ``reschedule_interval``; the scheduler answers with parents (and fresh tickets) or
+   ``NeedBackToSource``.
+7. **Back to source** (told so, no scheduler, or a seed peer's trigger): the parents are
+   dropped, the origin is probed (``ProbeOrigin``; the validators the task started with
+   are expected), its metadata reported (``TaskMetadata``), and the missing wanted pieces
+   fetched lowest first, ``origin_concurrency`` at a time (``FetchOrigin``), or in order
+   from one body when the origin takes no ranges (``StreamOrigin``). Pieces held already
+   count as fetched from the origin. A piece that differs from a digest known for it
+   fails the download (the origin changed, 409).
+8. **Reports.** Every verified piece is reported (``PiecesFinished``), batched over
+   ``report_interval``; it is announced to subscribed children per the announcement
+   schedule (dragonfly/engine/announce.py; staggered while fetching from the origin).
+9. **The end.** Every piece held: ``Complete`` (the caller checks the whole file where its
+   digest is known), then ``completed`` sends the last reports and ``PeerFinished``
+   (``Finished``). A range-only download (``whole=False``) ends when its wanted pieces are
+   held and no client stream is attached: ``LeavePeer``, ``RangesDone``. A failure
+   (``TaskFailed``, origin error, digest mismatch of the whole) ends in ``Failed``: the
+   machine never says finished for a file that is not every verified piece.
+10. **Linger.** A download that fed children from the origin keeps its announcement
+    schedule after the end, up to ``linger_limit``, while it has children and held-back
+    pieces (revealing them all at once would have every child ask for the same piece).
+
+``next_wakeup()`` is when ``tick`` has something to do (a timeout, a batch of reports, a
+reveal, a resting parent, a reschedule); the caller calls ``tick(now)`` then.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dragonfly.engine.actions import (
+    Action,
+    Announce,
+    Cancel,
+    Complete,
+    Failed,
+    Fetch,
+    FetchOrigin,
+    Finished,
+    MachineConfig,
+    OpenTask,
+    ProbeOrigin,
+    RangesDone,
+    Send,
+    StreamOrigin,
+    Subscribe,
+    Unsubscribe,
+)
+from dragonfly.engine.announce import AnnounceSchedule
+from dragonfly.engine.picker import PiecePicker
+from dragonfly.identity import IdentityError, PieceLayout, piece_length_for
+from dragonfly.trust import Ticket
+from dragonfly.wire.codec import Message
+from dragonfly.wire.messages import (
+    CandidateParents,
+    LeavePeer,
+    NeedBackToSource,
+    ParentInfo,
+    PeerFailed,
+    PeerFinished,
+    PieceDigest,
+    PieceDigests,
+    PieceFailed,
+    PieceReport,
+    PiecesFinished,
+    RegisterPeer,
+    Reschedule,
+    TaskFailed,
+    TaskMetadata,
+    TaskSpec,
+)
+
+__all__ = ["DownloadMachine", "Phase"]
+
+INF = float("inf")
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"  # registering, waiting for parents or a layout
+    P2P = "p2p"  # fetching from parents
+    SOURCE = "source"  # fetching from the origin
+    COMPLETING = "completing"  # every wanted piece held; the caller checks the whole
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class _Fetch:
+    number: int
+    parent_id: str
+    started: float
+
+
+@dataclass(slots=True)
+class _Parent:
+    info: ParentInfo
+    ticket: Any = None
+
+
+@dataclass(slots=True)
+class _Counters:
+    bytes_p2p: int = 0
+    bytes_source: int = 0
+    reschedules: int = 0
+    timeouts: int = 0
+    failures: int = 0
+    busy: int = 0
+    wasted_requests: int = 0  # requests cancelled for another copy of the same piece
+
+
+@dataclass(slots=True)
+class _Layout:
+    content_length: int = -1
+    piece_length: int = 0
+    piece_count: int = -1
+    etag: str = ""
+    last_modified: str = ""
+    content_type: str = ""
+    geometry: PieceLayout | None = field(default=None)
+
+
+class DownloadMachine:
+    """One task's download on one peer. See the module docstring for its rules."""
+
+    def __init__(
+        self,
+        task_id: str,
+        peer_id: str,
+        spec: TaskSpec,
+        *,
+        headers: dict[str, str] | None = None,
+        config: MachineConfig | None = None,
+        back_to_source: bool = True,
+        seed_trigger: bool = False,
+        whole: bool = True,
+        seed: int | str | bytes | None = None,
+        host_id: str = "",
+        private: bool = False,
+    ) -> None:
+        self.task_id = task_id
+        self.peer_id = peer_id
+        self.host_id = host_id  # this host's: the tickets the scheduler gives are for it
+        self.private = private  # the request carried credentials (said when registering)
+        # now + wall_offset = unix time, which tickets expire in (the driver sets it).
+        self.wall_offset = 0.0
+        self.spec = spec
+        self.headers = dict(headers or {})
+        self.cfg = config or MachineConfig()
+        self.may_go_to_source = back_to_source and self.cfg.back_to_source
+        self.seed_trigger = seed_trigger
+        self._picker_seed = peer_id if seed is None else seed
+        self.phase = Phase.STARTING
+        self.layout = _Layout()
+        self.digests: dict[int, bytes] = {}
+        self.have: set[int] = set()
+        self.picker: PiecePicker | None = None
+        self.opened = False  # the store holds the task: pieces may be fetched
+        self.parents: dict[str, _Parent] = {}
+        self.blocked: dict[str, None] = {}  # parents never taken again (insertion order)
+        self._fetches: dict[int, _Fetch] = {}  # in request order: the oldest first
+        self._by_key: dict[tuple[int, str], int] = {}
+        self._next_fetch = 0
+        self._reports: list[PieceReport] = []
+        self._report_due = INF
+        self._last_reschedule = -INF
+        self._reschedule_due = INF
+        self.announce: AnnounceSchedule[Hashable] = AnnounceSchedule(
+            stagger=False,
+            reveal_after=self.cfg.reveal_after,
+            give_up_after=self.cfg.give_up_after,
+        )
+        self.children: set[Hashable] = set()
+        # back to source
+        self._source_msg: NeedBackToSource | None = None  # what the scheduler said of it
+        self._probing = False  # ProbeOrigin sent, no answer yet
+        self._probed = False  # the origin answered; fetching starts once the task is open
+        self._source_started = False
+        self._streaming = False
+        self._origin_claimed: set[int] = set()
+        self._claim_from = 0
+        # what clients want: None: the whole task; else byte ranges (inclusive)
+        self._ranges: list[tuple[int, int]] | None = None if whole else []
+        self._wanted: set[int] | None = None
+        self.clients = 0  # client streams attached (a range-only download outlives none)
+        self._cursor: int | None = None
+        self._ranges_done = False
+        self.error: Failed | None = None
+        self.ended_at: float | None = None
+        self.counters = _Counters()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def done(self) -> bool:
+        return self.phase in (Phase.FINISHED, Phase.FAILED) or self._ranges_done
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.FINISHED
+
+    @property
+    def piece_count(self) -> int:
+        return self.layout.piece_count
+
+    @property
+    def all_held(self) -> bool:
+        return self.layout.piece_count >= 0 and len(self.have) >= self.layout.piece_count
+
+    @property
+    def _wanted_held(self) -> bool:
+        return self._wanted is not None and self._wanted <= self.have
+
+    @property
+    def target_reached(self) -> bool:
+        """Every piece is held; or, range-only, every wanted piece and no client attached
+        (one may still add a range)."""
+        if self.all_held:
+            return True
+        return self.layout.piece_count >= 0 and self.clients == 0 and self._wanted_held
+
+    def held_back(self, number: int) -> bool:
+        """Whether the piece awaits its first copy to a child (served ahead of others)."""
+        return self.announce.held_back(number)
+
+    def next_wakeup(self) -> float:
+        """When ``tick`` next has something to do (inf: nothing is timed)."""
+        when = self._report_due
+        if self._fetches:
+            first = next(iter(self._fetches.values()))
+            when = min(when, first.started + self.cfg.piece_timeout)
+        when = min(when, self._reschedule_due)
+        due = self.announce.next_due()
+        if due is not None and self.children:
+            when = min(when, due)
+        if self.picker is not None and self.phase is Phase.P2P:
+            rest = self.picker.busy_until()
+            if rest is not None:
+                when = min(when, rest)
+        return when
+
+    # ------------------------------------------------------------------ scheduler
+
+    def connected(self, now: float) -> list[Action]:
+        """A scheduler session is open (first, or after one was lost): register."""
+        if self.done:
+            return []
+        return [
+            Send(
+                RegisterPeer(
+                    peer_id=self.peer_id,
+                    task_id=self.task_id,
+                    task=self.spec,
+                    headers=self.headers,
+                    need_back_to_source=self.seed_trigger,
+                    private=self.private,
+                )
+            )
+        ]
+
+    def scheduler_lost(self, now: float) -> list[Action]:
+        """The session went away: parents and fetches go on; reports wait for the next."""
+        return []
+
+    def no_scheduler(self, now: float) -> list[Action]:
+        """No scheduler answers: the origin, where allowed."""
+        if self.done or self.phase is Phase.SOURCE:
+            return []
+        if not self.may_go_to_source:
+            return self._fail(
+                "no scheduler answers, and back-to-source is off", 0, now, report=False
+            )
+        return self._go_to_source(None, now)
+
+    def scheduler_message(self, msg: Message, now: float) -> list[Action]:
+        if self.done and not isinstance(msg, TaskFailed):
+            return []
+        kind = type(msg)
+        if kind is CandidateParents:
+            assert isinstance(msg, CandidateParents)
+            return self._on_candidates(msg, now)
+        if kind is PieceDigests:
+            assert isinstance(msg, PieceDigests)
+            self._add_digests(msg.digests)
+            return self._pump(now)
+        if kind is NeedBackToSource:
+            assert isinstance(msg, NeedBackToSource)
+            if self.phase is Phase.SOURCE:
+                return []
+            return self._go_to_source(msg, now)
+        if kind is TaskFailed:
+            assert isinstance(msg, TaskFailed)
+            if self.done:
+                return []
+            return self._fail(msg.reason, msg.http_status, now, report=False)
+        return []
+
+    def _on_candidates(self, msg: CandidateParents, now: float) -> list[Action]:
+        out: list[Action] = []
+        if msg.piece_length is not None and msg.content_length >= 0:
+            out += self._set_layout(
+                msg.content_length,
+                msg.piece_length,
+                msg.etag,
+                msg.last_modified,
+                msg.content_type,
+                now,
+            )
+            if self.done:
+                return out
+        self._add_digests(msg.digests)
+        if self.phase is Phase.SOURCE:
+            return out  # the origin it is: parents no longer help
+        if self.phase is Phase.STARTING:
+            self.phase = Phase.P2P
+        tickets = msg.tickets if len(msg.tickets) == len(msg.parents) else []
+        for i, info in enumerate(msg.parents):
+            pid = info.peer_id
+            ticket = (
+                Ticket(self.host_id, msg.ticket_expires_at, tickets[i])
+                if tickets and tickets[i]
+                else None
+            )
+            known = self.parents.get(pid)
+            if known is not None:
+                known.ticket = ticket or known.ticket  # a fresh one
+                continue
+            if pid in self.blocked or pid == self.peer_id:
+                continue
+            self.parents[pid] = _Parent(info, ticket)
+            if self.picker is not None:
+                self.picker.add_parent(pid)
+            out.append(Subscribe(info, ticket))
+        out += self._pump(now)
+        return out
+
+    # ------------------------------------------------------------------ layout
+
+    def _set_layout(
+        self,
+        content_length: int,
+        piece_length: int,
+        etag: str,
+        last_modified: str,
+        content_type: str,
+        now: float,
+    ) -> list[Action]:
+        lay = self.layout
+        if lay.piece_length:
+            if (content_length, piece_length) != (lay.content_length, lay.piece_length):
+                return self._fail(
+                    f"task layout changed: {lay.content_length}/{lay.piece_length} → "
+                    f"{content_length}/{piece_length}",
+                    409,
+                    now,
+                )
+            return []
+        try:
+            geometry = PieceLayout(content_length, piece_length) if content_length >= 0 else None
+        except IdentityError as exc:
+            return self._fail(str(exc), 502, now)
+        lay.content_length, lay.piece_length = content_length, piece_length
+        lay.geometry = geometry
+        lay.piece_count = geometry.piece_count if geometry is not None else -1
+        lay.etag, lay.last_modified, lay.content_type = etag, last_modified, content_type
+        if lay.piece_count >= 0:
+            self._make_picker()
+        return [OpenTask(content_length, piece_length, etag, last_modified, content_type)]
+
+    def _make_picker(self) -> None:
+        cfg = self.cfg
+        self.picker = PiecePicker(
+            self.layout.piece_count,
+            have=self.have,
+            max_in_flight=cfg.concurrent_pieces,
+            per_parent_limit=cfg.per_parent_limit,
+            seed=self._picker_seed,  # siblings pick different pieces, reproducibly
+        )
+        for pid in self.parents:
+            self.picker.add_parent(pid)
+        self._compute_wanted()
+        self._feed_picker(self.digests)
+        self.picker.set_cursor(self._cursor)
+
+    def task_opened(self, held: dict[int, bytes], now: float) -> list[Action]:
+        """The store holds the task; ``held``: pieces it already had, with their digests."""
+        self.opened = True
+        for number, digest in held.items():
+            self.digests.setdefault(number, digest)
+            self._record_have(number)
+        # Held before anyone subscribed (resumed, or adopted): revealed silently.
+        self.announce.known(sorted(held))
+        self._feed_picker(held)
+        if self.phase is Phase.SOURCE:
+            return self._start_source_fetch(now) if self._probed else []
+        if self.target_reached:
+            return self._reach_target(now)
+        return self._pump(now)
+
+    def finished_locally(
+        self, content_length: int, piece_length: int, etag: str, last_modified: str
+    ) -> None:
+        """The store holds the whole task already (a local hit): nothing to fetch."""
+        lay = self.layout
+        lay.content_length, lay.piece_length = content_length, piece_length
+        lay.geometry = PieceLayout(content_length, piece_length)
+        lay.piece_count = lay.geometry.piece_count
+        lay.etag, lay.last_modified = etag, last_modified
+        self.have.update(range(lay.piece_count))
+        self.opened = True
+        self.phase = Phase.FINISHED
+
+    def content_length_known(self, content_length: int, now: float) -> list[Action]:
+        """A streamed body of unknown length ended: now the file's length is known."""
+        lay = self.layout
+        lay.content_length = content_length
+        lay.geometry = PieceLayout(content_length, lay.piece_length)
+        lay.piece_count = lay.geometry.piece_count
+        if self.target_reached:
+            return self._reach_target(now)
+        return []
+
+    def _add_digests(self, digests: Iterable[PieceDigest]) -> None:
+        new = []
+        known = self.digests
+        for d in digests:
+            if d.number not in known:
+                known[d.number] = d.digest
+                new.append(d.number)
+        if new:
+            self._feed_picker(new)
+
+    def _feed_picker(self, numbers: Iterable[int]) -> None:
+        """The picker only requests pieces whose digest it knows: telling it only about
+        wanted pieces keeps a range-only download to its ranges."""
+        picker = self.picker
+        if picker is None:
+            return
+        n = self.layout.piece_count
+        wanted = self._wanted
+        picker.digest_known([x for x in numbers if 0 <= x < n and (wanted is None or x in wanted)])
+
+    # ------------------------------------------------------------------ clients
+
+    def want_all(self, now: float) -> list[Action]:
+        """From now on fetch the whole task."""
+        if self._ranges is None:
+            return []
+        self._ranges = None
+        self._wanted = None
+        self._feed_picker(self.digests)
+        return self._more_origin(now) + self._pump(now)
+
+    def want_range(self, start: int, end: int, now: float) -> list[Action]:
+        """Also fetch bytes [start, end] (inclusive)."""
+        if self._ranges is None:
+            return []
+        self._ranges.append((start, end))
+        if self.layout.geometry is None:
+            return []
+        self._compute_wanted()
+        self._feed_picker(self.digests)
+        return self._more_origin(now) + self._pump(now)
+
+    def _compute_wanted(self) -> None:
+        geometry = self.layout.geometry
+        if self._ranges is None or geometry is None:
+            self._wanted = None
+            return
+        wanted: set[int] = set()
+        for start, end in self._ranges:
+            wanted.update(geometry.pieces_of(start, end))
+        self._wanted = wanted
+
+    def _is_wanted(self, number: int) -> bool:
+        return self._wanted is None or number in self._wanted
+
+    def client_attached(self) -> None:
+        self.clients += 1
+
+    def client_detached(self, now: float) -> list[Action]:
+        self.clients -= 1
+        if not self.done and self.opened and self.target_reached:
+            return self._reach_target(now)
+        return []
+
+    def streaming_from(self, number: int | None) -> None:
+        """The lowest piece a streaming client waits for (None: none waits): the picker
+        keeps an in-order window ahead of it."""
+        self._cursor = number
+        if self.picker is not None:
+            self.picker.set_cursor(number)
+
+    # ------------------------------------------------------------------ parents
+
+    def parent_announced(self, parent_id: str, numbers: Iterable[int], now: float) -> list[Action]:
+        picker = self.picker
+        if picker is None or self.phase is not Phase.P2P or parent_id not in self.parents:
+            return []
+        n = self.layout.piece_count
+        fresh = [x for x in numbers if 0 <= x < n and x not in self.have]
+        if not fresh:
+            return []  # a piece held changes none of the picker's decisions
+        picker.parent_has(parent_id, fresh)
+        if not self.opened or picker.requests_in_flight >= self.cfg.concurrent_pieces:
+            return []  # no request can start now: the next event that frees one picks
+        if picker.resting(parent_id, now):
+            return []  # it answered "busy" a moment ago: the wake-up after its rest picks
+        return self._pump(now)
+
+    def parent_gone(self, parent_id: str, now: float) -> list[Action]:
+        """A parent's announcements ended (it failed, or left) before the download did."""
+        if parent_id not in self.parents:
+            return []
+        return self._drop_parent(parent_id, now) + self._pump(now)
+
+    def _drop_parent(self, parent_id: str, now: float) -> list[Action]:
+        self.parents.pop(parent_id, None)
+        self.blocked[parent_id] = None
+        out: list[Action] = [Unsubscribe(parent_id)]
+        if self.picker is not None:
+            for number in self.picker.remove_parent(parent_id):
+                fid = self._by_key.get((number, parent_id))
+                if fid is not None:
+                    out.append(self._forget_fetch(fid))
+        return out
+
+    # ------------------------------------------------------------------ fetch outcomes
+
+    def piece_in_hand(self, fetch_id: int, now: float) -> list[Action]:
+        """An endgame duplicate received its bytes aside: stop the other requests of the
+        piece (so their writes end) before it is written."""
+        f = self._fetches.get(fetch_id)
+        if f is None:
+            return []
+        return [
+            self._forget_fetch(other, cancelled=True)
+            for (number, pid), other in list(self._by_key.items())
+            if number == f.number and other != fetch_id
+        ]
+
+    def piece_landed(
+        self, fetch_id: int, number: int, parent_id: str, nbytes: int, now: float
+    ) -> list[Action]:
+        """A piece from a parent is verified and recorded in the store."""
+        f = self._fetches.pop(fetch_id, None)
+        out: list[Action] = []
+        picker = self.picker
+        if f is not None:
+            self._by_key.pop((f.number, f.parent_id), None)
+            if picker is not None:
+                for key in picker.on_success(number, parent_id, nbytes, now - f.started):
+                    fid = self._by_key.get(key)
+                    if fid is not None:
+                        self.counters.wasted_requests += 1
+                        out.append(self._forget_fetch(fid))
+        elif picker is not None and number not in self.have:
+            picker.mark_have(number)
+            out += self._cancel_piece(number)
+        if number in self.have:
+            return out
+        self.counters.bytes_p2p += nbytes
+        out += self._landed(number, parent_id, now - (f.started if f else now), nbytes, now)
+        return out
+
+    def piece_failed(
+        self, fetch_id: int, reason: str, now: float, *, bad_bytes: bool = False
+    ) -> list[Action]:
+        """A request failed (transfer error, wrong length, or ``bad_bytes``: the piece's
+        digest is not the origin's, and the parent is dropped for this download)."""
+        f = self._fetches.pop(fetch_id, None)
+        if f is None:
+            return []
+        self._by_key.pop((f.number, f.parent_id), None)
+        return self._failed_fetch(f, reason, now, bad_bytes=bad_bytes)
+
+    def _failed_fetch(
+        self, f: _Fetch, reason: str, now: float, *, bad_bytes: bool = False
+    ) -> list[Action]:
+        out: list[Action] = []
+        self.counters.failures += 1
+        if f.number in self.have:
+            return out
+        if self.picker is not None:
+            self.picker.on_failure(f.number, f.parent_id)
+        if bad_bytes:
+            # A parent that serves other bytes than the origin's is done for this task.
+            out += self._drop_parent(f.parent_id, now)
+        out.append(
+            Send(
+                PieceFailed(
+                    peer_id=self.peer_id,
+                    task_id=self.task_id,
+                    number=f.number,
+                    parent_id=f.parent_id,
+                    reason=reason[:1000],
+                )
+            )
+        )
+        return out + self._pump(now)
+
+    def piece_busy(self, fetch_id: int, now: float) -> list[Action]:
+        """The parent refused at once (every upload slot taken): ask it again later."""
+        f = self._fetches.pop(fetch_id, None)
+        if f is None:
+            return []
+        self._by_key.pop((f.number, f.parent_id), None)
+        self.counters.busy += 1
+        if self.picker is not None:
+            self.picker.on_busy(f.number, f.parent_id, now)
+        return self._pump(now)
+
+    def _forget_fetch(self, fetch_id: int, *, cancelled: bool = True) -> Cancel:
+        f = self._fetches.pop(fetch_id)
+        self._by_key.pop((f.number, f.parent_id), None)
+        if cancelled and self.picker is not None:
+            self.picker.on_cancelled(f.number, f.parent_id)  # no blame
+        return Cancel(fetch_id, f.number, f.parent_id)
+
+    def _cancel_piece(self, number: int) -> list[Action]:
+        return [
+            self._forget_fetch(fid, cancelled=False)
+            for (n, _), fid in list(self._by_key.items())
+            if n == number
+        ]
+
+    # ------------------------------------------------------------------ picking
+
+    def _pump(self, now: float) -> list[Action]:
+        """Start what the picker says; ask for other parents when stalled."""
+        picker = self.picker
+        if picker is None or not self.opened or self.phase is not Phase.P2P:
+            return []
+        out: list[Action] = []
+        stale = False
+        for number, pid in picker.pick(now):
+            parent = self.parents.get(pid)
+            if parent is None:
+                picker.on_failure(number, pid)
+                continue
+            if parent.ticket is not None and parent.ticket.stale(now + self.wall_offset):
+                # It would refuse the request: the piece goes back, blaming nobody, and
+                # fresh tickets come with the scheduler's answer to a Reschedule.
+                picker.on_cancelled(number, pid)
+                stale = True
+                continue
+            fid = self._next_fetch
+            self._next_fetch += 1
+            in_place = len(picker.in_flight.get(number, ())) <= 1
+            self._fetches[fid] = _Fetch(number, pid, now)
+            self._by_key[(number, pid)] = fid
+            out.append(Fetch(fid, number, pid, in_place))
+        # Stalled with digests in hand but no parent serving them: ask for others.
+        # (Pieces whose digest is unknown wait for the origin, not for parents.)
+        self._reschedule_due = INF
+        if stale or (
+            len(self.digests) > len(self.have) and not self._wanted_held and picker.stalled()
+        ):
+            due = self._last_reschedule + self.cfg.reschedule_interval
+            if now >= due:
+                self._last_reschedule = now
+                self.counters.reschedules += 1
+                out.append(
+                    Send(
+                        Reschedule(
+                            peer_id=self.peer_id,
+                            task_id=self.task_id,
+                            blocked_parents=list(self.blocked)[-1024:],
+                            reason="no parent can serve the missing pieces",
+                        )
+                    )
+                )
+                due = now + self.cfg.reschedule_interval
+            self._reschedule_due = due
+        return out
+
+    # ------------------------------------------------------------------ timers
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed: expire requests, send due reports and reveals, pick again."""
+        out: list[Action] = []
+        timeout = self.cfg.piece_timeout
+        expired = []
+        for fid, f in self._fetches.items():
+            if f.started + timeout > now:
+                break
+            expired.append(fid)
+        for fid in expired:
+            f = self._fetches.pop(fid)
+            self._by_key.pop((f.number, f.parent_id), None)
+            self.counters.timeouts += 1
+            out.append(Cancel(fid, f.number, f.parent_id))
+            out += self._failed_fetch(f, "timeout", now)
+        if now >= self._report_due:
+            out += self._flush_reports()
+        if self.children:
+            out += self._tell(self.announce.due(now))
+        out += self._pump(now)
+        return out
+
+    def _flush_reports(self) -> list[Action]:
+        self._report_due = INF
+        out: list[Action] = []
+        reports, self._reports = self._reports, []
+        step = self.cfg.report_batch
+        for i in range(0, len(reports), step):
+            out.append(
+                Send(
+                    PiecesFinished(
+                        peer_id=self.peer_id, task_id=self.task_id, pieces=reports[i : i + step]
+                    )
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ back to source
+
+    def _go_to_source(self, msg: NeedBackToSource | None, now: float) -> list[Action]:
+        if not self.may_go_to_source:
+            return self._fail("no parent can serve and back-to-source is off", 0, now)
+        out: list[Action] = []
+        self.phase = Phase.SOURCE
+        self.announce.stagger = self.cfg.stagger  # new bytes enter the swarm here
+        for pid in list(self.parents):
+            out += self._drop_parent(pid, now)
+        for fid in list(self._fetches):
+            out.append(self._forget_fetch(fid))
+        self._reschedule_due = INF
+        if msg is not None:
+            self._add_digests(msg.digests)
+        if self.opened and self.all_held:
+            # Held already (a resumed task): the origin is not asked; the pieces count
+            # as fetched from it.
+            out += self._source_metadata()
+            return out + self._reach_target(now)
+        self._probing = True
+        self._source_msg = msg
+        expect_etag = (msg.etag if msg else "") or self.layout.etag
+        expect_lm = (msg.last_modified if msg else "") or self.layout.last_modified
+        return [*out, ProbeOrigin(expect_etag, expect_lm)]
+
+    def origin_probed(
+        self,
+        content_length: int,
+        accepts_ranges: bool,
+        etag: str,
+        last_modified: str,
+        content_type: str,
+        now: float,
+    ) -> list[Action]:
+        """The origin answered the probe (its validators already checked by the caller)."""
+        if self.done or not self._probing:
+            return []
+        self._probing = False
+        msg = self._source_msg
+        known = msg.content_length if msg is not None else -1
+        if known >= 0 and content_length != known:
+            return self._fail(
+                f"origin content changed: length {known} → {content_length}", 409, now
+            )
+        piece_length = (
+            (msg.piece_length if msg is not None else None)
+            or self.layout.piece_length
+            or piece_length_for(content_length, self.spec.piece_length)
+        )
+        # A blob's digest names its bytes: the origin's validators add nothing, and two
+        # registries (or a storage redirect) give the same blob different ones.
+        if self.spec.digest:
+            etag, last_modified = "", ""
+        self._streaming = not accepts_ranges
+        out = self._set_layout(content_length, piece_length, etag, last_modified, content_type, now)
+        if self.done:
+            return out
+        self._probed = True
+        if self.opened:
+            out += self._start_source_fetch(now)
+        return out
+
+    def _source_metadata(self) -> list[Action]:
+        """Tell the scheduler what the origin said, and which pieces this peer already
+        holds (a resumed task: they count as fetched from the origin)."""
+        lay = self.layout
+        out: list[Action] = [
+            Send(
+                TaskMetadata(
+                    peer_id=self.peer_id,
+                    task_id=self.task_id,
+                    content_length=lay.content_length,
+                    piece_length=lay.piece_length,
+                    piece_count=lay.piece_count,
+                    etag=lay.etag,
+                    last_modified=lay.last_modified,
+                    content_type=lay.content_type,
+                )
+            )
+        ]
+        geometry = lay.geometry
+        for n in sorted(self.have):
+            offset = n * lay.piece_length
+            length = geometry.length(n) if geometry is not None else lay.piece_length
+            self._reports.append(PieceReport(n, offset, length, self.digests[n], "", 0))
+        return out
+
+    def _start_source_fetch(self, now: float) -> list[Action]:
+        self._source_started = True
+        out = self._source_metadata()
+        if self._reports:
+            out += self._flush_reports()
+        if self.target_reached:
+            return out + self._reach_target(now)
+        if self._streaming or self.layout.content_length < 0:
+            return [*out, StreamOrigin()]
+        return out + self._more_origin(now)
+
+    def _more_origin(self, now: float) -> list[Action]:
+        """Claim the lowest missing wanted pieces, up to the origin concurrency."""
+        if self.phase is not Phase.SOURCE or not self._source_started or self._streaming:
+            return []
+        out: list[Action] = []
+        claimed = self._origin_claimed
+        while len(claimed) < self.cfg.origin_concurrency:
+            number = self._next_origin_piece()
+            if number is None:
+                break
+            claimed.add(number)
+            out.append(FetchOrigin(number))
+        return out
+
+    def _next_origin_piece(self) -> int | None:
+        """The lowest wanted piece neither held nor claimed (a streaming client wants the
+        front first)."""
+        have, claimed = self.have, self._origin_claimed
+        if self._wanted is not None:
+            candidates = [x for x in self._wanted if x not in have and x not in claimed]
+            return min(candidates) if candidates else None
+        n = self.layout.piece_count
+        number = self._claim_from
+        while number < n and (number in have or number in claimed):
+            number += 1
+        if number >= n:
+            return None
+        self._claim_from = number
+        return number
+
+    def holds(self, number: int) -> bool:
+        return number in self.have
+
+    def origin_piece_landed(
+        self, number: int, digest: bytes, length: int, now: float
+    ) -> list[Action]:
+        """A piece of ``length`` bytes from the origin is in the store, hashed to
+        ``digest``."""
+        self._origin_claimed.discard(number)
+        if self.done:
+            return []
+        expected = self.digests.get(number)
+        if expected is not None and expected != digest:
+            return self._fail(
+                f"origin content changed: piece {number} differs from the task's first fetch",
+                409,
+                now,
+            )
+        self.digests[number] = digest
+        if self.picker is not None:
+            self.picker.mark_have(number)
+        out: list[Action] = []
+        if number not in self.have:
+            self.counters.bytes_source += length
+            out += self._landed(number, "", 0.0, length, now)
+        if self.done or self.phase is Phase.COMPLETING:
+            return out
+        return out + self._more_origin(now)
+
+    def origin_failed(self, reason: str, http_status: int, now: float) -> list[Action]:
+        """The origin refused or failed (or changed: 409)."""
+        if self.done:
+            return []
+        self._probing = False
+        return self._fail(reason, http_status, now)
+
+    # ------------------------------------------------------------------ pieces held
+
+    def _record_have(self, number: int) -> None:
+        self.have.add(number)
+
+    def _landed(
+        self, number: int, parent_id: str, seconds: float, nbytes: int, now: float
+    ) -> list[Action]:
+        """A verified piece is in the store: report, announce, maybe reach the target."""
+        self._record_have(number)
+        self._reports.append(
+            PieceReport(
+                number=number,
+                offset=number * self.layout.piece_length,
+                length=nbytes,
+                digest=self.digests[number],
+                parent_id=parent_id,
+                cost_ms=int(seconds * 1000),
+            )
+        )
+        if self._report_due == INF:
+            self._report_due = now + self.cfg.report_interval
+        out = self._tell(self.announce.landed((number,), now) + self.announce.due(now))
+        if self.target_reached:
+            return out + self._reach_target(now)
+        return out + self._pump(now)
+
+    def _reach_target(self, now: float) -> list[Action]:
+        if self.phase in (Phase.COMPLETING, Phase.FINISHED, Phase.FAILED) or self._ranges_done:
+            return []
+        out: list[Action] = [self._forget_fetch(fid) for fid in list(self._fetches)]
+        if self.all_held:
+            self.phase = Phase.COMPLETING
+            return [*out, Complete()]
+        # A range-only download with its ranges: the task stays partial.
+        self._ranges_done = True
+        self.ended_at = now
+        out += self._flush_reports()
+        out.append(Send(LeavePeer(peer_id=self.peer_id, task_id=self.task_id)))
+        return out + self._end(now) + [RangesDone()]
+
+    def completed(self, now: float) -> list[Action]:
+        """The whole file checked out and the task is complete in the store."""
+        if self.phase is not Phase.COMPLETING:
+            return []
+        self.phase = Phase.FINISHED
+        self.ended_at = now
+        lay = self.layout
+        out = self._flush_reports()
+        out.append(
+            Send(
+                PeerFinished(
+                    peer_id=self.peer_id,
+                    task_id=self.task_id,
+                    content_length=max(lay.content_length, 0),
+                    piece_count=max(lay.piece_count, 0),
+                )
+            )
+        )
+        return out + self._end(now) + [Finished()]
+
+    def complete_failed(self, reason: str, http_status: int, now: float) -> list[Action]:
+        """Every piece matched its digest and the whole is not the file named by its
+        digest (the origin serves other bytes under that name), or the store failed."""
+        return self._fail(reason, http_status, now)
+
+    def _fail(
+        self, reason: str, http_status: int, now: float, *, report: bool = True
+    ) -> list[Action]:
+        if self.phase in (Phase.FINISHED, Phase.FAILED):
+            return []
+        self.phase = Phase.FAILED
+        self.ended_at = now
+        self.error = Failed(reason, http_status)
+        out: list[Action] = [self._forget_fetch(fid) for fid in list(self._fetches)]
+        out += self._flush_reports()
+        if report:
+            out.append(
+                Send(
+                    PeerFailed(
+                        peer_id=self.peer_id,
+                        task_id=self.task_id,
+                        reason=reason[:1000],
+                        http_status=http_status,
+                    )
+                )
+            )
+        return out + self._end(now) + [self.error]
+
+    def _end(self, now: float) -> list[Action]:
+        """Stop following parents; children keep the schedule while lingering."""
+        out: list[Action] = [Unsubscribe(pid) for pid in self.parents]
+        self.parents.clear()
+        self._reschedule_due = INF
+        return out
+
+    # ------------------------------------------------------------------ children
+
+    def child_subscribed(self, child: Hashable, now: float) -> list[Action]:
+        """A child follows this download's announcements: the pieces it may know now."""
+        self.children.add(child)
+        return self._tell(self.announce.subscribe(child))
+
+    def child_left(self, child: Hashable, now: float) -> list[Action]:
+        self.children.discard(child)
+        return self._tell(self.announce.unsubscribe(child))
+
+    def piece_uploaded(self, number: int, now: float) -> list[Action]:
+        """A child received this piece from this peer in full."""
+        self.announce.uploaded(number, now)
+        return self._tell(self.announce.due(now))
+
+    def lingering(self, now: float) -> bool:
+        """Whether an ended download still keeps its schedule for its children."""
+        if self.ended_at is None or not self.children:
+            return False
+        if now >= self.ended_at + self.cfg.linger_limit:
+            return False
+        return self.announce.next_due() is not None
+
+    def reveal_all(self) -> list[Action]:
+        """Announce everything held back now (the download and its linger are over)."""
+        return self._tell(self.announce.reveal_all())
+
+    def _tell(self, announcements: list[tuple[Hashable, list[int]]]) -> list[Action]:
+        children = self.children
+        return [Announce(c, numbers) for c, numbers in announcements if c in children and numbers]

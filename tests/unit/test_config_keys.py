@@ -1,0 +1,318 @@
+"""Every key of conf/*.toml does what it says, or says that nothing reads it yet.
+
+EFFECTS names, for each key, the tests that show what the key changes: each must exist,
+and at least one of them must set the key (name it, dotted, in the test or in its
+module's constants; a key's last part alone is enough where no other key of the role
+ends so). A key that nothing reads yet is marked `# reserved: WHY` above it, or above
+its table or at the top of its file (from config.RESERVED). A new key with neither, a
+reserved key with an entry here, or an entry for a key that is gone fails this test.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import tomllib
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+
+IT = "tests/integration/test_config_effects.py::"
+UT = "tests/unit/test_config_effects.py::"
+CLUSTER = "tests/integration/test_cluster_config.py::test_files_and_sets_reach_the_roles_they_name"
+LISTENERS = IT + "test_listeners_and_the_host_section_reach_where_they_are_used"
+COMPONENTS = IT + "test_components_get_their_timeouts_and_fsync"
+P2P_FAULTS = "tests/faults/test_p2p_faults.py::"
+REGISTRY_FAULTS = "tests/faults/test_registry_faults.py::"
+HTTPS = "tests/interop/test_https_proxy.py::test_hijacked_https_goes_peer_to_peer"
+HIJACK = "tests/integration/test_connect_tunnel.py::test_hijacked_requests_stay_on_the_tunnels_host"
+SCHED = "tests/unit/test_sched_scheduler.py::"
+SETTINGS = UT + "test_every_scheduling_and_gc_key_becomes_its_setting"
+CREDENTIALS = "tests/unit/test_credentials.py::"
+TRUST_SETTINGS = "tests/unit/test_sched_trust.py::test_trust_and_limits_keys_become_settings"
+PRIVATE = "tests/security/test_private_tasks.py::"
+
+# conf/peer.toml and conf/seed-peer.toml: one schema
+PEER: dict[str, tuple[str, ...]] = {
+    "host.hostname": (LISTENERS,),
+    "host.ip": (LISTENERS,),
+    "host.idc": (
+        LISTENERS,
+        "tests/unit/test_sched_resources.py::test_same_idc_beats_other_at_equal_load",
+    ),
+    "host.location": (
+        LISTENERS,
+        "tests/unit/test_sched_resources.py::test_location_prefix_counts_leading_levels",
+    ),
+    "log.level": (CLUSTER,),
+    "log.format": (UT + "test_log_format",),
+    "scheduler.addresses": (LISTENERS,),
+    "scheduler.connect_timeout": (IT + "test_a_silent_scheduler_is_waited_for_connect_timeout",),
+    "download.concurrent_piece_count": (
+        IT + "test_concurrent_piece_count_one_asks_one_piece_at_a_time",
+    ),
+    "download.rate_limit": (IT + "test_download_rate_limit_holds_peer_to_peer",),
+    "download.back_to_source": (IT + "test_back_to_source_off_fails_rather_than_ask_the_origin",),
+    "download.back_to_source_rate_limit": (IT + "test_back_to_source_rate_limit",),
+    "download.origin_concurrency": (
+        IT + "test_origin_concurrency_one_fetches_one_range_at_a_time",
+    ),
+    "download.piece_timeout": (IT + "test_a_piece_slower_than_piece_timeout_is_given_up",),
+    "download.connect_timeout": (
+        COMPONENTS,
+        "tests/integration/test_http_client.py::test_connect_errors_are_named",
+    ),
+    "download.read_timeout": (
+        COMPONENTS,
+        "tests/integration/test_http_client.py::test_read_timeout",
+    ),
+    "download.origin_ca_file": (HTTPS, "tests/unit/test_tls.py::test_config_checks_name_the_key"),
+    "upload.listen": (LISTENERS,),
+    "upload.port": (LISTENERS,),
+    "upload.rate_limit": (P2P_FAULTS + "test_upload_rate_limit",),
+    "upload.concurrent_limit": (
+        P2P_FAULTS + "test_a_busy_parent_answers_503_and_children_still_get_every_byte",
+    ),
+    "upload.queue_limit": (
+        P2P_FAULTS + "test_a_busy_parent_answers_503_and_children_still_get_every_byte",
+    ),
+    "upload.children_limit": (
+        LISTENERS,
+        UT + "test_a_hosts_children_limit_caps_the_children_it_is_given",
+    ),
+    "proxy.listen": (LISTENERS,),
+    "proxy.port": (LISTENERS,),
+    "proxy.filtered_query_params": (
+        CLUSTER,
+        "tests/unit/test_identity.py::test_user_filters_add_to_the_defaults",
+    ),
+    "proxy.prefetch": (IT + "test_prefetch_fetches_the_whole_file_for_a_range",),
+    "proxy.rules.regex": (HTTPS,),
+    "proxy.rules.direct": (CLUSTER,),
+    "proxy.rules.allow_credentials": (
+        IT + "test_allow_credentials_lets_a_request_with_credentials_use_p2p",
+    ),
+    "proxy.hijack_https.ca_cert": (HIJACK, HTTPS),
+    "proxy.hijack_https.ca_key": (HIJACK, HTTPS),
+    "proxy.hijack_https.hosts": (HIJACK, HTTPS),
+    "registry_mirror.upstream": (
+        REGISTRY_FAULTS + "test_a_blob_url_through_the_forward_proxy_is_the_mirrors_task",
+    ),
+    "registry_mirror.insecure": (
+        REGISTRY_FAULTS + "test_a_registry_the_client_names_must_show_the_blobs_bytes",
+    ),
+    "registry_mirror.auth_cache_ttl": (
+        IT + "test_auth_cache_ttl_is_how_long_a_registrys_yes_is_reused",
+    ),
+    "storage.data_dir": (
+        CLUSTER,
+        "tests/integration/test_p2p.py::test_small_files_errors_and_credentials",
+    ),
+    "storage.fsync": (
+        COMPONENTS,
+        "tests/faults/test_storage_crash.py::test_kill_9_mid_write_then_resume",
+    ),
+    "storage.task_ttl": (IT + "test_task_ttl_and_gc_interval_remove_unused_tasks",),
+    "storage.gc_interval": (IT + "test_task_ttl_and_gc_interval_remove_unused_tasks",),
+    "storage.disk_quota": (IT + "test_disk_quota_and_watermarks_evict_the_least_recently_used",),
+    "storage.high_watermark": (
+        IT + "test_disk_quota_and_watermarks_evict_the_least_recently_used",
+    ),
+    "storage.low_watermark": (IT + "test_disk_quota_and_watermarks_evict_the_least_recently_used",),
+    "seed.enabled": (LISTENERS, SCHED + "test_first_registration_triggers_exactly_one_seed"),
+    "upload.min_rate": (
+        "tests/security/test_channel_bounds.py::"
+        "test_a_reader_below_the_minimum_rate_loses_its_upload_slot",
+    ),
+    "proxy.credential_headers": (
+        PRIVATE + "test_item4_a_presigned_urls_task_reaches_only_clients_the_origin_accepts",
+    ),
+    "proxy.private_check_ttl": (PRIVATE + "test_the_origins_yes_is_remembered_private_check_ttl",),
+    "trust.credential_file": (
+        CREDENTIALS + "test_roles_refuse_to_start_without_identity_naming_key_and_command",
+        "tests/integration/test_tickets.py::test_a_child_renews_its_tickets_before_they_expire",
+    ),
+    "trust.insecure": ("tests/security/test_cluster_identity.py::test_an_insecure_cluster",),
+}
+
+SCHEDULER: dict[str, tuple[str, ...]] = {
+    "log.level": (CLUSTER,),
+    "log.format": (UT + "test_log_format",),
+    "server.listen": (LISTENERS,),
+    "server.port": (LISTENERS,),
+    "scheduling.candidate_parent_limit": (
+        SETTINGS,
+        SCHED + "test_parent_limit_and_idle_parents_first",
+    ),
+    "scheduling.filter_parent_limit": (
+        SETTINGS,
+        SCHED + "test_same_events_and_seed_give_the_same_decisions",
+    ),
+    "scheduling.back_to_source_count": (
+        SETTINGS,
+        SCHED + "test_back_to_source_count_is_respected",
+    ),
+    "scheduling.retry_limit": (
+        SETTINGS,
+        SCHED + "test_no_parent_after_retries_goes_back_to_source",
+    ),
+    "scheduling.retry_interval": (
+        SETTINGS,
+        SCHED + "test_no_parent_after_retries_goes_back_to_source",
+    ),
+    "gc.peer_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
+    "gc.task_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
+    "gc.host_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
+    "gc.interval": (SETTINGS, SCHED + "test_collection_after_ttls"),
+    "trust.secret_file": (
+        CREDENTIALS + "test_roles_refuse_to_start_without_identity_naming_key_and_command",
+        CREDENTIALS + "test_the_cli_refuses_to_start_a_scheduler_without_a_secret",
+    ),
+    "trust.insecure": (
+        TRUST_SETTINGS,
+        "tests/security/test_cluster_identity.py::test_an_insecure_cluster",
+    ),
+    "trust.ticket_ttl": (
+        TRUST_SETTINGS,
+        "tests/integration/test_tickets.py::test_a_child_renews_its_tickets_before_they_expire",
+    ),
+    "limits.peers_per_host": (
+        TRUST_SETTINGS,
+        "tests/security/test_work_amplification.py::"
+        "test_item5_piece_length_and_registrations_are_bounded",
+    ),
+    "limits.registration_rate": (
+        TRUST_SETTINGS,
+        "tests/unit/test_sched_trust.py::test_bounds_per_host",
+    ),
+}
+
+EFFECTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "peer.toml": PEER,
+    "seed-peer.toml": PEER,
+    "scheduler.toml": SCHEDULER,
+    "manager.toml": {},  # nothing reads the manager's keys until the manager exists
+}
+
+_TABLE = re.compile(r"^\[\[?([A-Za-z0-9_.-]+)\]\]?")
+_KEY = re.compile(r"^([A-Za-z0-9_-]+) = ")
+
+
+def conf_keys(path: Path) -> dict[str, bool]:
+    """Every dotted key of a conf file (items of a list of tables without their index),
+    and whether it is reserved: by a `# reserved:` line among the comments right above it
+    or above its table, or in the file's opening comments."""
+    keys: dict[str, bool] = {}
+    table = ""
+    reserved_tables: set[str] = set()
+    whole_file = False
+    notes: list[str] = []
+    seen_content = False
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            notes.append(line)
+            continue
+        marked = any(n.startswith("# reserved: ") for n in notes)
+        if not line.strip():
+            if not seen_content and marked:
+                whole_file = True
+            notes = []
+            continue
+        seen_content = True
+        notes_marked, notes = marked, []
+        if m := _TABLE.match(line):
+            table = m.group(1)
+            if notes_marked:
+                reserved_tables.add(table)
+            continue
+        m = _KEY.match(line)
+        assert m, f"{path.name}: cannot read {line!r}"
+        key = f"{table}.{m.group(1)}" if table else m.group(1)
+        in_reserved_table = any(key.startswith(f"{t}.") for t in reserved_tables)
+        keys[key] = whole_file or in_reserved_table or notes_marked
+    return keys
+
+
+def toml_keys(table: dict[str, object], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out |= toml_keys(value, f"{prefix}{key}.")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for item in value:
+                out |= toml_keys(item, f"{prefix}{key}.")  # type: ignore[arg-type]
+        else:
+            out.add(f"{prefix}{key}")
+    return out
+
+
+FILES = sorted(p.name for p in CONF.glob("*.toml"))
+
+
+def test_every_conf_file_has_a_table_here() -> None:
+    assert set(FILES) == set(EFFECTS)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_the_reader_here_sees_every_key(name: str) -> None:
+    path = CONF / name
+    assert set(conf_keys(path)) == toml_keys(tomllib.loads(path.read_text()))
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_every_key_shows_its_effect_or_is_reserved(name: str) -> None:
+    keys = conf_keys(CONF / name)
+    effects = EFFECTS[name]
+    missing = [k for k, reserved in keys.items() if not reserved and k not in effects]
+    assert not missing, (
+        f"conf/{name}: no test shows what these keys do: {missing}; name one in "
+        "tests/unit/test_config_keys.py, or mark the key in config.RESERVED"
+    )
+    both = [k for k, reserved in keys.items() if reserved and k in effects]
+    assert not both, f"conf/{name}: reserved, yet named as having an effect: {both}"
+    gone = sorted(set(effects) - set(keys))
+    assert not gone, f"conf/{name} has no such keys: {gone}"
+
+
+@cache
+def _module(path: str) -> tuple[str, dict[str, str]]:
+    """A test module's constants (its top-level assignments) and its test functions'
+    sources by name."""
+    source = (ROOT / path).read_text()
+    tree = ast.parse(source)
+    constants = "\n".join(
+        ast.get_source_segment(source, node) or ""
+        for node in tree.body
+        if isinstance(node, ast.Assign | ast.AnnAssign)
+    )
+    functions = {
+        node.name: ast.get_source_segment(source, node) or ""
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+    return constants, functions
+
+
+def _sets(key: str, text: str, unique_leaf: bool) -> bool:
+    leaf = key.rsplit(".", 1)[-1]
+    return key in text or (unique_leaf and re.search(rf"\b{re.escape(leaf)}\b", text) is not None)
+
+
+@pytest.mark.parametrize("name", [n for n in FILES if EFFECTS[n]])
+def test_each_named_test_exists_and_one_sets_the_key(name: str) -> None:
+    effects = EFFECTS[name]
+    leaves = [k.rsplit(".", 1)[-1] for k in conf_keys(CONF / name)]
+    for key, node_ids in effects.items():
+        assert node_ids, f"{key}: no test named"
+        unique_leaf = leaves.count(key.rsplit(".", 1)[-1]) == 1
+        setting = []
+        for node_id in node_ids:
+            path, _, function = node_id.partition("::")
+            constants, functions = _module(path)
+            assert function in functions, f"{key}: {node_id} does not exist"
+            setting.append(_sets(key, functions[function] + "\n" + constants, unique_leaf))
+        assert any(setting), f"{key}: none of {node_ids} sets it"
