@@ -71,6 +71,14 @@ def test_corrupt_piece_on_a_parents_disk(tmp_path: Path, www: Path, nginx: Nginx
         p0, p1 = cluster.node("peer-0"), cluster.node("peer-1")
         code, err = finish(curl(p0.info["proxy"], url, tmp_path / "o0"))
         assert code == 0, err
+        # The client has its bytes before peer-0's reports reach the scheduler: wait for
+        # them (the seed's 6 pieces and peer-0's), or the seed's death leaves the scheduler
+        # no known holder and peer-1 is sent to the origin.
+        sched = cluster.node("scheduler-0").info["metrics"]
+        deadline = time.monotonic() + 30
+        while metric(sched, "dragonfly_scheduler_piece_reports_total") < 12:
+            assert time.monotonic() < deadline, "peer-0's pieces never reached the scheduler"
+            time.sleep(0.05)
         # The seed goes away, so peer-0 is the only parent left; then one of its pieces rots.
         seed = cluster.node("seed-peer-0")
         assert seed.process is not None

@@ -28,6 +28,7 @@ from dragonfly.nursery.peer import PeerDaemon
 from dragonfly.nursery.scheduler import SchedulerServer
 from dragonfly.storage.taskfile import task_path
 from dragonfly.testing.nginx import Nginx, free_port
+from dragonfly.testing.trust import LocalIssuer
 from tests.p2p_support import MiB, curl_response, metric, random_file
 
 pytestmark = [pytest.mark.nginx, pytest.mark.slow]
@@ -42,9 +43,14 @@ class Roles:
         self.nursery = nursery
         self.tmp_path = tmp_path
         self.schedulers: list[str] = []
+        self.issuer = LocalIssuer(tmp_path / "trust")  # a cluster secret, a credential each
 
     async def scheduler(self, *overrides: str) -> SchedulerServer:
-        cfg = load_config("scheduler", env={}, overrides=["server.port=0", *overrides])
+        cfg = load_config(
+            "scheduler",
+            env={},
+            overrides=["server.port=0", *self.issuer.scheduler_overrides(), *overrides],
+        )
         assert isinstance(cfg, SchedulerConfig)
         server = SchedulerServer(cfg)
         port = await self.nursery.start(server.run)
@@ -54,6 +60,7 @@ class Roles:
     async def peer(self, name: str, *overrides: str, role: str = "peer") -> PeerDaemon:
         """A peer (or seed peer) using the schedulers started so far (none: no scheduler)."""
         data = self.tmp_path / name
+        seed = role == "seed-peer" or "seed.enabled=true" in overrides
         cfg = load_config(
             role,
             env={},
@@ -62,6 +69,7 @@ class Roles:
                 "upload.port=0",
                 f"storage.data_dir={data}",
                 f"scheduler.addresses={json.dumps(self.schedulers)}",
+                *self.issuer.peer_overrides(name, "seed-peer" if seed else "peer"),
                 *overrides,
             ],
         )
