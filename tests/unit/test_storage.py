@@ -93,7 +93,7 @@ def test_write_out_of_order_and_read_back(tmp_path: Path) -> None:
         # An unaligned range crossing page and piece boundaries.
         assert f.digest(1000, 70_000) == sha(whole[1000:71_000])
         assert f.digest(5, 0) == sha(b"")
-    assert os.stat(tmp_path / "tasks" / "ab" / TID).st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "tasks" / "ab" / TID).st_mode & 0o777 == 0o600  # owner only
 
 
 def test_task_file_is_sparse_until_written(tmp_path: Path) -> None:
