@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from dragonfly.net.tls import TLSError, make_ca
@@ -20,24 +21,34 @@ def ca_command(args: argparse.Namespace) -> int:
         return 2
     directory = Path(args.dir).absolute()
     try:
-        ca = make_ca(directory, name=args.name, days=args.days, force=args.force)
+        ca = make_ca(
+            directory, name=args.name, days=args.days, force=args.force, permit=args.permit
+        )
     except FileExistsError as exc:
         print(f"dragonfly: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except (TLSError, OSError) as exc:
         print(f"dragonfly: cannot make the CA: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    sys.stdout.write(instructions(ca.cert, ca.key))
+    sys.stdout.write(instructions(ca.cert, ca.key, args.permit))
     return EXIT_OK
 
 
-def instructions(cert: Path, key: Path) -> str:
+def instructions(cert: Path, key: Path, permit: Sequence[str] = ()) -> str:
     """What to configure on the peer and how clients come to trust the CA."""
     bundle = cert.parent / "bundle.pem"
     q = shlex.quote
+    if permit:
+        scope = f"It may vouch for these names only (and their subdomains): {', '.join(permit)}."
+    else:
+        scope = (
+            "It has no name constraints: clients that trust it accept it for any site.\n"
+            "Prefer `ca init DIR --permit DOMAIN ...` naming the hosts you intercept."
+        )
     return f"""\
 Wrote {cert} (the CA certificate: give it to clients)
   and {key} (its private key, mode 0600: only the peer daemon should read it).
+{scope}
 
 1. Peer configuration (conf/peer.toml): intercept CONNECT to these hosts and let
    https URLs go through P2P:
