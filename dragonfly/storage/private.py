@@ -22,7 +22,7 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 
 
-def _link_error(path: Path) -> StorageError:
+def link_refused(path: Path) -> StorageError:
     return StorageError(
         f"{path} is a symbolic link: links inside the data directory are refused "
         "(remove it; the data directory itself may be a link)"
@@ -54,7 +54,7 @@ def private_dir(path: Path) -> None:
     except FileExistsError:
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode):
-            raise _link_error(path) from None
+            raise link_refused(path) from None
         if not stat.S_ISDIR(st.st_mode):
             raise StorageError(f"{path} is not a directory") from None
         if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
@@ -68,7 +68,7 @@ def open_private(path: Path, flags: int) -> int:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise _link_error(path) from None
+            raise link_refused(path) from None
         raise
     try:
         if stat.S_IMODE(os.fstat(fd).st_mode) != FILE_MODE:

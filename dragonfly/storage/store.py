@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import stat
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -45,7 +46,7 @@ from .errors import (
 )
 from .gc import GCConfig, TaskUsage, plan_gc
 from .metadata import MetadataDB, PieceRecord, TaskRecord, TaskState
-from .private import open_private, prepare_data_dir, private_dir
+from .private import link_refused, open_private, prepare_data_dir, private_dir
 from .taskfile import BufferLike, TaskFile, task_path, validate_task_id
 
 __all__ = ["PieceStore", "TaskHandle"]
@@ -188,11 +189,13 @@ def _recover(data_dir: Path, db: MetadataDB) -> None:
     known: set[str] = set()
     for task in db.list_tasks():
         try:
-            st = os.stat(task_path(data_dir, task.id))
+            st = os.lstat(task_path(data_dir, task.id))
         except (FileNotFoundError, ValueError):
             db.delete_task(task.id)
             log.info("storage.recover.drop_task", task_id=task.id, reason="file missing")
             continue
+        if stat.S_ISLNK(st.st_mode):
+            raise link_refused(task_path(data_dir, task.id))
         known.add(task.id)
         beyond = [p.number for p in db.pieces(task.id) if p.offset + p.length > st.st_size]
         if beyond:
@@ -200,9 +203,7 @@ def _recover(data_dir: Path, db: MetadataDB) -> None:
     tasks_dir = data_dir / "tasks"
     for sub in tasks_dir.iterdir():
         if sub.is_symlink():
-            raise StorageError(
-                f"{sub} is a symbolic link: links inside the data directory are refused (remove it)"
-            )
+            raise link_refused(sub)
         if not sub.is_dir():
             continue
         for f in sub.iterdir():
