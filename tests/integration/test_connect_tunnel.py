@@ -27,6 +27,7 @@ from dragonfly.net.tls import make_ca
 from dragonfly.nursery.peer import PeerDaemon
 from dragonfly.peer.tunnel import BadTarget, parse_authority, splice_streams
 from dragonfly.testing.certs import make_pki
+from tests.p2p_support import connect_through as _connect
 
 
 @pytest.fixture
@@ -71,20 +72,6 @@ async def echo_port() -> AsyncIterator[int]:
         )
         yield bound_port(listeners)
         nursery.cancel_scope.cancel()
-
-
-async def _connect(port: int, target: str, after: bytes = b"") -> tuple[trio.SocketStream, bytes]:
-    """Send a CONNECT (and `after` in the same write); (stream, response head)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    await stream.send_all(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + after)
-    head = b""
-    with trio.fail_after(10):
-        while b"\r\n\r\n" not in head:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
-            head += chunk
-    return stream, head
 
 
 async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:

@@ -55,9 +55,13 @@ def _degraded_and_recovered(node: Node, cause: str, loosen: contextlib.ExitStack
         lambda: (lambda s, b: b if s == 503 and cause in b else None)(*_healthy(node)),
         f"/healthy reporting {cause!r}",
     )
-    assert degraded.startswith("degraded: ") and "gc" in degraded
+    # GC (deleting the expired task) or the store's flusher (recording its last use)
+    assert degraded.startswith(("degraded: gc ", "degraded: store_flush ")), degraded
     assert node.process is not None and node.process.poll() is None  # alive
-    failures = metric(node.info["metrics"], "dragonfly_background_failures_total", 'loop="gc"')
+    failures = sum(
+        metric(node.info["metrics"], "dragonfly_background_failures_total", f'loop="{loop}"')
+        for loop in ("gc", "store_flush")
+    )
     assert failures >= 1
     # the proxy still answers while the loop fails
     status, _, _ = curl_response(f"{node.info['proxy']}/metrics")

@@ -20,6 +20,7 @@ import trio
 from dragonfly.config import PeerConfig, load_config
 from dragonfly.net.tls import CAFiles, make_leaf
 from dragonfly.nursery.peer import PeerDaemon
+from tests.p2p_support import connect_through
 from tests.security.edge_support import run_expecting_refusal
 
 LEAF_RATE = 5
@@ -106,16 +107,7 @@ async def hijacking_peer(tmp_path: Path) -> AsyncIterator[tuple[PeerDaemon, CAFi
 
 
 async def _connect(daemon: PeerDaemon, host: str) -> tuple[trio.SocketStream, bytes]:
-    stream = await trio.open_tcp_stream("127.0.0.1", daemon.proxy_port)
-    await stream.send_all(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
-    head = b""
-    with trio.fail_after(30):
-        while b"\r\n\r\n" not in head:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
-            head += chunk
-    return stream, head
+    return await connect_through(daemon.proxy_port, f"{host}:443")
 
 
 async def test_leaf_certificates_are_bounded_and_constrained(

@@ -9,6 +9,7 @@ it through the proxy to itself. Each is refused and nothing reaches the target.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -56,6 +57,18 @@ def private(tmp_path: Path) -> Iterator[Nginx]:
         yield nginx
 
 
+@contextlib.contextmanager
+def _exposed_peer(tmp_path: Path, outside: str, *sets: str) -> Iterator[tuple[Cluster, int, str]]:
+    """A cluster whose peer's proxy listens on every address, with `sets`; yields it,
+    the proxy's port and the proxy's URL as the outsider reaches it."""
+    extra = ["--set", "proxy.listen=0.0.0.0"]
+    for item in sets:
+        extra += ["--set", item]
+    with Cluster(tmp_path / "c", schedulers=1, seed_peers=0, peers=1, extra=extra) as cluster:
+        port = int(cluster.node("peer-0").info["proxy"].rsplit(":", 1)[1])
+        yield cluster, port, f"http://{outside}:{port}"
+
+
 def _connect(outside: str, proxy_port: int, target: str, auth: str = "") -> bytes:
     head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n".encode()
     return raw_exchange(outside, proxy_port, head, source=outside)
@@ -75,16 +88,13 @@ def test_beyond_loopback_without_allow_list_or_credentials_refuses_to_start(tmp_
 def test_an_allowed_outsider_reaches_the_origin_and_nothing_else(
     tmp_path: Path, outside: str, public: Nginx, private: Nginx
 ):
-    ports = f"[443, {public.port}, {private.port}]"
-    extra = [
-        "--set", "proxy.listen=0.0.0.0",
-        "--set", f'proxy.allowed_clients=["{outside}/32"]',
-        "--set", f"proxy.connect_ports={ports}",
-    ]  # fmt: skip
-    with Cluster(tmp_path / "c", schedulers=1, seed_peers=0, peers=1, extra=extra) as cluster:
+    with _exposed_peer(
+        tmp_path,
+        outside,
+        f'proxy.allowed_clients=["{outside}/32"]',
+        f"proxy.connect_ports=[443, {public.port}, {private.port}]",
+    ) as (cluster, port, proxy):
         peer = cluster.node("peer-0")
-        port = int(peer.info["proxy"].rsplit(":", 1)[1])
-        proxy = f"http://{outside}:{port}"  # the outsider's view: a non-loopback source
         metrics_url = peer.info["metrics"]
 
         def through(url: str, *args: str) -> tuple[int, bytes]:
@@ -166,15 +176,10 @@ def test_an_outsider_must_authenticate(tmp_path: Path, outside: str, public: Ngi
     assert text.startswith("alice:$argon2") and "correct horse" not in text
     assert users.stat().st_mode & 0o777 == 0o600
 
-    extra = [
-        "--set", "proxy.listen=0.0.0.0",
-        "--set", f"proxy.auth_file={users}",
-        "--set", f"proxy.connect_ports=[{public.port}]",
-    ]  # fmt: skip
-    with Cluster(tmp_path / "c", schedulers=1, seed_peers=0, peers=1, extra=extra) as cluster:
+    with _exposed_peer(
+        tmp_path, outside, f"proxy.auth_file={users}", f"proxy.connect_ports=[{public.port}]"
+    ) as (cluster, port, proxy):
         peer = cluster.node("peer-0")
-        port = int(peer.info["proxy"].rsplit(":", 1)[1])
-        proxy = f"http://{outside}:{port}"
         url = f"{public.url}/pub.bin"
 
         status, headers, _ = curl_response(url, "-x", proxy)
