@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -38,6 +40,11 @@ def instructions(cert: Path, key: Path, permit: Sequence[str] = ()) -> str:
     """What to configure on the peer and how clients come to trust the CA."""
     bundle = cert.parent / "bundle.pem"
     q = shlex.quote
+    examples = [name for name in permit if not _is_network(name)] or [
+        "huggingface.co",
+        "files.pythonhosted.org",
+    ]
+    hosts = ", ".join(f"'^{re.escape(name)}:443$'" for name in examples)
     if permit:
         scope = f"It may vouch for these names only (and their subdomains): {', '.join(permit)}."
     else:
@@ -56,7 +63,7 @@ Wrote {cert} (the CA certificate: give it to clients)
     [proxy.hijack_https]
     ca_cert = {json.dumps(str(cert))}
     ca_key = {json.dumps(str(key))}
-    hosts = ['^huggingface\\.co:443$', '^files\\.pythonhosted\\.org:443$']  # regexes of HOST:PORT
+    hosts = [{hosts}]  # regexes of HOST:PORT
 
     [[proxy.rules]]  # (rules replace the default list, whose one rule is '^http://')
     regex = '^https?://'
@@ -87,3 +94,11 @@ Wrote {cert} (the CA certificate: give it to clients)
    (after update-ca-certificates, /etc/ssl/certs/ca-certificates.crt already holds it;
    a REQUESTS_CA_BUNDLE set without our CA overrides pip's --cert and PIP_CERT)
 """
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True

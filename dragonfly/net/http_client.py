@@ -425,7 +425,9 @@ class HTTPClient:
     async def _open(self, origin: Origin) -> trio.SocketStream:
         if self.unix_socket is not None:
             return await open_unix_stream(self.unix_socket)
-        hosts = [origin.host] if self.resolver is None else await self.resolver(*_address(origin))
+        hosts = [origin.host]
+        if self.resolver is not None:
+            hosts = await self.resolver(origin.host, origin.port)
         failure: OSError | None = None
         for host in hosts:  # each address the resolver checked, in turn
             try:
@@ -653,10 +655,6 @@ class HTTPClient:
                 await conn.aclose()
                 raise BadResponse(f"{url}: more bytes than Content-Length {length}")
         return response
-
-
-def _address(origin: Origin) -> tuple[str, int]:
-    return origin.host, origin.port
 
 
 class _StaleConnection(Exception):
