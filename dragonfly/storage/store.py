@@ -433,6 +433,13 @@ class PieceStore:
             except Exception as exc:
                 batch.error = exc
                 self._retry_after = self.supervisor.failed(FLUSH_LOOP, exc)
+                # The next batch retries the uses (and, for a batch of pieces only, at
+                # least one write per task): so the flusher learns, after its backoff,
+                # whether the database works again, even if nothing else comes.
+                now = self._clock()
+                for tid in batch.pieces.keys() | batch.touches.keys():
+                    when = max(batch.touches.get(tid, now), self._batch.touches.get(tid, 0.0))
+                    self._batch.touches[tid] = when
                 for tid, pieces in batch.pieces.items():
                     h = batch.handles.get(tid)
                     if h is not None:

@@ -67,8 +67,11 @@ def _degraded_and_recovered(node: Node, cause: str, loosen: contextlib.ExitStack
     status, _, _ = curl_response(f"{node.info['proxy']}/metrics")
     assert status == 200
     loosen.close()
-    wait_for(lambda: _healthy(node)[0] == 200, "/healthy back to 200 once the cause is gone")
-    wait_for(lambda: not task_files(node.info["data_dir"]), "GC removing the expired task")
+    # (within the retry backoff, at most a minute, of the loops that failed)
+    wait_for(
+        lambda: _healthy(node)[0] == 200, "/healthy back to 200 once the cause is gone", 180
+    )
+    wait_for(lambda: not task_files(node.info["data_dir"]), "GC removing the expired task", 180)
     assert node.process.poll() is None
 
 
