@@ -4,7 +4,8 @@ Two real failures of the peer's metadata database under its GC and its store
 flusher: another process holding the database's write lock ("database is
 locked"), and a full disk ("database or disk is full", ENOSPC) on a small tmpfs.
 The peer stays up, /healthy says it is degraded and why, the failures are counted,
-and once the cause is gone it recovers by itself and GC does its work.
+and once the cause is gone it recovers by itself and GC does its work. And a
+scheduler whose decision tick fails keeps serving the same way.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from dragonfly.cluster import Cluster, Node
+from dragonfly.config import SchedulerConfig, load_config
+from dragonfly.net.http_client import HTTPClient
+from dragonfly.nursery.scheduler import SchedulerServer
 from dragonfly.testing.nginx import Nginx
 from tests.p2p_support import curl_response, metric, random_file, task_files
 from tests.security.edge_support import wait_for
-
-pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
 # GC often, and every task is expired three seconds after its last use.
 FAST_GC = ["--set", "storage.gc_interval=200ms", "--set", "storage.task_ttl=3s"]
@@ -68,13 +71,13 @@ def _degraded_and_recovered(node: Node, cause: str, loosen: contextlib.ExitStack
     assert status == 200
     loosen.close()
     # (within the retry backoff, at most a minute, of the loops that failed)
-    wait_for(
-        lambda: _healthy(node)[0] == 200, "/healthy back to 200 once the cause is gone", 180
-    )
+    wait_for(lambda: _healthy(node)[0] == 200, "/healthy back to 200 once the cause is gone", 180)
     wait_for(lambda: not task_files(node.info["data_dir"]), "GC removing the expired task", 180)
     assert node.process.poll() is None
 
 
+@pytest.mark.nginx
+@pytest.mark.slow
 def test_database_locked_by_another_process(tmp_path: Path, www: Path, nginx: Nginx):
     with Cluster(tmp_path / "c", schedulers=1, seed_peers=0, peers=1, extra=FAST_GC) as cluster:
         peer = cluster.node("peer-0")
@@ -122,6 +125,8 @@ def _fill(path: Path) -> None:
     assert os.statvfs(path).f_bavail == 0
 
 
+@pytest.mark.nginx
+@pytest.mark.slow
 def test_disk_full(tmp_path: Path, www: Path, nginx: Nginx, small_disk: Path):
     extra = [*FAST_GC, "--set", f"storage.data_dir={small_disk / 'peer'}"]
     with Cluster(tmp_path / "c", schedulers=1, seed_peers=0, peers=1, extra=extra) as cluster:
@@ -134,3 +139,37 @@ def test_disk_full(tmp_path: Path, www: Path, nginx: Nginx, small_disk: Path):
             _fill(filler)  # before the task expires: GC will want to delete it
             assert task.exists()
             _degraded_and_recovered(peer, "database or disk is full", full)
+
+
+async def test_a_failing_scheduler_tick_does_not_end_the_scheduler():
+    cfg = load_config("scheduler", env={}, overrides=["server.port=0"])
+    assert isinstance(cfg, SchedulerConfig)
+    server = SchedulerServer(cfg)
+    client = HTTPClient(connect_timeout=5, read_timeout=5)
+
+    async def healthy_becomes(status: int, timeout: float) -> bytes:
+        """Poll /healthy until it answers `status`; its body."""
+        with trio.fail_after(timeout):
+            while True:
+                async with client.request("GET", f"http://127.0.0.1:{server.port}/healthy") as r:
+                    body = await r.read()
+                    if r.status == status:
+                        return body
+                await trio.sleep(0.1)
+
+    real = server.core.tick
+
+    def broken(now: float) -> list[object]:
+        raise RuntimeError("tick exploded")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        server.core.tick = broken  # type: ignore[method-assign]
+        body = await healthy_becomes(503, 60)
+        assert body.startswith(b"degraded: scheduler_tick failing") and b"tick exploded" in body
+        metrics = server.metrics.render().decode()
+        assert 'dragonfly_background_failures_total{loop="scheduler_tick"}' in metrics
+        server.core.tick = real  # type: ignore[method-assign]
+        await healthy_becomes(200, 120)  # within the backoff
+        await client.aclose()
+        nursery.cancel_scope.cancel()
