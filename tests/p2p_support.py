@@ -72,7 +72,9 @@ def curl_response(url: str, *args: str, timeout: float = 60) -> tuple[int, dict[
         capture_output=True,
         timeout=timeout + 30,
     )
-    head = out.stderr.decode(errors="replace").split("\r\n")
+    # The last header block: a 100 Continue or a proxy's CONNECT answer may come first.
+    blocks = [b for b in out.stderr.decode(errors="replace").split("\r\n\r\n") if b.strip()]
+    head = blocks[-1].split("\r\n") if blocks else [""]
     status = int(head[0].split()[1]) if head[0].startswith("HTTP/") else 0
     headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in head[1:]) if v}
     return (status if out.returncode == 0 else 0), headers, out.stdout

@@ -17,10 +17,12 @@ peer's trigger, piece transfers between peers) carry no CLIENT and are not limit
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import errno
 import hashlib
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +127,14 @@ class ProxyUsers:
         """ConfigError naming proxy.auth_file for an unreadable, empty or malformed file."""
         key = "proxy.auth_file"
         try:
+            mode = os.stat(path).st_mode
+            if mode & 0o022:
+                raise ConfigError(
+                    STARTUP,
+                    key,
+                    f"{path} is writable by group or others (mode {stat.S_IMODE(mode):03o}): "
+                    f"anyone could add a user; run chmod 600 {path}",
+                )
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(STARTUP, key, f"cannot read {path}: {exc}") from None
@@ -175,12 +185,7 @@ class ProxyGate:
 
     def bind_ports(self, ports: list[int]) -> None:
         """The daemon's listeners are bound: their ports are off limits from now on."""
-        self.policy = AccessPolicy(
-            self.policy.allowed_clients,
-            self.policy.allowed_destinations,
-            self.policy.connect_ports,
-            frozenset(ports),
-        )
+        self.policy = dataclasses.replace(self.policy, own_ports=frozenset(ports))
 
     async def admit(self, client: IPAddress | None, authorization: str | None) -> str | None:
         """None if the client may go on; else why not: "auth" (407) or "client" (403)."""

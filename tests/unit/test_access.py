@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dragonfly.config import ConfigError, PeerConfig, load_config
+from dragonfly.config import ConfigError, PeerConfig, ProxySection, load_config
 from dragonfly.engine.access import (
     AccessPolicy,
     basic_credentials,
@@ -18,6 +19,7 @@ from dragonfly.engine.access import (
     networks,
     parse_users,
 )
+from dragonfly.peer.exposure import ProxyUsers, check_proxy_files, write_user
 
 REMOTE = ipaddress.ip_address("192.0.2.7")
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
@@ -141,3 +143,40 @@ def test_exposure_keys_are_checked():
     with pytest.raises(ConfigError, match=r"proxy.connect_ports\[0\]: must be at most 65535"):
         load_config("peer", env={}, overrides=["proxy.connect_ports=[70000]"])
     assert networks(["10.0.0.1/8"]) == (ipaddress.ip_network("10.0.0.0/8"),)
+
+
+def test_auth_file_is_checked_at_start(tmp_path: Path):
+    users = tmp_path / "users"
+    write_user(str(users), "alice", "pw")
+    assert users.stat().st_mode & 0o777 == 0o600
+    check_proxy_files(ProxySection(auth_file=str(users)))
+    write_user(str(users), "bob", "pw2")  # adds, keeps alice
+    assert [line.split(":")[0] for line in users.read_text().splitlines()] == ["alice", "bob"]
+    users.chmod(0o666)
+    with pytest.raises(ConfigError, match="writable by group or others") as err:
+        check_proxy_files(ProxySection(auth_file=str(users)))
+    assert err.value.key == "proxy.auth_file"
+    for text, problem in (("", "lists no user"), ("carol:plaintext\n", "not an argon2 hash")):
+        users.write_text(text)
+        users.chmod(0o600)
+        with pytest.raises(ConfigError, match=problem):
+            check_proxy_files(ProxySection(auth_file=str(users)))
+    with pytest.raises(ConfigError, match="cannot read"):
+        check_proxy_files(ProxySection(auth_file=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="no ':'"):
+        write_user(str(users), "a:b", "pw")
+
+
+async def test_credentials_are_verified_against_the_hashes(tmp_path: Path):
+    users = tmp_path / "users"
+    write_user(str(users), "alice", "s3cret")
+    proxy_users = ProxyUsers.load(str(users))
+
+    def basic(user: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    assert await proxy_users.authenticate(basic("alice", "s3cret")) == "alice"
+    assert await proxy_users.authenticate(basic("alice", "s3cret")) == "alice"  # remembered
+    assert await proxy_users.authenticate(basic("alice", "wrong")) is None
+    assert await proxy_users.authenticate(basic("mallory", "s3cret")) is None
+    assert await proxy_users.authenticate(None) is None
