@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import ipaddress
 import itertools
 import math
 import os
@@ -141,6 +142,9 @@ class UploadSection:
 
     listen: str = opt("127.0.0.1", "address of the upload server (also /metrics, /healthy)")
     port: int = opt(0, "port of the upload server; 0 picks a free one", min=0, max=65535)
+    max_connections: int = opt(
+        1024, "connections served at once; more are closed at once (counted)", min=1, max=1000000
+    )
     rate_limit: Rate = opt(0, "total upload rate in bytes/s; 0: unlimited", min=0)
     concurrent_limit: int = opt(
         2, "pieces sent at once; few, so that each lands soon and is passed on", min=1, max=10000
@@ -178,14 +182,47 @@ class HijackHTTPSSection:
         "regexes of HOST:PORT whose CONNECT is intercepted; empty: every tunnel is blind",
         regex=True,
     )
+    leaf_cache_size: int = opt(
+        1024, "leaf certificates kept in memory (least recently used go first)", min=1, max=100000
+    )
+    leaf_rate: int = opt(
+        60,
+        "new leaf certificates made per minute at most (bursts of as many); "
+        "a CONNECT beyond it gets 503",
+        min=1,
+        max=100000,
+    )
 
 
 @dataclass
 class ProxySection:
     """The HTTP proxy in front of wget, curl and other clients."""
 
-    listen: str = opt("127.0.0.1", "address of the proxy")
+    listen: str = opt(
+        "127.0.0.1",
+        "address of the proxy; beyond loopback, allowed_clients or auth_file is required",
+    )
     port: int = opt(0, "port of the proxy; 0 picks a free one", min=0, max=65535)
+    max_connections: int = opt(
+        1024, "connections served at once; more are closed at once (counted)", min=1, max=1000000
+    )
+    allowed_clients: list[str] = opt(
+        [],
+        "networks (CIDR) whose clients may use the proxy without credentials; loopback always may",
+        cidr=True,
+    )
+    auth_file: str = opt(
+        "",
+        "USER:ARGON2-HASH lines (`proxy-user` adds one); other clients must then send "
+        "Proxy-Authorization Basic",
+    )
+    allowed_destinations: list[str] = opt(
+        [],
+        "networks (CIDR) that clients not on loopback may reach through the proxy though "
+        "loopback or link-local",
+        cidr=True,
+    )
+    connect_ports: list[int] = opt([443], "ports a CONNECT may reach", min=1, max=65535)
     rules: list[ProxyRule] = opt([ProxyRule()], "first matching rule wins; no match: direct")
     filtered_query_params: list[str] = opt(
         [], "query parameters left out of task IDs, added to the signed-URL defaults"
@@ -232,6 +269,15 @@ class SeedSection:
     """Seed peer behaviour."""
 
     enabled: bool = opt(False, "announce this peer as a seed peer (root of the P2P tree)")
+
+
+@dataclass
+class SchedulerServerSection(ListenSection):
+    """The role's server (also /metrics and /healthy)."""
+
+    max_connections: int = opt(
+        10000, "connections served at once; more are closed at once (counted)", min=1, max=1000000
+    )
 
 
 @dataclass
@@ -296,7 +342,7 @@ class SchedulerConfig:
 
     host: HostSection = opt(HostSection(), "")
     log: LogSection = opt(LogSection(), "")
-    server: ListenSection = opt(ListenSection("127.0.0.1", 8002), "")
+    server: SchedulerServerSection = opt(SchedulerServerSection("127.0.0.1", 8002), "")
     scheduling: SchedulingSection = opt(SchedulingSection(), "")
     gc: SchedulerGCSection = opt(SchedulerGCSection(), "")
     manager: str = opt("", "manager URL to register with; empty: none")
@@ -489,6 +535,13 @@ def _check_constraints(value: Any, meta: Mapping[str, Any]) -> None:
             raise ValueError(f"invalid regular expression {_brief(value)}: {exc}") from None
     if "item_regex" in meta and not re.search(meta["item_regex"], value):
         raise ValueError(f"{_brief(value)} does not match {meta['item_regex']!r}")
+    if meta.get("cidr"):
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"expected an address or network (CIDR), got {_brief(value)}"
+            ) from None
 
 
 def _parse_text_value(text: str) -> Any:
@@ -565,7 +618,10 @@ class _Loader:
                 self.apply_table(obj, item, f"{item_path}.")
                 out.append(obj)
             else:
-                item_meta = {k: meta[k] for k in ("item_regex", "regex") if k in meta}
+                # A list's constraints are its items' (min/max of a list would mean nothing).
+                item_meta = {
+                    k: meta[k] for k in ("item_regex", "regex", "cidr", "min", "max") if k in meta
+                }
                 try:
                     out.append(_coerce(item_tp, item, item_meta, self.from_text))
                 except ValueError as exc:
@@ -598,9 +654,27 @@ def _set_path(cfg: Any, dotted: str, raw: str, loader: _Loader) -> None:
             return
 
 
+def is_loopback_listen(address: str) -> bool:
+    """Whether a listen address takes connections from this host only."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # a host name may resolve anywhere; "" and "0.0.0.0" are every address
+
+
 def _check_cross_field(cfg: RoleConfig, origins: Origins) -> None:
     """Constraints between keys; the error names the source that set the later of the two."""
     if isinstance(cfg, PeerConfig):
+        px = cfg.proxy
+        if not is_loopback_listen(px.listen) and not px.allowed_clients and not px.auth_file:
+            raise ConfigError(
+                origins.get("proxy.listen", (-1, "defaults"))[1],
+                "proxy.listen",
+                f"{px.listen!r} is beyond loopback: set proxy.allowed_clients (CIDRs) or "
+                "proxy.auth_file too, or anyone who reaches the port uses the proxy",
+            )
         st = cfg.storage
         if st.low_watermark > st.high_watermark:
             low, high = "storage.low_watermark", "storage.high_watermark"

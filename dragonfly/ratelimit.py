@@ -39,6 +39,17 @@ class TokenBucket:
         self.level -= amount
         return 0.0 if self.level >= 0 else -self.level / self.rate
 
+    def try_take(self, amount: float, now: float) -> bool:
+        """Take `amount` tokens if the bucket holds them now (never going negative)."""
+        if self.unlimited:
+            return True
+        self.level = min(self.burst, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.level < amount:
+            return False
+        self.level -= amount
+        return True
+
 
 class RateLimiter:
     """An async token bucket shared by many tasks."""

@@ -1,25 +1,37 @@
 """`--role peer` and `--role seed-peer`: the peer daemon's nursery tree.
 
-Store, scheduler connections, downloads, upload server and proxy in one trio
-nursery tree (a seed peer is the same daemon with `seed.enabled`). The daemon is
-the `PeerServices` its components (dragonfly/peer/) are given."""
+Store, scheduler connections, downloads, upload server, proxy and the local API
+socket in one trio nursery tree (a seed peer is the same daemon with
+`seed.enabled`). Background loops (GC, the store's flusher) run under a
+Supervisor: their failures are retried and shown on /healthy, never end the
+daemon. The daemon is the `PeerServices` its components (dragonfly/peer/) are given."""
 
 from __future__ import annotations
 
+import functools
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
-from dragonfly.config import PeerConfig, data_dir, resolved_hostname
+from dragonfly.config import (
+    PeerConfig,
+    ProxySection,
+    UploadSection,
+    data_dir,
+    resolved_hostname,
+)
 from dragonfly.identity import IdentityError
 from dragonfly.log import get_logger
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.http_client import HTTPClient
-from dragonfly.net.http_server import bound_port, serve
+from dragonfly.net.http_server import Handler, bound_port, serve, serve_unix
 from dragonfly.net.tls import origin_ssl_context
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.peer.download import DownloadRequest
+from dragonfly.peer.exposure import ProxyGate, checked_addresses
+from dragonfly.peer.local_api import LocalAPIHandler, api_socket
 from dragonfly.peer.proxy import ProxyHandler
 from dragonfly.peer.scheduler_client import SchedulerPool
 from dragonfly.peer.tasks import TaskManager
@@ -27,6 +39,7 @@ from dragonfly.peer.tunnel import Hijacker
 from dragonfly.peer.upload import UploadHandler
 from dragonfly.ratelimit import RateLimiter
 from dragonfly.storage import GCConfig, PieceStore
+from dragonfly.supervise import Supervisor
 from dragonfly.wire.messages import HostInfo, TriggerDownload
 
 log = get_logger("dragonfly.peer")
@@ -39,16 +52,23 @@ class PeerDaemon:
         self.config = config
         self.data_dir: Path = data_dir(config.storage)
         self.metrics = PeerMetrics()
+        self.supervisor = Supervisor(
+            lambda loop: self.metrics.background_failures.labels(loop).inc()
+        )
         self.role = "seed-peer" if config.seed.enabled else "peer"
         d = config.download
-        # https origins: the system's CAs plus download.origin_ca_file. Both this and the
-        # hijack CA raise ConfigError naming the key, so a bad file stops the start.
+        # https origins: the system's CAs plus download.origin_ca_file. This, the hijack
+        # CA and the proxy's auth file raise ConfigError naming the key, so a bad file
+        # stops the start. Every connection it opens for a proxy client goes to an
+        # address that client may reach (checked_addresses).
         self.origin_client = HTTPClient(
             connect_timeout=d.connect_timeout,
             read_timeout=d.read_timeout,
             ssl_context=origin_ssl_context(d),
+            resolver=checked_addresses,
         )
         self.hijacker = Hijacker(config.proxy.hijack_https)
+        self.proxy_gate = ProxyGate(config.proxy)
         self.upload_limiter = _limiter(config.upload.rate_limit)
         self.download_limiter = _limiter(d.rate_limit)
         self.source_limiter = _limiter(d.back_to_source_rate_limit)
@@ -69,20 +89,21 @@ class PeerDaemon:
         self, *, task_status: trio.TaskStatus[PeerDaemon] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cfg = self.config
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         gc = GCConfig(
             ttl=cfg.storage.task_ttl,
             quota_bytes=cfg.storage.disk_quota,
             high_watermark=cfg.storage.high_watermark,
             low_watermark=cfg.storage.low_watermark,
         )
-        async with PieceStore.open(self.data_dir, fsync=cfg.storage.fsync, gc_config=gc) as store:
+        async with PieceStore.open(
+            self.data_dir, fsync=cfg.storage.fsync, gc_config=gc, supervisor=self.supervisor
+        ) as store:
             self.store = store
             try:
                 async with trio.open_nursery() as nursery:
                     self.tasks = TaskManager(self, nursery)
                     upload = await nursery.start(
-                        serve, UploadHandler(self), cfg.upload.listen, cfg.upload.port
+                        self._listener(UploadHandler(self), cfg.upload, "upload")
                     )
                     self.upload_port = bound_port(upload)
                     self.host = HostInfo(
@@ -106,9 +127,13 @@ class PeerDaemon:
                         connect_timeout=cfg.scheduler.connect_timeout,
                     )
                     proxy = await nursery.start(
-                        serve, ProxyHandler(self), cfg.proxy.listen, cfg.proxy.port
+                        self._listener(ProxyHandler(self), cfg.proxy, "proxy")
                     )
                     self.proxy_port = bound_port(proxy)
+                    self.proxy_gate.bind_ports([self.proxy_port, self.upload_port])
+                    await nursery.start(
+                        serve_unix, LocalAPIHandler(self), api_socket(self.data_dir)
+                    )
                     self.host = _with_proxy_port(self.host, self.proxy_port)
                     self.schedulers.host = self.host
                     for conn in self.schedulers.connections.values():
@@ -124,7 +149,9 @@ class PeerDaemon:
                             await self.schedulers.run(task_status=task_status)
 
                     await nursery.start(run_schedulers)
-                    nursery.start_soon(store.gc_forever, cfg.storage.gc_interval)
+                    nursery.start_soon(
+                        self.supervisor.every, cfg.storage.gc_interval, "gc", store.run_gc
+                    )
                     self._serving = True
                     log.info(
                         "peer started",
@@ -145,6 +172,19 @@ class PeerDaemon:
             finally:
                 self._serving = False
                 await self.origin_client.aclose()
+
+    def _listener(
+        self, handler: Handler, section: UploadSection | ProxySection, name: str
+    ) -> Callable[..., Awaitable[None]]:
+        """serve() for one of the daemon's listeners, capped at its max_connections."""
+        return functools.partial(
+            serve,
+            handler,
+            section.listen,
+            section.port,
+            max_connections=section.max_connections,
+            on_refused=self.metrics.connections_refused.labels(name).inc,
+        )
 
     async def _on_trigger(self, msg: TriggerDownload) -> None:
         """A scheduler asks this seed peer to fetch a task from the origin first."""

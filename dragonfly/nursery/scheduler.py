@@ -12,6 +12,7 @@ message. Time comes from trio's clock, once per event.
 
 from __future__ import annotations
 
+import functools
 import gc
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from dragonfly.net.channel import (
 from dragonfly.net.http_server import Request, Responder, bound_port, serve
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
+from dragonfly.supervise import Supervisor
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtocolError
 from dragonfly.wire.messages import (
     CandidateParents,
@@ -64,6 +66,10 @@ class SchedulerServer:
         self.config = config
         self.core = Scheduler(SchedulerSettings.from_config(config), seed=seed)
         self.metrics = SchedulerMetrics()
+        # The ticker and the flusher run under it: a failure is retried, never fatal.
+        self.supervisor = Supervisor(
+            lambda loop: self.metrics.background_failures.labels(loop).inc()
+        )
         self.hosts: dict[str, _HostConnection] = {}
         self.flusher = Flusher()  # writes every host's messages, once per loop round
         self.port = 0
@@ -71,17 +77,30 @@ class SchedulerServer:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         server = self.config.server
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(serve, self.handle_http, server.listen, server.port)
+            listeners = await nursery.start(
+                functools.partial(
+                    serve,
+                    self.handle_http,
+                    server.listen,
+                    server.port,
+                    max_connections=server.max_connections,
+                    on_refused=self.metrics.connections_refused.labels("scheduler").inc,
+                )
+            )
             self.port = bound_port(listeners)
-            nursery.start_soon(self._ticker)
-            nursery.start_soon(self.flusher.run)
+            interval = min(TICK, max(self.config.scheduling.retry_interval, 0.01))
+            nursery.start_soon(self.supervisor.every, interval, "scheduler_tick", self._tick)
+            nursery.start_soon(self.supervisor.restarting, "scheduler_flush", self.flusher.run)
             log.info("scheduler started", listen=f"{server.listen}:{self.port}")
             task_status.started(self.port)
 
     async def handle_http(self, request: Request, responder: Responder) -> None:
         path = request.target.split("?", 1)[0]
         if path == "/healthy":
-            await responder.send(200, b"ok\n")
+            if self.supervisor.degraded:  # a background loop's last run failed
+                await responder.send(503, self.supervisor.describe().encode())
+            else:
+                await responder.send(200, b"ok\n")
         elif path == "/metrics":
             await responder.send(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
         elif path == SCHEDULER_PATH and responder.is_websocket_request:
@@ -186,11 +205,9 @@ class SchedulerServer:
         if triggers:
             self.metrics.triggers.inc(triggers)
 
-    async def _ticker(self) -> None:
-        interval = min(TICK, max(self.config.scheduling.retry_interval, 0.01))
-        while True:
-            await trio.sleep(interval)
-            self._apply(self.core.tick(trio.current_time()))
+    async def _tick(self) -> None:
+        self._apply(self.core.tick(trio.current_time()))
+        await trio.lowlevel.checkpoint()
 
 
 # The cyclic GC's default thresholds (700, 10, 10) made a busy scheduler spend ~13 % of

@@ -8,15 +8,19 @@ from pathlib import Path
 from typing import Protocol
 
 from dragonfly.peer.download import DownloadServices
+from dragonfly.peer.exposure import ProxyGate
 from dragonfly.peer.tasks import TaskManager
 from dragonfly.peer.tunnel import Hijacker
 from dragonfly.ratelimit import RateLimiter
+from dragonfly.supervise import Supervisor
 
 
 class PeerServices(DownloadServices, Protocol):
     data_dir: Path
     tasks: TaskManager
     hijacker: Hijacker
+    proxy_gate: ProxyGate
+    supervisor: Supervisor
     upload_limiter: RateLimiter | None
 
     @property

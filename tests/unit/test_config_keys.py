@@ -32,6 +32,12 @@ HTTPS = "tests/interop/test_https_proxy.py::test_hijacked_https_goes_peer_to_pee
 HIJACK = "tests/integration/test_connect_tunnel.py::test_hijacked_requests_stay_on_the_tunnels_host"
 SCHED = "tests/unit/test_sched_scheduler.py::"
 SETTINGS = UT + "test_every_scheduling_and_gc_key_becomes_its_setting"
+SEC = "tests/security/"
+CAPS = SEC + "test_bounds.py::test_connections_beyond_the_cap_are_refused_early_and_counted"
+OUTSIDER = (
+    SEC + "test_proxy_exposure.py::test_an_allowed_outsider_reaches_the_origin_and_nothing_else"
+)
+ACCESS = "tests/unit/test_access.py::"
 
 # conf/peer.toml and conf/seed-peer.toml: one schema
 PEER: dict[str, tuple[str, ...]] = {
@@ -71,6 +77,7 @@ PEER: dict[str, tuple[str, ...]] = {
     "upload.listen": (LISTENERS,),
     "upload.port": (LISTENERS,),
     "upload.rate_limit": (P2P_FAULTS + "test_upload_rate_limit",),
+    "upload.max_connections": (CAPS,),
     "upload.concurrent_limit": (
         P2P_FAULTS + "test_a_busy_parent_answers_503_and_children_still_get_every_byte",
     ),
@@ -92,6 +99,21 @@ PEER: dict[str, tuple[str, ...]] = {
     "proxy.rules.direct": (CLUSTER,),
     "proxy.rules.allow_credentials": (
         IT + "test_allow_credentials_lets_a_request_with_credentials_use_p2p",
+    ),
+    "proxy.max_connections": (CAPS,),
+    "proxy.allowed_clients": (
+        OUTSIDER,
+        SEC
+        + "test_proxy_exposure.py::test_beyond_loopback_without_allow_list_or_credentials_refuses_to_start",
+    ),
+    "proxy.auth_file": (SEC + "test_proxy_exposure.py::test_an_outsider_must_authenticate",),
+    "proxy.allowed_destinations": (ACCESS + "test_what_a_remote_client_may_reach",),
+    "proxy.connect_ports": (OUTSIDER, ACCESS + "test_connect_ports"),
+    "proxy.hijack_https.leaf_cache_size": (
+        "tests/unit/test_tls.py::test_leaf_cache_makes_each_host_once",
+    ),
+    "proxy.hijack_https.leaf_rate": (
+        SEC + "test_interception_ca.py::test_leaf_certificates_are_bounded_and_constrained",
     ),
     "proxy.hijack_https.ca_cert": (HIJACK, HTTPS),
     "proxy.hijack_https.ca_key": (HIJACK, HTTPS),
@@ -128,6 +150,7 @@ SCHEDULER: dict[str, tuple[str, ...]] = {
     "log.format": (UT + "test_log_format",),
     "server.listen": (LISTENERS,),
     "server.port": (LISTENERS,),
+    "server.max_connections": (CAPS,),
     "scheduling.candidate_parent_limit": (
         SETTINGS,
         SCHED + "test_parent_limit_and_idle_parents_first",

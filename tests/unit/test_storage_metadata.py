@@ -29,7 +29,7 @@ def test_schema_and_pragmas(db: MetadataDB, tmp_path: Path) -> None:
     db.close()
     # Reopening applies nothing twice.
     again = MetadataDB(tmp_path / "m.db")
-    assert again.conn.execute("SELECT COUNT(*) FROM _sqlite_migrations").fetchone() == (1,)
+    assert again.conn.execute("SELECT COUNT(*) FROM _sqlite_migrations").fetchone() == (2,)
 
 
 def test_upsert_keeps_progress(db: MetadataDB) -> None:
