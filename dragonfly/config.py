@@ -111,7 +111,12 @@ class SchedulerClientSection:
         "scheduler websocket URLs; a task goes to the one its ID hashes to",
         item_regex=r"^wss?://",
     )
-    manager: str = opt("", "manager URL to discover schedulers from; empty: use addresses")
+    manager: str = opt(
+        "",
+        "manager URL (http://HOST:PORT); a seed peer registers there "
+        "(peers discover schedulers there in a later release); empty: none",
+        item_regex=r"^(https?://[^/?#]+/?)?$",
+    )
     connect_timeout: Duration = opt(5.0, "time to connect to a scheduler", min=0.001)
     register_timeout: Duration = opt(10.0, "time to wait for a scheduling answer", min=0.001)
 
@@ -233,6 +238,9 @@ class SeedSection:
     """Seed peer behaviour."""
 
     enabled: bool = opt(False, "announce this peer as a seed peer (root of the P2P tree)")
+    cluster_id: int = opt(
+        1, "seed peer cluster joined at the manager (scheduler.manager)", min=1, max=2**63 - 1
+    )
 
 
 @dataclass
@@ -259,18 +267,77 @@ class SchedulerGCSection:
 
 
 @dataclass
+class ManagerDataSection:
+    """The manager's own files."""
+
+    dir: str = opt(
+        "~/.local/share/dragonfly/manager",
+        "directory (0700) of the SQLite database, the session key and the first root password",
+    )
+
+
+@dataclass
 class DatabaseSection:
     """The manager's database."""
 
-    path: str = opt("~/.local/share/dragonfly/manager.db", "SQLite database file")
+    driver: str = opt(
+        "sqlite", "sqlite (one file) or postgres (several managers)", choices=("sqlite", "postgres")
+    )
+    path: str = opt("manager.db", "SQLite database file; relative: inside data.dir")
+    dsn: str = opt(
+        "", "PostgreSQL connection string (driver = postgres), e.g. postgresql://df@db/dragonfly"
+    )
+
+
+@dataclass
+class ManagerAuthSection:
+    """Accounts and sessions."""
+
+    signup: bool = opt(False, "anyone may sign up (as guest); root may add users either way")
+    jwt_key: str = opt(
+        "",
+        "HS256 key signing sessions (32+ characters); empty: made at first start in data.dir "
+        "(required with postgres)",
+        item_regex=r"^(|.{32,})$",
+    )
+    session_ttl: Duration = opt(86400.0, "a session token is valid this long", min=60)
+    refresh_ttl: Duration = opt(
+        604800.0, "refresh_token renews a session this long after its sign-in", min=60
+    )
+    cookie_secure: bool = opt(False, "mark the session cookie Secure (serve the API over TLS)")
 
 
 @dataclass
 class KeepaliveSection:
     """Liveness of schedulers and seed peers."""
 
-    interval: Duration = opt(5.0, "keepalive interval", min=0.1)
-    timeout: Duration = opt(30.0, "a member silent this long is inactive", min=0.1)
+    interval: Duration = opt(5.0, "keepalive interval members are told to keep", min=0.1)
+    timeout: Duration = opt(
+        15.0, "a member silent this long is inactive (three intervals)", min=0.1
+    )
+    remove_after: Duration = opt(1800.0, "an inactive member is removed after this long", min=1)
+
+
+@dataclass
+class ManagerGCSection:
+    """Background work, run by one manager at a time."""
+
+    lease_ttl: Duration = opt(
+        15.0, "another manager takes background work over this long after one stops", min=0.5
+    )
+    audit_ttl: Duration = opt(604800.0, "audit rows are kept this long", min=60)
+
+
+@dataclass
+class ManagerClientSection:
+    """The manager this scheduler registers with."""
+
+    address: str = opt(
+        "",
+        "manager URL (http://HOST:PORT) to register with; empty: none",
+        item_regex=r"^(https?://[^/?#]+/?)?$",
+    )
+    cluster_id: int = opt(1, "scheduler cluster this scheduler joins", min=1, max=2**63 - 1)
 
 
 # ---------------------------------------------------------------- roles
@@ -300,7 +367,7 @@ class SchedulerConfig:
     server: ListenSection = opt(ListenSection("127.0.0.1", 8002), "")
     scheduling: SchedulingSection = opt(SchedulingSection(), "")
     gc: SchedulerGCSection = opt(SchedulerGCSection(), "")
-    manager: str = opt("", "manager URL to register with; empty: none")
+    manager: ManagerClientSection = opt(ManagerClientSection(), "")
 
 
 @dataclass
@@ -310,8 +377,11 @@ class ManagerConfig:
     host: HostSection = opt(HostSection(), "")
     log: LogSection = opt(LogSection(), "")
     server: ListenSection = opt(ListenSection("127.0.0.1", 8080), "")
+    data: ManagerDataSection = opt(ManagerDataSection(), "")
     database: DatabaseSection = opt(DatabaseSection(), "")
+    auth: ManagerAuthSection = opt(ManagerAuthSection(), "")
     keepalive: KeepaliveSection = opt(KeepaliveSection(), "")
+    gc: ManagerGCSection = opt(ManagerGCSection(), "")
 
 
 RoleConfig = PeerConfig | SchedulerConfig | ManagerConfig
@@ -574,6 +644,24 @@ def _set_path(cfg: Any, dotted: str, raw: str, loader: _Loader) -> None:
 
 def _check_cross_field(cfg: RoleConfig, origins: Origins) -> None:
     """Constraints between keys; the error names the source that set the later of the two."""
+    if isinstance(cfg, ManagerConfig):
+        interval = cfg.keepalive.interval
+        for key, value in (
+            ("keepalive.timeout", cfg.keepalive.timeout),
+            ("gc.lease_ttl", cfg.gc.lease_ttl),
+        ):
+            if value <= interval:
+                raise ConfigError(
+                    origins.get(key, (0, "defaults"))[1],
+                    key,
+                    f"must exceed keepalive.interval ({interval}), got {value}",
+                )
+        if cfg.database.driver == "postgres" and not cfg.database.dsn:
+            raise ConfigError(
+                origins.get("database.driver", (0, "defaults"))[1],
+                "database.dsn",
+                "required with database.driver = postgres",
+            )
     if isinstance(cfg, PeerConfig):
         st = cfg.storage
         if st.low_watermark > st.high_watermark:
