@@ -5,6 +5,10 @@ tokens."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,8 @@ import trio
 from dragonfly.config import ManagerConfig, load_config
 from dragonfly.manager.server import ManagerServer
 from dragonfly.net.http_client import HTTPClient
+from dragonfly.testing.nginx import free_port
+from dragonfly.testing.process import spawn_logged
 
 FUTURE = "2099-01-01T00:00:00Z"
 PAST = "2001-01-01T00:00:00Z"
@@ -135,3 +141,38 @@ async def start_manager(nursery: trio.Nursery, data_dir: Path, *overrides: str) 
 
     port = await nursery.start(run)
     return RunningManager(server, cfg, Api(f"http://127.0.0.1:{port}"), scope)
+
+
+def spawn_manager(
+    workdir: Path, *overrides: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A manager as its own process (`python -m dragonfly --role manager`) on a free
+    port; returns it and its URL (stop it by PID)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    argv = [sys.executable, "-m", "dragonfly", "--role", "manager"]
+    for item in (f"data.dir={workdir / 'data'}", f"server.port={port}", *overrides):
+        argv += ["--set", item]
+    process = spawn_logged(argv, workdir / "manager.log", env={**os.environ, **(env or {})})
+    return process, f"http://127.0.0.1:{port}"
+
+
+async def wait_healthy(api: Api, process: subprocess.Popen[bytes], rounds: int = 300) -> None:
+    for _ in range(rounds):
+        if process.poll() is not None:
+            raise AssertionError(f"manager exited with {process.returncode}")
+        try:
+            if (await api.call("GET", "/healthy")).status == 200:
+                return
+        except OSError:
+            pass
+        except Exception as exc:  # the client's connection errors
+            if "connect" not in str(exc):
+                raise
+        await trio.sleep(0.05)
+    raise AssertionError("manager never became healthy")
+
+
+def metric_value(text: bytes, name: str) -> float:
+    m = re.search(rb"^" + re.escape(name.encode()) + rb" ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(m.group(1)) if m else 0.0

@@ -1,9 +1,11 @@
 """A real PostgreSQL in a temporary directory, for tests of several managers.
 
 initdb and the server run as the `postgres` user when this runs as root (PostgreSQL
-refuses root), in a directory that user owns, on a free loopback port, with the
-unix socket in the same directory; the server runs in the foreground (its PID is
-the one stopped) and trusts local connections: a test database, never a real one.
+refuses root), in a directory of its own under the system's temporary directory
+(a test's tmp_path is not reachable for another user) that the `postgres` user
+owns, on a free loopback port, with the unix socket in the same directory; the
+server runs in the foreground (its PID is the one stopped) and trusts local
+connections: a test database, never a real one. The directory is removed on stop.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +47,7 @@ def _as_postgres() -> tuple[Callable[[], None] | None, int, int]:
 
 @dataclass
 class Postgres:
-    workdir: Path
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dragonfly-pg-")))
     port: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -130,10 +134,11 @@ class Postgres:
             conn.execute(f'CREATE DATABASE "{name}"')
 
     def stop(self) -> None:
-        """Fast shutdown (SIGINT) by PID, SIGKILL if it lingers."""
+        """Fast shutdown (SIGINT) by PID, SIGKILL if it lingers; then the files go."""
         if self.process is not None:
             stop_process_group(self.process, signal.SIGINT, grace=10)
             self.process = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Postgres:
         return self.start()
