@@ -193,16 +193,17 @@ async def reset_password(request: Request) -> Response:
     ctx = context(request)
     principal = await guard.session_principal(request)
     user_id = path_id(request)
+    own = principal.user_id == user_id
+    if not own and not principal.may("users", auth.ALL):
+        raise ApiError(403, "only root may reset another user's password")
     body = await decode(request, ResetPassword)
     user = await ctx.db.run(lambda tx: rows.get(tx, "users", user_id))
-    if principal.user_id == user_id:
+    if own:
         ok = await trio.to_thread.run_sync(
             auth.verify_password, user["encrypted_password"], body.old_password
         )
         if not ok:
             raise guard.unauthorized("old_password is wrong")
-    elif not principal.may("users", auth.ALL):
-        raise ApiError(403, "only root may reset another user's password")
     encoded = await trio.to_thread.run_sync(auth.hash_password, body.new_password)
     now = ctx.clock()
     await ctx.db.run(
