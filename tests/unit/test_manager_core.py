@@ -152,3 +152,41 @@ async def test_sqlite_migrations_and_leases(tmp_path: Path) -> None:
     finally:
         await db.aclose()
     assert (tmp_path / "m.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_manager_configuration_errors_name_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dragonfly.cli import main
+    from dragonfly.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config("manager", env={}, overrides=["keepalive.timeout=5s"])
+    assert info.value.key == "keepalive.timeout"
+    with pytest.raises(ConfigError) as info:
+        load_config("manager", env={}, overrides=["database.driver=postgres"])
+    assert info.value.key == "database.dsn"
+    with pytest.raises(ConfigError) as info:
+        load_config("manager", env={}, overrides=["auth.jwt_key=short"])
+    assert info.value.key == "auth.jwt_key"
+    with pytest.raises(ConfigError) as info:
+        load_config("scheduler", env={}, overrides=["manager.address=ftp://m"])
+    assert info.value.key == "manager.address"
+    sets = ["database.driver=postgres", "database.dsn=postgresql://x/y", f"data.dir={tmp_path}"]
+    argv = ["--role", "manager"] + [a for s in sets for a in ("--set", s)]
+    assert main(argv) == 2
+    assert "auth.jwt_key: required with database.driver = postgres" in capsys.readouterr().err
+
+
+def test_initial_root_password_from_the_environment() -> None:
+    from dragonfly.config import ConfigError
+    from dragonfly.manager.bootstrap import initial_root_password
+
+    assert initial_root_password({"DRAGONFLY_INITIAL_ROOT_PASSWORD": "long-enough"}) == (
+        "long-enough",
+        False,
+    )
+    generated, was_generated = initial_root_password({})
+    assert was_generated and len(generated) >= 20 and generated != initial_root_password({})[0]
+    with pytest.raises(ConfigError):
+        initial_root_password({"DRAGONFLY_INITIAL_ROOT_PASSWORD": "short"})
