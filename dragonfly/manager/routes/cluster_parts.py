@@ -8,6 +8,7 @@ members cannot be deleted (409): remove or move them first.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -186,33 +187,33 @@ SEED_PEER_CLUSTERS = Resource(
 )
 
 
-async def add_scheduler(request: Request) -> Response:
-    """PUT /scheduler-clusters/:id/schedulers/:scheduler_id: move a scheduler here."""
-    await guard.authorize(request)
-    cluster_id, scheduler_id = path_id(request), path_id(request, "scheduler_id")
-    ctx = context(request)
-    now = ctx.clock()
+def _move_member(
+    cluster_table: str, member_table: str, member_param: str, column: str
+) -> Callable[[Request], Awaitable[Response]]:
+    """PUT /<clusters>/:id/<members>/:member_id: move a member into this cluster."""
 
-    def move(tx: Tx) -> None:
-        rows.get(tx, "scheduler_clusters", cluster_id)
-        rows.update(tx, "schedulers", scheduler_id, {"scheduler_cluster_id": cluster_id}, now)
+    async def move(request: Request) -> Response:
+        await guard.authorize(request)
+        cluster_id, member_id = path_id(request), path_id(request, member_param)
+        ctx = context(request)
+        now = ctx.clock()
 
-    await ctx.db.run(move)
-    return empty_response()
+        def update(tx: Tx) -> None:
+            rows.get(tx, cluster_table, cluster_id)
+            rows.update(tx, member_table, member_id, {column: cluster_id}, now)
+
+        await ctx.db.run(update)
+        return empty_response()
+
+    return move
 
 
-async def add_seed_peer(request: Request) -> Response:
-    await guard.authorize(request)
-    cluster_id, seed_peer_id = path_id(request), path_id(request, "seed_peer_id")
-    ctx = context(request)
-    now = ctx.clock()
-
-    def move(tx: Tx) -> None:
-        rows.get(tx, "seed_peer_clusters", cluster_id)
-        rows.update(tx, "seed_peers", seed_peer_id, {"seed_peer_cluster_id": cluster_id}, now)
-
-    await ctx.db.run(move)
-    return empty_response()
+add_scheduler = _move_member(
+    "scheduler_clusters", "schedulers", "scheduler_id", "scheduler_cluster_id"
+)
+add_seed_peer = _move_member(
+    "seed_peer_clusters", "seed_peers", "seed_peer_id", "seed_peer_cluster_id"
+)
 
 
 async def add_scheduler_cluster(request: Request) -> Response:
