@@ -112,7 +112,12 @@ class SchedulerClientSection:
         "scheduler websocket URLs; a task goes to the one its ID hashes to",
         item_regex=r"^wss?://",
     )
-    manager: str = opt("", "manager URL to discover schedulers from; empty: use addresses")
+    manager: str = opt(
+        "",
+        "manager URL (http://HOST:PORT); a seed peer registers there "
+        "(peers discover schedulers there in a later release); empty: none",
+        item_regex=r"^(https?://[^/?#]+/?)?$",
+    )
     connect_timeout: Duration = opt(5.0, "time to connect to a scheduler", min=0.001)
 
 
@@ -269,6 +274,9 @@ class SeedSection:
     """Seed peer behaviour."""
 
     enabled: bool = opt(False, "announce this peer as a seed peer (root of the P2P tree)")
+    cluster_id: int = opt(
+        1, "seed peer cluster joined at the manager (scheduler.manager)", min=1, max=2**63 - 1
+    )
 
 
 @dataclass
@@ -304,18 +312,77 @@ class SchedulerGCSection:
 
 
 @dataclass
+class ManagerDataSection:
+    """The manager's own files."""
+
+    dir: str = opt(
+        "~/.local/share/dragonfly/manager",
+        "directory (0700) of the SQLite database, the session key and the first root password",
+    )
+
+
+@dataclass
 class DatabaseSection:
     """The manager's database."""
 
-    path: str = opt("~/.local/share/dragonfly/manager.db", "SQLite database file")
+    driver: str = opt(
+        "sqlite", "sqlite (one file) or postgres (several managers)", choices=("sqlite", "postgres")
+    )
+    path: str = opt("manager.db", "SQLite database file; relative: inside data.dir")
+    dsn: str = opt(
+        "", "PostgreSQL connection string (driver = postgres), e.g. postgresql://df@db/dragonfly"
+    )
+
+
+@dataclass
+class ManagerAuthSection:
+    """Accounts and sessions."""
+
+    signup: bool = opt(False, "anyone may sign up (as guest); root may add users either way")
+    jwt_key: str = opt(
+        "",
+        "HS256 key signing sessions (32+ characters); empty: made at first start in data.dir "
+        "(required with postgres)",
+        item_regex=r"^(|.{32,})$",
+    )
+    session_ttl: Duration = opt(86400.0, "a session token is valid this long", min=60)
+    refresh_ttl: Duration = opt(
+        604800.0, "refresh_token renews a session this long after its sign-in", min=60
+    )
+    cookie_secure: bool = opt(False, "mark the session cookie Secure (serve the API over TLS)")
 
 
 @dataclass
 class KeepaliveSection:
     """Liveness of schedulers and seed peers."""
 
-    interval: Duration = opt(5.0, "keepalive interval", min=0.1)
-    timeout: Duration = opt(30.0, "a member silent this long is inactive", min=0.1)
+    interval: Duration = opt(5.0, "keepalive interval members are told to keep", min=0.1)
+    timeout: Duration = opt(
+        15.0, "a member silent this long is inactive (three intervals)", min=0.1
+    )
+    remove_after: Duration = opt(1800.0, "an inactive member is removed after this long", min=1)
+
+
+@dataclass
+class ManagerGCSection:
+    """Background work, run by one manager at a time."""
+
+    lease_ttl: Duration = opt(
+        15.0, "another manager takes background work over this long after one stops", min=0.5
+    )
+    audit_ttl: Duration = opt(604800.0, "audit rows are kept this long", min=60)
+
+
+@dataclass
+class ManagerClientSection:
+    """The manager this scheduler registers with."""
+
+    address: str = opt(
+        "",
+        "manager URL (http://HOST:PORT) to register with; empty: none",
+        item_regex=r"^(https?://[^/?#]+/?)?$",
+    )
+    cluster_id: int = opt(1, "scheduler cluster this scheduler joins", min=1, max=2**63 - 1)
 
 
 # ---------------------------------------------------------------- roles
@@ -345,7 +412,7 @@ class SchedulerConfig:
     server: SchedulerServerSection = opt(SchedulerServerSection("127.0.0.1", 8002), "")
     scheduling: SchedulingSection = opt(SchedulingSection(), "")
     gc: SchedulerGCSection = opt(SchedulerGCSection(), "")
-    manager: str = opt("", "manager URL to register with; empty: none")
+    manager: ManagerClientSection = opt(ManagerClientSection(), "")
 
 
 @dataclass
@@ -355,8 +422,11 @@ class ManagerConfig:
     host: HostSection = opt(HostSection(), "")
     log: LogSection = opt(LogSection(), "")
     server: ListenSection = opt(ListenSection("127.0.0.1", 8080), "")
+    data: ManagerDataSection = opt(ManagerDataSection(), "")
     database: DatabaseSection = opt(DatabaseSection(), "")
+    auth: ManagerAuthSection = opt(ManagerAuthSection(), "")
     keepalive: KeepaliveSection = opt(KeepaliveSection(), "")
+    gc: ManagerGCSection = opt(ManagerGCSection(), "")
 
 
 RoleConfig = PeerConfig | SchedulerConfig | ManagerConfig
@@ -384,19 +454,13 @@ def default_config(role: str) -> RoleConfig:
     raise ConfigError("--role", "role", f"expected one of {', '.join(ROLES)}, got {role!r}")
 
 
-_NO_MANAGER = "nothing reads this until the manager exists"
+_NO_DISCOVERY = "peers discover schedulers through the manager in a later release"
 
 # Keys a role accepts that nothing reads yet, with the reason, per role: a dotted key,
 # a section (each key in it) or "" (every key of the role). conf/ROLE.toml marks each
 # with `# reserved: REASON`, `config check` shows it, and a daemon warns when one is set.
 RESERVED: dict[str, dict[str, str]] = {
-    "manager": {"": "the manager is not built yet: nothing reads any key of this file"},
-    "scheduler": {
-        "manager": _NO_MANAGER,
-        "host": "nothing reads this until the scheduler registers with a manager",
-    },
-    "seed-peer": {"scheduler.manager": _NO_MANAGER},
-    "peer": {"scheduler.manager": _NO_MANAGER},
+    "peer": {"scheduler.manager": _NO_DISCOVERY},
 }
 
 
@@ -666,6 +730,24 @@ def is_loopback_listen(address: str) -> bool:
 
 def _check_cross_field(cfg: RoleConfig, origins: Origins) -> None:
     """Constraints between keys; the error names the source that set the later of the two."""
+    if isinstance(cfg, ManagerConfig):
+        interval = cfg.keepalive.interval
+        for key, value in (
+            ("keepalive.timeout", cfg.keepalive.timeout),
+            ("gc.lease_ttl", cfg.gc.lease_ttl),
+        ):
+            if value <= interval:
+                raise ConfigError(
+                    origins.get(key, (0, "defaults"))[1],
+                    key,
+                    f"must exceed keepalive.interval ({interval}), got {value}",
+                )
+        if cfg.database.driver == "postgres" and not cfg.database.dsn:
+            raise ConfigError(
+                origins.get("database.driver", (0, "defaults"))[1],
+                "database.dsn",
+                "required with database.driver = postgres",
+            )
     if isinstance(cfg, PeerConfig):
         px = cfg.proxy
         if not is_loopback_listen(px.listen) and not px.allowed_clients and not px.auth_file:

@@ -117,3 +117,34 @@ class SchedulerMetrics(RoleMetrics):
         self.connected_hosts = Gauge(
             "dragonfly_scheduler_connected_hosts", "Hosts with an open connection", registry=r
         )
+
+
+class ManagerMetrics(RoleMetrics):
+    """Requests, member keepalives and background work of a manager."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
+        self.requests = Counter(
+            "dragonfly_manager_requests", "API requests, by status", ["status"], registry=r
+        )
+        self.keepalives = Counter(
+            "dragonfly_manager_keepalives", "Keepalives received from members", registry=r
+        )
+        self.protocol_errors = Counter(
+            "dragonfly_manager_protocol_errors", "Invalid messages on the websocket", registry=r
+        )
+        self.gc_runs = Counter(
+            "dragonfly_manager_gc_runs",
+            "Background work rounds this manager ran (it held the lease)",
+            registry=r,
+        )
+        self.gc_changes = Counter(
+            "dragonfly_manager_gc_changes",
+            "Rows background work changed, by what happened",
+            ["change"],
+            registry=r,
+        )
+        self.lease_held = Gauge(
+            "dragonfly_manager_lease_held", "1 while this manager holds the GC lease", registry=r
+        )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from dragonfly import __version__
 from dragonfly.config import (
     PeerConfig,
     ProxySection,
@@ -27,6 +28,7 @@ from dragonfly.log import get_logger
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.http_client import HTTPClient
 from dragonfly.net.http_server import Handler, bound_port, serve, serve_unix
+from dragonfly.net.manager_client import ManagerMember
 from dragonfly.net.tls import origin_ssl_context
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.peer.download import DownloadRequest
@@ -40,7 +42,7 @@ from dragonfly.peer.upload import UploadHandler
 from dragonfly.ratelimit import RateLimiter
 from dragonfly.storage import GCConfig, PieceStore
 from dragonfly.supervise import Supervisor
-from dragonfly.wire.messages import HostInfo, TriggerDownload
+from dragonfly.wire.messages import AnnounceMember, HostInfo, TriggerDownload
 
 log = get_logger("dragonfly.peer")
 
@@ -152,6 +154,8 @@ class PeerDaemon:
                     nursery.start_soon(
                         self.supervisor.every, cfg.storage.gc_interval, "gc", store.run_gc
                     )
+                    if cfg.seed.enabled and cfg.scheduler.manager:
+                        nursery.start_soon(self._manager_member().run)
                     self._serving = True
                     log.info(
                         "peer started",
@@ -185,6 +189,21 @@ class PeerDaemon:
             max_connections=section.max_connections,
             on_refused=self.metrics.connections_refused.labels(name).inc,
         )
+
+    def _manager_member(self) -> ManagerMember:
+        """A seed peer registers with the manager (its proxy port and upload port)."""
+        cfg = self.config
+        announce = AnnounceMember(
+            hostname=self.host.hostname,
+            ip=cfg.host.ip,
+            port=self.proxy_port,
+            download_port=self.upload_port,
+            cluster_id=cfg.seed.cluster_id,
+            idc=cfg.host.idc,
+            location=cfg.host.location,
+            version=__version__,
+        )
+        return ManagerMember(cfg.scheduler.manager, "seed-peer", announce)
 
     async def _on_trigger(self, msg: TriggerDownload) -> None:
         """A scheduler asks this seed peer to fetch a task from the origin first."""

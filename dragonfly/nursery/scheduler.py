@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import trio
 
-from dragonfly.config import SchedulerConfig
+from dragonfly import __version__
+from dragonfly.config import SchedulerConfig, resolved_hostname
 from dragonfly.log import get_logger
 from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dragonfly.metrics import SchedulerMetrics
@@ -30,11 +31,13 @@ from dragonfly.net.channel import (
     accept_websocket,
 )
 from dragonfly.net.http_server import Request, Responder, bound_port, serve
+from dragonfly.net.manager_client import ManagerMember
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
 from dragonfly.supervise import Supervisor
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtocolError
 from dragonfly.wire.messages import (
+    AnnounceMember,
     CandidateParents,
     Error,
     ErrorCode,
@@ -91,8 +94,24 @@ class SchedulerServer:
             interval = min(TICK, max(self.config.scheduling.retry_interval, 0.01))
             nursery.start_soon(self.supervisor.every, interval, "scheduler_tick", self._tick)
             nursery.start_soon(self.supervisor.restarting, "scheduler_flush", self.flusher.run)
+            if self.config.manager.address:
+                nursery.start_soon(self._manager_member().run)
             log.info("scheduler started", listen=f"{server.listen}:{self.port}")
             task_status.started(self.port)
+
+    def _manager_member(self) -> ManagerMember:
+        host = self.config.host
+        announce = AnnounceMember(
+            hostname=resolved_hostname(host)[:255],
+            ip=host.ip,
+            port=self.port,
+            cluster_id=self.config.manager.cluster_id,
+            idc=host.idc,
+            location=host.location,
+            features=["schedule"],
+            version=__version__,
+        )
+        return ManagerMember(self.config.manager.address, "scheduler", announce)
 
     async def handle_http(self, request: Request, responder: Responder) -> None:
         path = request.target.split("?", 1)[0]
