@@ -419,7 +419,6 @@ class SchedulerConfig:
 class ManagerConfig:
     """Configuration of the manager."""
 
-    host: HostSection = opt(HostSection(), "")
     log: LogSection = opt(LogSection(), "")
     server: ListenSection = opt(ListenSection("127.0.0.1", 8080), "")
     data: ManagerDataSection = opt(ManagerDataSection(), "")

@@ -138,35 +138,66 @@ async def test_scheduler_keepalive_stop_restart_and_silence(tmp_path: Path) -> N
         nursery.cancel_scope.cancel()
 
 
-async def test_seed_peer_registers(tmp_path: Path) -> None:
+async def test_members_announce_their_host_and_cluster(tmp_path: Path) -> None:
+    """What the manager records of a scheduler is what its [host] and [manager] keys say;
+    a seed peer registers at scheduler.manager, with its proxy and upload ports, in the
+    seed peer cluster its seed.cluster_id names (clusters made here, not the default 1)."""
     async with trio.open_nursery() as nursery:
         m = await start_manager(nursery, tmp_path / "m", *FAST)
         api, root = m.api, await m.root()
-        sched = scheduler_config(m, "sched-s", "manager.cluster_id=1")
+        made = await api.call("POST", "/api/v1/clusters", {"name": "own"}, token=root)
+        assert made.status == 200, made.raw
+        cluster, seed_cluster = made.body["scheduler_cluster_id"], made.body["seed_peer_cluster_id"]
+        assert 1 not in (cluster, seed_cluster)
+        sched = load_config(
+            "scheduler",
+            env={},
+            overrides=[
+                "server.port=0",
+                "host.hostname=sched-own",
+                "host.ip=10.7.7.7",
+                "host.idc=idc-own",
+                "host.location=cn|hz|z2",
+                f"manager.address={m.url}",
+                f"manager.cluster_id={cluster}",
+            ],
+        )
+        assert isinstance(sched, SchedulerConfig)
         scheduler = SchedulerServer(sched)
         port = await nursery.start(scheduler.run)
+        (row,) = await wait_for(
+            api, root, "/api/v1/schedulers", lambda b: b and b[0]["state"] == "active"
+        )
+        assert (row["host_name"], row["ip"], row["claimed_ip"], row["port"]) == (
+            "sched-own",
+            "127.0.0.1",
+            "10.7.7.7",
+            port,
+        )
+        assert (row["idc"], row["location"]) == ("idc-own", "cn|hz|z2")
+        assert row["scheduler_cluster_id"] == cluster
+
         cfg = load_config(
             "seed-peer",
             env={},
             overrides=[
                 f"scheduler.addresses=['ws://127.0.0.1:{port}']",
                 f"scheduler.manager={m.url}",
+                f"seed.cluster_id={seed_cluster}",
                 f"storage.data_dir={tmp_path / 'seed'}",
                 "proxy.port=0",
                 "upload.port=0",
-                "host.hostname=seed-1",
+                "host.hostname=seed-own",
             ],
         )
         assert isinstance(cfg, PeerConfig)
         daemon = await nursery.start(PeerDaemon(cfg).run)
-        rows = await wait_for(
+        (seed,) = await wait_for(
             api, root, "/api/v1/seed-peers", lambda b: b and b[0]["state"] == "active"
         )
-        assert rows[0]["host_name"] == "seed-1" and rows[0]["seed_peer_cluster_id"] == 1
-        assert (rows[0]["port"], rows[0]["download_port"]) == (
-            daemon.proxy_port,
-            daemon.upload_port,
-        )
+        assert (seed["host_name"], seed["seed_peer_cluster_id"]) == ("seed-own", seed_cluster)
+        assert (seed["port"], seed["download_port"]) == (daemon.proxy_port, daemon.upload_port)
+        m.stop()
         nursery.cancel_scope.cancel()
 
 

@@ -38,8 +38,18 @@ OUTSIDER = (
     SEC + "test_proxy_exposure.py::test_an_allowed_outsider_reaches_the_origin_and_nothing_else"
 )
 ACCESS = "tests/unit/test_access.py::"
+MEMBERS = "tests/integration/test_manager_members.py::"
+ANNOUNCE = MEMBERS + "test_members_announce_their_host_and_cluster"
+KEEPALIVE = MEMBERS + "test_scheduler_keepalive_stop_restart_and_silence"
+MANAGER_CONFIG = "tests/integration/test_manager_config.py::"
+MANAGER_LISTEN = MANAGER_CONFIG + "test_server_listen_and_port_are_where_the_manager_answers"
+MANAGER_FILES = MANAGER_CONFIG + "test_data_dir_and_database_path_are_where_the_files_go"
+SESSIONS = MANAGER_CONFIG + "test_sessions_follow_the_auth_keys"
+MANAGER_API = "tests/integration/test_manager_api.py::"
+POSTGRES = "tests/integration/test_manager_postgres.py::test_two_managers_one_database"
+MANAGER_GC = "tests/unit/test_manager_core.py::test_gc_lease_ttl_and_audit_ttl"
 
-# conf/peer.toml and conf/seed-peer.toml: one schema
+# conf/peer.toml and conf/seed-peer.toml: one schema (seed.cluster_id is read with seed.enabled)
 PEER: dict[str, tuple[str, ...]] = {
     "host.hostname": (LISTENERS,),
     "host.ip": (LISTENERS,),
@@ -143,10 +153,21 @@ PEER: dict[str, tuple[str, ...]] = {
     ),
     "storage.low_watermark": (IT + "test_disk_quota_and_watermarks_evict_the_least_recently_used",),
     "seed.enabled": (LISTENERS, SCHED + "test_first_registration_triggers_exactly_one_seed"),
+    "seed.cluster_id": (ANNOUNCE,),
+}
+
+# A peer's scheduler.manager is reserved (config.RESERVED); a seed peer registers there.
+SEED_PEER: dict[str, tuple[str, ...]] = {
+    **PEER,
+    "scheduler.manager": (ANNOUNCE,),
 }
 
 SCHEDULER: dict[str, tuple[str, ...]] = {
-    "log.level": (CLUSTER,),
+    "host.hostname": (ANNOUNCE, KEEPALIVE),
+    "host.ip": (ANNOUNCE,),
+    "host.idc": (ANNOUNCE,),
+    "host.location": (ANNOUNCE,),
+    "log.level": (CLUSTER, UT + "test_log_level"),
     "log.format": (UT + "test_log_format",),
     "server.listen": (LISTENERS,),
     "server.port": (LISTENERS,),
@@ -175,13 +196,42 @@ SCHEDULER: dict[str, tuple[str, ...]] = {
     "gc.task_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
     "gc.host_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
     "gc.interval": (SETTINGS, SCHED + "test_collection_after_ttls"),
+    "manager.address": (ANNOUNCE, KEEPALIVE),
+    "manager.cluster_id": (ANNOUNCE, MEMBERS + "test_discovery_by_cidr_and_idc"),
+}
+
+MANAGER: dict[str, tuple[str, ...]] = {
+    "log.level": (UT + "test_log_level",),
+    "log.format": (UT + "test_log_format",),
+    "server.listen": (MANAGER_LISTEN,),
+    "server.port": (MANAGER_LISTEN,),
+    "data.dir": (
+        MANAGER_FILES,
+        SEC + "test_manager_security.py::test_forged_revoked_and_malformed_sessions",
+    ),
+    "database.driver": (POSTGRES,),
+    "database.path": (MANAGER_FILES,),
+    "database.dsn": (POSTGRES,),
+    "auth.signup": (
+        MANAGER_API + "test_open_sign_up",
+        MANAGER_API + "test_sign_up_roles_passwords_and_sessions",
+    ),
+    "auth.jwt_key": (SESSIONS, POSTGRES),
+    "auth.session_ttl": (SESSIONS,),
+    "auth.refresh_ttl": (SESSIONS,),
+    "auth.cookie_secure": (SESSIONS,),
+    "keepalive.interval": (KEEPALIVE,),
+    "keepalive.timeout": (KEEPALIVE,),
+    "keepalive.remove_after": (KEEPALIVE,),
+    "gc.lease_ttl": (MANAGER_GC, POSTGRES),
+    "gc.audit_ttl": (MANAGER_GC,),
 }
 
 EFFECTS: dict[str, dict[str, tuple[str, ...]]] = {
     "peer.toml": PEER,
-    "seed-peer.toml": PEER,
+    "seed-peer.toml": SEED_PEER,
     "scheduler.toml": SCHEDULER,
-    "manager.toml": {},  # nothing reads the manager's keys until the manager exists
+    "manager.toml": MANAGER,
 }
 
 _TABLE = re.compile(r"^\[\[?([A-Za-z0-9_.-]+)\]\]?")

@@ -1,5 +1,6 @@
 """The manager's decisions without I/O: discovery ranking, sessions, access tokens,
-roles, the Link header, leases and migrations (on a real SQLite file)."""
+roles, the Link header, leases, migrations and a background-work round (on a real SQLite
+file)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dragonfly.config import ManagerConfig, load_config
 from dragonfly.manager import auth
+from dragonfly.manager.context import Context
 from dragonfly.manager.discovery import (
     ClusterCandidate,
     HostQuery,
@@ -18,10 +21,12 @@ from dragonfly.manager.discovery import (
     rank,
     score,
 )
+from dragonfly.manager.gc import collect
 from dragonfly.manager.http import link_header
 from dragonfly.manager.store import Conflict, open_database
 from dragonfly.manager.store.leases import acquire, release
 from dragonfly.manager.store.migrations import MIGRATIONS, migrate
+from dragonfly.metrics import ManagerMetrics
 
 words = st.text(alphabet="abcxyz", min_size=1, max_size=4)
 ips = st.ip_addresses(v=4).map(str)
@@ -152,6 +157,43 @@ async def test_sqlite_migrations_and_leases(tmp_path: Path) -> None:
     finally:
         await db.aclose()
     assert (tmp_path / "m.db").stat().st_mode & 0o777 == 0o600
+
+
+async def test_gc_lease_ttl_and_audit_ttl(tmp_path: Path) -> None:
+    """A background-work round drops audit rows older than gc.audit_ttl, and the lease it
+    takes keeps another manager out for gc.lease_ttl (not longer)."""
+    cfg = load_config(
+        "manager",
+        env={},
+        overrides=["keepalive.interval=1s", "gc.lease_ttl=2s", "gc.audit_ttl=60s"],
+    )
+    assert isinstance(cfg, ManagerConfig)
+    db = open_database("sqlite", path=tmp_path / "m.db", dsn="")
+    try:
+        await db.run(lambda tx: migrate(tx, 0.0))
+        for age in (30.0, 90.0):
+            audit = {
+                "created_at": 1000.0 - age,
+                "updated_at": 1000.0 - age,
+                "actor_type": "USER",
+                "actor_name": "root",
+                "event_type": "API",
+                "operation": "POST",
+                "operated_at": 1000.0 - age,
+                "state": "SUCCESS",
+                "path": "/api/v1/configs",
+                "status_code": 200,
+            }
+            await db.run(lambda tx, row=audit: tx.insert("audits", row))
+        a, b = (Context(cfg, db, "k" * 40, ManagerMetrics(), holder) for holder in "ab")
+        counts = await db.run(lambda tx: collect(tx, a, 1000.0))
+        assert counts is not None and counts["audits_removed"] == 1
+        left = await db.run(lambda tx: tx.query("SELECT created_at FROM audits"))
+        assert [row["created_at"] for row in left] == [970.0]
+        assert await db.run(lambda tx: collect(tx, b, 1001.5)) is None  # a holds it
+        assert await db.run(lambda tx: collect(tx, b, 1002.5)) is not None  # a's ran out
+    finally:
+        await db.aclose()
 
 
 def test_manager_configuration_errors_name_the_key(
