@@ -11,19 +11,21 @@ PY := $(VENV)/bin/python
 # (nginx as the origin, curl and aria2c as clients, openssl for test certificates,
 # opentracker for the BitTorrent reference swarm, ip/tc for the swarm's network namespaces;
 # for the registry mirror: docker-registry as the registry, skopeo, containerd's ctr and
-# podman as the clients, htpasswd for the registry's bcrypt auth file).
+# podman as the clients, htpasswd for the registry's bcrypt auth file; PostgreSQL for the
+# manager's several-managers tests, whose initdb is not on PATH: checked by its path).
 # Checked by program, not package name: Debian 12 and 13 package nginx differently.
 NEEDS := nginx:nginx curl:curl openssl:openssl update-ca-certificates:ca-certificates \
 	aria2c:aria2 opentracker:opentracker ip:iproute2 tc:iproute2 \
 	docker-registry:docker-registry skopeo:skopeo containerd:containerd ctr:containerd \
-	podman:podman htpasswd:apache2-utils
+	podman:podman htpasswd:apache2-utils /usr/lib/postgresql/*/bin/initdb:postgresql
 
 .PHONY: test setup deps lint demo bench bench-full clean
 
 deps:
 	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
 	for need in $(NEEDS); do \
-		command -v "$${need%%:*}" >/dev/null 2>&1 || missing="$$missing $${need##*:}"; \
+		command -v "$${need%%:*}" >/dev/null 2>&1 || compgen -G "$${need%%:*}" >/dev/null || \
+			missing="$$missing $${need##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages:$$missing"; \

@@ -99,7 +99,7 @@ def command(contender: str, out: Path, url: str, rig: ProxyRig) -> list[str]:
     if contender == "aria2c -x8 direct":
         return aria2c_cmd(out, url)
     if contender == "dragonfly get":
-        return get_cmd(out, url, rig.proxy("peer-2"))
+        return get_cmd(out, url, str(rig.cluster.node("peer-2").info["data_dir"]))
     # cold and local hit through peer-0; the remote hit through peer-1, which P2P serves
     node = "peer-1" if contender == "proxy remote hit" else "peer-0"
     return curl_cmd(out, url, rig.proxy(node))

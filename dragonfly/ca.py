@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import re
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from dragonfly.net.tls import TLSError, make_ca
@@ -20,24 +23,39 @@ def ca_command(args: argparse.Namespace) -> int:
         return 2
     directory = Path(args.dir).absolute()
     try:
-        ca = make_ca(directory, name=args.name, days=args.days, force=args.force)
+        ca = make_ca(
+            directory, name=args.name, days=args.days, force=args.force, permit=args.permit
+        )
     except FileExistsError as exc:
         print(f"dragonfly: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except (TLSError, OSError) as exc:
         print(f"dragonfly: cannot make the CA: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    sys.stdout.write(instructions(ca.cert, ca.key))
+    sys.stdout.write(instructions(ca.cert, ca.key, args.permit))
     return EXIT_OK
 
 
-def instructions(cert: Path, key: Path) -> str:
+def instructions(cert: Path, key: Path, permit: Sequence[str] = ()) -> str:
     """What to configure on the peer and how clients come to trust the CA."""
     bundle = cert.parent / "bundle.pem"
     q = shlex.quote
+    examples = [name for name in permit if not _is_network(name)] or [
+        "huggingface.co",
+        "files.pythonhosted.org",
+    ]
+    hosts = ", ".join(f"'^{re.escape(name)}:443$'" for name in examples)
+    if permit:
+        scope = f"It may vouch for these names only (and their subdomains): {', '.join(permit)}."
+    else:
+        scope = (
+            "It has no name constraints: clients that trust it accept it for any site.\n"
+            "Prefer `ca init DIR --permit DOMAIN ...` naming the hosts you intercept."
+        )
     return f"""\
 Wrote {cert} (the CA certificate: give it to clients)
   and {key} (its private key, mode 0600: only the peer daemon should read it).
+{scope}
 
 1. Peer configuration (conf/peer.toml): intercept CONNECT to these hosts and let
    https URLs go through P2P:
@@ -45,7 +63,7 @@ Wrote {cert} (the CA certificate: give it to clients)
     [proxy.hijack_https]
     ca_cert = {json.dumps(str(cert))}
     ca_key = {json.dumps(str(key))}
-    hosts = ['^huggingface\\.co:443$', '^files\\.pythonhosted\\.org:443$']  # regexes of HOST:PORT
+    hosts = [{hosts}]  # regexes of HOST:PORT
 
     [[proxy.rules]]  # (rules replace the default list, whose one rule is '^http://')
     regex = '^https?://'
@@ -76,3 +94,11 @@ Wrote {cert} (the CA certificate: give it to clients)
    (after update-ca-certificates, /etc/ssl/certs/ca-certificates.crt already holds it;
    a REQUESTS_CA_BUNDLE set without our CA overrides pip's --cert and PIP_CERT)
 """
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("-O", "--output", required=True, help="file to write when complete")
     get.add_argument(
         "--peer",
-        help="the peer daemon's proxy URL (default: $DRAGONFLY_PEER, else conf's proxy port)",
+        help="the peer daemon's data directory, whose api.sock is its local API "
+        "(default: $DRAGONFLY_PEER, else storage.data_dir)",
     )
     get.add_argument("--digest", help="sha256:HEX the file must have; a mismatch fails")
     get.add_argument("--tag", default="", help="task tag (part of the task ID)")
@@ -139,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     ca_init.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
     ca_init.add_argument("--name", default="Dragonfly proxy CA", help="the CA's common name")
     ca_init.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
+    ca_init.add_argument(
+        "--permit",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="name constraint: the CA vouches for DOMAIN and its subdomains only (repeatable; "
+        "an IP network works too); recommended",
+    )
+
+    users = sub.add_parser(
+        "proxy-user", help="add or replace a user of proxy.auth_file (password from stdin)"
+    )
+    users.add_argument("file", metavar="FILE", help="the auth file (made 0600 if new)")
+    users.add_argument("user", metavar="USER")
 
     from dragonfly.credentials import add_token_parser
 
@@ -230,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return token_command(args)
     if args.command == "cluster":
         return _cluster_command(args)
+    if args.command == "proxy-user":
+        from dragonfly.proxy_user import proxy_user_command
+
+        return proxy_user_command(args)
 
     role = args.role or {"get": "peer", "sim": "scheduler"}[args.command]
     try:
@@ -240,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     # `get` is a client: only warnings unless asked, so its output stays readable.
     quiet = args.command == "get" and not args.log_level and not _overrides_log_level(args)
-    configure("warning" if quiet else cfg.log.level, cfg.log.format)
+    redacted = cfg.proxy.filtered_query_params if isinstance(cfg, PeerConfig) else []
+    configure("warning" if quiet else cfg.log.level, cfg.log.format, redacted_params=redacted)
     for key in sources:
         reason = reserved_reason(role, key)
         if reason is not None:
@@ -280,8 +300,10 @@ def _check_files(cfg: RoleConfig) -> None:
     ConfigError naming its key instead of a traceback."""
     if isinstance(cfg, PeerConfig):
         from dragonfly.net.tls import check_peer_files
+        from dragonfly.peer.exposure import check_proxy_files
 
         check_peer_files(cfg)
+        check_proxy_files(cfg.proxy)
 
 
 def _config_command(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from typing import Any
 from dragonfly.config import (
     ENV_PREFIX,
     ConfigError,
+    PeerConfig,
     RoleConfig,
     load_config_sources,
     read_config_file,
@@ -70,7 +71,6 @@ NODE_ROLES = ("scheduler", "seed-peer", "peer")
 CLUSTER_KEYS = (
     "server.listen",
     "server.port",
-    "proxy.listen",
     "proxy.port",
     "upload.listen",
     "upload.port",
@@ -168,14 +168,14 @@ class Cluster:
 
     def _node_args(
         self, name: str, role: str, settings: RoleSettings, cluster_sets: list[str]
-    ) -> list[str]:
+    ) -> tuple[list[str], RoleConfig]:
         """Resolve a node's configuration, write it to WORKDIR/conf/NAME.toml (each value
-        with its source) and return the arguments that run the node with it."""
+        with its source); the arguments that run the node with it, and the configuration."""
         cfg, sources = _resolve(role, settings, cluster_sets)
         path = self.workdir / "conf" / f"{name}.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render_effective(role, cfg, sources))
-        return [sys.executable, "-m", "dragonfly", "--role", role, "--config", str(path)]
+        return [sys.executable, "-m", "dragonfly", "--role", role, "--config", str(path)], cfg
 
     def _plan(self, settings: dict[str, RoleSettings]) -> None:
         logs = self.workdir / "logs"
@@ -185,7 +185,7 @@ class Cluster:
         for i in range(self.schedulers):
             name, port = f"scheduler-{i}", free_port()
             addresses.append(f"ws://127.0.0.1:{port}")
-            args = self._node_args(
+            args, _ = self._node_args(
                 name,
                 "scheduler",
                 settings["scheduler"],
@@ -216,7 +216,6 @@ class Cluster:
                 proxy, upload = free_port(), free_port()
                 data = self.workdir / "data" / name
                 cluster_sets = [
-                    "proxy.listen=127.0.0.1",
                     f"proxy.port={proxy}",
                     "upload.listen=127.0.0.1",
                     f"upload.port={upload}",
@@ -224,7 +223,12 @@ class Cluster:
                     f"scheduler.addresses={sched}",
                     *issuer.peer_overrides(name, kind),
                 ]
-                args = self._node_args(name, kind, settings[kind], cluster_sets)
+                args, cfg = self._node_args(name, kind, settings[kind], cluster_sets)
+                assert isinstance(cfg, PeerConfig)
+                # The proxy may listen elsewhere (`--set proxy.listen=...`): its URL says where.
+                listen = cfg.proxy.listen
+                proxy_host = "127.0.0.1" if listen in ("0.0.0.0", "::", "") else listen
+                proxy_host = f"[{proxy_host}]" if ":" in proxy_host else proxy_host
                 self.nodes.append(
                     Node(
                         name,
@@ -233,7 +237,7 @@ class Cluster:
                         logs / f"{name}.log",
                         f"http://127.0.0.1:{upload}/healthy",
                         {
-                            "proxy": f"http://127.0.0.1:{proxy}",
+                            "proxy": f"http://{proxy_host}:{proxy}",
                             "upload": f"http://127.0.0.1:{upload}",
                             "metrics": f"http://127.0.0.1:{upload}/metrics",
                             "data_dir": str(data),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import ipaddress
 import itertools
 import math
 import os
@@ -111,7 +112,12 @@ class SchedulerClientSection:
         "scheduler websocket URLs; a task goes to the one its ID hashes to",
         item_regex=r"^wss?://",
     )
-    manager: str = opt("", "manager URL to discover schedulers from; empty: use addresses")
+    manager: str = opt(
+        "",
+        "manager URL (http://HOST:PORT); a seed peer registers there "
+        "(peers discover schedulers there in a later release); empty: none",
+        item_regex=r"^(https?://[^/?#]+/?)?$",
+    )
     connect_timeout: Duration = opt(5.0, "time to connect to a scheduler", min=0.001)
 
 
@@ -141,6 +147,9 @@ class UploadSection:
 
     listen: str = opt("127.0.0.1", "address of the upload server (also /metrics, /healthy)")
     port: int = opt(0, "port of the upload server; 0 picks a free one", min=0, max=65535)
+    max_connections: int = opt(
+        1024, "connections served at once; more are closed at once (counted)", min=1, max=1000000
+    )
     rate_limit: Rate = opt(0, "total upload rate in bytes/s; 0: unlimited", min=0)
     concurrent_limit: int = opt(
         2, "pieces sent at once; few, so that each lands soon and is passed on", min=1, max=10000
@@ -183,14 +192,47 @@ class HijackHTTPSSection:
         "regexes of HOST:PORT whose CONNECT is intercepted; empty: every tunnel is blind",
         regex=True,
     )
+    leaf_cache_size: int = opt(
+        1024, "leaf certificates kept in memory (least recently used go first)", min=1, max=100000
+    )
+    leaf_rate: int = opt(
+        60,
+        "new leaf certificates made per minute at most (bursts of as many); "
+        "a CONNECT beyond it gets 503",
+        min=1,
+        max=100000,
+    )
 
 
 @dataclass
 class ProxySection:
     """The HTTP proxy in front of wget, curl and other clients."""
 
-    listen: str = opt("127.0.0.1", "address of the proxy")
+    listen: str = opt(
+        "127.0.0.1",
+        "address of the proxy; beyond loopback, allowed_clients or auth_file is required",
+    )
     port: int = opt(0, "port of the proxy; 0 picks a free one", min=0, max=65535)
+    max_connections: int = opt(
+        1024, "connections served at once; more are closed at once (counted)", min=1, max=1000000
+    )
+    allowed_clients: list[str] = opt(
+        [],
+        "networks (CIDR) whose clients may use the proxy without credentials; loopback always may",
+        cidr=True,
+    )
+    auth_file: str = opt(
+        "",
+        "USER:ARGON2-HASH lines (`proxy-user` adds one); other clients must then send "
+        "Proxy-Authorization Basic",
+    )
+    allowed_destinations: list[str] = opt(
+        [],
+        "networks (CIDR) that clients not on loopback may reach through the proxy though "
+        "loopback or link-local",
+        cidr=True,
+    )
+    connect_ports: list[int] = opt([443], "ports a CONNECT may reach", min=1, max=65535)
     rules: list[ProxyRule] = opt([ProxyRule()], "first matching rule wins; no match: direct")
     filtered_query_params: list[str] = opt(
         [], "query parameters left out of task IDs, added to the signed-URL defaults"
@@ -247,6 +289,18 @@ class SeedSection:
     """Seed peer behaviour."""
 
     enabled: bool = opt(False, "announce this peer as a seed peer (root of the P2P tree)")
+    cluster_id: int = opt(
+        1, "seed peer cluster joined at the manager (scheduler.manager)", min=1, max=2**63 - 1
+    )
+
+
+@dataclass
+class SchedulerServerSection(ListenSection):
+    """The role's server (also /metrics and /healthy)."""
+
+    max_connections: int = opt(
+        10000, "connections served at once; more are closed at once (counted)", min=1, max=1000000
+    )
 
 
 @dataclass
@@ -314,18 +368,77 @@ class SchedulerGCSection:
 
 
 @dataclass
+class ManagerDataSection:
+    """The manager's own files."""
+
+    dir: str = opt(
+        "~/.local/share/dragonfly/manager",
+        "directory (0700) of the SQLite database, the session key and the first root password",
+    )
+
+
+@dataclass
 class DatabaseSection:
     """The manager's database."""
 
-    path: str = opt("~/.local/share/dragonfly/manager.db", "SQLite database file")
+    driver: str = opt(
+        "sqlite", "sqlite (one file) or postgres (several managers)", choices=("sqlite", "postgres")
+    )
+    path: str = opt("manager.db", "SQLite database file; relative: inside data.dir")
+    dsn: str = opt(
+        "", "PostgreSQL connection string (driver = postgres), e.g. postgresql://df@db/dragonfly"
+    )
+
+
+@dataclass
+class ManagerAuthSection:
+    """Accounts and sessions."""
+
+    signup: bool = opt(False, "anyone may sign up (as guest); root may add users either way")
+    jwt_key: str = opt(
+        "",
+        "HS256 key signing sessions (32+ characters); empty: made at first start in data.dir "
+        "(required with postgres)",
+        item_regex=r"^(|.{32,})$",
+    )
+    session_ttl: Duration = opt(86400.0, "a session token is valid this long", min=60)
+    refresh_ttl: Duration = opt(
+        604800.0, "refresh_token renews a session this long after its sign-in", min=60
+    )
+    cookie_secure: bool = opt(False, "mark the session cookie Secure (serve the API over TLS)")
 
 
 @dataclass
 class KeepaliveSection:
     """Liveness of schedulers and seed peers."""
 
-    interval: Duration = opt(5.0, "keepalive interval", min=0.1)
-    timeout: Duration = opt(30.0, "a member silent this long is inactive", min=0.1)
+    interval: Duration = opt(5.0, "keepalive interval members are told to keep", min=0.1)
+    timeout: Duration = opt(
+        15.0, "a member silent this long is inactive (three intervals)", min=0.1
+    )
+    remove_after: Duration = opt(1800.0, "an inactive member is removed after this long", min=1)
+
+
+@dataclass
+class ManagerGCSection:
+    """Background work, run by one manager at a time."""
+
+    lease_ttl: Duration = opt(
+        15.0, "another manager takes background work over this long after one stops", min=0.5
+    )
+    audit_ttl: Duration = opt(604800.0, "audit rows are kept this long", min=60)
+
+
+@dataclass
+class ManagerClientSection:
+    """The manager this scheduler registers with."""
+
+    address: str = opt(
+        "",
+        "manager URL (http://HOST:PORT) to register with; empty: none",
+        item_regex=r"^(https?://[^/?#]+/?)?$",
+    )
+    cluster_id: int = opt(1, "scheduler cluster this scheduler joins", min=1, max=2**63 - 1)
 
 
 # ---------------------------------------------------------------- roles
@@ -353,23 +466,25 @@ class SchedulerConfig:
 
     host: HostSection = opt(HostSection(), "")
     log: LogSection = opt(LogSection(), "")
-    server: ListenSection = opt(ListenSection("127.0.0.1", 8002), "")
+    server: SchedulerServerSection = opt(SchedulerServerSection("127.0.0.1", 8002), "")
     scheduling: SchedulingSection = opt(SchedulingSection(), "")
     gc: SchedulerGCSection = opt(SchedulerGCSection(), "")
     trust: SchedulerTrustSection = opt(SchedulerTrustSection(), "")
     limits: SchedulerLimitsSection = opt(SchedulerLimitsSection(), "")
-    manager: str = opt("", "manager URL to register with; empty: none")
+    manager: ManagerClientSection = opt(ManagerClientSection(), "")
 
 
 @dataclass
 class ManagerConfig:
     """Configuration of the manager."""
 
-    host: HostSection = opt(HostSection(), "")
     log: LogSection = opt(LogSection(), "")
     server: ListenSection = opt(ListenSection("127.0.0.1", 8080), "")
+    data: ManagerDataSection = opt(ManagerDataSection(), "")
     database: DatabaseSection = opt(DatabaseSection(), "")
+    auth: ManagerAuthSection = opt(ManagerAuthSection(), "")
     keepalive: KeepaliveSection = opt(KeepaliveSection(), "")
+    gc: ManagerGCSection = opt(ManagerGCSection(), "")
 
 
 RoleConfig = PeerConfig | SchedulerConfig | ManagerConfig
@@ -397,19 +512,13 @@ def default_config(role: str) -> RoleConfig:
     raise ConfigError("--role", "role", f"expected one of {', '.join(ROLES)}, got {role!r}")
 
 
-_NO_MANAGER = "nothing reads this until the manager exists"
+_NO_DISCOVERY = "peers discover schedulers through the manager in a later release"
 
 # Keys a role accepts that nothing reads yet, with the reason, per role: a dotted key,
 # a section (each key in it) or "" (every key of the role). conf/ROLE.toml marks each
 # with `# reserved: REASON`, `config check` shows it, and a daemon warns when one is set.
 RESERVED: dict[str, dict[str, str]] = {
-    "manager": {"": "the manager is not built yet: nothing reads any key of this file"},
-    "scheduler": {
-        "manager": _NO_MANAGER,
-        "host": "nothing reads this until the scheduler registers with a manager",
-    },
-    "seed-peer": {"scheduler.manager": _NO_MANAGER},
-    "peer": {"scheduler.manager": _NO_MANAGER},
+    "peer": {"scheduler.manager": _NO_DISCOVERY},
 }
 
 
@@ -548,6 +657,13 @@ def _check_constraints(value: Any, meta: Mapping[str, Any]) -> None:
             raise ValueError(f"invalid regular expression {_brief(value)}: {exc}") from None
     if "item_regex" in meta and not re.search(meta["item_regex"], value):
         raise ValueError(f"{_brief(value)} does not match {meta['item_regex']!r}")
+    if meta.get("cidr"):
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"expected an address or network (CIDR), got {_brief(value)}"
+            ) from None
 
 
 def _parse_text_value(text: str) -> Any:
@@ -624,7 +740,10 @@ class _Loader:
                 self.apply_table(obj, item, f"{item_path}.")
                 out.append(obj)
             else:
-                item_meta = {k: meta[k] for k in ("item_regex", "regex") if k in meta}
+                # A list's constraints are its items' (min/max of a list would mean nothing).
+                item_meta = {
+                    k: meta[k] for k in ("item_regex", "regex", "cidr", "min", "max") if k in meta
+                }
                 try:
                     out.append(_coerce(item_tp, item, item_meta, self.from_text))
                 except ValueError as exc:
@@ -657,9 +776,45 @@ def _set_path(cfg: Any, dotted: str, raw: str, loader: _Loader) -> None:
             return
 
 
+def is_loopback_listen(address: str) -> bool:
+    """Whether a listen address takes connections from this host only."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False  # a host name may resolve anywhere; "" and "0.0.0.0" are every address
+
+
 def _check_cross_field(cfg: RoleConfig, origins: Origins) -> None:
     """Constraints between keys; the error names the source that set the later of the two."""
+    if isinstance(cfg, ManagerConfig):
+        interval = cfg.keepalive.interval
+        for key, value in (
+            ("keepalive.timeout", cfg.keepalive.timeout),
+            ("gc.lease_ttl", cfg.gc.lease_ttl),
+        ):
+            if value <= interval:
+                raise ConfigError(
+                    origins.get(key, (0, "defaults"))[1],
+                    key,
+                    f"must exceed keepalive.interval ({interval}), got {value}",
+                )
+        if cfg.database.driver == "postgres" and not cfg.database.dsn:
+            raise ConfigError(
+                origins.get("database.driver", (0, "defaults"))[1],
+                "database.dsn",
+                "required with database.driver = postgres",
+            )
     if isinstance(cfg, PeerConfig):
+        px = cfg.proxy
+        if not is_loopback_listen(px.listen) and not px.allowed_clients and not px.auth_file:
+            raise ConfigError(
+                origins.get("proxy.listen", (-1, "defaults"))[1],
+                "proxy.listen",
+                f"{px.listen!r} is beyond loopback: set proxy.allowed_clients (CIDRs) or "
+                "proxy.auth_file too, or anyone who reaches the port uses the proxy",
+            )
         st = cfg.storage
         if st.low_watermark > st.high_watermark:
             low, high = "storage.low_watermark", "storage.high_watermark"

@@ -5,6 +5,9 @@ where its task file is; the file is then copied out with copy_file_range (or
 hard-linked with --hard-link) to a temporary name next to FILE, checked against
 --digest when given, and renamed into place: FILE appears only complete and
 verified. When no daemon answers, a one-shot peer runs inside this process.
+
+The daemon is asked through its local API, a unix socket in its data directory
+(DATA_DIR/api.sock, its user's only): `--peer` names that directory or the socket.
 """
 
 from __future__ import annotations
@@ -20,12 +23,11 @@ from typing import Any
 
 import trio
 
-from dragonfly.config import PeerConfig
+from dragonfly.config import PeerConfig, data_dir
 from dragonfly.identity import IdentityError, parse_sha256_digest
 from dragonfly.net.http_client import HTTPClient, HTTPClientError
+from dragonfly.peer.local_api import LOCAL_API, SOCKET_NAME, api_socket
 from dragonfly.units import human_bytes
-
-LOCAL_API = "/_dragonfly/tasks"
 
 
 class GetError(Exception):
@@ -78,12 +80,19 @@ def parse_headers(items: list[str]) -> dict[str, str]:
     return out
 
 
-async def _via_daemon(peer: str, spec: dict[str, Any], progress: Progress) -> Outcome:
-    client = HTTPClient(connect_timeout=2, read_timeout=3600)
+def peer_socket(peer: str) -> Path:
+    """The local API socket --peer names: a data directory's api.sock, or the socket."""
+    path = Path(os.path.expanduser(peer))
+    return api_socket(path) if path.is_dir() else path
+
+
+async def _via_daemon(socket: Path, spec: dict[str, Any], progress: Progress) -> Outcome:
+    client = HTTPClient(connect_timeout=2, read_timeout=3600, unix_socket=socket)
+    peer = str(socket)
     try:
         response = await client.send(
             "POST",
-            peer.rstrip("/") + LOCAL_API,
+            "http://localhost" + LOCAL_API,
             _headers({"content-type": "application/json"}),
             json.dumps(spec).encode(),
         )
@@ -220,11 +229,18 @@ def run_get(args: Any, cfg: PeerConfig) -> int:
         "filtered_query_params": args.filtered_query_param,
         "back_to_source": not args.no_back_to_source,
     }
-    peer = args.peer or os.environ.get("DRAGONFLY_PEER") or f"http://127.0.0.1:{cfg.proxy.port}"
+    peer = args.peer or os.environ.get("DRAGONFLY_PEER") or str(data_dir(cfg.storage))
+    if "://" in peer:
+        print(
+            f"dragonfly get: --peer {peer}: name the peer's data directory (its local API "
+            f"is the unix socket DATA_DIR/{SOCKET_NAME}), not a URL",
+            file=sys.stderr,
+        )
+        return 2
     progress = Progress(sys.stderr.isatty())
     try:
         try:
-            outcome = trio.run(_via_daemon, peer, spec, progress)
+            outcome = trio.run(_via_daemon, peer_socket(peer), spec, progress)
         except DaemonUnavailable:
             outcome = trio.run(_embedded, cfg, spec, progress)
         progress.done()

@@ -2,23 +2,36 @@
 
 Ids (task_id, peer_id, host_id) are bound through contextvars where a task is
 started; trio children inherit a copy, so every line of a download carries them.
+Every event passes dragonfly.redact before it is rendered: URLs keep no signature,
+token or password.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
 
 from dragonfly.ratelimit import TokenBucket
+from dragonfly.redact import redact_event, redact_params
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
-    """Configure structlog (and stdlib logging, for libraries) once per process."""
+def configure(
+    level: str = "info",
+    fmt: str = "auto",
+    stream: Any = None,
+    redacted_params: Iterable[str] = (),
+) -> None:
+    """Configure structlog (and stdlib logging, for libraries) once per process.
+
+    `redacted_params`: query parameters to redact beside the defaults
+    (proxy.filtered_query_params)."""
+    redact_params(redacted_params)
     out = stream if stream is not None else sys.stderr
     if fmt == "auto":
         fmt = "console" if getattr(out, "isatty", lambda: False)() else "json"
@@ -35,6 +48,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            redact_event,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -8,11 +8,34 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
 
 
-class PeerMetrics:
-    """Traffic and pieces of a peer or seed peer."""
+class RoleMetrics:
+    """Metrics every role has: failures of background loops (dragonfly/supervise.py) and
+    connections closed at once because a listener was full."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.background_failures = Counter(
+            "dragonfly_background_failures",
+            "Failures of background loops (GC, the store's flusher...), by loop",
+            ["loop"],
+            registry=self.registry,
+        )
+        self.connections_refused = Counter(
+            "dragonfly_connections_refused",
+            "Connections closed at once because the listener had max_connections open",
+            ["listener"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class PeerMetrics(RoleMetrics):
+    """Traffic and pieces of a peer or seed peer."""
+
+    def __init__(self) -> None:
+        super().__init__()
         r = self.registry
         self.download_bytes = Counter(
             "dragonfly_download_bytes",
@@ -54,18 +77,22 @@ class PeerMetrics:
             registry=r,
         )
         self.errors = Counter("dragonfly_errors", "Errors, by type", ["type"], registry=r)
+        self.proxy_refusals = Counter(
+            "dragonfly_proxy_refusals",
+            "Proxy requests refused, by reason: client (not allowed), auth (no or wrong "
+            "credentials), destination, connect_port, leaf_rate",
+            ["reason"],
+            registry=r,
+        )
         for source in ("p2p", "back_to_source", "local"):
             self.download_bytes.labels(source)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
-
-class SchedulerMetrics:
+class SchedulerMetrics(RoleMetrics):
     """Decisions of a scheduler."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         r = self.registry
         self.registrations = Counter(
             "dragonfly_scheduler_registrations", "Peers registered", registry=r
@@ -98,5 +125,33 @@ class SchedulerMetrics:
             "dragonfly_scheduler_connected_hosts", "Hosts with an open connection", registry=r
         )
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+
+class ManagerMetrics(RoleMetrics):
+    """Requests, member keepalives and background work of a manager."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
+        self.requests = Counter(
+            "dragonfly_manager_requests", "API requests, by status", ["status"], registry=r
+        )
+        self.keepalives = Counter(
+            "dragonfly_manager_keepalives", "Keepalives received from members", registry=r
+        )
+        self.protocol_errors = Counter(
+            "dragonfly_manager_protocol_errors", "Invalid messages on the websocket", registry=r
+        )
+        self.gc_runs = Counter(
+            "dragonfly_manager_gc_runs",
+            "Background work rounds this manager ran (it held the lease)",
+            registry=r,
+        )
+        self.gc_changes = Counter(
+            "dragonfly_manager_gc_changes",
+            "Rows background work changed, by what happened",
+            ["change"],
+            registry=r,
+        )
+        self.lease_held = Gauge(
+            "dragonfly_manager_lease_held", "1 while this manager holds the GC lease", registry=r
+        )

@@ -8,10 +8,13 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import trio
+
 from dragonfly.testing.probe import metric, sha256_file
 
 __all__ = [
     "MiB",
+    "connect_through",
     "curl",
     "curl_response",
     "curl_sha256",
@@ -69,7 +72,26 @@ def curl_response(url: str, *args: str, timeout: float = 60) -> tuple[int, dict[
         capture_output=True,
         timeout=timeout + 30,
     )
-    head = out.stderr.decode(errors="replace").split("\r\n")
+    # The last header block: a 100 Continue or a proxy's CONNECT answer may come first.
+    blocks = [b for b in out.stderr.decode(errors="replace").split("\r\n\r\n") if b.strip()]
+    head = blocks[-1].split("\r\n") if blocks else [""]
     status = int(head[0].split()[1]) if head[0].startswith("HTTP/") else 0
     headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in head[1:]) if v}
     return (status if out.returncode == 0 else 0), headers, out.stdout
+
+
+async def connect_through(
+    port: int, target: str, after: bytes = b""
+) -> tuple[trio.SocketStream, bytes]:
+    """Send a CONNECT to the proxy on loopback PORT (and `after` in the same write);
+    (stream, response head)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + after)
+    head = b""
+    with trio.fail_after(30):
+        while b"\r\n\r\n" not in head:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            head += chunk
+    return stream, head

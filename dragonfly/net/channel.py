@@ -36,9 +36,10 @@ if TYPE_CHECKING:
 
 log = get_logger("dragonfly.channel")
 
-# Where the websockets live: peers → scheduler, and children → a parent's upload port.
+# Where the websockets live: peers → scheduler, children → a parent's upload port.
 SCHEDULER_PATH = "/v1/scheduler"
 ANNOUNCE_PATH = "/v1/announce"
+MANAGER_PATH = "/v1/manager"  # schedulers and seed peers → the manager
 HANDSHAKE_TIMEOUT = 10.0
 # Messages queued by the websocket reader before it stops reading (backpressure).
 MESSAGE_QUEUE = 64

@@ -6,6 +6,16 @@ a caller's buffer (`read_into`), never through h11's buffer, which copies.
 Chunked and close-delimited bodies go through h11. After a raw body read the
 connection is reused with a fresh h11.Connection.
 
+A request body is bytes, or a `StreamedBody` (an async iterator and, when known, its
+length) that goes out as it is produced: a proxy relays a client's upload without
+holding it. A streamed body is sent once: on a fresh connection, never retried,
+and a redirect is returned to the caller instead of followed.
+
+`resolver` (optional) maps a host and port to the addresses to connect to; the
+peer's proxy passes one that refuses addresses its client may not reach, so the
+address checked is the address connected to. `unix_socket` sends every request
+to a local unix socket instead (the peer's local API).
+
 Errors are `HTTPClientError` subclasses whose message names the URL and what
 went wrong (connect, timeout, protocol, a body cut short).
 """
@@ -16,14 +26,16 @@ import contextlib
 import select
 import socket as _socket
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import h11
 import trio
 
+from dragonfly.net.unix import open_unix_stream
 from dragonfly.net.zerocopy import IncompleteBody, SplicePipe, pwrite_all, splice_to_file
 from dragonfly.wire.http_common import Headers, parse_content_length
 
@@ -38,6 +50,19 @@ USER_AGENT = b"dragonfly/0.1"
 
 class HTTPClientError(Exception):
     """A request that could not be completed."""
+
+
+@dataclass(frozen=True)
+class StreamedBody:
+    """A request body sent as it is produced; `length` None: chunked."""
+
+    chunks: AsyncIterable[bytes]
+    length: int | None = None
+
+
+Body = bytes | StreamedBody
+# host, port → the addresses to connect to (in order); raises HTTPClientError to refuse.
+Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
 class ConnectError(HTTPClientError):
@@ -380,12 +405,16 @@ class HTTPClient:
         ssl_context: ssl.SSLContext | None = None,
         max_redirects: int = 10,
         max_idle_per_origin: int = 8,
+        resolver: Resolver | None = None,
+        unix_socket: Path | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.ssl_context = ssl_context
         self.max_redirects = max_redirects
         self.max_idle_per_origin = max_idle_per_origin
+        self.resolver = resolver
+        self.unix_socket = unix_socket
         self._idle: dict[Origin, list[_Conn]] = {}
 
     def _ssl(self) -> ssl.SSLContext:
@@ -393,11 +422,27 @@ class HTTPClient:
             self.ssl_context = ssl.create_default_context()
         return self.ssl_context
 
+    async def _open(self, origin: Origin) -> trio.SocketStream:
+        if self.unix_socket is not None:
+            return await open_unix_stream(self.unix_socket)
+        hosts = [origin.host]
+        if self.resolver is not None:
+            hosts = await self.resolver(origin.host, origin.port)
+        failure: OSError | None = None
+        for host in hosts:  # each address the resolver checked, in turn
+            try:
+                tcp = await trio.open_tcp_stream(host, origin.port)
+            except OSError as exc:
+                failure = exc
+                continue
+            tcp.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, True)
+            return tcp
+        raise failure or OSError(f"{origin.host} has no address")
+
     async def _connect(self, origin: Origin, url: str) -> _Conn:
         try:
             with trio.fail_after(self.connect_timeout):
-                tcp = await trio.open_tcp_stream(origin.host, origin.port)
-                tcp.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, True)
+                tcp = await self._open(origin)
                 if origin.scheme == "https":
                     tls = trio.SSLStream(
                         tcp, self._ssl(), server_hostname=origin.host, https_compatible=True
@@ -439,7 +484,7 @@ class HTTPClient:
         method: str,
         url: str,
         headers: Headers | Iterable[tuple[bytes | str, bytes | str]] = (),
-        body: bytes = b"",
+        body: Body = b"",
         *,
         follow_redirects: bool = True,
     ) -> AsyncIterator[Response]:
@@ -457,11 +502,13 @@ class HTTPClient:
         method: str,
         url: str,
         headers: Headers,
-        body: bytes = b"",
+        body: Body = b"",
         *,
         follow_redirects: bool = True,
     ) -> Response:
         """Send a request and return the response (call `aclose()` on it when done)."""
+        # A streamed body is gone once sent: a redirect cannot resend it.
+        follow_redirects = follow_redirects and not isinstance(body, StreamedBody)
         for _ in range(self.max_redirects + 1):
             response = await self._send_once(method, url, headers, body)
             location = response.headers.get("location")
@@ -479,9 +526,11 @@ class HTTPClient:
             url = next_url
         raise TooManyRedirects(f"{url}: more than {self.max_redirects} redirects")
 
-    async def _send_once(self, method: str, url: str, headers: Headers, body: bytes) -> Response:
+    async def _send_once(self, method: str, url: str, headers: Headers, body: Body) -> Response:
         origin, target = split_url(url)
-        idle = self._idle.get(origin)
+        # A streamed body cannot be sent twice: it never risks a pooled connection the
+        # server may have closed meanwhile.
+        idle = None if isinstance(body, StreamedBody) else self._idle.get(origin)
         # A pooled connection may have been closed by the server meanwhile. Ones that
         # visibly were are dropped unused; if one fails before any response byte, an
         # idempotent request is retried on a fresh connection. Others are not: the
@@ -514,22 +563,43 @@ class HTTPClient:
             raise
 
     async def _exchange(
-        self, conn: _Conn, method: str, url: str, target: str, headers: Headers, body: bytes
+        self, conn: _Conn, method: str, url: str, target: str, headers: Headers, body: Body
     ) -> Response:
         h = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
         out = Headers(headers.without_hop_by_hop())
         out.set(b"host", conn.origin.host_header)
         if b"user-agent" not in out:
             out.add(b"user-agent", USER_AGENT)
-        if body or method in ("POST", "PUT", "PATCH"):
-            out.set(b"content-length", str(len(body)).encode())
+        out.remove(b"content-length")
+        length = body.length if isinstance(body, StreamedBody) else len(body)
+        if length is None:
+            out.set(b"transfer-encoding", b"chunked")
+        elif isinstance(body, StreamedBody) or body or method in ("POST", "PUT", "PATCH"):
+            out.set(b"content-length", str(length).encode())
         data = h.send(h11.Request(method=method, target=target, headers=out.pairs()))
-        if body:
+        if isinstance(body, bytes) and body:
             data += h.send(h11.Data(data=body))
-        data += h.send(h11.EndOfMessage())
         got_any = False
         try:
-            await conn.stream.send_all(data)
+            if isinstance(body, StreamedBody):
+                await conn.stream.send_all(data)
+                data = b""
+                try:
+                    async for chunk in body.chunks:
+                        if chunk:
+                            # An origin that takes no byte for read_timeout is as dead
+                            # as one that sends none.
+                            with trio.fail_after(self.read_timeout):
+                                await conn.stream.send_all(h.send(h11.Data(data=chunk)))
+                    end = h.send(h11.EndOfMessage())
+                except h11.LocalProtocolError as exc:  # more or fewer bytes than announced
+                    raise BadResponse(
+                        f"{url}: request body does not match its length: {exc}"
+                    ) from None
+                got_any = True  # the body is gone: never retried as a stale connection
+            else:
+                end = h.send(h11.EndOfMessage())
+            await conn.stream.send_all(data + end)
             while True:
                 event = h.next_event()
                 if event is h11.NEED_DATA:

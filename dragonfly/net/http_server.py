@@ -16,11 +16,16 @@ A CONNECT is answered with `Responder.accept_connect()`, which hands the raw
 connection to the handler (bytes the client already sent after the request
 included), as `Responder.websocket` does for an upgrade.
 
-Timeouts: `idle_timeout` bounds the wait for a request's headers, `body_timeout`
-each wait for request body bytes and `send_timeout` each wait for the client to
-take response bytes, so a client that stops sending or reading cannot hold a
-handler forever. A connection closed with request bytes unread is closed
-lingeringly (half-close, drain briefly) so the RST does not destroy the response.
+Timeouts: `header_timeout` (30 s) bounds the time a client takes to send a request's
+headers: from the connection's start for its first request, from the first byte for
+the next ones on a kept-alive connection, which may idle `idle_timeout` in between.
+`body_timeout` bounds each wait for request body bytes and `send_timeout` each wait
+for the client to take response bytes, so a client that stops sending or reading
+cannot hold a handler forever. A connection closed with request bytes unread is
+closed lingeringly (half-close, drain briefly) so the RST does not destroy the response.
+
+A listener serves at most `max_connections` connections at once: one more is
+answered 503 and closed at once, before its request is read (`on_refused` counts it).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import os
 import socket as _socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -38,6 +44,7 @@ import trio
 import trio_websocket
 
 from dragonfly.log import get_logger
+from dragonfly.net.unix import open_unix_listener
 from dragonfly.net.zerocopy import sendfile_all
 from dragonfly.wire.http_common import (
     ByteRange,
@@ -60,6 +67,15 @@ SEND_TIMEOUT = 60.0
 SEND_SLICE = 256 * 1024
 # How long a lingering close reads (and drops) what the client still sends before closing.
 LINGER_SECONDS = 1.0
+# The time a client may take to send a request's headers (slowloris).
+HEADER_TIMEOUT = 30.0
+# Idle time between requests on a kept-alive connection.
+IDLE_TIMEOUT = 120.0
+_FULL = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 39\r\nconnection: close\r\nretry-after: 1\r\n\r\n"
+    b"busy: too many connections; try again\n"
+)
 SERVER_NAME = b"dragonfly"
 
 Handler = Callable[["Request", "Responder"], Awaitable[None]]
@@ -170,7 +186,7 @@ def _peername(stream: trio.abc.Stream) -> str:
             try:
                 host, port = stream.socket.getpeername()[:2]
                 return f"{host}:{port}"
-            except OSError:
+            except (OSError, ValueError):  # ValueError: a unix socket has no host:port
                 return "?"
         inner = getattr(stream, "transport_stream", None) or getattr(stream, "_stream", None)
         if not isinstance(inner, trio.abc.Stream):
@@ -515,7 +531,8 @@ async def serve_connection(
     stream: trio.abc.Stream,
     handler: Handler,
     *,
-    idle_timeout: float = 120.0,
+    idle_timeout: float = IDLE_TIMEOUT,
+    header_timeout: float = HEADER_TIMEOUT,
     send_timeout: float = SEND_TIMEOUT,
     body_timeout: float = BODY_TIMEOUT,
     peer: str | None = None,
@@ -526,11 +543,11 @@ async def serve_connection(
     `peer` names the client when the stream cannot (default: its socket's address).
     """
     c = HTTPConnection(stream, send_timeout=send_timeout, body_timeout=body_timeout, peer=peer)
-    if isinstance(stream, trio.SocketStream):
+    if isinstance(stream, trio.SocketStream) and stream.socket.family != _socket.AF_UNIX:
         with contextlib.suppress(OSError):
             stream.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, True)
     try:
-        if await _serve_requests(c, handler, idle_timeout):
+        if await _serve_requests(c, handler, idle_timeout, header_timeout):
             await _lingering_close(stream)
     except (trio.BrokenResourceError, trio.ClosedResourceError, ClientGone):
         return
@@ -540,14 +557,41 @@ async def serve_connection(
             await stream.aclose()
 
 
-async def _serve_requests(c: HTTPConnection, handler: Handler, idle_timeout: float) -> bool:
+async def _next_request(
+    c: HTTPConnection, idle_timeout: float, header_timeout: float, first: bool
+) -> Any:
+    """The next request's first h11 event, or None when the client idled too long or took
+    over `header_timeout` to send the headers."""
+    event = c.conn.next_event()
+    if event is not h11.NEED_DATA:
+        return event  # pipelined: already here
+    if not first:
+        # Between requests a kept-alive connection may idle; the clock for the headers
+        # starts with the next request's first byte.
+        with trio.move_on_after(idle_timeout) as idle:
+            data = await c.stream.receive_some(RECEIVE_SIZE)
+        if idle.cancelled_caught:
+            return None
+        c.conn.receive_data(data)  # b"" (the client closed): ConnectionClosed next
+        event = c.conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+    with trio.move_on_after(header_timeout):
+        return await c.next_event()
+    return None
+
+
+async def _serve_requests(
+    c: HTTPConnection, handler: Handler, idle_timeout: float, header_timeout: float
+) -> bool:
     """The request loop of one connection. True when it ends after a complete response
     with request bytes still unread: then the caller must close lingeringly."""
+    first = True
     while True:
         try:
-            with trio.move_on_after(idle_timeout) as idle:
-                event = await c.next_event()
-            if idle.cancelled_caught:
+            event = await _next_request(c, idle_timeout, header_timeout, first)
+            first = False
+            if event is None:
                 return False
         except h11.RemoteProtocolError as exc:
             await _answer_protocol_error(c, exc)
@@ -658,14 +702,50 @@ async def serve(
     port: int,
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-    idle_timeout: float = 120.0,
+    backlog: int = 1024,
+    **options: Any,
+) -> None:
+    """Serve HTTP on host:port until cancelled; reports the listeners (for the bound port).
+    `options` are serve_listeners' (timeouts, max_connections, on_refused)."""
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    await serve_listeners(handler, listeners, task_status=task_status, **options)
+
+
+async def serve_unix(
+    handler: Handler,
+    path: Path,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    **options: Any,
+) -> None:
+    """Serve HTTP on a unix socket at `path` (mode 0600: its owner's only)."""
+    listener = await open_unix_listener(path)
+    await serve_listeners(handler, [listener], task_status=task_status, peer="local", **options)
+
+
+async def serve_listeners(
+    handler: Handler,
+    listeners: list[trio.SocketListener],
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    idle_timeout: float = IDLE_TIMEOUT,
+    header_timeout: float = HEADER_TIMEOUT,
     send_timeout: float = SEND_TIMEOUT,
     body_timeout: float = BODY_TIMEOUT,
-    backlog: int = 1024,
+    max_connections: int | None = None,
+    on_refused: Callable[[], None] = lambda: None,
+    peer: str | None = None,
 ) -> None:
-    """Serve HTTP on host:port until cancelled; reports the listeners (for the bound port)."""
+    """Serve HTTP on `listeners` until cancelled, at most `max_connections` at once."""
+    active = 0
 
     async def on_connection(stream: trio.SocketStream) -> None:
+        nonlocal active
+        if max_connections is not None and active >= max_connections:
+            on_refused()
+            await _refuse(stream)
+            return
+        active += 1
         # One connection's failure must never reach serve_listeners' nursery: that
         # would take the whole server down.
         try:
@@ -673,16 +753,27 @@ async def serve(
                 stream,
                 handler,
                 idle_timeout=idle_timeout,
+                header_timeout=header_timeout,
                 send_timeout=send_timeout,
                 body_timeout=body_timeout,
+                peer=peer,
             )
         except Exception:
-            log.exception("connection failed", peer=_peername(stream))
+            log.exception("connection failed", peer=peer or _peername(stream))
+        finally:
+            active -= 1
 
-    listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
     async with trio.open_nursery() as nursery:
         started = await nursery.start(trio.serve_listeners, on_connection, listeners)
         task_status.started(started)
+
+
+async def _refuse(stream: trio.SocketStream) -> None:
+    """A connection over the cap: say so in one write, without reading, and close."""
+    with trio.move_on_after(1):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await stream.send_all(_FULL)
+    await trio.aclose_forcefully(stream)
 
 
 def bound_port(listeners: list[trio.SocketListener]) -> int:

@@ -10,7 +10,13 @@ extension, and nothing else in the project needs one. The standard library's
 Keys are EC P-256 (fast to make, accepted everywhere). Leaf certificates carry
 what strict verifiers (Python 3.13's VERIFY_X509_STRICT, browsers) want:
 subjectAltName, serverAuth, key identifiers, CA:FALSE. They are made on the fly
-in a worker thread and cached in memory per host (`LeafCache`).
+in a worker thread and cached in memory per host (`LeafCache`), bounded in number
+(LRU) and in the rate at which new ones are made.
+
+`make_ca(..., permit=[...])` writes a CA with X.509 name constraints: clients then
+accept its certificates for the permitted names only, so its key, if stolen, cannot
+impersonate any other site to them. The key's file mode is checked when a peer loads
+it: a key that group or others can read is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import re
 import secrets
 import ssl
+import stat
 import subprocess
 import tempfile
 import time
@@ -31,6 +38,7 @@ from pathlib import Path
 import trio
 
 from dragonfly.config import ConfigError, DownloadSection, HijackHTTPSSection, PeerConfig
+from dragonfly.ratelimit import TokenBucket
 
 CA_DAYS = 3650
 # Leaf lifetime: under the 398 days clients accept for a server certificate.
@@ -38,6 +46,7 @@ LEAF_DAYS = 397
 # A cached leaf is remade this long before it expires.
 LEAF_RENEW_SECONDS = 7 * 86400
 LEAF_CACHE_SIZE = 1024
+LEAF_RATE = 60  # new leaf certificates a minute
 OPENSSL_TIMEOUT = 30.0
 STARTUP = "startup check"  # the source named in config errors found when files are read
 
@@ -48,6 +57,10 @@ DNS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_]
 
 class TLSError(Exception):
     """A certificate could not be made or loaded; the message says why."""
+
+
+class LeafBudgetSpent(TLSError):
+    """Too many new leaf certificates lately: this one is not made now."""
 
 
 @dataclass(frozen=True)
@@ -80,19 +93,44 @@ def openssl(*args: str, cwd: Path | None = None) -> bytes:
 # ---------------------------------------------------------------- the CA
 
 
+def name_constraints(permit: list[str]) -> str:
+    """The nameConstraints extension value permitting `permit` (DNS names, which include
+    their subdomains, or IP networks); '' for none. When no IP network is permitted,
+    every IP address is excluded: DNS constraints alone leave IP SANs unconstrained."""
+    subtrees: list[str] = []
+    for item in permit:
+        try:
+            net = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            name = item.lower()
+            if not is_dns_name(name.lstrip(".")):
+                raise TLSError(f"--permit {item!r}: not a DNS name or an IP network") from None
+            subtrees.append(f"permitted;DNS:{name}")
+        else:
+            subtrees.append(f"permitted;IP:{net.network_address}/{net.netmask}")
+    if not subtrees:
+        return ""
+    if not any(";IP:" in t for t in subtrees):
+        subtrees += ["excluded;IP:0.0.0.0/0.0.0.0", "excluded;IP:::/::"]
+    return "critical," + ",".join(subtrees)
+
+
 def make_ca(
     directory: Path,
     *,
     name: str = "Dragonfly proxy CA",
     days: int = CA_DAYS,
     force: bool = False,
+    permit: list[str] | None = None,
 ) -> CAFiles:
     """Write DIRECTORY/ca.pem and DIRECTORY/ca.key (mode 0600).
 
+    With `permit`, the CA may only vouch for those names (X.509 name constraints).
     FileExistsError if either exists and not `force`. Both files are written
     under temporary names and renamed into place: an interrupted run leaves
     no half-made CA, and the key is never readable by others, even briefly.
     """
+    constraints = name_constraints(permit or [])
     directory.mkdir(parents=True, exist_ok=True)
     files = CAFiles(directory / "ca.pem", directory / "ca.key")
     if not force:
@@ -110,6 +148,7 @@ def make_ca(
             "[ext]\nbasicConstraints = critical,CA:TRUE,pathlen:0\n"
             "keyUsage = critical,keyCertSign,cRLSign\n"
             "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid:always\n"
+            + (f"nameConstraints = {constraints}\n" if constraints else "")
         )
         key, cert = work / "ca.key", work / "ca.pem"
         openssl("req", "-x509", *_EC, "-nodes", "-sha256", "-config", str(conf),
@@ -224,15 +263,24 @@ class LeafCache:
     """Server contexts for hijacked hosts: made once per host, in a worker thread.
 
     Concurrent first requests for one host share one openssl run. Bounded (LRU),
-    and an entry is remade shortly before its certificate expires.
+    and an entry is remade shortly before its certificate expires. At most
+    `per_minute` certificates are made a minute (in bursts of as many): a client
+    naming ever new hosts cannot keep the CPU minting (LeafBudgetSpent).
     """
 
     def __init__(
-        self, ca: CAFiles, *, max_entries: int = LEAF_CACHE_SIZE, days: int = LEAF_DAYS
+        self,
+        ca: CAFiles,
+        *,
+        max_entries: int = LEAF_CACHE_SIZE,
+        days: int = LEAF_DAYS,
+        per_minute: int = LEAF_RATE,
     ) -> None:
         self.ca = ca
         self.max_entries = max_entries
         self.days = days
+        self.per_minute = per_minute
+        self._budget = TokenBucket(per_minute / 60, burst=per_minute, now=time.monotonic())
         self._ready: collections.OrderedDict[str, tuple[ssl.SSLContext, float]] = (
             collections.OrderedDict()
         )
@@ -252,6 +300,11 @@ class LeafCache:
             if pending is None:
                 break
             await pending.wait()  # another task is making it: use its result (or retry)
+        if not self._budget.try_take(1, time.monotonic()):
+            raise LeafBudgetSpent(
+                f"no certificate for {host} now: {self.per_minute} new certificates a minute "
+                "at most (proxy.hijack_https.leaf_rate)"
+            )
         done = self._pending[host] = trio.Event()
         try:
             make = functools.partial(leaf_context, self.ca, host, days=self.days)
@@ -308,6 +361,14 @@ def hijack_ca(section: HijackHTTPSSection) -> CAFiles | None:
             raise ConfigError(STARTUP, prefix + name, f"required when {prefix}{other} is set")
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise ConfigError(STARTUP, prefix + name, f"cannot read {path}")
+    mode = os.stat(section.ca_key).st_mode
+    if mode & 0o077:
+        raise ConfigError(
+            STARTUP,
+            prefix + "ca_key",
+            f"{section.ca_key} is open to group or others (mode {stat.S_IMODE(mode):03o}): "
+            f"the CA's key must be its owner's only; run chmod 600 {section.ca_key}",
+        )
     ca = CAFiles(Path(section.ca_cert), Path(section.ca_key))
     try:
         check_ca(ca)

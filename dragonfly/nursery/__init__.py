@@ -22,7 +22,14 @@ def _scheduler(cfg: Any) -> int:
     return run_scheduler(cfg)
 
 
+def _manager(cfg: Any) -> int:
+    from dragonfly.nursery.manager import run_manager
+
+    return run_manager(cfg)
+
+
 RUNNERS: dict[str, Callable[[Any], int]] = {
+    "manager": _manager,
     "peer": _peer,
     "seed-peer": _peer,
     "scheduler": _scheduler,

@@ -1,8 +1,10 @@
 """`--role peer` and `--role seed-peer`: the peer daemon's nursery tree.
 
-Store, scheduler connections, downloads, upload server and proxy in one trio
-nursery tree (a seed peer is the same daemon with `seed.enabled`). The daemon is
-the `PeerServices` its components (dragonfly/peer/) are given.
+Store, scheduler connections, downloads, upload server, proxy and the local API
+socket in one trio nursery tree (a seed peer is the same daemon with
+`seed.enabled`). Background loops (GC, the store's flusher) run under a
+Supervisor: their failures are retried and shown on /healthy, never end the
+daemon. The daemon is the `PeerServices` its components (dragonfly/peer/) are given.
 
 A host's ID is the one its credential names (trust.credential_file), so a restarted
 peer is the same host; without a credential (insecure mode, or a peer with no
@@ -10,23 +12,35 @@ scheduler) it is made once and kept in the data directory."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
-from dragonfly.config import PeerConfig, data_dir, resolved_hostname
+from dragonfly import __version__
+from dragonfly.config import (
+    PeerConfig,
+    ProxySection,
+    UploadSection,
+    data_dir,
+    resolved_hostname,
+)
 from dragonfly.credentials import peer_credential
 from dragonfly.identity import IdentityError
 from dragonfly.log import get_logger
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.http_client import HTTPClient
-from dragonfly.net.http_server import bound_port, serve
+from dragonfly.net.http_server import Handler, bound_port, serve, serve_unix
+from dragonfly.net.manager_client import ManagerMember
 from dragonfly.net.tls import origin_ssl_context
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.peer.download import DownloadRequest
+from dragonfly.peer.exposure import ProxyGate, checked_addresses
+from dragonfly.peer.local_api import LocalAPIHandler, api_socket
 from dragonfly.peer.proxy import ProxyHandler
 from dragonfly.peer.scheduler_client import SchedulerPool
 from dragonfly.peer.tasks import TaskManager
@@ -34,8 +48,9 @@ from dragonfly.peer.tunnel import Hijacker
 from dragonfly.peer.upload import UploadHandler
 from dragonfly.ratelimit import RateLimiter
 from dragonfly.storage import GCConfig, PieceStore
+from dragonfly.supervise import Supervisor
 from dragonfly.trust import TicketKey
-from dragonfly.wire.messages import HostInfo, TriggerDownload
+from dragonfly.wire.messages import AnnounceMember, HostInfo, TriggerDownload
 
 log = get_logger("dragonfly.peer")
 
@@ -49,14 +64,20 @@ class PeerDaemon:
         self.config = config
         self.data_dir: Path = data_dir(config.storage)
         self.metrics = PeerMetrics()
+        self.supervisor = Supervisor(
+            lambda loop: self.metrics.background_failures.labels(loop).inc()
+        )
         self.role = "seed-peer" if config.seed.enabled else "peer"
         d = config.download
-        # https origins: the system's CAs plus download.origin_ca_file. Both this and the
-        # hijack CA raise ConfigError naming the key, so a bad file stops the start.
+        # https origins: the system's CAs plus download.origin_ca_file. This, the hijack
+        # CA and the proxy's auth file raise ConfigError naming the key, so a bad file
+        # stops the start. Every connection it opens for a proxy client goes to an
+        # address that client may reach (checked_addresses).
         self.origin_client = HTTPClient(
             connect_timeout=d.connect_timeout,
             read_timeout=d.read_timeout,
             ssl_context=origin_ssl_context(d),
+            resolver=checked_addresses,
         )
         self.hijacker = Hijacker(config.proxy.hijack_https)
         # ConfigError naming trust.credential_file if one is needed and unusable.
@@ -64,6 +85,7 @@ class PeerDaemon:
         # Children's tickets are checked with this host's key; without one (and not
         # insecure) the upload port serves nobody.
         self.ticket_key = TicketKey(self.credential.host_key) if self.credential else None
+        self.proxy_gate = ProxyGate(config.proxy)
         self.upload_limiter = _limiter(config.upload.rate_limit)
         self.download_limiter = _limiter(d.rate_limit)
         self.source_limiter = _limiter(d.back_to_source_rate_limit)
@@ -84,20 +106,21 @@ class PeerDaemon:
         self, *, task_status: trio.TaskStatus[PeerDaemon] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cfg = self.config
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         gc = GCConfig(
             ttl=cfg.storage.task_ttl,
             quota_bytes=cfg.storage.disk_quota,
             high_watermark=cfg.storage.high_watermark,
             low_watermark=cfg.storage.low_watermark,
         )
-        async with PieceStore.open(self.data_dir, fsync=cfg.storage.fsync, gc_config=gc) as store:
+        async with PieceStore.open(
+            self.data_dir, fsync=cfg.storage.fsync, gc_config=gc, supervisor=self.supervisor
+        ) as store:
             self.store = store
             try:
                 async with trio.open_nursery() as nursery:
                     self.tasks = TaskManager(self, nursery)
                     upload = await nursery.start(
-                        serve, UploadHandler(self), cfg.upload.listen, cfg.upload.port
+                        self._listener(UploadHandler(self), cfg.upload, "upload")
                     )
                     self.upload_port = bound_port(upload)
                     self.host = HostInfo(
@@ -122,9 +145,13 @@ class PeerDaemon:
                         credential=self.credential,
                     )
                     proxy = await nursery.start(
-                        serve, ProxyHandler(self), cfg.proxy.listen, cfg.proxy.port
+                        self._listener(ProxyHandler(self), cfg.proxy, "proxy")
                     )
                     self.proxy_port = bound_port(proxy)
+                    self.proxy_gate.bind_ports([self.proxy_port, self.upload_port])
+                    await nursery.start(
+                        serve_unix, LocalAPIHandler(self), api_socket(self.data_dir)
+                    )
                     self.host = _with_proxy_port(self.host, self.proxy_port)
                     self.schedulers.host = self.host
                     for conn in self.schedulers.connections.values():
@@ -140,7 +167,11 @@ class PeerDaemon:
                             await self.schedulers.run(task_status=task_status)
 
                     await nursery.start(run_schedulers)
-                    nursery.start_soon(store.gc_forever, cfg.storage.gc_interval)
+                    nursery.start_soon(
+                        self.supervisor.every, cfg.storage.gc_interval, "gc", store.run_gc
+                    )
+                    if cfg.seed.enabled and cfg.scheduler.manager:
+                        nursery.start_soon(self._manager_member().run)
                     self._serving = True
                     if cfg.trust.insecure:
                         log.warning(
@@ -166,6 +197,34 @@ class PeerDaemon:
             finally:
                 self._serving = False
                 await self.origin_client.aclose()
+
+    def _listener(
+        self, handler: Handler, section: UploadSection | ProxySection, name: str
+    ) -> Callable[..., Awaitable[None]]:
+        """serve() for one of the daemon's listeners, capped at its max_connections."""
+        return functools.partial(
+            serve,
+            handler,
+            section.listen,
+            section.port,
+            max_connections=section.max_connections,
+            on_refused=self.metrics.connections_refused.labels(name).inc,
+        )
+
+    def _manager_member(self) -> ManagerMember:
+        """A seed peer registers with the manager (its proxy port and upload port)."""
+        cfg = self.config
+        announce = AnnounceMember(
+            hostname=self.host.hostname,
+            ip=cfg.host.ip,
+            port=self.proxy_port,
+            download_port=self.upload_port,
+            cluster_id=cfg.seed.cluster_id,
+            idc=cfg.host.idc,
+            location=cfg.host.location,
+            version=__version__,
+        )
+        return ManagerMember(cfg.scheduler.manager, "seed-peer", announce)
 
     async def _on_trigger(self, msg: TriggerDownload) -> None:
         """A scheduler asks this seed peer to fetch a task from the origin first."""

@@ -19,13 +19,15 @@ a log line (rate-limited) and a count in dragonfly_scheduler_refusals_total.
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from dataclasses import dataclass
 
 import trio
 
-from dragonfly.config import SchedulerConfig
+from dragonfly import __version__
+from dragonfly.config import SchedulerConfig, resolved_hostname
 from dragonfly.credentials import scheduler_secrets
 from dragonfly.log import LogLimiter, get_logger
 from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -39,8 +41,10 @@ from dragonfly.net.channel import (
     accept_websocket,
 )
 from dragonfly.net.http_server import Request, Responder, bound_port, serve
+from dragonfly.net.manager_client import ManagerMember
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
+from dragonfly.supervise import Supervisor
 from dragonfly.trust import (
     TrustError,
     Verifier,
@@ -51,6 +55,7 @@ from dragonfly.trust import (
 )
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtocolError
 from dragonfly.wire.messages import (
+    AnnounceMember,
     CandidateParents,
     Error,
     ErrorCode,
@@ -87,6 +92,10 @@ class SchedulerServer:
         self.metrics = SchedulerMetrics()
         self._refusal_log = LogLimiter()
         self._refused = 0  # the core's refused registrations already counted
+        # The ticker and the flusher run under it: a failure is retried, never fatal.
+        self.supervisor = Supervisor(
+            lambda loop: self.metrics.background_failures.labels(loop).inc()
+        )
         self.hosts: dict[str, _HostConnection] = {}
         self.flusher = Flusher()  # writes every host's messages, once per loop round
         self.port = 0
@@ -94,21 +103,50 @@ class SchedulerServer:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         server = self.config.server
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(serve, self.handle_http, server.listen, server.port)
+            listeners = await nursery.start(
+                functools.partial(
+                    serve,
+                    self.handle_http,
+                    server.listen,
+                    server.port,
+                    max_connections=server.max_connections,
+                    on_refused=self.metrics.connections_refused.labels("scheduler").inc,
+                )
+            )
             self.port = bound_port(listeners)
             # Tickets expire in wall time; the core's clock is trio's.
             self.core.wall_offset = time.time() - trio.current_time()
             if self.verifier is None:
                 log.warning("INSECURE: trust.insecure is set: hosts are taken at their word")
-            nursery.start_soon(self._ticker)
-            nursery.start_soon(self.flusher.run)
+            interval = min(TICK, max(self.config.scheduling.retry_interval, 0.01))
+            nursery.start_soon(self.supervisor.every, interval, "scheduler_tick", self._tick)
+            nursery.start_soon(self.supervisor.restarting, "scheduler_flush", self.flusher.run)
+            if self.config.manager.address:
+                nursery.start_soon(self._manager_member().run)
             log.info("scheduler started", listen=f"{server.listen}:{self.port}")
             task_status.started(self.port)
+
+    def _manager_member(self) -> ManagerMember:
+        host = self.config.host
+        announce = AnnounceMember(
+            hostname=resolved_hostname(host)[:255],
+            ip=host.ip,
+            port=self.port,
+            cluster_id=self.config.manager.cluster_id,
+            idc=host.idc,
+            location=host.location,
+            features=["schedule"],
+            version=__version__,
+        )
+        return ManagerMember(self.config.manager.address, "scheduler", announce)
 
     async def handle_http(self, request: Request, responder: Responder) -> None:
         path = request.target.split("?", 1)[0]
         if path == "/healthy":
-            await responder.send(200, b"ok\n")
+            if self.supervisor.degraded:  # a background loop's last run failed
+                await responder.send(503, self.supervisor.describe().encode())
+            else:
+                await responder.send(200, b"ok\n")
         elif path == "/metrics":
             await responder.send(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
         elif path == SCHEDULER_PATH and responder.is_websocket_request:
@@ -282,11 +320,9 @@ class SchedulerServer:
         if triggers:
             self.metrics.triggers.inc(triggers)
 
-    async def _ticker(self) -> None:
-        interval = min(TICK, max(self.config.scheduling.retry_interval, 0.01))
-        while True:
-            await trio.sleep(interval)
-            self._apply(self.core.tick(trio.current_time()))
+    async def _tick(self) -> None:
+        self._apply(self.core.tick(trio.current_time()))
+        await trio.lowlevel.checkpoint()
 
 
 # The cyclic GC's default thresholds (700, 10, 10) made a busy scheduler spend ~13 % of

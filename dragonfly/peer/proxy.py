@@ -6,29 +6,37 @@ from the task file); everything else is passed straight to the origin. A request
 with credentials goes through P2P only where its rule allows it, and only after
 the origin accepted those credentials.
 
-Origin-form requests reach the daemon itself: /healthy, /metrics, and the local
-API `POST /_dragonfly/tasks` used by `dragonfly get`.
+Every request first passes the gate (dragonfly/peer/exposure.py): a client not on
+loopback must be in proxy.allowed_clients or authenticate, and may not reach
+loopback, link-local or the daemon's own ports. Origin-form requests reach the
+daemon itself: /healthy, /metrics and the registry mirror. (The local API of
+`dragonfly get` is a unix socket in the data directory: dragonfly/peer/local_api.py.)
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
-import trio
-
 from dragonfly.config import ProxyRule
+from dragonfly.engine.access import client_ip
 from dragonfly.identity import IdentityError
 from dragonfly.log import get_logger
+from dragonfly.net.http_client import HTTPClientError, split_url
 from dragonfly.net.http_server import Request, Responder
-from dragonfly.peer.download import Download, DownloadFailed, DownloadRequest
+from dragonfly.peer.download import DownloadFailed, DownloadRequest
+from dragonfly.peer.exposure import (
+    CLIENT,
+    ClientScope,
+    DestinationRefused,
+    ProxyGate,
+    checked_addresses,
+)
 from dragonfly.peer.private import PrivateAccess
 from dragonfly.peer.registry import RegistryMirror
 from dragonfly.peer.services import PeerServices
 from dragonfly.peer.serving import origin_headers, relay, serve_common, stream_download
 from dragonfly.peer.tunnel import handle_connect
-from dragonfly.storage.taskfile import task_path
 from dragonfly.wire.oci import is_registry_path, registry_blob
 
 log = get_logger("dragonfly.peer.proxy")
@@ -37,7 +45,6 @@ H_TAG = "x-dragonfly-tag"
 H_APPLICATION = "x-dragonfly-application"
 H_FILTERED = "x-dragonfly-filtered-query-params"
 H_USE_P2P = "x-dragonfly-use-p2p"
-LOCAL_API = "/_dragonfly/tasks"
 
 
 @dataclass(frozen=True)
@@ -61,9 +68,26 @@ class ProxyHandler:
         self.registry = RegistryMirror(daemon)
         self.private = PrivateAccess(daemon)
 
+    @property
+    def gate(self) -> ProxyGate:
+        return self.daemon.proxy_gate
+
     async def __call__(self, request: Request, responder: Responder) -> None:
-        target = request.target
-        if target.startswith("/"):
+        client = client_ip(request.client)
+        refusal = await self.gate.admit(client, request.headers.get("proxy-authorization"))
+        if refusal is not None:
+            await self._refuse_client(refusal, request, responder)
+            return
+        # Every connection made for this request (and for a download it starts) is
+        # checked against what this client may reach: see dragonfly/peer/exposure.py.
+        scope = CLIENT.set(ClientScope(self.gate.policy, client))
+        try:
+            await self._route(request, responder)
+        finally:
+            CLIENT.reset(scope)
+
+    async def _route(self, request: Request, responder: Responder) -> None:
+        if request.target.startswith("/"):
             await self._origin_form(request, responder)
             return
         if request.method == "CONNECT":
@@ -74,23 +98,54 @@ class ProxyHandler:
                 forward=self.forward,
                 metrics=self.daemon.metrics,
                 connect_timeout=self.daemon.config.download.connect_timeout,
+                connect_ports=self.gate.policy.connect_ports,
+                resolve=checked_addresses,
             )
             return
         await self.forward(request, responder)
 
+    async def _refuse_client(self, reason: str, request: Request, responder: Responder) -> None:
+        self.daemon.metrics.proxy_refusals.labels(reason).inc()
+        if reason == "auth":
+            await responder.send(
+                407,
+                b"proxy authentication required\n",
+                [(b"proxy-authenticate", b'Basic realm="dragonfly"'), (b"connection", b"close")],
+            )
+            return
+        await responder.send_error(
+            403, f"this proxy does not serve {request.client} (see proxy.allowed_clients)"
+        )
+
     async def _origin_form(self, request: Request, responder: Responder) -> None:
-        """Requests to the daemon itself: health, metrics, the local API, the registry
-        mirror (`/v2/...`)."""
+        """Requests to the daemon itself: health, metrics, the registry mirror
+        (`/v2/...`)."""
         path = request.target.split("?", 1)[0]
         if is_registry_path(path):
             await self.registry(request, responder)
             return
         if await serve_common(self.daemon, path, responder):
             return
-        if path == LOCAL_API and request.method == "POST":
-            await self._local_api(request, responder)
-            return
         await responder.send(404, b"not found: this is a forward proxy (absolute URLs)\n")
+
+    async def _destination_refused(self, target: str, responder: Responder) -> bool:
+        """Answer 403 (True) if the current client may not reach the URL's host, 502 if it
+        does not resolve. Checked before P2P too: a local hit or another host's fetch
+        would otherwise serve what this client may not reach."""
+        scope = CLIENT.get()
+        if scope is None or scope.policy.on_loopback(scope.client):
+            return False
+        try:
+            origin, _ = split_url(target)
+            await checked_addresses(origin.host, origin.port)
+        except DestinationRefused as exc:
+            self.daemon.metrics.proxy_refusals.labels("destination").inc()
+            await responder.send_error(403, str(exc))
+            return True
+        except HTTPClientError as exc:
+            await responder.send_error(502, str(exc))
+            return True
+        return False
 
     async def forward(self, request: Request, responder: Responder) -> None:
         """A request for an absolute http(s) URL: through P2P under a rule, else direct."""
@@ -98,6 +153,8 @@ class ProxyHandler:
         metrics = self.daemon.metrics
         if not target.lower().startswith(("http://", "https://")):
             await responder.send_error(400, f"bad request target {target[:200]!r}")
+            return
+        if await self._destination_refused(target, responder):
             return
         rule = self._matching_rule(request)
         if rule is not None and not self._credentials_allowed(request, rule):
@@ -185,64 +242,3 @@ class ProxyHandler:
             ):
                 return
             await stream_download(self.daemon, download, request, responder)
-
-    # ---------------------------------------------------------------- local API
-
-    async def _local_api(self, request: Request, responder: Responder) -> None:
-        """`dragonfly get`: download a URL and report progress as JSON lines; the last
-        line names the finished task file, which the client copies out itself."""
-        if not request.client.startswith(("127.", "[::1]", "::1")):
-            await responder.send_error(403, "the local API is for this host only")
-            return
-        try:
-            spec = json.loads(await request.read_body(limit=1 << 20))
-            url = spec["url"]
-            if not isinstance(url, str):
-                raise TypeError("url must be a string")
-            headers = spec.get("headers", {})
-            req = DownloadRequest.for_url(
-                url,
-                tag=str(spec.get("tag", "")),
-                application=str(spec.get("application", "")),
-                headers={str(k).lower(): str(v) for k, v in headers.items()},
-                filtered_query_params=list(self.daemon.config.proxy.filtered_query_params)
-                + [str(p) for p in spec.get("filtered_query_params", [])],
-                back_to_source=bool(spec.get("back_to_source", True)),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError, IdentityError) as exc:
-            await responder.send_error(400, f"bad download request: {exc}")
-            return
-        download = self.daemon.tasks.open(req)
-        with download.attached():
-            await self._report_progress(req, download, responder)
-
-    async def _report_progress(
-        self, req: DownloadRequest, download: Download, responder: Responder
-    ) -> None:
-        await responder.start(200, [(b"content-type", b"application/x-ndjson")])
-
-        async def line(obj: dict[str, object]) -> None:
-            await responder.write((json.dumps(obj) + "\n").encode())
-
-        try:
-            await download.wait_metadata()
-            while not download.finished.is_set():
-                await line(
-                    {"completed": download.completed_bytes, "total": download.content_length}
-                )
-                with trio.move_on_after(0.2):
-                    await download.wait_finished()
-            path = str(task_path(self.daemon.data_dir, req.task_id))
-            await line(
-                {
-                    "state": "succeeded",
-                    "task_id": req.task_id,
-                    "path": path,
-                    "content_length": download.content_length,
-                    "completed": download.content_length,
-                    "total": download.content_length,
-                }
-            )
-        except DownloadFailed as exc:
-            await line({"state": "failed", "reason": exc.reason, "http_status": exc.http_status})
-        await responder.finish()

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Protocol
 
 from dragonfly.peer.download import DownloadServices
+from dragonfly.peer.exposure import ProxyGate
 from dragonfly.peer.tasks import TaskManager
 from dragonfly.peer.tunnel import Hijacker
 from dragonfly.ratelimit import RateLimiter
+from dragonfly.supervise import Supervisor
 from dragonfly.trust import TicketKey
 
 
@@ -18,6 +20,8 @@ class PeerServices(DownloadServices, Protocol):
     data_dir: Path
     tasks: TaskManager
     hijacker: Hijacker
+    proxy_gate: ProxyGate
+    supervisor: Supervisor
     upload_limiter: RateLimiter | None
     ticket_key: TicketKey | None  # this host's key: children's tickets are checked with it
 

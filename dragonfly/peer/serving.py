@@ -10,14 +10,19 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from dragonfly.net.http_client import HTTPClientError
+from dragonfly.net.http_client import Body, HTTPClientError, StreamedBody
 from dragonfly.net.http_server import Request, Responder
 from dragonfly.peer.download import Download
+from dragonfly.peer.exposure import DestinationRefused
 from dragonfly.peer.services import PeerServices
-from dragonfly.wire.http_common import Headers, RangeNotSatisfiable, parse_range
+from dragonfly.wire.http_common import (
+    Headers,
+    RangeNotSatisfiable,
+    parse_content_length,
+    parse_range,
+)
 
 H_TASK_ID = b"x-dragonfly-task-id"
-MAX_FORWARD_BODY = 64 << 20
 
 # Request headers that describe the client's connection or ask for a part of the
 # body: never sent to the origin for a whole-task fetch.
@@ -56,12 +61,17 @@ def origin_headers(headers: Headers) -> dict[str, str]:
 
 
 async def serve_common(daemon: PeerServices, path: str, responder: Responder) -> bool:
-    """/healthy and /metrics, on both of a peer's listeners; True if answered."""
+    """/healthy and /metrics, on both of a peer's listeners; True if answered.
+
+    /healthy is 503 while starting and while a background loop's last run failed (the
+    body says "degraded" and names the loop: the daemon keeps serving and retrying)."""
     if path == "/healthy":
-        if daemon.healthy:
-            await responder.send(200, b"ok\n")
-        else:
+        if not daemon.healthy:
             await responder.send(503, b"starting: not connected to every scheduler yet\n")
+        elif daemon.supervisor.degraded:
+            await responder.send(503, daemon.supervisor.describe().encode())
+        else:
+            await responder.send(200, b"ok\n")
         return True
     if path == "/metrics":
         await responder.send(200, daemon.metrics.render(), content_type=METRICS_CONTENT_TYPE)
@@ -76,9 +86,19 @@ def relayed_headers(headers: Headers) -> Headers:
     return Headers(
         (k, v)
         for k, v in headers.without_hop_by_hop()
-        if k not in (b"host", b"proxy-authorization", b"content-length")
+        if k not in (b"host", b"proxy-authorization", b"content-length", b"expect")
         and not k.startswith(b"x-dragonfly-")
     )
+
+
+def request_body(request: Request) -> Body:
+    """The client's request body as it arrives (never held whole), or b"" without one."""
+    length = parse_content_length(request.headers.get("content-length"))
+    if request.headers.get("transfer-encoding") is not None:
+        return StreamedBody(request.iter_body())
+    if length:
+        return StreamedBody(request.iter_body(), length)
+    return b""
 
 
 async def relay(
@@ -91,18 +111,17 @@ async def relay(
     on_error: Callable[[int, str], Awaitable[None]] | None = None,
 ) -> None:
     """Pass the request to `url` and stream the answer back unchanged (redirects too).
-    An origin that cannot be reached is a 502 (through `on_error` when given)."""
+    The request body streams through as it arrives. An origin that cannot be reached is
+    a 502, one the client may not reach a 403 (through `on_error` when given)."""
     hdrs = relayed_headers(request.headers) if headers is None else headers
     fail = on_error or responder.send_error
     try:
-        body = await request.read_body(limit=MAX_FORWARD_BODY)
-    except ValueError as exc:
-        await fail(413, str(exc))
-        return
-    try:
         response = await daemon.origin_client.send(
-            request.method, url, hdrs, body, follow_redirects=False
+            request.method, url, hdrs, request_body(request), follow_redirects=False
         )
+    except DestinationRefused as exc:
+        await fail(403, str(exc))
+        return
     except HTTPClientError as exc:
         await fail(502, f"origin: {exc}")
         return

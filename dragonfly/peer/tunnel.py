@@ -1,8 +1,10 @@
 """CONNECT on the peer's proxy: blind tunnels, and HTTPS interception for chosen hosts.
 
 `https_proxy=http://PEER` makes curl, pip and huggingface_hub send
-`CONNECT HOST:PORT`. By default the proxy answers 200 and copies bytes both ways
-untouched (it never sees inside the TLS). For hosts that match
+`CONNECT HOST:PORT`, which may name a port of `proxy.connect_ports` only (443 by
+default). By default the proxy answers 200 and copies bytes both ways untouched
+(it never sees inside the TLS), connecting to the address the resolver checked
+for this client (dragonfly/peer/exposure.py). For hosts that match
 `proxy.hijack_https.hosts` it terminates the TLS itself with a certificate for
 that host signed by the configured CA, reads the HTTP/1.1 requests inside with
 the same server code as plain HTTP, and hands each to the proxy as an absolute
@@ -25,8 +27,10 @@ import trio
 from dragonfly.config import HijackHTTPSSection
 from dragonfly.log import get_logger
 from dragonfly.metrics import PeerMetrics
+from dragonfly.net.http_client import HTTPClientError, Resolver
 from dragonfly.net.http_server import Request, Responder, serve_connection
-from dragonfly.net.tls import LeafCache, TLSError, hijack_ca, is_dns_name
+from dragonfly.net.tls import LeafBudgetSpent, LeafCache, TLSError, hijack_ca, is_dns_name
+from dragonfly.peer.exposure import DestinationRefused
 
 # The proxy's path for one request (absolute URL): what an intercepted request goes to.
 Forward = Callable[[Request, Responder], Awaitable[None]]
@@ -106,7 +110,11 @@ class Hijacker:
         ca = hijack_ca(section)  # ConfigError naming the key: refuses to start
         self.enabled = ca is not None and bool(section.hosts)
         self.hosts = [re.compile(h) for h in section.hosts]
-        self.leaves = LeafCache(ca) if ca is not None else None
+        self.leaves = (
+            LeafCache(ca, max_entries=section.leaf_cache_size, per_minute=section.leaf_rate)
+            if ca is not None
+            else None
+        )
 
     def matches(self, authority: Authority) -> bool:
         if not self.enabled:
@@ -127,13 +135,22 @@ async def handle_connect(
     forward: Forward,
     metrics: PeerMetrics,
     connect_timeout: float,
+    connect_ports: frozenset[int],
+    resolve: Resolver,
 ) -> None:
-    """Answer one CONNECT: 400 for a bad target, else intercept it (the requests inside
-    go to `forward`) or tunnel it."""
+    """Answer one CONNECT: 400 for a bad target, 403 for a port outside `connect_ports`,
+    else intercept it (the requests inside go to `forward`) or tunnel it to the
+    addresses `resolve` gives."""
     try:
         authority = parse_authority(request.target)
     except BadTarget as exc:
         await responder.send_error(400, str(exc))
+        return
+    if authority.port not in connect_ports:
+        metrics.proxy_refusals.labels("connect_port").inc()
+        await responder.send_error(
+            403, f"CONNECT to port {authority.port} is not allowed (proxy.connect_ports)"
+        )
         return
     if request.headers.get("content-length") not in (None, "0") or request.headers.get(
         "transfer-encoding"
@@ -142,10 +159,19 @@ async def handle_connect(
         return
     if hijacker.matches(authority):
         metrics.proxy_requests.labels("hijack").inc()
-        await _hijack(forward, hijacker, authority, request, responder)
+        await _hijack(forward, hijacker, authority, request, responder, metrics)
         return
     metrics.proxy_requests.labels("tunnel").inc()
-    await tunnel(request, responder, authority, connect_timeout=connect_timeout)
+    try:
+        hosts = await resolve(authority.host, authority.port)
+    except DestinationRefused as exc:
+        metrics.proxy_refusals.labels("destination").inc()
+        await responder.send_error(403, str(exc))
+        return
+    except HTTPClientError as exc:
+        await responder.send_error(502, str(exc))
+        return
+    await tunnel(request, responder, authority, hosts, connect_timeout=connect_timeout)
 
 
 # ---------------------------------------------------------------- blind tunnels
@@ -155,14 +181,16 @@ async def tunnel(
     request: Request,
     responder: Responder,
     authority: Authority,
+    hosts: list[str],
     *,
     connect_timeout: float = 10.0,
     idle_timeout: float = TUNNEL_IDLE_TIMEOUT,
 ) -> None:
-    """Connect to HOST:PORT (502 if that fails), answer 200, copy bytes until both ends end."""
+    """Connect to the first of `hosts` (HOST:PORT's checked addresses) that answers (502 if
+    none does), answer 200, copy bytes until both ends end."""
     try:
         with trio.fail_after(connect_timeout):
-            upstream = await trio.open_tcp_stream(authority.host, authority.port)
+            upstream = await _open_first(hosts, authority.port)
     except trio.TooSlowError:
         await responder.send_error(
             502, f"cannot connect to {authority}: no answer within {connect_timeout}s"
@@ -181,6 +209,16 @@ async def tunnel(
             sent=up,
             received=down,
         )
+
+
+async def _open_first(hosts: list[str], port: int) -> trio.SocketStream:
+    failure: OSError | None = None
+    for host in hosts:
+        try:
+            return await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            failure = exc
+    raise failure or OSError("no address to connect to")
 
 
 def _os_reason(exc: OSError) -> str:
@@ -249,11 +287,18 @@ async def _hijack(
     authority: Authority,
     request: Request,
     responder: Responder,
+    metrics: PeerMetrics,
 ) -> None:
     """Terminate the client's TLS with our certificate for the host and serve the
     requests inside through the proxy's usual path."""
     try:
         ctx = await hijacker.context(authority)
+    except LeafBudgetSpent as exc:
+        metrics.proxy_refusals.labels("leaf_rate").inc()
+        await responder.send(
+            503, f"{exc}\n".encode(), [(b"retry-after", b"60"), (b"connection", b"close")]
+        )
+        return
     except TLSError as exc:
         log.warning("no certificate for hijacked host", target=str(authority), error=str(exc))
         await responder.send_error(502, f"cannot make a certificate for {authority}: {exc}")

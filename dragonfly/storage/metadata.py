@@ -19,7 +19,10 @@ from typing import Any
 
 from sqlite_utils import Database, Migrations
 
+from dragonfly.redact import redact_url
+
 from .errors import IncompleteTask, StorageError, UnknownTask
+from .private import open_private, secure_existing
 
 __all__ = ["MIGRATIONS", "MetadataDB", "PieceRecord", "TaskRecord", "TaskState"]
 
@@ -121,6 +124,16 @@ def m001_tasks_and_pieces(db: Database) -> None:
 
 
 @MIGRATIONS()
+def m002_redact_urls(db: Database) -> None:
+    """URLs stored before redaction existed lose their signatures and passwords."""
+    rows = db.execute("SELECT id, url FROM tasks").fetchall()
+    db.conn.executemany(
+        "UPDATE tasks SET url = ? WHERE id = ?",
+        [(redact_url(url), tid) for tid, url in rows if redact_url(url) != url],
+    )
+
+
+@MIGRATIONS()
 def m003_private_tasks(db: Database) -> None:
     """Tasks made from requests with credentials are marked (never unmarked)."""
     db.execute("ALTER TABLE tasks ADD COLUMN private INTEGER NOT NULL DEFAULT 0")
@@ -149,6 +162,11 @@ class MetadataDB:
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
+        # SQLite gives its -wal and -shm files the database file's mode: create that one
+        # 0600 (never through a symlink) before SQLite opens it.
+        os.close(open_private(self.path, os.O_RDWR | os.O_CREAT))
+        for suffix in ("-wal", "-shm"):
+            secure_existing(self.path.with_name(self.path.name + suffix))
         conn = sqlite3.connect(str(self.path), check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
@@ -194,6 +212,8 @@ class MetadataDB:
             raise TypeError(f"unknown task fields: {sorted(unknown)}")
         if "state" in fields:
             fields["state"] = str(TaskState(fields["state"]))
+        if "url" in fields:
+            fields["url"] = redact_url(fields["url"])  # no signature or password on disk
         table = self.db.table("tasks")
         with self.db.atomic():
             if self.get_task(task_id) is None:
@@ -210,6 +230,8 @@ class MetadataDB:
             raise TypeError(f"unknown task fields: {sorted(unknown)}")
         if "state" in fields:
             fields["state"] = str(TaskState(fields["state"]))
+        if "url" in fields:
+            fields["url"] = redact_url(fields["url"])
         with self.db.atomic():
             self._require(task_id)
             if fields:

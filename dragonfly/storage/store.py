@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import stat
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -33,6 +34,7 @@ import structlog
 import trio
 
 from dragonfly.identity import IdentityError, parse_sha256_digest, piece_count
+from dragonfly.supervise import Supervisor
 
 from .errors import (
     DigestMismatch,
@@ -44,6 +46,7 @@ from .errors import (
 )
 from .gc import GCConfig, TaskUsage, plan_gc
 from .metadata import MetadataDB, PieceRecord, TaskRecord, TaskState
+from .private import link_refused, open_private, prepare_data_dir, private_dir
 from .taskfile import BufferLike, TaskFile, task_path, validate_task_id
 
 __all__ = ["PieceSink", "PieceStore", "TaskHandle"]
@@ -54,6 +57,7 @@ T = TypeVar("T")
 
 DB_NAME = "metadata.db"
 LOCK_NAME = "lock"
+FLUSH_LOOP = "store_flush"  # the flusher's name on /healthy and in metrics
 
 
 def _parse_digest(digest: str) -> bytes:
@@ -190,7 +194,7 @@ class _Batch:
 def _lock_data_dir(data_dir: Path) -> int:
     """One process per data directory: two stores over one SQLite file and task files
     would each believe they own the pieces."""
-    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = open_private(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -209,17 +213,21 @@ def _recover(data_dir: Path, db: MetadataDB) -> None:
     known: set[str] = set()
     for task in db.list_tasks():
         try:
-            st = os.stat(task_path(data_dir, task.id))
+            st = os.lstat(task_path(data_dir, task.id))
         except (FileNotFoundError, ValueError):
             db.delete_task(task.id)
             log.info("storage.recover.drop_task", task_id=task.id, reason="file missing")
             continue
+        if stat.S_ISLNK(st.st_mode):
+            raise link_refused(task_path(data_dir, task.id))
         known.add(task.id)
         beyond = [p.number for p in db.pieces(task.id) if p.offset + p.length > st.st_size]
         if beyond:
             db.drop_pieces(task.id, beyond)
     tasks_dir = data_dir / "tasks"
     for sub in tasks_dir.iterdir():
+        if sub.is_symlink():
+            raise link_refused(sub)
         if not sub.is_dir():
             continue
         for f in sub.iterdir():
@@ -244,6 +252,7 @@ class PieceStore:
         touch_interval: float,
         max_idle_handles: int,
         io_threads: int,
+        supervisor: Supervisor,
     ) -> None:
         """Use :meth:`create` or :meth:`open`: opening the database is blocking I/O."""
         self.data_dir = data_dir
@@ -266,6 +275,10 @@ class PieceStore:
         self._wakeup = trio.Event()
         self._running = False
         self._closed = False
+        # Failed commits (database locked, disk full) are reported here, and the flusher
+        # waits its backoff before the next one (dragonfly/supervise.py).
+        self.supervisor = supervisor
+        self._retry_after = 0.0
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -281,6 +294,7 @@ class PieceStore:
         touch_interval: float = 5.0,
         max_idle_handles: int = 128,
         io_threads: int = 4,
+        supervisor: Supervisor | None = None,
     ) -> PieceStore:
         """Open the store and recover from whatever the last process left.
 
@@ -292,7 +306,8 @@ class PieceStore:
         path = Path(data_dir)
 
         def _open() -> tuple[MetadataDB, int]:
-            (path / "tasks").mkdir(parents=True, exist_ok=True)
+            prepare_data_dir(path)
+            private_dir(path / "tasks")
             lock_fd = _lock_data_dir(path)
             try:
                 db = MetadataDB(path / DB_NAME)
@@ -318,6 +333,7 @@ class PieceStore:
             touch_interval=touch_interval,
             max_idle_handles=max_idle_handles,
             io_threads=io_threads,
+            supervisor=supervisor or Supervisor(),
         )
 
     @classmethod
@@ -362,6 +378,8 @@ class PieceStore:
                     break
                 async with self._flush_lock:
                     await self._flush_once()
+                if self._retry_after:
+                    await trio.sleep(self._retry_after)
         finally:
             self._running = False
 
@@ -434,9 +452,18 @@ class PieceStore:
                 skipped = await self._run_db(_commit)
                 if skipped:
                     log.debug("storage.flush.skipped", task_ids=sorted(skipped))
+                self.supervisor.succeeded(FLUSH_LOOP)
+                self._retry_after = 0.0
             except Exception as exc:
                 batch.error = exc
-                log.error("storage.flush.failed", error=repr(exc), pieces=batch.count)
+                self._retry_after = self.supervisor.failed(FLUSH_LOOP, exc)
+                # The next batch retries the uses (and, for a batch of pieces only, at
+                # least one write per task): so the flusher learns, after its backoff,
+                # whether the database works again, even if nothing else comes.
+                now = self._clock()
+                for tid in batch.pieces.keys() | batch.touches.keys():
+                    when = max(batch.touches.get(tid, now), self._batch.touches.get(tid, 0.0))
+                    self._batch.touches[tid] = when
                 for tid, pieces in batch.pieces.items():
                     h = batch.handles.get(tid)
                     if h is not None:
@@ -1059,21 +1086,6 @@ class PieceStore:
         removed = await self._delete_many(plan, strict=False)
         log.info("storage.gc", removed=removed, used=used, capacity=capacity)
         return removed
-
-    async def gc_forever(
-        self,
-        interval: float,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Run GC every ``interval`` seconds (start it in the daemon's nursery)."""
-        task_status.started()
-        while True:
-            await trio.sleep(interval)
-            try:
-                await self.run_gc()
-            except StorageError as exc:
-                log.error("storage.gc.failed", error=repr(exc))
 
 
 def _conflicts(record: TaskRecord, given: dict[str, Any]) -> bool:

@@ -20,6 +20,8 @@ import trio
 
 from dragonfly.net.zerocopy import IncompleteBody, SplicePipe, pwrite_all, splice_to_file
 
+from .private import open_private, private_dir
+
 __all__ = [
     "IncompleteBody",
     "SplicePipe",
@@ -69,13 +71,14 @@ class TaskFile:
     ) -> None:
         self.path = Path(path)
         parent_existed = self.path.parent.is_dir()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        private_dir(self.path.parent)
+        # Owner-only and never through a symlink (dragonfly/storage/private.py).
+        flags = os.O_RDWR | os.O_CREAT
         try:
-            self._fd = os.open(self.path, flags | os.O_EXCL, 0o644)
+            self._fd = open_private(self.path, flags | os.O_EXCL)
             created = True
         except FileExistsError:
-            self._fd = os.open(self.path, flags, 0o644)
+            self._fd = open_private(self.path, flags)
             created = False
         try:
             if content_length >= 0 and os.fstat(self._fd).st_size != content_length:

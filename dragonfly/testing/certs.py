@@ -39,13 +39,17 @@ def ca_bundle(path: Path, ca_cert: Path) -> Path:
     return path
 
 
-def hijack_options(ca: CAFiles, hosts: str, rules: str, origin_ca: Path) -> list[str]:
+def hijack_options(
+    ca: CAFiles, hosts: str, rules: str, origin_ca: Path, ports: list[int]
+) -> list[str]:
     """--set options for peers that intercept CONNECT to hosts matching the TOML array
-    `hosts`, with proxy rules `rules` (a TOML array of tables), trusting `origin_ca`."""
+    `hosts` on `ports` (the test origins' ports: CONNECT reaches those only), with proxy
+    rules `rules` (a TOML array of tables), trusting `origin_ca`."""
     return [
         "--set", f"proxy.hijack_https.ca_cert={ca.cert}",
         "--set", f"proxy.hijack_https.ca_key={ca.key}",
         "--set", f"proxy.hijack_https.hosts={hosts}",
         "--set", f"proxy.rules={rules}",
         "--set", f"download.origin_ca_file={origin_ca}",
+        "--set", f"proxy.connect_ports={ports}",
     ]  # fmt: skip

@@ -8,6 +8,13 @@ accepts; senders must split longer piece lists over several messages.
 
 Adding a field later: give it a default (and put it last in a ``@compact`` record)
 so older peers, which ignore unknown keys, keep working.
+
+Protocol note (manager): schedulers and seed peers talk to the manager over its own
+websocket (``/v1/manager``) with ``AnnounceMember`` → ``MemberRegistered``, then a
+``Ping`` every keepalive interval (answered by ``Pong``); anyone may ask for
+schedulers with ``ListSchedulers`` → ``SchedulerList``. These types travel on that
+websocket only, so peers and schedulers of protocol 2 that never connect to a
+manager are unaffected (no version change).
 """
 
 from dataclasses import dataclass, field
@@ -31,6 +38,7 @@ from dragonfly.wire.codec import (
 __all__ = [
     "ROLES",
     "AnnounceDone",
+    "AnnounceMember",
     "CandidateParents",
     "Claims",
     "Error",
@@ -39,6 +47,8 @@ __all__ = [
     "HostInfo",
     "LeaveHost",
     "LeavePeer",
+    "ListSchedulers",
+    "MemberRegistered",
     "NeedBackToSource",
     "ParentInfo",
     "PeerFailed",
@@ -55,6 +65,8 @@ __all__ = [
     "Proof",
     "RegisterPeer",
     "Reschedule",
+    "SchedulerEntry",
+    "SchedulerList",
     "Subscribe",
     "TaskFailed",
     "TaskMetadata",
@@ -63,7 +75,7 @@ __all__ = [
     "check_version",
 ]
 
-ROLES = ("peer", "seed-peer", "scheduler")
+ROLES = ("peer", "seed-peer", "scheduler", "manager")
 
 ID_MAX = 128
 URL_MAX = 8192
@@ -552,3 +564,71 @@ class AnnounceDone(Message):
     task_id: str = _id()
     piece_count: int = limits(min=0, max=PIECE_NUMBER_MAX + 1)
     content_length: int = limits(min=0, max=OFFSET_MAX)
+
+
+# ---------------------------------------------------------------------------
+# Scheduler / seed peer <-> manager (the manager's websocket)
+# ---------------------------------------------------------------------------
+
+ROW_ID_MAX = 2**63 - 1
+
+
+@message("announce_member")
+@dataclass(frozen=True, slots=True)
+class AnnounceMember(Message):
+    """Scheduler or seed peer → manager, first after the Hello: who it is and which
+    cluster it joins (the Hello's role says which kind of member). ``ip`` is what the
+    member says of itself; the manager records the address it sees."""
+
+    hostname: str = limits(min_len=1, max_len=255)
+    ip: str = limits(min_len=1, max_len=64)
+    port: int = limits(min=1, max=65535)
+    cluster_id: int = limits(min=1, max=ROW_ID_MAX)
+    idc: str = limits(default="", max_len=256)
+    location: str = limits(default="", max_len=256)
+    features: list[str] = field(default_factory=list, metadata=dict(max_items=16, max_len=64))
+    download_port: int = limits(default=0, min=0, max=65535)  # a seed peer's upload port
+    version: str = limits(default="", max_len=64)
+
+
+@message("member_registered")
+@dataclass(frozen=True, slots=True)
+class MemberRegistered(Message):
+    """Manager → member: its row, and how often to send a keepalive (``Ping``)."""
+
+    member_id: int = limits(min=1, max=ROW_ID_MAX)
+    keepalive_ms: int = limits(min=1, max=2**31)
+
+
+@message("list_schedulers")
+@dataclass(frozen=True, slots=True)
+class ListSchedulers(Message):
+    """Any host → manager: which schedulers should I use? ``cluster_id`` 0 lets the
+    manager rank the clusters for this host (its IP is the one the manager sees)."""
+
+    hostname: str = limits(default="", max_len=255)
+    idc: str = limits(default="", max_len=256)
+    location: str = limits(default="", max_len=256)
+    cluster_id: int = limits(default=0, min=0, max=ROW_ID_MAX)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerEntry:
+    """An active scheduler in SchedulerList."""
+
+    id: int = limits(min=1, max=ROW_ID_MAX)
+    hostname: str = limits(max_len=255)
+    ip: str = limits(min_len=1, max_len=64)
+    port: int = limits(min=1, max=65535)
+    idc: str = limits(default="", max_len=256)
+    location: str = limits(default="", max_len=256)
+    features: list[str] = field(default_factory=list, metadata=dict(max_items=16, max_len=64))
+
+
+@message("scheduler_list")
+@dataclass(frozen=True, slots=True)
+class SchedulerList(Message):
+    """Manager → host: the active schedulers of the best cluster (none: cluster_id 0)."""
+
+    cluster_id: int = limits(min=0, max=ROW_ID_MAX)
+    schedulers: list[SchedulerEntry] = field(default_factory=list, metadata=dict(max_items=1024))

@@ -27,14 +27,27 @@ from dragonfly.net.tls import make_ca
 from dragonfly.nursery.peer import PeerDaemon
 from dragonfly.peer.tunnel import BadTarget, parse_authority, splice_streams
 from dragonfly.testing.certs import make_pki
+from tests.p2p_support import connect_through as _connect
 
 
 @pytest.fixture
-async def peer(tmp_path: Path) -> AsyncIterator[PeerDaemon]:
+async def closed_port() -> int:
+    """A loopback port nobody listens on."""
+    with trio.socket.socket() as s:
+        await s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def peer(tmp_path: Path, echo_port: int, closed_port: int) -> AsyncIterator[PeerDaemon]:
     cfg = load_config(
         "peer",
         env={},
-        overrides=["scheduler.addresses=[]", f"storage.data_dir={tmp_path / 'data'}"],
+        overrides=[
+            "scheduler.addresses=[]",
+            f"storage.data_dir={tmp_path / 'data'}",
+            f"proxy.connect_ports=[{echo_port}, {closed_port}]",
+        ],
     )
     assert isinstance(cfg, PeerConfig)
     async with trio.open_nursery() as nursery:
@@ -59,20 +72,6 @@ async def echo_port() -> AsyncIterator[int]:
         )
         yield bound_port(listeners)
         nursery.cancel_scope.cancel()
-
-
-async def _connect(port: int, target: str, after: bytes = b"") -> tuple[trio.SocketStream, bytes]:
-    """Send a CONNECT (and `after` in the same write); (stream, response head)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    await stream.send_all(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + after)
-    head = b""
-    with trio.fail_after(10):
-        while b"\r\n\r\n" not in head:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
-            head += chunk
-    return stream, head
 
 
 async def _read_all(stream: trio.abc.ReceiveStream) -> bytes:
@@ -130,10 +129,7 @@ async def test_bad_connect_targets_get_400(peer: PeerDaemon, target: str, proble
     await stream.aclose()
 
 
-async def test_unreachable_target_gets_502(peer: PeerDaemon):
-    with trio.socket.socket() as s:  # a port nobody listens on
-        await s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
+async def test_unreachable_target_gets_502(peer: PeerDaemon, closed_port: int):
     stream, head = await _connect(peer.proxy_port, f"127.0.0.1:{closed_port}")
     body = head + await _read_all(stream)
     assert body.startswith(b"HTTP/1.1 502 "), body
@@ -236,6 +232,9 @@ async def test_hijacked_requests_stay_on_the_tunnels_host(tmp_path: Path):
     """Inside an intercepted tunnel, origin-form requests become https://HOST:PORT/...;
     a Host header or absolute URL naming another host is refused (421)."""
     ca = make_ca(tmp_path / "ca")
+    with trio.socket.socket() as s:  # the "origin": a port nobody listens on
+        await s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     cfg = load_config(
         "peer",
         env={},
@@ -245,11 +244,9 @@ async def test_hijacked_requests_stay_on_the_tunnels_host(tmp_path: Path):
             f"proxy.hijack_https.ca_cert={ca.cert}",
             f"proxy.hijack_https.ca_key={ca.key}",
             'proxy.hijack_https.hosts=["^127\\\\.0\\\\.0\\\\.1:"]',
+            f"proxy.connect_ports=[{port}]",
         ],
     )
-    with trio.socket.socket() as s:  # the "origin": a port nobody listens on
-        await s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     client_ctx = ssl.create_default_context(cafile=str(ca.cert))
 
     async def ask(daemon: PeerDaemon, request: bytes) -> bytes:

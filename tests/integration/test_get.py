@@ -12,6 +12,7 @@ import pytest
 
 from dragonfly.cluster import Cluster
 from dragonfly.testing.nginx import Nginx
+from tests.p2p_support import task_files
 
 pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
@@ -31,19 +32,23 @@ def test_get_through_a_peer_and_embedded(tmp_path: Path, www: Path, nginx: Nginx
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     url = f"{nginx.url}/f.bin"
     with Cluster(tmp_path / "c", schedulers=1, seed_peers=1, peers=1) as cluster:
-        proxy = cluster.node("peer-0").info["proxy"]
-        r = get(url, "-O", str(tmp_path / "a"), "--peer", proxy, "--digest", digest)
+        # --peer names the daemon's data directory: its local API is the unix socket there
+        peer = cluster.node("peer-0").info["data_dir"]
+        r = get(url, "-O", str(tmp_path / "a"), "--peer", peer, "--digest", digest)
         assert r.returncode == 0, r.stderr
         assert (tmp_path / "a").read_bytes() == data
+        # ... it was that daemon's download: its task file holds the bytes
+        assert [p.read_bytes() for p in task_files(peer)] == [data]
+        assert (Path(peer) / "api.sock").stat().st_mode & 0o777 == 0o600
         # a wrong digest: exit 1, one line naming both digests, no output file
-        r = get(url, "-O", str(tmp_path / "b"), "--peer", proxy, "--digest", "sha256:" + "0" * 64)
+        r = get(url, "-O", str(tmp_path / "b"), "--peer", peer, "--digest", "sha256:" + "0" * 64)
         assert r.returncode == 1 and "digest mismatch" in r.stderr
         assert not (tmp_path / "b").exists()
         # ... and the shared task is untouched: the next get succeeds from the cache
-        r = get(url, "-O", str(tmp_path / "c2"), "--peer", proxy)
+        r = get(url, "-O", str(tmp_path / "c2"), "--peer", peer)
         assert r.returncode == 0 and (tmp_path / "c2").read_bytes() == data
         # an origin 404 is a clear failure, nothing written
-        r = get(f"{nginx.url}/nope.bin", "-O", str(tmp_path / "d"), "--peer", proxy)
+        r = get(f"{nginx.url}/nope.bin", "-O", str(tmp_path / "d"), "--peer", peer)
         assert r.returncode == 1 and "404" in r.stderr
         assert not (tmp_path / "d").exists()
     # no daemon answers: a one-shot peer in-process goes to the origin
@@ -52,7 +57,7 @@ def test_get_through_a_peer_and_embedded(tmp_path: Path, www: Path, nginx: Nginx
         "-O",
         str(tmp_path / "e"),
         "--peer",
-        "http://127.0.0.1:1",
+        str(tmp_path / "no-daemon-here"),
         "--set",
         f"storage.data_dir={tmp_path / 'embedded'}",
         "--set",
@@ -64,3 +69,5 @@ def test_get_through_a_peer_and_embedded(tmp_path: Path, www: Path, nginx: Nginx
     # bad usage is exit 2
     r = get(url, "-O", str(tmp_path / "f"), "--digest", "md5:abc")
     assert r.returncode == 2 and "--digest" in r.stderr
+    r = get(url, "-O", str(tmp_path / "f"), "--peer", "http://127.0.0.1:1")
+    assert r.returncode == 2 and "data directory" in r.stderr

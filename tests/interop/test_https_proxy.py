@@ -116,7 +116,9 @@ def curl(proxy: str, url: str, out: Path, *extra: str) -> subprocess.CompletedPr
 
 def test_blind_tunnel_passes_the_origin_tls_through(tmp_path: Path, site: Site):
     want = random_file(site.root / "blind.bin", 3 * MiB + 1)
-    with Cluster(tmp_path / "cluster", schedulers=1, seed_peers=0, peers=1) as cluster:
+    ports = ["--set", f"proxy.connect_ports=[{site.nginx.port}]"]
+    cluster = Cluster(tmp_path / "cluster", schedulers=1, seed_peers=0, peers=1, extra=ports)
+    with cluster:
         peer = cluster.node("peer-0")
         out = tmp_path / "blind.bin"
         r = curl(
@@ -143,7 +145,8 @@ def test_hijacked_https_goes_peer_to_peer(
     want = random_file(site.root / "model.bin", SIZE)
     random_file(rogue.root / "model.bin", 1000)
     hosts = f'["^127\\\\.0\\\\.0\\\\.1:({site.nginx.port}|{rogue.nginx.port})$"]'
-    extra = hijack_options(project_ca, hosts, '[{regex = "^https?://"}]', site.pki.ca_cert)
+    ports = [site.nginx.port, rogue.nginx.port]
+    extra = hijack_options(project_ca, hosts, '[{regex = "^https?://"}]', site.pki.ca_cert, ports)
     trust_project = ("--cacert", str(project_ca.cert))
     cluster = Cluster(tmp_path / "cluster", schedulers=1, seed_peers=1, peers=2, extra=extra)
     with cluster:

@@ -141,7 +141,7 @@ def test_hf_hub_download_through_the_proxy_goes_peer_to_peer(
     bundle = ca_bundle(tmp_path / "bundle.pem", project_ca.cert)
     names = f"(127\\\\.0\\\\.0\\\\.1|localhost):{port}"
     extra = hijack_options(
-        project_ca, f'["^{names}$"]', f'[{{regex = "^https://{names}/"}}]', origin_ca
+        project_ca, f'["^{names}$"]', f'[{{regex = "^https://{names}/"}}]', origin_ca, [port]
     )
     endpoint = f"https://127.0.0.1:{port}"
     files = ["config.json", "model.safetensors"]

@@ -308,9 +308,11 @@ def test_env_sections_of_other_roles_are_ignored() -> None:
     assert peer.storage.fsync is False and peer.scheduler.addresses == ["ws://s:1"]
     manager = load_config("manager", env=shared)
     assert manager.log.level == "debug" and manager.server.port == 9000
-    # scheduler.manager is a key, not a section: DRAGONFLY_MANAGER__* is no scheduler section.
-    assert load_config("scheduler", env={"DRAGONFLY_MANAGER__URL": "x"}) == load_config(
-        "scheduler", env={}
+    # [manager] is a scheduler section (the manager it registers with), not a role's name.
+    sched = load_config("scheduler", env={"DRAGONFLY_MANAGER__ADDRESS": "http://m:8080"})
+    assert isinstance(sched, SchedulerConfig) and sched.manager.address == "http://m:8080"
+    assert load_config("peer", env={"DRAGONFLY_MANAGER__ADDRESS": "x"}) == load_config(
+        "peer", env={}
     )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dragonfly.cli import EXIT_OK, EXIT_USAGE, main
-from dragonfly.config import load_config
+from dragonfly.config import RESERVED, load_config
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -112,7 +112,8 @@ def test_reserved_keys_are_shown_and_a_daemon_warns_when_one_is_set(
 ) -> None:
     assert main(["config", "check", "--role", "peer", "--set", "scheduler.manager=http://m"]) == 0
     out = capsys.readouterr().out
-    assert "# reserved: nothing reads this until the manager exists\nmanager = 'http://m'" in out
+    reason = RESERVED["peer"]["scheduler.manager"]
+    assert f"# reserved: {reason}\nmanager = 'http://m'" in out
 
     from dragonfly import nursery
 

@@ -1,5 +1,5 @@
 """Settings shown by what they change, where that is a sans-I/O decision or the CLI's own
-doing: the scheduler's settings, a host's children limit, the log format.
+doing: the scheduler's settings, a host's children limit, the log format and level.
 tests/unit/test_config_keys.py lists which test shows which key."""
 
 from __future__ import annotations
@@ -64,9 +64,10 @@ def test_a_hosts_children_limit_caps_the_children_it_is_given(limit: int) -> Non
     assert got == [[["s1"]], [["s1"]] if limit == 2 else []]
 
 
+@pytest.mark.parametrize("role", ["scheduler", "manager"])
 @pytest.mark.parametrize("fmt", ["json", "console"])
 def test_log_format(
-    fmt: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    fmt: str, role: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from dragonfly import nursery
 
@@ -74,9 +75,10 @@ def test_log_format(
         get_logger("test").warning("hello", n=1)
         return 0
 
-    monkeypatch.setattr(nursery, "RUNNERS", {"scheduler": runner}, raising=False)
-    args = ["--set", f"log.format={fmt}", "--set", "trust.insecure=true"]  # (no secret)
-    assert main(["--role", "scheduler", *args]) == 0
+    monkeypatch.setattr(nursery, "RUNNERS", {role: runner}, raising=False)
+    # (a scheduler without a cluster secret starts only in insecure mode)
+    insecure = ["--set", "trust.insecure=true"] if role == "scheduler" else []
+    assert main(["--role", role, "--set", f"log.format={fmt}", *insecure]) == 0
     line = capsys.readouterr().err.strip().splitlines()[-1]
     if fmt == "json":
         assert json.loads(line)["event"] == "hello"
@@ -84,3 +86,24 @@ def test_log_format(
         assert "hello" in line and "n=1" in line
         with pytest.raises(ValueError):
             json.loads(line)
+
+
+@pytest.mark.parametrize("role", ["scheduler", "manager"])
+def test_log_level(
+    role: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At log.level = warning the role's info lines are dropped (the default, info, keeps them)."""
+    from dragonfly import nursery
+
+    def runner(cfg: object) -> int:
+        log = get_logger("test")
+        log.info("below the level")
+        log.warning("at the level")
+        return 0
+
+    monkeypatch.setattr(nursery, "RUNNERS", {role: runner}, raising=False)
+    insecure = ["--set", "trust.insecure=true"] if role == "scheduler" else []  # (no secret)
+    args = ["--set", "log.level=warning", "--set", "log.format=json", *insecure]
+    assert main(["--role", role, *args]) == 0
+    events = [json.loads(line)["event"] for line in capsys.readouterr().err.strip().splitlines()]
+    assert events == ["at the level"]

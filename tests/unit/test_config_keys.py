@@ -35,8 +35,24 @@ SETTINGS = UT + "test_every_scheduling_and_gc_key_becomes_its_setting"
 CREDENTIALS = "tests/unit/test_credentials.py::"
 TRUST_SETTINGS = "tests/unit/test_sched_trust.py::test_trust_and_limits_keys_become_settings"
 PRIVATE = "tests/security/test_private_tasks.py::"
+SEC = "tests/security/"
+CAPS = SEC + "test_bounds.py::test_connections_beyond_the_cap_are_refused_early_and_counted"
+OUTSIDER = (
+    SEC + "test_proxy_exposure.py::test_an_allowed_outsider_reaches_the_origin_and_nothing_else"
+)
+ACCESS = "tests/unit/test_access.py::"
+MEMBERS = "tests/integration/test_manager_members.py::"
+ANNOUNCE = MEMBERS + "test_members_announce_their_host_and_cluster"
+KEEPALIVE = MEMBERS + "test_scheduler_keepalive_stop_restart_and_silence"
+MANAGER_CONFIG = "tests/integration/test_manager_config.py::"
+MANAGER_LISTEN = MANAGER_CONFIG + "test_server_listen_and_port_are_where_the_manager_answers"
+MANAGER_FILES = MANAGER_CONFIG + "test_data_dir_and_database_path_are_where_the_files_go"
+SESSIONS = MANAGER_CONFIG + "test_sessions_follow_the_auth_keys"
+MANAGER_API = "tests/integration/test_manager_api.py::"
+POSTGRES = "tests/integration/test_manager_postgres.py::test_two_managers_one_database"
+MANAGER_GC = "tests/unit/test_manager_core.py::test_gc_lease_ttl_and_audit_ttl"
 
-# conf/peer.toml and conf/seed-peer.toml: one schema
+# conf/peer.toml and conf/seed-peer.toml: one schema (seed.cluster_id is read with seed.enabled)
 PEER: dict[str, tuple[str, ...]] = {
     "host.hostname": (LISTENERS,),
     "host.ip": (LISTENERS,),
@@ -74,6 +90,7 @@ PEER: dict[str, tuple[str, ...]] = {
     "upload.listen": (LISTENERS,),
     "upload.port": (LISTENERS,),
     "upload.rate_limit": (P2P_FAULTS + "test_upload_rate_limit",),
+    "upload.max_connections": (CAPS,),
     "upload.concurrent_limit": (
         P2P_FAULTS + "test_a_busy_parent_answers_503_and_children_still_get_every_byte",
     ),
@@ -95,6 +112,21 @@ PEER: dict[str, tuple[str, ...]] = {
     "proxy.rules.direct": (CLUSTER,),
     "proxy.rules.allow_credentials": (
         IT + "test_allow_credentials_lets_a_request_with_credentials_use_p2p",
+    ),
+    "proxy.max_connections": (CAPS,),
+    "proxy.allowed_clients": (
+        OUTSIDER,
+        SEC
+        + "test_proxy_exposure.py::test_beyond_loopback_without_allow_list_or_credentials_refuses_to_start",
+    ),
+    "proxy.auth_file": (SEC + "test_proxy_exposure.py::test_an_outsider_must_authenticate",),
+    "proxy.allowed_destinations": (ACCESS + "test_what_a_remote_client_may_reach",),
+    "proxy.connect_ports": (OUTSIDER, ACCESS + "test_connect_ports"),
+    "proxy.hijack_https.leaf_cache_size": (
+        "tests/unit/test_tls.py::test_leaf_cache_makes_each_host_once",
+    ),
+    "proxy.hijack_https.leaf_rate": (
+        SEC + "test_interception_ca.py::test_leaf_certificates_are_bounded_and_constrained",
     ),
     "proxy.hijack_https.ca_cert": (HIJACK, HTTPS),
     "proxy.hijack_https.ca_key": (HIJACK, HTTPS),
@@ -137,13 +169,25 @@ PEER: dict[str, tuple[str, ...]] = {
         "tests/integration/test_tickets.py::test_a_child_renews_its_tickets_before_they_expire",
     ),
     "trust.insecure": ("tests/security/test_cluster_identity.py::test_an_insecure_cluster",),
+    "seed.cluster_id": (ANNOUNCE,),
+}
+
+# A peer's scheduler.manager is reserved (config.RESERVED); a seed peer registers there.
+SEED_PEER: dict[str, tuple[str, ...]] = {
+    **PEER,
+    "scheduler.manager": (ANNOUNCE,),
 }
 
 SCHEDULER: dict[str, tuple[str, ...]] = {
-    "log.level": (CLUSTER,),
+    "host.hostname": (ANNOUNCE, KEEPALIVE),
+    "host.ip": (ANNOUNCE,),
+    "host.idc": (ANNOUNCE,),
+    "host.location": (ANNOUNCE,),
+    "log.level": (CLUSTER, UT + "test_log_level"),
     "log.format": (UT + "test_log_format",),
     "server.listen": (LISTENERS,),
     "server.port": (LISTENERS,),
+    "server.max_connections": (CAPS,),
     "scheduling.candidate_parent_limit": (
         SETTINGS,
         SCHED + "test_parent_limit_and_idle_parents_first",
@@ -189,13 +233,42 @@ SCHEDULER: dict[str, tuple[str, ...]] = {
         TRUST_SETTINGS,
         "tests/unit/test_sched_trust.py::test_bounds_per_host",
     ),
+    "manager.address": (ANNOUNCE, KEEPALIVE),
+    "manager.cluster_id": (ANNOUNCE, MEMBERS + "test_discovery_by_cidr_and_idc"),
+}
+
+MANAGER: dict[str, tuple[str, ...]] = {
+    "log.level": (UT + "test_log_level",),
+    "log.format": (UT + "test_log_format",),
+    "server.listen": (MANAGER_LISTEN,),
+    "server.port": (MANAGER_LISTEN,),
+    "data.dir": (
+        MANAGER_FILES,
+        SEC + "test_manager_security.py::test_forged_revoked_and_malformed_sessions",
+    ),
+    "database.driver": (POSTGRES,),
+    "database.path": (MANAGER_FILES,),
+    "database.dsn": (POSTGRES,),
+    "auth.signup": (
+        MANAGER_API + "test_open_sign_up",
+        MANAGER_API + "test_sign_up_roles_passwords_and_sessions",
+    ),
+    "auth.jwt_key": (SESSIONS, POSTGRES),
+    "auth.session_ttl": (SESSIONS,),
+    "auth.refresh_ttl": (SESSIONS,),
+    "auth.cookie_secure": (SESSIONS,),
+    "keepalive.interval": (KEEPALIVE,),
+    "keepalive.timeout": (KEEPALIVE,),
+    "keepalive.remove_after": (KEEPALIVE,),
+    "gc.lease_ttl": (MANAGER_GC, POSTGRES),
+    "gc.audit_ttl": (MANAGER_GC,),
 }
 
 EFFECTS: dict[str, dict[str, tuple[str, ...]]] = {
     "peer.toml": PEER,
-    "seed-peer.toml": PEER,
+    "seed-peer.toml": SEED_PEER,
     "scheduler.toml": SCHEDULER,
-    "manager.toml": {},  # nothing reads the manager's keys until the manager exists
+    "manager.toml": MANAGER,
 }
 
 _TABLE = re.compile(r"^\[\[?([A-Za-z0-9_.-]+)\]\]?")

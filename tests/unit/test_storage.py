@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def test_write_out_of_order_and_read_back(tmp_path: Path) -> None:
         # An unaligned range crossing page and piece boundaries.
         assert f.digest(1000, 70_000) == sha(whole[1000:71_000])
         assert f.digest(5, 0) == sha(b"")
-    assert os.stat(tmp_path / "tasks" / "ab" / TID).st_mode & 0o777 == 0o644
+    assert os.stat(tmp_path / "tasks" / "ab" / TID).st_mode & 0o777 == 0o600  # owner only
 
 
 def test_task_file_is_sparse_until_written(tmp_path: Path) -> None:
@@ -251,6 +252,38 @@ async def test_background_flusher_batches(tmp_path: Path) -> None:
         assert sum(commits) == 300
         assert len(commits) < 100, commits  # batched, not one hop per piece
         store.release(h)
+
+
+async def test_a_failed_commit_is_reported_and_retried_until_it_works(tmp_path: Path) -> None:
+    """The database refuses a commit (locked, full): the pieces are not recorded, the
+    supervisor shows the flusher failing, and the next flush retries the task's use, so
+    the flusher learns that the database works again even if nothing else comes."""
+    store = await PieceStore.create(tmp_path, fsync=False)
+    try:
+        pl = 1 * KiB
+        h = await store.open_task(TID, content_length=2 * pl, piece_length=pl)
+        real = store._db.commit_batch
+        seen: list[set[str]] = []
+
+        def failing(pieces_by_task, touches=None):  # type: ignore[no-untyped-def]
+            seen.append(set(touches or {}))
+            raise sqlite3.OperationalError("database or disk is full")
+
+        store._db.commit_batch = failing  # type: ignore[method-assign]
+        data = piece_bytes(TID, 0, pl)
+        h.file.write_at(0, data)
+        await store.piece_done(h, PieceRecord(0, 0, pl, sha(data)))
+        with pytest.raises(StorageError, match="database or disk is full"):
+            await store.flush()
+        assert not h.is_done(0)  # not recorded: fetched again
+        assert store.supervisor.degraded and "store_flush" in store.supervisor.describe()
+        store._db.commit_batch = real  # type: ignore[method-assign]
+        await store.flush()  # the retried use of TID
+        assert not store.supervisor.degraded
+        assert seen == [{TID}]
+        store.release(h)
+    finally:
+        await store.aclose()
 
 
 async def test_resume_after_reopen(tmp_path: Path) -> None:

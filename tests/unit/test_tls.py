@@ -15,6 +15,7 @@ from dragonfly.cli import main
 from dragonfly.config import ConfigError, DownloadSection, HijackHTTPSSection, load_config
 from dragonfly.net.tls import (
     CAFiles,
+    LeafBudgetSpent,
     LeafCache,
     TLSError,
     check_ca,
@@ -23,8 +24,10 @@ from dragonfly.net.tls import (
     leaf_context,
     make_ca,
     make_leaf,
+    name_constraints,
     origin_ssl_context,
 )
+from dragonfly.ratelimit import TokenBucket
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +120,7 @@ async def test_leaf_context_verifies_with_the_ssl_module(ca: CAFiles):
 
 
 async def test_leaf_cache_makes_each_host_once(ca: CAFiles):
-    cache = LeafCache(ca, max_entries=2)
+    cache = LeafCache(ca, max_entries=2)  # proxy.hijack_https.leaf_cache_size
     # concurrent first requests share one openssl run
     results: list[ssl.SSLContext] = []
 
@@ -135,6 +138,47 @@ async def test_leaf_cache_makes_each_host_once(ca: CAFiles):
     assert await cache.context("a.example") is not results[0]
     with pytest.raises(TLSError):
         await cache.context("not a host")
+
+
+async def test_leaf_cache_mints_at_a_bounded_rate(ca: CAFiles):
+    cache = LeafCache(ca, per_minute=2)
+    first = await cache.context("a.example")
+    await cache.context("b.example")
+    with pytest.raises(LeafBudgetSpent, match="2 new certificates a minute"):
+        await cache.context("c.example")
+    assert await cache.context("a.example") is first  # a cached one costs nothing
+    assert cache.made == 2
+
+
+def test_token_bucket_try_take_never_goes_negative():
+    bucket = TokenBucket(rate=1, burst=2, now=0)
+    assert bucket.try_take(1, now=0) and bucket.try_take(1, now=0)
+    assert not bucket.try_take(1, now=0.5)  # half a token: not enough, none taken
+    assert bucket.try_take(1, now=1.0)
+    assert TokenBucket(rate=0).try_take(10**9, now=0)  # unlimited
+
+
+def test_name_constraints():
+    assert name_constraints([]) == ""
+    dns = name_constraints(["Files.Example", ".hf.co"])
+    assert dns.startswith("critical,permitted;DNS:files.example,permitted;DNS:.hf.co,")
+    assert "excluded;IP:0.0.0.0/0.0.0.0" in dns and "excluded;IP:::/::" in dns
+    ip = name_constraints(["10.1.2.3/8", "example.com"])
+    assert "permitted;IP:10.0.0.0/255.0.0.0" in ip and "excluded" not in ip
+    with pytest.raises(TLSError, match="not a DNS name or an IP network"):
+        name_constraints(["bad name"])
+
+
+def test_a_ca_key_open_to_others_is_refused(ca: CAFiles, tmp_path: Path):
+    key = tmp_path / "open.key"
+    key.write_bytes(ca.key.read_bytes())
+    for mode in (0o640, 0o604, 0o620):
+        key.chmod(mode)
+        with pytest.raises(ConfigError, match=f"chmod 600 {key}") as info:
+            hijack_ca(HijackHTTPSSection(ca_cert=str(ca.cert), ca_key=str(key)))
+        assert info.value.key == "proxy.hijack_https.ca_key"
+    key.chmod(0o400)
+    assert hijack_ca(HijackHTTPSSection(ca_cert=str(ca.cert), ca_key=str(key))) is not None
 
 
 def test_config_checks_name_the_key(ca: CAFiles, tmp_path: Path):

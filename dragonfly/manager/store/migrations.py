@@ -1,0 +1,125 @@
+"""The schema, as one list of migrations applied in order by both backends.
+
+Each migration is a name and its statements; `{id}`, `{int}` and `{real}` stand for
+the column types that differ between SQLite and PostgreSQL. Applied migrations are
+recorded in `schema_migrations`; a manager applies the missing ones at start, under
+a lock, so managers starting together on one PostgreSQL do it once. Never edit a
+migration that shipped: add one.
+
+Times are seconds since the epoch (`{real}`); JSON documents (cluster configs,
+scopes, features) are TEXT.
+"""
+
+from __future__ import annotations
+
+from dragonfly.manager.store.db import Tx
+
+DIALECTS: dict[str, dict[str, str]] = {
+    "sqlite": {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "int": "INTEGER", "real": "REAL"},
+    "postgres": {"id": "BIGSERIAL PRIMARY KEY", "int": "BIGINT", "real": "DOUBLE PRECISION"},
+}
+
+_TIMES = "created_at {real} NOT NULL, updated_at {real} NOT NULL"
+
+MIGRATIONS: list[tuple[str, list[str]]] = [
+    (
+        "0001_initial",
+        [
+            f"""CREATE TABLE users (id {{id}}, {_TIMES}, name TEXT NOT NULL UNIQUE,
+                email TEXT NOT NULL DEFAULT '', phone TEXT NOT NULL DEFAULT '',
+                avatar TEXT NOT NULL DEFAULT '', location TEXT NOT NULL DEFAULT '',
+                bio TEXT NOT NULL DEFAULT '', state TEXT NOT NULL DEFAULT 'enable',
+                encrypted_password TEXT NOT NULL, session_generation {{int}} NOT NULL DEFAULT 0)""",
+            "CREATE TABLE roles (name TEXT PRIMARY KEY)",
+            """CREATE TABLE role_permissions (role TEXT NOT NULL REFERENCES roles(name)
+                ON DELETE CASCADE, object TEXT NOT NULL, action TEXT NOT NULL,
+                PRIMARY KEY (role, object, action))""",
+            """CREATE TABLE user_roles (user_id {int} NOT NULL REFERENCES users(id)
+                ON DELETE CASCADE, role TEXT NOT NULL REFERENCES roles(name) ON DELETE CASCADE,
+                PRIMARY KEY (user_id, role))""",
+            """CREATE TABLE revoked_sessions (jti TEXT PRIMARY KEY,
+                expires_at {real} NOT NULL)""",
+            f"""CREATE TABLE personal_access_tokens (id {{id}}, {_TIMES},
+                name TEXT NOT NULL UNIQUE, bio TEXT NOT NULL DEFAULT '',
+                token_hash TEXT NOT NULL UNIQUE, scopes TEXT NOT NULL,
+                state TEXT NOT NULL, expired_at {{real}} NOT NULL,
+                user_id {{int}} NOT NULL REFERENCES users(id) ON DELETE CASCADE)""",
+            f"""CREATE TABLE scheduler_clusters (id {{id}}, {_TIMES}, name TEXT NOT NULL UNIQUE,
+                bio TEXT NOT NULL DEFAULT '', config TEXT NOT NULL, client_config TEXT NOT NULL,
+                seed_client_config TEXT NOT NULL, scopes TEXT NOT NULL,
+                is_default {{int}} NOT NULL DEFAULT 0)""",
+            f"""CREATE TABLE seed_peer_clusters (id {{id}}, {_TIMES}, name TEXT NOT NULL UNIQUE,
+                bio TEXT NOT NULL DEFAULT '', config TEXT NOT NULL)""",
+            """CREATE TABLE scheduler_cluster_seed_peer_clusters (
+                scheduler_cluster_id {int} NOT NULL REFERENCES scheduler_clusters(id)
+                    ON DELETE CASCADE,
+                seed_peer_cluster_id {int} NOT NULL REFERENCES seed_peer_clusters(id)
+                    ON DELETE CASCADE,
+                PRIMARY KEY (scheduler_cluster_id, seed_peer_cluster_id))""",
+            # ip is the address the manager saw the member connect from; claimed_ip
+            # what it said of itself (shown, never used to reach it).
+            f"""CREATE TABLE schedulers (id {{id}}, {_TIMES}, host_name TEXT NOT NULL,
+                idc TEXT NOT NULL DEFAULT '', location TEXT NOT NULL DEFAULT '',
+                ip TEXT NOT NULL, claimed_ip TEXT NOT NULL DEFAULT '', port {{int}} NOT NULL,
+                state TEXT NOT NULL DEFAULT 'inactive', features TEXT NOT NULL,
+                version TEXT NOT NULL DEFAULT '', session TEXT NOT NULL DEFAULT '',
+                last_keep_alive_at {{real}} NOT NULL DEFAULT 0,
+                scheduler_cluster_id {{int}} NOT NULL REFERENCES scheduler_clusters(id),
+                UNIQUE (host_name, ip, scheduler_cluster_id))""",
+            f"""CREATE TABLE seed_peers (id {{id}}, {_TIMES}, host_name TEXT NOT NULL,
+                type TEXT NOT NULL DEFAULT 'super', idc TEXT NOT NULL DEFAULT '',
+                location TEXT NOT NULL DEFAULT '', ip TEXT NOT NULL,
+                claimed_ip TEXT NOT NULL DEFAULT '', port {{int}} NOT NULL,
+                download_port {{int}} NOT NULL, object_storage_port {{int}} NOT NULL DEFAULT 0,
+                state TEXT NOT NULL DEFAULT 'inactive', version TEXT NOT NULL DEFAULT '',
+                session TEXT NOT NULL DEFAULT '', last_keep_alive_at {{real}} NOT NULL DEFAULT 0,
+                seed_peer_cluster_id {{int}} NOT NULL REFERENCES seed_peer_clusters(id),
+                UNIQUE (host_name, ip, seed_peer_cluster_id))""",
+            f"""CREATE TABLE peers (id {{id}}, {_TIMES}, host_name TEXT NOT NULL,
+                type TEXT NOT NULL, idc TEXT NOT NULL DEFAULT '',
+                location TEXT NOT NULL DEFAULT '', ip TEXT NOT NULL, port {{int}} NOT NULL,
+                download_port {{int}} NOT NULL, proxy_port {{int}} NOT NULL,
+                object_storage_port {{int}} NOT NULL DEFAULT 0,
+                state TEXT NOT NULL DEFAULT 'inactive', os TEXT NOT NULL DEFAULT '',
+                platform TEXT NOT NULL DEFAULT '', platform_family TEXT NOT NULL DEFAULT '',
+                platform_version TEXT NOT NULL DEFAULT '',
+                kernel_version TEXT NOT NULL DEFAULT '', git_version TEXT NOT NULL DEFAULT '',
+                git_commit TEXT NOT NULL DEFAULT '', build_platform TEXT NOT NULL DEFAULT '',
+                scheduler_cluster_id {{int}} NOT NULL REFERENCES scheduler_clusters(id),
+                UNIQUE (host_name, ip, scheduler_cluster_id))""",
+            f"""CREATE TABLE configs (id {{id}}, {_TIMES}, name TEXT NOT NULL UNIQUE,
+                value TEXT NOT NULL, bio TEXT NOT NULL DEFAULT '', user_id {{int}} NOT NULL)""",
+            f"""CREATE TABLE applications (id {{id}}, {_TIMES}, name TEXT NOT NULL UNIQUE,
+                url TEXT NOT NULL, bio TEXT NOT NULL DEFAULT '', priority TEXT NOT NULL,
+                user_id {{int}} NOT NULL)""",
+            f"""CREATE TABLE audits (id {{id}}, {_TIMES}, actor_type TEXT NOT NULL,
+                actor_name TEXT NOT NULL, event_type TEXT NOT NULL, operation TEXT NOT NULL,
+                operated_at {{real}} NOT NULL, state TEXT NOT NULL, path TEXT NOT NULL,
+                status_code {{int}} NOT NULL, source TEXT NOT NULL DEFAULT '')""",
+            "CREATE INDEX audits_created_at ON audits (created_at)",
+            # Background work (GC now, jobs later) runs on the manager holding its lease.
+            "CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, "
+            "expires_at {real} NOT NULL)",
+        ],
+    ),
+]
+
+
+def migrate(tx: Tx, now: float) -> list[str]:
+    """Apply the migrations `tx`'s database lacks; return their names."""
+    tx.lock_migrations()
+    types = DIALECTS[tx.dialect]
+    tx.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, "
+        f"applied_at {types['real']} NOT NULL)"
+    )
+    done = {row["name"] for row in tx.query("SELECT name FROM schema_migrations")}
+    applied = []
+    for name, statements in MIGRATIONS:
+        if name in done:
+            continue
+        for statement in statements:
+            tx.execute(statement.format(**types))
+        tx.execute("INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)", [name, now])
+        applied.append(name)
+    return applied

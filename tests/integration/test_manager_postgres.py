@@ -1,0 +1,127 @@
+"""Two managers (real processes) on one real PostgreSQL: both serve the same state
+(a session from one works on the other), background work runs on one of them at a
+time, and when that one is killed mid-way the other keeps serving and takes the
+background work over (it marks the dead one's scheduler inactive)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from dragonfly.net.channel import connect
+from dragonfly.net.manager_client import websocket_url
+from dragonfly.testing.postgres import Postgres, postgres_bindir
+from dragonfly.testing.process import stop_process_group
+from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
+from dragonfly.wire.messages import AnnounceMember, Hello, MemberRegistered
+from tests.manager_support import Api, metric_value, spawn_manager, wait_healthy
+
+ROOT_PASSWORD = "postgres-root-pass"
+FAST = (
+    "keepalive.interval=0.2s",
+    "keepalive.timeout=1s",
+    "gc.lease_ttl=1.5s",
+    "database.driver=postgres",
+    "auth.jwt_key=" + "k" * 40,
+)
+
+
+@pytest.fixture
+def postgres() -> Iterator[Postgres]:
+    if postgres_bindir() is None:
+        pytest.fail("PostgreSQL is not installed: run `make test`, which installs it")
+    with Postgres() as pg:
+        yield pg
+
+
+async def _metrics(api: Api) -> bytes:
+    return (await api.call("GET", "/metrics")).raw
+
+
+async def test_two_managers_one_database(tmp_path: Path, postgres: Postgres) -> None:
+    env = {"DRAGONFLY_INITIAL_ROOT_PASSWORD": ROOT_PASSWORD}
+    sets = (*FAST, f"database.dsn={postgres.dsn()}")
+    managers: list[tuple[subprocess.Popen[bytes], Api]] = []
+    try:
+        for name in ("a", "b"):
+            process, url = spawn_manager(tmp_path / name, *sets, env=env)
+            managers.append((process, Api(url)))
+        for process, api in managers:
+            await wait_healthy(api, process)
+        (_, a), (_, b) = managers
+
+        # one state: written through one, read through the other, one session for both
+        root = await a.signin("root", ROOT_PASSWORD)
+        made = await a.call("POST", "/api/v1/clusters", {"name": "shared"}, token=root)
+        assert made.status == 200
+        seen = await b.call("GET", f"/api/v1/clusters/{made.body['id']}", token=root)
+        assert seen.status == 200 and seen.body["name"] == "shared"
+        assert (
+            await b.call("POST", "/api/v1/clusters", {"name": "shared"}, token=root)
+        ).status == 409
+        assert (await b.call("GET", "/api/v1/users", token=root)).body[0]["name"] == "root"
+
+        # background work on exactly one of them
+        for _ in range(200):
+            held = [
+                metric_value(await _metrics(api), "dragonfly_manager_lease_held")
+                for _, api in managers
+            ]
+            if sum(held) == 1:
+                break
+            await trio.sleep(0.05)
+        else:
+            raise AssertionError("no manager took the background-work lease")
+        holder = held.index(1.0)
+        (ph, h), (po, o) = managers[holder], managers[1 - holder]
+        runs_before = metric_value(await _metrics(h), "dragonfly_manager_gc_runs_total")
+        for _ in range(200):
+            if (
+                metric_value(await _metrics(h), "dragonfly_manager_gc_runs_total")
+                >= runs_before + 3
+            ):
+                break
+            await trio.sleep(0.05)
+        assert metric_value(await _metrics(o), "dragonfly_manager_gc_runs_total") == 0
+
+        # a scheduler registered with the holder, then the holder is killed mid-way
+        hello = Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="scheduler")
+        async with connect(websocket_url(h.base), hello) as channel:
+            await channel.send(
+                AnnounceMember(hostname="s", ip="127.0.0.1", port=8002, cluster_id=1)
+            )
+            registered = await channel.receive()
+            assert isinstance(registered, MemberRegistered)
+            path = f"/api/v1/schedulers/{registered.member_id}"
+            assert (await o.call("GET", path, token=root)).body["state"] == "active"
+            stop_process_group(ph, signal.SIGKILL)
+
+        # the other still serves the same state and takes the background work over
+        assert (
+            await o.call("GET", f"/api/v1/clusters/{made.body['id']}", token=root)
+        ).status == 200
+        assert (
+            await o.call("POST", "/api/v1/configs", {"name": "after", "value": "kill"}, token=root)
+        ).status == 200
+        for _ in range(300):
+            row = (await o.call("GET", path, token=root)).body
+            if row["state"] == "inactive":
+                break
+            await trio.sleep(0.05)
+        else:
+            raise AssertionError("the surviving manager never marked the scheduler inactive")
+        text = await _metrics(o)
+        assert metric_value(text, "dragonfly_manager_lease_held") == 1
+        assert metric_value(text, "dragonfly_manager_gc_runs_total") > 0
+        assert b'dragonfly_manager_gc_changes_total{change="scheduler_inactive"} 1.0' in text
+        stop_process_group(po, signal.SIGTERM)
+        assert po.returncode == 0  # a clean stop
+    finally:
+        for process, api in managers:
+            stop_process_group(process)
+            await api.aclose()

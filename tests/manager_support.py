@@ -1,0 +1,178 @@
+"""A manager for tests: the real server in-process on a free port (its API over a real
+socket), a small JSON client for its API, and helpers to sign in and make users and
+tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from dragonfly.config import ManagerConfig, load_config
+from dragonfly.manager.server import ManagerServer
+from dragonfly.net.http_client import HTTPClient
+from dragonfly.testing.nginx import free_port
+from dragonfly.testing.process import spawn_logged
+
+FUTURE = "2099-01-01T00:00:00Z"
+PAST = "2001-01-01T00:00:00Z"
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Any
+    raw: bytes
+
+    @property
+    def body(self) -> Any:
+        return json.loads(self.raw) if self.raw else None
+
+
+@dataclass
+class Api:
+    base: str
+    client: HTTPClient = field(default_factory=lambda: HTTPClient(read_timeout=30))
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = None,
+        headers: list[tuple[str, str]] | None = None,
+        raw: bytes | None = None,
+    ) -> Reply:
+        hdrs = list(headers or [])
+        if token is not None:
+            hdrs.append(("authorization", f"Bearer {token}"))
+        data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+        if data:
+            hdrs.append(("content-type", "application/json"))
+        async with self.client.request(
+            method, self.base + path, hdrs, data, follow_redirects=False
+        ) as response:
+            content = await response.read()
+            return Reply(response.status, response.headers, content)
+
+    async def signin(self, name: str, password: str) -> str:
+        reply = await self.call(
+            "POST", "/api/v1/users/signin", {"name": name, "password": password}
+        )
+        assert reply.status == 200, reply.raw
+        return str(reply.body["token"])
+
+    async def add_user(self, root: str, name: str, password: str = "guest-password-1") -> int:
+        reply = await self.call(
+            "POST",
+            "/api/v1/users/signup",
+            {"name": name, "password": password, "email": f"{name}@example.com"},
+            token=root,
+        )
+        assert reply.status == 200, reply.raw
+        return int(reply.body["id"])
+
+    async def add_token(self, session: str, scopes: list[str], expired_at: str = FUTURE) -> str:
+        reply = await self.call(
+            "POST",
+            "/api/v1/personal-access-tokens",
+            {
+                "name": f"t-{trio.current_time()}-{scopes}",
+                "scopes": scopes,
+                "expired_at": expired_at,
+            },
+            token=session,
+        )
+        assert reply.status == 200, reply.raw
+        return str(reply.body["token"])
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+@dataclass
+class RunningManager:
+    server: ManagerServer
+    config: ManagerConfig
+    api: Api
+    scope: trio.CancelScope
+
+    @property
+    def url(self) -> str:
+        return self.api.base
+
+    @property
+    def root_password(self) -> str:
+        return (Path(self.config.data.dir) / "root-password").read_text().strip()
+
+    async def root(self) -> str:
+        return await self.api.signin("root", self.root_password)
+
+    def stop(self) -> None:
+        self.scope.cancel()
+
+
+def manager_config(data_dir: Path, *overrides: str) -> ManagerConfig:
+    cfg = load_config(
+        "manager",
+        env={},
+        overrides=[f"data.dir={data_dir}", "server.port=0", *overrides],
+    )
+    assert isinstance(cfg, ManagerConfig)
+    return cfg
+
+
+async def start_manager(nursery: trio.Nursery, data_dir: Path, *overrides: str) -> RunningManager:
+    cfg = manager_config(data_dir, *overrides)
+    server = ManagerServer(cfg)
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await server.run(task_status=task_status)
+
+    port = await nursery.start(run)
+    return RunningManager(server, cfg, Api(f"http://127.0.0.1:{port}"), scope)
+
+
+def spawn_manager(
+    workdir: Path, *overrides: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A manager as its own process (`python -m dragonfly --role manager`) on a free
+    port; returns it and its URL (stop it by PID)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    argv = [sys.executable, "-m", "dragonfly", "--role", "manager"]
+    for item in (f"data.dir={workdir / 'data'}", f"server.port={port}", *overrides):
+        argv += ["--set", item]
+    process = spawn_logged(argv, workdir / "manager.log", env={**os.environ, **(env or {})})
+    return process, f"http://127.0.0.1:{port}"
+
+
+async def wait_healthy(api: Api, process: subprocess.Popen[bytes], rounds: int = 300) -> None:
+    for _ in range(rounds):
+        if process.poll() is not None:
+            raise AssertionError(f"manager exited with {process.returncode}")
+        try:
+            if (await api.call("GET", "/healthy")).status == 200:
+                return
+        except OSError:
+            pass
+        except Exception as exc:  # the client's connection errors
+            if "connect" not in str(exc):
+                raise
+        await trio.sleep(0.05)
+    raise AssertionError("manager never became healthy")
+
+
+def metric_value(text: bytes, name: str) -> float:
+    m = re.search(rb"^" + re.escape(name.encode()) + rb" ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(m.group(1)) if m else 0.0
