@@ -17,6 +17,7 @@ from dragonfly.net.channel import connect
 from dragonfly.net.manager_client import websocket_url
 from dragonfly.nursery.peer import PeerDaemon
 from dragonfly.nursery.scheduler import SchedulerServer
+from dragonfly.testing.trust import LocalIssuer
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 from dragonfly.wire.messages import (
     AnnounceMember,
@@ -49,12 +50,18 @@ async def wait_for(
     raise AssertionError(f"{path}: condition never held; last answer {body!r}")
 
 
+def issuer(manager: RunningManager) -> LocalIssuer:
+    """The cluster's secret and credentials, beside the manager's data directory."""
+    return LocalIssuer(Path(manager.config.data.dir).parent / "trust")
+
+
 def scheduler_config(manager: RunningManager, hostname: str, *extra: str) -> SchedulerConfig:
     cfg = load_config(
         "scheduler",
         env={},
         overrides=[
             "server.port=0",
+            *issuer(manager).scheduler_overrides(),
             f"host.hostname={hostname}",
             "host.ip=10.9.9.9",  # what it claims; the manager records where it came from
             f"manager.address={manager.url}",
@@ -160,6 +167,7 @@ async def test_members_announce_their_host_and_cluster(tmp_path: Path) -> None:
                 "host.location=cn|hz|z2",
                 f"manager.address={m.url}",
                 f"manager.cluster_id={cluster}",
+                *issuer(m).scheduler_overrides(),
             ],
         )
         assert isinstance(sched, SchedulerConfig)
@@ -188,6 +196,7 @@ async def test_members_announce_their_host_and_cluster(tmp_path: Path) -> None:
                 "proxy.port=0",
                 "upload.port=0",
                 "host.hostname=seed-own",
+                *issuer(m).peer_overrides("seed-own", "seed-peer"),
             ],
         )
         assert isinstance(cfg, PeerConfig)

@@ -26,6 +26,7 @@ from dragonfly.config import SchedulerConfig, load_config
 from dragonfly.net.http_client import HTTPClient
 from dragonfly.nursery.scheduler import SchedulerServer
 from dragonfly.testing.nginx import Nginx
+from dragonfly.testing.trust import LocalIssuer
 from tests.p2p_support import curl_response, metric, random_file, task_files
 from tests.security.edge_support import wait_for
 
@@ -140,8 +141,9 @@ def test_disk_full(tmp_path: Path, www: Path, nginx: Nginx, small_disk: Path):
             _degraded_and_recovered(peer, "database or disk is full", full)
 
 
-async def test_a_failing_scheduler_tick_does_not_end_the_scheduler():
-    cfg = load_config("scheduler", env={}, overrides=["server.port=0"])
+async def test_a_failing_scheduler_tick_does_not_end_the_scheduler(tmp_path: Path):
+    secret = LocalIssuer(tmp_path / "trust").scheduler_overrides()
+    cfg = load_config("scheduler", env={}, overrides=["server.port=0", *secret])
     assert isinstance(cfg, SchedulerConfig)
     server = SchedulerServer(cfg)
     client = HTTPClient(connect_timeout=5, read_timeout=5)
