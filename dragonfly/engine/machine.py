@@ -250,8 +250,8 @@ class DownloadMachine:
         """Whether the piece awaits its first copy to a child (served ahead of others)."""
         return self.announce.held_back(number)
 
-    def next_wakeup(self) -> float:
-        """When ``tick`` next has something to do (inf: nothing is timed)."""
+    def next_wakeup(self, now: float) -> float:
+        """When ``tick`` next has something to do after ``now`` (inf: nothing is timed)."""
         when = self._report_due
         if self._fetches:
             first = next(iter(self._fetches.values()))
@@ -262,7 +262,7 @@ class DownloadMachine:
             when = min(when, due)
         if self.picker is not None and self.phase is Phase.P2P:
             rest = self.picker.busy_until()
-            if rest is not None:
+            if rest is not None and rest > now:  # (one that rested already waits for a pick)
                 when = min(when, rest)
         return when
 

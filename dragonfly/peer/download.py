@@ -537,7 +537,7 @@ class Download:
         if machine.lingering(trio.current_time()):
             self.log.info("keeping the announcement schedule", children=len(self._children))
         while machine.lingering(trio.current_time()):
-            with trio.move_on_at(machine.next_wakeup()):
+            with trio.move_on_at(machine.next_wakeup(trio.current_time())):
                 await trio.sleep_forever()
             self._feed(machine.tick(trio.current_time()))
         # Held-back announcements go out before the channels close: a finished
@@ -548,7 +548,7 @@ class Download:
         """Call the machine's tick when it has something timed to do."""
         while True:
             self._timer_rearm = trio.Event()
-            wake = self.machine.next_wakeup()
+            wake = self.machine.next_wakeup(trio.current_time())
             with trio.move_on_at(wake):
                 await self._timer_rearm.wait()
             if trio.current_time() >= wake:

@@ -383,6 +383,7 @@ class SimNode:
                 self.finished_at = now
                 if not self.seed:
                     sw.finished += 1
+                self._end_schedule()
             elif kind is Failed:
                 assert isinstance(action, Failed)
                 sw.failures.append(f"{self.peer_id}: {action.reason}")
@@ -472,28 +473,29 @@ class SimNode:
     def _schedule_tick(self) -> None:
         machine = self.machine
         assert machine is not None
-        when = machine.next_wakeup()
+        now = self.sw.loop.now
+        when = max(machine.next_wakeup(now), now)
         if when < self.wake_at:
             self.wake_at = when
-            self.sw.loop.at(max(when, self.sw.loop.now), self._tick)
+            self.sw.loop.at(when, self._tick, when)
 
-    def _tick(self, _: object) -> None:
+    def _tick(self, when: float) -> None:
+        if when != self.wake_at:
+            return  # superseded by an earlier one
         machine = self.machine
         assert machine is not None
-        now = self.sw.loop.now
         self.wake_at = INF
-        if machine.next_wakeup() <= now:
-            self.perform(machine.tick(now))
-        if (
-            machine.done
-            and not self.revealed_all
-            and machine.ended_at is not None
-            and now >= machine.ended_at + self.sw.cfg.linger_limit
-        ):
-            # The real daemon ends its download here: everything is announced.
+        self.perform(machine.tick(self.sw.loop.now))
+        self._end_schedule()
+
+    def _end_schedule(self) -> None:
+        """An ended download keeps its announcement schedule while it lingers; then,
+        as the real daemon does, everything is announced."""
+        machine = self.machine
+        assert machine is not None
+        if machine.done and not self.revealed_all and not machine.lingering(self.sw.loop.now):
             self.revealed_all = True
             self.perform(machine.reveal_all())
-        self._schedule_tick()
 
 
 class Swarm:
