@@ -311,8 +311,8 @@ class DownloadMachine:
             return self._pump(now)
         if kind is NeedBackToSource:
             assert isinstance(msg, NeedBackToSource)
-            if self.phase is Phase.SOURCE:
-                return []
+            if self.phase not in (Phase.STARTING, Phase.P2P):
+                return []  # at the origin already, or every piece held
             return self._go_to_source(msg, now)
         if kind is TaskFailed:
             assert isinstance(msg, TaskFailed)
@@ -335,8 +335,8 @@ class DownloadMachine:
             if self.done:
                 return out
         self._add_digests(msg.digests)
-        if self.phase is Phase.SOURCE:
-            return out  # the origin it is: parents no longer help
+        if self.phase not in (Phase.STARTING, Phase.P2P):
+            return out  # the origin it is, or every piece held: parents no longer help
         if self.phase is Phase.STARTING:
             self.phase = Phase.P2P
         tickets = getattr(msg, "tickets", None)
@@ -462,7 +462,7 @@ class DownloadMachine:
 
     def want_all(self, now: float) -> list[Action]:
         """From now on fetch the whole task."""
-        if self._ranges is None:
+        if self._ranges is None or self.done:
             return []
         self._ranges = None
         self._wanted = None
@@ -471,7 +471,7 @@ class DownloadMachine:
 
     def want_range(self, start: int, end: int, now: float) -> list[Action]:
         """Also fetch bytes [start, end] (inclusive)."""
-        if self._ranges is None:
+        if self._ranges is None or self.done:
             return []
         self._ranges.append((start, end))
         if self.layout.geometry is None:
