@@ -14,8 +14,8 @@ import ipaddress
 import itertools
 import math
 import os
+import platform
 import re
-import socket
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
@@ -909,7 +909,7 @@ def role_keys(role: str) -> set[str]:
 
 
 def resolved_hostname(host: HostSection) -> str:
-    return host.hostname or socket.gethostname()
+    return host.hostname or platform.node()
 
 
 def data_dir(storage: StorageSection) -> Path:

@@ -135,7 +135,7 @@ def _headers(d: dict[str, str]) -> Any:
 async def _embedded(cfg: PeerConfig, spec: dict[str, Any], progress: Progress) -> Outcome:
     """No daemon: run a one-shot peer in this process for this one download."""
     from dragonfly.nursery.peer import PeerDaemon
-    from dragonfly.peer.download import DownloadFailed, DownloadRequest
+    from dragonfly.peer.request import DownloadFailed, DownloadRequest
 
     cfg.proxy.port = 0
     cfg.upload.port = 0

@@ -15,8 +15,8 @@ from typing import Any
 
 import structlog
 
-from dragonfly.ratelimit import TokenBucket
 from dragonfly.redact import redact_event, redact_params
+from dragonfly.tokenbucket import TokenBucket
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 

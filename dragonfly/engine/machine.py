@@ -56,8 +56,15 @@ The rules, in the order a download meets them:
     schedule after the end, up to ``linger_limit``, while it has children and held-back
     pieces (revealing them all at once would have every child ask for the same piece).
 
-``next_wakeup()`` is when ``tick`` has something to do (a timeout, a batch of reports, a
-reveal, a resting parent, a reschedule); the caller calls ``tick(now)`` then.
+``next_wakeup(now)`` is when ``tick`` has something to do (a timeout, a batch of
+reports, a reveal, a resting parent, a reschedule, an endgame duplicate); the caller calls
+``tick(now)`` then.
+
+Why one module of about a thousand lines: these rules are one state machine over one
+state (phase, layout, pieces held, parents, requests, children), and every transition
+is read here, next to the others it must agree with. What is bookkeeping rather than a
+rule lives beside it: requests in flight (requests.py), the picker (picker.py), the
+announcement schedule (announce.py), the actions (actions.py).
 """
 
 from __future__ import annotations
@@ -87,6 +94,7 @@ from dragonfly.engine.actions import (
 )
 from dragonfly.engine.announce import AnnounceSchedule
 from dragonfly.engine.picker import PiecePicker
+from dragonfly.engine.requests import Request, RequestTable
 from dragonfly.identity import IdentityError, PieceLayout, piece_length_for
 from dragonfly.trust import Ticket
 from dragonfly.wire.codec import Message
@@ -121,13 +129,6 @@ class Phase(enum.Enum):
     COMPLETING = "completing"  # every wanted piece held; the caller checks the whole
     FINISHED = "finished"
     FAILED = "failed"
-
-
-@dataclass(slots=True)
-class _Fetch:
-    number: int
-    parent_id: str
-    started: float
 
 
 @dataclass(slots=True)
@@ -196,9 +197,7 @@ class DownloadMachine:
         self.opened = False  # the store holds the task: pieces may be fetched
         self.parents: dict[str, _Parent] = {}
         self.blocked: dict[str, None] = {}  # parents never taken again (insertion order)
-        self._fetches: dict[int, _Fetch] = {}  # in request order: the oldest first
-        self._by_key: dict[tuple[int, str], int] = {}
-        self._next_fetch = 0
+        self.requests = RequestTable()
         self._reports: list[PieceReport] = []
         self._report_due = INF
         self._last_reschedule = -INF
@@ -261,19 +260,19 @@ class DownloadMachine:
         """Whether the piece awaits its first copy to a child (served ahead of others)."""
         return self.announce.held_back(number)
 
-    def next_wakeup(self) -> float:
-        """When ``tick`` next has something to do (inf: nothing is timed)."""
+    def next_wakeup(self, now: float) -> float:
+        """When ``tick`` next has something to do after ``now`` (inf: nothing is timed)."""
         when = self._report_due
-        if self._fetches:
-            first = next(iter(self._fetches.values()))
-            when = min(when, first.started + self.cfg.piece_timeout)
+        oldest = self.requests.oldest_start()
+        if oldest is not None:
+            when = min(when, oldest + self.cfg.piece_timeout)
         when = min(when, self._reschedule_due)
         due = self.announce.next_due()
         if due is not None and self.children:
             when = min(when, due)
         if self.picker is not None and self.phase is Phase.P2P:
             rest = self.picker.busy_until()
-            if rest is not None:
+            if rest is not None and rest > now:  # (one that rested already waits for a pick)
                 when = min(when, rest)
         return when
 
@@ -323,8 +322,8 @@ class DownloadMachine:
             return self._pump(now)
         if kind is NeedBackToSource:
             assert isinstance(msg, NeedBackToSource)
-            if self.phase is Phase.SOURCE:
-                return []
+            if self.phase not in (Phase.STARTING, Phase.P2P):
+                return []  # at the origin already, or every piece held
             return self._go_to_source(msg, now)
         if kind is TaskFailed:
             assert isinstance(msg, TaskFailed)
@@ -347,8 +346,8 @@ class DownloadMachine:
             if self.done:
                 return out
         self._add_digests(msg.digests)
-        if self.phase is Phase.SOURCE:
-            return out  # the origin it is: parents no longer help
+        if self.phase not in (Phase.STARTING, Phase.P2P):
+            return out  # the origin it is, or every piece held: parents no longer help
         if self.phase is Phase.STARTING:
             self.phase = Phase.P2P
         tickets = msg.tickets if len(msg.tickets) == len(msg.parents) else []
@@ -482,7 +481,7 @@ class DownloadMachine:
 
     def want_all(self, now: float) -> list[Action]:
         """From now on fetch the whole task."""
-        if self._ranges is None:
+        if self._ranges is None or self.done:
             return []
         self._ranges = None
         self._wanted = None
@@ -491,7 +490,7 @@ class DownloadMachine:
 
     def want_range(self, start: int, end: int, now: float) -> list[Action]:
         """Also fetch bytes [start, end] (inclusive)."""
-        if self._ranges is None:
+        if self._ranges is None or self.done:
             return []
         self._ranges.append((start, end))
         if self.layout.geometry is None:
@@ -558,9 +557,9 @@ class DownloadMachine:
         out: list[Action] = [Unsubscribe(parent_id)]
         if self.picker is not None:
             for number in self.picker.remove_parent(parent_id):
-                fid = self._by_key.get((number, parent_id))
-                if fid is not None:
-                    out.append(self._forget_fetch(fid))
+                request = self.requests.find(number, parent_id)
+                if request is not None:
+                    out.append(self._forget(request))
         return out
 
     # ------------------------------------------------------------------ fetch outcomes
@@ -568,69 +567,70 @@ class DownloadMachine:
     def piece_in_hand(self, fetch_id: int, now: float) -> list[Action]:
         """An endgame duplicate received its bytes aside: stop the other requests of the
         piece (so their writes end) before it is written."""
-        f = self._fetches.get(fetch_id)
-        if f is None:
+        request = self.requests.get(fetch_id)
+        if request is None:
             return []
         return [
-            self._forget_fetch(other, cancelled=True)
-            for (number, pid), other in list(self._by_key.items())
-            if number == f.number and other != fetch_id
+            self._forget(other)
+            for other in self.requests.of_piece(request.number)
+            if other.fetch_id != fetch_id
         ]
 
     def piece_landed(
         self, fetch_id: int, number: int, parent_id: str, nbytes: int, now: float
     ) -> list[Action]:
         """A piece from a parent is verified and recorded in the store."""
-        f = self._fetches.pop(fetch_id, None)
+        request = self.requests.pop(fetch_id)
         out: list[Action] = []
         picker = self.picker
-        if f is not None:
-            self._by_key.pop((f.number, f.parent_id), None)
+        if request is not None:
             if picker is not None:
-                for key in picker.on_success(number, parent_id, nbytes, now - f.started):
-                    fid = self._by_key.get(key)
-                    if fid is not None:
+                seconds = now - request.started
+                for n, pid in picker.on_success(number, parent_id, nbytes, seconds):
+                    duplicate = self.requests.find(n, pid)
+                    if duplicate is not None:
                         self.counters.wasted_requests += 1
-                        out.append(self._forget_fetch(fid))
+                        out.append(self._forget(duplicate))
         elif picker is not None and number not in self.have:
+            # A request given up on whose bytes were recorded anyway: held all the same.
             picker.mark_have(number)
-            out += self._cancel_piece(number)
+            out += [self._forget(r) for r in self.requests.of_piece(number)]
         if number in self.have:
             return out
         self.counters.bytes_p2p += nbytes
-        out += self._landed(number, parent_id, now - (f.started if f else now), nbytes, now)
-        return out
+        cost = now - request.started if request is not None else 0.0
+        return out + self._landed(number, parent_id, cost, nbytes, now)
 
     def piece_failed(
         self, fetch_id: int, reason: str, now: float, *, bad_bytes: bool = False
     ) -> list[Action]:
         """A request failed (transfer error, wrong length, or ``bad_bytes``: the piece's
         digest is not the origin's, and the parent is dropped for this download)."""
-        f = self._fetches.pop(fetch_id, None)
-        if f is None:
+        request = self.requests.pop(fetch_id)
+        if request is None:
             return []
-        self._by_key.pop((f.number, f.parent_id), None)
-        return self._failed_fetch(f, reason, now, bad_bytes=bad_bytes)
+        return self._failed(request, reason, now, bad_bytes=bad_bytes)
 
-    def _failed_fetch(
-        self, f: _Fetch, reason: str, now: float, *, bad_bytes: bool = False
+    def _failed(
+        self, request: Request, reason: str, now: float, *, bad_bytes: bool = False
     ) -> list[Action]:
         out: list[Action] = []
         self.counters.failures += 1
-        if f.number in self.have:
+        number, pid = request.number, request.parent_id
+        if number in self.have:
             return out
         if self.picker is not None:
-            self.picker.on_failure(f.number, f.parent_id)
+            self.picker.on_failure(number, pid)
         if bad_bytes:
             # A parent that serves other bytes than the origin's is done for this task.
-            out += self._drop_parent(f.parent_id, now)
+            out += self._drop_parent(pid, now)
         out.append(
             Send(
                 PieceFailed(
                     peer_id=self.peer_id,
                     task_id=self.task_id,
-                    number=f.number,
-                    parent_id=f.parent_id,
+                    number=number,
+                    parent_id=pid,
                     reason=reason[:1000],
                 )
             )
@@ -639,28 +639,24 @@ class DownloadMachine:
 
     def piece_busy(self, fetch_id: int, now: float) -> list[Action]:
         """The parent refused at once (every upload slot taken): ask it again later."""
-        f = self._fetches.pop(fetch_id, None)
-        if f is None:
+        request = self.requests.pop(fetch_id)
+        if request is None:
             return []
-        self._by_key.pop((f.number, f.parent_id), None)
         self.counters.busy += 1
         if self.picker is not None:
-            self.picker.on_busy(f.number, f.parent_id, now)
+            self.picker.on_busy(request.number, request.parent_id, now)
         return self._pump(now)
 
-    def _forget_fetch(self, fetch_id: int, *, cancelled: bool = True) -> Cancel:
-        f = self._fetches.pop(fetch_id)
-        self._by_key.pop((f.number, f.parent_id), None)
-        if cancelled and self.picker is not None:
-            self.picker.on_cancelled(f.number, f.parent_id)  # no blame
-        return Cancel(fetch_id, f.number, f.parent_id)
+    def _forget(self, request: Request) -> Cancel:
+        """Stop a request without blaming its parent (the picker requeues the piece when
+        no other request for it is left)."""
+        self.requests.pop(request.fetch_id)
+        if self.picker is not None:
+            self.picker.on_cancelled(request.number, request.parent_id)
+        return Cancel(request.fetch_id, request.number, request.parent_id)
 
-    def _cancel_piece(self, number: int) -> list[Action]:
-        return [
-            self._forget_fetch(fid, cancelled=False)
-            for (n, _), fid in list(self._by_key.items())
-            if n == number
-        ]
+    def _forget_all(self) -> list[Action]:
+        return [self._forget(r) for r in self.requests]
 
     # ------------------------------------------------------------------ picking
 
@@ -682,19 +678,18 @@ class DownloadMachine:
                 picker.on_cancelled(number, pid)
                 stale = True
                 continue
-            fid = self._next_fetch
-            self._next_fetch += 1
+            request = self.requests.start(number, pid, now)
             in_place = len(picker.in_flight.get(number, ())) <= 1
-            self._fetches[fid] = _Fetch(number, pid, now)
-            self._by_key[(number, pid)] = fid
-            out.append(Fetch(fid, number, pid, in_place))
-        # Stalled with digests in hand but no parent serving them: ask for others.
-        # (Pieces whose digest is unknown wait for the origin, not for parents.)
+            out.append(Fetch(request.fetch_id, number, pid, in_place))
+        interval = self.cfg.reschedule_interval
         self._reschedule_due = INF
         if stale or (
             len(self.digests) > len(self.have) and not self._wanted_held and picker.stalled()
         ):
-            due = self._last_reschedule + self.cfg.reschedule_interval
+            # Stalled with digests in hand but no parent serving them, or a parent whose
+            # ticket is stale: ask for others (and fresh tickets). (Pieces whose digest is
+            # unknown wait for the origin, not for parents.)
+            due = self._last_reschedule + interval
             if now >= due:
                 self._last_reschedule = now
                 self.counters.reschedules += 1
@@ -708,8 +703,11 @@ class DownloadMachine:
                         )
                     )
                 )
-                due = now + self.cfg.reschedule_interval
+                due = now + interval
             self._reschedule_due = due
+        elif picker.requests_in_flight and len(picker.in_flight) == picker.missing:
+            # The endgame: an overdue request may be duplicated on another parent.
+            self._reschedule_due = now + interval
         return out
 
     # ------------------------------------------------------------------ timers
@@ -717,18 +715,11 @@ class DownloadMachine:
     def tick(self, now: float) -> list[Action]:
         """Time passed: expire requests, send due reports and reveals, pick again."""
         out: list[Action] = []
-        timeout = self.cfg.piece_timeout
-        expired = []
-        for fid, f in self._fetches.items():
-            if f.started + timeout > now:
-                break
-            expired.append(fid)
-        for fid in expired:
-            f = self._fetches.pop(fid)
-            self._by_key.pop((f.number, f.parent_id), None)
+        for request in self.requests.started_before(now - self.cfg.piece_timeout):
+            self.requests.pop(request.fetch_id)
             self.counters.timeouts += 1
-            out.append(Cancel(fid, f.number, f.parent_id))
-            out += self._failed_fetch(f, "timeout", now)
+            out.append(Cancel(request.fetch_id, request.number, request.parent_id))
+            out += self._failed(request, "timeout", now)
         if now >= self._report_due:
             out += self._flush_reports()
         if self.children:
@@ -761,8 +752,7 @@ class DownloadMachine:
         self.announce.stagger = self.cfg.stagger  # new bytes enter the swarm here
         for pid in list(self.parents):
             out += self._drop_parent(pid, now)
-        for fid in list(self._fetches):
-            out.append(self._forget_fetch(fid))
+        out += self._forget_all()
         self._reschedule_due = INF
         if msg is not None:
             self._add_digests(msg.digests)
@@ -946,7 +936,7 @@ class DownloadMachine:
     def _reach_target(self, now: float) -> list[Action]:
         if self.phase in (Phase.COMPLETING, Phase.FINISHED, Phase.FAILED) or self._ranges_done:
             return []
-        out: list[Action] = [self._forget_fetch(fid) for fid in list(self._fetches)]
+        out: list[Action] = self._forget_all()
         if self.all_held:
             self.phase = Phase.COMPLETING
             return [*out, Complete()]
@@ -990,7 +980,7 @@ class DownloadMachine:
         self.phase = Phase.FAILED
         self.ended_at = now
         self.error = Failed(reason, http_status)
-        out: list[Action] = [self._forget_fetch(fid) for fid in list(self._fetches)]
+        out: list[Action] = self._forget_all()
         out += self._flush_reports()
         if report:
             out.append(

@@ -27,7 +27,7 @@ import trio
 import trio_websocket
 
 from dragonfly.log import LogLimiter, get_logger
-from dragonfly.ratelimit import TokenBucket
+from dragonfly.tokenbucket import TokenBucket
 from dragonfly.wire.codec import MAX_FRAME, Message, ProtocolError, decode, encode
 from dragonfly.wire.messages import Error, ErrorCode, Hello, check_version
 

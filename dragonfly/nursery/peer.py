@@ -38,10 +38,10 @@ from dragonfly.net.http_server import Handler, bound_port, serve, serve_unix
 from dragonfly.net.manager_client import ManagerMember
 from dragonfly.net.tls import origin_ssl_context
 from dragonfly.nursery.signals import run_until_signal
-from dragonfly.peer.download import DownloadRequest
 from dragonfly.peer.exposure import ProxyGate, checked_addresses
 from dragonfly.peer.local_api import LocalAPIHandler, api_socket
 from dragonfly.peer.proxy import ProxyHandler
+from dragonfly.peer.request import DownloadRequest
 from dragonfly.peer.scheduler_client import SchedulerPool
 from dragonfly.peer.tasks import TaskManager
 from dragonfly.peer.tunnel import Hijacker

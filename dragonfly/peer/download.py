@@ -12,14 +12,12 @@ they happened. Clients of the proxy wait on the download's events (`wait_piece`,
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 
 import trio
 
@@ -44,59 +42,33 @@ from dragonfly.engine.actions import (
 )
 from dragonfly.engine.machine import DownloadMachine, Phase
 from dragonfly.errors import find_exception
-from dragonfly.identity import carries_credentials, credential_scope
 from dragonfly.log import bound, get_logger
-from dragonfly.metrics import PeerMetrics
-from dragonfly.net.channel import ANNOUNCE_PATH, ChannelClosed, connect
-from dragonfly.net.http_client import HTTPClient, HTTPClientError, discard
+from dragonfly.net.http_client import HTTPClient
+from dragonfly.peer.context import DownloadServices
+from dragonfly.peer.parents import ParentLink
+from dragonfly.peer.request import DownloadFailed, DownloadRequest
 from dragonfly.peer.scheduler_client import (
     NoScheduler,
     SchedulerLost,
-    SchedulerPool,
     SchedulerSession,
 )
-from dragonfly.peer.source import OriginChanged, OriginError, OriginFetcher
-from dragonfly.ratelimit import RateLimiter
+from dragonfly.peer.source import OriginLink
 from dragonfly.storage import (
     DigestMismatch,
-    PieceSink,
-    PieceStore,
     StorageError,
     TaskHandle,
     TaskRecord,
     TaskState,
 )
-from dragonfly.trust import TICKET_HEADER, Ticket
-from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message
+from dragonfly.wire.codec import Message
 from dragonfly.wire.messages import (
-    AnnounceDone,
     CandidateParents,
-    Hello,
-    HostInfo,
     NeedBackToSource,
-    ParentInfo,
-    PieceAnnounce,
     PieceInfo,
     TaskSpec,
 )
-from dragonfly.wire.messages import (
-    Subscribe as SubscribeMessage,
-)
 
 log = get_logger("dragonfly.peer.download")
-
-
-class DownloadServices(Protocol):
-    """What a download uses of its daemon."""
-
-    config: PeerConfig
-    metrics: PeerMetrics
-    store: PieceStore
-    schedulers: SchedulerPool
-    host: HostInfo
-    origin_client: HTTPClient
-    download_limiter: RateLimiter | None
-    source_limiter: RateLimiter | None
 
 
 def machine_config(cfg: PeerConfig) -> MachineConfig:
@@ -108,88 +80,6 @@ def machine_config(cfg: PeerConfig) -> MachineConfig:
         origin_concurrency=d.origin_concurrency,
         back_to_source=d.back_to_source,
     )
-
-
-class ParentBusy(Exception):
-    """A parent refused a piece request at once: every upload slot of its host is taken."""
-
-
-class DownloadFailed(Exception):
-    """The download cannot complete; `http_status` is the origin's when it refused."""
-
-    def __init__(self, reason: str, http_status: int = 0) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.http_status = http_status
-
-    @property
-    def client_status(self) -> int:
-        """The status to answer a client with: the origin's error, else 502."""
-        return self.http_status if 400 <= self.http_status < 600 else 502
-
-
-@dataclass
-class DownloadRequest:
-    """What a client asked for: the task (whose ID is computed from it) and how."""
-
-    spec: TaskSpec
-    headers: dict[str, str] = field(default_factory=dict)
-    back_to_source: bool = True
-    # A seed peer answering a trigger: it is the origin's first reader.
-    seed_trigger: bool = False
-    # False: only the byte ranges given through `Download.want_range` (a Range request
-    # with proxy.prefetch off); the rest of the task is left for later.
-    whole: bool = True
-    # Made with credentials (identity.carries_credentials): the task is private.
-    private: bool = False
-    task_id: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.task_id = self.spec.task_id  # IdentityError for a spec that makes none
-
-    @classmethod
-    def for_url(
-        cls,
-        url: str,
-        *,
-        tag: str = "",
-        application: str = "",
-        headers: dict[str, str] | None = None,
-        filtered_query_params: list[str] | None = None,
-        back_to_source: bool = True,
-        shared_credentials: bool = False,
-        credential_headers: Sequence[str] = (),
-    ) -> DownloadRequest:
-        """The request and its task. A download made with someone's credentials
-        (Authorization, Cookie) is theirs unless a rule says the origin is asked first
-        (`shared_credentials`): its task is scoped to those credentials, so nobody
-        else is ever served it from P2P. Any credential (those two, a signature left out
-        of the ID, a header named in `credential_headers`) makes the task private."""
-        headers = headers or {}
-        spec = TaskSpec(
-            url=url,
-            tag=tag,
-            application=application,
-            filtered_query_params=list(filtered_query_params or []),
-            scope="" if shared_credentials else credential_scope(headers),
-        )
-        request = cls(spec, headers, back_to_source=back_to_source)  # (the URL is checked)
-        request.private = carries_credentials(
-            url, headers, spec.filtered_query_params, extra_headers=credential_headers
-        )
-        return request
-
-
-@dataclass
-class _Parent:
-    info: ParentInfo
-    client: HTTPClient
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-
-    @property
-    def base_url(self) -> str:
-        host = f"[{self.info.ip}]" if ":" in self.info.ip else self.info.ip
-        return f"http://{host}:{self.info.upload_port}"
 
 
 class Download:
@@ -232,10 +122,10 @@ class Download:
         self._outbox: deque[Message] = deque()
         self._outbox_ready = trio.Event()
         self._timer_rearm = trio.Event()
-        self._parents: dict[str, _Parent] = {}
+        self._parents: dict[str, ParentLink] = {}
         self._retired: list[HTTPClient] = []  # clients of dropped parents, closed at the end
         self._fetch_scopes: dict[int, trio.CancelScope] = {}
-        self._origin: OriginFetcher | None = None
+        self._origin = OriginLink(self)
         self._send_lock = trio.Lock()  # the sender and the final flush keep the order
         self._children: dict[int, trio.MemorySendChannel[list[PieceInfo]]] = {}
         self._child_tokens = itertools.count()
@@ -411,8 +301,7 @@ class Download:
                 self._outbox_ready.set()
             elif kind is Fetch:
                 assert isinstance(action, Fetch)
-                scope = self._fetch_scopes[action.fetch_id] = trio.CancelScope()
-                self._spawn(self._fetch, action, scope)
+                self._fetch(action)
             elif kind is Cancel:
                 assert isinstance(action, Cancel)
                 scope = self._fetch_scopes.get(action.fetch_id)
@@ -432,12 +321,13 @@ class Download:
                 self._spawn(self._open_task, action)
             elif kind is ProbeOrigin:
                 assert isinstance(action, ProbeOrigin)
-                self._spawn(self._origin_task, self._probe_origin, action)
+                probe = partial(self._origin.probe, action.expect_etag, action.expect_last_modified)
+                self._spawn(self._origin.run, probe)
             elif kind is FetchOrigin:
                 assert isinstance(action, FetchOrigin)
-                self._spawn(self._origin_task, self._fetch_origin_piece, action)
+                self._spawn(self._origin.run, partial(self._origin.fetch_piece, action.number))
             elif kind is StreamOrigin:
-                self._spawn(self._origin_task, self._stream_origin, action)
+                self._spawn(self._origin.run, self._origin.stream)
             elif kind is Complete:
                 self._spawn(self._complete)
             elif kind is Finished:
@@ -452,9 +342,58 @@ class Download:
         self._notify()
         self._timer_rearm.set()
 
-    def _spawn(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         if self._nursery is not None:
             self._nursery.start_soon(fn, *args)
+
+    # The DownloadContext its links see.
+    feed = _feed
+
+    @property
+    def spec(self) -> TaskSpec:
+        return self.request.spec
+
+    @property
+    def origin_headers(self) -> dict[str, str]:
+        return self.request.headers
+
+    def count_landed(self, number: int, length: int, source: str) -> None:
+        if number not in self.machine.have:
+            metrics = self.daemon.metrics
+            metrics.download_bytes.labels(source).inc(length)
+            metrics.pieces.labels(source).inc()
+
+    # ------------------------------------------------------------ parents
+
+    def _subscribe_parent(self, action: Subscribe) -> None:
+        cfg = self.daemon.config.download
+        client = HTTPClient(connect_timeout=cfg.connect_timeout, read_timeout=cfg.piece_timeout)
+        link = ParentLink(action.parent, client, action.ticket)
+        self._parents[action.parent.peer_id] = link
+        self._spawn(link.follow, self)
+
+    def _unsubscribe_parent(self, pid: str) -> None:
+        link = self._parents.pop(pid, None)
+        if link is not None:
+            link.scope.cancel()
+            self._retired.append(link.client)
+
+    def _fetch(self, action: Fetch) -> None:
+        link = self._parents.get(action.parent_id)
+        if link is None:
+            self.feed(
+                self.machine.piece_failed(action.fetch_id, "parent gone", trio.current_time())
+            )
+            return
+        scope = self._fetch_scopes[action.fetch_id] = trio.CancelScope()
+
+        async def fetch() -> None:
+            try:
+                await link.fetch(self, action, scope)
+            finally:
+                self._fetch_scopes.pop(action.fetch_id, None)
+
+        self._spawn(fetch)
 
     def _on_finished(self) -> None:
         self.log.info(
@@ -513,8 +452,7 @@ class Download:
             with trio.CancelScope(shield=True):
                 for client in self._retired + [p.client for p in self._parents.values()]:
                     await client.aclose()
-                if self._origin is not None:
-                    await self._origin.aclose()
+                await self._origin.aclose()
             self._notify()
 
     async def _local_hit(self) -> bool:
@@ -557,7 +495,7 @@ class Download:
         if machine.lingering(trio.current_time()):
             self.log.info("keeping the announcement schedule", children=len(self._children))
         while machine.lingering(trio.current_time()):
-            with trio.move_on_at(machine.next_wakeup()):
+            with trio.move_on_at(machine.next_wakeup(trio.current_time())):
                 await trio.sleep_forever()
             self._feed(machine.tick(trio.current_time()))
         # Held-back announcements go out before the channels close: a finished
@@ -568,7 +506,7 @@ class Download:
         """Call the machine's tick when it has something timed to do."""
         while True:
             self._timer_rearm = trio.Event()
-            wake = self.machine.next_wakeup()
+            wake = self.machine.next_wakeup(trio.current_time())
             with trio.move_on_at(wake):
                 await self._timer_rearm.wait()
             if trio.current_time() >= wake:
@@ -680,275 +618,3 @@ class Download:
             self._feed(self.machine.complete_failed(f"completing the task failed: {exc}", 0, now()))
             return
         self._feed(self.machine.completed(now()))
-
-    # ------------------------------------------------------------ parents
-
-    def _subscribe_parent(self, action: Subscribe) -> None:
-        cfg = self.daemon.config.download
-        parent = _Parent(
-            action.parent,
-            HTTPClient(connect_timeout=cfg.connect_timeout, read_timeout=cfg.piece_timeout),
-        )
-        self._parents[action.parent.peer_id] = parent
-        self._spawn(self._follow_parent, parent, action.ticket)
-
-    def _unsubscribe_parent(self, pid: str) -> None:
-        parent = self._parents.pop(pid, None)
-        if parent is not None:
-            parent.scope.cancel()
-            self._retired.append(parent.client)
-
-    async def _follow_parent(self, parent: _Parent, ticket: Ticket | None) -> None:
-        """A parent's piece announcements until it is done or fails (the scheduler's
-        ticket for this parent opens them)."""
-        pid = parent.info.peer_id
-        hello = Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="peer")
-        url = parent.base_url.replace("http://", "ws://", 1) + ANNOUNCE_PATH
-        with parent.scope:
-            try:
-                async with connect(
-                    url,
-                    hello,
-                    name=f"parent {pid}",
-                    connect_timeout=self.daemon.config.download.connect_timeout,
-                ) as channel:
-                    await channel.send(
-                        SubscribeMessage(
-                            task_id=self.task_id,
-                            peer_id=self.peer_id,
-                            parent_id=pid,
-                            host_id=ticket.child_host_id if ticket else "",
-                            ticket=ticket.mac if ticket else b"",
-                            expires_at=ticket.expires_at if ticket else 0,
-                        )
-                    )
-                    async for msg in channel:
-                        if isinstance(msg, PieceAnnounce):
-                            numbers = [p.number for p in msg.pieces]
-                            self._feed(
-                                self.machine.parent_announced(pid, numbers, trio.current_time())
-                            )
-                        elif isinstance(msg, AnnounceDone):
-                            # It holds every piece: keep fetching from it.
-                            self._feed(
-                                self.machine.parent_announced(
-                                    pid, range(msg.piece_count), trio.current_time()
-                                )
-                            )
-                            return
-                    raise ChannelClosed("parent closed the announcements")
-            except (OSError, ChannelClosed, trio.TooSlowError, Exception) as exc:
-                if self.machine.done:
-                    return
-                self.log.info("parent announcements failed", parent=pid, error=repr(exc))
-                self._feed(self.machine.parent_gone(pid, trio.current_time()))
-
-    async def _fetch(self, action: Fetch, scope: trio.CancelScope) -> None:
-        """One piece from one parent into the store. The first request of a piece splices
-        straight into the task file; an endgame duplicate receives aside, and once its
-        bytes are in hand the machine stops the others before it is written."""
-        fid, number, pid = action.fetch_id, action.number, action.parent_id
-        metrics = self.daemon.metrics
-        machine = self.machine
-        sink: PieceSink | None = None
-        try:
-            with scope:
-                sink = await self._receive_piece(action)
-            if sink is not None and sink.record is not None:
-                self._count_landed(number, sink.record.length, "p2p")
-                self._feed(
-                    machine.piece_landed(fid, number, pid, sink.record.length, trio.current_time())
-                )
-        except ParentBusy:
-            # Not a failure: the parent is full; the machine asks it again a moment later.
-            self._feed(machine.piece_busy(fid, trio.current_time()))
-        except DigestMismatch:
-            metrics.piece_failures.labels("digest").inc()
-            self.log.info("piece failed", number=number, parent=pid, reason="digest mismatch")
-            self._feed(
-                machine.piece_failed(fid, "digest mismatch", trio.current_time(), bad_bytes=True)
-            )
-        except (HTTPClientError, OSError, StorageError) as exc:
-            metrics.piece_failures.labels("transfer").inc()
-            reason = str(exc)[:500]
-            self.log.info("piece failed", number=number, parent=pid, reason=reason)
-            self._feed(machine.piece_failed(fid, reason, trio.current_time()))
-        finally:
-            self._fetch_scopes.pop(fid, None)
-
-    async def _receive_piece(self, action: Fetch) -> PieceSink | None:
-        """The piece's bytes into the store; the sink says what was recorded."""
-        parent = self._parents.get(action.parent_id)
-        handle = self.handle
-        if parent is None or handle is None:
-            raise HTTPClientError("the parent or the task is gone")
-        number = action.number
-        geometry = self.machine.layout.geometry
-        assert geometry is not None
-        length = geometry.length(number)
-        expected = self.machine.digests[number]
-        limiter = self.daemon.download_limiter
-        if limiter is not None:
-            await limiter.acquire(length)
-        store = self.daemon.store
-        url = f"{parent.base_url}/pieces/{self.task_id}/{number}"
-        known = self.machine.parents.get(action.parent_id)  # (its latest ticket)
-        ticket = known.ticket if known is not None else None
-        headers = [(TICKET_HEADER, ticket.header())] if ticket is not None else []
-        async with parent.client.request("GET", url, headers) as r:
-            if r.status == 503:
-                await discard(r)
-                raise ParentBusy(url)
-            if r.status != 200:
-                raise HTTPClientError(f"parent answered {r.status}")
-            if r.content_length != length:
-                raise HTTPClientError(
-                    f"parent sent {r.content_length} bytes for a {length}-byte piece"
-                )
-            if action.in_place:
-                async with store.writing(handle, number, expected) as sink:
-                    if not sink.done:
-                        await r.splice_to(sink.fd, sink.offset, length)
-                return sink  # (a body left unread closes the connection)
-            buf = bytearray(length)
-            await r.readinto_exactly(buf)
-        if hashlib.sha256(buf).digest() != expected:
-            raise DigestMismatch(f"piece {number}", expected.hex(), "other")
-        self._feed(self.machine.piece_in_hand(action.fetch_id, trio.current_time()))
-        async with store.writing(handle, number, expected) as sink:
-            if not sink.done:
-                sink.write(buf)
-        return sink
-
-    # ------------------------------------------------------------ the origin
-
-    async def _origin_task(self, fn, action) -> None:  # type: ignore[no-untyped-def]
-        """Origin work: an origin failure fails the download (the machine reports it, so
-        the scheduler can fail the task for everyone or hand the origin to another)."""
-        try:
-            await fn(action)
-        except OriginError as exc:
-            self._feed(self.machine.origin_failed(str(exc), exc.http_status, trio.current_time()))
-        except DigestMismatch as exc:
-            self._feed(
-                self.machine.origin_failed(
-                    f"origin content changed: {exc}", 409, trio.current_time()
-                )
-            )
-        except (StorageError, OSError) as exc:
-            self._feed(
-                self.machine.origin_failed(
-                    f"storing the origin's bytes failed: {exc}", 0, trio.current_time()
-                )
-            )
-
-    async def _probe_origin(self, action: ProbeOrigin) -> None:
-        if self._origin is not None:
-            await self._origin.aclose()
-        self._origin = OriginFetcher(
-            self.daemon.origin_client,
-            self.request.spec.url,
-            self.request.headers,
-            limiter=self.daemon.source_limiter,
-            expect_etag=action.expect_etag,
-            expect_last_modified=action.expect_last_modified,
-        )
-        info = await self._origin.probe()
-        self._feed(
-            self.machine.origin_probed(
-                info.content_length,
-                info.accepts_ranges,
-                info.etag,
-                info.last_modified,
-                info.content_type,
-                trio.current_time(),
-            )
-        )
-
-    async def _fetch_origin_piece(self, action: FetchOrigin) -> None:
-        origin, handle = self._origin, self.handle
-        assert origin is not None and handle is not None
-        async with self.daemon.store.writing(handle, action.number) as sink:
-            if not sink.done:
-                await origin.fetch_piece(sink)
-        self._origin_piece(sink)
-
-    def _count_landed(self, number: int, length: int, source: str) -> None:
-        if number not in self.machine.have:
-            metrics = self.daemon.metrics
-            metrics.download_bytes.labels(source).inc(length)
-            metrics.pieces.labels(source).inc()
-
-    def _origin_piece(self, sink: PieceSink) -> None:
-        record = sink.record
-        assert record is not None
-        self._count_landed(record.number, record.length, "back_to_source")
-        self._feed(
-            self.machine.origin_piece_landed(
-                record.number, record.sha256, record.length, trio.current_time()
-            )
-        )
-
-    async def _stream_origin(self, action: StreamOrigin) -> None:
-        """No ranges: the one body, cut into pieces in order as it arrives."""
-        origin, handle = self._origin, self.handle
-        assert origin is not None and handle is not None
-        machine, store = self.machine, self.daemon.store
-        lay = machine.layout
-        if lay.content_length >= 0:
-            assert lay.geometry is not None
-            for number in range(lay.piece_count):
-                length = lay.geometry.length(number)
-                if machine.holds(number):
-                    # Never write over a recorded piece: compare the bytes instead.
-                    data = await origin.skip_piece(length)
-                    if hashlib.sha256(data).digest() != machine.digests.get(number):
-                        raise OriginChanged(
-                            f"origin content changed: piece {number} differs from the stored one",
-                            409,
-                        )
-                    continue
-                async with store.writing(handle, number) as sink:
-                    await origin.read_piece(sink)
-                self._origin_piece(sink)
-            return
-        # Unknown length (chunked): fill pieces until the body ends.
-        await self._stream_unknown_length(origin, handle)
-
-    async def _stream_unknown_length(self, origin: OriginFetcher, handle: TaskHandle) -> None:
-        from dragonfly.net.zerocopy import pwrite_all
-
-        store, machine = self.daemon.store, self.machine
-        piece_length = machine.layout.piece_length
-        number, filled = 0, 0
-        chunks = origin.chunks()
-        pending: list[bytes] = []
-
-        async def flush(n: int, parts: list[bytes], size: int) -> None:
-            async with store.writing(handle, n) as sink:
-                offset = sink.offset
-                for part in parts:
-                    pwrite_all(sink.fd, part, offset)
-                    offset += len(part)
-                sink.length = size
-            self._origin_piece(sink)
-
-        async with contextlib.aclosing(chunks) as body:
-            async for chunk in body:
-                view = memoryview(chunk)
-                while view:
-                    take = min(len(view), piece_length - filled)
-                    pending.append(bytes(view[:take]))
-                    filled += take
-                    view = view[take:]
-                    if filled == piece_length:
-                        await flush(number, pending, filled)
-                        number, filled, pending = number + 1, 0, []
-        total = number * piece_length + filled
-        await store.set_content_length(self.task_id, total)
-        if filled:
-            # The last piece is recorded once the length says how long it is.
-            self._feed(machine.content_length_known(total, trio.current_time()))
-            await flush(number, pending, filled)
-        else:
-            self._feed(machine.content_length_known(total, trio.current_time()))

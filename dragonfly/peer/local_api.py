@@ -17,7 +17,8 @@ import trio
 
 from dragonfly.identity import IdentityError
 from dragonfly.net.http_server import Request, Responder
-from dragonfly.peer.download import Download, DownloadFailed, DownloadRequest
+from dragonfly.peer.download import Download
+from dragonfly.peer.request import DownloadFailed, DownloadRequest
 from dragonfly.peer.services import PeerServices
 from dragonfly.storage.taskfile import task_path
 

@@ -24,7 +24,6 @@ from dragonfly.identity import IdentityError
 from dragonfly.log import get_logger
 from dragonfly.net.http_client import HTTPClientError, split_url
 from dragonfly.net.http_server import Request, Responder
-from dragonfly.peer.download import DownloadFailed, DownloadRequest
 from dragonfly.peer.exposure import (
     CLIENT,
     ClientScope,
@@ -34,6 +33,7 @@ from dragonfly.peer.exposure import (
 )
 from dragonfly.peer.private import PrivateAccess
 from dragonfly.peer.registry import RegistryMirror
+from dragonfly.peer.request import DownloadFailed, DownloadRequest
 from dragonfly.peer.services import PeerServices
 from dragonfly.peer.serving import origin_headers, relay, serve_common, stream_download
 from dragonfly.peer.tunnel import handle_connect

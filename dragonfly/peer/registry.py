@@ -30,7 +30,8 @@ import trio
 from dragonfly.log import get_logger
 from dragonfly.net.http_client import HTTPClientError
 from dragonfly.net.http_server import Request, Responder
-from dragonfly.peer.download import Download, DownloadFailed, DownloadRequest
+from dragonfly.peer.download import Download
+from dragonfly.peer.request import DownloadFailed, DownloadRequest
 from dragonfly.peer.services import PeerServices
 from dragonfly.peer.serving import origin_headers, relay, stream_download
 from dragonfly.peer.source import origin_request_headers

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from dragonfly.peer.download import DownloadServices
+from dragonfly.peer.context import DownloadServices
 from dragonfly.peer.exposure import ProxyGate
 from dragonfly.peer.tasks import TaskManager
 from dragonfly.peer.tunnel import Hijacker

@@ -11,13 +11,19 @@ the download machine's decision (dragonfly/engine/machine.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+
+import trio
 
 from dragonfly.log import get_logger
 from dragonfly.net.http_client import HTTPClient, HTTPClientError, Response, discard
+from dragonfly.net.zerocopy import pwrite_all
+from dragonfly.peer.context import DownloadContext
 from dragonfly.ratelimit import RateLimiter
-from dragonfly.storage import PieceSink
+from dragonfly.storage import DigestMismatch, PieceSink, StorageError, TaskHandle
 from dragonfly.wire.http_common import Headers, parse_content_range
 
 log = get_logger("dragonfly.peer.source")
@@ -220,3 +226,130 @@ class OriginFetcher:
                 await self.limiter.acquire(n)
             await response.splice_to(fd, offset + done, n)
             done += n
+
+
+class OriginLink:
+    """A download's origin: performs the machine's ProbeOrigin, FetchOrigin and
+    StreamOrigin and feeds back what the origin did. An origin failure (or a piece that
+    is not what the task's first fetch was) ends in the machine's ``origin_failed``."""
+
+    def __init__(self, dl: DownloadContext) -> None:
+        self.dl = dl
+        self.fetcher: OriginFetcher | None = None
+
+    async def aclose(self) -> None:
+        if self.fetcher is not None:
+            await self.fetcher.aclose()
+
+    async def run(self, work: Callable[[], Awaitable[None]]) -> None:
+        dl = self.dl
+        try:
+            await work()
+        except OriginError as exc:
+            dl.feed(dl.machine.origin_failed(str(exc), exc.http_status, trio.current_time()))
+        except DigestMismatch as exc:
+            reason = f"origin content changed: {exc}"
+            dl.feed(dl.machine.origin_failed(reason, 409, trio.current_time()))
+        except (StorageError, OSError) as exc:
+            reason = f"storing the origin's bytes failed: {exc}"
+            dl.feed(dl.machine.origin_failed(reason, 0, trio.current_time()))
+
+    async def probe(self, expect_etag: str, expect_last_modified: str) -> None:
+        dl = self.dl
+        await self.aclose()
+        self.fetcher = OriginFetcher(
+            dl.daemon.origin_client,
+            dl.spec.url,
+            dl.origin_headers,
+            limiter=dl.daemon.source_limiter,
+            expect_etag=expect_etag,
+            expect_last_modified=expect_last_modified,
+        )
+        info = await self.fetcher.probe()
+        dl.feed(
+            dl.machine.origin_probed(
+                info.content_length,
+                info.accepts_ranges,
+                info.etag,
+                info.last_modified,
+                info.content_type,
+                trio.current_time(),
+            )
+        )
+
+    async def fetch_piece(self, number: int) -> None:
+        fetcher, handle = self.fetcher, self.dl.handle
+        assert fetcher is not None and handle is not None
+        async with self.dl.daemon.store.writing(handle, number) as sink:
+            if not sink.done:
+                await fetcher.fetch_piece(sink)
+        self._landed(sink)
+
+    def _landed(self, sink: PieceSink) -> None:
+        dl, record = self.dl, sink.record
+        assert record is not None
+        dl.count_landed(record.number, record.length, "back_to_source")
+        dl.feed(
+            dl.machine.origin_piece_landed(
+                record.number, record.sha256, record.length, trio.current_time()
+            )
+        )
+
+    async def stream(self) -> None:
+        """No ranges: the one body, cut into pieces in order as it arrives."""
+        fetcher, handle = self.fetcher, self.dl.handle
+        assert fetcher is not None and handle is not None
+        machine, store = self.dl.machine, self.dl.daemon.store
+        lay = machine.layout
+        if lay.geometry is None:
+            await self._stream_unknown_length(fetcher, handle)
+            return
+        for number in range(lay.piece_count):
+            length = lay.geometry.length(number)
+            if machine.holds(number):
+                # Never write over a recorded piece: compare the bytes instead.
+                data = await fetcher.skip_piece(length)
+                if hashlib.sha256(data).digest() != machine.digests.get(number):
+                    raise OriginChanged(
+                        f"origin content changed: piece {number} differs from the stored one",
+                        409,
+                    )
+                continue
+            async with store.writing(handle, number) as sink:
+                await fetcher.read_piece(sink)
+            self._landed(sink)
+
+    async def _stream_unknown_length(self, fetcher: OriginFetcher, handle: TaskHandle) -> None:
+        """A body of unknown length (chunked): pieces filled until it ends."""
+        dl = self.dl
+        store, machine = dl.daemon.store, dl.machine
+        piece_length = machine.layout.piece_length
+        number, filled = 0, 0
+        pending: list[bytes] = []
+
+        async def write(n: int, parts: list[bytes], size: int) -> None:
+            async with store.writing(handle, n) as sink:
+                offset = sink.offset
+                for part in parts:
+                    pwrite_all(sink.fd, part, offset)
+                    offset += len(part)
+                sink.length = size
+            self._landed(sink)
+
+        async with contextlib.aclosing(fetcher.chunks()) as body:
+            async for chunk in body:
+                view = memoryview(chunk)
+                while view:
+                    take = min(len(view), piece_length - filled)
+                    pending.append(bytes(view[:take]))
+                    filled += take
+                    view = view[take:]
+                    if filled == piece_length:
+                        await write(number, pending, filled)
+                        number, filled, pending = number + 1, 0, []
+        total = number * piece_length + filled
+        await store.set_content_length(dl.task_id, total)
+        # The last, short piece is recorded once the length says how long it is.
+        dl.feed(machine.content_length_known(total, trio.current_time()))
+        if filled:
+            await write(number, pending, filled)

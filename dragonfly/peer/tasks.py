@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import trio
 
-from dragonfly.peer.download import Download, DownloadRequest, DownloadServices
+from dragonfly.peer.context import DownloadServices
+from dragonfly.peer.download import Download
+from dragonfly.peer.request import DownloadRequest
 
 
 class TaskManager:

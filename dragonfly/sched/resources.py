@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 
-from dragonfly.ratelimit import TokenBucket
+from dragonfly.tokenbucket import TokenBucket
 from dragonfly.trust import TicketKey
 from dragonfly.wire.messages import HostInfo, ParentInfo, PieceDigest, RegisterPeer, TaskSpec
 

@@ -45,7 +45,6 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from dragonfly.identity import IdentityError, piece_length_for
-from dragonfly.ratelimit import TokenBucket
 from dragonfly.sched.evaluator import Evaluator
 from dragonfly.sched.resources import (
     MAX_TRACKED_PIECES,
@@ -57,6 +56,7 @@ from dragonfly.sched.resources import (
     TaskState,
     size_class,
 )
+from dragonfly.tokenbucket import TokenBucket
 from dragonfly.trust import TicketKey
 from dragonfly.wire.codec import Message
 from dragonfly.wire.messages import (

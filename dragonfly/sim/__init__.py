@@ -7,7 +7,8 @@ modelled, engine.py for the event loop and the bandwidth model, bound.py for T_m
 
 from dragonfly.sim.bound import fluid_bound, piece_factor
 from dragonfly.sim.cli import main
-from dragonfly.sim.swarm import SimConfig, SimResult, Swarm, run_simulation
+from dragonfly.sim.scenario import SimConfig, SimResult
+from dragonfly.sim.swarm import Swarm, run_simulation
 
 __all__ = [
     "SimConfig",

@@ -22,7 +22,8 @@ from typing import TextIO
 from dragonfly.config import PeerConfig, SchedulerConfig
 from dragonfly.identity import piece_length_for
 from dragonfly.sched.scheduler import SchedulerSettings
-from dragonfly.sim.swarm import SimConfig, SimResult, run_simulation
+from dragonfly.sim.scenario import SimConfig, SimResult
+from dragonfly.sim.swarm import run_simulation
 from dragonfly.units import format_size, parse_duration, parse_rate, parse_size
 
 __all__ = ["build_parser", "config_from_args", "main", "render"]
@@ -54,6 +55,16 @@ _count = _checked(int, "count", minimum=1)
 _count0 = _checked(int, "count", minimum=0)
 _duration = _checked(parse_duration, "duration", minimum=0)
 _timeout = _checked(parse_duration, "duration", minimum=0.001)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction from 0 to 1")
+    return value
 
 
 def _arrival(text: str) -> tuple[str, float]:
@@ -107,6 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_arrival,
         default=("burst", 0.0),
         help="burst (all at t=0, the default) or poisson:RATE (arrivals per second)",
+    )
+    p.add_argument(
+        "--departures",
+        metavar="F",
+        type=_fraction,
+        default=0.0,
+        help="fraction of the peers that leave before they finish (default 0)",
+    )
+    p.add_argument(
+        "--crashes",
+        metavar="F",
+        type=_fraction,
+        default=0.0,
+        help="fraction of the peers whose host dies silently before they finish (default 0)",
     )
     p.add_argument("--seed", metavar="S", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON")
@@ -187,6 +212,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         seed_peers=args.seed_peers,
         arrival=kind,
         arrival_rate=rate,
+        departures=args.departures,
+        crashes=args.crashes,
         seed=args.seed,
         latency=args.latency,
         concurrent_pieces=args.concurrent_pieces,
@@ -231,7 +258,10 @@ def render(result: SimResult, out: TextIO, *, wall_time: bool = True) -> None:
         ("T_min (fluid bound)", f"{result.t_min:.3f} s"),
         ("T_all (last peer done)", t_all),
         ("piece-schedule bound", f"T_min x {result.piece_factor:.3f} (efficiency <= {best:.3f})"),
-        ("finished", f"{result.finished}/{cfg.peers} ({result.failed} failed)"),
+        (
+            "finished",
+            f"{result.finished}/{cfg.peers} ({result.failed} failed, {result.departed} left)",
+        ),
         (
             "origin bytes",
             f"{result.origin_bytes} ({origin_ratio:.2f} x file; seeds {result.seed_origin_bytes})",

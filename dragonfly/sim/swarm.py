@@ -1,43 +1,35 @@
-"""A swarm of simulated hosts driving the real scheduler and the real piece picker.
+"""A swarm of simulated hosts driving the real scheduler and the real download machine.
 
-Each simulated host plays the part of the trio download engine (dragonfly/peer/
-download.py) without sockets: it registers with the real ``Scheduler`` through
-``handle()``, obeys its answers (CandidateParents, PieceDigests, NeedBackToSource,
-TriggerDownload), fetches pieces with the real ``PiecePicker`` from the parents it was
-given, learns what each parent holds from the parent's announcements, reports finished
-pieces in batches, asks to be rescheduled when stalled, and keeps serving once done.
-A seed peer answers TriggerDownload like the real one: it registers asking for the
-origin, probes it, reports TaskMetadata and fetches the pieces in order with a few
-concurrent range requests, reporting each with its origin-side digest.
+Each simulated host runs the peer's own ``DownloadMachine`` (dragonfly/engine/machine.py)
+and performs its actions in a model of the network instead of with sockets and a disk:
+``Send`` goes to the real ``Scheduler`` (``handle()``) after ``latency``; ``Subscribe``
+makes the parent's machine announce to this one; ``Fetch`` and ``FetchOrigin`` start
+flows between endpoints; ``OpenTask`` and ``Complete`` succeed at once (no disk). No
+decision of a peer is written here: what to fetch, from whom, when to time out, report,
+reschedule or go to the origin, how a parent staggers its announcements — all of it is
+the machine's, as in the daemon.
 
 What is modelled and what is not:
 
-* bandwidth: see dragonfly/sim/engine.py (fair shares of each uplink and downlink);
+* bandwidth: see dragonfly/sim/engine.py (fair shares of each uplink and downlink, and a
+  parent's upload slots; a request beyond the slots and the queue is refused at once, as
+  the real upload server answers 503);
 * control messages (peer ↔ scheduler) take ``latency`` seconds one way; a probe of the
-  origin takes one round trip; piece announcements of a parent reach its subscribed
-  children at once; piece requests start at once (their latency is folded into the
-  transfer);
-* a piece request that has not landed after ``piece_timeout`` (waiting for one of the
-  parent's upload slots included) is cancelled, marked failed in the picker and
-  reported with PieceFailed, as the real engine does; a TaskFailed ends the download;
-* nothing else fails: no bad digests, no origin errors, no departures (every host
-  stays and serves to the end).
-
-Like the real engine, a peer keeps every parent it was ever given (a later
-CandidateParents only adds parents), and it stops fetching from peers (and drops its
-parents) when told to go back to the origin.
+  origin takes one round trip; announcements and piece requests start at once (their
+  latency is folded into the transfer);
+* departures (``SimConfig.departures``: a peer leaves before it finishes, LeaveHost, its
+  children's requests and announcements end) and crashes (``crashes``: its host dies
+  silently; its children find out by their requests' timeouts, the scheduler after
+  ``detect_after``); late arrivals by a Poisson process (``arrival``);
+* not modelled: bad digests, origin errors, disks.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import time
-from dataclasses import asdict, dataclass, field
 from random import Random
-from typing import Any
 
-from dragonfly.config import PeerConfig
 from dragonfly.engine.actions import (
     Action,
     Announce,
@@ -57,184 +49,16 @@ from dragonfly.engine.actions import (
     Unsubscribe,
 )
 from dragonfly.engine.machine import DownloadMachine
-from dragonfly.identity import IdentityError, check_piece_length, piece_length_for
-from dragonfly.identity import piece_count as count_pieces
-from dragonfly.sched.scheduler import Scheduler, SchedulerSettings
+from dragonfly.identity import IdentityError, check_piece_length
+from dragonfly.sched.scheduler import Scheduler
 from dragonfly.sched.scheduler import Send as Decision
-from dragonfly.sim.bound import fluid_bound, piece_factor
+from dragonfly.sim.bound import piece_factor
 from dragonfly.sim.engine import INF, Endpoint, EventLoop, Flow, make_network
+from dragonfly.sim.scenario import URL, SimConfig, SimResult
 from dragonfly.wire.codec import Message
-from dragonfly.wire.messages import Error, HostInfo, TaskSpec, TriggerDownload
+from dragonfly.wire.messages import Error, HostInfo, LeaveHost, TaskSpec, TriggerDownload
 
-__all__ = ["PERCENTILES", "SimConfig", "SimResult", "Swarm", "run_simulation"]
-
-URL = "http://origin.sim/file.bin"
-PERCENTILES = (0, 10, 25, 50, 75, 90, 99, 100)
-
-
-# The model's knobs default to what a peer ships with.
-_SHIPPED = PeerConfig()
-_MACHINE = MachineConfig()
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """One simulated scenario.  Sizes in bytes, rates in bytes/s, times in seconds."""
-
-    peers: int
-    size: int
-    piece_size: int
-    origin_up: float
-    peer_up: float
-    peer_down: float | None = None  # None: downloads are not capped
-    seed_peers: int = 1
-    arrival: str = "burst"  # "burst": all at t=0; "poisson": at ``arrival_rate`` per second
-    arrival_rate: float = 0.0
-    seed: int = 0
-    latency: float = 0.001  # one-way peer <-> scheduler message latency
-    concurrent_pieces: int = 8  # [download] concurrent_piece_count
-    per_parent_limit: int = 2  # the engine's PiecePicker default: requests per parent
-    origin_concurrency: int = _SHIPPED.download.origin_concurrency
-    upload_slots: int = _SHIPPED.upload.concurrent_limit
-    upload_queue: int = _SHIPPED.upload.queue_limit  # requests that wait for a slot
-    upload_children: int = _SHIPPED.upload.children_limit  # the host's HostInfo.upload_limit
-    stagger: bool = True  # a peer fetching from the origin staggers its announcements
-    reveal_after: float = _MACHINE.reveal_after  # ... and tells the others this much later
-    give_up_after: float = (
-        _MACHINE.give_up_after  # ... or passes it on when its first child never fetched it
-    )
-    piece_timeout: float = _SHIPPED.download.piece_timeout  # queueing at the parent included
-    report_interval: float = _MACHINE.report_interval  # PiecesFinished batching
-    reschedule_interval: float = _MACHINE.reschedule_interval  # at most one Reschedule per this
-    linger_limit: float = _MACHINE.linger_limit  # a finished origin-fed peer keeps its schedule
-    max_time: float | None = None  # give up (unfinished) at this sim time; None: derived
-    stall_limit: float = 120.0  # give up when no piece lands anywhere for this long
-    settings: SchedulerSettings = field(default_factory=SchedulerSettings)
-    check_invariants: bool = False  # scheduler.check_invariants() on every tick (slow)
-
-    def __post_init__(self) -> None:
-        if self.peers < 1:
-            raise ValueError(f"peers must be >= 1, got {self.peers}")
-        if self.seed_peers < 0:
-            raise ValueError(f"seed peers must be >= 0, got {self.seed_peers}")
-        if self.size < 1:
-            raise ValueError(f"size must be at least one byte, got {self.size}")
-        if self.piece_size < 1:
-            raise ValueError(f"piece size must be at least one byte, got {self.piece_size}")
-        if count_pieces(self.size, self.piece_size) > 1 << 20:
-            raise ValueError("more than 2**20 pieces: choose a larger piece size")
-        if self.piece_size != piece_length_for(self.size):
-            try:  # the scheduler refuses a layout no peer would make
-                check_piece_length(self.piece_size)
-            except IdentityError as exc:
-                raise ValueError(
-                    f"piece size: {exc}, or the size's own ({piece_length_for(self.size)})"
-                ) from None
-        for name in ("origin_up", "peer_up"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name.replace('_', '-')} must be a positive rate")
-        if self.peer_down is not None and not self.peer_down > 0:
-            raise ValueError("peer-down must be a positive rate")
-        if self.arrival not in ("burst", "poisson"):
-            raise ValueError(f"arrival must be burst or poisson, got {self.arrival!r}")
-        if self.arrival == "poisson" and not self.arrival_rate > 0:
-            raise ValueError("a poisson arrival needs a positive rate")
-        if self.latency < 0:
-            raise ValueError("latency must be >= 0")
-        if not self.piece_timeout > 0:
-            raise ValueError("piece timeout must be positive")
-        if not self.stall_limit > 0:
-            raise ValueError("stall limit must be positive")
-        if (
-            min(
-                self.concurrent_pieces,
-                self.origin_concurrency,
-                self.upload_slots,
-                self.per_parent_limit,
-            )
-            < 1
-        ):
-            raise ValueError("concurrency limits must be >= 1")
-
-    @property
-    def piece_count(self) -> int:
-        return count_pieces(self.size, self.piece_size)
-
-    def bound(self) -> float:
-        """T_min of Kumar & Ross for this scenario."""
-        return fluid_bound(
-            self.peers, self.size, self.origin_up, self.peer_up, self.peer_down, self.seed_peers
-        )
-
-    def describe(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["settings"] = asdict(self.settings)
-        return d
-
-
-@dataclass(frozen=True)
-class SimResult:
-    """What one run measured; everything but ``wall_time`` is a function of the config."""
-
-    config: SimConfig
-    piece_count: int
-    t_min: float  # the fluid bound
-    t_all: float  # when the last peer finished (inf: not all did)
-    efficiency: float  # t_min / t_all
-    piece_factor: float  # 1 + log2(N)/k: the best a piece schedule can do is 1/this
-    finished: int  # peers (not seed peers) holding every piece
-    complete: bool  # every peer and every triggered seed holds every piece
-    origin_bytes: int  # bytes the origin served
-    seed_origin_bytes: int  # of which seed peers fetched
-    p2p_bytes: int  # bytes moved between hosts (landed pieces)
-    wasted_bytes: int  # bytes moved by requests cancelled mid-flight (endgame, timeouts)
-    back_to_source_peers: int  # peers (not seeds) sent to the origin
-    reschedules: int  # Reschedule messages sent
-    timeouts: int  # piece requests that hit piece_timeout
-    errors: int  # Error answers from the scheduler (0 in a healthy run)
-    failed: int  # peers whose download failed (TaskFailed)
-    gave_up: str  # why the run stopped before every peer finished ("" if they all did)
-    durations: tuple[float, ...]  # per-peer download time, arrival to finish, sorted
-    sim_time: float
-    events: int
-    counters: dict[str, int]
-    wall_time: float = 0.0
-
-    def percentiles(self) -> dict[int, float]:
-        """Nearest-rank percentiles of the per-peer download time."""
-        d = self.durations
-        if not d:
-            return {}
-        return {p: d[max(0, math.ceil(p / 100 * len(d)) - 1)] for p in PERCENTILES}
-
-    def as_dict(self, *, wall_time: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "config": self.config.describe(),
-            "piece_count": self.piece_count,
-            "t_min": self.t_min,
-            "t_all": self.t_all if math.isfinite(self.t_all) else None,
-            "efficiency": self.efficiency,
-            "piece_factor": self.piece_factor,
-            "finished": self.finished,
-            "complete": self.complete,
-            "origin_bytes": self.origin_bytes,
-            "seed_origin_bytes": self.seed_origin_bytes,
-            "p2p_bytes": self.p2p_bytes,
-            "wasted_bytes": self.wasted_bytes,
-            "back_to_source_peers": self.back_to_source_peers,
-            "reschedules": self.reschedules,
-            "timeouts": self.timeouts,
-            "errors": self.errors,
-            "failed": self.failed,
-            "gave_up": self.gave_up,
-            "percentiles": {str(k): v for k, v in self.percentiles().items()},
-            "sim_time": self.sim_time,
-            "events": self.events,
-            "scheduler": self.counters,
-        }
-        if wall_time:
-            out["wall_time"] = self.wall_time
-        return out
+__all__ = ["Swarm", "run_simulation"]
 
 
 class SimNode:
@@ -245,6 +69,7 @@ class SimNode:
     __slots__ = (
         "arrived",
         "children",
+        "dead",
         "ep",
         "finished_at",
         "flows",
@@ -290,6 +115,7 @@ class SimNode:
         self.children: dict[str, SimNode] = {}  # subscribed to this node
         self.wake_at = INF  # the earliest tick already scheduled
         self.revealed_all = False
+        self.dead = False  # left, or its host died: it does nothing any more
 
     @property
     def done(self) -> bool:
@@ -328,6 +154,8 @@ class SimNode:
         self.perform(self.machine.connected(sw.loop.now))
 
     def receive(self, msg: Message) -> None:
+        if self.dead:
+            return
         kind = type(msg)
         if kind is TriggerDownload:
             if self.machine is None:  # (a repeated trigger of a started task is moot)
@@ -343,6 +171,8 @@ class SimNode:
     def perform(self, actions: list[Action]) -> None:
         machine = self.machine
         assert machine is not None
+        if self.dead:
+            return
         sw = self.sw
         now = sw.loop.now
         for action in actions:
@@ -390,6 +220,7 @@ class SimNode:
                 self.finished_at = now
                 if not self.seed:
                     sw.finished += 1
+                self._end_schedule()
             elif kind is Failed:
                 assert isinstance(action, Failed)
                 sw.failures.append(f"{self.peer_id}: {action.reason}")
@@ -406,6 +237,8 @@ class SimNode:
         if parent is None or parent.machine is None:
             self.perform(machine.piece_failed(action.fetch_id, "parent gone", sw.loop.now))
             return
+        if parent.dead:
+            return  # a dead host answers nothing: the request times out
         ep = parent.ep
         # A held-back piece's first copy waits at the head of the queue (the swarm needs
         # it: dragonfly/engine/announce.py), as in the real upload server.
@@ -420,6 +253,8 @@ class SimNode:
 
     def _p2p_landed(self, flow: Flow) -> None:
         action: Fetch = flow.data
+        if self.dead:
+            return
         if self.flows.pop(action.fetch_id, None) is None:
             return
         sw = self.sw
@@ -438,6 +273,8 @@ class SimNode:
 
     def _probed(self, _: object) -> None:
         """The origin answered the probe (it takes ranges; one version, no validators)."""
+        if self.dead:
+            return
         machine = self.machine
         assert machine is not None
         self.perform(machine.origin_probed(self.sw.cfg.size, True, "", "", "", self.sw.loop.now))
@@ -445,6 +282,8 @@ class SimNode:
     def _origin_landed(self, flow: Flow) -> None:
         number: int = flow.data
         sw = self.sw
+        if self.dead:
+            return
         sw.origin_bytes += flow.size
         self.origin_bytes += flow.size
         sw.last_progress = sw.loop.now
@@ -466,6 +305,49 @@ class SimNode:
         if self.children.pop(child.peer_id, None) is not None and self.machine is not None:
             self.perform(self.machine.child_left(child.peer_id, self.sw.loop.now))
 
+    def depart(self, crash: bool) -> None:
+        """The peer leaves before it finishes (``crash``: its host dies, saying nothing)."""
+        machine = self.machine
+        if self.dead or machine is None or machine.done:
+            return
+        sw = self.sw
+        now = sw.loop.now
+        self.dead = True
+        sw.departed += 1
+        for flow in self.flows.values():
+            sw.wasted += sw.net.cancel(flow)
+        self.flows.clear()
+        for parent in self.parents.values():
+            parent.unsubscribe(self)
+        self.parents.clear()
+        if crash:
+            # Its uploads stop where they are; its children's requests time out.
+            for child in self.children.values():
+                for fid, flow in list(child.flows.items()):
+                    if flow.data.parent_id == self.peer_id:
+                        sw.wasted += sw.net.cancel(flow)
+                        del child.flows[fid]
+            self.children.clear()
+            sw.loop.after(sw.cfg.detect_after, self._noticed_dead)
+            return
+        # A graceful exit: its uploads end, its announcements close, the scheduler hears.
+        for child in list(self.children.values()):
+            if child.machine is None:
+                continue
+            for fid, flow in list(child.flows.items()):
+                if flow.data.parent_id == self.peer_id:
+                    sw.wasted += sw.net.cancel(flow)
+                    del child.flows[fid]
+                    child.perform(child.machine.piece_failed(fid, "parent left", now))
+            child.perform(child.machine.parent_gone(self.peer_id, now))
+        self.children.clear()
+        sw.to_scheduler(self.host_id, LeaveHost(host_id=self.host_id))
+
+    def _noticed_dead(self, _: object) -> None:
+        """The scheduler's keepalive gives up on the dead host."""
+        sw = self.sw
+        sw._dispatch(sw.scheduler.host_disconnected(self.host_id, sw.loop.now))
+
     def _left(self) -> None:
         """The download failed: its announcements end, its children drop it."""
         now = self.sw.loop.now
@@ -479,28 +361,29 @@ class SimNode:
     def _schedule_tick(self) -> None:
         machine = self.machine
         assert machine is not None
-        when = machine.next_wakeup()
+        now = self.sw.loop.now
+        when = max(machine.next_wakeup(now), now)
         if when < self.wake_at:
             self.wake_at = when
-            self.sw.loop.at(max(when, self.sw.loop.now), self._tick)
+            self.sw.loop.at(when, self._tick, when)
 
-    def _tick(self, _: object) -> None:
+    def _tick(self, when: float) -> None:
+        if when != self.wake_at or self.dead:
+            return  # superseded by an earlier one
         machine = self.machine
         assert machine is not None
-        now = self.sw.loop.now
         self.wake_at = INF
-        if machine.next_wakeup() <= now:
-            self.perform(machine.tick(now))
-        if (
-            machine.done
-            and not self.revealed_all
-            and machine.ended_at is not None
-            and now >= machine.ended_at + self.sw.cfg.linger_limit
-        ):
-            # The real daemon ends its download here: everything is announced.
+        self.perform(machine.tick(self.sw.loop.now))
+        self._end_schedule()
+
+    def _end_schedule(self) -> None:
+        """An ended download keeps its announcement schedule while it lingers; then,
+        as the real daemon does, everything is announced."""
+        machine = self.machine
+        assert machine is not None
+        if machine.done and not self.revealed_all and not machine.lingering(self.sw.loop.now):
             self.revealed_all = True
             self.perform(machine.reveal_all())
-        self._schedule_tick()
 
 
 class Swarm:
@@ -543,6 +426,7 @@ class Swarm:
         self.peers: list[SimNode] = []
         self.finished = 0
         self.back_to_source = 0
+        self.departed = 0
         self.origin_bytes = 0
         self.p2p_bytes = 0
         self.wasted = 0.0
@@ -590,7 +474,7 @@ class Swarm:
                 f"no piece landed anywhere for {self.cfg.stall_limit:g} s "
                 f"(since t={self.last_progress:.1f} s): the swarm is stuck"
             )
-        elif self.finished + len(self.failures) < len(self.peers):
+        elif self._ended() < len(self.peers):
             self.loop.after(self.cfg.settings.retry_interval, self._tick)
 
     # -- running ---------------------------------------------------------------------
@@ -601,30 +485,39 @@ class Swarm:
         loop = self.loop
         for node in self.seeds:
             self.scheduler.host_connected(node.info, 0.0)
+        t_min = cfg.bound()
         t = 0.0
         for node in self.peers:
             loop.at(t, node.arrive)
+            fate = self.rng.random()
+            if fate < cfg.departures + cfg.crashes:
+                crash = fate >= cfg.departures
+                loop.at(t + self.rng.uniform(0.0, t_min), node.depart, crash)
             if cfg.arrival == "poisson":
                 t += self.rng.expovariate(cfg.arrival_rate)
         loop.at(0.0, self._tick)
-        t_min = cfg.bound()
         limit = cfg.max_time if cfg.max_time is not None else t + 20 * t_min + 600.0
         n = len(self.peers)
         failures = self.failures
-        loop.run(limit, lambda: self.finished + len(failures) >= n or bool(self.gave_up))
+        loop.run(limit, lambda: self._ended() >= n or bool(self.gave_up))
         if failures and not self.gave_up:
             self.gave_up = f"{len(failures)} peers failed, the first: {failures[0]}"
-        if self.finished < n and not self.gave_up:
+        if self.finished + self.departed < n and not self.gave_up:
             self.gave_up = f"gave up at t={loop.now:.1f} s (max time {limit:g} s)"
         return self._result(t_min, time.perf_counter() - wall)
+
+    def _ended(self) -> int:
+        """Peers that finished, failed, or left before finishing."""
+        return self.finished + len(self.failures) + self.departed
 
     def _result(self, t_min: float, wall: float) -> SimResult:
         cfg = self.cfg
         done = [p for p in self.peers if p.done]
-        t_all = max(p.finished_at for p in done) if len(done) == len(self.peers) else INF
+        stayed = [p for p in self.peers if not p.dead]
+        t_all = max(p.finished_at for p in done) if len(done) == len(stayed) else INF
         nodes = [n for n in self.nodes.values() if n.machine is not None]
         triggered = [s for s in self.seeds if s.registered]
-        complete = all(p.count == self.k for p in self.peers) and all(
+        complete = all(p.count == self.k for p in stayed) and all(
             s.count == self.k for s in triggered
         )
         return SimResult(
@@ -645,6 +538,7 @@ class Swarm:
             timeouts=sum(n.machine.counters.timeouts for n in nodes),
             errors=len(self.errors),
             failed=sum(1 for p in self.peers if p.failed),
+            departed=self.departed,
             gave_up=self.gave_up,
             durations=tuple(sorted(p.finished_at - p.arrived for p in done)),
             sim_time=self.loop.now,

@@ -52,15 +52,35 @@ def test_parent_killed_mid_transfer(tmp_path: Path, www: Path):
         procs = [
             curl(cluster.node(f"peer-{i}").info["proxy"], url, tmp_path / f"o{i}") for i in range(3)
         ]
-        # once the victim holds pieces (and so is a parent of the others), kill it
-        wait_for_bytes(victim, "p2p", 8 * MiB)
+        # once the victim is serving the others (it sent them a whole piece), kill it
+        deadline = time.monotonic() + 120
+        while (served := metric(victim.info["metrics"], "dragonfly_upload_bytes_total")) < 4 * MiB:
+            assert time.monotonic() < deadline, "the victim never served a piece"
+            time.sleep(0.05)
+        others = [cluster.node(f"peer-{i}") for i in (1, 2)]
+        had = sum(
+            metric(n.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"')
+            for n in others
+        )
         assert victim.process is not None
         victim.process.send_signal(signal.SIGKILL)
+        victim.process.wait()
         finish(procs[0])
         for i in (1, 2):
             code, err = finish(procs[i])
             assert code == 0, err
             assert sha256_file(tmp_path / f"o{i}") == want
+        # The others had not got everything yet when their parent died: they finished
+        # from the seed and from each other (the origin served the file about once).
+        assert had < 2 * size, "the others had every byte before the kill: nothing to prove"
+        assert served >= 4 * MiB
+        got = [
+            metric(n.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"')
+            + metric(n.info["metrics"], "dragonfly_download_bytes_total", 'source="back_to_source"')
+            for n in others
+        ]
+        assert all(g >= size for g in got)
+        assert slow.served_bytes("/f.bin") <= 1.2 * size
 
 
 def test_corrupt_piece_on_a_parents_disk(tmp_path: Path, www: Path, nginx: Nginx):
