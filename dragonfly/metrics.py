@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
@@ -88,38 +92,70 @@ class PeerMetrics(RoleMetrics):
             self.download_bytes.labels(source)
 
 
-class SchedulerMetrics(RoleMetrics):
-    """Decisions of a scheduler."""
+# The scheduler core's counts (dragonfly/sched/settings.py, SchedulerCounters) as the
+# scheduler's counters: metric name (without _total), help, key of the count.
+SCHEDULER_CORE_COUNTERS = (
+    ("dragonfly_scheduler_registrations", "Peers registered", "registrations"),
+    ("dragonfly_scheduler_piece_reports", "Finished pieces reported", "piece_reports"),
+    (
+        "dragonfly_scheduler_schedule_decisions",
+        "Candidate parent sets sent",
+        "schedule_decisions",
+    ),
+    (
+        "dragonfly_scheduler_back_to_source_decisions",
+        "Peers told to go back to source",
+        "back_to_source",
+    ),
+    ("dragonfly_scheduler_seed_triggers", "Seed peers triggered", "triggers"),
+    ("dragonfly_scheduler_task_failures", "TaskFailed sent to peers", "task_failures"),
+    (
+        "dragonfly_scheduler_bad_reports",
+        "Reports that contradict what the scheduler knows (digests, layouts, task IDs)",
+        "bad_reports",
+    ),
+    ("dragonfly_scheduler_errors", "Error answers to hosts' messages", "errors"),
+    ("dragonfly_scheduler_collected_peers", "Peers dropped after peer_ttl", "collected_peers"),
+    ("dragonfly_scheduler_collected_tasks", "Tasks dropped after task_ttl", "collected_tasks"),
+    ("dragonfly_scheduler_collected_hosts", "Hosts forgotten after host_ttl", "collected_hosts"),
+)
+REFUSAL_HELP = (
+    "Hosts and registrations refused, by reason: no_credential, expired, "
+    "unknown_key, cluster, proof, host_mismatch, role_mismatch, timeout, bounds"
+)
 
-    def __init__(self) -> None:
+
+class _SchedulerCoreCollector:
+    """Reads the core's counts when /metrics is scraped: the shell counts nothing twice."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]], refusals: Mapping[str, int]):
+        self._counts = counts
+        self._refusals = refusals
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        counts = self._counts()
+        for name, documentation, key in SCHEDULER_CORE_COUNTERS:
+            yield CounterMetricFamily(name, documentation, value=counts[key])
+        refusals = CounterMetricFamily(
+            "dragonfly_scheduler_refusals", REFUSAL_HELP, labels=["reason"]
+        )
+        by_reason = {**self._refusals, "bounds": counts["refused_registrations"]}
+        for reason, n in sorted(by_reason.items()):
+            refusals.add_metric([reason], n)
+        yield refusals
+
+
+class SchedulerMetrics(RoleMetrics):
+    """A scheduler's: the core's counts (``counts``, read at each scrape), host
+    refusals at the handshake (``refusals``, by reason: the shell's), and its own."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
         super().__init__()
         r = self.registry
-        self.registrations = Counter(
-            "dragonfly_scheduler_registrations", "Peers registered", registry=r
-        )
-        self.schedule_decisions = Counter(
-            "dragonfly_scheduler_schedule_decisions", "Candidate parent sets sent", registry=r
-        )
-        self.back_to_source_decisions = Counter(
-            "dragonfly_scheduler_back_to_source_decisions",
-            "Peers told to go back to source",
-            registry=r,
-        )
-        self.triggers = Counter(
-            "dragonfly_scheduler_seed_triggers", "Seed peers triggered", registry=r
-        )
-        self.piece_reports = Counter(
-            "dragonfly_scheduler_piece_reports", "Finished pieces reported", registry=r
-        )
+        self.refusals: collections.Counter[str] = collections.Counter()
+        r.register(_SchedulerCoreCollector(counts, self.refusals))
         self.protocol_errors = Counter(
             "dragonfly_scheduler_protocol_errors", "Invalid messages received", registry=r
-        )
-        self.refusals = Counter(
-            "dragonfly_scheduler_refusals",
-            "Hosts and registrations refused, by reason: no_credential, expired, "
-            "unknown_key, cluster, proof, host_mismatch, role_mismatch, timeout, bounds",
-            ["reason"],
-            registry=r,
         )
         self.connected_hosts = Gauge(
             "dragonfly_scheduler_connected_hosts", "Hosts with an open connection", registry=r

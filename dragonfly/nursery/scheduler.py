@@ -54,18 +54,7 @@ from dragonfly.trust import (
     scheduler_proof,
 )
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtocolError
-from dragonfly.wire.messages import (
-    AnnounceMember,
-    CandidateParents,
-    Error,
-    ErrorCode,
-    Hello,
-    NeedBackToSource,
-    PiecesFinished,
-    Proof,
-    RegisterPeer,
-    TriggerDownload,
-)
+from dragonfly.wire.messages import AnnounceMember, Error, ErrorCode, Hello, Proof
 
 log = get_logger("dragonfly.scheduler")
 
@@ -89,9 +78,9 @@ class SchedulerServer:
         self.core = Scheduler(SchedulerSettings.from_config(config), seed=seed)
         ring = scheduler_secrets(config)  # ConfigError naming trust.secret_file
         self.verifier = Verifier(ring) if ring is not None else None
-        self.metrics = SchedulerMetrics()
+        # The core counts its decisions; /metrics reads them (nothing counted twice).
+        self.metrics = SchedulerMetrics(self.core.counters.as_dict)
         self._refusal_log = LogLimiter()
-        self._refused = 0  # the core's refused registrations already counted
         # The ticker and the flusher run under it: a failure is retried, never fatal.
         self.supervisor = Supervisor(
             lambda loop: self.metrics.background_failures.labels(loop).inc()
@@ -219,23 +208,8 @@ class SchedulerServer:
                         batch = await channel.receive_batch()
                     except ChannelClosed:
                         break
-                    registrations = pieces = 0
                     for msg in batch:
-                        kind = type(msg)
-                        if kind is RegisterPeer:
-                            registrations += 1
-                        elif kind is PiecesFinished:
-                            pieces += len(msg.pieces)  # type: ignore[attr-defined]
                         self._apply(handle(host_id, msg, clock()))
-                    # Counted per batch: a prometheus increment takes a lock.
-                    if registrations:
-                        self.metrics.registrations.inc(registrations)
-                        refused = self.core.counters.refused_registrations
-                        if refused != self._refused:  # over a host's bounds
-                            self.metrics.refusals.labels("bounds").inc(refused - self._refused)
-                            self._refused = refused
-                    if pieces:
-                        self.metrics.piece_reports.inc(pieces)
             finally:
                 if self.hosts.get(host_id) is conn:
                     del self.hosts[host_id]
@@ -274,7 +248,7 @@ class SchedulerServer:
     def _refuse(
         self, channel: ServerChannel, reason: str, text: str, host_id: str, ip: str
     ) -> None:
-        self.metrics.refusals.labels(reason).inc()
+        self.metrics.refusals[reason] += 1
         skipped = self._refusal_log.allow(trio.current_time())
         if skipped is not None:
             log.warning(
@@ -289,19 +263,8 @@ class SchedulerServer:
         channel.close_soon(1008, "identity not proven")
 
     def _apply(self, decisions: list[Send]) -> None:
-        if not decisions:
-            return
-        candidates = back_to_source = triggers = 0
         hosts = self.hosts
         for decision in decisions:
-            msg = decision.message
-            kind = type(msg)
-            if kind is CandidateParents:
-                candidates += 1
-            elif kind is NeedBackToSource:
-                back_to_source += 1
-            elif kind is TriggerDownload:
-                triggers += 1
             conn = hosts.get(decision.host_id)
             if conn is None:
                 continue
@@ -312,13 +275,7 @@ class SchedulerServer:
                 channel.close_soon(1008, "too slow: messages not read")
                 conn.scope.cancel()
                 continue
-            channel.queue(msg)
-        if candidates:
-            self.metrics.schedule_decisions.inc(candidates)
-        if back_to_source:
-            self.metrics.back_to_source_decisions.inc(back_to_source)
-        if triggers:
-            self.metrics.triggers.inc(triggers)
+            channel.queue(decision.message)
 
     async def _tick(self) -> None:
         self._apply(self.core.tick(trio.current_time()))

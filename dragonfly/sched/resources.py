@@ -4,27 +4,42 @@ Plain objects with no behaviour beyond bookkeeping: the scheduler decides, these
 remember.  The state machines are tables; a transition the table does not allow
 raises ``IllegalTransition`` because it means the scheduler's own logic is wrong
 (input from peers is checked with ``can`` before anything changes).
+
+A task indexes its peers by what the scheduler asks of them (who waits for parents,
+who downloads, who fetches from the origin, who can serve...).  Which index a peer may
+be in follows from its state (``INDEX_STATES``), and a peer's state changes in one
+place, ``Task.move``: it checks ``PEER_TRANSITIONS``, takes the peer out of every index
+its new state has no place in, releases its parent edges when it stops downloading, and
+puts it in the index of its new state.  ``Task.check_indexes`` proves the indexes agree
+with the states (tests and simulations).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
+from dragonfly.sched.bitset import Bitset
 from dragonfly.tokenbucket import TokenBucket
 from dragonfly.trust import TicketKey
 from dragonfly.wire.messages import HostInfo, ParentInfo, PieceDigest, RegisterPeer, TaskSpec
 
 __all__ = [
+    "INDEX_STATES",
     "MAX_TRACKED_PIECES",
     "PEER_TRANSITIONS",
     "RECEIVED_STATES",
+    "SCHEDULABLE",
+    "SERVING",
+    "STATE_INDEX",
     "TASK_TRANSITIONS",
+    "WHOLE",
     "Bitset",
     "Host",
     "IllegalTransition",
     "Peer",
     "PeerIndex",
+    "PeerSet",
     "PeerState",
     "Task",
     "TaskState",
@@ -87,6 +102,34 @@ PEER_TRANSITIONS: dict[PeerState, frozenset[PeerState]] = {
     _P.LEAVE: frozenset(),
 }
 
+# May be given parents / may be a parent / holds (or is fetching) every piece.
+SCHEDULABLE = frozenset({_P.PENDING, _P.RUNNING})
+SERVING = frozenset({_P.BACK_TO_SOURCE, _P.SUCCEEDED, _P.RUNNING})
+WHOLE = frozenset({_P.BACK_TO_SOURCE, _P.SUCCEEDED})
+
+# A task's indexes of its peers and the states a member may be in: a peer that moves to
+# another state leaves every index that state is not listed for (Task.move).
+INDEX_STATES: dict[str, frozenset[PeerState]] = {
+    "waiting": SCHEDULABLE,  # needs parents, has none: retried every retry_interval
+    "downloading": frozenset({_P.RUNNING}),  # told its parents
+    "hungry": frozenset({_P.RUNNING}),  # fewer parents than the limit: offered new sources
+    "back_to_source": frozenset({_P.BACK_TO_SOURCE}),  # fetching from the origin
+    "succeeded": frozenset({_P.SUCCEEDED}),
+    "sources": SERVING,  # can serve the current generation: the candidate parents
+}
+# The index a peer of the task's current generation joins when it enters a state.
+STATE_INDEX: dict[PeerState, str] = {
+    _P.RUNNING: "downloading",
+    _P.BACK_TO_SOURCE: "back_to_source",
+    _P.SUCCEEDED: "succeeded",
+}
+# Only a downloading peer has parents.
+PARENTED = frozenset({_P.RUNNING})
+_LEAVES: dict[PeerState, tuple[str, ...]] = {
+    state: tuple(name for name, allowed in INDEX_STATES.items() if state not in allowed)
+    for state in PeerState
+}
+
 _T = TaskState
 TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     _T.PENDING: frozenset({_T.RUNNING, _T.FAILED, _T.LEAVE}),
@@ -108,50 +151,34 @@ def size_class(content_length: int, piece_length: int | None) -> PeerState:
     return PeerState.RECEIVED_NORMAL
 
 
-class Bitset:
-    """Finished piece numbers: a growable bitmap (a set of ints costs ~40x the memory,
-    which matters with 10,000 simulated peers of 500-piece tasks)."""
+class PeerSet(dict[str, "Peer"]):
+    """Peers by ID in insertion order: one of a task's indexes. ``add`` and ``discard``
+    are how it changes (``Task.move``, ``Task.wait``...); reading it is reading a dict.
+    With ``mirror``, every change is made there too (a scheduler-wide index)."""
 
-    __slots__ = ("_bits", "_count")
+    __slots__ = ("mirror",)
 
-    def __init__(self) -> None:
-        self._bits = bytearray()
-        self._count = 0
+    def __init__(self, mirror: PeerSet | None = None) -> None:
+        super().__init__()
+        self.mirror = mirror
 
-    def add(self, n: int) -> bool:
-        """Set bit n; True if it was not set before."""
-        idx = n >> 3
-        bits = self._bits
-        if idx >= len(bits):
-            bits.extend(bytes(idx + 1 - len(bits)))
-        mask = 1 << (n & 7)
-        if bits[idx] & mask:
+    def add(self, peer: Peer) -> bool:
+        """Add at the end; True if it was not there."""
+        if peer.id in self:
             return False
-        bits[idx] |= mask
-        self._count += 1
+        self[peer.id] = peer
+        if self.mirror is not None:
+            self.mirror.add(peer)
         return True
 
-    def __contains__(self, n: object) -> bool:
-        if not isinstance(n, int) or n < 0:
+    def discard(self, peer: Peer) -> bool:
+        """Remove this very peer; True if it was there."""
+        if self.get(peer.id) is not peer:
             return False
-        idx = n >> 3
-        return idx < len(self._bits) and bool(self._bits[idx] & (1 << (n & 7)))
-
-    def __len__(self) -> int:
-        return self._count
-
-    def has_outside(self, other: Bitset) -> bool:
-        """Whether some piece here is missing from ``other`` (a parent useful to a child)."""
-        if self._count > other._count:
-            return True  # more pieces than the other has: one of them must be new to it
-        return bool(int.from_bytes(self._bits, "little") & ~int.from_bytes(other._bits, "little"))
-
-    def __iter__(self) -> Iterator[int]:
-        for idx, byte in enumerate(self._bits):
-            if byte:
-                for bit in range(8):
-                    if byte & (1 << bit):
-                        yield idx * 8 + bit
+        del self[peer.id]
+        if self.mirror is not None:
+            self.mirror.discard(peer)
+        return True
 
 
 class PeerIndex:
@@ -250,7 +277,8 @@ class Host:
 
 
 class Task:
-    """One download (one task ID) with everything known about its content and peers."""
+    """One download (one task ID) with everything known about its content and peers,
+    and its peers indexed by what the scheduler asks of them (see the module doc)."""
 
     __slots__ = (
         "back_to_source",
@@ -284,6 +312,7 @@ class Task:
         "triggered_at",
         "unconfirmed",
         "waiting",
+        "waiting_everywhere",
     )
 
     def __init__(
@@ -293,6 +322,7 @@ class Task:
         now: float,
         *,
         headers: dict[str, str] | None = None,
+        waiting_everywhere: PeerSet | None = None,
     ) -> None:
         self.id = task_id
         self.spec = spec  # what the task is made of (its ID was checked against it)
@@ -310,11 +340,17 @@ class Task:
         # Made from a request with credentials: clients get its bytes only after the
         # origin said yes to theirs. Never goes back to public.
         self.private = False
+        # Every task's waiting peers, for the scheduler's retries: `waiting` mirrors into it.
+        self.waiting_everywhere = waiting_everywhere
         self._reset_content()
 
     @classmethod
-    def from_register(cls, msg: RegisterPeer, now: float) -> Task:
-        return cls(msg.task_id, msg.task, now, headers=msg.headers)
+    def from_register(
+        cls, msg: RegisterPeer, now: float, *, waiting_everywhere: PeerSet | None = None
+    ) -> Task:
+        return cls(
+            msg.task_id, msg.task, now, headers=msg.headers, waiting_everywhere=waiting_everywhere
+        )
 
     def _reset_content(self) -> None:
         self.metadata_known = False
@@ -331,13 +367,15 @@ class Task:
         self.disputed = False  # two of them reported different digests for a piece
         # Hosts of ordinary peers this generation sent to the origin.
         self.origin_hosts: set[str] = set()
-        # Peers of the current generation that can serve (see Scheduler._became_source).
+        # The indexes (INDEX_STATES): peers of the current generation only.
+        for p in list(getattr(self, "waiting", {}).values()):
+            self.waiting.discard(p)  # (out of the scheduler-wide index too)
         self.sources = PeerIndex()
-        self.back_to_source: dict[str, Peer] = {}  # fetching from the origin right now
-        self.succeeded: dict[str, Peer] = {}
-        self.waiting: dict[str, Peer] = {}  # need parents, have none
-        self.downloading: dict[str, Peer] = {}  # RUNNING and told their parents
-        self.hungry: dict[str, Peer] = {}  # RUNNING with fewer parents than the limit
+        self.back_to_source = PeerSet()
+        self.succeeded = PeerSet()
+        self.waiting = PeerSet(self.waiting_everywhere)
+        self.downloading = PeerSet()
+        self.hungry = PeerSet()  # in the order they are to be offered a new source
 
     def restart(self, registration: RegisterPeer) -> None:
         """FAILED → PENDING: forget what the failed attempt learned; older peers stay
@@ -359,6 +397,81 @@ class Task:
         if new not in TASK_TRANSITIONS[self.state]:
             raise IllegalTransition(f"task {self.id}: {self.state.name} → {new.name}")
         self.state = new
+
+    # -- a peer's state and the indexes ------------------------------------------------
+
+    def move(self, peer: Peer, new: PeerState) -> bool:
+        """The one place a peer of this task changes state: checked against
+        PEER_TRANSITIONS (IllegalTransition), then the peer leaves every index its new
+        state has no place in and its parent edges unless it downloads, and joins the
+        new state's index. True if the move made it a source (the scheduler then offers
+        it to peers that need parents)."""
+        peer.transition(new)
+        if new not in PARENTED and peer.parents:
+            peer.set_parents(())
+        for name in _LEAVES[new]:
+            index: PeerSet | PeerIndex = getattr(self, name)
+            index.discard(peer)
+        if peer.generation != self.generation:
+            return False  # a peer of a failed attempt is in no index
+        joins = STATE_INDEX.get(new)
+        if joins is not None:
+            state_index: PeerSet = getattr(self, joins)
+            state_index.add(peer)
+        if new in WHOLE or (new is PeerState.RUNNING and len(peer.finished)):
+            return self.add_source(peer)
+        return False
+
+    def add_source(self, peer: Peer) -> bool:
+        """Index a peer that can serve (it holds a piece, or will hold all) as a candidate
+        parent, if it may be one; True if newly added."""
+        return (
+            peer.generation == self.generation
+            and not peer.bad
+            and not peer.host.bad
+            and peer.host.connected
+            and peer.state in SERVING
+            and self.sources.add(peer)
+        )
+
+    def wait(self, peer: Peer) -> bool:
+        """The peer needs parents and has none: retried until it gets some. True if it was
+        not waiting already."""
+        assert peer.state in SCHEDULABLE, peer
+        self.hungry.discard(peer)
+        return self.waiting.add(peer)
+
+    def set_hungry(self, peer: Peer, hungry: bool) -> None:
+        """A downloading peer with fewer parents than the limit goes (back) to the end of
+        the queue of peers offered new sources; one with enough leaves it."""
+        self.hungry.discard(peer)
+        if hungry:
+            assert peer.state is PeerState.RUNNING, peer
+            self.hungry.add(peer)
+
+    def check_indexes(self) -> None:
+        """Assert that every index holds exactly the peers its states say (O(peers):
+        tests and simulations only)."""
+        for name, allowed in INDEX_STATES.items():
+            index: PeerSet | PeerIndex = getattr(self, name)
+            for p in index.values() if isinstance(index, PeerSet) else index:
+                assert self.peers.get(p.id) is p, (name, p)
+                assert p.state in allowed and p.generation == self.generation, (name, p)
+        for p in self.peers.values():
+            joins = STATE_INDEX.get(p.state)
+            if joins is not None and p.generation == self.generation:
+                assert p.id in getattr(self, joins), (joins, p)
+            if p.parents:
+                assert p.state in PARENTED, p
+        for p in self.sources:
+            assert not p.bad and not p.host.bad and p.host.connected, p
+            assert p.state is not PeerState.RUNNING or len(p.finished), p
+        for p in self.waiting.values():
+            assert not p.parents, p
+            if self.waiting_everywhere is not None:
+                assert self.waiting_everywhere.get(p.id) is p, p
+        for p in self.hungry.values():
+            assert p.id in self.downloading, p
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.state.name} peers={len(self.peers)}>"
@@ -422,6 +535,32 @@ class Peer:
         if new not in PEER_TRANSITIONS[self.state]:
             raise IllegalTransition(f"peer {self.id}: {self.state.name} → {new.name}")
         self.state = new
+
+    def set_parents(self, chosen: Iterable[Peer]) -> None:
+        """Replace this peer's parent edges; each edge is one active child on the parent's
+        host (its load)."""
+        old = self.parents
+        new = {p.id: p for p in chosen}
+        if not old and not new:
+            return
+        for pid, p in old.items():
+            if new.get(pid) is not p:
+                del p.children[self.id]
+                p.host.active_uploads -= 1
+        for pid, p in new.items():
+            if old.get(pid) is not p:
+                p.children[self.id] = self
+                p.host.active_uploads += 1
+        self.parents = new
+
+    def drop_children(self) -> list[Peer]:
+        """Take every child's edge to this peer away; returns the children."""
+        children = list(self.children.values())
+        for c in children:
+            del c.parents[self.id]
+            self.host.active_uploads -= 1
+        self.children.clear()
+        return children
 
     def parent_info(self) -> ParentInfo:
         """How a child reaches this peer (cached until the host reconnects with a new Hello)."""

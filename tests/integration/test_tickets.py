@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from dragonfly import trust
-from dragonfly.sched import scheduler as scheduler_module
+from dragonfly.sched import answers as scheduler_answers
 from dragonfly.sched.scheduler import Send
 from dragonfly.testing.nginx import Nginx
 from dragonfly.wire.codec import Message
@@ -29,7 +29,7 @@ async def test_a_child_renews_its_tickets_before_they_expire(
     # about 6 s to fetch the file (12 MiB from an origin sending 512 KiB/s a connection,
     # with 4 connections), so the child must renew them to get the later pieces.
     monkeypatch.setattr(trust, "TICKET_REFRESH_MARGIN", 118)
-    monkeypatch.setattr(scheduler_module, "TICKET_STEP", 1)
+    monkeypatch.setattr(scheduler_answers, "TICKET_STEP", 1)
     size = 12 * MiB + 5
     want = random_file(www / "f.bin", size)
     reschedules = 0

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from dragonfly.sched.evaluator import Evaluator
 from dragonfly.sched.resources import (
+    INDEX_STATES,
     PEER_TRANSITIONS,
     RECEIVED_STATES,
     TASK_TRANSITIONS,
@@ -16,6 +17,7 @@ from dragonfly.sched.resources import (
     IllegalTransition,
     Peer,
     PeerIndex,
+    PeerSet,
     PeerState,
     Task,
     TaskState,
@@ -276,3 +278,102 @@ def test_weights_are_swappable() -> None:
     busy = host("b")
     busy.active_uploads = 10
     assert ev.score(child, peer("b", busy)) == 1.0
+
+
+# -- Task.move: the state tables drive the indexes ----------------------------------------
+
+
+def in_indexes(t: Task, p: Peer) -> set[str]:
+    found = {n for n in INDEX_STATES if n != "sources" and getattr(t, n).get(p.id) is p}
+    return found | ({"sources"} if p in t.sources else set())
+
+
+def test_move_follows_the_tables_through_a_download() -> None:
+    everywhere = PeerSet()
+    t = Task("t", TaskSpec(url="http://o/f"), 0.0, waiting_everywhere=everywhere)
+    parent, child = peer("parent", task=t), peer("child", task=t)
+    for p in (parent, child):
+        t.peers[p.id] = p
+    assert t.move(parent, P.BACK_TO_SOURCE)  # will hold every piece: a source at once
+    assert in_indexes(t, parent) == {"back_to_source", "sources"}
+    assert t.wait(child) and not t.wait(child)
+    assert in_indexes(t, child) == {"waiting"} and everywhere == {"child": child}
+    t.waiting.discard(child)
+    assert not t.move(child, P.RECEIVED_NORMAL)
+    assert not t.move(child, P.RUNNING)  # no piece yet: not a source
+    child.set_parents([parent])
+    t.set_hungry(child, True)
+    assert in_indexes(t, child) == {"downloading", "hungry"}
+    assert parent.children == {"child": child} and parent.host.active_uploads == 1
+    t.check_indexes()
+    child.finished.add(0)
+    assert t.add_source(child) and not t.add_source(child)
+    assert t.move(parent, P.SUCCEEDED) is False  # a source already
+    assert in_indexes(t, parent) == {"succeeded", "sources"}
+    assert not t.move(child, P.SUCCEEDED)
+    # Done downloading: out of downloading and hungry, its parent edges released.
+    assert in_indexes(t, child) == {"succeeded", "sources"}
+    assert not child.parents and not parent.children and parent.host.active_uploads == 0
+    t.check_indexes()
+    t.move(child, P.LEAVE)
+    assert in_indexes(t, child) == set() and everywhere == {}
+    t.check_indexes()
+
+
+def test_an_illegal_move_changes_nothing() -> None:
+    t = Task("t", TaskSpec(url="http://o/f"), 0.0)
+    p = peer("p", task=t)
+    t.peers[p.id] = p
+    t.wait(p)
+    with pytest.raises(IllegalTransition):
+        t.move(p, P.SUCCEEDED)  # PENDING → SUCCEEDED is not in the table
+    assert p.state is P.PENDING and in_indexes(t, p) == {"waiting"}
+
+
+def test_a_peer_of_a_failed_attempt_joins_no_index() -> None:
+    t = Task("t", TaskSpec(url="http://o/f", piece_length=1 << 20), 0.0)
+    old = peer("old", task=t)
+    t.peers[old.id] = old
+    t.move(old, P.BACK_TO_SOURCE)
+    t.transition(T.FAILED)
+    t.restart(RegisterPeer(peer_id="new", task_id="t", task=t.spec))
+    assert in_indexes(t, old) == set()  # a new generation starts with empty indexes
+    assert not t.move(old, P.SUCCEEDED)
+    assert in_indexes(t, old) == set()
+    t.check_indexes()
+
+
+LEGAL_MOVES = [(old, new) for old, allowed in PEER_TRANSITIONS.items() for new in allowed]
+
+
+@pytest.mark.parametrize(("old", "new"), LEGAL_MOVES)
+def test_every_move_leaves_the_indexes_the_new_state_has_no_place_in(
+    old: PeerState, new: PeerState
+) -> None:
+    t = Task("t", TaskSpec(url="http://o/f"), 0.0)
+    p = peer("p", task=t)
+    t.peers[p.id] = p
+    p.state = old
+    p.finished.add(0)
+    for name, allowed in INDEX_STATES.items():  # in every index its state allows
+        if old in allowed:
+            getattr(t, name).add(p)
+    t.move(p, new)
+    assert p.state is new
+    assert all(new in INDEX_STATES[name] for name in in_indexes(t, p))
+    t.check_indexes()
+
+
+def test_check_indexes_catches_an_index_that_disagrees_with_the_state() -> None:
+    t = Task("t", TaskSpec(url="http://o/f"), 0.0)
+    p = peer("p", task=t)
+    t.peers[p.id] = p
+    t.move(p, P.BACK_TO_SOURCE)
+    t.check_indexes()
+    t.downloading.add(p)  # by hand, as the scheduler used to: BACK_TO_SOURCE is not RUNNING
+    with pytest.raises(AssertionError):
+        t.check_indexes()
+    t.downloading.discard(p)
+    t.back_to_source.discard(p)  # a BACK_TO_SOURCE peer missing from its index
+    with pytest.raises(AssertionError):
+        t.check_indexes()

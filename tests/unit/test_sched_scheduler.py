@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dragonfly.config import SchedulerConfig
-from dragonfly.sched import scheduler as sched_mod
+from dragonfly.metrics import SCHEDULER_CORE_COUNTERS, SchedulerMetrics
+from dragonfly.sched import answers as sched_answers
 from dragonfly.sched.resources import PeerState, TaskState
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
 from dragonfly.wire.codec import Message, decode, encode
@@ -485,7 +486,7 @@ def test_out_of_range_piece_is_refused() -> None:
 
 
 def test_digests_beyond_one_message_follow_separately(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sched_mod, "DIGESTS_PER_MESSAGE", 3)
+    monkeypatch.setattr(sched_answers, "DIGESTS_PER_MESSAGE", 3)
     w = World()
     w.seeded_task()
     w.pieces("seed", "s1", list(range(1, 8)))
@@ -805,6 +806,38 @@ def test_same_events_and_seed_give_the_same_decisions() -> None:
     assert a == b and len(a) > 80
     assert crowd(8) != a  # the seed does steer the sampling
     assert [encode(d.message) for d in a] == [encode(d.message) for d in b]
+
+
+def test_metrics_are_the_cores_counts() -> None:
+    """/metrics shows what the core counted, each decision once (the shell counts none)."""
+    w = World(SchedulerSettings(filter_parent_limit=5, peers_per_host=1))
+    metrics = SchedulerMetrics(w.s.counters.as_dict)
+    w.connect("seed", seed=True)
+    w.register("seed", "s1")
+    w.metadata("seed", "s1")
+    w.pieces("seed", "s1", [0, 1, 2])
+    w.connect("a")
+    w.register("a", "pa")
+    w.register("a", "pa2")  # over peers_per_host: refused
+    w.pieces("a", "pa", [0], parent="s1")
+    w.send("a", LeavePeer(peer_id="nobody", task_id=T1))  # an Error
+    counts = w.s.counters
+    assert (counts.registrations, counts.piece_reports, counts.refused_registrations) == (2, 4, 1)
+    text = metrics.render().decode()
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("dragonfly_scheduler_")
+    }
+    for name, _, key in SCHEDULER_CORE_COUNTERS:
+        assert values[f"{name}_total"] == getattr(counts, key), name
+    assert values['dragonfly_scheduler_refusals_total{reason="bounds"}'] == 1
+    assert values["dragonfly_scheduler_schedule_decisions_total"] == len(
+        of(w.sent, CandidateParents)
+    )
+    assert values["dragonfly_scheduler_errors_total"] == len(of(w.sent, Error)) == 1
+    metrics.refusals["proof"] += 1  # the shell's own: refused at the handshake
+    assert 'dragonfly_scheduler_refusals_total{reason="proof"} 1.0' in metrics.render().decode()
 
 
 N_HOSTS = 8  # hosts 0 and 1 are seeds

@@ -8,8 +8,9 @@ import dataclasses
 from typing import Any
 
 from dragonfly.config import SchedulerConfig, load_config
+from dragonfly.sched.answers import TICKET_STEP
 from dragonfly.sched.resources import PeerState, TaskState
-from dragonfly.sched.scheduler import TICKET_STEP, SchedulerSettings, Send
+from dragonfly.sched.scheduler import SchedulerSettings, Send
 from dragonfly.trust import Ticket, TicketKey, TrustError
 from dragonfly.wire.messages import (
     CandidateParents,
