@@ -7,7 +7,15 @@ import pkgutil
 import sys
 from pathlib import Path
 
-HELPERS = {"file_server", "fetch", "common", "scheduler_load", "netns", "bittorrent"}
+HELPERS = {
+    "file_server",
+    "fetch",
+    "common",
+    "scheduler_load",
+    "scheduler_core",
+    "netns",
+    "bittorrent",
+}
 
 
 def available() -> list[str]:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from benchmarks.common import RESULTS, _pyplot, _save, plot_cdf, rss_anon, write_result
+from benchmarks.scheduler_core import run_core
 from benchmarks.scheduler_load import BIN
 from dragonfly.testing.nginx import free_port
 from dragonfly.testing.trust import LocalIssuer
@@ -508,6 +509,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--drain", default="60s", help="time for outstanding answers at the end")
     p.add_argument("--seed", type=int, default=1, help="seed of the load's random choices")
     p.add_argument("--name", default="scheduler", help="result file name")
+    core = p.add_argument_group("the core alone, in this process (benchmarks/scheduler_core.py)")
+    core.add_argument(
+        "--core", action="store_true", help="drive the sans-I/O core with the same workload"
+    )
+    core.add_argument("--codec", action="store_true", help="with --core: through the codec too")
+    core.add_argument("--registrations", type=int, default=30000, help="with --core: how many")
+    core.add_argument("--profile", default="", help="with --core: write a cProfile here")
     args = p.parse_args(argv)
     args.duration = parse_duration(args.duration)
     args.warmup = parse_duration(args.warmup)
@@ -518,6 +526,11 @@ def main(argv: list[str]) -> int:
         p.error("--seed-hosts must be at least 1 (triggers need a seed)")
     if not 1 <= args.load_procs <= args.hosts:
         p.error("--load-procs must be between 1 and --hosts")
+    if args.core:
+        result = run_core(args)
+        path = write_result(f"{args.name}_core", result)
+        print(f"  results: {path}")
+        return 0
     try:
         result = run(args)
     except BenchError as exc:

@@ -44,3 +44,19 @@ def test_scheduler_benchmark_small_run(tmp_path: Path) -> None:
     assert result["scheduler_exit"] is not None
     for pid in [result["scheduler_pid"], *result["load_pids"]]:
         assert not Path(f"/proc/{pid}").exists()
+
+
+def test_scheduler_core_benchmark_small_run(tmp_path: Path) -> None:
+    """`--core`: the same closed loop against the sans-I/O core in one process."""
+    env = dict(os.environ, DRAGONFLY_BENCH_RESULTS=str(tmp_path))
+    cmd = [sys.executable, "-m", "benchmarks", "scheduler", "--core", "--codec", "--hosts", "50"]
+    cmd += ["--tasks", "5", "--registrations", "600", "--name", "smoke"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "smoke_core.json").read_text())
+    counters = result["counters"]
+    # Every registration was answered, every piece reported counted.
+    assert result["registrations_answered"] == counters["registrations"] >= 600
+    assert counters["triggers"] == 5 and counters["errors"] == counters["bad_reports"] == 0
+    assert counters["piece_reports"] == result["piece_reports"]
+    assert result["registrations_per_cpu_second"] > 0
