@@ -20,6 +20,8 @@ does.
 from __future__ import annotations
 
 import cProfile
+import itertools
+import operator
 import random
 import time
 from collections import Counter, deque
@@ -163,7 +165,8 @@ class CoreLoad:
             core.host_connected(h, 0.0)
         for h in self.plain:
             self._next(h.host_id)
-        handle = core.handle
+        handle_batch = core.handle_batch
+        first = operator.itemgetter(0)
         codec = self.codec
         cpu = 0.0  # the scheduler's own: handling, ticks (and the codec), not the hosts'
         next_tick = TICK
@@ -178,8 +181,10 @@ class CoreLoad:
             if now >= next_tick:
                 next_tick = now + TICK
                 decisions.extend(core.tick(now))
-            for host_id, msg in batch:
-                decisions.extend(handle(host_id, decode(msg) if codec else msg, now))  # type: ignore[arg-type]
+            # What one host sent in a row is one batch, as one receive of the shell's.
+            for host_id, run in itertools.groupby(batch, key=first):
+                msgs = [decode(m) if codec else m for _, m in run]  # type: ignore[arg-type]
+                decisions.extend(handle_batch(host_id, msgs, now))
             if codec:
                 for send in decisions:
                     encode(send.message)

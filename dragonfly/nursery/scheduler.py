@@ -2,12 +2,13 @@
 
 One h11 listener serves /healthy, /metrics and the websocket peers connect to
 (`/v1/scheduler`). Each host's websocket (a `ServerChannel`) has a reader that
-feeds the scheduler core every message one receive brings; what the core decides
-is queued on the hosts' channels and one flusher task writes each host's queue
-with one non-blocking write per round of the loop (a host whose socket is full
-is left to its own writer task), so a slow host never blocks decisions for the
-others and a busy scheduler pays task switches and syscalls per batch, not per
-message. Time comes from trio's clock, once per event.
+feeds the scheduler core every message one receive brings, in one call
+(`handle_batch`); what the core decides is queued on the hosts' channels and one
+flusher task writes each host's queue with one non-blocking write per round of the
+loop (a host whose socket is full is left to its own writer task), so a slow host
+never blocks decisions for the others and a busy scheduler pays task switches and
+syscalls per batch, not per message. Time comes from trio's clock, once per batch.
+The core counts what it decides; /metrics reads its counters.
 
 A host is admitted once it proved its credential (dragonfly/trust.py): its Hello
 carries its claims and a nonce, it sends a Proof made with its host key, and the
@@ -202,14 +203,15 @@ class SchedulerServer:
             log.info("host connected", host_id=host_id, seed=host.seed, ip=host.ip)
             try:
                 self._apply(self.core.host_connected(host, trio.current_time(), key=key))
-                handle, clock = self.core.handle, trio.current_time
+                handle_batch, clock = self.core.handle_batch, trio.current_time
                 while True:
                     try:
                         batch = await channel.receive_batch()
                     except ChannelClosed:
                         break
-                    for msg in batch:
-                        self._apply(handle(host_id, msg, clock()))
+                    # One call per receive: the parent updates the batch causes go out
+                    # once, net of what it undid.
+                    self._apply(handle_batch(host_id, batch, clock()))
             finally:
                 if self.hosts.get(host_id) is conn:
                     del self.hosts[host_id]

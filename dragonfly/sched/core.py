@@ -67,6 +67,7 @@ class SchedulerCore:
         self._peers: dict[str, Peer] = {}
         self._waiting = PeerSet()  # every task's waiting peers (Task.waiting), for retries
         self._triggers: dict[str, Task] = {}  # tasks whose seed has not registered yet
+        self._updates = PeerSet()  # peers whose parent set changed in this event or batch
         self._next_gc = -math.inf
         # now + wall_offset = unix time (tickets expire in wall time, which the hosts
         # share; the shell sets it, the simulation leaves it).
@@ -118,19 +119,32 @@ class SchedulerCore:
     def _send_parents(
         self, peer: Peer, now: float, out: list[Send], *, force: bool = False
     ) -> None:
-        """Tell the peer its parent set (with the layout, digests and a ticket per
-        parent), if it changed."""
+        """Tell the peer its parent set: the whole set (with the layout, the digests the
+        first time, a ticket per parent) the first time and when ``force``d; otherwise
+        a parent update, made when the event (or the batch) ends (``_flush_updates``)."""
         task = peer.task
-        ids = tuple(peer.parents)
-        if not force and ids == peer.last_sent:
+        if peer.told is not None and not force and peer.id in task.downloading:
+            self._updates.add(peer)
             return
-        peer.last_sent = ids
-        self.counters.schedule_decisions += 1
+        peer.told = set(peer.parents)
         # The digests once: a peer in task.downloading gets every later one in
         # PieceDigests, so a parent update need not repeat (and encode) them all.
         full = not peer.digests_sent or peer.id not in task.downloading
         digests = task.digest_list[: answers.DIGESTS_PER_MESSAGE] if full else []
-        parents = list(peer.parents.values())
+        self._send_candidates(peer, list(peer.parents.values()), digests, now, out)
+        if full:
+            out.extend(Send(peer.host.id, m) for m in answers.extra_digests(peer))
+            peer.digests_sent = peer.id in task.downloading
+
+    def _send_candidates(
+        self,
+        peer: Peer,
+        parents: list[Peer],
+        digests: list[PieceDigest],
+        now: float,
+        out: list[Send],
+    ) -> None:
+        self.counters.schedule_decisions += 1
         tickets, expires_at = answers.tickets(
             peer, parents, now, self.wall_offset, self.settings.ticket_ttl
         )
@@ -140,9 +154,23 @@ class SchedulerCore:
                 answers.candidate_parents(peer, parents, digests, tickets, expires_at),
             )
         )
-        if full:
-            out.extend(Send(peer.host.id, m) for m in answers.extra_digests(peer))
-            peer.digests_sent = peer.id in task.downloading
+
+    def _flush_updates(self, now: float, out: list[Send]) -> None:
+        """The parent updates of the event (or batch) that ends: to each downloading peer
+        whose set gained parents it was not told of, those parents only. A parent taken
+        away needs no message (a peer keeps a parent until it leaves or fails it), and one
+        added and taken away within the batch none either."""
+        for peer in self._updates.values():
+            told = peer.told
+            if told is None or peer.state is not PeerState.RUNNING:
+                continue
+            if self._peers.get(peer.id) is not peer:
+                continue
+            new = [p for p in peer.parents.values() if p.id not in told]
+            if new:
+                told.update(p.id for p in new)
+                self._send_candidates(peer, new, [], now, out)
+        self._updates.clear()
 
     def _offer(self, peer: Peer, now: float, out: list[Send]) -> None:
         """The peer just became a source: offer it to peers that need parents."""
@@ -169,8 +197,7 @@ class SchedulerCore:
                 break
             if task.hungry.get(h.id) is not h:
                 continue
-            self._schedule(h, now, out, prefer=source, only_prefer=True)
-            if source.id in h.parents:
+            if self._give(h, source, now, out):
                 given += 1
         # Running peers that hold pieces are in the sources index: sample it.
         items = task.sources.items
@@ -191,6 +218,28 @@ class SchedulerCore:
             h.set_parents([p for p in h.parents.values() if p is not busiest] + [source])
             self._send_parents(h, now, out)
             given += 1
+
+    def _give(self, peer: Peer, source: Peer, now: float, out: list[Send]) -> bool:
+        """Offer ``source`` to a downloading peer short of parents as one more parent (it
+        goes to the back of their queue either way); True if it is one of its parents.
+        What ``_schedule(peer, prefer=source, only_prefer=True)`` decides, without
+        reconsidering the parents it has (they are all live sources: every way a parent
+        stops being one takes its children's edges)."""
+        limit = self.settings.candidate_parent_limit
+        n = len(peer.parents)
+        if peer.state is not PeerState.RUNNING or not 0 < n < limit:
+            self._schedule(peer, now, out, prefer=source, only_prefer=True)
+            return source.id in peer.parents
+        if (
+            source.id not in peer.parents
+            and source in peer.task.sources
+            and ParentFilter(peer, set())(source)
+        ):
+            peer.add_parent(source)
+            self._send_parents(peer, now, out)
+            n += 1
+        peer.task.set_hungry(peer, n < limit)
+        return source.id in peer.parents
 
     # ------------------------------------------------------------------ waiting and retries
 

@@ -71,9 +71,15 @@ class PeerState(enum.Enum):
     FAILED = "failed"
     LEAVE = "leave"
 
+    # By identity: Enum's own hash (of the name, in Python) is most of the cost of the
+    # state tests (`state in SERVING`) the scheduler makes per event.
+    __hash__ = object.__hash__
+
 
 class TaskState(enum.Enum):
     """Dragonfly's task states."""
+
+    __hash__ = object.__hash__  # (as PeerState's)
 
     PENDING = "pending"  # no metadata yet
     RUNNING = "running"  # metadata known, some peer fetches from the origin
@@ -494,7 +500,6 @@ class Peer:
         "host",
         "id",
         "last_seen",
-        "last_sent",
         "next_retry",
         "parents",
         "received",
@@ -502,6 +507,7 @@ class Peer:
         "task",
         "tickets",
         "tickets_expire",
+        "told",
     )
 
     def __init__(self, peer_id: str, host: Host, task: Task, now: float) -> None:
@@ -519,7 +525,9 @@ class Peer:
         self.bad = False
         self.back_to_source = False  # was told NeedBackToSource: its origin digests count
         self.received: PeerState | None = None  # the size class of its first answer
-        self.last_sent: tuple[str, ...] | None = None  # parent ids of the last answer
+        # IDs of the parents it was told of since its last whole parent set (None: it has
+        # had none): a parent update names only the others.
+        self.told: set[str] | None = None
         self.digests_sent = False  # had every digest; later ones reach it in PieceDigests
         self.attempts = 0  # scheduling attempts without any parent, while waiting
         self.next_retry = now
@@ -552,6 +560,12 @@ class Peer:
                 p.children[self.id] = self
                 p.host.active_uploads += 1
         self.parents = new
+
+    def add_parent(self, parent: Peer) -> None:
+        """One more parent edge (one more active child on the parent's host)."""
+        self.parents[parent.id] = parent
+        parent.children[self.id] = self
+        parent.host.active_uploads += 1
 
     def drop_children(self) -> list[Peer]:
         """Take every child's edge to this peer away; returns the children."""

@@ -21,8 +21,13 @@ digests, the peers that must learn them); only ``tick``'s collection pass, every
 
 Protocol notes for the peer side:
 
-* ``CandidateParents`` always carries the peer's *whole* current parent set; a
-  parent missing from a later one is no longer assigned to it.
+* A peer's first ``CandidateParents``, and the answer to its ``Reschedule`` or
+  ``PieceFailed``, carry its whole parent set, a ticket for each. Later ones (parent
+  updates: a new source offered to it) carry only the parents added since, made once
+  per event or batch of messages (``handle_batch``). A parent is never taken away by
+  a message: a peer keeps a parent until its announcements end or it fails it (the
+  scheduler's own view of the edges, for the load of the parents' hosts, may drop it
+  sooner), so a peer that needs others says so (``Reschedule``).
 * Digests beyond ``DIGESTS_PER_MESSAGE`` follow in ``PieceDigests`` messages.  A
   peer's first ``CandidateParents`` carries every digest known; later ones carry none,
   since every new digest reaches a downloading peer in ``PieceDigests``.
@@ -41,7 +46,7 @@ time: ``wall_offset`` (set by the shell) turns ``now`` into unix time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -135,23 +140,33 @@ class Scheduler(SchedulerCore):
             host.connected = False
             host.disconnected_at = now
             self._drop_host_peers(host, now, out)
+        self._flush_updates(now, out)
         return out
 
     def handle(self, host_id: str, msg: Message, now: float) -> list[Send]:
         """One message from a host's websocket."""
+        return self.handle_batch(host_id, (msg,), now)
+
+    def handle_batch(self, host_id: str, messages: Iterable[Message], now: float) -> list[Send]:
+        """Messages from a host's websocket, one after the other; the parent updates they
+        cause go out once, at the end (a peer whose parents changed several times gets one
+        update, or none when they came back to what it was told)."""
         out: list[Send] = []
-        host = self._hosts.get(host_id)
-        if host is None or not host.connected:
-            self._error(out, host_id, ErrorCode.NOT_FOUND, f"unknown host {host_id!r}", msg)
-            return out
-        host.last_seen = now
-        handler = self._HANDLERS.get(type(msg))
-        if handler is None:
-            self._error(
-                out, host_id, ErrorCode.PROTOCOL, f"{msg.TAG} is not for the scheduler", msg
-            )
-            return out
-        handler(self, host, msg, now, out)
+        handlers = self._HANDLERS
+        for msg in messages:
+            host = self._hosts.get(host_id)
+            if host is None or not host.connected:
+                self._error(out, host_id, ErrorCode.NOT_FOUND, f"unknown host {host_id!r}", msg)
+                continue
+            host.last_seen = now
+            handler = handlers.get(type(msg))
+            if handler is None:
+                self._error(
+                    out, host_id, ErrorCode.PROTOCOL, f"{msg.TAG} is not for the scheduler", msg
+                )
+                continue
+            handler(self, host, msg, now, out)
+        self._flush_updates(now, out)
         return out
 
     def tick(self, now: float) -> list[Send]:
@@ -170,13 +185,17 @@ class Scheduler(SchedulerCore):
         for peer in list(self._waiting.values()):
             if self._waiting.get(peer.id) is peer and peer.next_retry <= now:
                 self._retry(peer, now, out)
+        self._flush_updates(now, out)
         return out
 
     # ------------------------------------------------------------------ message handlers
 
     def _on_register(self, host: Host, msg: RegisterPeer, now: float, out: list[Send]) -> None:
+        known = self._tasks.get(msg.task_id)
         try:
-            made = msg.task.task_id
+            # The fields of a task known under this ID make this ID: it was checked when
+            # they came (hashing a URL per registration is a tenth of the handler).
+            made = msg.task_id if known is not None and known.spec == msg.task else msg.task.task_id
         except IdentityError as exc:
             self._error(out, host.id, ErrorCode.PROTOCOL, f"bad task: {exc}", msg)
             return
@@ -206,7 +225,7 @@ class Scheduler(SchedulerCore):
                 )
                 return
             self._remove_peer(existing, now, out)  # a re-registration starts afresh
-        task = self._tasks.get(msg.task_id)
+        task = known
         first = False
         if task is None:
             task = self._tasks[msg.task_id] = Task.from_register(

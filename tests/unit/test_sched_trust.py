@@ -87,6 +87,32 @@ def test_a_reschedule_hands_out_fresh_tickets() -> None:
     assert again.tickets != first.tickets
 
 
+def test_a_parent_update_carries_the_new_parents_tickets_only() -> None:
+    w = TrustedWorld()
+    w.seeded_task()
+    for name in ("a", "b"):
+        w.connect(name)
+    w.register("a", "pa")
+    w.register("b", "pb")
+    (update,) = of(w.pieces("a", "pa", [0], parent="s1"), CandidateParents, "b")
+    assert parents_of(update) == ["pa"] and len(update.tickets) == 1
+    ticket = Ticket("b", update.ticket_expires_at, update.tickets[0])
+    TicketKey(KEYS["a"]).verify(ticket, T1, "a", w.now + WALL)  # pa's host's key
+
+
+def test_a_known_tasks_id_with_other_fields_is_refused() -> None:
+    """A registration naming a known task's ID is checked against its fields as a new
+    one is (the shortcut for a known task's very fields must not pass other fields)."""
+    w = World()
+    w.seeded_task()
+    w.connect("a")
+    other = dataclasses.replace(SPECS[T1], url="http://origin/other.bin")
+    out = w.send("a", RegisterPeer(peer_id="pa", task_id=T1, task=other))
+    (error,) = of(out, Error)
+    assert "not the ID of its fields" in error.message and "pa" not in w.s.peers
+    assert w.s.tasks[T1].spec == SPECS[T1] and w.s.counters.bad_reports == 1
+
+
 def _no_seed_task(w: World) -> tuple[NeedBackToSource, NeedBackToSource]:
     for name in ("a", "b", "c", "d"):
         w.connect(name)
