@@ -67,7 +67,10 @@ class SchedulerCore:
         self._peers: dict[str, Peer] = {}
         self._waiting = PeerSet()  # every task's waiting peers (Task.waiting), for retries
         self._triggers: dict[str, Task] = {}  # tasks whose seed has not registered yet
-        self._updates = PeerSet()  # peers whose parent set changed in this event or batch
+        # Decided when the event (or the batch of a host's messages) ends, on what it left:
+        self._orphans = PeerSet()  # children that lost a parent: reschedule
+        self._new_sources = PeerSet()  # peers that began to serve: offer to others
+        self._updates = PeerSet()  # peers whose parent set changed: tell them
         self._next_gc = -math.inf
         # now + wall_offset = unix time (tickets expire in wall time, which the hosts
         # share; the shell sets it, the simulation leaves it).
@@ -155,6 +158,23 @@ class SchedulerCore:
             )
         )
 
+    def _end_batch(self, now: float, out: list[Send]) -> None:
+        """What the event (or the batch of a host's messages) that ends left to decide:
+        children that lost a parent get others, peers that began to serve are offered
+        to those that need parents, and the peers whose parents changed are told. A
+        child whose parent left within the batch that made it a parent, or a source gone
+        before the batch ended, costs no decision."""
+        while self._orphans or self._new_sources:
+            orphans, self._orphans = self._orphans, PeerSet()
+            for c in orphans.values():
+                if self._peers.get(c.id) is c and not self._schedule(c, now, out):
+                    self._ensure_source(c.task, now, out)
+            sources, self._new_sources = self._new_sources, PeerSet()
+            for p in sources.values():
+                if p in p.task.sources:
+                    self._offer(p, now, out)
+        self._flush_updates(now, out)
+
     def _flush_updates(self, now: float, out: list[Send]) -> None:
         """The parent updates of the event (or batch) that ends: to each downloading peer
         whose set gained parents it was not told of, those parents only. A parent taken
@@ -173,7 +193,8 @@ class SchedulerCore:
         self._updates.clear()
 
     def _offer(self, peer: Peer, now: float, out: list[Send]) -> None:
-        """The peer just became a source: offer it to peers that need parents."""
+        """The peer began to serve (``_new_sources``): offer it to peers that need
+        parents."""
         task = peer.task
         if not task.metadata_known or task.state is TaskState.FAILED:
             return
@@ -286,7 +307,7 @@ class SchedulerCore:
         out.append(Send(peer.host.id, answers.need_back_to_source(peer, reason)))
         out.extend(Send(peer.host.id, m) for m in answers.extra_digests(peer))
         if newly_source:
-            self._offer(peer, now, out)
+            self._new_sources.add(peer)
 
     def _bts_allowed(self, task: Task) -> bool:
         return len(task.back_to_source) < self.settings.back_to_source_count
@@ -477,9 +498,10 @@ class SchedulerCore:
             self._ensure_source(task, now, out)
 
     def _orphan_children(self, parent: Peer, now: float, out: list[Send]) -> None:
+        """The parent can no longer serve: its children lose the edge, and get others
+        when the batch ends (``_end_batch``)."""
         for c in parent.drop_children():
-            if self._peers.get(c.id) is c and not self._schedule(c, now, out):
-                self._ensure_source(c.task, now, out)
+            self._orphans.add(c)
 
     def _remove_peer(self, peer: Peer, now: float, out: list[Send]) -> None:
         task = peer.task

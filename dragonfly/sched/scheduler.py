@@ -140,7 +140,7 @@ class Scheduler(SchedulerCore):
             host.connected = False
             host.disconnected_at = now
             self._drop_host_peers(host, now, out)
-        self._flush_updates(now, out)
+        self._end_batch(now, out)
         return out
 
     def handle(self, host_id: str, msg: Message, now: float) -> list[Send]:
@@ -166,7 +166,7 @@ class Scheduler(SchedulerCore):
                 )
                 continue
             handler(self, host, msg, now, out)
-        self._flush_updates(now, out)
+        self._end_batch(now, out)
         return out
 
     def tick(self, now: float) -> list[Send]:
@@ -185,7 +185,7 @@ class Scheduler(SchedulerCore):
         for peer in list(self._waiting.values()):
             if self._waiting.get(peer.id) is peer and peer.next_retry <= now:
                 self._retry(peer, now, out)
-        self._flush_updates(now, out)
+        self._end_batch(now, out)
         return out
 
     # ------------------------------------------------------------------ message handlers
@@ -381,7 +381,7 @@ class Scheduler(SchedulerCore):
             and peer.state is PeerState.RUNNING
             and task.add_source(peer)
         ):
-            self._offer(peer, now, out)
+            self._new_sources.add(peer)
 
     def _on_piece_failed(self, host: Host, msg: PieceFailed, now: float, out: list[Send]) -> None:
         peer = self._lookup(host, msg, now, out)
@@ -450,7 +450,7 @@ class Scheduler(SchedulerCore):
         elif task.content_length >= 0 and msg.content_length != task.content_length:
             self.counters.bad_reports += 1
         if newly_source:
-            self._offer(peer, now, out)
+            self._new_sources.add(peer)
         if newly_known:
             for w in list(task.waiting.values()):
                 if task.waiting.get(w.id) is w:
