@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 __all__ = ["Bitset"]
 
@@ -29,6 +29,22 @@ class Bitset:
         bits[idx] |= mask
         self._count += 1
         return True
+
+    def update(self, numbers: Iterable[int]) -> None:
+        """Set every bit in ``numbers`` (non-negative) at once: one big-int OR, where a
+        report of many pieces would cost a call each."""
+        mask = 0
+        for n in numbers:
+            mask |= 1 << n
+        if not mask:
+            return
+        bits = self._bits
+        old = int.from_bytes(bits, "little")
+        new = old | mask
+        if new == old:
+            return
+        self._bits = bytearray(new.to_bytes(max(len(bits), (new.bit_length() + 7) >> 3), "little"))
+        self._count = new.bit_count()
 
     def __contains__(self, n: object) -> bool:
         if not isinstance(n, int) or n < 0:

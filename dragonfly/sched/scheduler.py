@@ -351,13 +351,15 @@ class Scheduler(SchedulerCore):
         origin_trusted = current and peer.back_to_source and not peer.bad
         known = task.digests if current else {}
         count = task.piece_count
+        beyond = min(count, MAX_TRACKED_PIECES) if count >= 0 else MAX_TRACKED_PIECES
         had_pieces = len(peer.finished) > 0
         new_digests: list[PieceDigest] = []
         liars: list[Peer] = []
         disputed = task.disputed
+        held: list[int] = []
         for r in msg.pieces:
             n = r.number
-            if (count >= 0 and n >= count) or n >= MAX_TRACKED_PIECES:
+            if n >= beyond:
                 self.counters.bad_reports += 1
                 continue
             digest = known.get(n)
@@ -367,7 +369,8 @@ class Scheduler(SchedulerCore):
                     continue
             elif not r.parent_id and origin_trusted:
                 self._origin_digest(task, peer, n, r.digest, new_digests, liars)
-            peer.finished.add(n)
+            held.append(n)
+        peer.finished.update(held)
         for liar in dict.fromkeys(liars):
             if self._peers.get(liar.id) is liar:
                 self._mark_bad(liar, now, out)

@@ -183,6 +183,13 @@ def test_bitset_matches_a_set(numbers: list[int]) -> None:
     assert len(b) == len(seen)
     assert sorted(b) == sorted(seen)
     assert all(n in b for n in seen) and -1 not in b and 5001 not in b
+    # The same numbers at once, in two halves: the same bits.
+    c = Bitset()
+    c.update(numbers[: len(numbers) // 2])
+    c.update(numbers[len(numbers) // 2 :])
+    c.update([])
+    assert len(c) == len(seen) and sorted(c) == sorted(seen)
+    assert all(n in c for n in seen) and c.has_outside(Bitset()) is bool(seen)
 
 
 @settings(max_examples=50, deadline=None)
