@@ -361,6 +361,14 @@ class SchedulingSection:
     )
     retry_limit: int = opt(5, "scheduling attempts before back to source", min=1, max=1000)
     retry_interval: Duration = opt(0.5, "pause between scheduling attempts", min=0)
+    rejoin_grace: Duration = opt(
+        3.0,
+        "after the first host that held tasks before reconnects (this scheduler restarted, "
+        "or took over from one), how long a task nobody is known to hold waits for the "
+        "hosts' re-announcements before a seed or the origin is asked",
+        min=0,
+        max=60,
+    )
 
 
 @dataclass

@@ -46,6 +46,7 @@ from dragonfly.nursery.signals import run_until_signal
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
 from dragonfly.supervise import Supervisor
 from dragonfly.trust import (
+    Attester,
     TrustError,
     Verifier,
     check_proof,
@@ -86,9 +87,12 @@ class SchedulerServer:
 
     def __init__(self, config: SchedulerConfig, *, seed: int = 0) -> None:
         self.config = config
-        self.core = Scheduler(SchedulerSettings.from_config(config), seed=seed)
         ring = scheduler_secrets(config)  # ConfigError naming trust.secret_file
         self.verifier = Verifier(ring) if ring is not None else None
+        # Attestations let a restarted peer's held tasks be believed by any scheduler
+        # of the cluster (they share the ring), including this one after a restart.
+        attester = Attester(ring) if ring is not None else None
+        self.core = Scheduler(SchedulerSettings.from_config(config), seed=seed, attester=attester)
         self.metrics = SchedulerMetrics()
         self._refusal_log = LogLimiter()
         self._refused = 0  # the core's refused registrations already counted

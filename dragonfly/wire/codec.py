@@ -54,8 +54,10 @@ __all__ = [
 # 2: RegisterPeer and TriggerDownload carry the task as one TaskSpec record.
 # 3: cluster identity: Hello carries a nonce (and a peer's claims), a Proof each way;
 #    tickets in CandidateParents and Subscribe; the private flag of a task.
-PROTOCOL_VERSION = 3
-MIN_PROTOCOL_VERSION = 3
+# 4: continuity: RegisterPeer carries the pieces a download holds; HeldTasks and
+#    TaskAttested (a restarted scheduler learns who holds what without the origin).
+PROTOCOL_VERSION = 4
+MIN_PROTOCOL_VERSION = 4
 MAX_FRAME = 1 << 20
 MAX_DEPTH = 8
 

@@ -36,6 +36,7 @@ from dragonfly.wire.codec import (
 )
 
 __all__ = [
+    "HELD_PIECES_MAX",
     "ROLES",
     "AnnounceDone",
     "AnnounceMember",
@@ -43,6 +44,8 @@ __all__ = [
     "Claims",
     "Error",
     "ErrorCode",
+    "HeldTask",
+    "HeldTasks",
     "Hello",
     "HostInfo",
     "LeaveHost",
@@ -68,6 +71,7 @@ __all__ = [
     "SchedulerEntry",
     "SchedulerList",
     "Subscribe",
+    "TaskAttested",
     "TaskFailed",
     "TaskMetadata",
     "TaskSpec",
@@ -82,6 +86,7 @@ URL_MAX = 8192
 DIGEST_MAX = 128  # "sha256:" + 64 hex, with room for longer algorithms
 REASON_MAX = 1024
 PIECE_NUMBER_MAX = 2**31 - 1
+HELD_PIECES_MAX = 24_576  # pieces of a task HeldTask can carry (768 KiB of digests)
 OFFSET_MAX = 2**50
 PIECE_LENGTH_MAX = 2**40
 DIGEST_LEN = 32  # raw sha256
@@ -142,6 +147,9 @@ class HostInfo:
     seed: bool = False
     upload_limit: int = limits(default=50, min=0, max=2**16)  # concurrent uploads, 0 = none
     upload_rate: int = limits(default=0, min=0, max=2**50)  # bytes/s, 0 = unlimited
+    # The host held tasks or downloads before this connection (its scheduler restarted,
+    # or it did): it re-announces them (HeldTasks, RegisterPeer.held).
+    rejoining: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +354,58 @@ class RegisterPeer(Message):
     # The request carried credentials (Authorization, Cookie, a signature left out of
     # the ID, a configured credential header): the task is private from now on.
     private: bool = False
+    # A download registering again (its scheduler restarted, or it failed over to the
+    # next of the ring): its layout and the pieces it holds, which it may serve.
+    piece_length: int | None = limits(default=None, min=1, max=PIECE_LENGTH_MAX)
+    held: list[PieceDigest] = field(default_factory=list, metadata=dict(max_items=1 << 17))
+
+
+@compact
+@dataclass(frozen=True, slots=True)
+class HeldTask:
+    """A complete task a host holds, in HeldTasks: its layout, every piece's digest (raw
+    sha256s, in piece order), the origin's metadata and the attestation a scheduler gave
+    for all of these (dragonfly/trust.py Attester). ``task`` is its spec when the host
+    still has it whole (a URL kept at rest loses its signature: then the attestation
+    alone ties the ID to the bytes)."""
+
+    task_id: str = _id()
+    task: TaskSpec | None
+    content_length: int = limits(min=0, max=OFFSET_MAX)
+    piece_length: int = limits(min=1, max=PIECE_LENGTH_MAX)
+    # (a task of more pieces than fit in one frame is not re-announced: 1.5 TiB at the
+    # largest piece length; it is found again when asked for)
+    digests: bytes = limits(max_len=32 * HELD_PIECES_MAX)
+    private: bool = False
+    etag: str = limits(default="", max_len=1024)
+    last_modified: str = limits(default="", max_len=256)
+    attestation: bytes = limits(default=b"", max_len=256)
+
+
+@message("held_tasks")
+@dataclass(frozen=True, slots=True)
+class HeldTasks(Message):
+    """Peer/seed peer → scheduler, on connecting: complete tasks this host holds (of those
+    the scheduler owns on the ring), in batches, so a scheduler that restarted or took
+    over a task knows who can serve it without asking the origin again."""
+
+    tasks: list[HeldTask] = field(default_factory=list, metadata=dict(max_items=1024))
+
+
+@message("task_attested")
+@dataclass(frozen=True, slots=True)
+class TaskAttested(Message):
+    """Scheduler → peer that finished a task: the attestation of the task's layout, its
+    digests as the scheduler knows them, and the origin's metadata; kept with the task
+    and shown, with these values, when re-announcing it."""
+
+    task_id: str = _id()
+    content_length: int = limits(min=0, max=OFFSET_MAX)
+    piece_length: int = limits(min=1, max=PIECE_LENGTH_MAX)
+    attestation: bytes = limits(max_len=256)
+    private: bool = False
+    etag: str = limits(default="", max_len=1024)
+    last_modified: str = limits(default="", max_len=256)
 
 
 @message("task_metadata")

@@ -211,6 +211,10 @@ SCHEDULER: dict[str, tuple[str, ...]] = {
         SETTINGS,
         SCHED + "test_no_parent_after_retries_goes_back_to_source",
     ),
+    "scheduling.rejoin_grace": (
+        SETTINGS,
+        "tests/unit/test_sched_continuity.py::test_when_the_grace_ends_a_task_nobody_holds_gets_its_seed",
+    ),
     "gc.peer_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
     "gc.task_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
     "gc.host_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
