@@ -284,6 +284,22 @@ class Scheduler:
         handler(host, msg, now, out)
         return out
 
+    def forget_task(self, task_id: str, now: float) -> list[Send]:
+        """A task deleted everywhere (a delete_task job): its peers leave, so nobody is
+        handed a parent that no longer holds it, and the task record goes."""
+        out: list[Send] = []
+        task = self._tasks.get(task_id)
+        if task is None:
+            return out
+        for peer in list(task.peers.values()):
+            if self._peers.get(peer.id) is peer:
+                self._remove_peer(peer, now, out)
+        self._clear_trigger(task)
+        if self._tasks.get(task_id) is task:
+            task.transition(TaskState.LEAVE)
+            del self._tasks[task_id]
+        return out
+
     def tick(self, now: float) -> list[Send]:
         """Periodic work: lost seed triggers, retries of waiting peers, collection."""
         out: list[Send] = []
@@ -1024,11 +1040,10 @@ class Scheduler:
         other seeds come and go, and tasks spread evenly over the seeds."""
         best: Host | None = None
         best_key = b""
-        prefix = task.id.encode() + b"\0"
         for h in self._seeds.values():
             if h.id in task.seed_failures:
                 continue
-            key = hashlib.sha256(prefix + h.id.encode()).digest()
+            key = seed_key(task.id, h.id)
             if key > best_key:
                 best, best_key = h, key
         return best
@@ -1286,6 +1301,12 @@ def _useful(parent: Peer, child: Peer) -> bool:
     """Whether ``parent`` holds, or is about to hold, a piece ``child`` lacks: one that
     finished, or fetches from the origin, has (or will have) every piece."""
     return parent.state in _WHOLE or parent.finished.has_outside(child.finished)
+
+
+def seed_key(task_id: str, host_id: str) -> bytes:
+    """A seed's rank for a task (rendezvous hashing): the live seed ranked highest gets
+    the task, here and in preheat jobs (dragonfly/sched/jobs.py)."""
+    return hashlib.sha256(f"{task_id}\0{host_id}".encode()).digest()
 
 
 def _chunks(items: list[PieceDigest]) -> Iterable[list[PieceDigest]]:
