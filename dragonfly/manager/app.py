@@ -27,6 +27,7 @@ from dragonfly.manager.routes import (
     cluster_parts,
     clusters,
     hosts,
+    jobs,
     roles,
     settings,
     tokens,
@@ -157,6 +158,7 @@ ROUTES = [
     *settings.ROUTES,
     *tokens.ROUTES,
     *audits.ROUTES,
+    *jobs.ROUTES,
 ]
 
 

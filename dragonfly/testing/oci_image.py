@@ -12,13 +12,14 @@ import hashlib
 import io
 import json
 import os
-import platform
 import random
 import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from dragonfly.wire.oci import go_arch
 
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -65,21 +66,6 @@ class OciImage:
 
     def oci_ref(self) -> str:
         return f"oci:{self.path}:{self.tag}"
-
-
-def go_arch() -> str:
-    """This machine's architecture as OCI (Go) names it: podman refuses a wrong one."""
-    machine = platform.machine().lower()
-    return {
-        "x86_64": "amd64",
-        "amd64": "amd64",
-        "aarch64": "arm64",
-        "arm64": "arm64",
-        "armv7l": "arm",
-        "ppc64le": "ppc64le",
-        "s390x": "s390x",
-        "riscv64": "riscv64",
-    }.get(machine, machine)
 
 
 class _RandomReader(io.RawIOBase):
