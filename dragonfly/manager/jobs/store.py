@@ -40,8 +40,9 @@ def create_job(
     bio: str,
     now: float,
 ) -> int:
-    """Insert a job and its parts; NotFound naming a cluster that does not exist,
-    RateLimited when a cluster made its job_rate_limit of jobs in the last second."""
+    """Insert a job and its parts, one per cluster named (none named: those with an
+    active scheduler); NotFound naming a cluster that does not exist, RateLimited when
+    a cluster made its job_rate_limit of jobs in the last second."""
     if cluster_ids:
         clusters = []
         for cid in dict.fromkeys(cluster_ids):
@@ -50,7 +51,12 @@ def create_job(
                 raise NotFound(f"scheduler cluster id {cid}: record not found")
             clusters.append(row)
     else:
-        clusters = tx.query("SELECT id, config FROM scheduler_clusters ORDER BY id")
+        # Every cluster that has an active scheduler (as Dragonfly picks them); if none
+        # has, every cluster, each part then failing with its reason.
+        clusters = tx.query(
+            "SELECT id, config FROM scheduler_clusters WHERE id IN (SELECT "
+            "scheduler_cluster_id FROM schedulers WHERE state = 'active') ORDER BY id"
+        ) or tx.query("SELECT id, config FROM scheduler_clusters ORDER BY id")
         if not clusters:
             raise NotFound("no scheduler cluster: create one first")
     for cluster in clusters:
