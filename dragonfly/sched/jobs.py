@@ -91,6 +91,7 @@ class JobRunner:
         self.jobs: dict[int, _Job] = {}
         self._by_ref: dict[int, int] = {}  # ref → job id
         self._refs = itertools.count(1)
+        self.started = 0  # jobs taken (for metrics and tests)
 
     # ------------------------------------------------------------------ hosts
 
@@ -125,6 +126,7 @@ class JobRunner:
         took a job over sends it again; the first run answers)."""
         if msg.job_id in self.jobs:
             return []
+        self.started += 1
         job = _Job(msg, now + msg.timeout_ms / 1000)
         if msg.kind == "list_hosts":
             return self._finish(job, hosts=[_entry(h) for h in self.hosts.values()])

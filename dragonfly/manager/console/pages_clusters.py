@@ -55,8 +55,10 @@ def _document(fields: dict[str, list[str]]) -> dict[str, Any]:
     }
     for section, key in NUMBERS:
         text = one(fields, f"{section}.{key}")
-        value: Any = int(text) if text.lstrip("-").isdigit() and len(text) < 12 else text
-        doc.setdefault(section, {})[key] = value
+        doc.setdefault(section, {})
+        if text:  # (empty: the default)
+            value: Any = int(text) if text.lstrip("-").isdigit() and len(text) < 12 else text
+            doc[section][key] = value
     for target in ("peer_cluster_config", "seed_peer_cluster_config"):
         block = {
             k: (
