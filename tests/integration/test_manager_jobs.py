@@ -21,6 +21,7 @@ from dragonfly.identity import task_id as make_task_id
 from dragonfly.testing.nginx import Nginx
 from dragonfly.testing.probe import metric, sha256_file
 from tests.jobs_support import job_cluster, wait_until
+from tests.manager_support import start_manager
 from tests.p2p_support import MiB, curl, finish, random_file, task_files
 
 pytestmark = [pytest.mark.nginx, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -151,3 +152,32 @@ async def test_download_records_traffic_and_sync_peers(tmp_path: Path, origin: N
         table = (await api.call("GET", "/api/v1/peers?per_page=50", token=root)).body
         assert sorted(p["type"] for p in table) == ["normal", "normal", "super"]
         assert all(p["state"] == "active" and p["git_version"] for p in table)
+
+
+async def test_a_cluster_without_a_scheduler_fails_after_jobs_dispatch_timeout(
+    tmp_path: Path,
+) -> None:
+    """A scheduler that is down is reported in the result, not waited on forever."""
+    async with trio.open_nursery() as nursery:
+        m = await start_manager(nursery, tmp_path / "m", "jobs.dispatch_timeout=1s")
+        root = await m.root()
+        made = await m.api.call(
+            "POST",
+            "/api/v1/jobs",
+            {
+                "type": "preheat",
+                "args": {"type": "file", "url": "http://origin.example/a"},
+                "scheduler_cluster_ids": [1],
+            },
+            token=root,
+        )
+        assert made.status == 200 and made.body["state"] == "PENDING", made.raw
+        for _ in range(200):
+            job = (await m.api.call("GET", f"/api/v1/jobs/{made.body['id']}", token=root)).body
+            if job["state"] != "PENDING":
+                break
+            await trio.sleep(0.05)
+        assert job["state"] == "FAILURE"
+        (state,) = job["result"]["job_states"]
+        assert state["error"] == "no scheduler of cluster 1 is connected to a manager (waited 1s)"
+        m.stop()

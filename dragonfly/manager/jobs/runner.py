@@ -39,7 +39,7 @@ from dragonfly.manager.jobs.image import ImageError, blob_spec, default_platform
 from dragonfly.manager.jobs.resolve import resolve_image
 from dragonfly.manager.jobs.secrets import SealError
 from dragonfly.manager.sessions import MemberSession
-from dragonfly.manager.store import DatabaseError, leases, rows
+from dragonfly.manager.store import DatabaseError, Tx, leases, rows
 from dragonfly.net.channel import ChannelClosed
 from dragonfly.net.http_client import HTTPClient
 from dragonfly.wire.codec import MAX_FRAME, encode
@@ -60,6 +60,21 @@ class Outcome:
     results: list[dict[str, Any]] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     scheduler_id: int = 0
+
+
+def collect(tx: Tx, ctx: Context, now: float) -> dict[str, int] | None:
+    """Old jobs, records and traffic go (jobs.ttl, records.max_rows, records.traffic_ttl),
+    on the manager holding the `jobs` lease; None on the others."""
+    if not leases.acquire(tx, LEASE, ctx.holder, now, GC_INTERVAL * 2):
+        return None
+    cfg = ctx.config
+    return store.collect(
+        tx,
+        now,
+        job_ttl=cfg.jobs.ttl,
+        max_records=cfg.records.max_rows,
+        traffic_ttl=cfg.records.traffic_ttl,
+    )
 
 
 def timeout_of(job_type: str, args: dict[str, Any]) -> float:
@@ -111,20 +126,7 @@ class JobLoop:
             await self._collect(now)
 
     async def _collect(self, now: float) -> None:
-        cfg = self.ctx.config
-
-        def work(tx: Any) -> dict[str, int] | None:
-            if not leases.acquire(tx, LEASE, self.ctx.holder, now, GC_INTERVAL * 2):
-                return None
-            return store.collect(
-                tx,
-                now,
-                job_ttl=cfg.jobs.ttl,
-                max_records=cfg.records.max_rows,
-                traffic_ttl=cfg.records.traffic_ttl,
-            )
-
-        counts = await self.ctx.db.run(work)
+        counts = await self.ctx.db.run(lambda tx: collect(tx, self.ctx, now))
         for change, n in (counts or {}).items():
             if n:
                 self.ctx.metrics.gc_changes.labels(change).inc(n)
