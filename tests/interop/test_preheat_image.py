@@ -4,7 +4,8 @@ and linux/arm64, pushed with skopeo), a cluster of real processes registered to 
 manager, and a containerd of the test's own pulling through a peer afterwards.
 
 - scope single_seed_peer: the seed holds every blob of this machine's platform and no
-  layer of the other; `ctr content fetch` through a peer then gets every layer
+  layer of the other (get_image_distribution says so too); `ctr content fetch` through
+  a peer then gets every layer
   peer-to-peer, and the registry serves no layer bytes again (from its log: at most
   the mirror's proof read per blob);
 - scope all_peers with count 1: one of two peers holds the image; the other pulls it
@@ -84,6 +85,30 @@ async def test_image_preheat_then_pull_peer_to_peer(tmp_path: Path) -> None:
             assert not any(holds(seed, b.digest) for b in first.images[OTHER].layers)
             assert done["args"]["password"] == "" and "s3cret" not in str(done)
 
+            # which hosts hold which layers: the seed, every layer of this platform
+            reply = await jc.api.call(
+                "POST",
+                "/api/v1/jobs",
+                {
+                    "type": "get_image_distribution",
+                    "args": {
+                        "url": f"{registry.url}/v2/multi/one/manifests/latest",
+                        "username": USER,
+                        "password": PASSWORD,
+                        "platform": HERE,
+                    },
+                },
+                token=jc.root,
+            )
+            assert reply.status == 200, reply.raw
+            layers = [entry["url"] for entry in reply.body["image"]["layers"]]
+            assert sorted(u.rsplit("/", 1)[1] for u in layers) == sorted(
+                b.digest for b in wanted.blobs
+            )
+            (holder,) = reply.body["peers"]
+            assert holder["host_type"] == "super"
+            assert sorted(x["url"] for x in holder["cached_layers"]) == sorted(layers)
+
             before = layer_bytes_served(registry, first)
             assert all(before[b.digest] >= b.size for b in wanted.layers)
             peer = jc.cluster.node("peer-0").info
@@ -132,3 +157,49 @@ async def test_image_preheat_then_pull_peer_to_peer(tmp_path: Path) -> None:
             assert missing["state"] == "FAILURE"
             error = missing["result"]["job_states"][0]["error"]
             assert "MANIFEST_UNKNOWN" in error and "404" in error, error
+
+
+async def test_image_preheat_through_a_registrys_bearer_token_flow(tmp_path: Path) -> None:
+    """A registry in token mode (its own checks of every token): the manager follows the
+    401's WWW-Authenticate (Bearer realm, service, scope), gets a pull token from the
+    realm with the job's username and password, and the seed peer fetches every blob
+    with it."""
+    from dragonfly.testing.oci_image import push, write_oci_layout
+    from dragonfly.testing.token_server import SERVICE, TokenServer
+
+    image = write_oci_layout(tmp_path / "image", total_size=6 * MiB, layers=2, seed=23)
+    with (
+        TokenServer(tmp_path / "tokens", USER, PASSWORD) as tokens,
+        Registry(tmp_path / "registry", token_auth=tokens.registry_auth()) as registry,
+    ):
+        assert registry.get("/v2/", auth=False)[0] == 401
+        push(image, registry.address, "team/app", creds=f"{USER}:{PASSWORD}")
+        asked = len(tokens.requests)
+        async with job_cluster(tmp_path, peers=0) as jc:
+            done = await preheat(jc, registry, "team/app")
+            assert done["state"] == "SUCCESS", done
+            (results,) = done["result"]["job_states"][0]["results"]
+            assert len(results["success_tasks"]) == len(image.blobs)
+            seed = jc.cluster.node("seed-peer-0").info["data_dir"]
+            assert all(holds(seed, b.digest) for b in image.blobs)
+            wrong = await jc.run(
+                {
+                    "type": "preheat",
+                    "args": {
+                        "type": "image",
+                        "url": f"{registry.url}/v2/team/app/manifests/latest",
+                        "username": USER,
+                        "password": "not-the-password",
+                    },
+                }
+            )
+            assert wrong["state"] == "FAILURE"
+            assert "token" in wrong["result"]["job_states"][0]["error"]
+        mine = tokens.requests[asked:]
+        assert mine[0] == {
+            "service": SERVICE,
+            "scope": ["repository:team/app:pull"],
+            "auth": True,
+        }
+        served = registry.served_blob_bytes()
+        assert all(served[b.digest] >= b.size for b in image.layers)
