@@ -78,6 +78,8 @@ from dragonfly.wire.messages import (
     RunJob,
     TaskAnswer,
     TriggerDownload,
+    batches,
+    record_size,
 )
 
 log = get_logger("dragonfly.scheduler")
@@ -192,10 +194,11 @@ class SchedulerServer:
     async def _forward_records(self) -> None:
         while True:
             await trio.sleep(RECORDS_INTERVAL)
-            manager = self.manager
-            while self.records and manager is not None:
-                batch = self.records[:RECORDS_PER_MESSAGE]
-                del self.records[:RECORDS_PER_MESSAGE]
+            manager, waiting = self.manager, self.records
+            if manager is None or not waiting:
+                continue
+            self.records = []
+            for batch in batches(waiting, record_size, RECORDS_PER_MESSAGE):
                 manager.queue(DownloadRecords(records=batch))
 
     async def handle_http(self, request: Request, responder: Responder) -> None:

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 
 from dragonfly.peer.scheduler_client import SchedulerLost, SchedulerPool
 from dragonfly.redact import redact_url
-from dragonfly.wire.messages import JOB_VERSION, URL_MAX, DownloadRecord, DownloadRecords
+from dragonfly.wire.messages import (
+    JOB_VERSION,
+    URL_MAX,
+    DownloadRecord,
+    DownloadRecords,
+    batches,
+    record_size,
+)
 
 INTERVAL = 2.0
 PER_MESSAGE = 500
@@ -70,7 +77,7 @@ class RecordBuffer:
             if channel is None or channel.version < JOB_VERSION:
                 continue
             while self.waiting:
-                batch = [self.waiting[i] for i in range(min(PER_MESSAGE, len(self.waiting)))]
+                batch = batches(list(self.waiting), record_size, PER_MESSAGE)[0]
                 with contextlib.suppress(SchedulerLost):
                     await conn.send(DownloadRecords(records=batch))
                     for _ in batch:

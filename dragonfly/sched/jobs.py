@@ -39,6 +39,7 @@ from dragonfly.wire.messages import (
     RunJob,
     StatTask,
     TaskAnswer,
+    batches,
 )
 
 MANAGER = ""  # a Send to this "host" goes to the manager (no host ID is empty)
@@ -330,22 +331,27 @@ class JobRunner:
         self.jobs.pop(job.msg.job_id, None)
         for ref in list(job.pending):
             self._drop(job, ref)
-        n = RESULTS_PER_MESSAGE
-        results, entries = job.results, hosts or []
-        chunks = max(1, -(-len(results) // n), -(-len(entries) // n))
+        result_parts = batches(job.results, _result_size, RESULTS_PER_MESSAGE)
+        host_parts = batches(hosts or [], lambda h: 300, RESULTS_PER_MESSAGE)
+        chunks = max(1, len(result_parts), len(host_parts))
         return [
             Send(
                 MANAGER,
                 JobResult(
                     job_id=job.msg.job_id,
-                    results=results[i * n : (i + 1) * n],
-                    hosts=entries[i * n : (i + 1) * n],
+                    results=result_parts[i] if i < len(result_parts) else [],
+                    hosts=host_parts[i] if i < len(host_parts) else [],
                     error=job.error if i == chunks - 1 else "",
                     final=i == chunks - 1,
                 ),
             )
             for i in range(chunks)
         ]
+
+
+def _result_size(r: JobHostResult) -> int:
+    """A result's encoded size, about (CBOR keys and framing, then its strings)."""
+    return 120 + len(r.task_id) + len(r.host_id) + len(r.url) + len(r.hostname) + len(r.reason)
 
 
 def _entry(h: JobHost) -> HostEntry:

@@ -24,7 +24,9 @@ forwards them to the manager with the host it proved. Hosts and schedulers send 
 only on a channel whose agreed version is 4 or more.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from dragonfly.identity import (
     MAX_EXPLICIT_PIECE_LENGTH,
@@ -94,6 +96,7 @@ __all__ = [
 ]
 
 ROLES = ("peer", "seed-peer", "scheduler", "manager")
+T = TypeVar("T")
 
 ID_MAX = 128
 URL_MAX = 8192
@@ -661,6 +664,25 @@ JOB_KINDS = ("preheat", "get_task", "delete_task", "list_hosts")
 JOB_SCOPES = ("single_seed_peer", "all_seed_peers", "all_peers")
 JOB_VERSION = 4  # the protocol version that has them
 RESULTS_PER_MESSAGE = 2000
+BATCH_BYTES = 256 * 1024  # a batch's estimated size, far below the 1 MiB frame
+
+
+def batches(items: list[T], size: Callable[[T], int], max_items: int) -> list[list[T]]:
+    """`items` in order, split so that no batch has more than `max_items` or (by the
+    estimate `size`) more than BATCH_BYTES: a list of long URLs still fits its frames."""
+    out: list[list[T]] = []
+    current: list[T] = []
+    used = 0
+    for item in items:
+        n = size(item)
+        if current and (len(current) >= max_items or used + n > BATCH_BYTES):
+            out.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += n
+    if current:
+        out.append(current)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -807,6 +829,11 @@ class DownloadRecord:
     host_id: str = limits(default="", max_len=ID_MAX)
     hostname: str = limits(default="", max_len=255)
     ip: str = limits(default="", max_len=64)
+
+
+def record_size(r: DownloadRecord) -> int:
+    """A record's encoded size, about (for `batches`)."""
+    return 200 + len(r.task_id) + len(r.url) + len(r.error) + sum(len(p) + 2 for p in r.parents)
 
 
 @message("download_records")

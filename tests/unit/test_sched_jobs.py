@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from dragonfly.sched.jobs import MANAGER, JobHost, JobRunner
 from dragonfly.sched.scheduler import Send, seed_key
-from dragonfly.wire.codec import decode, encode
+from dragonfly.wire.codec import MAX_FRAME, decode, encode
 from dragonfly.wire.messages import (
     RESULTS_PER_MESSAGE,
     DeleteTask,
@@ -240,3 +240,15 @@ def test_many_results_are_split_and_each_message_decodes(peers: int, count: int)
     expected = 3 * (min(count, peers) if count else peers)
     assert sum(len(m.results) for m in done) == expected
     assert bool(done[-1].error) == (peers == 0)
+
+
+def test_results_with_long_urls_are_split_to_fit_their_frames() -> None:
+    r = runner(seeds=1, peers=40)
+    tasks = []
+    for i in range(30):
+        spec = TaskSpec(url=f"http://origin/{'x' * 7000}/{i}")
+        tasks.append(JobTask(task_id=spec.task_id, task=spec))
+    msg = RunJob(job_id=12, kind="preheat", tasks=tasks, scope="all_peers", concurrent_tasks=100)
+    done = results(answer_all(r, to_hosts(r.start(msg, 0)), 1, ok=True, held=True))
+    assert sum(len(m.results) for m in done) == 30 * 40 and len(done) > 1
+    assert all(len(encode(m)) < MAX_FRAME for m in done)
