@@ -251,3 +251,17 @@ def test_the_job_request_struct_accepts_null_clusters() -> None:
         type=CreateJob,
     )
     assert body.scheduler_cluster_ids is None and json.loads(bytes(body.args)) == HARBOR
+
+
+def test_the_sign_in_page_sends_back_to_this_console_only() -> None:
+    from dragonfly.manager.console.pages_main import _safe_next
+
+    assert _safe_next("/jobs/3?x=1") == "/jobs/3?x=1"
+    for target in (
+        "//evil.example/",
+        "/\\evil.example",
+        "https://evil.example/",
+        "jobs",
+        "/a\r\nb",
+    ):
+        assert _safe_next(target) == "/", target

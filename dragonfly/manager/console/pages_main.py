@@ -24,9 +24,15 @@ async def stylesheet(request: Request) -> Response:
 
 
 def _safe_next(target: str) -> str:
-    """Only a path of this console (never another site, never //host)."""
+    """Only a path of this console (never another site: //host, /\\host, a scheme)."""
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+    if (
+        parts.scheme
+        or parts.netloc
+        or not target.startswith("/")
+        or target.startswith(("//", "/\\"))
+        or any(c in target for c in "\\\r\n\t")
+    ):
         return "/"
     return target
 
