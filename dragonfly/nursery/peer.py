@@ -31,6 +31,7 @@ from dragonfly.config import (
 )
 from dragonfly.credentials import peer_credential
 from dragonfly.identity import IdentityError
+from dragonfly.local_api_path import api_socket
 from dragonfly.log import get_logger
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.http_client import HTTPClient
@@ -40,7 +41,7 @@ from dragonfly.net.tls import origin_ssl_context
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.peer.exposure import ProxyGate, checked_addresses
 from dragonfly.peer.jobs import HostJobs
-from dragonfly.peer.local_api import LocalAPIHandler, api_socket
+from dragonfly.peer.local_api import LocalAPIHandler
 from dragonfly.peer.proxy import ProxyHandler
 from dragonfly.peer.records import INTERVAL as RECORDS_INTERVAL
 from dragonfly.peer.records import RecordBuffer
