@@ -444,6 +444,28 @@ class ManagerGCSection:
 
 
 @dataclass
+class JobsSection:
+    """Preheat, task and sync jobs."""
+
+    ttl: Duration = opt(21600.0, "job rows are removed this long after they were made", min=60)
+    dispatch_timeout: Duration = opt(
+        60.0,
+        "a job part no manager could hand to a scheduler of its cluster fails after this long",
+        min=1,
+    )
+
+
+@dataclass
+class RecordsSection:
+    """Download records the peers report (through their schedulers)."""
+
+    max_rows: int = opt(100_000, "download records kept; the oldest go first", min=100)
+    traffic_ttl: Duration = opt(
+        7_776_000.0, "hourly traffic per cluster is kept this long", min=3600
+    )
+
+
+@dataclass
 class ManagerClientSection:
     """The manager this scheduler registers with."""
 
@@ -499,6 +521,8 @@ class ManagerConfig:
     auth: ManagerAuthSection = opt(ManagerAuthSection(), "")
     keepalive: KeepaliveSection = opt(KeepaliveSection(), "")
     gc: ManagerGCSection = opt(ManagerGCSection(), "")
+    jobs: JobsSection = opt(JobsSection(), "")
+    records: RecordsSection = opt(RecordsSection(), "")
 
 
 RoleConfig = PeerConfig | SchedulerConfig | ManagerConfig

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from dragonfly.tokenbucket import TokenBucket
 from dragonfly.trust import TicketKey
+from dragonfly.wire.codec import PROTOCOL_VERSION
 from dragonfly.wire.messages import HostInfo, ParentInfo, PieceDigest, RegisterPeer, TaskSpec
 
 __all__ = [
@@ -224,6 +225,7 @@ class Host:
         "last_seen",
         "location_levels",
         "peers",
+        "protocol",
         "registrations",
         "ticket_key",
         "triggered",
@@ -244,6 +246,7 @@ class Host:
         self.triggered: dict[str, Task] = {}  # tasks this seed was asked to fetch
         # Tickets to fetch from this host are made with its host key (None: no identity).
         self.ticket_key: TicketKey | None = None
+        self.protocol = PROTOCOL_VERSION  # the version its channel speaks
         self.registrations: TokenBucket | None = None  # the registration rate limit
         self.update(info)
 

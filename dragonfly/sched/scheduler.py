@@ -58,8 +58,9 @@ from dragonfly.sched.resources import (
 )
 from dragonfly.tokenbucket import TokenBucket
 from dragonfly.trust import Attester, TicketKey
-from dragonfly.wire.codec import Message
+from dragonfly.wire.codec import PROTOCOL_VERSION, Message
 from dragonfly.wire.messages import (
+    CONTINUITY_VERSION,
     CandidateParents,
     Error,
     ErrorCode,
@@ -255,9 +256,12 @@ class Scheduler:
 
     # ------------------------------------------------------------------ entry points
 
-    def host_connected(self, host: HostInfo, now: float, *, key: bytes = b"") -> list[Send]:
+    def host_connected(
+        self, host: HostInfo, now: float, *, key: bytes = b"", protocol: int = PROTOCOL_VERSION
+    ) -> list[Send]:
         """A host said Hello (and proved ``key``, its host key, in a cluster with
-        identity): (re)create it; a reconnecting host keeps its record."""
+        identity; ``protocol``: the version its channel speaks): (re)create it; a
+        reconnecting host keeps its record."""
         h = self._hosts.get(host.host_id)
         if h is None:
             h = self._hosts[host.host_id] = Host(host, now)
@@ -269,6 +273,7 @@ class Scheduler:
             h.disconnected_at = None
             h.last_seen = now
         h.ticket_key = TicketKey(key) if key and self.settings.ticket_ttl > 0 else None
+        h.protocol = protocol
         if h.seed and not h.bad:
             self._seeds[h.id] = h
         else:
@@ -314,6 +319,22 @@ class Scheduler:
             )
             return out
         handler(host, msg, now, out)
+        return out
+
+    def forget_task(self, task_id: str, now: float) -> list[Send]:
+        """A task deleted everywhere (a delete_task job): its peers leave, so nobody is
+        handed a parent that no longer holds it, and the task record goes."""
+        out: list[Send] = []
+        task = self._tasks.get(task_id)
+        if task is None:
+            return out
+        for peer in list(task.peers.values()):
+            if self._peers.get(peer.id) is peer:
+                self._remove_peer(peer, now, out)
+        self._clear_trigger(task)
+        if self._tasks.get(task_id) is task:
+            task.transition(TaskState.LEAVE)
+            del self._tasks[task_id]
         return out
 
     def tick(self, now: float) -> list[Send]:
@@ -690,6 +711,7 @@ class Scheduler:
         task = peer.task
         if (
             self.attester is None
+            or peer.host.protocol < CONTINUITY_VERSION
             or not task.metadata_known
             or task.content_length < 0
             or task.piece_length is None
@@ -1231,11 +1253,10 @@ class Scheduler:
         other seeds come and go, and tasks spread evenly over the seeds."""
         best: Host | None = None
         best_key = b""
-        prefix = task.id.encode() + b"\0"
         for h in self._seeds.values():
             if h.id in task.seed_failures:
                 continue
-            key = hashlib.sha256(prefix + h.id.encode()).digest()
+            key = seed_key(task.id, h.id)
             if key > best_key:
                 best, best_key = h, key
         return best
@@ -1494,6 +1515,12 @@ def _useful(parent: Peer, child: Peer) -> bool:
     """Whether ``parent`` holds, or is about to hold, a piece ``child`` lacks: one that
     finished, or fetches from the origin, has (or will have) every piece."""
     return parent.state in _WHOLE or parent.finished.has_outside(child.finished)
+
+
+def seed_key(task_id: str, host_id: str) -> bytes:
+    """A seed's rank for a task (rendezvous hashing): the live seed ranked highest gets
+    the task, here and in preheat jobs (dragonfly/sched/jobs.py)."""
+    return hashlib.sha256(f"{task_id}\0{host_id}".encode()).digest()
 
 
 def _spec_makes(spec: TaskSpec, task_id: str) -> bool:

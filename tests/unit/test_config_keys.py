@@ -51,6 +51,11 @@ SESSIONS = MANAGER_CONFIG + "test_sessions_follow_the_auth_keys"
 MANAGER_API = "tests/integration/test_manager_api.py::"
 POSTGRES = "tests/integration/test_manager_postgres.py::test_two_managers_one_database"
 MANAGER_GC = "tests/unit/test_manager_core.py::test_gc_lease_ttl_and_audit_ttl"
+JOB_KEYS = "tests/unit/test_manager_jobs.py::test_jobs_ttl_records_max_rows_and_traffic_ttl"
+DISPATCH = (
+    "tests/integration/test_manager_jobs.py::"
+    "test_a_cluster_without_a_scheduler_fails_after_jobs_dispatch_timeout"
+)
 
 # conf/peer.toml and conf/seed-peer.toml: one schema (seed.cluster_id is read with seed.enabled)
 PEER: dict[str, tuple[str, ...]] = {
@@ -269,6 +274,10 @@ MANAGER: dict[str, tuple[str, ...]] = {
     "keepalive.remove_after": (KEEPALIVE,),
     "gc.lease_ttl": (MANAGER_GC, POSTGRES),
     "gc.audit_ttl": (MANAGER_GC,),
+    "jobs.ttl": (JOB_KEYS,),
+    "jobs.dispatch_timeout": (DISPATCH,),
+    "records.max_rows": (JOB_KEYS,),
+    "records.traffic_ttl": (JOB_KEYS,),
 }
 
 EFFECTS: dict[str, dict[str, tuple[str, ...]]] = {
