@@ -133,6 +133,12 @@ class DownloadSection:
         4, "concurrent Range requests to an origin that accepts ranges", min=1, max=64
     )
     piece_timeout: Duration = opt(30.0, "time for one piece from one parent", min=0.001)
+    stall_timeout: Duration = opt(
+        90.0,
+        "no piece, digest or announcement for this long: ask for other parents; as long "
+        "again: the origin (where allowed), else fail (504); bounds every client's wait",
+        min=0.001,
+    )
     connect_timeout: Duration = opt(10.0, "time to connect to an origin or parent", min=0.001)
     read_timeout: Duration = opt(60.0, "time without a byte from an origin", min=0.001)
     origin_ca_file: str = opt(
@@ -355,6 +361,14 @@ class SchedulingSection:
     )
     retry_limit: int = opt(5, "scheduling attempts before back to source", min=1, max=1000)
     retry_interval: Duration = opt(0.5, "pause between scheduling attempts", min=0)
+    rejoin_grace: Duration = opt(
+        3.0,
+        "after the first host that held tasks before reconnects (this scheduler restarted, "
+        "or took over from one), how long a task nobody is known to hold waits for the "
+        "hosts' re-announcements before a seed or the origin is asked",
+        min=0,
+        max=60,
+    )
 
 
 @dataclass
@@ -430,6 +444,28 @@ class ManagerGCSection:
 
 
 @dataclass
+class JobsSection:
+    """Preheat, task and sync jobs."""
+
+    ttl: Duration = opt(21600.0, "job rows are removed this long after they were made", min=60)
+    dispatch_timeout: Duration = opt(
+        60.0,
+        "a job part no manager could hand to a scheduler of its cluster fails after this long",
+        min=1,
+    )
+
+
+@dataclass
+class RecordsSection:
+    """Download records the peers report (through their schedulers)."""
+
+    max_rows: int = opt(100_000, "download records kept; the oldest go first", min=100)
+    traffic_ttl: Duration = opt(
+        7_776_000.0, "hourly traffic per cluster is kept this long", min=3600
+    )
+
+
+@dataclass
 class ManagerClientSection:
     """The manager this scheduler registers with."""
 
@@ -485,6 +521,8 @@ class ManagerConfig:
     auth: ManagerAuthSection = opt(ManagerAuthSection(), "")
     keepalive: KeepaliveSection = opt(KeepaliveSection(), "")
     gc: ManagerGCSection = opt(ManagerGCSection(), "")
+    jobs: JobsSection = opt(JobsSection(), "")
+    records: RecordsSection = opt(RecordsSection(), "")
 
 
 RoleConfig = PeerConfig | SchedulerConfig | ManagerConfig

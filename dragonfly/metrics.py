@@ -81,6 +81,13 @@ class PeerMetrics(RoleMetrics):
             registry=r,
         )
         self.errors = Counter("dragonfly_errors", "Errors, by type", ["type"], registry=r)
+        self.stalls = Counter(
+            "dragonfly_download_stalls",
+            "Downloads with no progress for download.stall_timeout, by the step taken "
+            "(reschedule, back_to_source, fail)",
+            ["step"],
+            registry=r,
+        )
         self.proxy_refusals = Counter(
             "dragonfly_proxy_refusals",
             "Proxy requests refused, by reason: client (not allowed), auth (no or wrong "
@@ -115,6 +122,11 @@ SCHEDULER_CORE_COUNTERS = (
         "bad_reports",
     ),
     ("dragonfly_scheduler_errors", "Error answers to hosts' messages", "errors"),
+    (
+        "dragonfly_scheduler_reannounced",
+        "Held tasks (re)connected hosts made serving peers of (HeldTasks)",
+        "reannounced",
+    ),
     ("dragonfly_scheduler_collected_peers", "Peers dropped after peer_ttl", "collected_peers"),
     ("dragonfly_scheduler_collected_tasks", "Tasks dropped after task_ttl", "collected_tasks"),
     ("dragonfly_scheduler_collected_hosts", "Hosts forgotten after host_ttl", "collected_hosts"),
@@ -190,4 +202,15 @@ class ManagerMetrics(RoleMetrics):
         )
         self.lease_held = Gauge(
             "dragonfly_manager_lease_held", "1 while this manager holds the GC lease", registry=r
+        )
+        self.job_parts = Counter(
+            "dragonfly_manager_job_parts",
+            "Job parts this manager ran through a scheduler, by outcome",
+            ["state"],
+            registry=r,
+        )
+        self.download_records = Counter(
+            "dragonfly_manager_download_records",
+            "Download records received from schedulers",
+            registry=r,
         )

@@ -16,10 +16,16 @@ scheduler answers with its own Proof. The claims must be this cluster's and vali
 and the Hello's host ID and seed flag must be the credential's: nobody speaks as
 another host or makes itself a seed peer. Each refusal is an Error naming the reason,
 a log line (rate-limited) and a count in dragonfly_scheduler_refusals_total.
+
+Jobs from the manager (preheat, get_task, delete_task, list_hosts) are run by the
+sans-I/O JobRunner (dragonfly/sched/jobs.py) beside the core; hosts' answers and
+their download records (stamped with the host they proved) reach the manager over
+the member connection, records in batches every RECORDS_INTERVAL.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import time
@@ -44,9 +50,11 @@ from dragonfly.net.channel import (
 from dragonfly.net.http_server import Request, Responder, bound_port, serve
 from dragonfly.net.manager_client import ManagerMember
 from dragonfly.nursery.signals import run_until_signal
+from dragonfly.sched.jobs import MANAGER, JobHost, JobRunner
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
 from dragonfly.supervise import Supervisor
 from dragonfly.trust import (
+    Attester,
     TrustError,
     Verifier,
     check_proof,
@@ -54,14 +62,31 @@ from dragonfly.trust import (
     peer_proof,
     scheduler_proof,
 )
-from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtocolError
-from dragonfly.wire.messages import AnnounceMember, Error, ErrorCode, Hello, Proof
+from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message, ProtocolError
+from dragonfly.wire.messages import (
+    JOB_VERSION,
+    AnnounceMember,
+    DownloadRecord,
+    DownloadRecords,
+    Error,
+    ErrorCode,
+    Hello,
+    HostInfo,
+    Proof,
+    RunJob,
+    TaskAnswer,
+    batches,
+    record_size,
+)
 
 log = get_logger("dragonfly.scheduler")
 
 # Messages waiting for one host; a host that falls this far behind is disconnected.
 OUTBOX_SIZE = 100_000
 TICK = 0.1
+RECORDS_INTERVAL = 2.0
+RECORDS_PER_MESSAGE = 1000
+RECORDS_LIMIT = 20_000  # kept while the manager is away; the oldest go first
 
 
 @dataclass
@@ -76,9 +101,12 @@ class SchedulerServer:
 
     def __init__(self, config: SchedulerConfig, *, seed: int = 0) -> None:
         self.config = config
-        self.core = Scheduler(SchedulerSettings.from_config(config), seed=seed)
         ring = scheduler_secrets(config)  # ConfigError naming trust.secret_file
         self.verifier = Verifier(ring) if ring is not None else None
+        # Attestations let a restarted peer's held tasks be believed by any scheduler
+        # of the cluster (they share the ring), including this one after a restart.
+        attester = Attester(ring) if ring is not None else None
+        self.core = Scheduler(SchedulerSettings.from_config(config), seed=seed, attester=attester)
         # The core counts its decisions; /metrics reads them (nothing counted twice).
         self.metrics = SchedulerMetrics(self.core.counters.as_dict)
         self._refusal_log = LogLimiter()
@@ -89,6 +117,9 @@ class SchedulerServer:
         self.hosts: dict[str, _HostConnection] = {}
         self.flusher = Flusher()  # writes every host's messages, once per loop round
         self.port = 0
+        self.jobs = JobRunner()
+        self.manager: ManagerMember | None = None
+        self.records: list[DownloadRecord] = []
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         server = self.config.server
@@ -112,7 +143,9 @@ class SchedulerServer:
             nursery.start_soon(self.supervisor.every, interval, "scheduler_tick", self._tick)
             nursery.start_soon(self.supervisor.restarting, "scheduler_flush", self.flusher.run)
             if self.config.manager.address:
-                nursery.start_soon(self._manager_member().run)
+                self.manager = self._manager_member()
+                nursery.start_soon(self.manager.run)
+                nursery.start_soon(self._forward_records)
             log.info("scheduler started", listen=f"{server.listen}:{self.port}")
             task_status.started(self.port)
 
@@ -125,10 +158,48 @@ class SchedulerServer:
             cluster_id=self.config.manager.cluster_id,
             idc=host.idc,
             location=host.location,
-            features=["schedule"],
+            features=["schedule", "preheat"],
             version=__version__,
         )
-        return ManagerMember(self.config.manager.address, "scheduler", announce)
+        return ManagerMember(
+            self.config.manager.address, "scheduler", announce, on_message=self._from_manager
+        )
+
+    def _from_manager(self, msg: Message) -> None:
+        if not isinstance(msg, RunJob):
+            return
+        now = trio.current_time()
+        log.info("job from the manager", job_id=msg.job_id, kind=msg.kind, tasks=len(msg.tasks))
+        if msg.kind == "delete_task":
+            for task in msg.tasks:
+                self._apply(self.core.forget_task(task.task_id, now))
+        self._apply(self.jobs.start(msg, now))
+
+    def _keep_records(self, host_id: str, msg: DownloadRecords) -> None:
+        if self.manager is None:
+            return
+        host = self.core.hosts.get(host_id)
+        if host is None:
+            return
+        info = host.info
+        for record in msg.records:
+            self.records.append(
+                dataclasses.replace(
+                    record, host_id=info.host_id, hostname=info.hostname, ip=info.ip
+                )
+            )
+        if len(self.records) > RECORDS_LIMIT:
+            del self.records[: len(self.records) - RECORDS_LIMIT]
+
+    async def _forward_records(self) -> None:
+        while True:
+            await trio.sleep(RECORDS_INTERVAL)
+            manager, waiting = self.manager, self.records
+            if manager is None or not waiting:
+                continue
+            self.records = []
+            for batch in batches(waiting, record_size, RECORDS_PER_MESSAGE):
+                manager.queue(DownloadRecords(records=batch))
 
     async def handle_http(self, request: Request, responder: Responder) -> None:
         path = request.target.split("?", 1)[0]
@@ -201,21 +272,38 @@ class SchedulerServer:
             self.hosts[host_id] = conn
             self.metrics.connected_hosts.set(len(self.hosts))
             log.info("host connected", host_id=host_id, seed=host.seed, ip=host.ip)
+            self.jobs.host_connected(_job_host(host, channel.version))
             try:
-                self._apply(self.core.host_connected(host, trio.current_time(), key=key))
+                self._apply(
+                    self.core.host_connected(
+                        host, trio.current_time(), key=key, protocol=channel.version
+                    )
+                )
                 handle_batch, clock = self.core.handle_batch, trio.current_time
                 while True:
                     try:
                         batch = await channel.receive_batch()
                     except ChannelClosed:
                         break
-                    # One call per receive: the parent updates the batch causes go out
-                    # once, net of what it undid.
-                    self._apply(handle_batch(host_id, batch, clock()))
+                    # Jobs' answers go to the job runner; the rest to the core in one
+                    # call per receive: the parent updates the batch causes go out once,
+                    # net of what it undid.
+                    for_core: list[Message] = []
+                    for msg in batch:
+                        kind = type(msg)
+                        if kind is TaskAnswer:
+                            self._apply(self.jobs.answer(host_id, msg, clock()))  # type: ignore[arg-type]
+                        elif kind is DownloadRecords:
+                            self._keep_records(host_id, msg)  # type: ignore[arg-type]
+                        else:
+                            for_core.append(msg)
+                    if for_core:
+                        self._apply(handle_batch(host_id, for_core, clock()))
             finally:
                 if self.hosts.get(host_id) is conn:
                     del self.hosts[host_id]
                     self._apply(self.core.host_disconnected(host_id, trio.current_time()))
+                    self._apply(self.jobs.host_disconnected(host_id, trio.current_time()))
                 self.metrics.connected_hosts.set(len(self.hosts))
                 log.info("host disconnected", host_id=host_id)
 
@@ -267,6 +355,11 @@ class SchedulerServer:
     def _apply(self, decisions: list[Send]) -> None:
         hosts = self.hosts
         for decision in decisions:
+            msg = decision.message
+            if decision.host_id == MANAGER:
+                if self.manager is not None:
+                    self.manager.queue(msg)
+                continue
             conn = hosts.get(decision.host_id)
             if conn is None:
                 continue
@@ -277,11 +370,27 @@ class SchedulerServer:
                 channel.close_soon(1008, "too slow: messages not read")
                 conn.scope.cancel()
                 continue
-            channel.queue(decision.message)
+            channel.queue(msg)
 
     async def _tick(self) -> None:
         self._apply(self.core.tick(trio.current_time()))
+        self._apply(self.jobs.tick(trio.current_time()))
         await trio.lowlevel.checkpoint()
+
+
+def _job_host(host: HostInfo, version: int) -> JobHost:
+    return JobHost(
+        host_id=host.host_id,
+        hostname=host.hostname,
+        ip=host.ip,
+        seed=host.seed,
+        capable=version >= JOB_VERSION,
+        upload_port=host.upload_port,
+        proxy_port=host.proxy_port or 0,
+        idc=host.idc,
+        location=host.location,
+        version=host.version,
+    )
 
 
 # The cyclic GC's default thresholds (700, 10, 10) made a busy scheduler spend ~13 % of

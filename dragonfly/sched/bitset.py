@@ -46,6 +46,15 @@ class Bitset:
         self._bits = bytearray(new.to_bytes(max(len(bits), (new.bit_length() + 7) >> 3), "little"))
         self._count = new.bit_count()
 
+    def fill(self, count: int) -> None:
+        """Set bits 0..count-1 (a holder of the whole task)."""
+        if count <= 0:
+            return
+        bits = self._bits
+        new = int.from_bytes(bits, "little") | ((1 << count) - 1)
+        self._bits = bytearray(new.to_bytes(max(len(bits), (new.bit_length() + 7) >> 3), "little"))
+        self._count = new.bit_count()
+
     def __contains__(self, n: object) -> bool:
         if not isinstance(n, int) or n < 0:
             return False

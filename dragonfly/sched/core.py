@@ -36,10 +36,11 @@ from dragonfly.sched.resources import (
 )
 from dragonfly.sched.selection import DRAWS_PER_CANDIDATE, ParentFilter, ParentSelector
 from dragonfly.sched.settings import SchedulerCounters, SchedulerSettings, Send
+from dragonfly.trust import Attester
 from dragonfly.wire.codec import Message
 from dragonfly.wire.messages import Error, ErrorCode, PieceDigest, PieceDigests, TriggerDownload
 
-__all__ = ["WITNESSES", "SchedulerCore"]
+__all__ = ["WITNESSES", "SchedulerCore", "seed_key"]
 
 # Ordinary peers sent to the origin for a task without seed peers, at most: two that
 # agree confirm the digests; a third decides when the first two disagree.
@@ -55,8 +56,12 @@ class SchedulerCore:
         *,
         seed: int = 0,
         evaluator: Evaluator | None = None,
+        attester: Attester | None = None,
     ) -> None:
         self.settings = settings or SchedulerSettings()
+        # Vouches for a finished task's digests (any scheduler of the cluster checks it);
+        # None: a cluster without identity, where every host's word is taken.
+        self.attester = attester
         self.evaluator = evaluator or Evaluator()
         self.counters = SchedulerCounters()
         self._rng = Random(seed)
@@ -67,6 +72,10 @@ class SchedulerCore:
         self._peers: dict[str, Peer] = {}
         self._waiting = PeerSet()  # every task's waiting peers (Task.waiting), for retries
         self._triggers: dict[str, Task] = {}  # tasks whose seed has not registered yet
+        # The rejoin grace (settings.rejoin_grace): when it ends, and the tasks that
+        # wait for it to seek a source.
+        self._rejoin_until: float | None = None
+        self._deferred: dict[str, Task] = {}
         # Decided when the event (or the batch of a host's messages) ends, on what it left:
         self._orphans = PeerSet()  # children that lost a parent: reschedule
         self._new_sources = PeerSet()  # peers that began to serve: offer to others
@@ -283,7 +292,7 @@ class SchedulerCore:
             self._unwait(peer)
             return
         task = peer.task
-        if not self._has_source(task, for_peer=peer):
+        if not self._has_source(task, for_peer=peer) and not self._deferring(task, now):
             peer.attempts += 1  # (waiting for a free upload slot of a live source is free)
         peer.next_retry = now + self.settings.retry_interval
         limit = self.settings.retry_limit
@@ -396,9 +405,9 @@ class SchedulerCore:
             return
         if not task.waiting and not task.downloading:
             return
-        if self._has_source(task):
+        if self._has_source(task) or self._deferring(task, now):
             return
-        seed = self._pick_seed(task)
+        seed = self._pick_seed(task) if task.spec is not None else None
         if seed is not None:
             self._trigger(task, seed, now, out)
             return
@@ -414,16 +423,16 @@ class SchedulerCore:
         other seeds come and go, and tasks spread evenly over the seeds."""
         best: Host | None = None
         best_key = b""
-        prefix = task.id.encode() + b"\0"
         for h in self._seeds.values():
             if h.id in task.seed_failures:
                 continue
-            key = hashlib.sha256(prefix + h.id.encode()).digest()
+            key = seed_key(task.id, h.id)
             if key > best_key:
                 best, best_key = h, key
         return best
 
     def _trigger(self, task: Task, seed: Host, now: float, out: list[Send]) -> None:
+        assert task.spec is not None  # (_ensure_source)
         self._clear_trigger(task)
         task.seed_host = seed
         task.triggered_at = now
@@ -443,6 +452,18 @@ class SchedulerCore:
             seed.triggered.pop(task.id, None)
             task.seed_host = None
         self._triggers.pop(task.id, None)
+
+    # ------------------------------------------------------------------ the rejoin grace
+
+    def _deferring_any(self, now: float) -> bool:
+        return self._rejoin_until is not None and now < self._rejoin_until
+
+    def _deferring(self, task: Task, now: float) -> bool:
+        """Within the rejoin grace: the task's source is sought once it ends (tick)."""
+        if self._deferring_any(now):
+            self._deferred[task.id] = task
+            return True
+        return False
 
     # ------------------------------------------------------------------ failures and removal
 
@@ -607,3 +628,9 @@ class SchedulerCore:
             assert host.active_uploads == load.get(host.id, 0), host
         for pid, peer in self._waiting.items():
             assert self._peers.get(pid) is peer and peer.task.waiting.get(pid) is peer, peer
+
+
+def seed_key(task_id: str, host_id: str) -> bytes:
+    """A seed's rank for a task (rendezvous hashing): the live seed ranked highest gets
+    the task, here and in preheat jobs (dragonfly/sched/jobs.py)."""
+    return hashlib.sha256(f"{task_id}\0{host_id}".encode()).digest()

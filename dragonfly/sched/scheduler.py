@@ -8,10 +8,10 @@ the only randomness is ``random.Random(seed)``).
 
 Where things are: this module has the entry points and one handler per message type
 (``_on_register``, ``_on_pieces_finished``...: a new message gets a handler here and
-an entry in ``_handlers``); the decisions the handlers share, and the state they
-decide on, are ``SchedulerCore``'s (core.py); choosing parents is selection.py,
-building the messages answers.py, hosts, tasks, peers, their state machines and the
-tasks' indexes resources.py.
+an entry in ``_HANDLERS``); the decisions the handlers share, and the state they
+decide on, are ``SchedulerCore``'s (core.py); held tasks and pieces, and attestations,
+continuity.py; choosing parents is selection.py, building the messages answers.py,
+hosts, tasks, peers, their state machines and the tasks' indexes resources.py.
 
 Cost per event stays proportional to what the event touches: a scheduling
 decision samples at most ``filter_parent_limit`` candidates from the task's
@@ -52,7 +52,8 @@ from typing import ClassVar
 
 from dragonfly.identity import IdentityError, piece_length_for
 from dragonfly.sched.answers import DIGESTS_PER_MESSAGE, TICKET_STEP
-from dragonfly.sched.core import SchedulerCore
+from dragonfly.sched.continuity import ContinuityCore
+from dragonfly.sched.core import seed_key
 from dragonfly.sched.resources import (
     MAX_TRACKED_PIECES,
     SCHEDULABLE,
@@ -65,9 +66,10 @@ from dragonfly.sched.resources import (
 from dragonfly.sched.settings import Decision, SchedulerCounters, SchedulerSettings, Send
 from dragonfly.tokenbucket import TokenBucket
 from dragonfly.trust import TicketKey
-from dragonfly.wire.codec import Message
+from dragonfly.wire.codec import PROTOCOL_VERSION, Message
 from dragonfly.wire.messages import (
     ErrorCode,
+    HeldTasks,
     HostInfo,
     LeaveHost,
     LeavePeer,
@@ -90,10 +92,11 @@ __all__ = [
     "SchedulerCounters",
     "SchedulerSettings",
     "Send",
+    "seed_key",
 ]
 
 
-class Scheduler(SchedulerCore):
+class Scheduler(ContinuityCore):
     """Hosts, tasks and peers in memory; each event returns the Sends it causes."""
 
     # ------------------------------------------------------------------ read-only views
@@ -112,9 +115,12 @@ class Scheduler(SchedulerCore):
 
     # ------------------------------------------------------------------ entry points
 
-    def host_connected(self, host: HostInfo, now: float, *, key: bytes = b"") -> list[Send]:
+    def host_connected(
+        self, host: HostInfo, now: float, *, key: bytes = b"", protocol: int = PROTOCOL_VERSION
+    ) -> list[Send]:
         """A host said Hello (and proved ``key``, its host key, in a cluster with
-        identity): (re)create it; a reconnecting host keeps its record."""
+        identity; ``protocol``: the version its channel speaks): (re)create it; a
+        reconnecting host keeps its record."""
         h = self._hosts.get(host.host_id)
         if h is None:
             h = self._hosts[host.host_id] = Host(host, now)
@@ -126,10 +132,15 @@ class Scheduler(SchedulerCore):
             h.disconnected_at = None
             h.last_seen = now
         h.ticket_key = TicketKey(key) if key and self.settings.ticket_ttl > 0 else None
+        h.protocol = protocol
         if h.seed and not h.bad:
             self._seeds[h.id] = h
         else:
             self._seeds.pop(h.id, None)
+        if host.rejoining and self._rejoin_until is None:
+            # The hosts of a cluster come back together (within their reconnect backoff):
+            # until they re-announced what they hold, no task is known to be held nowhere.
+            self._rejoin_until = now + self.settings.rejoin_grace
         return []
 
     def host_disconnected(self, host_id: str, now: float) -> list[Send]:
@@ -169,6 +180,23 @@ class Scheduler(SchedulerCore):
         self._end_batch(now, out)
         return out
 
+    def forget_task(self, task_id: str, now: float) -> list[Send]:
+        """A task deleted everywhere (a delete_task job): its peers leave, so nobody is
+        handed a parent that no longer holds it, and the task record goes."""
+        out: list[Send] = []
+        task = self._tasks.get(task_id)
+        if task is None:
+            return out
+        for peer in list(task.peers.values()):
+            if self._peers.get(peer.id) is peer:
+                self._remove_peer(peer, now, out)
+        self._clear_trigger(task)
+        if self._tasks.get(task_id) is task:
+            task.transition(TaskState.LEAVE)
+            del self._tasks[task_id]
+        self._end_batch(now, out)
+        return out
+
     def tick(self, now: float) -> list[Send]:
         """Periodic work: lost seed triggers, retries of waiting peers, collection."""
         out: list[Send] = []
@@ -179,6 +207,11 @@ class Scheduler(SchedulerCore):
                 task.seed_failures.add(seed.id)
                 self._clear_trigger(task)
                 self._ensure_source(task, now, out)
+        if self._deferred and not self._deferring_any(now):
+            deferred, self._deferred = self._deferred, {}
+            for task in deferred.values():
+                if self._tasks.get(task.id) is task:
+                    self._ensure_source(task, now, out)
         if now >= self._next_gc:  # before the retries: a quiet peer is not worth an answer
             self._next_gc = now + self.settings.gc_interval
             self._collect(now, out)
@@ -236,6 +269,8 @@ class Scheduler(SchedulerCore):
             self._clear_trigger(task)
             task.restart(msg)
             first = True
+        elif task.spec is None:
+            task.take_spec(msg)
         task.private = task.private or msg.private
         peer = Peer(msg.peer_id, host, task, now)
         task.peers[peer.id] = peer
@@ -243,6 +278,8 @@ class Scheduler(SchedulerCore):
         host.peers[peer.id] = peer
         self._peers[peer.id] = peer
         self.counters.registrations += 1
+        if msg.held:
+            self._adopt_held_pieces(peer, msg, out)
 
         if host.seed:
             if task.seed_host is host:
@@ -253,10 +290,10 @@ class Scheduler(SchedulerCore):
             self._back_to_source(peer, now, out, "requested by the peer")
             return
         if first:
-            seed = self._pick_seed(task)
+            seed = None if self._deferring(task, now) else self._pick_seed(task)
             if seed is not None:
                 self._trigger(task, seed, now, out)
-            elif self._bts_allowed(task):
+            elif self._bts_allowed(task) and not self._deferring(task, now):
                 self._back_to_source(peer, now, out, "no seed peer")
                 return
         elif self._needs_witness(task) and self._bts_allowed(task):
@@ -452,6 +489,7 @@ class Scheduler(SchedulerCore):
                 task.transition(TaskState.SUCCEEDED)
         elif task.content_length >= 0 and msg.content_length != task.content_length:
             self.counters.bad_reports += 1
+        self._attest(peer, out)
         if newly_source:
             self._new_sources.add(peer)
         if newly_known:
@@ -496,6 +534,13 @@ class Scheduler(SchedulerCore):
         self._drop_host_peers(host, now, out)
         del self._hosts[host.id]  # it said goodbye: nothing to keep until host_ttl
 
+    def _on_held_tasks(self, host: Host, msg: HeldTasks, now: float, out: list[Send]) -> None:
+        """A (re)connected host's complete tasks: each becomes a serving peer of its task,
+        with the task's layout and digests where the scheduler did not know them (only
+        from an attestation, a seed peer, or a cluster without identity; continuity.py)."""
+        for held in msg.tasks:
+            self._adopt_held_task(host, held, now, out)
+
     # The handler of each message type a host may send.
     _HANDLERS: ClassVar[dict[type[Message], Callable[..., None]]] = {
         RegisterPeer: _on_register,
@@ -507,6 +552,7 @@ class Scheduler(SchedulerCore):
         Reschedule: _on_reschedule,
         LeavePeer: _on_leave_peer,
         LeaveHost: _on_leave_host,
+        HeldTasks: _on_held_tasks,
     }
 
 

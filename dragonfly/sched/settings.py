@@ -24,6 +24,9 @@ class SchedulerSettings:
     back_to_source_count: int = 3  # peers of one task fetching from the origin at once
     retry_limit: int = 5  # retries without a parent before back to source
     retry_interval: float = 0.5  # seconds between retries of a waiting peer
+    # After the first rejoining host connects, a task nobody is known to hold waits this
+    # long for the re-announcements before a seed or the origin is asked.
+    rejoin_grace: float = 3.0
     peer_ttl: float = 600.0  # a peer silent this long is dropped
     task_ttl: float = 3600.0  # a task without peers this long is dropped
     host_ttl: float = 300.0  # a disconnected host is forgotten after this long
@@ -49,6 +52,7 @@ class SchedulerSettings:
             back_to_source_count=s.back_to_source_count,
             retry_limit=s.retry_limit,
             retry_interval=s.retry_interval,
+            rejoin_grace=s.rejoin_grace,
             peer_ttl=gc.peer_ttl,
             task_ttl=gc.task_ttl,
             host_ttl=gc.host_ttl,
@@ -83,6 +87,7 @@ class SchedulerCounters:
     task_failures: int = 0  # TaskFailed sent
     errors: int = 0  # Error replies
     refused_registrations: int = 0  # over a host's bounds (peers_per_host, rate)
+    reannounced: int = 0  # held tasks a (re)connected host made serving peers of (HeldTasks)
     collected_peers: int = 0
     collected_tasks: int = 0
     collected_hosts: int = 0

@@ -61,6 +61,7 @@ LEGAL_PEER = [
     (P.PENDING, P.RECEIVED_NORMAL),
     (P.PENDING, P.RECEIVED_EMPTY),
     (P.PENDING, P.BACK_TO_SOURCE),
+    (P.PENDING, P.SUCCEEDED),  # a host re-announcing a task it holds (HeldTasks)
     (P.RECEIVED_TINY, P.RUNNING),
     (P.RECEIVED_SMALL, P.RUNNING),
     (P.RUNNING, P.BACK_TO_SOURCE),
@@ -71,7 +72,6 @@ LEGAL_PEER = [
 ]
 ILLEGAL_PEER = [
     (P.PENDING, P.RUNNING),  # always through a RECEIVED_* state
-    (P.PENDING, P.SUCCEEDED),
     (P.RECEIVED_NORMAL, P.SUCCEEDED),
     (P.BACK_TO_SOURCE, P.RUNNING),
     (P.SUCCEEDED, P.RUNNING),
@@ -333,7 +333,7 @@ def test_an_illegal_move_changes_nothing() -> None:
     t.peers[p.id] = p
     t.wait(p)
     with pytest.raises(IllegalTransition):
-        t.move(p, P.SUCCEEDED)  # PENDING → SUCCEEDED is not in the table
+        t.move(p, P.RUNNING)  # PENDING → RUNNING is not in the table (RECEIVED_* first)
     assert p.state is P.PENDING and in_indexes(t, p) == {"waiting"}
 
 
