@@ -34,7 +34,9 @@ class ContinuityCore(SchedulerCore):
 
     def _attest(self, peer: Peer, out: list[Send]) -> None:
         """A peer that finished a task whose every digest is known gets an attestation
-        of them, which it shows when it re-announces the task (HeldTasks)."""
+        of them, which it shows when it re-announces the task (HeldTasks). One message
+        per task serves every finished peer (it names none): the HMAC over every digest
+        is made again only when what it covers changed."""
         task = peer.task
         if (
             self.attester is None
@@ -45,30 +47,37 @@ class ContinuityCore(SchedulerCore):
             or len(task.digests) < task.piece_count
         ):
             return
-        facts = HeldTask(
-            task_id=task.id,
-            task=None,
-            content_length=task.content_length,
-            piece_length=task.piece_length,
-            digests=b"".join(task.digests[n] for n in range(task.piece_count)),
-            private=task.private,
-            etag=task.etag,
-            last_modified=task.last_modified,
+        made_of = (
+            task.generation,
+            task.content_length,
+            task.piece_length,
+            len(task.digests),
+            task.private,
+            task.etag,
+            task.last_modified,
         )
-        out.append(
-            Send(
-                peer.host.id,
-                TaskAttested(
-                    task_id=task.id,
-                    content_length=facts.content_length,
-                    piece_length=facts.piece_length,
-                    private=facts.private,
-                    etag=facts.etag,
-                    last_modified=facts.last_modified,
-                    attestation=self.attester.attest(facts),
-                ),
+        if task.attested is None or task.attested[0] != made_of:
+            facts = HeldTask(
+                task_id=task.id,
+                task=None,
+                content_length=task.content_length,
+                piece_length=task.piece_length,
+                digests=b"".join(task.digests[n] for n in range(task.piece_count)),
+                private=task.private,
+                etag=task.etag,
+                last_modified=task.last_modified,
             )
-        )
+            attested = TaskAttested(
+                task_id=task.id,
+                content_length=facts.content_length,
+                piece_length=facts.piece_length,
+                private=facts.private,
+                etag=facts.etag,
+                last_modified=facts.last_modified,
+                attestation=self.attester.attest(facts),
+            )
+            task.attested = (made_of, attested)
+        out.append(Send(peer.host.id, task.attested[1]))
 
     def _adopt_held_pieces(self, peer: Peer, msg: RegisterPeer, out: list[Send]) -> None:
         """A download registering again (its scheduler restarted, or it failed over) says

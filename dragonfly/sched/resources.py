@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dragonfly.sched.bitset import Bitset
 from dragonfly.tokenbucket import TokenBucket
 from dragonfly.trust import TicketKey
-from dragonfly.wire.codec import PROTOCOL_VERSION
+from dragonfly.wire.codec import PROTOCOL_VERSION, Message
 from dragonfly.wire.messages import HostInfo, ParentInfo, PieceDigest, RegisterPeer, TaskSpec
 
 __all__ = [
@@ -291,6 +291,7 @@ class Task:
     and its peers indexed by what the scheduler asks of them (see the module doc)."""
 
     __slots__ = (
+        "attested",
         "back_to_source",
         "content_length",
         "content_type",
@@ -379,6 +380,9 @@ class Task:
         # piece → digest → the peers that reported it (Scheduler._origin_digest).
         self.unconfirmed: dict[int, dict[bytes, list[Peer]]] = {}
         self.disputed = False  # two of them reported different digests for a piece
+        # The TaskAttested its finished peers get, once made (continuity.py), and what
+        # it was made of.
+        self.attested: tuple[tuple[object, ...], Message] | None = None
         # Hosts of ordinary peers this generation sent to the origin.
         self.origin_hosts: set[str] = set()
         # The indexes (INDEX_STATES): peers of the current generation only.

@@ -4,6 +4,7 @@ with fresh ones, so no parent ever refuses it; every byte is the origin's."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -36,14 +37,15 @@ async def test_a_child_renews_its_tickets_before_they_expire(
     with Nginx(root=www, workdir=tmp_path / "nginx", limit_rate="512k") as nginx:
         async with roles(tmp_path) as r:
             scheduler = await r.scheduler("trust.ticket_ttl=120s")
-            handle = scheduler.core.handle
+            handle_batch = scheduler.core.handle_batch
 
-            def counting(host_id: str, msg: Message, now: float) -> list[Send]:
+            def counting(host_id: str, batch: Sequence[Message], now: float) -> list[Send]:
                 nonlocal reschedules
-                reschedules += isinstance(msg, Reschedule)
-                return handle(host_id, msg, now)
+                reschedules += sum(isinstance(msg, Reschedule) for msg in batch)
+                return handle_batch(host_id, batch, now)
 
-            scheduler.core.handle = counting  # (the shell calls it for every message)
+            # (the shell calls it with every receive's messages)
+            scheduler.core.handle_batch = counting  # type: ignore[method-assign]
             seed = await r.peer("seed-1", role="seed-peer")
             peer = await r.peer("peer-1")
             with trio.fail_after(60):  # both proved themselves to the scheduler
