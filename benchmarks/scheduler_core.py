@@ -5,21 +5,24 @@ closed loop as the load processes (benchmarks/scheduler_load.py: hosts register 
 task, report every piece in batches, finish, leave, register again; seed hosts answer
 triggers), with no sockets, no trio and no websocket framing, so that its figure is the
 core's own: registrations and piece reports per CPU-second spent in the scheduler's calls
-(the simulated hosts' own work is not counted). With
-`--codec` every message also goes through the wire codec (the host's messages decoded,
-the scheduler's encoded), as the shell does; the difference between the two runs is what
-the codec costs. `--profile FILE` writes a cProfile of the run (`python -m pstats FILE`).
+(the simulated hosts' own work is not counted). The core has identity as the benchmark's
+scheduler has it (a cluster secret: a ticket per parent handed out, a TaskAttested per
+finished peer of a protocol-5 host). With `--codec` every message also goes through the
+wire codec (the host's messages decoded, the scheduler's encoded), as the shell does; the
+difference between the two runs is what the codec costs. `--profile FILE` writes a
+cProfile of the run (`python -m pstats FILE`).
 
 The loop is a FIFO of messages: each round hands the scheduler every message queued (as
 one receive of the shell does), then the hosts answer what it sent; past
-`--registrations` they register no more, and the run ends when every answer is in. The scheduler's clock
-is the CPU time it has spent, and `tick` runs every 0.1 s of it, as the shell's ticker
-does.
+`--registrations` they register no more, and the run ends when every answer is in. The
+scheduler's clock is the CPU time it has spent, and `tick` runs every 0.1 s of it, as the
+shell's ticker does.
 """
 
 from __future__ import annotations
 
 import cProfile
+import hashlib
 import itertools
 import operator
 import random
@@ -30,6 +33,7 @@ from typing import Any
 
 from benchmarks.scheduler_load import SimTask, host_info, make_tasks
 from dragonfly.sched import Scheduler, SchedulerSettings, Send
+from dragonfly.trust import Attester, SecretRing
 from dragonfly.wire.codec import Message, decode, encode
 from dragonfly.wire.messages import (
     CandidateParents,
@@ -61,7 +65,9 @@ class CoreLoad:
         seed: int = 1,
         seed_upload_slots: int = 1000,
     ) -> None:
-        self.core = Scheduler(SchedulerSettings(), seed=0)
+        # The shipped trust.ticket_ttl, and an attester: as a scheduler with a cluster secret.
+        settings = SchedulerSettings(ticket_ttl=1800.0)
+        self.core = Scheduler(settings, seed=0, attester=Attester(SecretRing.new("bench")))
         self.tasks = make_tasks(tasks, pieces)
         self.by_id = {t.task_id: t for t in self.tasks}
         self.batch = batch
@@ -162,7 +168,8 @@ class CoreLoad:
     def run(self, registrations: int) -> dict[str, Any]:
         core, clock = self.core, time.process_time
         for h in self.seeds + self.plain:
-            core.host_connected(h, 0.0)
+            # (any 32 bytes: the core makes tickets with it, nobody checks them here)
+            core.host_connected(h, 0.0, key=hashlib.sha256(h.host_id.encode()).digest())
         for h in self.plain:
             self._next(h.host_id)
         handle_batch = core.handle_batch
