@@ -95,6 +95,24 @@ def test_a_finished_peer_is_given_an_attestation_of_what_the_task_is() -> None:
     assert decode(encode(attested)) == attested
 
 
+def test_one_attestation_serves_every_finished_peer_until_the_task_changes() -> None:
+    w, first = completed()
+    w.connect("b")
+    w.register("b", "pb")
+    w.pieces("b", "pb", list(range(COUNT)), parent="s1")
+    (second,) = of(w.finish("b", "pb"), TaskAttested, "b")
+    assert second == first
+    # A registration made with credentials makes the task private: what the next
+    # finisher is given says so, and still checks.
+    w.connect("c")
+    w.register("c", "pc", private=True)
+    w.pieces("c", "pc", list(range(COUNT)), parent="s1")
+    (third,) = of(w.finish("c", "pc"), TaskAttested, "c")
+    assert third.private and third.attestation != first.attestation
+    assert Attester(RING).check(third.attestation, held(third))
+    assert not Attester(RING).check(first.attestation, held(first, private=True))
+
+
 def test_a_restarted_scheduler_takes_an_attested_holder_without_the_origin() -> None:
     _, attested = completed()
     w = Cluster()  # the restarted scheduler: nothing known
