@@ -55,7 +55,7 @@ from dragonfly.testing.nginx import free_port
 from dragonfly.testing.trust import LocalIssuer
 from dragonfly.units import parse_duration
 
-TARGETS = {"registrations/s": 2000.0, "piece reports/s": 50000.0}
+TARGETS = {"registrations/s": 2500.0, "piece reports/s": 100000.0}
 METRICS = {
     "registrations": "dragonfly_scheduler_registrations_total",
     "piece_reports": "dragonfly_scheduler_piece_reports_total",

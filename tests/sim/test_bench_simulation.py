@@ -16,8 +16,8 @@ GiB = 1 << 30
 
 def test_standard_cases() -> None:
     by_peers = {c.peers: c for c in cases([1000, 10000, 50], GiB, None, None)}
-    assert by_peers[1000].piece_size == 4 * MiB and by_peers[1000].target_efficiency == 0.85
-    assert by_peers[1000].budget == 600  # twice the 5 minutes
+    assert by_peers[1000].piece_size == 4 * MiB and by_peers[1000].target_efficiency == 0.90
+    assert by_peers[1000].budget == 360  # twice the 3 minutes
     assert by_peers[10000].piece_size == 16 * MiB and by_peers[10000].target_efficiency == 0.75
     assert by_peers[10000].budget == 1200
     assert by_peers[50].piece_size == 4 * MiB and by_peers[50].target_efficiency is None
