@@ -43,6 +43,7 @@ from dragonfly.peer.exposure import ProxyGate, checked_addresses
 from dragonfly.peer.jobs import HostJobs
 from dragonfly.peer.local_api import LocalAPIHandler
 from dragonfly.peer.proxy import ProxyHandler
+from dragonfly.peer.reannounce import Reannouncer
 from dragonfly.peer.records import INTERVAL as RECORDS_INTERVAL
 from dragonfly.peer.records import RecordBuffer
 from dragonfly.peer.request import DownloadRequest
@@ -150,6 +151,14 @@ class PeerDaemon:
                         connect_timeout=cfg.scheduler.connect_timeout,
                         credential=self.credential,
                         on_job=HostJobs(self, self.tasks).handle,
+                    )
+                    # What this host holds is announced again to a scheduler that comes
+                    # back or takes its tasks over (before downloads use the connection).
+                    self.reannouncer = Reannouncer(store, self.schedulers, self.tasks)
+                    await self.reannouncer.load()
+                    self.schedulers.listen(self.reannouncer)
+                    nursery.start_soon(
+                        self.supervisor.restarting, "reannounce", self.reannouncer.run
                     )
                     proxy = await nursery.start(
                         self._listener(ProxyHandler(self), cfg.proxy, "proxy")

@@ -70,6 +70,7 @@ from dragonfly.wire.messages import (
     DownloadRecords,
     Error,
     ErrorCode,
+    HeldTasks,
     Hello,
     HostInfo,
     NeedBackToSource,
@@ -301,6 +302,11 @@ class SchedulerServer:
                             continue
                         elif kind is DownloadRecords:
                             self._keep_records(host_id, msg)  # type: ignore[arg-type]
+                            continue
+                        elif kind is HeldTasks:
+                            before = self.core.counters.reannounced
+                            self._apply(handle(host_id, msg, clock()))
+                            self.metrics.reannounced.inc(self.core.counters.reannounced - before)
                             continue
                         self._apply(handle(host_id, msg, clock()))
                     # Counted per batch: a prometheus increment takes a lock.
