@@ -53,7 +53,7 @@ from dragonfly.peer.tunnel import Hijacker
 from dragonfly.peer.upload import UploadHandler
 from dragonfly.ratelimit import RateLimiter
 from dragonfly.storage import GCConfig, PieceStore
-from dragonfly.supervise import Supervisor
+from dragonfly.supervise import InFlight, Supervisor
 from dragonfly.trust import TicketKey
 from dragonfly.wire.messages import AnnounceMember, HostInfo, TriggerDownload
 
@@ -102,6 +102,22 @@ class PeerDaemon:
         self.upload_port = 0
         self.proxy_port = 0
         self._serving = False
+        self._left = False  # the schedulers were told that this host leaves
+        self.uploads = InFlight()  # pieces being uploaded now
+        self.stopping = False
+
+    async def drain(self) -> None:
+        """Stopping (SIGTERM): say unhealthy, tell the schedulers that this host leaves
+        (no child is sent here any more), and let the pieces being uploaded finish."""
+        self._serving = False
+        self.stopping = True
+        uploading = self.uploads.count
+        log.info("peer stopping", uploading=uploading)
+        await self.schedulers.leave()
+        self._left = True
+        await self.uploads.idle()  # (the caller bounds the wait)
+        if uploading:
+            log.info("uploads finished", count=uploading)
 
     @property
     def healthy(self) -> bool:
@@ -213,8 +229,9 @@ class PeerDaemon:
                         await trio.sleep_forever()
                     finally:
                         self._serving = False
-                        with trio.CancelScope(shield=True), trio.move_on_after(2):
-                            await self.schedulers.leave()
+                        if not self._left:
+                            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                                await self.schedulers.leave()
                         scheduler_scope.cancel()
             finally:
                 self._serving = False
@@ -294,8 +311,10 @@ def _limiter(rate: int) -> RateLimiter | None:
 
 
 def run_peer(cfg: PeerConfig) -> int:
-    async def main(nursery: trio.Nursery) -> None:
-        await nursery.start(PeerDaemon(cfg).run)
+    daemon = PeerDaemon(cfg)
 
-    trio.run(run_until_signal, main)
+    async def main(nursery: trio.Nursery) -> None:
+        await nursery.start(daemon.run)
+
+    trio.run(run_until_signal, main, daemon.drain)
     return 0

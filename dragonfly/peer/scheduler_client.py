@@ -216,6 +216,12 @@ class SchedulerConnection:
                         connection.start_soon(self._keepalive, channel)
                         await self._read(channel, nursery)
                         connection.cancel_scope.cancel()
+                    # (a stopping scheduler says so: 1001 scheduler stopping)
+                    log.warning(
+                        "scheduler closed the connection",
+                        scheduler=self.address,
+                        reason=channel.close_reason,
+                    )
             except TrustError as exc:
                 self.failures += 1
                 if self.failures in (1, 10) or self.failures % 100 == 0:

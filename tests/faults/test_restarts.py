@@ -5,6 +5,7 @@ its hosts hold, and every client gets exactly the origin's bytes."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +14,15 @@ import pytest
 
 from dragonfly.cluster import Cluster, Node
 from dragonfly.testing.nginx import Nginx
-from tests.p2p_support import MiB, curl, finish, metric, random_file, sha256_file
+from tests.p2p_support import (
+    MiB,
+    curl,
+    finish,
+    metric,
+    origin_story,
+    random_file,
+    sha256_file,
+)
 
 pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
@@ -80,6 +89,12 @@ def p2p_and_source(node: Node) -> tuple[float, float]:
         metric(m, "dragonfly_download_bytes_total", 'source="p2p"'),
         metric(m, "dragonfly_download_bytes_total", 'source="back_to_source"'),
     )
+
+
+def grep(node: Node, text: str) -> str:
+    """The node's log lines that mention `text` (for assertion messages)."""
+    lines = node.log_path.read_text(errors="replace").splitlines()
+    return "\n".join(f"{node.name}: {line[:300]}" for line in lines if text in line)
 
 
 def wait_fetched(node: Node, at_least: float, timeout: float = 60) -> float:
@@ -229,3 +244,73 @@ def test_one_scheduler_of_two_dies_mid_download(tmp_path: Path, www: Path) -> No
         for p in peers:
             assert p2p_and_source(p)[1] == 0, f"{p.name} went to the origin"
         assert origin.served_bytes("/f.bin") <= 1.05 * size
+
+
+def test_a_scheduler_stopped_with_sigterm_tells_its_hosts_and_they_ride_through(
+    tmp_path: Path, www: Path
+) -> None:
+    """SIGTERM: the scheduler closes its hosts' connections saying it stops (1001) and
+    exits 0; the download in flight goes on, registers again when it is back, and the
+    origin serves the file about once."""
+    size = 32 * MiB
+    want = random_file(www / "f.bin", size)
+    with (
+        Nginx(root=www, workdir=tmp_path / "nginx", limit_rate="3m") as origin,
+        Cluster(tmp_path / "c", schedulers=1, seed_peers=1, peers=2) as cluster,
+    ):
+        url = f"{origin.url}/f.bin"
+        peers = [cluster.node(f"peer-{i}") for i in range(2)]
+        procs = [fetch(p, url, tmp_path / f"o{i}") for i, p in enumerate(peers)]
+        for p in peers:
+            wait_metric(p.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"', 1)
+        sched = cluster.node("scheduler-0")
+        cluster.kill("scheduler-0", signal.SIGTERM)
+        assert sched.process is not None and sched.process.returncode == 0
+        assert "scheduler stopping" in peers[0].log_path.read_text(errors="replace")
+        cluster.restart("scheduler-0")
+        for i, proc in enumerate(procs):
+            code, err = finish(proc)
+            assert code == 0, err
+            assert sha256_file(tmp_path / f"o{i}") == want
+        assert origin.served_bytes("/f.bin") <= 1.05 * size
+        for p in peers:
+            assert p2p_and_source(p)[1] == 0, f"{p.name} went to the origin"
+
+
+def test_a_peer_stopped_with_sigterm_finishes_the_pieces_it_is_uploading(
+    tmp_path: Path, www: Path
+) -> None:
+    """peer-0 and peer-2 hold the file (the seed is gone); peer-0 is uploading pieces to
+    peer-1 when it gets SIGTERM: it leaves the scheduler, refuses new pieces, lets those
+    in flight finish, and exits 0; peer-1 loses no piece and finishes from peer-2."""
+    size = 32 * MiB
+    want = random_file(www / "f.bin", size)
+    with (
+        Nginx(root=www, workdir=tmp_path / "nginx") as origin,
+        Cluster(
+            tmp_path / "c",
+            schedulers=1,
+            seed_peers=1,
+            peers=3,
+            overrides=["peer:upload.rate_limit=4MB"],  # a piece takes about a second
+        ) as cluster,
+    ):
+        url = f"{origin.url}/f.bin"
+        p0, p1, p2 = (cluster.node(f"peer-{i}") for i in range(3))
+        for p in (p0, p2):
+            code, err = finish(fetch(p, url, tmp_path / f"{p.name}.out"))
+            assert code == 0, err
+        cluster.kill("seed-peer-0")
+        proc = fetch(p1, url, tmp_path / "o1")
+        wait_metric(p0.info["metrics"], "dragonfly_active_uploads", "", 1)
+        cluster.kill("peer-0", signal.SIGTERM)
+        assert p0.process is not None and p0.process.returncode == 0
+        code, err = finish(proc)
+        assert code == 0, err
+        assert sha256_file(tmp_path / "o1") == want
+        story = origin_story(cluster) + "\n" + grep(p1, "piece failed")
+        assert p2p_and_source(p1) == (size, 0), story
+        cut = metric(p1.info["metrics"], "dragonfly_piece_failures_total", 'reason="transfer"')
+        assert cut == 0, f"a piece in flight was cut off:\n{story}"
+        log = p0.log_path.read_text(errors="replace")
+        assert '"uploads finished"' in log and "draining took longer" not in log
