@@ -124,7 +124,7 @@ SCHEDULER_CORE_COUNTERS = (
     ("dragonfly_scheduler_errors", "Error answers to hosts' messages", "errors"),
     (
         "dragonfly_scheduler_reannounced",
-        "Held tasks (re)connected hosts made serving peers of (HeldTasks)",
+        "Complete tasks hosts announced again that became serving peers (HeldTasks)",
         "reannounced",
     ),
     ("dragonfly_scheduler_collected_peers", "Peers dropped after peer_ttl", "collected_peers"),

@@ -187,8 +187,8 @@ class ContinuityCore(SchedulerCore):
         if task.state is TaskState.RUNNING:
             task.transition(TaskState.SUCCEEDED)
         peer_id = f"{host.id}/{held.task_id[:16]}"
-        if peer_id in self._peers:
-            return  # announced already
+        if peer_id in self._peers or any(p.host is host for p in task.succeeded.values()):
+            return  # announced already, or finished here by one of its downloads
         peer = Peer(peer_id, host, task, now)
         task.peers[peer.id] = peer
         task.empty_since = None

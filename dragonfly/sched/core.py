@@ -75,6 +75,7 @@ class SchedulerCore:
         # The rejoin grace (settings.rejoin_grace): when it ends, and the tasks that
         # wait for it to seek a source.
         self._rejoin_until: float | None = None
+        self._born: float | None = None  # when the first host connected
         self._deferred: dict[str, Task] = {}
         # Decided when the event (or the batch of a host's messages) ends, on what it left:
         self._orphans = PeerSet()  # children that lost a parent: reschedule
@@ -459,8 +460,9 @@ class SchedulerCore:
         return self._rejoin_until is not None and now < self._rejoin_until
 
     def _deferring(self, task: Task, now: float) -> bool:
-        """Within the rejoin grace: the task's source is sought once it ends (tick)."""
-        if self._deferring_any(now):
+        """Within the rejoin grace (the scheduler's, or the task's): the task's source
+        is sought once it ends (tick)."""
+        if self._deferring_any(now) or now < task.rejoin_until:
             self._deferred[task.id] = task
             return True
         return False

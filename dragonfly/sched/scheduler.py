@@ -137,10 +137,14 @@ class Scheduler(ContinuityCore):
             self._seeds[h.id] = h
         else:
             self._seeds.pop(h.id, None)
-        if host.rejoining and self._rejoin_until is None:
-            # The hosts of a cluster come back together (within their reconnect backoff):
-            # until they re-announced what they hold, no task is known to be held nowhere.
-            self._rejoin_until = now + self.settings.rejoin_grace
+        if self._born is None:
+            self._born = now
+        grace = self.settings.rejoin_grace
+        if host.rejoining and self._rejoin_until is None and now < self._born + grace:
+            # A restarted scheduler: its hosts come back together (within their reconnect
+            # backoff). Until they re-announced what they hold, no task is known to be
+            # held nowhere. (A host that reconnects later is one host's blip: no grace.)
+            self._rejoin_until = now + grace
         return []
 
     def host_disconnected(self, host_id: str, now: float) -> list[Send]:
@@ -208,10 +212,11 @@ class Scheduler(ContinuityCore):
                 self._clear_trigger(task)
                 self._ensure_source(task, now, out)
         if self._deferred and not self._deferring_any(now):
-            deferred, self._deferred = self._deferred, {}
-            for task in deferred.values():
-                if self._tasks.get(task.id) is task:
-                    self._ensure_source(task, now, out)
+            for task in list(self._deferred.values()):
+                if now >= task.rejoin_until:
+                    del self._deferred[task.id]
+                    if self._tasks.get(task.id) is task:
+                        self._ensure_source(task, now, out)
         if now >= self._next_gc:  # before the retries: a quiet peer is not worth an answer
             self._next_gc = now + self.settings.gc_interval
             self._collect(now, out)
@@ -280,6 +285,8 @@ class Scheduler(ContinuityCore):
         self.counters.registrations += 1
         if msg.held:
             self._adopt_held_pieces(peer, msg, out)
+        if first and msg.piece_length is not None:  # a download registering again
+            task.rejoin_until = now + self.settings.rejoin_grace
 
         if host.seed:
             if task.seed_host is host:
