@@ -1,5 +1,10 @@
 """The scheduler's state and the decisions every event handler shares (sans-I/O).
 
+Why over 600 lines: the decisions call one another (scheduling a peer may send one to the
+origin or trigger a seed; a departure orphans children who are rescheduled at the end of
+the batch) over the same state; the handlers (scheduler.py), choosing parents
+(selection.py), the messages (answers.py) and continuity (continuity.py) are apart.
+
 ``SchedulerCore`` holds the hosts, tasks and peers, and decides: a peer's parent set
 (``_schedule``, choosing with selection.py), offering a peer that starts serving to
 those that need parents (``_offer``, ``_top_up``), retries of waiting peers, sending a

@@ -1,5 +1,9 @@
 """Hosts, tasks and peers as the scheduler holds them, with their state machines.
 
+Why over 600 lines: the state tables, the indexes and the records they govern change
+together (``Task.move`` is the one place a peer's state and every index change), so they
+stay in one module a reader checks against itself.
+
 Plain objects with no behaviour beyond bookkeeping: the scheduler decides, these
 remember.  The state machines are tables; a transition the table does not allow
 raises ``IllegalTransition`` because it means the scheduler's own logic is wrong
