@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--peers", type=int, default=3)
     cluster.add_argument("--workdir", required=True, help="directory for data, logs, cluster.json")
     cluster.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on the scheduler and upload ports (a CA and certificates in WORKDIR/tls)",
+    )
+    cluster.add_argument(
         "--config",
         metavar="[ROLE:]FILE",
         action="append",
@@ -158,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     from dragonfly.credentials import add_token_parser
 
     add_token_parser(sub)
+
+    from dragonfly.cluster_tls import add_tls_parser
+
+    add_tls_parser(sub)
 
     conf = sub.add_parser(
         "config",
@@ -243,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dragonfly.credentials import token_command
 
         return token_command(args)
+    if args.command == "tls":
+        from dragonfly.cluster_tls import tls_command
+
+        return tls_command(args)
     if args.command == "cluster":
         return _cluster_command(args)
     if args.command == "proxy-user":
@@ -298,12 +311,17 @@ def _check_files(cfg: RoleConfig) -> None:
     """Files the configuration names (CA certificates and keys), checked before a start
     (the daemon's and `get`'s one-shot peer's) and by `config check`, so a bad one is a
     ConfigError naming its key instead of a traceback."""
+    from dragonfly.cluster_tls import check_tls_files
+    from dragonfly.config import SchedulerConfig
+
     if isinstance(cfg, PeerConfig):
         from dragonfly.net.tls import check_peer_files
         from dragonfly.peer.exposure import check_proxy_files
 
         check_peer_files(cfg)
         check_proxy_files(cfg.proxy)
+    if isinstance(cfg, (PeerConfig, SchedulerConfig)):
+        check_tls_files(cfg)
 
 
 def _config_command(args: argparse.Namespace) -> int:
@@ -344,6 +362,7 @@ def _cluster_command(args: argparse.Namespace) -> int:
         args.peers,
         configs=configs,
         overrides=_overrides(args),
+        tls=args.tls,
     )
 
 

@@ -16,6 +16,11 @@ cluster's to set: a --set of one is an error, a file's value is replaced.
 Identity is on, as in any cluster: WORKDIR/trust holds the cluster secret (given to
 the schedulers) and one credential per peer and seed peer, named after the node; the
 cluster sets trust.secret_file and trust.credential_file too.
+
+With `tls` (`cluster --tls`), WORKDIR/tls holds the cluster's CA and a certificate per
+node: schedulers serve wss:// and https, peers their upload ports over TLS and verify
+both with the CA (server.tls_*, upload.tls_*, trust.ca_file, which the cluster sets).
+cluster.json then gives wss:// and https:// URLs, and the CA's file as "ca_file".
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -43,6 +49,7 @@ from dragonfly.config import (
     render_effective,
     role_keys,
 )
+from dragonfly.testing.cluster_tls import LocalTLS
 from dragonfly.testing.nginx import free_port
 from dragonfly.testing.trust import LocalIssuer
 
@@ -78,6 +85,12 @@ CLUSTER_KEYS = (
     "scheduler.addresses",
     "trust.secret_file",
     "trust.credential_file",
+    # TLS: `--tls` gives each node its own certificate
+    "server.tls_cert",
+    "server.tls_key",
+    "upload.tls_cert",
+    "upload.tls_key",
+    "trust.ca_file",
 )
 
 
@@ -146,12 +159,23 @@ class Cluster:
     extra: list[str] = field(default_factory=list)  # "--set", "K=V" pairs for every peer
     configs: list[str] = field(default_factory=list)  # [ROLE:]FILE
     overrides: list[str] = field(default_factory=list)  # [ROLE:]SECTION.KEY=VALUE
+    tls: bool = False  # TLS on the scheduler and upload ports (WORKDIR/tls)
     nodes: list[Node] = field(default_factory=list)
 
     @property
     def issuer(self) -> LocalIssuer:
         """The cluster's secret, and credentials made from it (WORKDIR/trust)."""
         return LocalIssuer(self.workdir / "trust")
+
+    @property
+    def pki(self) -> LocalTLS | None:
+        """The cluster's CA and its nodes' certificates (WORKDIR/tls), with `tls`."""
+        return LocalTLS(self.workdir / "tls") if self.tls else None
+
+    @property
+    def ca_file(self) -> str | None:
+        """The CA file a client of a TLS cluster verifies its nodes with (None: no TLS)."""
+        return str(self.workdir / "tls" / "ca.pem") if self.tls else None
 
     def check(self) -> dict[str, RoleSettings]:
         """What reaches each role, every role's configuration resolved once: a ConfigError
@@ -180,11 +204,12 @@ class Cluster:
     def _plan(self, settings: dict[str, RoleSettings]) -> None:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        issuer = self.issuer
+        issuer, pki = self.issuer, self.pki
+        http, ws = ("https", "wss") if pki else ("http", "ws")
         addresses = []
         for i in range(self.schedulers):
             name, port = f"scheduler-{i}", free_port()
-            addresses.append(f"ws://127.0.0.1:{port}")
+            addresses.append(f"{ws}://127.0.0.1:{port}")
             args, _ = self._node_args(
                 name,
                 "scheduler",
@@ -193,6 +218,7 @@ class Cluster:
                     "server.listen=127.0.0.1",
                     f"server.port={port}",
                     *issuer.scheduler_overrides(),
+                    *(pki.scheduler_overrides(name) if pki else []),
                 ],
             )
             self.nodes.append(
@@ -201,10 +227,10 @@ class Cluster:
                     "scheduler",
                     args,
                     logs / f"{name}.log",
-                    f"http://127.0.0.1:{port}/healthy",
+                    f"{http}://127.0.0.1:{port}/healthy",
                     {
-                        "url": f"ws://127.0.0.1:{port}",
-                        "metrics": f"http://127.0.0.1:{port}/metrics",
+                        "url": f"{ws}://127.0.0.1:{port}",
+                        "metrics": f"{http}://127.0.0.1:{port}/metrics",
                         "config": args[-1],
                     },
                 )
@@ -222,6 +248,7 @@ class Cluster:
                     f"storage.data_dir={data}",
                     f"scheduler.addresses={sched}",
                     *issuer.peer_overrides(name, kind),
+                    *(pki.peer_overrides(name) if pki else []),
                 ]
                 args, cfg = self._node_args(name, kind, settings[kind], cluster_sets)
                 assert isinstance(cfg, PeerConfig)
@@ -235,11 +262,11 @@ class Cluster:
                         kind,
                         args,
                         logs / f"{name}.log",
-                        f"http://127.0.0.1:{upload}/healthy",
+                        f"{http}://127.0.0.1:{upload}/healthy",
                         {
                             "proxy": f"http://{proxy_host}:{proxy}",
-                            "upload": f"http://127.0.0.1:{upload}",
-                            "metrics": f"http://127.0.0.1:{upload}/metrics",
+                            "upload": f"{http}://127.0.0.1:{upload}",
+                            "metrics": f"{http}://127.0.0.1:{upload}/metrics",
                             "data_dir": str(data),
                             "config": args[-1],
                             "pid": 0,
@@ -284,6 +311,8 @@ class Cluster:
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
         pending = list(self.nodes)
+        ca = self.ca_file
+        context = ssl.create_default_context(cafile=ca) if ca else None
         while pending:
             for node in list(pending):
                 assert node.process is not None
@@ -293,7 +322,7 @@ class Cluster:
                         f"{node.name} exited with {node.process.returncode}:\n{tail}"
                     )
                 try:
-                    with urllib.request.urlopen(node.health_url, timeout=1) as r:
+                    with urllib.request.urlopen(node.health_url, timeout=1, context=context) as r:
                         if r.status == 200:
                             pending.remove(node)
                 except (urllib.error.URLError, OSError):
@@ -307,6 +336,7 @@ class Cluster:
     def description(self) -> dict[str, Any]:
         return {
             "manager": None,
+            "ca_file": self.ca_file,
             "schedulers": [n.info for n in self.nodes if n.role == "scheduler"],
             "seed_peers": [n.info for n in self.nodes if n.role == "seed-peer"],
             "peers": [n.info for n in self.nodes if n.role == "peer"],
@@ -370,10 +400,17 @@ def run_cluster(
     *,
     configs: Sequence[str] = (),
     overrides: Sequence[str] = (),
+    tls: bool = False,
 ) -> int:
     """The CLI command: start, report, wait for a signal, stop."""
     cluster = Cluster(
-        workdir, schedulers, seed_peers, peers, configs=list(configs), overrides=list(overrides)
+        workdir,
+        schedulers,
+        seed_peers,
+        peers,
+        configs=list(configs),
+        overrides=list(overrides),
+        tls=tls,
     )
     try:
         cluster.check()

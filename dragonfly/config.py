@@ -174,6 +174,12 @@ class UploadSection:
         "a child reading a piece slower than this loses its upload slot; 0: no minimum",
         min=0,
     )
+    tls_cert: str = opt(
+        "",
+        "certificate (PEM, naming host.ip) to serve pieces over HTTPS and announcements over "
+        "wss; see `tls new`; empty: plain TCP",
+    )
+    tls_key: str = opt("", "the certificate's private key (PEM, mode 0600)")
 
 
 @dataclass
@@ -307,6 +313,12 @@ class SchedulerServerSection(ListenSection):
     max_connections: int = opt(
         10000, "connections served at once; more are closed at once (counted)", min=1, max=1000000
     )
+    tls_cert: str = opt(
+        "",
+        "certificate (PEM) to serve wss:// and https (/metrics, /healthy); see `tls new`; "
+        "empty: plain TCP",
+    )
+    tls_key: str = opt("", "the certificate's private key (PEM, mode 0600)")
 
 
 @dataclass
@@ -320,6 +332,11 @@ class PeerTrustSection:
     )
     insecure: bool = opt(
         False, "no identity: schedulers and children are taken at their word (trusted networks)"
+    )
+    ca_file: str = opt(
+        "",
+        "the cluster's CA (PEM, see `tls init`) that wss:// schedulers and TLS parents must "
+        "be signed by; the system's CAs are not trusted for them",
     )
 
 
@@ -812,7 +829,18 @@ def _check_cross_field(cfg: RoleConfig, origins: Origins) -> None:
                 "database.dsn",
                 "required with database.driver = postgres",
             )
+    if isinstance(cfg, SchedulerConfig):
+        _check_tls_pair(origins, "server", cfg.server.tls_cert, cfg.server.tls_key)
     if isinstance(cfg, PeerConfig):
+        _check_tls_pair(origins, "upload", cfg.upload.tls_cert, cfg.upload.tls_key)
+        secure = [a for a in cfg.scheduler.addresses if a.startswith("wss://")]
+        if secure and not cfg.trust.ca_file:
+            raise ConfigError(
+                origins.get("scheduler.addresses", (-1, "defaults"))[1],
+                "trust.ca_file",
+                f"required with a wss:// scheduler ({secure[0]}): the CA that signed the "
+                "schedulers' certificates (the system's CAs are not trusted for them)",
+            )
         px = cfg.proxy
         if not is_loopback_listen(px.listen) and not px.allowed_clients and not px.auth_file:
             raise ConfigError(
@@ -836,6 +864,18 @@ def _check_cross_field(cfg: RoleConfig, origins: Origins) -> None:
                 low,
                 f"must not exceed {high} ({st.high_watermark}), got {st.low_watermark}",
             )
+
+
+def _check_tls_pair(origins: Origins, section: str, cert: str, key: str) -> None:
+    """A listener's tls_cert and tls_key come together (the error names the one missing)."""
+    if bool(cert) == bool(key):
+        return
+    have, missing = ("tls_cert", "tls_key") if cert else ("tls_key", "tls_cert")
+    raise ConfigError(
+        origins.get(f"{section}.{have}", (-1, "defaults"))[1],
+        f"{section}.{missing}",
+        f"required when {section}.{have} is set (TLS needs a certificate and its key)",
+    )
 
 
 def load_config(

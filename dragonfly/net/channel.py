@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING
@@ -156,11 +157,21 @@ class Channel:
 
 @asynccontextmanager
 async def connect(
-    url: str, hello: Hello, *, name: str = "", connect_timeout: float = 10.0
+    url: str,
+    hello: Hello,
+    *,
+    name: str = "",
+    connect_timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Channel]:
-    """Open a websocket to `url`, handshake, and yield the channel."""
+    """Open a websocket to `url`, handshake, and yield the channel. A wss:// URL needs
+    `ssl_context` (the cluster's CA): the system's CAs are never used for one."""
+    secure = url.startswith("wss://")
+    if secure and ssl_context is None:
+        raise ChannelClosed(f"{url}: no CA to verify it with (trust.ca_file)")
     async with trio_websocket.open_websocket_url(
         url,
+        ssl_context if secure else None,
         message_queue_size=MESSAGE_QUEUE,
         max_message_size=MAX_FRAME,
         connect_timeout=connect_timeout,

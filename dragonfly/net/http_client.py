@@ -257,7 +257,7 @@ class Response:
         """Write `count` body bytes (default: the rest) into file `fd` at `offset`.
 
         Zero-copy (socket → pipe → file) for plain HTTP with Content-Length;
-        through a buffer and os.pwrite otherwise.
+        through a buffer and os.pwrite otherwise (TLS, chunked bodies).
         """
         if self._raw_remaining is not None:
             want = self._raw_remaining if count is None else min(count, self._raw_remaining)
@@ -297,13 +297,14 @@ class Response:
                 raise BodyIncomplete(f"{self.url}: receiving body failed: {exc}") from None
             self._advance(n)
             return want
-        buf = bytearray(min(RECEIVE_SIZE, max(1, want - written)))
+        # Filled whole before each write: TLS hands over one record (16 KiB) at a time,
+        # and a write per record would cost a syscall for each.
+        buf = memoryview(bytearray(min(RECEIVE_SIZE, max(1, want - written))))
         while written < want:
-            n = await self.read_into(memoryview(buf)[: min(len(buf), want - written)])
-            if n == 0:
-                raise self._short()
-            pwrite_all(fd, memoryview(buf)[:n], offset + written)
-            written += n
+            view = buf[: min(len(buf), want - written)]
+            await self.readinto_exactly(view)
+            pwrite_all(fd, view, offset + written)
+            written += len(view)
         return written
 
     async def _copy_rest(self, fd: int, offset: int) -> int:

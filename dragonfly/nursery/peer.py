@@ -16,12 +16,14 @@ import functools
 import os
 import re
 import secrets
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 from dragonfly import __version__
+from dragonfly.cluster_tls import cluster_client_tls, upload_tls
 from dragonfly.config import (
     PeerConfig,
     ProxySection,
@@ -85,6 +87,10 @@ class PeerDaemon:
         # Children's tickets are checked with this host's key; without one (and not
         # insecure) the upload port serves nobody.
         self.ticket_key = TicketKey(self.credential.host_key) if self.credential else None
+        # TLS (dragonfly/cluster_tls.py): the upload port's certificate, and the cluster's
+        # CA that schedulers and parents are verified with; ConfigError naming the key.
+        self.upload_tls = upload_tls(config)
+        self.cluster_tls = cluster_client_tls(config)
         self.proxy_gate = ProxyGate(config.proxy)
         self.upload_limiter = _limiter(config.upload.rate_limit)
         self.download_limiter = _limiter(d.rate_limit)
@@ -120,7 +126,7 @@ class PeerDaemon:
                 async with trio.open_nursery() as nursery:
                     self.tasks = TaskManager(self, nursery)
                     upload = await nursery.start(
-                        self._listener(UploadHandler(self), cfg.upload, "upload")
+                        self._listener(UploadHandler(self), cfg.upload, "upload", self.upload_tls)
                     )
                     self.upload_port = bound_port(upload)
                     self.host = HostInfo(
@@ -135,6 +141,7 @@ class PeerDaemon:
                         seed=cfg.seed.enabled,
                         upload_limit=cfg.upload.children_limit,
                         upload_rate=cfg.upload.rate_limit,
+                        tls=self.upload_tls is not None,
                     )
                     self.schedulers = SchedulerPool(
                         cfg.scheduler.addresses,
@@ -143,6 +150,7 @@ class PeerDaemon:
                         on_trigger=self._on_trigger,
                         connect_timeout=cfg.scheduler.connect_timeout,
                         credential=self.credential,
+                        ssl_context=self.cluster_tls,
                     )
                     proxy = await nursery.start(
                         self._listener(ProxyHandler(self), cfg.proxy, "proxy")
@@ -184,6 +192,7 @@ class PeerDaemon:
                         host_id=self.host.host_id,
                         proxy=f"{cfg.proxy.listen}:{self.proxy_port}",
                         upload=f"{cfg.upload.listen}:{self.upload_port}",
+                        upload_tls=self.host.tls,
                         data_dir=str(self.data_dir),
                     )
                     task_status.started(self)
@@ -199,7 +208,11 @@ class PeerDaemon:
                 await self.origin_client.aclose()
 
     def _listener(
-        self, handler: Handler, section: UploadSection | ProxySection, name: str
+        self,
+        handler: Handler,
+        section: UploadSection | ProxySection,
+        name: str,
+        tls: ssl.SSLContext | None = None,
     ) -> Callable[..., Awaitable[None]]:
         """serve() for one of the daemon's listeners, capped at its max_connections."""
         return functools.partial(
@@ -209,6 +222,7 @@ class PeerDaemon:
             section.port,
             max_connections=section.max_connections,
             on_refused=self.metrics.connections_refused.labels(name).inc,
+            ssl_context=tls,
         )
 
     def _manager_member(self) -> ManagerMember:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import trio
 
 from dragonfly import __version__
+from dragonfly.cluster_tls import scheduler_tls
 from dragonfly.config import SchedulerConfig, resolved_hostname
 from dragonfly.credentials import scheduler_secrets
 from dragonfly.log import LogLimiter, get_logger
@@ -88,6 +89,7 @@ class SchedulerServer:
         self.config = config
         self.core = Scheduler(SchedulerSettings.from_config(config), seed=seed)
         ring = scheduler_secrets(config)  # ConfigError naming trust.secret_file
+        self.tls = scheduler_tls(config)  # wss:// and https; ConfigError naming server.tls_*
         self.verifier = Verifier(ring) if ring is not None else None
         self.metrics = SchedulerMetrics()
         self._refusal_log = LogLimiter()
@@ -111,6 +113,7 @@ class SchedulerServer:
                     server.port,
                     max_connections=server.max_connections,
                     on_refused=self.metrics.connections_refused.labels("scheduler").inc,
+                    ssl_context=self.tls,
                 )
             )
             self.port = bound_port(listeners)
@@ -123,7 +126,7 @@ class SchedulerServer:
             nursery.start_soon(self.supervisor.restarting, "scheduler_flush", self.flusher.run)
             if self.config.manager.address:
                 nursery.start_soon(self._manager_member().run)
-            log.info("scheduler started", listen=f"{server.listen}:{self.port}")
+            log.info("scheduler started", listen=f"{server.listen}:{self.port}", tls=bool(self.tls))
             task_status.started(self.port)
 
     def _manager_member(self) -> ManagerMember:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -136,8 +137,10 @@ class SchedulerConnection:
         on_trigger: TriggerHandler,
         timeout: float,
         credential: Credential | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
+        self.ssl_context = ssl_context  # the cluster's CA, for a wss:// scheduler
         self.host = host
         self.role = role
         self.credential = credential
@@ -164,6 +167,7 @@ class SchedulerConnection:
                     hello,
                     name=f"scheduler {self.address}",
                     connect_timeout=self.timeout,
+                    ssl_context=self.ssl_context,
                 ) as channel:
                     if self.credential is not None:
                         await authenticate(channel, self.credential, nonce, timeout=self.timeout)
@@ -303,9 +307,12 @@ class SchedulerPool:
         on_trigger: TriggerHandler,
         connect_timeout: float,
         credential: Credential | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.connections = {
-            a: SchedulerConnection(a, host, role, on_trigger, connect_timeout, credential)
+            a: SchedulerConnection(
+                a, host, role, on_trigger, connect_timeout, credential, ssl_context
+            )
             for a in addresses
         }
         self.connect_timeout = connect_timeout

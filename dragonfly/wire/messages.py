@@ -142,6 +142,7 @@ class HostInfo:
     seed: bool = False
     upload_limit: int = limits(default=50, min=0, max=2**16)  # concurrent uploads, 0 = none
     upload_rate: int = limits(default=0, min=0, max=2**50)  # bytes/s, 0 = unlimited
+    tls: bool = False  # the upload port speaks TLS (https pieces, wss announcements)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +210,7 @@ class ParentInfo:
     seed: bool = False
     idc: str = limits(default="", max_len=256)
     location: str = limits(default="", max_len=256)
+    tls: bool = False  # its upload port speaks TLS: the child verifies its certificate
 
 
 @compact
