@@ -51,6 +51,11 @@ SESSIONS = MANAGER_CONFIG + "test_sessions_follow_the_auth_keys"
 MANAGER_API = "tests/integration/test_manager_api.py::"
 POSTGRES = "tests/integration/test_manager_postgres.py::test_two_managers_one_database"
 MANAGER_GC = "tests/unit/test_manager_core.py::test_gc_lease_ttl_and_audit_ttl"
+TLS_SEC = SEC + "test_cluster_tls.py::"
+TLS_UNIT = "tests/unit/test_cluster_tls.py::"
+TLS_FILES = TLS_UNIT + "test_tls_files_are_checked_at_start_naming_the_key"
+TLS_CLUSTER = "tests/integration/test_cluster_tls.py::test_a_tls_cluster_moves_every_piece_over_tls"
+OBSERVER = TLS_SEC + "test_a_passive_observer_of_an_upload_port_reads_no_ticket_and_no_piece"
 
 # conf/peer.toml and conf/seed-peer.toml: one schema (seed.cluster_id is read with seed.enabled)
 PEER: dict[str, tuple[str, ...]] = {
@@ -172,6 +177,13 @@ PEER: dict[str, tuple[str, ...]] = {
         "tests/integration/test_tickets.py::test_a_child_renews_its_tickets_before_they_expire",
     ),
     "trust.insecure": ("tests/security/test_cluster_identity.py::test_an_insecure_cluster",),
+    "trust.ca_file": (
+        TLS_SEC + "test_children_refuse_a_parent_whose_certificate_is_not_the_clusters",
+        TLS_UNIT + "test_the_cluster_ca_is_all_a_peer_trusts",
+        TLS_CLUSTER,
+    ),
+    "upload.tls_cert": (OBSERVER, TLS_FILES, TLS_CLUSTER),
+    "upload.tls_key": (OBSERVER, TLS_FILES, TLS_CLUSTER),
     "seed.cluster_id": (ANNOUNCE,),
 }
 
@@ -191,6 +203,14 @@ SCHEDULER: dict[str, tuple[str, ...]] = {
     "server.listen": (LISTENERS,),
     "server.port": (LISTENERS,),
     "server.max_connections": (CAPS,),
+    "server.tls_cert": (
+        TLS_SEC + "test_a_peer_that_does_not_trust_the_ca_tells_the_scheduler_nothing",
+        TLS_FILES,
+    ),
+    "server.tls_key": (
+        TLS_SEC + "test_a_peer_that_does_not_trust_the_ca_tells_the_scheduler_nothing",
+        TLS_FILES,
+    ),
     "scheduling.candidate_parent_limit": (
         SETTINGS,
         SCHED + "test_parent_limit_and_idle_parents_first",
