@@ -5,23 +5,32 @@ Starts nginx with a generated file as the origin and a local cluster (1 schedule
 curl, checks every sha256, prints a summary, then times the same four fetches
 straight from the origin, and stops everything.
 
+A manager runs beside the cluster (its scheduler and seed peer register there, the
+peers' download records reach it): the demo ends with the console's URL and root's
+password, and keeps the manager up until Ctrl-C when run from a terminal, so the
+traffic page shows where the demo's bytes went.
+
 python -m dragonfly.demo [--size 512MiB] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from dragonfly.cluster import Cluster, ClusterError
-from dragonfly.testing.nginx import Nginx
+from dragonfly.testing.nginx import Nginx, free_port
 from dragonfly.testing.probe import metric, sha256_file
+from dragonfly.testing.process import spawn_logged, stop_process_group
 from dragonfly.units import human_bytes, parse_size
 
 MiB = 1024 * 1024
@@ -66,6 +75,56 @@ def _fetch_all(commands: list[list[str]]) -> list[tuple[float, str]]:
     return results
 
 
+class DemoManager:
+    """A manager process for the demo, with a root password made here."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.password = secrets.token_urlsafe(12)
+        self.url = f"http://127.0.0.1:{free_port()}"
+        argv = [sys.executable, "-m", "dragonfly", "--role", "manager"]
+        for item in (f"data.dir={workdir / 'data'}", f"server.port={self.url.rsplit(':', 1)[1]}"):
+            argv += ["--set", item]
+        env = {**os.environ, "DRAGONFLY_INITIAL_ROOT_PASSWORD": self.password}
+        self.process = spawn_logged(argv, workdir / "manager.log", env=env)
+        self._token = ""
+
+    def _call(self, path: str, body: dict[str, str] | None = None) -> object:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data)
+        if self._token:
+            request.add_header("Authorization", f"Bearer {self._token}")
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return json.loads(r.read())
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                answer = self._call(
+                    "/api/v1/users/signin", {"name": "root", "password": self.password}
+                )
+                self._token = str(answer["token"])  # type: ignore[index]
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("demo: the manager did not start") from None
+                time.sleep(0.1)
+
+    def wait_records(self, count: int, timeout: float = 20.0) -> int:
+        """Until the manager holds `count` download records (peers send them every few
+        seconds, through their scheduler); how many it holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self._call("/api/v1/download-records?per_page=1000")
+            if len(found) >= count or time.monotonic() > deadline:  # type: ignore[arg-type]
+                return len(found)  # type: ignore[arg-type]
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        stop_process_group(self.process)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dragonfly.demo")
     parser.add_argument("--size", default="512MiB")
@@ -91,6 +150,19 @@ def _run(workdir: Path, size: int, peer_count: int) -> int:
     _make_file(src, size)
     want = sha256_file(src)
     shutil.rmtree(workdir / "cluster", ignore_errors=True)
+    shutil.rmtree(workdir / "manager", ignore_errors=True)
+    manager = DemoManager(workdir / "manager")
+    try:
+        manager.wait_ready()
+        return _run_with(workdir, size, peer_count, src, want, manager)
+    finally:
+        manager.stop()
+
+
+def _run_with(
+    workdir: Path, size: int, peer_count: int, src: Path, want: str, manager: DemoManager
+) -> int:
+    www = src.parent
     with Nginx(root=www, workdir=workdir / "nginx") as nginx:
         url = f"{nginx.url}/demo.bin"
         print(
@@ -99,7 +171,14 @@ def _run(workdir: Path, size: int, peer_count: int) -> int:
         )
         try:
             cluster = Cluster(
-                workdir / "cluster", schedulers=1, seed_peers=1, peers=peer_count
+                workdir / "cluster",
+                schedulers=1,
+                seed_peers=1,
+                peers=peer_count,
+                overrides=[
+                    f"scheduler:manager.address={manager.url}",
+                    f"seed-peer:scheduler.manager={manager.url}",
+                ],
             ).start()
         except ClusterError as exc:
             print(f"demo: {exc}", file=sys.stderr)
@@ -138,6 +217,7 @@ def _run(workdir: Path, size: int, peer_count: int) -> int:
                 seed.info["metrics"], "dragonfly_download_bytes_total", 'source="back_to_source"'
             )
             seed_up = metric(seed.info["metrics"], "dragonfly_upload_bytes_total", "")
+            records = manager.wait_records(len(peers) + 1)
         finally:
             cluster.stop()
         print(f"demo: the same {len(peers)} fetches straight from the origin ...", flush=True)
@@ -163,6 +243,16 @@ def _run(workdir: Path, size: int, peer_count: int) -> int:
         f"all {len(peers)} through P2P: {max(p2p_times):.2f}s;  all {len(peers)} straight from the origin: {max(direct_times):.2f}s"
     )
     print(f"logs and data: {workdir} (removed at exit unless --workdir was given)")
+    print()
+    print(f"console: {manager.url}/  user root, password {manager.password}")
+    print(f"  ({records} download records reached it: see Traffic)")
+    if sys.stdin.isatty():
+        print("the manager keeps running for the console: Ctrl-C to stop it", flush=True)
+        try:
+            while manager.process.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
     return 0 if ok else 1
 
 

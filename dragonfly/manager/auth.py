@@ -42,6 +42,9 @@ GROUPS = (
     "applications",
     "personal-access-tokens",
     "audits",
+    "jobs",
+    "download-records",
+    "traffic",
 )
 PAT_SCOPES = ("job", "cluster")
 # /oapi/v1/<resource> → the scope a token needs.

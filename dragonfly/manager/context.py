@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from starlette.requests import HTTPConnection
 
 from dragonfly.config import ManagerConfig
+from dragonfly.manager.jobs.secrets import Sealer
+from dragonfly.manager.sessions import MemberSessions
 from dragonfly.manager.store import Database
 from dragonfly.metrics import ManagerMetrics
 
@@ -21,6 +23,11 @@ class Context:
     metrics: ManagerMetrics
     holder: str  # this manager's name in leases
     clock: Callable[[], float] = field(default=time.time)
+    sessions: MemberSessions = field(default_factory=MemberSessions)  # members connected here
+    sealer: Sealer = field(init=False)  # jobs' secrets, under a key from jwt_key
+
+    def __post_init__(self) -> None:
+        self.sealer = Sealer(self.jwt_key)
 
 
 def context(conn: HTTPConnection) -> Context:

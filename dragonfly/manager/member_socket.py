@@ -9,6 +9,10 @@ Flow: Hello both ways, then `authenticate_member` (the one place phase 2's
 credential handshake plugs in), then `AnnounceMember` → `MemberRegistered`
 (active from then on), a `Ping` per keepalive interval (→ `Pong`), and on close
 the row turns inactive. `ListSchedulers` is answered at any point.
+
+A registered scheduler is a `MemberSession` of this manager while it is connected: the
+job runner hands it `RunJob`s, and its `JobResult`s go to the job waiting for them;
+its `DownloadRecords` are kept (dragonfly/manager/jobs/store.py).
 """
 
 from __future__ import annotations
@@ -26,15 +30,19 @@ from dragonfly.log import get_logger
 from dragonfly.manager import members
 from dragonfly.manager.context import Context, context
 from dragonfly.manager.discovery import HostQuery
+from dragonfly.manager.jobs import store as job_store
+from dragonfly.manager.sessions import MemberSession
 from dragonfly.manager.store import DatabaseError
 from dragonfly.manager.store.rows import NotFound
 from dragonfly.net.channel import HANDSHAKE_TIMEOUT, Channel, ChannelClosed
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtocolError
 from dragonfly.wire.messages import (
     AnnounceMember,
+    DownloadRecords,
     Error,
     ErrorCode,
     Hello,
+    JobResult,
     ListSchedulers,
     MemberRegistered,
     Ping,
@@ -134,6 +142,7 @@ async def member_endpoint(ws: WebSocket) -> None:
         on_protocol_error=lambda exc: ctx.metrics.protocol_errors.inc(),
     )
     membership: members.Membership | None = None
+    session: MemberSession | None = None
     try:
         hello = await channel.handshake(
             Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="manager")
@@ -149,6 +158,21 @@ async def member_endpoint(ws: WebSocket) -> None:
                 membership = await _register(ctx, channel, identity, msg)
                 if membership is None:
                     return
+                session = MemberSession(
+                    membership.role,
+                    membership.member_id,
+                    msg.cluster_id,
+                    msg.hostname,
+                    identity.source_ip,
+                    tuple(msg.features),
+                    channel,
+                )
+                ctx.sessions.add(session)
+            elif isinstance(msg, JobResult) and session is not None:
+                session.deliver(msg)
+            elif isinstance(msg, DownloadRecords) and session is not None:
+                if session.role == members.SCHEDULER and msg.records:
+                    await _keep_records(ctx, session, msg)
             elif isinstance(msg, Ping) and membership is not None:
                 now = ctx.clock()
                 mine = await ctx.db.run(partial(members.keepalive, member=membership, now=now))
@@ -171,6 +195,8 @@ async def member_endpoint(ws: WebSocket) -> None:
     except DatabaseError as exc:
         log.warning("member session failed: database", error=str(exc))
     finally:
+        if session is not None:
+            ctx.sessions.remove(session)
         if membership is not None:
             now = ctx.clock()
             with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -178,6 +204,16 @@ async def member_endpoint(ws: WebSocket) -> None:
                     await ctx.db.run(lambda tx: members.disconnected(tx, membership, now))
                 log.info("member left", role=membership.role, member_id=membership.member_id)
         await channel.aclose(1000, "")
+
+
+async def _keep_records(ctx: Context, session: MemberSession, msg: DownloadRecords) -> None:
+    now = ctx.clock()
+    await ctx.db.run(
+        lambda tx: job_store.add_records(
+            tx, session.cluster_id, session.member_id, list(msg.records), now
+        )
+    )
+    ctx.metrics.download_records.inc(len(msg.records))
 
 
 async def _register(

@@ -19,6 +19,7 @@ from dragonfly.manager.app import build_app
 from dragonfly.manager.bootstrap import bootstrap, database_path, prepare_data_dir, session_key
 from dragonfly.manager.context import Context
 from dragonfly.manager.gc import run_gc
+from dragonfly.manager.jobs.runner import JobLoop
 from dragonfly.manager.store import open_database
 from dragonfly.metrics import ManagerMetrics
 from dragonfly.wire.codec import MAX_FRAME
@@ -56,6 +57,7 @@ class ManagerServer:
                 binds = await nursery.start(partial(serve, build_app(ctx), hconfig))
                 self.port = int(binds[0].rsplit(":", 1)[1])
                 nursery.start_soon(run_gc, ctx)
+                nursery.start_soon(JobLoop(ctx).run)
                 log.info(
                     "manager started",
                     listen=f"{cfg.server.listen}:{self.port}",

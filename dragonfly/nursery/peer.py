@@ -33,6 +33,7 @@ from dragonfly.config import (
 )
 from dragonfly.credentials import peer_credential
 from dragonfly.identity import IdentityError
+from dragonfly.local_api_path import api_socket
 from dragonfly.log import get_logger
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.http_client import HTTPClient
@@ -41,8 +42,11 @@ from dragonfly.net.manager_client import ManagerMember
 from dragonfly.net.tls import origin_ssl_context
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.peer.exposure import ProxyGate, checked_addresses
-from dragonfly.peer.local_api import LocalAPIHandler, api_socket
+from dragonfly.peer.jobs import HostJobs
+from dragonfly.peer.local_api import LocalAPIHandler
 from dragonfly.peer.proxy import ProxyHandler
+from dragonfly.peer.records import INTERVAL as RECORDS_INTERVAL
+from dragonfly.peer.records import RecordBuffer
 from dragonfly.peer.request import DownloadRequest
 from dragonfly.peer.scheduler_client import SchedulerPool
 from dragonfly.peer.tasks import TaskManager
@@ -95,6 +99,7 @@ class PeerDaemon:
         self.upload_limiter = _limiter(config.upload.rate_limit)
         self.download_limiter = _limiter(d.rate_limit)
         self.source_limiter = _limiter(d.back_to_source_rate_limit)
+        self.records = RecordBuffer()
         self.store: PieceStore
         self.schedulers: SchedulerPool
         self.tasks: TaskManager
@@ -141,6 +146,7 @@ class PeerDaemon:
                         seed=cfg.seed.enabled,
                         upload_limit=cfg.upload.children_limit,
                         upload_rate=cfg.upload.rate_limit,
+                        version=__version__,
                         tls=self.upload_tls is not None,
                     )
                     self.schedulers = SchedulerPool(
@@ -150,6 +156,7 @@ class PeerDaemon:
                         on_trigger=self._on_trigger,
                         connect_timeout=cfg.scheduler.connect_timeout,
                         credential=self.credential,
+                        on_job=HostJobs(self, self.tasks).handle,
                         ssl_context=self.cluster_tls,
                     )
                     proxy = await nursery.start(
@@ -177,6 +184,12 @@ class PeerDaemon:
                     await nursery.start(run_schedulers)
                     nursery.start_soon(
                         self.supervisor.every, cfg.storage.gc_interval, "gc", store.run_gc
+                    )
+                    nursery.start_soon(
+                        self.supervisor.every,
+                        RECORDS_INTERVAL,
+                        "records",
+                        functools.partial(self.records.flush, self.schedulers),
                     )
                     if cfg.seed.enabled and cfg.scheduler.manager:
                         nursery.start_soon(self._manager_member().run)

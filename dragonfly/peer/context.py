@@ -11,6 +11,7 @@ from dragonfly.engine.actions import Action
 from dragonfly.engine.machine import DownloadMachine
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.http_client import HTTPClient
+from dragonfly.peer.records import RecordBuffer
 from dragonfly.peer.scheduler_client import SchedulerPool
 from dragonfly.ratelimit import RateLimiter
 from dragonfly.storage import PieceStore, TaskHandle
@@ -28,6 +29,7 @@ class DownloadServices(Protocol):
     origin_client: HTTPClient
     download_limiter: RateLimiter | None
     source_limiter: RateLimiter | None
+    records: RecordBuffer  # download records for the manager
     cluster_tls: ssl.SSLContext | None  # verifies TLS parents (trust.ca_file's CA)
 
 
@@ -50,5 +52,6 @@ class DownloadContext(Protocol):
     def feed(self, actions: list[Action]) -> None:
         """Perform the machine's actions (never awaits)."""
 
-    def count_landed(self, number: int, length: int, source: str) -> None:
-        """Count a piece that is about to be held (metrics by source)."""
+    def count_landed(self, number: int, length: int, source: str, parent: str = "") -> None:
+        """Count a piece that is about to be held (metrics by source; the parent's ID when
+        it came from one)."""

@@ -3,7 +3,8 @@ every download of this host, and a consistent-hash ring that says which schedule
 owns a task.
 
 Each connection has a reader that routes messages to the download they are for
-(by task and peer ID) and hands TriggerDownload to the daemon. Connections are
+(by task and peer ID) and hands TriggerDownload, and the jobs' DownloadTask,
+StatTask and DeleteTask, to the daemon. Connections are
 kept open and re-opened with backoff; a download whose scheduler goes away gets
 `SchedulerLost` and registers with the next scheduler on the ring.
 
@@ -41,6 +42,8 @@ from dragonfly.trust import (
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message
 from dragonfly.wire.messages import (
     CandidateParents,
+    DeleteTask,
+    DownloadTask,
     Error,
     Hello,
     HostInfo,
@@ -48,6 +51,7 @@ from dragonfly.wire.messages import (
     NeedBackToSource,
     PieceDigests,
     Proof,
+    StatTask,
     TaskFailed,
     TriggerDownload,
 )
@@ -124,6 +128,9 @@ class Route:
 
 
 TriggerHandler = Callable[[TriggerDownload], Awaitable[None]]
+JobMessage = DownloadTask | StatTask | DeleteTask
+# A job's request and the connection it came on (the answer goes back there).
+JobHandler = Callable[[JobMessage, "SchedulerConnection"], Awaitable[None]]
 
 
 class SchedulerConnection:
@@ -137,6 +144,7 @@ class SchedulerConnection:
         on_trigger: TriggerHandler,
         timeout: float,
         credential: Credential | None = None,
+        on_job: JobHandler | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
@@ -145,6 +153,7 @@ class SchedulerConnection:
         self.role = role
         self.credential = credential
         self.on_trigger = on_trigger
+        self.on_job = on_job
         self.timeout = timeout
         self.channel: Channel | None = None
         self.routes: dict[tuple[str, str], Route] = {}
@@ -217,6 +226,10 @@ class SchedulerConnection:
         async for msg in channel:
             if isinstance(msg, TriggerDownload):
                 nursery.start_soon(self.on_trigger, msg)
+                continue
+            if isinstance(msg, (DownloadTask, StatTask, DeleteTask)):
+                if self.on_job is not None:
+                    nursery.start_soon(self.on_job, msg, self)
                 continue
             if isinstance(msg, Error):
                 log.warning(
@@ -307,11 +320,12 @@ class SchedulerPool:
         on_trigger: TriggerHandler,
         connect_timeout: float,
         credential: Credential | None = None,
+        on_job: JobHandler | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.connections = {
             a: SchedulerConnection(
-                a, host, role, on_trigger, connect_timeout, credential, ssl_context
+                a, host, role, on_trigger, connect_timeout, credential, on_job, ssl_context
             )
             for a in addresses
         }

@@ -51,6 +51,11 @@ SESSIONS = MANAGER_CONFIG + "test_sessions_follow_the_auth_keys"
 MANAGER_API = "tests/integration/test_manager_api.py::"
 POSTGRES = "tests/integration/test_manager_postgres.py::test_two_managers_one_database"
 MANAGER_GC = "tests/unit/test_manager_core.py::test_gc_lease_ttl_and_audit_ttl"
+JOB_KEYS = "tests/unit/test_manager_jobs.py::test_jobs_ttl_records_max_rows_and_traffic_ttl"
+DISPATCH = (
+    "tests/integration/test_manager_jobs.py::"
+    "test_a_cluster_without_a_scheduler_fails_after_jobs_dispatch_timeout"
+)
 TLS_SEC = SEC + "test_cluster_tls.py::"
 TLS_UNIT = "tests/unit/test_cluster_tls.py::"
 TLS_FILES = TLS_UNIT + "test_tls_files_are_checked_at_start_naming_the_key"
@@ -231,6 +236,10 @@ SCHEDULER: dict[str, tuple[str, ...]] = {
         SETTINGS,
         SCHED + "test_no_parent_after_retries_goes_back_to_source",
     ),
+    "scheduling.rejoin_grace": (
+        SETTINGS,
+        "tests/unit/test_sched_continuity.py::test_when_the_grace_ends_a_task_nobody_holds_gets_its_seed",
+    ),
     "gc.peer_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
     "gc.task_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
     "gc.host_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
@@ -285,6 +294,10 @@ MANAGER: dict[str, tuple[str, ...]] = {
     "keepalive.remove_after": (KEEPALIVE,),
     "gc.lease_ttl": (MANAGER_GC, POSTGRES),
     "gc.audit_ttl": (MANAGER_GC,),
+    "jobs.ttl": (JOB_KEYS,),
+    "jobs.dispatch_timeout": (DISPATCH,),
+    "records.max_rows": (JOB_KEYS,),
+    "records.traffic_ttl": (JOB_KEYS,),
 }
 
 EFFECTS: dict[str, dict[str, tuple[str, ...]]] = {
