@@ -348,6 +348,7 @@ class Counts:
             "back_to_source_answers": 0,  # first answer NeedBackToSource
             "parent_updates": 0,  # later CandidateParents (parent set changed)
             "piece_digests": 0,
+            "attestations": 0,  # TaskAttested: a finished peer's proof (protocol 5)
             "triggers": 0,
             "task_failed": 0,
             "errors": 0,  # Error messages from the scheduler
@@ -552,6 +553,8 @@ class Worker:
                 self._next(h, now)
         elif tag == "piece_digests":
             c.add("piece_digests")
+        elif tag == "task_attested":
+            c.add("attestations")
         elif tag == "trigger_download":
             c.add("triggers")
             task = self.by_id.get(msg["task_id"])

@@ -119,6 +119,13 @@ class SchedulerClientSection:
         item_regex=r"^(https?://[^/?#]+/?)?$",
     )
     connect_timeout: Duration = opt(5.0, "time to connect to a scheduler", min=0.001)
+    rejoin_timeout: Duration = opt(
+        30.0,
+        "when every scheduler of a running download's ring is lost, how long it goes on "
+        "with its parents and waits for one to come back (a restart) before it goes to "
+        "the origin for what it lacks",
+        min=0,
+    )
 
 
 @dataclass

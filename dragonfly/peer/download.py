@@ -47,6 +47,7 @@ from dragonfly.log import bound, get_logger
 from dragonfly.net.http_client import HTTPClient
 from dragonfly.peer.context import DownloadServices
 from dragonfly.peer.parents import ParentLink
+from dragonfly.peer.reannounce import spec_json
 from dragonfly.peer.records import Outcome
 from dragonfly.peer.request import DownloadFailed, DownloadRequest
 from dragonfly.peer.scheduler_client import (
@@ -71,6 +72,10 @@ from dragonfly.wire.messages import (
 )
 
 log = get_logger("dragonfly.peer.download")
+
+
+# While every scheduler is lost: how often a download looks for one that is back.
+REJOIN_POLL = 0.5
 
 
 def machine_config(cfg: PeerConfig) -> MachineConfig:
@@ -570,20 +575,38 @@ class Download:
     # ------------------------------------------------------------ the scheduler
 
     async def _converse(self) -> None:
-        """Sessions with the task's scheduler, the next on the ring when one is lost."""
+        """Sessions with the task's scheduler, the next on the ring when one is lost.
+
+        When every scheduler is lost (a restart), the download rides it out: parents
+        and fetches go on, and it registers again, saying what it holds, once one is
+        back; only after scheduler.rejoin_timeout does it go to the origin."""
         tried: set[str] = set()
         machine = self.machine
+        lost_at: float | None = None
+        rejoin = self.daemon.config.scheduler.rejoin_timeout
         while not machine.done:
             try:
                 session = await self.daemon.schedulers.open_session(
                     self.task_id, self.peer_id, tried
                 )
             except NoScheduler as exc:
+                now = trio.current_time()
+                if lost_at is not None and now - lost_at < rejoin:
+                    tried.clear()
+                    await trio.sleep(min(REJOIN_POLL, lost_at + rejoin - now))
+                    continue
                 if machine.may_go_to_source:
                     self.log.warning("no scheduler answers: back to source", error=str(exc))
                     self.daemon.metrics.back_to_source_fallbacks.inc()
                 self._feed(machine.no_scheduler(trio.current_time()))
                 return
+            if lost_at is not None:
+                self.log.info(
+                    "registering again",
+                    scheduler=session.address,
+                    after=round(trio.current_time() - lost_at, 3),
+                )
+            lost_at = None
             self._session = session
             try:
                 self._feed(machine.connected(trio.current_time()))
@@ -591,10 +614,13 @@ class Download:
                     msg = await session.receive()
                     if isinstance(msg, (CandidateParents, NeedBackToSource)) and msg.private:
                         self.private = True  # (before the layout it may bring is opened)
+                    if isinstance(msg, NeedBackToSource):
+                        self.log.info("sent to the origin", reason=msg.reason)
                     self._feed(machine.scheduler_message(msg, trio.current_time()))
             except SchedulerLost as lost:
                 self.log.warning("scheduler lost, trying the next", error=str(lost))
                 tried.add(session.address)
+                lost_at = trio.current_time()
                 self._feed(machine.scheduler_lost(trio.current_time()))
             finally:
                 self._session = None
@@ -634,6 +660,7 @@ class Download:
                 last_modified=action.last_modified,
                 digest=spec.digest or None,
                 private=self.private or None,  # (never back to public)
+                spec=spec_json(spec),
             )
         except (StorageError, ValueError) as exc:
             self._feed(

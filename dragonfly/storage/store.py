@@ -612,6 +612,7 @@ class PieceStore:
         etag: str | None = None,
         last_modified: str | None = None,
         private: bool | None = None,
+        spec: str | None = None,
     ) -> TaskHandle:
         """Create or resume a task and hold it (``release`` it when done).
 
@@ -653,6 +654,7 @@ class PieceStore:
                 "etag": etag,
                 "last_modified": last_modified,
                 "private": True if private else None,
+                "spec": spec,
             }.items()
             if v is not None
         }
@@ -746,6 +748,29 @@ class PieceStore:
             return h.record
         finally:
             self.release(h)
+
+    async def set_attested(self, task_id: str, attested: str) -> bool:
+        """Keep a scheduler's attestation of a complete task; False if the task is gone
+        or no longer complete (its pieces were dropped, it started over)."""
+        self._check_open()
+
+        def _set() -> TaskRecord | None:
+            record = self._db.get_task(task_id)
+            if record is None or record.state != TaskState.SUCCEEDED:
+                return None
+            return self._db.update_task(task_id, attested=attested)
+
+        record = await self._run_db(_set)
+        h = self._handles.get(task_id)
+        if record is not None and h is not None:
+            h.record = record
+        return record is not None
+
+    async def complete_tasks(self, max_pieces: int) -> list[tuple[TaskRecord, bytes]]:
+        """Complete tasks with their digests in piece order (MetadataDB.complete_tasks)."""
+        self._check_open()
+        await self.flush()
+        return await self._run_db(self._db.complete_tasks, max_pieces)
 
     def touch(self, task_id: str) -> None:
         """Note a use now; written with the next batch (GC reads it after a flush)."""
