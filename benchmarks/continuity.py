@@ -18,6 +18,12 @@ peer and 2 peers. In one run:
 Ratio = reference time / relearning time (how many times sooner the cluster knows its
 holders again than it could fetch the files again).
 
+Then **ride-through**, in a cluster of 1 scheduler, 1 seed peer and 4 peers: the 4 peers
+fetch one RIDE file (origin capped at --origin-rate) at once, twice, each a new task: once
+undisturbed (the reference), once with the scheduler killed (SIGKILL) as soon as every
+peer holds a piece and started again a second later. Reported: the clients' completion
+times and what the origin served, side by side.
+
     .venv/bin/python -m benchmarks continuity                  # 2,000 tasks
     .venv/bin/python -m benchmarks continuity --tasks 5000
 """
@@ -25,15 +31,19 @@ holders again than it could fetch the files again).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from benchmarks.common import machine, write_result
+from benchmarks.common import curl_cmd, ensure_file, machine, write_result
 from benchmarks.load import Rig, burst, make_files
 from dragonfly.cluster import Cluster, Node
 from dragonfly.testing.nginx import Nginx
-from dragonfly.testing.probe import metric
+from dragonfly.testing.probe import metric, sha256_file
+from dragonfly.units import parse_size
 
 FILE_SIZE = 16 * 1024
 REANNOUNCED = "dragonfly_scheduler_reannounced_total"
@@ -77,17 +87,26 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--tasks", type=int, default=2000, help="files held (default 2000)")
     ap.add_argument("--concurrency", type=int, default=16, help="curls at once (reference)")
     ap.add_argument("--check", type=int, default=50, help="files peer-1 fetches at the end")
+    ap.add_argument("--ride", default="64MiB", help="the ride-through file (default 64MiB)")
+    ap.add_argument("--origin-rate", default="10m", help="nginx limit_rate for it (10m)")
     ap.add_argument("--name", default="continuity", help="results file name")
     args = ap.parse_args(argv)
     if args.tasks < 1 or args.concurrency < 1 or not 0 <= args.check <= args.tasks:
         ap.error("--tasks and --concurrency must be ≥ 1, --check between 0 and --tasks")
     with tempfile.TemporaryDirectory(prefix="df-continuity-") as tmp:
-        return run(Path(tmp), args)
+        held = run(Path(tmp) / "held", args)
+        ride = ride_through(Path(tmp) / "ride", args)
+    result = {**held, "ride_through": ride, "machine": machine()}
+    problems = [*held["problems"], *ride["problems"]]
+    for p in problems:
+        print(f"  PROBLEM: {p}")
+    print(f"  results: {write_result(args.name, result)}")
+    return 1 if problems else 0
 
 
-def run(work: Path, args: argparse.Namespace) -> int:
+def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     www = work / "www"
-    www.mkdir()
+    www.mkdir(parents=True)
     files = make_files(www, "held", args.tasks, FILE_SIZE)
     with (
         Nginx(root=www, workdir=work / "nginx") as origin,
@@ -136,7 +155,6 @@ def run(work: Path, args: argparse.Namespace) -> int:
         "peer_ratio": ref.wall / peer_s,
         "checked": check.ok,
         "problems": problems,
-        "machine": machine(),
     }
     rate = args.tasks / ref.wall
     print(f"  reference: fetched {args.tasks} files in {ref.wall:.2f} s ({rate:.0f}/s)")
@@ -149,7 +167,56 @@ def run(work: Path, args: argparse.Namespace) -> int:
         f"({args.tasks / peer_s:.0f}/s, start-up included): ratio {result['peer_ratio']:.1f}"
     )
     print(f"  check: {check.ok}/{len(sample)} fetched from peer-0 alone, origin +{extra} bytes")
-    for p in problems:
-        print(f"  PROBLEM: {p}")
-    print(f"  results: {write_result(args.name, result)}")
-    return 1 if problems else 0
+    return result
+
+
+def ride_through(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    www = work / "www"
+    www.mkdir(parents=True)
+    size = parse_size(args.ride)
+    want = hashlib.sha256(ensure_file(www / "ride.bin", size).read_bytes()).hexdigest()
+    runs: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    with (
+        Nginx(root=www, workdir=work / "nginx", limit_rate=args.origin_rate) as origin,
+        Cluster(work / "cluster", schedulers=1, seed_peers=1, peers=4) as cluster,
+    ):
+        peers = [cluster.node(f"peer-{i}") for i in range(4)]
+        for case in ("undisturbed", "scheduler restarted"):
+            url = f"{origin.url}/ride.bin?run={len(runs)}"
+            served = origin.served_bytes("/ride.bin")
+            out = work / f"out-{len(runs)}"
+            out.mkdir()
+            started = time.monotonic()
+            procs = [
+                subprocess.Popen(curl_cmd(out / p.name, url, str(p.info["proxy"]))) for p in peers
+            ]
+            if case != "undisturbed":
+                for p in peers:
+                    wait_metric(str(p.info["metrics"]), 'source="p2p"', 1, 120)
+                cluster.kill("scheduler-0")
+                time.sleep(1.0)
+                cluster.restart("scheduler-0")
+            times = []
+            for p, proc in zip(peers, procs, strict=True):
+                proc.wait(timeout=600)
+                times.append(time.monotonic() - started)
+                if proc.returncode != 0:
+                    problems.append(f"{case}: {p.name}'s curl exit {proc.returncode}")
+                elif sha256_file(out / p.name) != want:
+                    problems.append(f"{case}: {p.name} got other bytes")
+            origin_bytes = origin.served_bytes("/ride.bin") - served
+            runs[case] = {"times": times, "origin_x": origin_bytes / size}
+            print(
+                f"  ride-through, {case}: clients done in {min(times):.2f}–{max(times):.2f} s, "
+                f"origin served {origin_bytes / size:.3f} × the file"
+            )
+    return {"size": size, "origin_rate": args.origin_rate, "runs": runs, "problems": problems}
+
+
+def wait_metric(url: str, labels: str, at_least: float, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(url, "dragonfly_download_bytes_total", labels) < at_least:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no bytes at {url} after {timeout} s")
+        time.sleep(0.02)

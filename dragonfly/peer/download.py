@@ -1,5 +1,9 @@
 """One task being downloaded by this peer: the trio driver of the download machine.
 
+Why about 700 lines: its tasks share one download's state (the machine, the outbox, the
+task file, the clients' waiters); what performs one kind of action lives beside it
+(parents.py, source.py).
+
 Every decision is the machine's (dragonfly/engine/machine.py): this module turns
 sockets, the store and the clock into its events, and performs the actions it
 returns — scheduler messages, parent subscriptions, piece requests, origin

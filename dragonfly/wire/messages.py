@@ -1,5 +1,8 @@
 """The wire messages: one frozen dataclass per message type, registered with the codec.
 
+Why about 900 lines: one frozen dataclass per message of every family, with its limits;
+the protocol's reference, kept in one file so that a version's change is read in one place.
+
 Peer ↔ scheduler messages travel over one websocket per (host, scheduler) and are
 routed by (task_id, peer_id); peer ↔ peer metadata messages travel over the
 parent's announcement websocket.  Every websocket starts with a ``Hello`` in both

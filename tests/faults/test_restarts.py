@@ -14,7 +14,15 @@ import pytest
 
 from dragonfly.cluster import Cluster, Node
 from dragonfly.testing.nginx import Nginx
-from tests.p2p_support import MiB, curl, finish, metric, random_file, sha256_file
+from tests.p2p_support import (
+    MiB,
+    curl,
+    finish,
+    metric,
+    origin_story,
+    random_file,
+    sha256_file,
+)
 
 pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
@@ -81,6 +89,12 @@ def p2p_and_source(node: Node) -> tuple[float, float]:
         metric(m, "dragonfly_download_bytes_total", 'source="p2p"'),
         metric(m, "dragonfly_download_bytes_total", 'source="back_to_source"'),
     )
+
+
+def grep(node: Node, text: str) -> str:
+    """The node's log lines that mention `text` (for assertion messages)."""
+    lines = node.log_path.read_text(errors="replace").splitlines()
+    return "\n".join(f"{node.name}: {line[:300]}" for line in lines if text in line)
 
 
 def wait_fetched(node: Node, at_least: float, timeout: float = 60) -> float:
@@ -294,8 +308,9 @@ def test_a_peer_stopped_with_sigterm_finishes_the_pieces_it_is_uploading(
         code, err = finish(proc)
         assert code == 0, err
         assert sha256_file(tmp_path / "o1") == want
-        assert p2p_and_source(p1) == (size, 0)
+        story = origin_story(cluster) + "\n" + grep(p1, "piece failed")
+        assert p2p_and_source(p1) == (size, 0), story
         cut = metric(p1.info["metrics"], "dragonfly_piece_failures_total", 'reason="transfer"')
-        assert cut == 0, "a piece in flight was cut off"
+        assert cut == 0, f"a piece in flight was cut off:\n{story}"
         log = p0.log_path.read_text(errors="replace")
         assert '"uploads finished"' in log and "draining took longer" not in log
