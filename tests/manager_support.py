@@ -9,6 +9,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,14 @@ import trio
 
 from dragonfly.config import ManagerConfig, load_config
 from dragonfly.manager.server import ManagerServer
+from dragonfly.net.channel import Channel, connect
+from dragonfly.net.handshake import authenticate
 from dragonfly.net.http_client import HTTPClient
+from dragonfly.net.manager_client import manager_hello, websocket_url
 from dragonfly.testing.nginx import free_port
 from dragonfly.testing.process import spawn_logged
+from dragonfly.testing.trust import LocalIssuer
+from dragonfly.trust import Credential, new_nonce
 
 FUTURE = "2099-01-01T00:00:00Z"
 PAST = "2001-01-01T00:00:00Z"
@@ -121,10 +128,18 @@ class RunningManager:
 
 
 def manager_config(data_dir: Path, *overrides: str) -> ManagerConfig:
+    """The manager issues under the secret of LocalIssuer(DATA_DIR/../trust), so a test's
+    offline credentials (tests/integration/test_manager_members.py's `issuer`) are its."""
+    secret = LocalIssuer(data_dir.parent / "trust").secret_file
     cfg = load_config(
         "manager",
         env={},
-        overrides=[f"data.dir={data_dir}", "server.port=0", *overrides],
+        overrides=[
+            f"data.dir={data_dir}",
+            "server.port=0",
+            f"trust.secret_file={secret}",
+            *overrides,
+        ],
     )
     assert isinstance(cfg, ManagerConfig)
     return cfg
@@ -171,6 +186,25 @@ async def wait_healthy(api: Api, process: subprocess.Popen[bytes], rounds: int =
                 raise
         await trio.sleep(0.05)
     raise AssertionError("manager never became healthy")
+
+
+def issuer_of(manager: RunningManager) -> LocalIssuer:
+    """The secret the manager issues under (its trust.secret_file) and credentials made
+    from it, as a host that joined would hold."""
+    return LocalIssuer(Path(manager.config.data.dir).parent / "trust")
+
+
+@asynccontextmanager
+async def member_channel(
+    manager: str, role: str, credential: Credential | None
+) -> AsyncIterator[Channel]:
+    """The manager's websocket as a host opens it: Hellos, then (with a credential) the
+    proofs both ways."""
+    nonce = new_nonce()
+    async with connect(websocket_url(manager), manager_hello(role, credential, nonce)) as channel:
+        if credential is not None:
+            await authenticate(channel, credential, nonce, who="manager")
+        yield channel
 
 
 def metric_value(text: bytes, name: str) -> float:

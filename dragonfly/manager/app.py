@@ -27,6 +27,7 @@ from dragonfly.manager.routes import (
     cluster_parts,
     clusters,
     hosts,
+    identity,
     roles,
     settings,
     tokens,
@@ -119,7 +120,7 @@ class AuditMiddleware:
         ctx.metrics.requests.labels(str(status)).inc()
         path = str(scope.get("path", ""))
         method = str(scope.get("method", ""))
-        if not path.startswith(("/api/", "/oapi/")):
+        if not path.startswith(("/api/", "/oapi/", identity.JOIN_PATH)):
             return
         if method not in WRITE_METHODS and status not in REFUSED:
             return
@@ -157,6 +158,7 @@ ROUTES = [
     *settings.ROUTES,
     *tokens.ROUTES,
     *audits.ROUTES,
+    *identity.ROUTES,
 ]
 
 

@@ -42,6 +42,9 @@ GROUPS = (
     "applications",
     "personal-access-tokens",
     "audits",
+    "join-tokens",
+    "host-credentials",
+    "revocations",
 )
 PAT_SCOPES = ("job", "cluster")
 # /oapi/v1/<resource> → the scope a token needs.

@@ -11,6 +11,7 @@ from starlette.requests import HTTPConnection
 from dragonfly.config import ManagerConfig
 from dragonfly.manager.store import Database
 from dragonfly.metrics import ManagerMetrics
+from dragonfly.trust import SecretRing, Verifier
 
 
 @dataclass
@@ -21,6 +22,17 @@ class Context:
     metrics: ManagerMetrics
     holder: str  # this manager's name in leases
     clock: Callable[[], float] = field(default=time.time)
+    ring: SecretRing | None = None  # the cluster secret (dragonfly/manager/issuer.py)
+
+    @property
+    def verifier(self) -> Verifier:
+        """Checks members' credentials (built once; the ring does not change while running)."""
+        assert self.ring is not None, "the manager runs with its cluster secret"
+        if self._verifier is None or self._verifier.ring is not self.ring:
+            self._verifier = Verifier(self.ring)
+        return self._verifier
+
+    _verifier: Verifier | None = field(default=None, repr=False)
 
 
 def context(conn: HTTPConnection) -> Context:

@@ -19,6 +19,7 @@ from dragonfly.manager.app import build_app
 from dragonfly.manager.bootstrap import bootstrap, database_path, prepare_data_dir, session_key
 from dragonfly.manager.context import Context
 from dragonfly.manager.gc import run_gc
+from dragonfly.manager.issuer import load_ring
 from dragonfly.manager.store import open_database
 from dragonfly.metrics import ManagerMetrics
 from dragonfly.wire.codec import MAX_FRAME
@@ -41,10 +42,11 @@ class ManagerServer:
         cfg = self.config
         prepare_data_dir(cfg)
         key = session_key(cfg)
+        ring = load_ring(cfg)
         db = open_database(cfg.database.driver, path=database_path(cfg), dsn=cfg.database.dsn)
         try:
             await bootstrap(cfg, db, time.time())
-            ctx = Context(cfg, db, key, self.metrics, self.holder)
+            ctx = Context(cfg, db, key, self.metrics, self.holder, ring=ring)
             hconfig = HypercornConfig()
             hconfig.bind = [_bind(cfg.server.listen, cfg.server.port)]
             hconfig.accesslog = None
