@@ -15,10 +15,18 @@ scheduler answers with its own Proof. The claims must be this cluster's and vali
 and the Hello's host ID and seed flag must be the credential's: nobody speaks as
 another host or makes itself a seed peer. Each refusal is an Error naming the reason,
 a log line (rate-limited) and a count in dragonfly_scheduler_refusals_total.
+
+With a manager (manager.address), the scheduler registers there and keeps alive; with
+a join token (trust.join_token_file) it gets the cluster secret from the manager
+before it serves anyone. The manager sends its cluster's settings, applied at once
+(parent limits, hosts' load limits, block lists: a blocked registration fails with 403
+naming the rule), and the revoked hosts, whose handshakes are refused and whose
+connections are dropped; the scheduler reports its hosts for the manager's peers table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import time
@@ -27,8 +35,9 @@ from dataclasses import dataclass
 import trio
 
 from dragonfly import __version__
+from dragonfly.blocklist import BlockList
 from dragonfly.config import SchedulerConfig, resolved_hostname
-from dragonfly.credentials import scheduler_secrets
+from dragonfly.credentials import join_token, scheduler_secrets
 from dragonfly.log import LogLimiter, get_logger
 from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dragonfly.metrics import SchedulerMetrics
@@ -41,14 +50,18 @@ from dragonfly.net.channel import (
     accept_websocket,
 )
 from dragonfly.net.http_server import Request, Responder, bound_port, serve
+from dragonfly.net.join import join, report_refusal
 from dragonfly.net.manager_client import ManagerMember
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
 from dragonfly.supervise import Supervisor
 from dragonfly.trust import (
+    Credential,
     TrustError,
     Verifier,
     check_proof,
+    issue,
+    name_from,
     new_nonce,
     peer_proof,
     scheduler_proof,
@@ -57,13 +70,18 @@ from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Protoco
 from dragonfly.wire.messages import (
     AnnounceMember,
     CandidateParents,
+    Claims,
+    ClusterConfig,
     Error,
     ErrorCode,
     Hello,
+    HostInfo,
     NeedBackToSource,
     PiecesFinished,
     Proof,
     RegisterPeer,
+    RevokedHost,
+    TaskFailed,
     TriggerDownload,
 )
 
@@ -79,6 +97,8 @@ class _HostConnection:
     host_id: str
     channel: ServerChannel
     scope: trio.CancelScope
+    info: HostInfo  # as its Hello said (the core's copy is capped at the load limit)
+    claims: Claims | None
 
 
 class SchedulerServer:
@@ -89,6 +109,12 @@ class SchedulerServer:
         self.core = Scheduler(SchedulerSettings.from_config(config), seed=seed)
         ring = scheduler_secrets(config)  # ConfigError naming trust.secret_file
         self.verifier = Verifier(ring) if ring is not None else None
+        # With a join token the secret (and the credential) come from the manager.
+        self.join_token = join_token(config)  # ConfigError naming trust.join_token_file
+        self.credential: Credential | None = None  # proven to the manager
+        self.cluster_config: ClusterConfig | None = None  # the manager's, once sent
+        self._blocks = {False: BlockList(), True: BlockList()}  # by host.seed
+        self.member: ManagerMember | None = None
         self.metrics = SchedulerMetrics()
         self._refusal_log = LogLimiter()
         self._refused = 0  # the core's refused registrations already counted
@@ -102,6 +128,7 @@ class SchedulerServer:
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         server = self.config.server
+        await self._identity()
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(
                 functools.partial(
@@ -122,9 +149,87 @@ class SchedulerServer:
             nursery.start_soon(self.supervisor.every, interval, "scheduler_tick", self._tick)
             nursery.start_soon(self.supervisor.restarting, "scheduler_flush", self.flusher.run)
             if self.config.manager.address:
-                nursery.start_soon(self._manager_member().run)
+                self.member = self._manager_member()
+                nursery.start_soon(self.member.run)
             log.info("scheduler started", listen=f"{server.listen}:{self.port}")
             task_status.started(self.port)
+
+    async def _identity(self) -> None:
+        """The cluster secret from the manager (a join token), and the credential this
+        scheduler proves on the manager's websocket: issued there, or made here from the
+        secret it holds."""
+        cfg = self.config
+        hostname = resolved_hostname(cfg.host)
+        if self.join_token is not None:
+            joined = await join(
+                cfg.manager.address, self.join_token, "scheduler", hostname, timeout=5.0
+            )
+            self.credential = joined.credential
+            if not cfg.trust.insecure and joined.ring is not None:
+                self.verifier = Verifier(joined.ring)
+        elif self.verifier is not None:
+            self.credential = issue(
+                self.verifier.ring,
+                host_id=f"scheduler-{name_from(hostname, 'host')}",
+                role="scheduler",
+                now=time.time(),
+                ttl=86400 * 365,
+            )
+
+    def apply_cluster_config(self, config: ClusterConfig) -> None:
+        """The manager's settings for this cluster, at once: parent limits, the load limit
+        each host is held to, and the block lists."""
+        self.cluster_config = config
+        self.core.settings = dataclasses.replace(
+            self.core.settings,
+            candidate_parent_limit=config.candidate_parent_limit,
+            filter_parent_limit=config.filter_parent_limit,
+        )
+        self._blocks = {
+            False: BlockList.for_role(config, seed=False),
+            True: BlockList.for_role(config, seed=True),
+        }
+        for conn in self.hosts.values():
+            host = self.core.hosts.get(conn.host_id)
+            if host is not None:
+                host.update(self._capped(conn.info))
+        log.info(
+            "cluster settings applied",
+            cluster_id=config.cluster_id,
+            revision=config.revision,
+            candidate_parent_limit=config.candidate_parent_limit,
+            filter_parent_limit=config.filter_parent_limit,
+        )
+
+    def _capped(self, info: HostInfo) -> HostInfo:
+        """A host as the core sees it: its upload slots at most its cluster's load limit."""
+        config = self.cluster_config
+        if config is None:
+            return info
+        limit = config.seed_peer_load_limit if info.seed else config.peer_load_limit
+        if info.upload_limit <= limit:
+            return info
+        return dataclasses.replace(info, upload_limit=limit)
+
+    def apply_revocations(self, revoked: list[RevokedHost]) -> None:
+        """Refuse these hosts' credentials from now on, and drop those connected."""
+        if self.verifier is None:
+            return
+        self.verifier.revoked = {r.host_id: r.before for r in revoked}
+        for conn in list(self.hosts.values()):
+            if conn.claims is not None and self.verifier.is_revoked(conn.claims):
+                self._refuse(
+                    conn.channel,
+                    "revoked",
+                    f"the credential of {conn.host_id} is revoked",
+                    conn.host_id,
+                    conn.info.ip,
+                )
+                conn.scope.cancel()
+
+    def reported_hosts(self) -> list[HostInfo]:
+        """The hosts connected now, as their Hellos said (the manager's peers table)."""
+        return [conn.info for conn in self.hosts.values()]
 
     def _manager_member(self) -> ManagerMember:
         host = self.config.host
@@ -138,7 +243,15 @@ class SchedulerServer:
             features=["schedule"],
             version=__version__,
         )
-        return ManagerMember(self.config.manager.address, "scheduler", announce)
+        return ManagerMember(
+            self.config.manager.address,
+            "scheduler",
+            announce,
+            credential=self.credential,
+            on_config=self.apply_cluster_config,
+            on_revocations=self.apply_revocations,
+            hosts=self.reported_hosts,
+        )
 
     async def handle_http(self, request: Request, responder: Responder) -> None:
         path = request.target.split("?", 1)[0]
@@ -160,6 +273,20 @@ class SchedulerServer:
             )
         else:
             await responder.send(404, b"not found\n")
+
+    def _blocked(self, host: HostInfo, msg: RegisterPeer) -> bool:
+        """A registration the cluster's block list refuses is answered 403 naming the rule."""
+        block = self._blocks[host.seed]
+        reason = None if block.empty else block.refusal(msg.task)
+        if reason is None:
+            return False
+        self.metrics.refusals.labels("blocked").inc()
+        conn = self.hosts.get(host.host_id)
+        if conn is not None:
+            conn.channel.queue(
+                TaskFailed(task_id=msg.task_id, reason=reason, peer_id=msg.peer_id, http_status=403)
+            )
+        return True
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         self.metrics.protocol_errors.inc()
@@ -203,16 +330,20 @@ class SchedulerServer:
             return
         host_id = host.host_id
         with trio.CancelScope() as scope:
-            conn = _HostConnection(host_id, channel, scope)
+            conn = _HostConnection(host_id, channel, scope, host, peer_hello.claims)
             old = self.hosts.get(host_id)
             if old is not None:
                 old.channel.close_soon(1000, "replaced by a new connection")
                 old.scope.cancel()
             self.hosts[host_id] = conn
             self.metrics.connected_hosts.set(len(self.hosts))
+            if self.member is not None:
+                self.member.hosts_changed()
             log.info("host connected", host_id=host_id, seed=host.seed, ip=host.ip)
             try:
-                self._apply(self.core.host_connected(host, trio.current_time(), key=key))
+                self._apply(
+                    self.core.host_connected(self._capped(host), trio.current_time(), key=key)
+                )
                 handle, clock = self.core.handle, trio.current_time
                 while True:
                     try:
@@ -224,6 +355,8 @@ class SchedulerServer:
                         kind = type(msg)
                         if kind is RegisterPeer:
                             registrations += 1
+                            if self._blocked(host, msg):  # type: ignore[arg-type]
+                                continue
                         elif kind is PiecesFinished:
                             pieces += len(msg.pieces)  # type: ignore[attr-defined]
                         self._apply(handle(host_id, msg, clock()))
@@ -240,6 +373,8 @@ class SchedulerServer:
                 if self.hosts.get(host_id) is conn:
                     del self.hosts[host_id]
                     self._apply(self.core.host_disconnected(host_id, trio.current_time()))
+                    if self.member is not None:
+                        self.member.hosts_changed()
                 self.metrics.connected_hosts.set(len(self.hosts))
                 log.info("host disconnected", host_id=host_id)
 
@@ -339,5 +474,8 @@ def run_scheduler(cfg: SchedulerConfig) -> int:
     async def main(nursery: trio.Nursery) -> None:
         await nursery.start(SchedulerServer(cfg).run)
 
-    trio.run(run_until_signal, main)
+    try:
+        trio.run(run_until_signal, main)
+    except BaseException as exc:  # a refused join token ends the start with its reason
+        return report_refusal(exc)
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from dragonfly.blocklist import refused
 from dragonfly.identity import IdentityError
 from dragonfly.net.http_server import Request, Responder
 from dragonfly.peer.download import Download
@@ -59,6 +60,13 @@ class LocalAPIHandler:
             )
         except (ValueError, KeyError, TypeError, AttributeError, IdentityError) as exc:
             await responder.send_error(400, f"bad download request: {exc}")
+            return
+        priority = spec.get("priority")
+        refusal = refused(
+            self.daemon.block_list, req.spec, None if priority is None else str(priority)
+        )
+        if refusal is not None:
+            await responder.send_error(*refusal)
             return
         download = self.daemon.tasks.open(req)
         with download.attached():
