@@ -420,11 +420,16 @@ class Cluster:
         return self
 
     def _note_host_ids(self) -> None:
-        """Each peer's host ID, from the credential the manager issued it."""
+        """Each peer's host ID, from the credential the manager issued it (insecure: the
+        one it made itself)."""
         for node in self.nodes:
             if node.role in ("seed-peer", "peer") and self.manager:
-                credential = read_credential_file(self.host_credential(node.name))
-                node.info["host_id"] = credential.claims.host_id
+                path = self.host_credential(node.name)
+                if path.exists():
+                    node.info["host_id"] = read_credential_file(path).claims.host_id
+                else:
+                    own = Path(node.info["data_dir"]) / "host-id"
+                    node.info["host_id"] = own.read_text().strip() if own.exists() else ""
 
     def _wait_healthy(self, nodes: list[Node]) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -522,15 +527,25 @@ def _call(base: str, method: str, path: str, body: Any, session: str | None = No
     return json.loads(raw) if raw else None
 
 
-def sign_in_help(manager: Node) -> str:
-    """How to reach the manager's API (docs/API.md has the rest)."""
-    url, password = manager.info["url"], manager.info["root_password_file"]
-    return (
-        f"manager: {url} (user root, password in {password})\n"
-        f"  TOKEN=$(curl -s {url}/api/v1/users/signin -d "
-        f'"{{\\"name\\":\\"root\\",\\"password\\":\\"$(cat {password})\\"}}" '
-        "| python3 -c 'import json,sys; print(json.load(sys.stdin)[\"token\"])')\n"
-        f'  curl -s -H "Authorization: Bearer $TOKEN" {url}/api/v1/schedulers'
+def manager_help(manager: Node, *, show_password: bool = False) -> str:
+    """Where the manager is and how to use its API with curl (docs/API.md has every
+    route): sign in as root, make a personal access token, list what it knows."""
+    url, path = manager.info["url"], manager.info["root_password_file"]
+    password = Path(path).read_text().strip() if show_password else f"$(cat {path})"
+    shown = f"password {password} (also in {path})" if show_password else f"password in {path}"
+    json_field = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"token\"])'"
+    return "\n".join(
+        [
+            f"manager: {url}   user root, {shown}",
+            f"  M={url}",
+            f"  TOKEN=$(curl -s $M/api/v1/users/signin -d "
+            f'"{{\\"name\\":\\"root\\",\\"password\\":\\"{password}\\"}}" | {json_field})',
+            '  PAT=$(curl -s -H "Authorization: Bearer $TOKEN" $M/api/v1/personal-access-tokens '
+            f'-d \'{{"name":"cli","expired_at":"2099-01-01T00:00:00Z"}}\' | {json_field})',
+            '  curl -s -H "Authorization: Bearer $TOKEN" $M/api/v1/schedulers',
+            '  curl -s -H "Authorization: Bearer $TOKEN" $M/api/v1/peers',
+            '  curl -s -H "Authorization: Bearer $PAT" $M/oapi/v1/clusters',
+        ]
     )
 
 
@@ -581,7 +596,7 @@ def run_cluster(
         where = node.info.get("proxy") or node.info.get("url")
         print(f"  {node.name:<14} pid {node.info['pid']:<8} {where}", flush=True)
     if cluster.manager:
-        print(sign_in_help(cluster.node(MANAGER)), flush=True)
+        print(manager_help(cluster.node(MANAGER)), flush=True)
     try:
         while not stop:
             for node in cluster.nodes:

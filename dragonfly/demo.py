@@ -1,11 +1,13 @@
 """`make demo`: distribute one file to four peers through P2P and show where bytes went.
 
-Starts nginx with a generated file as the origin and a local cluster (1 scheduler,
-1 seed peer, 4 peers), fetches the file through every peer's proxy at once with
-curl, checks every sha256, prints a summary, then times the same four fetches
-straight from the origin, and stops everything.
+Starts nginx with a generated file as the origin and a local cluster (a manager,
+1 scheduler, 1 seed peer, 4 peers: the others join the manager and find their
+scheduler through it), fetches the file through every peer's proxy at once with
+curl, checks every sha256, times the same four fetches straight from the origin,
+prints a summary and how to sign in to the manager, and stops everything (on a
+terminal, once Enter is pressed, so the manager can be tried first).
 
-python -m dragonfly.demo [--size 512MiB] [--workdir DIR]
+python -m dragonfly.demo [--size 512MiB] [--workdir DIR] [--no-wait]
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dragonfly.cluster import Cluster, ClusterError
+from dragonfly.cluster import MANAGER, Cluster, ClusterError, manager_help
 from dragonfly.testing.nginx import Nginx
 from dragonfly.testing.probe import metric, sha256_file
 from dragonfly.units import human_bytes, parse_size
@@ -71,19 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="512MiB")
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--workdir", default="")
+    parser.add_argument("--no-wait", action="store_true", help="stop at once, even on a terminal")
     args = parser.parse_args(argv)
     size = parse_size(args.size)
     workdir = (
         Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dragonfly-demo-"))
     )
     try:
-        return _run(workdir, size, args.peers)
+        return _run(workdir, size, args.peers, wait=sys.stdin.isatty() and not args.no_wait)
     finally:
         if not args.workdir:  # ours: leave no 512 MiB behind
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run(workdir: Path, size: int, peer_count: int) -> int:
+def _run(workdir: Path, size: int, peer_count: int, *, wait: bool = False) -> int:
     www = workdir / "www"
     www.mkdir(parents=True, exist_ok=True)
     print(f"demo: generating a {human_bytes(size)} file as the origin's content ...", flush=True)
@@ -94,7 +97,8 @@ def _run(workdir: Path, size: int, peer_count: int) -> int:
     with Nginx(root=www, workdir=workdir / "nginx") as nginx:
         url = f"{nginx.url}/demo.bin"
         print(
-            f"demo: starting a cluster: 1 scheduler, 1 seed peer, {peer_count} peers ...",
+            f"demo: starting a cluster: a manager, 1 scheduler, 1 seed peer, {peer_count} "
+            "peers ...",
             flush=True,
         )
         try:
@@ -138,12 +142,35 @@ def _run(workdir: Path, size: int, peer_count: int) -> int:
                 seed.info["metrics"], "dragonfly_download_bytes_total", 'source="back_to_source"'
             )
             seed_up = metric(seed.info["metrics"], "dragonfly_upload_bytes_total", "")
+            print(f"demo: the same {len(peers)} fetches straight from the origin ...", flush=True)
+            direct = _fetch_all([["curl", "-sS", "-f", url] for _ in peers])
+            direct_times = [t for t, _ in direct]
+            ok = ok and all(digest == want for _, digest in direct)
+            _summary(size, want, origin_after_p2p, seed_source, seed_up, rows, p2p_times)
+            print(
+                f"all {len(peers)} straight from the origin: {max(direct_times):.2f}s",
+                flush=True,
+            )
+            print()
+            print(manager_help(cluster.node(MANAGER), show_password=True), flush=True)
+            if wait:
+                print("the cluster keeps running: press Enter to stop it", flush=True)
+                sys.stdin.readline()
         finally:
             cluster.stop()
-        print(f"demo: the same {len(peers)} fetches straight from the origin ...", flush=True)
-        direct = _fetch_all([["curl", "-sS", "-f", url] for _ in peers])
-        direct_times = [t for t, _ in direct]
-        ok = ok and all(digest == want for _, digest in direct)
+    print(f"logs and data: {workdir} (removed at exit unless --workdir was given)")
+    return 0 if ok else 1
+
+
+def _summary(
+    size: int,
+    want: str,
+    origin_after_p2p: int,
+    seed_source: float,
+    seed_up: float,
+    rows: list[tuple[str, float, float, float, bool]],
+    p2p_times: list[float],
+) -> None:
     print()
     print(f"file: {human_bytes(size)}, sha256 {want[:16]}…")
     print(
@@ -159,11 +186,7 @@ def _run(workdir: Path, size: int, peer_count: int) -> int:
             f"{name:<10}{human_bytes(p2p):>16}{human_bytes(b2s):>14}{t:>8.2f}s  {'ok' if good else 'MISMATCH'}"
         )
     print()
-    print(
-        f"all {len(peers)} through P2P: {max(p2p_times):.2f}s;  all {len(peers)} straight from the origin: {max(direct_times):.2f}s"
-    )
-    print(f"logs and data: {workdir} (removed at exit unless --workdir was given)")
-    return 0 if ok else 1
+    print(f"all {len(rows)} through P2P: {max(p2p_times):.2f}s")
 
 
 if __name__ == "__main__":

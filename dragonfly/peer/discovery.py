@@ -1,6 +1,6 @@
 """A peer that names a manager (scheduler.manager) asks it which schedulers to use and
-what its cluster's settings are, every scheduler.refresh_interval (quickly, with
-backoff, until a first answer lists a scheduler that answers).
+what its cluster's settings are, every scheduler.refresh_interval (every 0.2 s to
+2 s until a first answer names a scheduler that answers).
 
 The manager ranks its clusters for this host (CIDR, host name, IDC, location) and
 answers with the active schedulers of the best one and that cluster's settings. Each
@@ -26,7 +26,7 @@ from dragonfly.wire.codec import ProtocolError
 from dragonfly.wire.messages import ClusterConfig, HostInfo, ListSchedulers, SchedulerEntry
 
 log = get_logger("dragonfly.peer.discovery")
-RETRY_MIN = 0.2
+RETRY_MIN, RETRY_MAX = 0.2, 2.0  # asking again until the manager names a live scheduler
 
 
 def scheduler_address(entry: SchedulerEntry) -> str:
@@ -65,12 +65,15 @@ class Discovery:
         task_status.started()
         delay = RETRY_MIN
         while True:
-            if await self.refresh():
+            # Quick rounds only until a first scheduler is found: afterwards the ones in
+            # use stay while the manager has none to offer (thousands of peers asking
+            # every second would be the manager's load, not theirs).
+            if await self.refresh() or self.found:
                 delay = RETRY_MIN
                 await trio.sleep(self.interval)
             else:
                 await trio.sleep(min(delay, self.interval))
-                delay = min(delay * 2, self.interval)
+                delay = min(delay * 2, RETRY_MAX, self.interval)
 
     async def refresh(self) -> bool:
         """One round; True when the schedulers in use are the manager's answer."""
