@@ -27,7 +27,9 @@ reach the manager; settings without a role reach the other roles only.
 Without a manager, identity is on as in any cluster: WORKDIR/trust holds the cluster
 secret (given to the schedulers) and one credential per peer and seed peer, named after
 the node; the cluster sets trust.secret_file, trust.credential_file and
-scheduler.addresses.
+scheduler.addresses. Each node's host.hostname is its name (scheduler-0, peer-1, ...):
+the manager keeps one row per scheduler or seed peer by host name, address and cluster,
+as Dragonfly does, and every node here shares 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ CLUSTER_KEYS = (
     "trust.secret_file",
     "trust.credential_file",
     "trust.join_token_file",
+    "host.hostname",
 )
 JOIN_ROLES = ("scheduler", "seed-peer", "peer")
 
@@ -285,7 +288,12 @@ class Cluster:
                 name,
                 "scheduler",
                 settings["scheduler"],
-                ["server.listen=127.0.0.1", f"server.port={port}", *identity],
+                [
+                    "server.listen=127.0.0.1",
+                    f"server.port={port}",
+                    f"host.hostname={name}",
+                    *identity,
+                ],
             )
             self.nodes.append(
                 Node(
@@ -317,6 +325,7 @@ class Cluster:
                     else [f"scheduler.addresses={sched}", *issuer.peer_overrides(name, kind)]
                 )
                 cluster_sets = [
+                    f"host.hostname={name}",
                     f"proxy.port={proxy}",
                     "upload.listen=127.0.0.1",
                     f"upload.port={upload}",
@@ -359,7 +368,7 @@ class Cluster:
             )
         node.info["pid"] = node.process.pid
 
-    def _provision(self, manager: Node) -> None:
+    def _provision(self, manager: Node) -> str:
         """As root on the new manager: a join token per role (files the nodes read), and
         cluster-1's parent limits from the schedulers' own [scheduling] values (the
         manager's cluster settings win over a scheduler's file)."""
@@ -385,6 +394,17 @@ class Cluster:
                 },
                 session,
             )
+        return session
+
+    def _wait_registered(self, manager: Node, session: str) -> None:
+        """Until every scheduler is active at the manager: a peer's first answer names
+        them all (it asks again only every scheduler.refresh_interval)."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        path = "/api/v1/schedulers?state=active&per_page=1000"
+        while len(_call(manager.info["url"], "GET", path, None, session)) < self.schedulers:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"not every scheduler registered after {READY_TIMEOUT}s")
+            time.sleep(0.05)
 
     def start(self) -> Cluster:
         settings = self.check()
@@ -396,15 +416,21 @@ class Cluster:
             self.nodes = []
             self._plan(settings)
             try:
-                first = [n for n in self.nodes if n.role == MANAGER]
-                for node in first:  # the others join it and ask it for schedulers
-                    self._spawn(node, env)
-                    self._wait_healthy([node])
-                    self._provision(node)
-                for node in self.nodes:
-                    if node.role != MANAGER:
+                # The manager, then the schedulers (registered there), then the peers,
+                # whose first question to the manager then gets every scheduler.
+                for group in (MANAGER, "scheduler", "peers"):
+                    nodes = [
+                        n
+                        for n in self.nodes
+                        if n.role == group or (group == "peers" and n.role in JOIN_ROLES[1:])
+                    ]
+                    for node in nodes:
                         self._spawn(node, env)
-                self._wait_healthy(self.nodes)
+                    self._wait_healthy(nodes)
+                    if self.manager and group == MANAGER:
+                        session = self._provision(nodes[0])
+                    elif self.manager and group == "scheduler":
+                        self._wait_registered(self.node(MANAGER), session)
                 self._note_host_ids()
                 self._write_json()
                 return self

@@ -156,6 +156,8 @@ def _run(workdir: Path, size: int, peer_count: int, *, wait: bool = False) -> in
             if wait:
                 print("the cluster keeps running: press Enter to stop it", flush=True)
                 sys.stdin.readline()
+            else:
+                print("(the cluster stops now; on a terminal it runs until Enter)", flush=True)
         finally:
             cluster.stop()
     print(f"logs and data: {workdir} (removed at exit unless --workdir was given)")

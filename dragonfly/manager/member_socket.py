@@ -227,9 +227,9 @@ async def member_endpoint(ws: WebSocket) -> None:
             if isinstance(msg, AnnounceMember) and session.membership is None:
                 if not await _register(ctx, channel, session, hello, msg):
                     return
-                await _feed(
-                    ctx, channel, session, await ctx.db.run(partial(_news, session=session))
-                )
+                news = await ctx.db.run(partial(_news, session=session))
+                if not await _feed(ctx, channel, session, news):
+                    return
             elif isinstance(msg, Ping) and session.membership is not None:
                 news = await ctx.db.run(partial(_keepalive, session=session, now=ctx.clock()))
                 if news is None:

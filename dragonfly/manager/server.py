@@ -27,6 +27,32 @@ from dragonfly.wire.codec import MAX_FRAME
 log = get_logger("dragonfly.manager")
 
 
+def _harden_hypercorn() -> None:
+    """hypercorn 0.18's trio TCPServer sends a connection's EOF (`_close`) without the
+    lock its other sends take: when both ends close a websocket at once, its reader's
+    answer to the client's close frame can meet that EOF, and send_all raises
+    BusyResourceError, which nothing catches, so the whole server stops (seen with
+    members reconnecting). The connection is closing anyway: treat it as closed."""
+    from hypercorn.events import Closed
+    from hypercorn.trio.tcp_server import TCPServer
+
+    original = TCPServer.protocol_send
+    if getattr(original, "_dragonfly_hardened", False):
+        return
+
+    async def protocol_send(self: TCPServer, event: object) -> None:
+        try:
+            await original(self, event)  # type: ignore[arg-type]
+        except trio.BusyResourceError:
+            await self.protocol.handle(Closed())
+
+    protocol_send._dragonfly_hardened = True  # type: ignore[attr-defined]
+    TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+
+
+_harden_hypercorn()
+
+
 def _bind(listen: str, port: int) -> str:
     return f"[{listen}]:{port}" if ":" in listen else f"{listen}:{port}"
 
