@@ -58,6 +58,7 @@ bench: setup
 	$(PY) -m benchmarks swarm --peers 8 --size 128MiB
 	$(PY) -m benchmarks scheduler --duration 30s
 	$(PY) -m benchmarks simulation --peers 1000
+	$(PY) -m benchmarks load
 
 bench-full: setup
 	$(PY) -m benchmarks http_serve

@@ -137,6 +137,12 @@ class DownloadSection:
         4, "concurrent Range requests to an origin that accepts ranges", min=1, max=64
     )
     piece_timeout: Duration = opt(30.0, "time for one piece from one parent", min=0.001)
+    stall_timeout: Duration = opt(
+        90.0,
+        "no piece, digest or announcement for this long: ask for other parents; as long "
+        "again: the origin (where allowed), else fail (504); bounds every client's wait",
+        min=0.001,
+    )
     connect_timeout: Duration = opt(10.0, "time to connect to an origin or parent", min=0.001)
     read_timeout: Duration = opt(60.0, "time without a byte from an origin", min=0.001)
     origin_ca_file: str = opt(

@@ -10,6 +10,7 @@ registries or two repositories is one task.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -283,6 +284,23 @@ def spec_task_id(
     scope: str = "",
 ) -> str:
     """The ID of a task made of these fields (see wire.messages.TaskSpec)."""
+    return _spec_task_id(
+        url, tag, application, tuple(filtered_query_params), piece_length, digest, scope
+    )
+
+
+# Every proxy request and every registration names its task's fields: the same few URLs
+# many times over. (An IdentityError is raised again each time: lru_cache keeps no error.)
+@functools.lru_cache(maxsize=4096)
+def _spec_task_id(
+    url: str,
+    tag: str,
+    application: str,
+    filtered_query_params: tuple[str, ...],
+    piece_length: int | None,
+    digest: str,
+    scope: str,
+) -> str:
     if piece_length is not None:
         check_piece_length(piece_length)
     if digest:

@@ -77,6 +77,13 @@ class PeerMetrics(RoleMetrics):
             registry=r,
         )
         self.errors = Counter("dragonfly_errors", "Errors, by type", ["type"], registry=r)
+        self.stalls = Counter(
+            "dragonfly_download_stalls",
+            "Downloads with no progress for download.stall_timeout, by the step taken "
+            "(reschedule, back_to_source, fail)",
+            ["step"],
+            registry=r,
+        )
         self.proxy_refusals = Counter(
             "dragonfly_proxy_refusals",
             "Proxy requests refused, by reason: client (not allowed), auth (no or wrong "

@@ -26,6 +26,7 @@ __all__ = [
     "ProbeOrigin",
     "RangesDone",
     "Send",
+    "Stalled",
     "StreamOrigin",
     "Subscribe",
     "Unsubscribe",
@@ -133,6 +134,15 @@ class RangesDone:
 
 
 @dataclass(slots=True)
+class Stalled:
+    """No piece, digest or announcement for ``seconds``: the machine takes its next step
+    ("reschedule", "back_to_source" or "fail"). The driver logs it once and counts it."""
+
+    step: str
+    seconds: float
+
+
+@dataclass(slots=True)
 class Failed:
     reason: str
     http_status: int = 0  # the origin's, when it refused
@@ -152,6 +162,7 @@ Action = (
     | Complete
     | Finished
     | RangesDone
+    | Stalled
     | Failed
 )
 
@@ -173,3 +184,6 @@ class MachineConfig:
     # Longest a finished download keeps its announcement schedule for its children.
     linger_limit: float = 120.0
     stagger: bool = True  # a peer fetching from the origin staggers its announcements
+    # No piece, digest or announcement for this long: ask for other parents; as long again:
+    # the origin (where allowed), else fail. Nothing waits without bound.
+    stall_timeout: float = 90.0

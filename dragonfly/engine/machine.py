@@ -35,7 +35,11 @@ The rules, in the order a download meets them:
    parent whose ticket is about to expire (wall time: ``now + wall_offset``), the
    machine asks for other parents (``Reschedule``) at most every
    ``reschedule_interval``; the scheduler answers with parents (and fresh tickets) or
-   ``NeedBackToSource``.
+   ``NeedBackToSource``. Nothing waits without bound: with no sign of progress (a piece,
+   a new digest, a new announcement, the origin's answer) for ``stall_timeout``, the
+   machine asks for other parents; as long again, it goes to the origin for the pieces
+   it lacks where allowed, else (or at the origin already) it fails with 504 naming how
+   long nothing came. Each step is a ``Stalled`` action (logged once, counted).
 7. **Back to source** (told so, no scheduler, or a seed peer's trigger): the parents are
    dropped, the origin is probed (``ProbeOrigin``; the validators the task started with
    are expected), its metadata reported (``TaskMetadata``), and the missing wanted pieces
@@ -88,6 +92,7 @@ from dragonfly.engine.actions import (
     ProbeOrigin,
     RangesDone,
     Send,
+    Stalled,
     StreamOrigin,
     Subscribe,
     Unsubscribe,
@@ -146,6 +151,7 @@ class _Counters:
     failures: int = 0
     busy: int = 0
     wasted_requests: int = 0  # requests cancelled for another copy of the same piece
+    stalls: int = 0  # stall steps taken (rule 6)
 
 
 @dataclass(slots=True)
@@ -225,6 +231,10 @@ class DownloadMachine:
         self.error: Failed | None = None
         self.ended_at: float | None = None
         self.counters = _Counters()
+        # The last sign of progress (a piece, a new digest, a new announcement, the
+        # origin's answer) and how many stall steps were taken since.
+        self._progress_at: float | None = None  # (the first event starts the clock)
+        self._stall_steps = 0
 
     # ------------------------------------------------------------------ state
 
@@ -274,7 +284,14 @@ class DownloadMachine:
             rest = self.picker.busy_until()
             if rest is not None and rest > now:  # (one that rested already waits for a pick)
                 when = min(when, rest)
+        since = self._progress_at
+        if since is not None and self.phase in (Phase.STARTING, Phase.P2P, Phase.SOURCE):
+            when = min(when, since + self.cfg.stall_timeout * (self._stall_steps + 1))
         return when
+
+    def _progress(self, now: float) -> None:
+        self._progress_at = now
+        self._stall_steps = 0
 
     # ------------------------------------------------------------------ scheduler
 
@@ -282,6 +299,8 @@ class DownloadMachine:
         """A scheduler session is open (first, or after one was lost): register."""
         if self.done:
             return []
+        if self._progress_at is None:
+            self._progress(now)
         return [
             Send(
                 RegisterPeer(
@@ -318,7 +337,7 @@ class DownloadMachine:
             return self._on_candidates(msg, now)
         if kind is PieceDigests:
             assert isinstance(msg, PieceDigests)
-            self._add_digests(msg.digests)
+            self._add_digests(msg.digests, now)
             return self._pump(now)
         if kind is NeedBackToSource:
             assert isinstance(msg, NeedBackToSource)
@@ -345,7 +364,7 @@ class DownloadMachine:
             )
             if self.done:
                 return out
-        self._add_digests(msg.digests)
+        self._add_digests(msg.digests, now)
         if self.phase not in (Phase.STARTING, Phase.P2P):
             return out  # the origin it is, or every piece held: parents no longer help
         if self.phase is Phase.STARTING:
@@ -457,7 +476,7 @@ class DownloadMachine:
             return self._reach_target(now)
         return []
 
-    def _add_digests(self, digests: Iterable[PieceDigest]) -> None:
+    def _add_digests(self, digests: Iterable[PieceDigest], now: float) -> None:
         new = []
         known = self.digests
         for d in digests:
@@ -465,6 +484,7 @@ class DownloadMachine:
                 known[d.number] = d.digest
                 new.append(d.number)
         if new:
+            self._progress(now)  # the task moves somewhere: pieces landed at their source
             self._feed_picker(new)
 
     def _feed_picker(self, numbers: Iterable[int]) -> None:
@@ -538,6 +558,7 @@ class DownloadMachine:
         fresh = [x for x in numbers if 0 <= x < n and x not in self.have]
         if not fresh:
             return []  # a piece held changes none of the picker's decisions
+        self._progress(now)
         picker.parent_has(parent_id, fresh)
         if not self.opened or picker.requests_in_flight >= self.cfg.concurrent_pieces:
             return []  # no request can start now: the next event that frees one picks
@@ -725,7 +746,48 @@ class DownloadMachine:
         if self.children:
             out += self._tell(self.announce.due(now))
         out += self._pump(now)
-        return out
+        return out + self._check_progress(now)
+
+    def _check_progress(self, now: float) -> list[Action]:
+        """Nothing waits without bound (rule 6): no sign of progress for stall_timeout,
+        ask for other parents; as long again, the origin for the missing pieces where
+        allowed; else (or already at the origin) fail, naming how long nothing came."""
+        if self.done or self.phase is Phase.COMPLETING:
+            return []
+        if self._progress_at is None:
+            self._progress(now)
+            return []
+        timeout = self.cfg.stall_timeout
+        idle = now - self._progress_at
+        if idle < timeout * (self._stall_steps + 1):
+            return []
+        self._stall_steps += 1
+        seconds = round(idle, 1)
+        if self.phase is not Phase.SOURCE and self._stall_steps == 1:
+            self.counters.stalls += 1
+            self._last_reschedule = now
+            self.counters.reschedules += 1
+            reason = f"no progress for {seconds:g} s"
+            return [
+                Stalled("reschedule", seconds),
+                Send(
+                    Reschedule(
+                        peer_id=self.peer_id,
+                        task_id=self.task_id,
+                        blocked_parents=list(self.blocked)[-1024:],
+                        reason=reason,
+                    )
+                ),
+            ]
+        if self.phase is not Phase.SOURCE and self.may_go_to_source:
+            self.counters.stalls += 1
+            return [Stalled("back_to_source", seconds), *self._go_to_source(None, now)]
+        self.counters.stalls += 1
+        where = "from the origin" if self.phase is Phase.SOURCE else "from any parent"
+        return [
+            Stalled("fail", seconds),
+            *self._fail(f"nothing arrived {where} for {seconds:g} s", 504, now),
+        ]
 
     def _flush_reports(self) -> list[Action]:
         self._report_due = INF
@@ -749,13 +811,14 @@ class DownloadMachine:
             return self._fail("no parent can serve and back-to-source is off", 0, now)
         out: list[Action] = []
         self.phase = Phase.SOURCE
+        self._progress(now)  # the origin gets its own time
         self.announce.stagger = self.cfg.stagger  # new bytes enter the swarm here
         for pid in list(self.parents):
             out += self._drop_parent(pid, now)
         out += self._forget_all()
         self._reschedule_due = INF
         if msg is not None:
-            self._add_digests(msg.digests)
+            self._add_digests(msg.digests, now)
         if self.opened and self.all_held:
             # Held already (a resumed task): the origin is not asked; the pieces count
             # as fetched from it.
@@ -780,6 +843,7 @@ class DownloadMachine:
         if self.done or not self._probing:
             return []
         self._probing = False
+        self._progress(now)
         msg = self._source_msg
         known = msg.content_length if msg is not None else -1
         if known >= 0 and content_length != known:
@@ -916,6 +980,7 @@ class DownloadMachine:
     ) -> list[Action]:
         """A verified piece is in the store: report, announce, maybe reach the target."""
         self._record_have(number)
+        self._progress(now)
         self._reports.append(
             PieceReport(
                 number=number,

@@ -405,6 +405,7 @@ class HTTPClient:
         ssl_context: ssl.SSLContext | None = None,
         max_redirects: int = 10,
         max_idle_per_origin: int = 8,
+        max_idle: int = 64,
         resolver: Resolver | None = None,
         unix_socket: Path | None = None,
     ) -> None:
@@ -413,6 +414,7 @@ class HTTPClient:
         self.ssl_context = ssl_context
         self.max_redirects = max_redirects
         self.max_idle_per_origin = max_idle_per_origin
+        self.max_idle = max_idle  # over every origin: a client of many hosts holds few
         self.resolver = resolver
         self.unix_socket = unix_socket
         self._idle: dict[Origin, list[_Conn]] = {}
@@ -471,6 +473,17 @@ class HTTPClient:
             idle.append(conn)
         else:
             trio.lowlevel.spawn_system_task(conn.aclose)
+        # Over the total: the longest-known origin's oldest idle connection goes.
+        excess = sum(len(conns) for conns in self._idle.values()) - self.max_idle
+        for origin in list(self._idle):
+            conns = self._idle[origin]
+            while excess > 0 and conns:
+                trio.lowlevel.spawn_system_task(conns.pop(0).aclose)
+                excess -= 1
+            if not conns:
+                del self._idle[origin]
+            if excess <= 0:
+                break
 
     async def aclose(self) -> None:
         for conns in self._idle.values():

@@ -151,15 +151,31 @@ class HTTPConnection:
         self.send_timeout = send_timeout
         self.body_timeout = body_timeout
 
-    async def send_bytes(self, data: bytes | bytearray | memoryview) -> None:
-        """Send all of `data`; ClientGone if the client takes nothing for send_timeout s."""
+    async def send_bytes(self, data: bytes | bytearray | memoryview, *, more: bool = False) -> None:
+        """Send all of `data`; ClientGone if the client takes nothing for send_timeout s.
+        `more`: a body follows at once (MSG_MORE: one segment for both, where it can)."""
         if not data:
+            return
+        stream = self.stream
+        if more and isinstance(stream, trio.SocketStream) and len(data) <= SEND_SLICE:
+            try:
+                with trio.fail_after(self.send_timeout):
+                    with memoryview(data) as view:
+                        sent = 0
+                        while sent < len(view):
+                            sent += await stream.socket.send(view[sent:], _socket.MSG_MORE)
+            except trio.TooSlowError:
+                raise ClientGone(
+                    f"client {self.peer} read nothing for {self.send_timeout}s"
+                ) from None
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise ClientGone(f"client {self.peer} went away: {exc}") from None
             return
         with memoryview(data) as view:
             for start in range(0, len(view), SEND_SLICE):
                 try:
                     with trio.fail_after(self.send_timeout):
-                        await self.stream.send_all(view[start : start + SEND_SLICE])
+                        await stream.send_all(view[start : start + SEND_SLICE])
                 except trio.TooSlowError:
                     raise ClientGone(
                         f"client {self.peer} read nothing for {self.send_timeout}s"
@@ -260,6 +276,7 @@ class Responder:
         self.upgraded = False
         self.status = 0
         self.body_bytes = 0
+        self._pending = b""  # the status line and headers, until the body's first bytes
 
     @property
     def head_only(self) -> bool:
@@ -279,7 +296,9 @@ class Responder:
             hdrs.add(b"server", SERVER_NAME)
         self.started = True
         self.status = status
-        await self._c.send_event(
+        # Held until the body's first bytes (or the end): one send, one segment, for a
+        # small answer; headers before a file body go with MSG_MORE.
+        self._pending = self._c.conn.send(
             h11.Response(
                 status_code=status,
                 headers=hdrs.pairs(),
@@ -287,12 +306,22 @@ class Responder:
             )
         )
 
+    async def _flush(self, *, more: bool = False) -> None:
+        """Send the held status line and headers, if any."""
+        if self._pending:
+            data, self._pending = self._pending, b""
+            await self._c.send_bytes(data, more=more)
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send part of the body (ignored for HEAD)."""
         if not data or self.head_only:
+            await self._flush()
             return
         self.body_bytes += len(data)
-        await self._c.send_event(h11.Data(data=data))
+        framed = self._c.conn.send(h11.Data(data=data))
+        if self._pending:
+            framed, self._pending = self._pending + framed, b""
+        await self._c.send_bytes(framed)
 
     async def sendfile(self, fd: int, offset: int, count: int) -> None:
         """Send `count` bytes of file `fd` from `offset` as part of the body, zero-copy."""
@@ -300,6 +329,7 @@ class Responder:
             return
         conn = self._c.conn
         stream = self._c.stream
+        await self._flush(more=True)
         framing = conn.send_with_data_passthrough(h11.Data(data=_Placeholder(count)))
         # With chunked framing h11 returns [chunk header, placeholder, CRLF].
         for part in framing:
@@ -344,7 +374,10 @@ class Responder:
 
     async def finish(self) -> None:
         """End the body: h11 checks that exactly Content-Length bytes were sent."""
-        await self._c.send_event(h11.EndOfMessage())
+        end = self._c.conn.send(h11.EndOfMessage())
+        if self._pending:
+            end, self._pending = self._pending + end, b""
+        await self._c.send_bytes(end)
         self.finished = True
 
     async def send(
@@ -371,6 +404,8 @@ class Responder:
         """The connection leaves HTTP (an upgrade, a tunnel): it is the caller's from now
         on, and closed when the handler returns. Returns the raw stream and the bytes the
         client already sent after its request (h11 had buffered them)."""
+        if self._pending:
+            raise RuntimeError("take_over() with a status line not sent: await _flush() first")
         self.started = self.finished = self.upgraded = True
         return self._c.stream, bytes(self._c.conn.trailing_data[0])
 
@@ -396,6 +431,7 @@ class Responder:
                 raise ClientGone("client closed the connection before its tunnel opened")
         hdrs = headers if isinstance(headers, Headers) else Headers(headers or [])
         await self.start(200, hdrs, reason=b"Connection established")
+        await self._flush()
         # A 2xx to CONNECT switches h11 to SWITCHED_PROTOCOL: no framing, no body.
         stream, received = self.take_over()
         return _ReplayStream(stream, received)

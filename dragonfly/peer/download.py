@@ -36,6 +36,7 @@ from dragonfly.engine.actions import (
     ProbeOrigin,
     RangesDone,
     Send,
+    Stalled,
     StreamOrigin,
     Subscribe,
     Unsubscribe,
@@ -79,6 +80,7 @@ def machine_config(cfg: PeerConfig) -> MachineConfig:
         piece_timeout=d.piece_timeout,
         origin_concurrency=d.origin_concurrency,
         back_to_source=d.back_to_source,
+        stall_timeout=d.stall_timeout,
     )
 
 
@@ -335,6 +337,10 @@ class Download:
             elif kind is RangesDone:
                 self.log.info("range download finished", pieces=len(self.have), of=self.piece_count)
                 self._ended.set()
+            elif kind is Stalled:
+                assert isinstance(action, Stalled)
+                self.log.warning("download stalled", step=action.step, seconds=action.seconds)
+                self.daemon.metrics.stalls.labels(action.step).inc()
             elif kind is Failed:
                 assert isinstance(action, Failed)
                 self._on_failed(action)

@@ -36,7 +36,7 @@ from dragonfly.peer.private import PrivateAccess
 from dragonfly.peer.registry import RegistryMirror
 from dragonfly.peer.request import DownloadFailed, DownloadRequest
 from dragonfly.peer.services import PeerServices
-from dragonfly.peer.serving import origin_headers, relay, serve_common, stream_download
+from dragonfly.peer.serving import origin_headers, relay, serve_common, serve_held, stream_download
 from dragonfly.peer.tunnel import handle_connect
 from dragonfly.wire.oci import is_registry_path, registry_blob
 
@@ -214,6 +214,27 @@ class ProxyHandler:
             credential_headers=cfg.credential_headers,
         )
 
+    async def _serve_if_held(
+        self, request: Request, responder: Responder, req: DownloadRequest
+    ) -> bool:
+        """A local hit of a task whose file is open: served from it at once, with no
+        download started (the common case of many clients of one file). False: the
+        usual path (not held, not loaded, in progress, or private to others)."""
+        store = self.daemon.store
+        handle = store.handle(req.task_id)
+        if (
+            handle is None
+            or not handle.complete
+            or handle.detached
+            or req.spec.digest  # (a digest request may need the whole file hashed first)
+            or (handle.record.private and not req.private)
+            or self.daemon.tasks.active(req.task_id) is not None
+        ):
+            return False
+        async with store.use(req.task_id) as held:
+            await serve_held(self.daemon, held, request, responder)
+        return True
+
     async def _p2p(self, request: Request, responder: Responder, rule: ProxyRule) -> None:
         try:
             req = self._download_request(request, shared_credentials=rule.allow_credentials)
@@ -229,6 +250,8 @@ class ProxyHandler:
         # A request with credentials: the origin says yes to them before anything starts
         # on its behalf (dragonfly/peer/private.py).
         if req.private and not await self.private.allowed(request, responder, req.task_id):
+            return
+        if await self._serve_if_held(request, responder, req):
             return
         # A Range request fetches only the pieces it covers, unless prefetch is on.
         ranged = request.headers.get("range") is not None

@@ -15,6 +15,7 @@ from dragonfly.net.http_server import Request, Responder
 from dragonfly.peer.download import Download
 from dragonfly.peer.exposure import DestinationRefused
 from dragonfly.peer.services import PeerServices
+from dragonfly.storage import TaskHandle
 from dragonfly.wire.http_common import (
     Headers,
     RangeNotSatisfiable,
@@ -134,6 +135,65 @@ async def relay(
         await response.aclose()
 
 
+def _task_headers(
+    task_id: str, etag: str, last_modified: str, content_type: str, extra: Headers | None
+) -> Headers:
+    headers = Headers()
+    headers.set(b"accept-ranges", b"bytes")
+    headers.set(b"content-type", (content_type or "application/octet-stream").encode())
+    if etag:
+        headers.set(b"etag", etag.encode())
+    if last_modified:
+        headers.set(b"last-modified", last_modified.encode())
+    headers.set(H_TASK_ID, task_id.encode())
+    for name, value in extra or ():
+        headers.set(name, value)
+    return headers
+
+
+async def _start_ranged(
+    request: Request, responder: Responder, headers: Headers, total: int
+) -> tuple[int, int] | None:
+    """Start the answer for the request's Range (or the whole): the bytes [start, end] to
+    send, or None once a 416 went out."""
+    try:
+        byte_range = parse_range(request.headers.get("range"), total)
+    except RangeNotSatisfiable:
+        headers.set(b"content-range", f"bytes */{total}".encode())
+        headers.set(b"content-length", b"0")
+        await responder.start(416, headers)
+        await responder.finish()
+        return None
+    start, end = (0, total - 1) if byte_range is None else (byte_range.start, byte_range.end)
+    headers.set(b"content-length", str(end - start + 1 if total else 0).encode())
+    if byte_range is not None:
+        headers.set(b"content-range", byte_range.content_range().encode())
+    await responder.start(206 if byte_range is not None else 200, headers)
+    return start, end
+
+
+async def serve_held(
+    daemon: PeerServices,
+    handle: TaskHandle,
+    request: Request,
+    responder: Responder,
+    extra_headers: Headers | None = None,
+) -> None:
+    """A local hit: a complete task this peer holds, from its file, without starting a
+    download (the caller holds the handle)."""
+    record = handle.record
+    total = record.content_length
+    headers = _task_headers(handle.task_id, record.etag, record.last_modified, "", extra_headers)
+    span = await _start_ranged(request, responder, headers, total)
+    if span is None:
+        return
+    start, end = span
+    if request.method != "HEAD" and total:
+        await responder.sendfile(handle.file.fd, start, end - start + 1)
+        daemon.metrics.download_bytes.labels("local").inc(end - start + 1)
+    await responder.finish()
+
+
 async def stream_download(
     daemon: PeerServices,
     download: Download,
@@ -150,36 +210,28 @@ async def stream_download(
         # An origin that sent no length (chunked, no ranges): known once the body ended.
         await download.wait_finished()
     total = download.content_length
-    headers = Headers()
-    headers.set(b"accept-ranges", b"bytes")
-    headers.set(b"content-type", (download.content_type or "application/octet-stream").encode())
-    if download.etag:
-        headers.set(b"etag", download.etag.encode())
-    if download.last_modified:
-        headers.set(b"last-modified", download.last_modified.encode())
-    headers.set(H_TASK_ID, download.task_id.encode())
-    for name, value in extra_headers or ():
-        headers.set(name, value)
+    headers = _task_headers(
+        download.task_id,
+        download.etag,
+        download.last_modified,
+        download.content_type,
+        extra_headers,
+    )
     try:
         byte_range = parse_range(request.headers.get("range"), total)
     except RangeNotSatisfiable:
-        headers.set(b"content-range", f"bytes */{total}".encode())
-        headers.set(b"content-length", b"0")
-        await responder.start(416, headers)
-        await responder.finish()
-        return
-    start, end = (0, total - 1) if byte_range is None else (byte_range.start, byte_range.end)
+        byte_range = None  # (_start_ranged answers 416)
     if byte_range is None:
         download.want_all()
     elif total:
-        download.want_range(start, end)
-    headers.set(b"content-length", str(end - start + 1 if total else 0).encode())
-    if byte_range is not None:
-        headers.set(b"content-range", byte_range.content_range().encode())
+        download.want_range(byte_range.start, byte_range.end)
     local = download.finished.is_set() and download.bytes_p2p == 0 and download.bytes_source == 0
     if total == 0 and download.request.spec.digest:
         await download.wait_finished()  # an empty "blob" is checked too, before the 200
-    await responder.start(206 if byte_range is not None else 200, headers)
+    span = await _start_ranged(request, responder, headers, total)
+    if span is None:
+        return
+    start, end = span
     if request.method == "HEAD" or total == 0:
         await responder.finish()
         return

@@ -44,6 +44,7 @@ from dragonfly.engine.actions import (
     ProbeOrigin,
     RangesDone,
     Send,
+    Stalled,
     StreamOrigin,
     Subscribe,
     Unsubscribe,
@@ -225,6 +226,8 @@ class SimNode:
                 assert isinstance(action, Failed)
                 sw.failures.append(f"{self.peer_id}: {action.reason}")
                 self._left()
+            elif kind is Stalled:
+                pass  # counted by the machine (counters.stalls)
             elif kind is StreamOrigin or kind is RangesDone:
                 raise AssertionError(f"not modelled: {action}")
         self._schedule_tick()

@@ -365,3 +365,23 @@ async def test_https_origin_verified_against_its_ca(tmp_path: Path):
                 pass
     finally:
         nginx.stop()
+
+
+async def test_idle_connections_are_bounded_over_every_origin(origin: Origin):
+    """A client of many hosts keeps at most max_idle idle connections in all."""
+    client = HTTPClient(max_idle_per_origin=2, max_idle=3)
+    hosts = ["127.0.0.1", "localhost", "127.1"]  # three origins, one nginx
+    try:
+        for host in hosts:
+            url = origin.url("small.bin").replace("127.0.0.1", host)
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):  # two at once: two connections to each host
+                    nursery.start_soon(_get, client, url)
+        assert sum(len(conns) for conns in client._idle.values()) == 3
+    finally:
+        await client.aclose()
+
+
+async def _get(client: HTTPClient, url: str) -> None:
+    async with client.request("GET", url) as r:
+        await r.read()

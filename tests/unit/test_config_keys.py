@@ -88,6 +88,9 @@ PEER: dict[str, tuple[str, ...]] = {
         IT + "test_origin_concurrency_one_fetches_one_range_at_a_time",
     ),
     "download.piece_timeout": (IT + "test_a_piece_slower_than_piece_timeout_is_given_up",),
+    "download.stall_timeout": (
+        "tests/faults/test_stalls.py::test_a_parent_that_hangs_is_left_for_the_origin",
+    ),
     "download.connect_timeout": (
         COMPONENTS,
         "tests/integration/test_http_client.py::test_connect_errors_are_named",

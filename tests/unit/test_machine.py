@@ -24,6 +24,7 @@ from dragonfly.engine.actions import (
     ProbeOrigin,
     RangesDone,
     Send,
+    Stalled,
     StreamOrigin,
     Subscribe,
     Unsubscribe,
@@ -256,6 +257,43 @@ def test_resumed_pieces_are_not_fetched_again() -> None:
     assert [f.number for f in of(out, Fetch)] == [1]
 
 
+def test_no_progress_asks_for_parents_then_goes_to_the_origin() -> None:
+    m = machine(config=MachineConfig(stall_timeout=10.0))
+    m.connected(0.0)
+    m.scheduler_message(candidates(2, ["a"], known=0), 1.0)  # a parent, no digest yet
+    m.task_opened({}, 1.0)
+    assert m.next_wakeup(1.0) == pytest.approx(10.0)  # parents alone are no progress
+    out = m.tick(10.0)
+    assert of(out, Stalled) == [Stalled("reschedule", 10.0)] and sent(out, Reschedule)
+    # a new digest is progress: the clock starts again
+    m.scheduler_message(
+        PieceDigests(peer_id="me", task_id=TASK, digests=[PieceDigest(0, digest(0))]), 15.0
+    )
+    assert not of(m.tick(21.0), Stalled)
+    assert of(m.tick(25.0), Stalled) == [Stalled("reschedule", 10.0)]
+    out = m.tick(35.0)
+    assert of(out, Stalled) == [Stalled("back_to_source", 20.0)]
+    assert of(out, ProbeOrigin) and Unsubscribe("a") in out and m.phase is Phase.SOURCE
+
+
+def test_no_progress_without_the_origin_fails_with_504() -> None:
+    m = machine(back_to_source=False, config=MachineConfig(stall_timeout=5.0))
+    m.connected(0.0)  # the scheduler never answers
+    assert of(m.tick(5.0), Stalled) == [Stalled("reschedule", 5.0)]
+    out = m.tick(10.0)
+    assert of(out, Stalled) == [Stalled("fail", 10.0)]
+    (failed,) = of(out, Failed)
+    assert failed.http_status == 504 and "nothing arrived from any parent for 10 s" in failed.reason
+
+
+def test_an_origin_that_sends_nothing_fails_the_download() -> None:
+    m = machine(config=MachineConfig(stall_timeout=5.0))
+    m.connected(0.0)
+    m.scheduler_message(NeedBackToSource(peer_id="me", task_id=TASK), 1.0)
+    (failed,) = of(m.tick(6.0), Failed)  # the probe never came back
+    assert failed.http_status == 504 and "from the origin" in failed.reason
+
+
 # ---------------------------------------------------------------------------- back to source
 
 
@@ -456,6 +494,8 @@ class MachineUnderEvents(RuleBasedStateMachine):
                 assert m.have == set(range(self.k)) and self.completes == 0
                 self.completes += 1
                 self.completing = True
+            elif isinstance(a, Stalled):
+                assert not self.ended
             elif isinstance(a, Finished | Failed | RangesDone):
                 assert not self.ended
                 self.ended = True

@@ -1,0 +1,96 @@
+"""Small requests: local hits of a 100 KiB file, many clients at once, through one peer's
+proxy against nginx serving the same file directly, in the same run.
+
+python -m benchmarks small_requests [--size 100KiB] [--connections 500] [--seconds 10]
+
+Two clients, each against both: wrk (HTTP/1.1, keep-alive: what curl, containerd and
+pip do) and ab -k (HTTP/1.0: a new connection per request for an HTTP/1.1 server like
+the peer's, which keeps HTTP/1.0 connections open only when asked and h11 cannot). The
+figure is requests per second, and the ratio to nginx's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import machine, write_result
+from dragonfly.cluster import Cluster
+from dragonfly.testing.nginx import Nginx
+from dragonfly.units import parse_size
+
+
+def wrk(target: str, url: str, connections: int, seconds: float, work: Path) -> float:
+    """Requests/s of wrk against `target` (a proxy, or the origin itself) for `url`."""
+    script = work / "path.lua"
+    script.write_text(f'wrk.path = "{url}"\n' if target != url else "")
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{round(seconds)}s", "--timeout", "30s",
+         *(["-s", str(script)] if target != url else []), target],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+    )  # fmt: skip
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out.stdout)
+    if m is None or errors is not None:
+        raise RuntimeError(f"wrk failed: {out.stdout[-500:]}{out.stderr[-500:]}")
+    return float(m.group(1))
+
+
+def ab(url: str, proxy: str | None, connections: int, requests: int) -> float:
+    cmd = ["ab", "-q", "-k", "-n", str(requests), "-c", str(connections), "-s", "60"]
+    if proxy:
+        cmd += ["-X", proxy.split("//", 1)[1]]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=600)
+    m = re.search(r"Requests per second:\s+([\d.]+)", out.stdout)
+    failed = re.search(r"Failed requests:\s+(\d+)", out.stdout)
+    if m is None or (failed is not None and failed.group(1) != "0"):
+        raise RuntimeError(f"ab failed: {out.stdout[-500:]}{out.stderr[-500:]}")
+    return float(m.group(1))
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks small_requests", description=__doc__)
+    p.add_argument("--size", type=parse_size, default=100 * 1024)
+    p.add_argument("--connections", type=int, default=500)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--ab-requests", type=int, default=10000)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="dragonfly-small-") as tmp:
+        work = Path(tmp)
+        www = work / "www"
+        www.mkdir()
+        (www / "small.bin").write_bytes(os.urandom(args.size))
+        with (
+            Nginx(root=www, workdir=work / "nginx") as nginx,
+            Cluster(work / "cluster", schedulers=1, seed_peers=1, peers=1) as cluster,
+        ):
+            proxy = str(cluster.node("peer-0").info["proxy"])
+            url = f"{nginx.url}/small.bin"
+            subprocess.run(["curl", "-sSf", "-x", proxy, "-o", os.devnull, url], check=True)
+            c, n = args.connections, args.ab_requests
+            figures = {
+                "wrk nginx": wrk(url, url, c, args.seconds, work),
+                "wrk proxy": wrk(proxy, url, c, args.seconds, work),
+                "ab nginx": ab(url, None, c, n),
+                "ab proxy": ab(url, proxy, c, n),
+            }
+    print(f"small requests: {args.size} bytes, {args.connections} at once ({machine()})")
+    for client in ("wrk", "ab"):
+        direct, through = figures[f"{client} nginx"], figures[f"{client} proxy"]
+        print(
+            f"  {client:<4} nginx {direct:>9.0f}/s   proxy local hit {through:>9.0f}/s"
+            f"   ratio {through / direct:.2f}"
+        )
+    write_result("small_requests", {"args": vars(args), "requests_per_second": figures})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,58 @@
+"""Nothing waits without bound (issue 16): a download whose only parent hangs.
+
+The seed peer is stopped (SIGSTOP) once it has asked the origin for the file, so it holds
+the task at the scheduler, is the peer's parent, and never sends a byte. The peer must not
+wait for it for good: after download.stall_timeout without a piece, a digest or an
+announcement it asks for other parents; as long again, it fetches from the origin itself.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from dragonfly.cluster import Cluster
+from dragonfly.testing.nginx import Nginx
+from tests.p2p_support import MiB, curl, finish, metric, random_file, sha256_file
+
+STALL = 2.0
+
+
+def test_a_parent_that_hangs_is_left_for_the_origin(tmp_path: Path, www: Path):
+    size = 16 * MiB
+    want = random_file(www / "f.bin", size)
+    with (
+        Nginx(root=www, workdir=tmp_path / "nginx", limit_rate="2m") as origin,
+        Cluster(
+            tmp_path / "c",
+            schedulers=1,
+            seed_peers=1,
+            peers=1,
+            overrides=[f"peer:download.stall_timeout={STALL}s"],
+        ) as cluster,
+    ):
+        seed, peer = cluster.node("seed-peer-0"), cluster.node("peer-0")
+        assert seed.process is not None
+        started = time.monotonic()
+        client = curl(peer.info["proxy"], f"{origin.url}/f.bin", tmp_path / "o")
+        # Once the seed has probed the origin (its ranges follow, at 2 MB/s each), freeze it.
+        deadline = time.monotonic() + 30
+        while "bytes=0-0" not in (
+            origin.access_log.read_text() if origin.access_log.exists() else ""
+        ):
+            assert time.monotonic() < deadline, "the seed never asked the origin"
+            time.sleep(0.01)
+        seed.process.send_signal(signal.SIGSTOP)
+        try:
+            code, err = finish(client, timeout=120)
+        finally:
+            seed.process.send_signal(signal.SIGCONT)
+        took = time.monotonic() - started
+        assert code == 0, err
+        assert sha256_file(tmp_path / "o") == want
+        m = peer.info["metrics"]
+        assert metric(m, "dragonfly_download_stalls_total", 'step="reschedule"') >= 1
+        assert metric(m, "dragonfly_download_stalls_total", 'step="back_to_source"') == 1
+        assert metric(m, "dragonfly_download_bytes_total", 'source="back_to_source"') >= size
+        assert took > 2 * STALL  # it did wait for the parent first
