@@ -267,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     role = args.role or {"get": "peer", "sim": "scheduler"}[args.command]
     try:
         cfg, sources = load_config_sources(role, args.config, overrides=_overrides(args))
-        _check_files(cfg)
+        if args.command != "get":  # (get checks them when it runs a peer itself)
+            _check_files(cfg)
     except ConfigError as exc:
         print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,10 +1,11 @@
 """`python -m dragonfly get URL -O FILE`: download through the local peer (like dfget).
 
-The peer daemon downloads the task (through P2P, or from the origin) and says
-where its task file is; the file is then copied out with copy_file_range (or
-hard-linked with --hard-link) to a temporary name next to FILE, checked against
---digest when given, and renamed into place: FILE appears only complete and
-verified. When no daemon answers, a one-shot peer runs inside this process.
+The peer daemon downloads the task (through P2P, or from the origin) and says where
+its task file is and how much of it is verified from the start; the verified bytes are
+copied out with copy_file_range while the rest arrives (or the whole file hard-linked
+at the end with --hard-link) to a temporary name next to FILE, checked against
+--digest when given, and renamed into place: FILE appears only complete and verified.
+When no daemon answers, a one-shot peer runs inside this process.
 
 The daemon is asked through its local API, a unix socket in its data directory
 (DATA_DIR/api.sock, its user's only): `--peer` names that directory or the socket.
@@ -23,11 +24,10 @@ from typing import Any
 
 import trio
 
-from dragonfly.blocklist import refused
-from dragonfly.config import PeerConfig, data_dir
+from dragonfly.config import ConfigError, PeerConfig, data_dir
 from dragonfly.identity import IdentityError, parse_sha256_digest
+from dragonfly.local_api_path import LOCAL_API, SOCKET_NAME, api_socket
 from dragonfly.net.http_client import HTTPClient, HTTPClientError
-from dragonfly.peer.local_api import LOCAL_API, SOCKET_NAME, api_socket
 from dragonfly.units import human_bytes
 
 
@@ -87,7 +87,76 @@ def peer_socket(peer: str) -> Path:
     return api_socket(path) if path.is_dir() else path
 
 
-async def _via_daemon(socket: Path, spec: dict[str, Any], progress: Progress) -> Outcome:
+class Copier:
+    """Copies the task file out to a temporary name next to FILE as its verified prefix
+    grows (copy_file_range: in the kernel, no byte through Python), hashing what it
+    copied when a digest is to be checked; then renamed into place, complete."""
+
+    def __init__(self, output: Path, digest: bytes | None) -> None:
+        self.output = output.resolve()
+        self.tmp = self.output.with_name(f".{self.output.name}.dragonfly-{os.getpid()}.tmp")
+        self.digest = digest
+        self.hash = hashlib.sha256() if digest is not None else None
+        self.copied = 0
+        self._src: int | None = None
+        self._dst: int | None = None
+
+    def advance(self, source: Path, ready: int) -> None:
+        """Copy bytes [copied, ready) of the task file."""
+        if ready <= self.copied:
+            return
+        if self._src is None:
+            self._src = os.open(source, os.O_RDONLY)
+            self._dst = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        assert self._dst is not None
+        while self.copied < ready:
+            n = os.copy_file_range(
+                self._src, self._dst, ready - self.copied, self.copied, self.copied
+            )
+            if n == 0:
+                raise GetError(f"task file {source} is shorter than {ready} bytes")
+            if self.hash is not None:
+                self.hash.update(os.pread(self._src, n, self.copied))
+            self.copied += n
+
+    def finish(self, source: Path, length: int, *, hard_link: bool) -> None:
+        """The rest, the digest check, the rename: FILE appears only complete and verified."""
+        try:
+            if hard_link and self.copied == 0:
+                os.link(source, self.tmp)
+                if self.hash is not None:
+                    with open(self.tmp, "rb") as f:
+                        while chunk := f.read(8 << 20):
+                            self.hash.update(chunk)
+            else:
+                self.advance(source, length)
+                if length == 0 and self._dst is None:
+                    self.tmp.write_bytes(b"")
+            self._close()
+            if self.hash is not None and self.hash.digest() != self.digest:
+                assert self.digest is not None
+                raise GetError(
+                    f"digest mismatch: expected sha256:{self.digest.hex()}, "
+                    f"got sha256:{self.hash.hexdigest()}"
+                )
+            os.replace(self.tmp, self.output)
+        finally:
+            self.abandon()
+
+    def _close(self) -> None:
+        for fd in (self._src, self._dst):
+            if fd is not None:
+                os.close(fd)
+        self._src = self._dst = None
+
+    def abandon(self) -> None:
+        self._close()
+        self.tmp.unlink(missing_ok=True)
+
+
+async def _via_daemon(
+    socket: Path, spec: dict[str, Any], progress: Progress, copier: Copier | None = None
+) -> Outcome:
     client = HTTPClient(connect_timeout=2, read_timeout=3600, unix_socket=socket)
     peer = str(socket)
     try:
@@ -115,6 +184,11 @@ async def _via_daemon(socket: Path, spec: dict[str, Any], progress: Progress) ->
                         event.get("reason", "failed") + (f" (HTTP {status})" if status else "")
                     )
                 progress.update(int(event.get("completed", 0)), int(event.get("total", -1)))
+                if copier is not None and event.get("path") and event.get("ready"):
+                    # (in a thread: a cold page cache must not stall reading the progress)
+                    await trio.to_thread.run_sync(
+                        copier.advance, Path(event["path"]), int(event["ready"])
+                    )
                 if event.get("state") == "succeeded":
                     return Outcome(
                         Path(event["path"]), int(event["content_length"]), event["task_id"]
@@ -135,6 +209,7 @@ def _headers(d: dict[str, str]) -> Any:
 
 async def _embedded(cfg: PeerConfig, spec: dict[str, Any], progress: Progress) -> Outcome:
     """No daemon: run a one-shot peer in this process for this one download."""
+    from dragonfly.blocklist import refused
     from dragonfly.nursery.peer import PeerDaemon
     from dragonfly.peer.request import DownloadFailed, DownloadRequest
 
@@ -185,35 +260,14 @@ async def _embedded(cfg: PeerConfig, spec: dict[str, Any], progress: Progress) -
     return outcome
 
 
-def copy_out(
-    source: Path, output: Path, length: int, *, hard_link: bool, digest: bytes | None
-) -> None:
-    """Copy (or link) the task file to a temporary name, verify, then rename into place."""
-    output = output.resolve()
-    tmp = output.with_name(f".{output.name}.dragonfly-{os.getpid()}.tmp")
-    try:
-        if hard_link:
-            os.link(source, tmp)
-        else:
-            with open(source, "rb") as src, open(tmp, "wb") as dst:
-                copied = 0
-                while copied < length:
-                    n = os.copy_file_range(src.fileno(), dst.fileno(), length - copied)
-                    if n == 0:
-                        raise GetError(f"task file {source} is shorter than {length} bytes")
-                    copied += n
-        if digest is not None:
-            h = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                while chunk := f.read(8 << 20):
-                    h.update(chunk)
-            if h.digest() != digest:
-                raise GetError(
-                    f"digest mismatch: expected sha256:{digest.hex()}, got sha256:{h.hexdigest()}"
-                )
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _check_files(cfg: PeerConfig) -> None:
+    """The files a one-shot peer's configuration names (CA certificates and keys, the
+    proxy's users): ConfigError naming the key."""
+    from dragonfly.net.tls import check_peer_files
+    from dragonfly.peer.exposure import check_proxy_files
+
+    check_peer_files(cfg)
+    check_proxy_files(cfg.proxy)
 
 
 def run_get(args: Any, cfg: PeerConfig) -> int:
@@ -252,20 +306,30 @@ def run_get(args: Any, cfg: PeerConfig) -> int:
         )
         return 2
     progress = Progress(sys.stderr.isatty())
+    # A hard link is made of the whole file at the end; a copy follows the download.
+    copier = Copier(output, digest)
     try:
         try:
-            outcome = trio.run(_via_daemon, peer_socket(peer), spec, progress)
+            live = None if args.hard_link else copier
+            outcome = trio.run(_via_daemon, peer_socket(peer), spec, progress, live)
         except DaemonUnavailable:
+            copier.abandon()
+            copier = Copier(output, digest)
+            try:
+                _check_files(cfg)
+            except ConfigError as exc:
+                print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
+                return 2
             outcome = trio.run(_embedded, cfg, spec, progress)
         progress.done()
-        copy_out(
-            outcome.path, output, outcome.content_length, hard_link=args.hard_link, digest=digest
-        )
+        copier.finish(outcome.path, outcome.content_length, hard_link=args.hard_link)
     except GetError as exc:
+        copier.abandon()
         progress.done()
         print(f"dragonfly get: {args.url}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
+        copier.abandon()
         progress.done()
         print(f"dragonfly get: {output}: {exc.strerror or exc}", file=sys.stderr)
         return 1

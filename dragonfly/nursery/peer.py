@@ -42,6 +42,7 @@ from dragonfly.credentials import (
     write_credential_file,
 )
 from dragonfly.identity import IdentityError
+from dragonfly.local_api_path import api_socket
 from dragonfly.log import get_logger
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.http_client import HTTPClient
@@ -52,7 +53,7 @@ from dragonfly.net.tls import origin_ssl_context
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.peer.discovery import Discovery
 from dragonfly.peer.exposure import ProxyGate, checked_addresses
-from dragonfly.peer.local_api import LocalAPIHandler, api_socket
+from dragonfly.peer.local_api import LocalAPIHandler
 from dragonfly.peer.proxy import ProxyHandler
 from dragonfly.peer.request import DownloadRequest
 from dragonfly.peer.scheduler_client import SchedulerPool

@@ -117,6 +117,7 @@ class Download:
         self.error: DownloadFailed | None = None
         self._changed = trio.Event()
         self._waiting: dict[int, int] = {}  # piece → streams waiting for it
+        self._prefix_pieces = 0  # pieces 0..n-1 all held (verified_prefix)
         self._ended = trio.Event()  # the machine is done (finished, failed, ranges had)
         # the I/O the machine's actions started
         self._nursery: trio.Nursery | None = None
@@ -186,6 +187,18 @@ class Download:
     @property
     def clients(self) -> int:
         return self.machine.clients
+
+    @property
+    def verified_prefix(self) -> int:
+        """Bytes from the start of the file whose pieces are all verified and stored."""
+        geometry = self.machine.layout.geometry
+        if geometry is None:
+            return 0
+        have, n = self.machine.have, self._prefix_pieces
+        while n < geometry.piece_count and n in have:
+            n += 1
+        self._prefix_pieces = n
+        return min(n * geometry.piece_length, geometry.content_length)
 
     @property
     def completed_bytes(self) -> int:

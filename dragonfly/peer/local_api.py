@@ -3,32 +3,26 @@ directory (DATA_DIR/api.sock, mode 0600 in a 0700 directory).
 
 Only processes of the daemon's own user (and root) can open it: no client of the
 proxy, and no request the proxy relays, can reach it. `POST /_dragonfly/tasks` with a
-JSON body starts (or joins) a download and answers progress as JSON lines; the last
-line names the finished task file, which the client copies out itself (it can read
-it: it is the same user).
+JSON body starts (or joins) a download and answers progress as JSON lines, each with
+the task file's path and how many bytes from its start are verified, which the client
+copies out itself while the rest arrives (it can read it: it is the same user); the
+last line says the download succeeded or why it failed.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import trio
 
 from dragonfly.blocklist import refused
 from dragonfly.identity import IdentityError
+from dragonfly.local_api_path import LOCAL_API
 from dragonfly.net.http_server import Request, Responder
 from dragonfly.peer.download import Download
 from dragonfly.peer.request import DownloadFailed, DownloadRequest
 from dragonfly.peer.services import PeerServices
 from dragonfly.storage.taskfile import task_path
-
-LOCAL_API = "/_dragonfly/tasks"
-SOCKET_NAME = "api.sock"
-
-
-def api_socket(data_dir: Path) -> Path:
-    return data_dir / SOCKET_NAME
 
 
 class LocalAPIHandler:
@@ -82,13 +76,20 @@ class LocalAPIHandler:
 
         try:
             await download.wait_metadata()
+            path = str(task_path(self.daemon.data_dir, req.task_id))
+            # `ready`: the verified bytes from the start of the file, which the client may
+            # copy out of `path` while the rest arrives.
             while not download.finished.is_set():
                 await line(
-                    {"completed": download.completed_bytes, "total": download.content_length}
+                    {
+                        "completed": download.completed_bytes,
+                        "total": download.content_length,
+                        "ready": download.verified_prefix,
+                        "path": path,
+                    }
                 )
-                with trio.move_on_after(0.2):
+                with trio.move_on_after(0.1):
                     await download.wait_finished()
-            path = str(task_path(self.daemon.data_dir, req.task_id))
             await line(
                 {
                     "state": "succeeded",
@@ -97,6 +98,7 @@ class LocalAPIHandler:
                     "content_length": download.content_length,
                     "completed": download.content_length,
                     "total": download.content_length,
+                    "ready": download.content_length,
                 }
             )
         except DownloadFailed as exc:
