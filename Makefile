@@ -12,12 +12,14 @@ PY := $(VENV)/bin/python
 # opentracker for the BitTorrent reference swarm, ip/tc for the swarm's network namespaces;
 # for the registry mirror: docker-registry as the registry, skopeo, containerd's ctr and
 # podman as the clients, htpasswd for the registry's bcrypt auth file; PostgreSQL for the
-# manager's several-managers tests, whose initdb is not on PATH: checked by its path).
+# manager's several-managers tests, whose initdb is not on PATH: checked by its path;
+# chromium for the console's browser test, driven by Playwright).
 # Checked by program, not package name: Debian 12 and 13 package nginx differently.
 NEEDS := nginx:nginx curl:curl openssl:openssl update-ca-certificates:ca-certificates \
 	aria2c:aria2 opentracker:opentracker ip:iproute2 tc:iproute2 \
 	docker-registry:docker-registry skopeo:skopeo containerd:containerd ctr:containerd \
-	podman:podman htpasswd:apache2-utils /usr/lib/postgresql/*/bin/initdb:postgresql
+	podman:podman htpasswd:apache2-utils /usr/lib/postgresql/*/bin/initdb:postgresql \
+	chromium:chromium
 
 .PHONY: test setup deps lint demo bench bench-full clean
 

@@ -101,6 +101,9 @@ CLUSTER_KEYS = (
     "host.hostname",
 )
 JOIN_ROLES = ("scheduler", "seed-peer", "peer")
+# Set by the cluster only when it starts the manager; without one (--no-manager) they
+# may name a manager of one's own.
+MANAGER_KEYS = ("scheduler.manager", "manager.address")
 
 
 def split_role(spec: str) -> tuple[str | None, str]:
@@ -142,10 +145,11 @@ def role_settings(
         else:
             own[role] = path
     sets: dict[str, list[str]] = {r: [] for r in roles}
+    cluster_keys = [k for k in CLUSTER_KEYS if MANAGER in roles or k not in MANAGER_KEYS]
     for item in overrides:
         role, rest = split_role(item)
         key = rest.partition("=")[0].strip()
-        if any(key == k or k.startswith(f"{key}.") for k in CLUSTER_KEYS):
+        if any(key == k or k.startswith(f"{key}.") for k in cluster_keys):
             raise ConfigError("--set", key, "the cluster sets this for each node itself")
         if role is not None and role not in roles:
             raise ConfigError("--set", item, f"this cluster has no {role} ({names})")
@@ -177,6 +181,7 @@ class Cluster:
     overrides: list[str] = field(default_factory=list)  # [ROLE:]SECTION.KEY=VALUE
     manager: bool = True  # start a manager first; the others find it and join
     nodes: list[Node] = field(default_factory=list)
+    session: str = ""  # root's session at the manager, once started
 
     @property
     def issuer(self) -> LocalIssuer:
@@ -428,7 +433,7 @@ class Cluster:
                         self._spawn(node, env)
                     self._wait_healthy(nodes)
                     if self.manager and group == MANAGER:
-                        session = self._provision(nodes[0])
+                        self.session = session = self._provision(nodes[0])
                     elif self.manager and group == "scheduler":
                         self._wait_registered(self.node(MANAGER), session)
                 self._note_host_ids()
@@ -444,6 +449,10 @@ class Cluster:
                 self.stop()
                 raise
         return self
+
+    def manager_api(self, method: str, path: str, body: Any = None) -> Any:
+        """A call to the cluster's manager as root (ClusterError naming the answer)."""
+        return _call(self.node(MANAGER).info["url"], method, path, body, self.session)
 
     def _note_host_ids(self) -> None:
         """Each peer's host ID, from the credential the manager issued it (insecure: the

@@ -376,6 +376,14 @@ class SchedulingSection:
     )
     retry_limit: int = opt(5, "scheduling attempts before back to source", min=1, max=1000)
     retry_interval: Duration = opt(0.5, "pause between scheduling attempts", min=0)
+    rejoin_grace: Duration = opt(
+        3.0,
+        "after the first host that held tasks before reconnects (this scheduler restarted, "
+        "or took over from one), how long a task nobody is known to hold waits for the "
+        "hosts' re-announcements before a seed or the origin is asked",
+        min=0,
+        max=60,
+    )
 
 
 @dataclass
@@ -478,6 +486,28 @@ class ManagerPeersSection:
 
 
 @dataclass
+class JobsSection:
+    """Preheat, task and sync jobs."""
+
+    ttl: Duration = opt(21600.0, "job rows are removed this long after they were made", min=60)
+    dispatch_timeout: Duration = opt(
+        60.0,
+        "a job part no manager could hand to a scheduler of its cluster fails after this long",
+        min=1,
+    )
+
+
+@dataclass
+class RecordsSection:
+    """Download records the peers report (through their schedulers)."""
+
+    max_rows: int = opt(100_000, "download records kept; the oldest go first", min=100)
+    traffic_ttl: Duration = opt(
+        7_776_000.0, "hourly traffic per cluster is kept this long", min=3600
+    )
+
+
+@dataclass
 class ManagerClientSection:
     """The manager this scheduler registers with."""
 
@@ -535,6 +565,8 @@ class ManagerConfig:
     gc: ManagerGCSection = opt(ManagerGCSection(), "")
     trust: ManagerTrustSection = opt(ManagerTrustSection(), "")
     peers: ManagerPeersSection = opt(ManagerPeersSection(), "")
+    jobs: JobsSection = opt(JobsSection(), "")
+    records: RecordsSection = opt(RecordsSection(), "")
 
 
 RoleConfig = PeerConfig | SchedulerConfig | ManagerConfig

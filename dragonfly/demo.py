@@ -4,8 +4,9 @@ Starts nginx with a generated file as the origin and a local cluster (a manager,
 1 scheduler, 1 seed peer, 4 peers: the others join the manager and find their
 scheduler through it), fetches the file through every peer's proxy at once with
 curl, checks every sha256, times the same four fetches straight from the origin,
-prints a summary and how to sign in to the manager, and stops everything (on a
-terminal, once Enter is pressed, so the manager can be tried first).
+prints a summary and how to sign in to the manager (its console's traffic page shows
+where the demo's bytes went), and stops everything (on a terminal, once Enter is
+pressed, so the manager can be tried first).
 
 python -m dragonfly.demo [--size 512MiB] [--workdir DIR] [--no-wait]
 """
@@ -66,6 +67,17 @@ def _fetch_all(commands: list[list[str]]) -> list[tuple[float, str]]:
             err = curl.stderr.read().decode() if curl.stderr else ""
             raise SystemExit(f"demo: {' '.join(c)} failed: {err}")
     return results
+
+
+def _wait_records(cluster: Cluster, count: int, timeout: float = 20.0) -> int:
+    """Until the manager holds `count` download records (peers send them every few
+    seconds, through their scheduler); how many it holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = cluster.manager_api("GET", "/api/v1/download-records?per_page=1000", None)
+        if len(found) >= count or time.monotonic() > deadline:
+            return len(found)
+        time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,8 +163,14 @@ def _run(workdir: Path, size: int, peer_count: int, *, wait: bool = False) -> in
                 f"all {len(peers)} straight from the origin: {max(direct_times):.2f}s",
                 flush=True,
             )
+            records = _wait_records(cluster, len(peers) + 1)
             print()
             print(manager_help(cluster.node(MANAGER), show_password=True), flush=True)
+            print(
+                f"  the console: the same URL in a browser ({records} download records reached "
+                "it: see Traffic)",
+                flush=True,
+            )
             if wait:
                 print("the cluster keeps running: press Enter to stop it", flush=True)
                 sys.stdin.readline()

@@ -174,3 +174,14 @@ class ManagerMetrics(RoleMetrics):
             ["reason"],
             registry=r,
         )
+        self.job_parts = Counter(
+            "dragonfly_manager_job_parts",
+            "Job parts this manager ran through a scheduler, by outcome",
+            ["state"],
+            registry=r,
+        )
+        self.download_records = Counter(
+            "dragonfly_manager_download_records",
+            "Download records received from schedulers",
+            registry=r,
+        )

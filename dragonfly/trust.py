@@ -30,6 +30,7 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dragonfly.wire.messages import Claims
 
@@ -40,6 +41,8 @@ __all__ = [
     "TICKET_HEADER",
     "TICKET_LEN",
     "TICKET_REFRESH_MARGIN",
+    "AttestedFacts",
+    "Attester",
     "ClusterKey",
     "Credential",
     "SecretRing",
@@ -363,3 +366,68 @@ class TicketKey:
             raise TrustError("ticket", f"the ticket is not for task {task_id} from this host")
         if now >= ticket.expires_at:
             raise TrustError("ticket_expired", f"the ticket expired at {ticket.expires_at}")
+
+
+class Attester:
+    """Vouches that a task's layout, per-piece digests and origin metadata are the ones
+    its trusted sources reported.
+
+    A scheduler gives a peer that finished a task an attestation of them; after a
+    restart, or to another scheduler of the ring, the peer re-announces the task with
+    it, and any scheduler of the cluster (they share the secret) takes them as its own:
+    without asking the origin again, and without believing an ordinary peer's word. An
+    attestation is the key ID's length and the key ID, then HMAC-SHA256 under a key
+    derived from that cluster key (never the key that signs credentials)."""
+
+    def __init__(self, ring: SecretRing) -> None:
+        self._keys = {
+            k.key_id: hmac.digest(k.secret, b"dragonfly-attestation-key-v1", "sha256")
+            for k in ring.keys
+        }
+        self._current = ring.current.key_id
+
+    def _mac(self, key: bytes, facts: AttestedFacts) -> bytes:
+        data = _mac_input(
+            b"dragonfly-task-v1",
+            facts.task_id,
+            facts.content_length,
+            facts.piece_length,
+            hashlib.sha256(facts.digests).digest(),
+            int(facts.private),
+            facts.etag,
+            facts.last_modified,
+        )
+        return hmac.digest(key, data, "sha256")
+
+    def attest(self, facts: AttestedFacts) -> bytes:
+        kid = self._current.encode()
+        return bytes([len(kid)]) + kid + self._mac(self._keys[self._current], facts)
+
+    def check(self, attestation: bytes, facts: AttestedFacts) -> bool:
+        if not attestation:
+            return False
+        size = attestation[0]
+        kid, mac = attestation[1 : 1 + size], attestation[1 + size :]
+        key = self._keys.get(kid.decode(errors="replace"))
+        if key is None or len(mac) != 32:
+            return False
+        return hmac.compare_digest(self._mac(key, facts), mac)
+
+
+class AttestedFacts(Protocol):
+    """What an attestation covers (HeldTask and TaskAttested carry these)."""
+
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def content_length(self) -> int: ...
+    @property
+    def piece_length(self) -> int: ...
+    @property
+    def digests(self) -> bytes: ...  # every piece's raw sha256, in piece order
+    @property
+    def private(self) -> bool: ...
+    @property
+    def etag(self) -> str: ...
+    @property
+    def last_modified(self) -> str: ...

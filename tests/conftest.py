@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 import structlog
+from hypothesis import settings
 
 from dragonfly.testing.nginx import Nginx, nginx_binary
+
+# No per-example deadline: these machines are shared and noisy, and how long an example
+# takes is not what a property test checks (speed is measured by benchmarks/).
+settings.register_profile("dragonfly", deadline=None)
+settings.load_profile("dragonfly")
 
 
 @pytest.fixture(autouse=True)

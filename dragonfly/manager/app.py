@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dragonfly.log import get_logger
 from dragonfly.manager import guard
+from dragonfly.manager.console.routes import ROUTES as CONSOLE
 from dragonfly.manager.context import Context, context
 from dragonfly.manager.http import ApiError, error_response, json_response
 from dragonfly.manager.member_socket import member_endpoint
@@ -28,6 +29,7 @@ from dragonfly.manager.routes import (
     clusters,
     hosts,
     identity,
+    jobs,
     roles,
     settings,
     tokens,
@@ -86,9 +88,10 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 class AuditMiddleware:
-    """An audit row for every write and every refused request (401, 403), written
-    before the response's last bytes go out, so a client that reads /audits next
-    finds it. The path is recorded without its query (it may carry a token)."""
+    """An audit row for every write and every refused request (401, 403), of the API
+    and the console alike, written before the response's last bytes go out, so a
+    client that reads /audits next finds it. The path is recorded without its query
+    (it may carry a token)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -120,8 +123,6 @@ class AuditMiddleware:
         ctx.metrics.requests.labels(str(status)).inc()
         path = str(scope.get("path", ""))
         method = str(scope.get("method", ""))
-        if not path.startswith(("/api/", "/oapi/", identity.JOIN_PATH)):
-            return
         if method not in WRITE_METHODS and status not in REFUSED:
             return
         actor_type, actor_name = scope.get(guard.ACTOR_KEY, ("UNKNOWN", ""))
@@ -159,6 +160,8 @@ ROUTES = [
     *tokens.ROUTES,
     *audits.ROUTES,
     *identity.ROUTES,
+    *jobs.ROUTES,
+    *CONSOLE,  # the web console at /
 ]
 
 

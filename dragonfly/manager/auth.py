@@ -45,6 +45,9 @@ GROUPS = (
     "join-tokens",
     "host-credentials",
     "revocations",
+    "jobs",
+    "download-records",
+    "traffic",
 )
 PAT_SCOPES = ("job", "cluster")
 # /oapi/v1/<resource> → the scope a token needs.

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from starlette.requests import HTTPConnection
 
 from dragonfly.config import ManagerConfig
+from dragonfly.manager.jobs.secrets import Sealer
+from dragonfly.manager.sessions import MemberSessions
 from dragonfly.manager.store import Database
 from dragonfly.metrics import ManagerMetrics
 from dragonfly.trust import SecretRing, Verifier
@@ -23,6 +25,12 @@ class Context:
     holder: str  # this manager's name in leases
     clock: Callable[[], float] = field(default=time.time)
     ring: SecretRing | None = None  # the cluster secret (dragonfly/manager/issuer.py)
+    sessions: MemberSessions = field(default_factory=MemberSessions)  # members connected here
+    sealer: Sealer = field(init=False)  # jobs' secrets, under a key from jwt_key
+    _verifier: Verifier | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.sealer = Sealer(self.jwt_key)
 
     @property
     def verifier(self) -> Verifier:
@@ -31,8 +39,6 @@ class Context:
         if self._verifier is None or self._verifier.ring is not self.ring:
             self._verifier = Verifier(self.ring)
         return self._verifier
-
-    _verifier: Verifier | None = field(default=None, repr=False)
 
 
 def context(conn: HTTPConnection) -> Context:

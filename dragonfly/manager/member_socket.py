@@ -17,6 +17,10 @@ changes (looked at on each keepalive), is asked for its hosts (`SyncHosts`) when
 operator asks, and reports them (`HostsReport`) into the peers table. A member whose
 credential is revoked is dropped at its next keepalive. `ListSchedulers` is answered at
 any point, to anyone (what it reveals is where the schedulers are and the block lists).
+
+A registered scheduler is a `MemberSession` of this manager while it is connected: the
+job runner hands it `RunJob`s, and its `JobResult`s go to the job waiting for them;
+its `DownloadRecords` are kept (dragonfly/manager/jobs/store.py).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from dragonfly.log import get_logger
 from dragonfly.manager import member_feed, members, peer_table
 from dragonfly.manager.context import Context, context
 from dragonfly.manager.discovery import HostQuery
+from dragonfly.manager.jobs import store as job_store
+from dragonfly.manager.sessions import MemberSession
 from dragonfly.manager.store import DatabaseError, Tx
 from dragonfly.manager.store.rows import NotFound
 from dragonfly.net.channel import HANDSHAKE_TIMEOUT, Channel, ChannelClosed
@@ -43,10 +49,12 @@ from dragonfly.wire.messages import (
     AnnounceMember,
     ClusterConfig,
     ConfigUpdate,
+    DownloadRecords,
     Error,
     ErrorCode,
     Hello,
     HostsReport,
+    JobResult,
     ListSchedulers,
     MemberRegistered,
     Ping,
@@ -186,6 +194,7 @@ class Session:
     revocations: tuple[int, int] = (-1, -1)
     # The newest request for hosts it was sent (None: registered, it reports at once).
     synced_at: float | None = None
+    member: MemberSession | None = None  # for jobs (ctx.sessions), once registered
 
     @property
     def scheduler(self) -> bool:
@@ -230,6 +239,22 @@ async def member_endpoint(ws: WebSocket) -> None:
                 news = await ctx.db.run(partial(_news, session=session))
                 if not await _feed(ctx, channel, session, news):
                     return
+                assert session.membership is not None
+                session.member = MemberSession(
+                    session.membership.role,
+                    session.membership.member_id,
+                    msg.cluster_id,
+                    msg.hostname,
+                    identity.source_ip,
+                    tuple(msg.features),
+                    channel,
+                )
+                ctx.sessions.add(session.member)
+            elif isinstance(msg, JobResult) and session.member is not None:
+                session.member.deliver(msg)
+            elif isinstance(msg, DownloadRecords) and session.member is not None:
+                if session.scheduler and msg.records:
+                    await _keep_records(ctx, session.member, msg)
             elif isinstance(msg, Ping) and session.membership is not None:
                 news = await ctx.db.run(partial(_keepalive, session=session, now=ctx.clock()))
                 if news is None:
@@ -263,6 +288,8 @@ async def member_endpoint(ws: WebSocket) -> None:
         log.warning("member session failed: database", error=str(exc))
     finally:
         membership = session.membership if session is not None else None
+        if session is not None and session.member is not None:
+            ctx.sessions.remove(session.member)
         if membership is not None:
             now = ctx.clock()
             with trio.CancelScope(shield=True), trio.move_on_after(5):
@@ -349,6 +376,16 @@ async def _feed(ctx: Context, channel: Channel, session: Session, news: News) ->
             await channel.send(SyncHosts())
         session.synced_at = max(session.synced_at or 0.0, news.sync_requested_at)
     return True
+
+
+async def _keep_records(ctx: Context, session: MemberSession, msg: DownloadRecords) -> None:
+    now = ctx.clock()
+    await ctx.db.run(
+        lambda tx: job_store.add_records(
+            tx, session.cluster_id, session.member_id, list(msg.records), now
+        )
+    )
+    ctx.metrics.download_records.inc(len(msg.records))
 
 
 async def _register(

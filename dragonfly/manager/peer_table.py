@@ -8,10 +8,11 @@ the API have no host ID and are left alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from dragonfly.manager.store import Tx
-from dragonfly.wire.messages import HostInfo
+from dragonfly.wire.messages import HostEntry, HostInfo
 
 _COLUMNS = (
     "created_at",
@@ -38,7 +39,7 @@ _UPSERT = (
 )
 
 
-def _values(host: HostInfo, cluster_id: int, now: float) -> list[Any]:
+def _values(host: HostInfo | HostEntry, cluster_id: int, now: float) -> list[Any]:
     return [
         now,
         now,
@@ -58,10 +59,25 @@ def _values(host: HostInfo, cluster_id: int, now: float) -> list[Any]:
     ]
 
 
-def record(tx: Tx, hosts: list[HostInfo], cluster_id: int, now: float) -> int:
+def record(tx: Tx, hosts: Sequence[HostInfo | HostEntry], cluster_id: int, now: float) -> int:
     """Upsert the hosts a scheduler of `cluster_id` reported; returns how many."""
     for host in hosts:
         tx.execute(_UPSERT, _values(host, cluster_id, now))
+    return len(hosts)
+
+
+def sync(tx: Tx, hosts: Sequence[HostInfo | HostEntry], cluster_id: int, now: float) -> int:
+    """The whole of a cluster's hosts (a sync_peers job): these active, the cluster's
+    other reported rows inactive."""
+    record(tx, hosts, cluster_id, now)
+    ids = sorted({h.host_id for h in hosts})
+    sql = (
+        "UPDATE peers SET state = 'inactive', updated_at = ? WHERE scheduler_cluster_id = ? "
+        "AND host_id IS NOT NULL AND state <> 'inactive'"
+    )
+    if ids:
+        sql += f" AND host_id NOT IN ({', '.join('?' for _ in ids)})"
+    tx.execute(sql, [now, cluster_id, *ids])
     return len(hosts)
 
 

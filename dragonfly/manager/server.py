@@ -20,6 +20,7 @@ from dragonfly.manager.bootstrap import bootstrap, database_path, prepare_data_d
 from dragonfly.manager.context import Context
 from dragonfly.manager.gc import run_gc
 from dragonfly.manager.issuer import load_ring
+from dragonfly.manager.jobs.runner import JobLoop
 from dragonfly.manager.store import open_database
 from dragonfly.metrics import ManagerMetrics
 from dragonfly.wire.codec import MAX_FRAME
@@ -84,6 +85,7 @@ class ManagerServer:
                 binds = await nursery.start(partial(serve, build_app(ctx), hconfig))
                 self.port = int(binds[0].rsplit(":", 1)[1])
                 nursery.start_soon(run_gc, ctx)
+                nursery.start_soon(JobLoop(ctx).run)
                 log.info(
                     "manager started",
                     listen=f"{cfg.server.listen}:{self.port}",

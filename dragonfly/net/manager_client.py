@@ -11,11 +11,16 @@ revoked hosts (`Revocations`), handed to its callbacks, and reports its hosts
 or go (`hosts_changed`; at most once a keepalive interval). On any loss it
 waits a moment and starts over; the manager marks the row inactive when the
 connection ends, and active again at the next registration.
+
+Other messages from the manager (jobs) go to `on_message`; `queue` sends one to the
+manager (job results, download records) as soon as a session is up, keeping at most
+OUTBOX_LIMIT while none is.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -25,7 +30,7 @@ from dragonfly.log import get_logger
 from dragonfly.net.channel import MANAGER_PATH, Channel, ChannelClosed, connect
 from dragonfly.net.handshake import authenticate
 from dragonfly.trust import Credential, TrustError, new_nonce
-from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtocolError
+from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message, ProtocolError
 from dragonfly.wire.messages import (
     AnnounceMember,
     ClusterConfig,
@@ -47,6 +52,7 @@ from dragonfly.wire.messages import (
 log = get_logger("dragonfly.manager_client")
 RETRY_MIN, RETRY_MAX = 0.5, 10.0
 REPORT_CHUNK = 1000  # hosts per HostsReport (well under the frame and list limits)
+OUTBOX_LIMIT = 10_000
 
 
 def websocket_url(manager: str) -> str:
@@ -107,6 +113,7 @@ class ManagerMember:
         on_config: Callable[[ClusterConfig], None] | None = None,
         on_revocations: Callable[[list[RevokedHost]], None] | None = None,
         hosts: Callable[[], list[HostInfo]] | None = None,
+        on_message: Callable[[Message], None] | None = None,
     ) -> None:
         self.url = websocket_url(manager)
         self.role = role
@@ -116,14 +123,26 @@ class ManagerMember:
         self.on_config = on_config
         self.on_revocations = on_revocations
         self.hosts = hosts
+        self.on_message = on_message
         self.member_id = 0
         self.registrations = 0  # how many times the manager accepted this member
         self.reports = 0  # HostsReports sent (whole reports)
         self._report_now = trio.Event()
+        self.dropped = 0  # messages for the manager dropped while it was away too long
+        self._outbox: deque[Message] = deque()
+        self._outbox_ready = trio.Event()
 
     def hosts_changed(self) -> None:
         """A host came or went: report soon (at most once a keepalive interval)."""
         self._report_now.set()
+
+    def queue(self, msg: Message) -> None:
+        """Send `msg` to the manager (in order, as soon as a session is up)."""
+        if len(self._outbox) >= OUTBOX_LIMIT:
+            self._outbox.popleft()
+            self.dropped += 1
+        self._outbox.append(msg)
+        self._outbox_ready.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -180,6 +199,16 @@ class ManagerMember:
                     self._report_now.set()
                 elif isinstance(msg, Error):
                     raise ChannelClosed(f"manager: {msg.message}")
+                elif self.on_message is not None:
+                    self.on_message(msg)
+
+        async def write() -> None:
+            while True:
+                while self._outbox:
+                    await channel.send(self._outbox[0])
+                    self._outbox.popleft()
+                self._outbox_ready = trio.Event()
+                await self._outbox_ready.wait()
 
         async def report() -> None:
             while True:
@@ -193,6 +222,7 @@ class ManagerMember:
             nursery.start_soon(read)
             if self.hosts is not None:
                 nursery.start_soon(report)
+            nursery.start_soon(write)
             for nonce in itertools.count():
                 await channel.send(Ping(nonce=nonce % 2**64))
                 await trio.sleep(interval)

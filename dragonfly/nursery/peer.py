@@ -53,8 +53,11 @@ from dragonfly.net.tls import origin_ssl_context
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.peer.discovery import Discovery
 from dragonfly.peer.exposure import ProxyGate, checked_addresses
+from dragonfly.peer.jobs import HostJobs
 from dragonfly.peer.local_api import LocalAPIHandler
 from dragonfly.peer.proxy import ProxyHandler
+from dragonfly.peer.records import INTERVAL as RECORDS_INTERVAL
+from dragonfly.peer.records import RecordBuffer
 from dragonfly.peer.request import DownloadRequest
 from dragonfly.peer.scheduler_client import SchedulerPool
 from dragonfly.peer.tasks import TaskManager
@@ -109,6 +112,7 @@ class PeerDaemon:
         self.upload_limiter = _limiter(config.upload.rate_limit)
         self.download_limiter = _limiter(d.rate_limit)
         self.source_limiter = _limiter(d.back_to_source_rate_limit)
+        self.records = RecordBuffer()
         self.store: PieceStore
         self.schedulers: SchedulerPool
         self.tasks: TaskManager
@@ -193,6 +197,7 @@ class PeerDaemon:
                         connect_timeout=cfg.scheduler.connect_timeout,
                         credential=self.credential,
                         discovered=not cfg.scheduler.manager or bool(cfg.scheduler.addresses),
+                        on_job=HostJobs(self, self.tasks).handle,
                     )
                     proxy = await nursery.start(
                         self._listener(ProxyHandler(self), cfg.proxy, "proxy")
@@ -231,6 +236,12 @@ class PeerDaemon:
                         await nursery.start(self.discovery.run)
                     nursery.start_soon(
                         self.supervisor.every, cfg.storage.gc_interval, "gc", store.run_gc
+                    )
+                    nursery.start_soon(
+                        self.supervisor.every,
+                        RECORDS_INTERVAL,
+                        "records",
+                        functools.partial(self.records.flush, self.schedulers),
                     )
                     if cfg.seed.enabled and cfg.scheduler.manager:
                         nursery.start_soon(self._manager_member().run)

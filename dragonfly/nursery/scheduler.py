@@ -22,6 +22,11 @@ before it serves anyone. The manager sends its cluster's settings, applied at on
 (parent limits, hosts' load limits, block lists: a blocked registration fails with 403
 naming the rule), and the revoked hosts, whose handshakes are refused and whose
 connections are dropped; the scheduler reports its hosts for the manager's peers table.
+
+Jobs from the manager (preheat, get_task, delete_task, list_hosts) are run by the
+sans-I/O JobRunner (dragonfly/sched/jobs.py) beside the core; hosts' answers and
+their download records (stamped with the host they proved) reach the manager over
+the member connection, records in batches every RECORDS_INTERVAL.
 """
 
 from __future__ import annotations
@@ -53,9 +58,11 @@ from dragonfly.net.http_server import Request, Responder, bound_port, serve
 from dragonfly.net.join import join, report_refusal
 from dragonfly.net.manager_client import ManagerMember
 from dragonfly.nursery.signals import run_until_signal
+from dragonfly.sched.jobs import MANAGER, JobHost, JobRunner
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
 from dragonfly.supervise import Supervisor
 from dragonfly.trust import (
+    Attester,
     Credential,
     TrustError,
     Verifier,
@@ -66,12 +73,15 @@ from dragonfly.trust import (
     peer_proof,
     scheduler_proof,
 )
-from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtocolError
+from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message, ProtocolError
 from dragonfly.wire.messages import (
+    JOB_VERSION,
     AnnounceMember,
     CandidateParents,
     Claims,
     ClusterConfig,
+    DownloadRecord,
+    DownloadRecords,
     Error,
     ErrorCode,
     Hello,
@@ -81,8 +91,12 @@ from dragonfly.wire.messages import (
     Proof,
     RegisterPeer,
     RevokedHost,
+    RunJob,
+    TaskAnswer,
     TaskFailed,
     TriggerDownload,
+    batches,
+    record_size,
 )
 
 log = get_logger("dragonfly.scheduler")
@@ -90,6 +104,9 @@ log = get_logger("dragonfly.scheduler")
 # Messages waiting for one host; a host that falls this far behind is disconnected.
 OUTBOX_SIZE = 100_000
 TICK = 0.1
+RECORDS_INTERVAL = 2.0
+RECORDS_PER_MESSAGE = 1000
+RECORDS_LIMIT = 20_000  # kept while the manager is away; the oldest go first
 
 
 @dataclass
@@ -106,15 +123,17 @@ class SchedulerServer:
 
     def __init__(self, config: SchedulerConfig, *, seed: int = 0) -> None:
         self.config = config
-        self.core = Scheduler(SchedulerSettings.from_config(config), seed=seed)
         ring = scheduler_secrets(config)  # ConfigError naming trust.secret_file
         self.verifier = Verifier(ring) if ring is not None else None
+        # Attestations let a restarted peer's held tasks be believed by any scheduler
+        # of the cluster (they share the ring), including this one after a restart.
+        attester = Attester(ring) if ring is not None else None
+        self.core = Scheduler(SchedulerSettings.from_config(config), seed=seed, attester=attester)
         # With a join token the secret (and the credential) come from the manager.
         self.join_token = join_token(config)  # ConfigError naming trust.join_token_file
         self.credential: Credential | None = None  # proven to the manager
         self.cluster_config: ClusterConfig | None = None  # the manager's, once sent
         self._blocks = {False: BlockList(), True: BlockList()}  # by host.seed
-        self.member: ManagerMember | None = None
         self.metrics = SchedulerMetrics()
         self._refusal_log = LogLimiter()
         self._refused = 0  # the core's refused registrations already counted
@@ -125,6 +144,9 @@ class SchedulerServer:
         self.hosts: dict[str, _HostConnection] = {}
         self.flusher = Flusher()  # writes every host's messages, once per loop round
         self.port = 0
+        self.jobs = JobRunner()
+        self.manager: ManagerMember | None = None
+        self.records: list[DownloadRecord] = []
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         server = self.config.server
@@ -149,8 +171,9 @@ class SchedulerServer:
             nursery.start_soon(self.supervisor.every, interval, "scheduler_tick", self._tick)
             nursery.start_soon(self.supervisor.restarting, "scheduler_flush", self.flusher.run)
             if self.config.manager.address:
-                self.member = self._manager_member()
-                nursery.start_soon(self.member.run)
+                self.manager = self._manager_member()
+                nursery.start_soon(self.manager.run)
+                nursery.start_soon(self._forward_records)
             log.info("scheduler started", listen=f"{server.listen}:{self.port}")
             task_status.started(self.port)
 
@@ -167,6 +190,7 @@ class SchedulerServer:
             self.credential = joined.credential
             if not cfg.trust.insecure and joined.ring is not None:
                 self.verifier = Verifier(joined.ring)
+                self.core.attester = Attester(joined.ring)
         elif self.verifier is not None:
             self.credential = issue(
                 self.verifier.ring,
@@ -240,7 +264,7 @@ class SchedulerServer:
             cluster_id=self.config.manager.cluster_id,
             idc=host.idc,
             location=host.location,
-            features=["schedule"],
+            features=["schedule", "preheat"],
             version=__version__,
         )
         return ManagerMember(
@@ -251,7 +275,44 @@ class SchedulerServer:
             on_config=self.apply_cluster_config,
             on_revocations=self.apply_revocations,
             hosts=self.reported_hosts,
+            on_message=self._from_manager,
         )
+
+    def _from_manager(self, msg: Message) -> None:
+        if not isinstance(msg, RunJob):
+            return
+        now = trio.current_time()
+        log.info("job from the manager", job_id=msg.job_id, kind=msg.kind, tasks=len(msg.tasks))
+        if msg.kind == "delete_task":
+            for task in msg.tasks:
+                self._apply(self.core.forget_task(task.task_id, now))
+        self._apply(self.jobs.start(msg, now))
+
+    def _keep_records(self, host_id: str, msg: DownloadRecords) -> None:
+        if self.manager is None:
+            return
+        host = self.core.hosts.get(host_id)
+        if host is None:
+            return
+        info = host.info
+        for record in msg.records:
+            self.records.append(
+                dataclasses.replace(
+                    record, host_id=info.host_id, hostname=info.hostname, ip=info.ip
+                )
+            )
+        if len(self.records) > RECORDS_LIMIT:
+            del self.records[: len(self.records) - RECORDS_LIMIT]
+
+    async def _forward_records(self) -> None:
+        while True:
+            await trio.sleep(RECORDS_INTERVAL)
+            manager, waiting = self.manager, self.records
+            if manager is None or not waiting:
+                continue
+            self.records = []
+            for batch in batches(waiting, record_size, RECORDS_PER_MESSAGE):
+                manager.queue(DownloadRecords(records=batch))
 
     async def handle_http(self, request: Request, responder: Responder) -> None:
         path = request.target.split("?", 1)[0]
@@ -337,12 +398,15 @@ class SchedulerServer:
                 old.scope.cancel()
             self.hosts[host_id] = conn
             self.metrics.connected_hosts.set(len(self.hosts))
-            if self.member is not None:
-                self.member.hosts_changed()
+            if self.manager is not None:
+                self.manager.hosts_changed()
             log.info("host connected", host_id=host_id, seed=host.seed, ip=host.ip)
+            self.jobs.host_connected(_job_host(host, channel.version))
             try:
                 self._apply(
-                    self.core.host_connected(self._capped(host), trio.current_time(), key=key)
+                    self.core.host_connected(
+                        self._capped(host), trio.current_time(), key=key, protocol=channel.version
+                    )
                 )
                 handle, clock = self.core.handle, trio.current_time
                 while True:
@@ -359,6 +423,12 @@ class SchedulerServer:
                                 continue
                         elif kind is PiecesFinished:
                             pieces += len(msg.pieces)  # type: ignore[attr-defined]
+                        elif kind is TaskAnswer:
+                            self._apply(self.jobs.answer(host_id, msg, clock()))  # type: ignore[arg-type]
+                            continue
+                        elif kind is DownloadRecords:
+                            self._keep_records(host_id, msg)  # type: ignore[arg-type]
+                            continue
                         self._apply(handle(host_id, msg, clock()))
                     # Counted per batch: a prometheus increment takes a lock.
                     if registrations:
@@ -373,8 +443,9 @@ class SchedulerServer:
                 if self.hosts.get(host_id) is conn:
                     del self.hosts[host_id]
                     self._apply(self.core.host_disconnected(host_id, trio.current_time()))
-                    if self.member is not None:
-                        self.member.hosts_changed()
+                    self._apply(self.jobs.host_disconnected(host_id, trio.current_time()))
+                    if self.manager is not None:
+                        self.manager.hosts_changed()
                 self.metrics.connected_hosts.set(len(self.hosts))
                 log.info("host disconnected", host_id=host_id)
 
@@ -430,6 +501,10 @@ class SchedulerServer:
         hosts = self.hosts
         for decision in decisions:
             msg = decision.message
+            if decision.host_id == MANAGER:
+                if self.manager is not None:
+                    self.manager.queue(msg)
+                continue
             kind = type(msg)
             if kind is CandidateParents:
                 candidates += 1
@@ -457,7 +532,23 @@ class SchedulerServer:
 
     async def _tick(self) -> None:
         self._apply(self.core.tick(trio.current_time()))
+        self._apply(self.jobs.tick(trio.current_time()))
         await trio.lowlevel.checkpoint()
+
+
+def _job_host(host: HostInfo, version: int) -> JobHost:
+    return JobHost(
+        host_id=host.host_id,
+        hostname=host.hostname,
+        ip=host.ip,
+        seed=host.seed,
+        capable=version >= JOB_VERSION,
+        upload_port=host.upload_port,
+        proxy_port=host.proxy_port or 0,
+        idc=host.idc,
+        location=host.location,
+        version=host.version,
+    )
 
 
 # The cyclic GC's default thresholds (700, 10, 10) made a busy scheduler spend ~13 % of

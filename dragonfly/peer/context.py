@@ -10,6 +10,7 @@ from dragonfly.engine.actions import Action
 from dragonfly.engine.machine import DownloadMachine
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.http_client import HTTPClient
+from dragonfly.peer.records import RecordBuffer
 from dragonfly.peer.scheduler_client import SchedulerPool
 from dragonfly.ratelimit import RateLimiter
 from dragonfly.storage import PieceStore, TaskHandle
@@ -27,6 +28,7 @@ class DownloadServices(Protocol):
     origin_client: HTTPClient
     download_limiter: RateLimiter | None
     source_limiter: RateLimiter | None
+    records: RecordBuffer  # download records for the manager
 
 
 class DownloadContext(Protocol):
@@ -48,5 +50,6 @@ class DownloadContext(Protocol):
     def feed(self, actions: list[Action]) -> None:
         """Perform the machine's actions (never awaits)."""
 
-    def count_landed(self, number: int, length: int, source: str) -> None:
-        """Count a piece that is about to be held (metrics by source)."""
+    def count_landed(self, number: int, length: int, source: str, parent: str = "") -> None:
+        """Count a piece that is about to be held (metrics by source; the parent's ID when
+        it came from one)."""

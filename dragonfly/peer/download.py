@@ -47,6 +47,7 @@ from dragonfly.log import bound, get_logger
 from dragonfly.net.http_client import HTTPClient
 from dragonfly.peer.context import DownloadServices
 from dragonfly.peer.parents import ParentLink
+from dragonfly.peer.records import Outcome
 from dragonfly.peer.request import DownloadFailed, DownloadRequest
 from dragonfly.peer.scheduler_client import (
     NoScheduler,
@@ -133,6 +134,8 @@ class Download:
         self._children: dict[int, trio.MemorySendChannel[list[PieceInfo]]] = {}
         self._child_tokens = itertools.count()
         self.started_at = trio.current_time()
+        self._parents_used: dict[str, None] = {}  # parents' host names, for the record
+        self._local = False  # served from the store as it was
 
     # ------------------------------------------------------------ what clients read
 
@@ -376,7 +379,11 @@ class Download:
     def origin_headers(self) -> dict[str, str]:
         return self.request.headers
 
-    def count_landed(self, number: int, length: int, source: str) -> None:
+    def count_landed(self, number: int, length: int, source: str, parent: str = "") -> None:
+        if parent and len(self._parents_used) < 64:
+            known = self.machine.parents.get(parent)
+            if known is not None:
+                self._parents_used[known.info.hostname or known.info.host_id] = None
         if number not in self.machine.have:
             metrics = self.daemon.metrics
             metrics.download_bytes.labels(source).inc(length)
@@ -462,6 +469,7 @@ class Download:
             self._nursery = None
             self._ended.set()
             metrics.active_tasks.dec()
+            self._record()
             for send in self._children.values():
                 send.close()
             self._children.clear()
@@ -474,6 +482,25 @@ class Download:
                 await self._origin.aclose()
             self._notify()
 
+    def _record(self) -> None:
+        """The download record (sent to the manager through the scheduler)."""
+        if not self.finished.is_set() and self.error is None:
+            return  # stopped with the daemon: no outcome to tell
+        length = self.content_length
+        self.daemon.records.add(
+            Outcome(
+                task_id=self.task_id,
+                url=self.request.spec.url,
+                content_length=length,
+                seconds=trio.current_time() - self.started_at,
+                bytes_p2p=self.bytes_p2p,
+                bytes_source=self.bytes_source,
+                bytes_local=max(length, 0) if self._local else 0,
+                parents=tuple(self._parents_used),
+                error=self.error.reason if self.error is not None else "",
+            )
+        )
+
     async def _local_hit(self) -> bool:
         """A complete task is served from the store as it is (not for a seed's trigger)."""
         record = await self.daemon.store.get_task(self.task_id)
@@ -485,6 +512,7 @@ class Download:
         ):
             return False
         self.private = self.private or record.private
+        self._local = True
         self.machine.finished_locally(
             record.content_length, record.piece_length, record.etag, record.last_modified
         )

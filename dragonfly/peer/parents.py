@@ -93,7 +93,7 @@ class ParentLink:
                 sink = await self._receive(dl, action)
             if sink is not None and sink.record is not None:
                 length = sink.record.length
-                dl.count_landed(number, length, "p2p")
+                dl.count_landed(number, length, "p2p", pid)
                 dl.feed(machine.piece_landed(fid, number, pid, length, trio.current_time()))
         except ParentBusy:
             # Not a failure: the parent is full; the machine asks it again a moment later.

@@ -3,7 +3,8 @@ every download of this host, and a consistent-hash ring that says which schedule
 owns a task.
 
 Each connection has a reader that routes messages to the download they are for
-(by task and peer ID) and hands TriggerDownload to the daemon. Connections are
+(by task and peer ID) and hands TriggerDownload, and the jobs' DownloadTask,
+StatTask and DeleteTask, to the daemon. Connections are
 kept open and re-opened with backoff; a download whose scheduler goes away gets
 `SchedulerLost` and registers with the next scheduler on the ring.
 
@@ -33,12 +34,15 @@ from dragonfly.trust import Credential, TrustError, new_nonce
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message
 from dragonfly.wire.messages import (
     CandidateParents,
+    DeleteTask,
+    DownloadTask,
     Error,
     Hello,
     HostInfo,
     LeaveHost,
     NeedBackToSource,
     PieceDigests,
+    StatTask,
     TaskFailed,
     TriggerDownload,
 )
@@ -96,6 +100,9 @@ class Route:
 
 
 TriggerHandler = Callable[[TriggerDownload], Awaitable[None]]
+JobMessage = DownloadTask | StatTask | DeleteTask
+# A job's request and the connection it came on (the answer goes back there).
+JobHandler = Callable[[JobMessage, "SchedulerConnection"], Awaitable[None]]
 
 
 class SchedulerConnection:
@@ -109,12 +116,14 @@ class SchedulerConnection:
         on_trigger: TriggerHandler,
         timeout: float,
         credential: Credential | None = None,
+        on_job: JobHandler | None = None,
     ) -> None:
         self.address = address
         self.host = host
         self.role = role
         self.credential = credential
         self.on_trigger = on_trigger
+        self.on_job = on_job
         self.timeout = timeout
         self.channel: Channel | None = None
         self.routes: dict[tuple[str, str], Route] = {}
@@ -186,6 +195,10 @@ class SchedulerConnection:
         async for msg in channel:
             if isinstance(msg, TriggerDownload):
                 nursery.start_soon(self.on_trigger, msg)
+                continue
+            if isinstance(msg, (DownloadTask, StatTask, DeleteTask)):
+                if self.on_job is not None:
+                    nursery.start_soon(self.on_job, msg, self)
                 continue
             if isinstance(msg, Error):
                 log.warning(
@@ -277,12 +290,14 @@ class SchedulerPool:
         connect_timeout: float,
         credential: Credential | None = None,
         discovered: bool = True,
+        on_job: JobHandler | None = None,
     ) -> None:
         self.host = host
         self.role = role
         self.on_trigger = on_trigger
         self.connect_timeout = connect_timeout
         self.credential = credential
+        self.on_job = on_job
         self.connections = {a: self._connection(a) for a in addresses}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
@@ -293,7 +308,13 @@ class SchedulerPool:
 
     def _connection(self, address: str) -> SchedulerConnection:
         return SchedulerConnection(
-            address, self.host, self.role, self.on_trigger, self.connect_timeout, self.credential
+            address,
+            self.host,
+            self.role,
+            self.on_trigger,
+            self.connect_timeout,
+            self.credential,
+            self.on_job,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from dragonfly.tokenbucket import TokenBucket
 from dragonfly.trust import TicketKey
+from dragonfly.wire.codec import PROTOCOL_VERSION
 from dragonfly.wire.messages import HostInfo, ParentInfo, PieceDigest, RegisterPeer, TaskSpec
 
 __all__ = [
@@ -78,7 +79,8 @@ RECEIVED_STATES = frozenset(
 
 _P = PeerState
 PEER_TRANSITIONS: dict[PeerState, frozenset[PeerState]] = {
-    _P.PENDING: frozenset({*RECEIVED_STATES, _P.BACK_TO_SOURCE, _P.FAILED, _P.LEAVE}),
+    # PENDING → SUCCEEDED: a host re-announcing a task it holds whole (HeldTasks).
+    _P.PENDING: frozenset({*RECEIVED_STATES, _P.BACK_TO_SOURCE, _P.SUCCEEDED, _P.FAILED, _P.LEAVE}),
     **{s: frozenset({_P.RUNNING, _P.FAILED, _P.LEAVE}) for s in RECEIVED_STATES},
     _P.RUNNING: frozenset({_P.BACK_TO_SOURCE, _P.SUCCEEDED, _P.FAILED, _P.LEAVE}),
     _P.BACK_TO_SOURCE: frozenset({_P.SUCCEEDED, _P.FAILED, _P.LEAVE}),
@@ -130,6 +132,17 @@ class Bitset:
         bits[idx] |= mask
         self._count += 1
         return True
+
+    def fill(self, count: int) -> None:
+        """Set bits 0..count-1 (a holder of the whole task)."""
+        full, rest = divmod(count, 8)
+        bits = bytearray(b"\xff" * full)
+        if rest:
+            bits.append((1 << rest) - 1)
+        if len(self._bits) > len(bits):
+            bits.extend(self._bits[len(bits) :])
+        self._bits = bits
+        self._count = sum(b.bit_count() for b in bits)
 
     def __contains__(self, n: object) -> bool:
         if not isinstance(n, int) or n < 0:
@@ -212,6 +225,7 @@ class Host:
         "last_seen",
         "location_levels",
         "peers",
+        "protocol",
         "registrations",
         "ticket_key",
         "triggered",
@@ -232,6 +246,7 @@ class Host:
         self.triggered: dict[str, Task] = {}  # tasks this seed was asked to fetch
         # Tickets to fetch from this host are made with its host key (None: no identity).
         self.ticket_key: TicketKey | None = None
+        self.protocol = PROTOCOL_VERSION  # the version its channel speaks
         self.registrations: TokenBucket | None = None  # the registration rate limit
         self.update(info)
 
@@ -289,16 +304,20 @@ class Task:
     def __init__(
         self,
         task_id: str,
-        spec: TaskSpec,
+        spec: TaskSpec | None,
         now: float,
         *,
         headers: dict[str, str] | None = None,
     ) -> None:
         self.id = task_id
-        self.spec = spec  # what the task is made of (its ID was checked against it)
-        self.digest = spec.digest  # the whole file's, when the registration knew it
+        # What the task is made of (its ID was checked against it); None for a task
+        # learnt from a holder's re-announcement without its whole spec, until the first
+        # registration brings one (take_spec).
+        self.spec = spec
+        self.digest = spec.digest if spec is not None else ""  # the whole file's
         self.headers = dict(headers or {})
-        self.piece_length = spec.piece_length  # the explicit one until metadata
+        # The explicit one until metadata.
+        self.piece_length = spec.piece_length if spec is not None else None
         self.created_at = now
         self.state = TaskState.PENDING
         self.peers: dict[str, Peer] = {}
@@ -351,6 +370,12 @@ class Task:
         self.piece_length = self.spec.piece_length
         self.seed_failures.clear()
         self._reset_content()
+
+    def take_spec(self, registration: RegisterPeer) -> None:
+        """A task known only from a holder gets the first registrant's spec and headers
+        (what a seed would be triggered with)."""
+        self.spec, self.headers = registration.task, dict(registration.headers)
+        self.digest = self.spec.digest
 
     def can(self, new: TaskState) -> bool:
         return new in TASK_TRANSITIONS[self.state]

@@ -57,12 +57,15 @@ from dragonfly.sched.resources import (
     size_class,
 )
 from dragonfly.tokenbucket import TokenBucket
-from dragonfly.trust import TicketKey
-from dragonfly.wire.codec import Message
+from dragonfly.trust import Attester, TicketKey
+from dragonfly.wire.codec import PROTOCOL_VERSION, Message
 from dragonfly.wire.messages import (
+    CONTINUITY_VERSION,
     CandidateParents,
     Error,
     ErrorCode,
+    HeldTask,
+    HeldTasks,
     HostInfo,
     LeaveHost,
     LeavePeer,
@@ -75,8 +78,10 @@ from dragonfly.wire.messages import (
     PiecesFinished,
     RegisterPeer,
     Reschedule,
+    TaskAttested,
     TaskFailed,
     TaskMetadata,
+    TaskSpec,
     TriggerDownload,
 )
 
@@ -119,6 +124,9 @@ class SchedulerSettings:
     back_to_source_count: int = 3  # peers of one task fetching from the origin at once
     retry_limit: int = 5  # retries without a parent before back to source
     retry_interval: float = 0.5  # seconds between retries of a waiting peer
+    # After the first rejoining host connects, a task nobody is known to hold waits this
+    # long for the re-announcements before a seed or the origin is asked.
+    rejoin_grace: float = 3.0
     peer_ttl: float = 600.0  # a peer silent this long is dropped
     task_ttl: float = 3600.0  # a task without peers this long is dropped
     host_ttl: float = 300.0  # a disconnected host is forgotten after this long
@@ -144,6 +152,7 @@ class SchedulerSettings:
             back_to_source_count=s.back_to_source_count,
             retry_limit=s.retry_limit,
             retry_interval=s.retry_interval,
+            rejoin_grace=s.rejoin_grace,
             peer_ttl=gc.peer_ttl,
             task_ttl=gc.task_ttl,
             host_ttl=gc.host_ttl,
@@ -177,6 +186,7 @@ class SchedulerCounters:
     task_failures: int = 0  # TaskFailed sent
     errors: int = 0  # Error replies
     refused_registrations: int = 0  # over a host's bounds (peers_per_host, rate)
+    reannounced: int = 0  # held tasks a (re)connected host made serving peers of (HeldTasks)
     collected_peers: int = 0
     collected_tasks: int = 0
     collected_hosts: int = 0
@@ -194,8 +204,12 @@ class Scheduler:
         *,
         seed: int = 0,
         evaluator: Evaluator | None = None,
+        attester: Attester | None = None,
     ) -> None:
         self.settings = settings or SchedulerSettings()
+        # Vouches for a finished task's digests (any scheduler of the cluster checks it);
+        # None: a cluster without identity, where every host's word is taken.
+        self.attester = attester
         self.evaluator = evaluator or Evaluator()
         self.counters = SchedulerCounters()
         self._rng = Random(seed)
@@ -205,6 +219,10 @@ class Scheduler:
         self._peers: dict[str, Peer] = {}
         self._waiting: dict[str, Peer] = {}  # every task's waiting peers, for retries
         self._triggers: dict[str, Task] = {}  # tasks whose seed has not registered yet
+        # The rejoin grace (settings.rejoin_grace): when it ends, and the tasks that
+        # wait for it to seek a source.
+        self._rejoin_until: float | None = None
+        self._deferred: dict[str, Task] = {}
         self._next_gc = -math.inf
         # now + wall_offset = unix time (tickets expire in wall time, which the hosts
         # share; the shell sets it, the simulation leaves it).
@@ -219,6 +237,7 @@ class Scheduler:
             Reschedule: self._on_reschedule,
             LeavePeer: self._on_leave_peer,
             LeaveHost: self._on_leave_host,
+            HeldTasks: self._on_held_tasks,
         }
 
     # ------------------------------------------------------------------ read-only views
@@ -237,9 +256,12 @@ class Scheduler:
 
     # ------------------------------------------------------------------ entry points
 
-    def host_connected(self, host: HostInfo, now: float, *, key: bytes = b"") -> list[Send]:
+    def host_connected(
+        self, host: HostInfo, now: float, *, key: bytes = b"", protocol: int = PROTOCOL_VERSION
+    ) -> list[Send]:
         """A host said Hello (and proved ``key``, its host key, in a cluster with
-        identity): (re)create it; a reconnecting host keeps its record."""
+        identity; ``protocol``: the version its channel speaks): (re)create it; a
+        reconnecting host keeps its record."""
         h = self._hosts.get(host.host_id)
         if h is None:
             h = self._hosts[host.host_id] = Host(host, now)
@@ -251,11 +273,26 @@ class Scheduler:
             h.disconnected_at = None
             h.last_seen = now
         h.ticket_key = TicketKey(key) if key and self.settings.ticket_ttl > 0 else None
+        h.protocol = protocol
         if h.seed and not h.bad:
             self._seeds[h.id] = h
         else:
             self._seeds.pop(h.id, None)
+        if host.rejoining and self._rejoin_until is None:
+            # The hosts of a cluster come back together (within their reconnect backoff):
+            # until they re-announced what they hold, no task is known to be held nowhere.
+            self._rejoin_until = now + self.settings.rejoin_grace
         return []
+
+    def _deferring_any(self, now: float) -> bool:
+        return self._rejoin_until is not None and now < self._rejoin_until
+
+    def _deferring(self, task: Task, now: float) -> bool:
+        """Within the rejoin grace: the task's source is sought once it ends (tick)."""
+        if self._deferring_any(now):
+            self._deferred[task.id] = task
+            return True
+        return False
 
     def host_disconnected(self, host_id: str, now: float) -> list[Send]:
         """The host's websocket closed: its peers leave, their children get new parents."""
@@ -284,6 +321,22 @@ class Scheduler:
         handler(host, msg, now, out)
         return out
 
+    def forget_task(self, task_id: str, now: float) -> list[Send]:
+        """A task deleted everywhere (a delete_task job): its peers leave, so nobody is
+        handed a parent that no longer holds it, and the task record goes."""
+        out: list[Send] = []
+        task = self._tasks.get(task_id)
+        if task is None:
+            return out
+        for peer in list(task.peers.values()):
+            if self._peers.get(peer.id) is peer:
+                self._remove_peer(peer, now, out)
+        self._clear_trigger(task)
+        if self._tasks.get(task_id) is task:
+            task.transition(TaskState.LEAVE)
+            del self._tasks[task_id]
+        return out
+
     def tick(self, now: float) -> list[Send]:
         """Periodic work: lost seed triggers, retries of waiting peers, collection."""
         out: list[Send] = []
@@ -294,6 +347,11 @@ class Scheduler:
                 task.seed_failures.add(seed.id)
                 self._clear_trigger(task)
                 self._ensure_source(task, now, out)
+        if self._deferred and not self._deferring_any(now):
+            deferred, self._deferred = self._deferred, {}
+            for task in deferred.values():
+                if self._tasks.get(task.id) is task:
+                    self._ensure_source(task, now, out)
         if now >= self._next_gc:  # before the retries: a quiet peer is not worth an answer
             self._next_gc = now + self.settings.gc_interval
             self._collect(now, out)
@@ -345,6 +403,8 @@ class Scheduler:
             self._clear_trigger(task)
             task.restart(msg)
             first = True
+        elif task.spec is None:
+            task.take_spec(msg)
         task.private = task.private or msg.private
         peer = Peer(msg.peer_id, host, task, now)
         task.peers[peer.id] = peer
@@ -352,6 +412,8 @@ class Scheduler:
         host.peers[peer.id] = peer
         self._peers[peer.id] = peer
         self.counters.registrations += 1
+        if msg.held:
+            self._adopt_held_pieces(peer, msg, now, out)
 
         if host.seed:
             if task.seed_host is host:
@@ -362,10 +424,10 @@ class Scheduler:
             self._back_to_source(peer, now, out, "requested by the peer")
             return
         if first:
-            seed = self._pick_seed(task)
+            seed = None if self._deferring(task, now) else self._pick_seed(task)
             if seed is not None:
                 self._trigger(task, seed, now, out)
-            elif self._bts_allowed(task):
+            elif self._bts_allowed(task) and not self._deferring(task, now):
                 self._back_to_source(peer, now, out, "no seed peer")
                 return
         elif self._needs_witness(task) and self._bts_allowed(task):
@@ -595,6 +657,7 @@ class Scheduler:
                 task.transition(TaskState.SUCCEEDED)
         elif task.content_length >= 0 and msg.content_length != task.content_length:
             self.counters.bad_reports += 1
+        self._attest(peer, out)
         self._became_source(peer, now, out)
         if newly_known:
             for w in list(task.waiting.values()):
@@ -639,6 +702,172 @@ class Scheduler:
         del self._hosts[host.id]  # it said goodbye: nothing to keep until host_ttl
 
     # ------------------------------------------------------------------ scheduling
+
+    # ------------------------------------------------------------------ continuity
+
+    def _attest(self, peer: Peer, out: list[Send]) -> None:
+        """A peer that finished a task whose every digest is known gets an attestation
+        of them, which it shows when it re-announces the task (HeldTasks)."""
+        task = peer.task
+        if (
+            self.attester is None
+            or peer.host.protocol < CONTINUITY_VERSION
+            or not task.metadata_known
+            or task.content_length < 0
+            or task.piece_length is None
+            or len(task.digests) < task.piece_count
+        ):
+            return
+        facts = HeldTask(
+            task_id=task.id,
+            task=None,
+            content_length=task.content_length,
+            piece_length=task.piece_length,
+            digests=b"".join(task.digests[n] for n in range(task.piece_count)),
+            private=task.private,
+            etag=task.etag,
+            last_modified=task.last_modified,
+        )
+        out.append(
+            Send(
+                peer.host.id,
+                TaskAttested(
+                    task_id=task.id,
+                    content_length=facts.content_length,
+                    piece_length=facts.piece_length,
+                    private=facts.private,
+                    etag=facts.etag,
+                    last_modified=facts.last_modified,
+                    attestation=self.attester.attest(facts),
+                ),
+            )
+        )
+
+    def _adopt_held_pieces(
+        self, peer: Peer, msg: RegisterPeer, now: float, out: list[Send]
+    ) -> None:
+        """A download registering again (its scheduler restarted, or it failed over) says
+        which pieces it holds: they count as what it can serve, handed out only where the
+        task's trusted digests match them. A seed's digests are taken (it is trusted for
+        them); its layout comes with the TaskMetadata it sends again as it goes on at the
+        origin. In a cluster without identity anyone's layout and digests are taken."""
+        task = peer.task
+        host = peer.host
+        trusted = host.seed or self.attester is None
+        if (
+            trusted
+            and not (host.seed or msg.need_back_to_source)
+            and not task.metadata_known
+            and msg.content_length is not None
+            and msg.piece_length is not None
+            and msg.piece_length == (task.piece_length or piece_length_for(msg.content_length))
+        ):
+            count = -(-msg.content_length // msg.piece_length)
+            self._set_layout(task, msg.content_length, msg.piece_length, count)
+            if task.state is TaskState.PENDING:
+                task.transition(TaskState.RUNNING)
+        count = task.piece_count
+        taken: list[PieceDigest] = []
+        for held in msg.held:
+            n = held.number
+            if (count >= 0 and n >= count) or n >= MAX_TRACKED_PIECES:
+                self.counters.bad_reports += 1
+                continue
+            known = task.digests.get(n)
+            if known is None and trusted and task.metadata_known:
+                taken.append(held)
+            elif known is not None and known != held.digest:
+                self.counters.bad_reports += 1
+                continue
+            peer.finished.add(n)
+        self._take_digests(task, taken, peer, out)
+
+    def _take_digests(
+        self, task: Task, digests: list[PieceDigest], source: Peer | None, out: list[Send]
+    ) -> None:
+        """Digests from a trusted source become the task's; its downloads hear them."""
+        new = [d for d in digests if d.number not in task.digests]
+        for d in new:
+            task.digests[d.number] = d.digest
+            task.digest_list.append(PieceDigest(number=d.number, digest=d.digest))
+        if not new:
+            return
+        for p in task.downloading.values():
+            if p is not source:
+                for chunk in _chunks(new):
+                    out.append(
+                        Send(p.host.id, PieceDigests(peer_id=p.id, task_id=task.id, digests=chunk))
+                    )
+
+    def _on_held_tasks(self, host: Host, msg: HeldTasks, now: float, out: list[Send]) -> None:
+        """A (re)connected host's complete tasks: each becomes a serving peer of its task,
+        with the task's layout and digests where the scheduler did not know them (only
+        from an attestation, a seed peer, or a cluster without identity)."""
+        for held in msg.tasks:
+            self._adopt_held_task(host, held, now, out)
+
+    def _adopt_held_task(self, host: Host, held: HeldTask, now: float, out: list[Send]) -> None:
+        pl, length = held.piece_length, held.content_length
+        count = -(-length // pl)
+        spec_ok = held.task is not None and _spec_makes(held.task, held.task_id)
+        attested = self.attester is not None and self.attester.check(held.attestation, held)
+        trusted = host.seed or self.attester is None or attested
+        explicit = held.task.piece_length if held.task is not None else None
+        if (
+            not (spec_ok or attested)  # nothing ties this ID to these bytes
+            or len(held.digests) != 32 * count
+            # (an attested layout was checked when it was attested)
+            or (not attested and pl != (explicit or piece_length_for(length)))
+        ):
+            self.counters.bad_reports += 1
+            return
+        digests = [held.digests[i * 32 : (i + 1) * 32] for i in range(count)]
+        task = self._tasks.get(held.task_id)
+        if task is None:
+            if not trusted:
+                return  # nobody vouches for its digests: the task starts when asked for
+            # Without its whole spec, the next registration's (checked) is the task's.
+            task = Task(held.task_id, held.task if spec_ok else None, now)
+            self._tasks[held.task_id] = task
+        if task.state is TaskState.FAILED:
+            return
+        if not task.metadata_known:
+            if not trusted:
+                return
+            self._set_layout(task, length, pl, count)
+            task.etag, task.last_modified = held.etag, held.last_modified
+        elif (task.content_length, task.piece_length) != (length, pl) or any(
+            task.digests.get(n, d) != d for n, d in enumerate(digests)
+        ):
+            self.counters.bad_reports += 1  # not the bytes this task is
+            return
+        if trusted:
+            task.private = task.private or held.private
+            pairs = [PieceDigest(number=n, digest=d) for n, d in enumerate(digests)]
+            self._take_digests(task, pairs, None, out)
+        elif len(task.digests) < count:
+            return  # it would serve pieces nobody can check yet
+        if task.state is TaskState.PENDING:
+            task.transition(TaskState.RUNNING)
+        if task.state is TaskState.RUNNING:
+            task.transition(TaskState.SUCCEEDED)
+        peer_id = f"{host.id}/{held.task_id[:16]}"
+        existing = self._peers.get(peer_id)
+        if existing is not None:
+            return  # announced already
+        peer = Peer(peer_id, host, task, now)
+        task.peers[peer.id] = peer
+        task.empty_since = None
+        host.peers[peer.id] = peer
+        self._peers[peer.id] = peer
+        peer.finished.fill(count)
+        peer.transition(PeerState.SUCCEEDED)
+        task.succeeded[peer.id] = peer
+        self.counters.reannounced += 1
+        for w in list(task.waiting.values()):
+            if task.waiting.get(w.id) is w:
+                self._schedule(w, now, out)
+        self._became_source(peer, now, out)
 
     def _schedule(
         self,
@@ -917,7 +1146,7 @@ class Scheduler:
             self._unwait(peer)
             return
         task = peer.task
-        if not self._has_source(task, for_peer=peer):
+        if not self._has_source(task, for_peer=peer) and not self._deferring(task, now):
             peer.attempts += 1  # (waiting for a free upload slot of a live source is free)
         peer.next_retry = now + self.settings.retry_interval
         limit = self.settings.retry_limit
@@ -1006,9 +1235,9 @@ class Scheduler:
             return
         if not task.waiting and not task.downloading:
             return
-        if self._has_source(task):
+        if self._has_source(task) or self._deferring(task, now):
             return
-        seed = self._pick_seed(task)
+        seed = self._pick_seed(task) if task.spec is not None else None
         if seed is not None:
             self._trigger(task, seed, now, out)
             return
@@ -1024,16 +1253,16 @@ class Scheduler:
         other seeds come and go, and tasks spread evenly over the seeds."""
         best: Host | None = None
         best_key = b""
-        prefix = task.id.encode() + b"\0"
         for h in self._seeds.values():
             if h.id in task.seed_failures:
                 continue
-            key = hashlib.sha256(prefix + h.id.encode()).digest()
+            key = seed_key(task.id, h.id)
             if key > best_key:
                 best, best_key = h, key
         return best
 
     def _trigger(self, task: Task, seed: Host, now: float, out: list[Send]) -> None:
+        assert task.spec is not None  # (_ensure_source)
         self._clear_trigger(task)
         task.seed_host = seed
         task.triggered_at = now
@@ -1286,6 +1515,19 @@ def _useful(parent: Peer, child: Peer) -> bool:
     """Whether ``parent`` holds, or is about to hold, a piece ``child`` lacks: one that
     finished, or fetches from the origin, has (or will have) every piece."""
     return parent.state in _WHOLE or parent.finished.has_outside(child.finished)
+
+
+def seed_key(task_id: str, host_id: str) -> bytes:
+    """A seed's rank for a task (rendezvous hashing): the live seed ranked highest gets
+    the task, here and in preheat jobs (dragonfly/sched/jobs.py)."""
+    return hashlib.sha256(f"{task_id}\0{host_id}".encode()).digest()
+
+
+def _spec_makes(spec: TaskSpec, task_id: str) -> bool:
+    try:
+        return spec.task_id == task_id
+    except IdentityError:
+        return False
 
 
 def _chunks(items: list[PieceDigest]) -> Iterable[list[PieceDigest]]:

@@ -12,13 +12,14 @@ import hashlib
 import io
 import json
 import os
-import platform
 import random
 import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from dragonfly.wire.oci import go_arch
 
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -65,21 +66,6 @@ class OciImage:
 
     def oci_ref(self) -> str:
         return f"oci:{self.path}:{self.tag}"
-
-
-def go_arch() -> str:
-    """This machine's architecture as OCI (Go) names it: podman refuses a wrong one."""
-    machine = platform.machine().lower()
-    return {
-        "x86_64": "amd64",
-        "amd64": "amd64",
-        "aarch64": "arm64",
-        "arm64": "arm64",
-        "armv7l": "arm",
-        "ppc64le": "ppc64le",
-        "s390x": "s390x",
-        "riscv64": "riscv64",
-    }.get(machine, machine)
 
 
 class _RandomReader(io.RawIOBase):
@@ -165,26 +151,9 @@ def write_oci_layout(
     blobs.mkdir(parents=True, exist_ok=True)
     for old in blobs.iterdir():  # a previous image's blobs would only take up space
         old.unlink()
-    rng = random.Random(seed)
-    sizes = [total_size // layers + (1 if i < total_size % layers else 0) for i in range(layers)]
-    layer_blobs = tuple(_write_layer(blobs, i, size, rng) for i, size in enumerate(sizes))
-    # Uncompressed layers: each diff_id is the layer's own digest.
-    config = {
-        "architecture": go_arch(),
-        "os": "linux",
-        "created": "2023-11-14T22:13:20Z",
-        "config": {"Cmd": ["/bin/true"]},
-        "rootfs": {"type": "layers", "diff_ids": [b.digest for b in layer_blobs]},
-        "history": [{"created_by": f"dragonfly test layer {i}"} for i in range(layers)],
-    }
-    config_blob = _store(blobs, _json(config), CONFIG_TYPE)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": MANIFEST_TYPE,
-        "config": _descriptor(config_blob),
-        "layers": [_descriptor(b) for b in layer_blobs],
-    }
-    manifest_blob = _store(blobs, _json(manifest), MANIFEST_TYPE)
+    layer_blobs, config_blob, manifest_blob = _write_image(
+        blobs, random.Random(seed), total_size, layers, go_arch()
+    )
     index = {
         "schemaVersion": 2,
         "mediaType": INDEX_TYPE,
@@ -200,6 +169,93 @@ def write_oci_layout(
     image = OciImage(path, tag, layer_blobs, config_blob, manifest_blob)
     stamp.write_text(json.dumps({"params": params, **_describe(image)}, indent=1))
     return image
+
+
+def _write_image(
+    blobs: Path, rng: random.Random, total_size: int, layers: int, arch: str
+) -> tuple[tuple[Blob, ...], Blob, Blob]:
+    """Layers, config and manifest of one image for linux/`arch`, stored by digest."""
+    sizes = [total_size // layers + (1 if i < total_size % layers else 0) for i in range(layers)]
+    layer_blobs = tuple(_write_layer(blobs, i, size, rng) for i, size in enumerate(sizes))
+    # Uncompressed layers: each diff_id is the layer's own digest.
+    config = {
+        "architecture": arch,
+        "os": "linux",
+        "created": "2023-11-14T22:13:20Z",
+        "config": {"Cmd": ["/bin/true"]},
+        "rootfs": {"type": "layers", "diff_ids": [b.digest for b in layer_blobs]},
+        "history": [{"created_by": f"dragonfly test layer {i}"} for i in range(layers)],
+    }
+    config_blob = _store(blobs, _json(config), CONFIG_TYPE)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "config": _descriptor(config_blob),
+        "layers": [_descriptor(b) for b in layer_blobs],
+    }
+    return layer_blobs, config_blob, _store(blobs, _json(manifest), MANIFEST_TYPE)
+
+
+@dataclass(frozen=True)
+class MultiPlatformImage:
+    """An OCI index over one image per platform ("linux/amd64": its OciImage)."""
+
+    path: Path
+    tag: str
+    images: dict[str, OciImage]
+    index: Blob
+
+    def oci_ref(self) -> str:
+        return f"oci:{self.path}:{self.tag}"
+
+
+def write_multi_platform_layout(
+    path: Path,
+    *,
+    arches: tuple[str, ...] = ("amd64", "arm64"),
+    total_size: int,
+    layers: int = 2,
+    seed: int = 0,
+    tag: str = "latest",
+) -> MultiPlatformImage:
+    """An OCI layout whose tag names an image index with one image per linux/ARCH, each
+    with its own layers (no layer is shared between platforms)."""
+    blobs = path / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    images: dict[str, OciImage] = {}
+    entries = []
+    for n, arch in enumerate(arches):
+        layer_blobs, config, manifest = _write_image(
+            blobs, random.Random(seed * 1000 + n), total_size, layers, arch
+        )
+        images[f"linux/{arch}"] = OciImage(path, tag, layer_blobs, config, manifest)
+        entries.append({**_descriptor(manifest), "platform": {"os": "linux", "architecture": arch}})
+    index_doc = {"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": entries}
+    index = _store(blobs, _json(index_doc), INDEX_TYPE)
+    top = {
+        "schemaVersion": 2,
+        "mediaType": INDEX_TYPE,
+        "manifests": [
+            {**_descriptor(index), "annotations": {"org.opencontainers.image.ref.name": tag}}
+        ],
+    }
+    (path / "index.json").write_bytes(_json(top))
+    (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return MultiPlatformImage(path, tag, images, index)
+
+
+def push_all(
+    image: MultiPlatformImage, registry: str, name: str, *, creds: str | None = None
+) -> str:
+    """Push the index and every platform's image (`skopeo copy --all`); "HOST:PORT/NAME:TAG"."""
+    ref = f"{registry}/{name}:{image.tag}"
+    skopeo_copy(
+        image.oci_ref(),
+        f"docker://{ref}",
+        dest_creds=creds,
+        extra=("--all", "--preserve-digests"),
+    )
+    return ref
 
 
 def _json(obj: Any) -> bytes:

@@ -66,6 +66,7 @@ class Registry:
 
     workdir: Path
     auth: tuple[str, str] | None = None  # (user, password): htpasswd bcrypt auth
+    token_auth: dict[str, Any] | None = None  # an `auth` section: Bearer tokens (token_server)
     proxy_remote: str | None = None  # e.g. "http://127.0.0.1:PORT": a pull-through cache
     proxy_auth: tuple[str, str] | None = None  # credentials for the remote in proxy mode
     host: str = "127.0.0.1"
@@ -120,7 +121,9 @@ class Registry:
                 "headers": {"X-Content-Type-Options": ["nosniff"]},
             },
         }
-        if self.auth:
+        if self.token_auth:
+            conf["auth"] = self.token_auth
+        elif self.auth:
             path = self.workdir / "htpasswd"
             path.write_text(htpasswd_line(*self.auth) + "\n")
             conf["auth"] = {"htpasswd": {"realm": "dragonfly-test", "path": str(path)}}

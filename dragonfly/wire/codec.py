@@ -54,7 +54,13 @@ __all__ = [
 # 2: RegisterPeer and TriggerDownload carry the task as one TaskSpec record.
 # 3: cluster identity: Hello carries a nonce (and a peer's claims), a Proof each way;
 #    tickets in CandidateParents and Subscribe; the private flag of a task.
-PROTOCOL_VERSION = 3
+# 4: jobs (DownloadTask, StatTask, DeleteTask → TaskAnswer) and DownloadRecords between
+#    hosts and schedulers; a host's software version in HostInfo. A side speaking 3 is
+#    never sent these (their senders check the channel's version).
+# 5: continuity: RegisterPeer carries the pieces a download holds, HostInfo whether the
+#    host is rejoining; HeldTasks and TaskAttested (a restarted scheduler learns who
+#    holds what without the origin), sent only to a side speaking 5.
+PROTOCOL_VERSION = 5
 MIN_PROTOCOL_VERSION = 3
 MAX_FRAME = 1 << 20
 MAX_DEPTH = 8

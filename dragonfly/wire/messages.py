@@ -18,9 +18,19 @@ manager are unaffected (no version change). A member proves its credential after
 Hellos as on the scheduler websocket (``Proof`` both ways); a scheduler then gets its
 cluster's settings (``ConfigUpdate``) and the revoked hosts (``Revocations``) whenever
 they change, and reports its hosts (``HostsReport``) periodically or on ``SyncHosts``.
+manager are unaffected (no version change).
+
+Protocol note (jobs, 4): the manager sends a scheduler ``RunJob`` (preheat, get_task,
+delete_task, list_hosts) and gets ``JobResult`` back; the scheduler asks its hosts with
+``DownloadTask``, ``StatTask`` and ``DeleteTask``, each answered by a ``TaskAnswer``.
+Hosts send ``DownloadRecords`` (one per finished download) to their scheduler, which
+forwards them to the manager with the host it proved. Hosts and schedulers send these
+only on a channel whose agreed version is 4 or more.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from dragonfly.identity import (
     MAX_EXPLICIT_PIECE_LENGTH,
@@ -39,6 +49,7 @@ from dragonfly.wire.codec import (
 )
 
 __all__ = [
+    "HELD_PIECES_MAX",
     "ROLES",
     "AnnounceDone",
     "AnnounceMember",
@@ -47,11 +58,21 @@ __all__ = [
     "Claims",
     "ClusterConfig",
     "ConfigUpdate",
+    "DeleteTask",
+    "DownloadRecord",
+    "DownloadRecords",
+    "DownloadTask",
     "Error",
     "ErrorCode",
+    "HeldTask",
+    "HeldTasks",
     "Hello",
+    "HostEntry",
     "HostInfo",
     "HostsReport",
+    "JobHostResult",
+    "JobResult",
+    "JobTask",
     "LeaveHost",
     "LeavePeer",
     "ListSchedulers",
@@ -74,10 +95,14 @@ __all__ = [
     "Reschedule",
     "Revocations",
     "RevokedHost",
+    "RunJob",
     "SchedulerEntry",
     "SchedulerList",
+    "StatTask",
     "Subscribe",
     "SyncHosts",
+    "TaskAnswer",
+    "TaskAttested",
     "TaskFailed",
     "TaskMetadata",
     "TaskSpec",
@@ -86,12 +111,14 @@ __all__ = [
 ]
 
 ROLES = ("peer", "seed-peer", "scheduler", "manager")
+T = TypeVar("T")
 
 ID_MAX = 128
 URL_MAX = 8192
 DIGEST_MAX = 128  # "sha256:" + 64 hex, with room for longer algorithms
 REASON_MAX = 1024
 PIECE_NUMBER_MAX = 2**31 - 1
+HELD_PIECES_MAX = 24_576  # pieces of a task HeldTask can carry (768 KiB of digests)
 OFFSET_MAX = 2**50
 PIECE_LENGTH_MAX = 2**40
 DIGEST_LEN = 32  # raw sha256
@@ -152,7 +179,10 @@ class HostInfo:
     seed: bool = False
     upload_limit: int = limits(default=50, min=0, max=2**16)  # concurrent uploads, 0 = none
     upload_rate: int = limits(default=0, min=0, max=2**50)  # bytes/s, 0 = unlimited
-    version: str = limits(default="", max_len=64)  # the daemon's release
+    version: str = limits(default="", max_len=64)  # the daemon's software version (4)
+    # The host held tasks or downloads before this connection (its scheduler restarted,
+    # or it did): it re-announces them (HeldTasks, RegisterPeer.held) (5).
+    rejoining: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +387,58 @@ class RegisterPeer(Message):
     # The request carried credentials (Authorization, Cookie, a signature left out of
     # the ID, a configured credential header): the task is private from now on.
     private: bool = False
+    # A download registering again (its scheduler restarted, or it failed over to the
+    # next of the ring): its layout and the pieces it holds, which it may serve.
+    piece_length: int | None = limits(default=None, min=1, max=PIECE_LENGTH_MAX)
+    held: list[PieceDigest] = field(default_factory=list, metadata=dict(max_items=1 << 17))
+
+
+@compact
+@dataclass(frozen=True, slots=True)
+class HeldTask:
+    """A complete task a host holds, in HeldTasks: its layout, every piece's digest (raw
+    sha256s, in piece order), the origin's metadata and the attestation a scheduler gave
+    for all of these (dragonfly/trust.py Attester). ``task`` is its spec when the host
+    still has it whole (a URL kept at rest loses its signature: then the attestation
+    alone ties the ID to the bytes)."""
+
+    task_id: str = _id()
+    task: TaskSpec | None
+    content_length: int = limits(min=0, max=OFFSET_MAX)
+    piece_length: int = limits(min=1, max=PIECE_LENGTH_MAX)
+    # (a task of more pieces than fit in one frame is not re-announced: 1.5 TiB at the
+    # largest piece length; it is found again when asked for)
+    digests: bytes = limits(max_len=32 * HELD_PIECES_MAX)
+    private: bool = False
+    etag: str = limits(default="", max_len=1024)
+    last_modified: str = limits(default="", max_len=256)
+    attestation: bytes = limits(default=b"", max_len=256)
+
+
+@message("held_tasks")
+@dataclass(frozen=True, slots=True)
+class HeldTasks(Message):
+    """Peer/seed peer → scheduler, on connecting: complete tasks this host holds (of those
+    the scheduler owns on the ring), in batches, so a scheduler that restarted or took
+    over a task knows who can serve it without asking the origin again."""
+
+    tasks: list[HeldTask] = field(default_factory=list, metadata=dict(max_items=1024))
+
+
+@message("task_attested")
+@dataclass(frozen=True, slots=True)
+class TaskAttested(Message):
+    """Scheduler → peer that finished a task: the attestation of the task's layout, its
+    digests as the scheduler knows them, and the origin's metadata; kept with the task
+    and shown, with these values, when re-announcing it."""
+
+    task_id: str = _id()
+    content_length: int = limits(min=0, max=OFFSET_MAX)
+    piece_length: int = limits(min=1, max=PIECE_LENGTH_MAX)
+    attestation: bytes = limits(max_len=256)
+    private: bool = False
+    etag: str = limits(default="", max_len=1024)
+    last_modified: str = limits(default="", max_len=256)
 
 
 @message("task_metadata")
@@ -719,3 +801,192 @@ class HostsReport(Message):
 
     hosts: list[HostInfo] = field(default_factory=list, metadata=dict(max_items=2000))
     last: bool = True
+
+
+# ---------------------------------------------------------------------------
+# Jobs (manager → scheduler → hosts) and download records (hosts → scheduler → manager)
+# ---------------------------------------------------------------------------
+
+JOB_KINDS = ("preheat", "get_task", "delete_task", "list_hosts")
+JOB_SCOPES = ("single_seed_peer", "all_seed_peers", "all_peers")
+JOB_VERSION = 4  # the protocol version that has them
+CONTINUITY_VERSION = 5  # the one that has HeldTasks and TaskAttested
+RESULTS_PER_MESSAGE = 2000
+BATCH_BYTES = 256 * 1024  # a batch's estimated size, far below the 1 MiB frame
+
+
+def batches(items: list[T], size: Callable[[T], int], max_items: int) -> list[list[T]]:
+    """`items` in order, split so that no batch has more than `max_items` or (by the
+    estimate `size`) more than BATCH_BYTES: a list of long URLs still fits its frames."""
+    out: list[list[T]] = []
+    current: list[T] = []
+    used = 0
+    for item in items:
+        n = size(item)
+        if current and (len(current) >= max_items or used + n > BATCH_BYTES):
+            out.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += n
+    if current:
+        out.append(current)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class JobTask:
+    """One task of a job. ``task`` is what it is made of (the receiver recomputes the ID
+    from it); get_task and delete_task may name a bare ``task_id`` instead. ``headers``
+    go to the origin (a registry's Authorization); ``private``: made with credentials."""
+
+    task_id: str = _id()
+    task: TaskSpec | None = None
+    headers: dict[str, str] = field(
+        default_factory=dict, metadata=dict(max_items=64, max_len=URL_MAX)
+    )
+    private: bool = False
+
+
+@message("run_job")
+@dataclass(frozen=True, slots=True)
+class RunJob(Message):
+    """Manager → scheduler: run one job part on this scheduler's hosts; answered by
+    JobResult messages, the last one ``final``. Hosts are chosen by ``scope``, then
+    ``ips`` over ``count`` over ``percentage`` (0: not given)."""
+
+    job_id: int = limits(min=1, max=ROW_ID_MAX)
+    kind: str = limits(choices=JOB_KINDS)
+    tasks: list[JobTask] = field(default_factory=list, metadata=dict(max_items=1024))
+    scope: str = limits(default="single_seed_peer", choices=JOB_SCOPES)
+    ips: list[str] = field(default_factory=list, metadata=dict(max_items=100, max_len=64))
+    count: int = limits(default=0, min=0, max=200)
+    percentage: int = limits(default=0, min=0, max=100)
+    concurrent_tasks: int = limits(default=8, min=1, max=100)
+    concurrent_peers: int = limits(default=500, min=1, max=1000)
+    timeout_ms: int = limits(default=3_600_000, min=1, max=2**31)
+
+
+@dataclass(frozen=True, slots=True)
+class JobHostResult:
+    """What one host did with one task of a job (or, for get_task, that it holds it)."""
+
+    task_id: str = _id()
+    host_id: str = _id()
+    url: str = limits(default="", max_len=URL_MAX)
+    hostname: str = limits(default="", max_len=255)
+    ip: str = limits(default="", max_len=64)
+    seed: bool = False
+    ok: bool = True
+    reason: str = _reason()
+
+
+@dataclass(frozen=True, slots=True)
+class HostEntry:
+    """A host connected to a scheduler (list_hosts)."""
+
+    host_id: str = _id()
+    hostname: str = limits(default="", max_len=255)
+    ip: str = limits(default="", max_len=64)
+    upload_port: int = limits(default=0, min=0, max=65535)
+    proxy_port: int = limits(default=0, min=0, max=65535)
+    idc: str = limits(default="", max_len=256)
+    location: str = limits(default="", max_len=256)
+    seed: bool = False
+    version: str = limits(default="", max_len=64)
+
+
+@message("job_result")
+@dataclass(frozen=True, slots=True)
+class JobResult(Message):
+    """Scheduler → manager: a job part's results, in as many messages as they need;
+    ``error`` (on the final one) says why the part failed as a whole."""
+
+    job_id: int = limits(min=1, max=ROW_ID_MAX)
+    results: list[JobHostResult] = field(
+        default_factory=list, metadata=dict(max_items=RESULTS_PER_MESSAGE)
+    )
+    hosts: list[HostEntry] = field(
+        default_factory=list, metadata=dict(max_items=RESULTS_PER_MESSAGE)
+    )
+    error: str = _reason()
+    final: bool = True
+
+
+@message("download_task")
+@dataclass(frozen=True, slots=True)
+class DownloadTask(Message):
+    """Scheduler → host: download this task whole, as a client's request would (a
+    preheat); answered by TaskAnswer. ``ref`` is the scheduler's, echoed back."""
+
+    ref: int = limits(min=1, max=2**63 - 1)
+    task_id: str = _id()
+    task: TaskSpec
+    headers: dict[str, str] = field(
+        default_factory=dict, metadata=dict(max_items=64, max_len=URL_MAX)
+    )
+    private: bool = False
+
+
+@message("stat_task")
+@dataclass(frozen=True, slots=True)
+class StatTask(Message):
+    """Scheduler → host: do you hold this task whole? Answered by TaskAnswer."""
+
+    ref: int = limits(min=1, max=2**63 - 1)
+    task_id: str = _id()
+
+
+@message("delete_task")
+@dataclass(frozen=True, slots=True)
+class DeleteTask(Message):
+    """Scheduler → host: remove this task from your disk; answered by TaskAnswer."""
+
+    ref: int = limits(min=1, max=2**63 - 1)
+    task_id: str = _id()
+
+
+@message("task_answer")
+@dataclass(frozen=True, slots=True)
+class TaskAnswer(Message):
+    """Host → scheduler: the outcome of DownloadTask (``ok``), StatTask (``held``) or
+    DeleteTask (``held``: it was there; ``ok``: it is gone)."""
+
+    ref: int = limits(min=1, max=2**63 - 1)
+    task_id: str = _id()
+    ok: bool = True
+    held: bool = False
+    content_length: int = limits(default=-1, min=-1, max=OFFSET_MAX)
+    reason: str = _reason()
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadRecord:
+    """One finished (or failed) download on a host. The host fields are left empty by
+    the host and filled by its scheduler with the host it proved."""
+
+    task_id: str = _id()
+    url: str = limits(default="", max_len=URL_MAX)  # redacted
+    content_length: int = limits(default=-1, min=-1, max=OFFSET_MAX)
+    finished_at: int = limits(default=0, min=0, max=2**40)  # unix seconds
+    duration_ms: int = limits(default=0, min=0, max=2**40)
+    bytes_p2p: int = limits(default=0, min=0, max=OFFSET_MAX)
+    bytes_source: int = limits(default=0, min=0, max=OFFSET_MAX)
+    bytes_local: int = limits(default=0, min=0, max=OFFSET_MAX)
+    parents: list[str] = field(default_factory=list, metadata=dict(max_items=64, max_len=255))
+    error: str = _reason()
+    host_id: str = limits(default="", max_len=ID_MAX)
+    hostname: str = limits(default="", max_len=255)
+    ip: str = limits(default="", max_len=64)
+
+
+def record_size(r: DownloadRecord) -> int:
+    """A record's encoded size, about (for `batches`)."""
+    return 200 + len(r.task_id) + len(r.url) + len(r.error) + sum(len(p) + 2 for p in r.parents)
+
+
+@message("download_records")
+@dataclass(frozen=True, slots=True)
+class DownloadRecords(Message):
+    """Host → scheduler, and scheduler → manager: finished downloads, batched."""
+
+    records: list[DownloadRecord] = field(default_factory=list, metadata=dict(max_items=1000))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -196,6 +197,22 @@ def split_query(query: str) -> tuple[str | None, str]:
         else:
             rest.append(segment)
     return ns, "&".join(rest)
+
+
+def go_arch() -> str:
+    """This machine's architecture as OCI (Go) names it (podman refuses a wrong one; a
+    preheat picks this platform from an index unless told another)."""
+    machine = platform.machine().lower()
+    return {
+        "x86_64": "amd64",
+        "amd64": "amd64",
+        "aarch64": "arm64",
+        "arm64": "arm64",
+        "armv7l": "arm",
+        "ppc64le": "ppc64le",
+        "s390x": "s390x",
+        "riscv64": "riscv64",
+    }.get(machine, machine)
 
 
 def error_body(code: str, message: str) -> bytes:

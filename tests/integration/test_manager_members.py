@@ -103,7 +103,7 @@ async def test_scheduler_keepalive_stop_restart_and_silence(tmp_path: Path) -> N
             api, root, "/api/v1/schedulers", lambda b: b and b[0]["state"] == "active"
         )
         first = rows[0]
-        assert first["host_name"] == "sched-a" and first["features"] == ["schedule"]
+        assert first["host_name"] == "sched-a" and first["features"] == ["schedule", "preheat"]
         assert (first["ip"], first["claimed_ip"]) == ("127.0.0.1", "10.9.9.9")
         assert first["version"] and first["last_keep_alive_at"] > first["created_at"][:19]
         # keepalives keep coming while it runs

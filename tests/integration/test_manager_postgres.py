@@ -2,7 +2,8 @@
 (a session from one works on the other), background work runs on one of them at a
 time, and when that one is killed mid-way the other keeps serving and takes the
 background work over (it marks the dead one's scheduler inactive). Both issue
-credentials under the one secret their trust.secret_file names."""
+credentials under the one secret their trust.secret_file names. With a scheduler
+connected to each, every job runs once."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from dragonfly.config import SchedulerConfig, load_config
 from dragonfly.net.join import join_once
+from dragonfly.nursery.scheduler import SchedulerServer
 from dragonfly.testing.postgres import Postgres, postgres_bindir
 from dragonfly.testing.process import stop_process_group
 from dragonfly.testing.trust import LocalIssuer
@@ -129,6 +132,72 @@ async def test_two_managers_one_database(tmp_path: Path, postgres: Postgres) -> 
         assert b'dragonfly_manager_gc_changes_total{change="scheduler_inactive"} 1.0' in text
         stop_process_group(po, signal.SIGTERM)
         assert po.returncode == 0  # a clean stop
+    finally:
+        for process, api in managers:
+            stop_process_group(process)
+            await api.aclose()
+
+
+async def test_each_job_runs_once_with_two_managers(tmp_path: Path, postgres: Postgres) -> None:
+    """Both managers have a scheduler of cluster 1 connected (real schedulers, one to
+    each): every job part is claimed by one manager and run by one scheduler, once."""
+    env = {"DRAGONFLY_INITIAL_ROOT_PASSWORD": ROOT_PASSWORD}
+    issuer = LocalIssuer(tmp_path / "trust")  # the managers' secret, the schedulers' too
+    sets = (*FAST, f"database.dsn={postgres.dsn()}", f"trust.secret_file={issuer.secret_file}")
+    managers: list[tuple[subprocess.Popen[bytes], Api]] = []
+    try:
+        for name in ("a", "b"):
+            process, url = spawn_manager(tmp_path / name, *sets, env=env)
+            managers.append((process, Api(url)))
+        for process, api in managers:
+            await wait_healthy(api, process)
+        a = managers[0][1]
+        root = await a.signin("root", ROOT_PASSWORD)
+        async with trio.open_nursery() as nursery:
+            schedulers = []
+            for n, (_, api) in enumerate(managers):
+                cfg = load_config(
+                    "scheduler",
+                    env={},
+                    overrides=[
+                        "server.port=0",
+                        f"host.hostname=sched-{n}",
+                        f"manager.address={api.base}",
+                        *issuer.scheduler_overrides(),
+                    ],
+                )
+                assert isinstance(cfg, SchedulerConfig)
+                server = SchedulerServer(cfg)
+                await nursery.start(server.run)
+                schedulers.append(server)
+            for _ in range(200):
+                rows = (await a.call("GET", "/api/v1/schedulers", token=root)).body
+                if sum(r["state"] == "active" for r in rows) == 2:
+                    break
+                await trio.sleep(0.05)
+            else:
+                raise AssertionError("both schedulers never registered")
+            ids = []
+            for n in range(6):
+                api = managers[n % 2][1]
+                made = await api.call(
+                    "POST",
+                    "/api/v1/jobs",
+                    {"type": "get_task", "args": {"task_id": f"{n:064x}"}},
+                    token=root,
+                )
+                assert made.status == 200, made.raw
+                ids.append(made.body["id"])
+            for job_id in ids:
+                for _ in range(300):
+                    job = (await a.call("GET", f"/api/v1/jobs/{job_id}", token=root)).body
+                    if job["state"] != "PENDING":
+                        break
+                    await trio.sleep(0.05)
+                assert job["state"] == "SUCCESS", job
+            # a finished part is never claimed again; a running one by one manager only
+            assert sum(s.jobs.started for s in schedulers) == len(ids)
+            nursery.cancel_scope.cancel()
     finally:
         for process, api in managers:
             stop_process_group(process)

@@ -215,7 +215,7 @@ async def test_the_peers_table_is_what_the_schedulers_report(tmp_path: Path) -> 
         )
         assert (one["git_version"], one["scheduler_cluster_id"]) == (p1.host.version, 1)
         assert (one["proxy_port"], one["download_port"]) == (p1.proxy_port, p1.upload_port)
-        member = scheduler.member
+        member = scheduler.manager
         assert member is not None
         await trio.sleep(0.5)  # (the burst of connections is reported)
         reports = member.reports

@@ -15,6 +15,8 @@ from dragonfly.wire import codec
 from dragonfly.wire.codec import (
     MAX_FRAME,
     MESSAGE_TYPES,
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
     Message,
     ProtocolError,
     decode,
@@ -415,16 +417,19 @@ def _hello(lo: int, hi: int) -> Hello:
 
 
 def test_version_overlap_negotiates_the_lower_maximum() -> None:
-    assert check_version(_hello(3, 3)) == 3
-    assert check_version(_hello(1, 5)) == 3
+    assert check_version(_hello(3, 3)) == 3  # a host of protocol 3: no jobs, no records
+    assert check_version(_hello(1, PROTOCOL_VERSION + 1)) == PROTOCOL_VERSION
     assert check_version(_hello(2, 5), local_min=1, local_max=3) == 3
     assert check_version(_hello(1, 2), local_min=1, local_max=3) == 2
 
 
 def test_version_without_overlap_names_both_ranges() -> None:
     with pytest.raises(ProtocolError) as info:
-        check_version(_hello(4, 5))
-    assert str(info.value) == "peer speaks protocol 4..5, this side 3..3"
+        check_version(_hello(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2))
+    assert str(info.value) == (
+        f"peer speaks protocol {PROTOCOL_VERSION + 1}..{PROTOCOL_VERSION + 2}, "
+        f"this side {MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}"
+    )
     assert info.value.ref == "hello"
     with pytest.raises(ProtocolError, match=r"peer speaks protocol 1\.\.1, this side 2\.\.4"):
         check_version(_hello(1, 1), local_min=2, local_max=4)

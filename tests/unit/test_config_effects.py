@@ -23,6 +23,7 @@ SETTINGS = {
     "scheduling.back_to_source_count": "back_to_source_count",
     "scheduling.retry_limit": "retry_limit",
     "scheduling.retry_interval": "retry_interval",
+    "scheduling.rejoin_grace": "rejoin_grace",
     "gc.peer_ttl": "peer_ttl",
     "gc.task_ttl": "task_ttl",
     "gc.host_ttl": "host_ttl",

@@ -61,6 +61,11 @@ JOIN_UNIT = CREDENTIALS + "test_a_peer_with_a_join_token_joins_unless_its_creden
 PEER_TABLE = (
     "tests/unit/test_manager_identity.py::test_reported_peers_age_out_and_expired_credentials_go"
 )
+JOB_KEYS = "tests/unit/test_manager_jobs.py::test_jobs_ttl_records_max_rows_and_traffic_ttl"
+DISPATCH = (
+    "tests/integration/test_manager_jobs.py::"
+    "test_a_cluster_without_a_scheduler_fails_after_jobs_dispatch_timeout"
+)
 
 # conf/peer.toml and conf/seed-peer.toml: one schema (seed.cluster_id is read with seed.enabled)
 PEER: dict[str, tuple[str, ...]] = {
@@ -224,6 +229,10 @@ SCHEDULER: dict[str, tuple[str, ...]] = {
         SETTINGS,
         SCHED + "test_no_parent_after_retries_goes_back_to_source",
     ),
+    "scheduling.rejoin_grace": (
+        SETTINGS,
+        "tests/unit/test_sched_continuity.py::test_when_the_grace_ends_a_task_nobody_holds_gets_its_seed",
+    ),
     "gc.peer_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
     "gc.task_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
     "gc.host_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
@@ -297,6 +306,10 @@ MANAGER: dict[str, tuple[str, ...]] = {
         PEER_TABLE,
         SETTINGS_IT + "test_a_peer_no_scheduler_reports_turns_inactive_then_goes",
     ),
+    "jobs.ttl": (JOB_KEYS,),
+    "jobs.dispatch_timeout": (DISPATCH,),
+    "records.max_rows": (JOB_KEYS,),
+    "records.traffic_ttl": (JOB_KEYS,),
 }
 
 EFFECTS: dict[str, dict[str, tuple[str, ...]]] = {

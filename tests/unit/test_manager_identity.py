@@ -61,7 +61,10 @@ async def test_the_peers_table_migrates_with_its_rows(tmp_path: Path) -> None:
             tx.insert("peers", OLD_PEER)
 
         await db.run(first_schema)
-        assert await db.run(lambda tx: migrate(tx, 2.0)) == ["0002_identity_and_peers"]
+        assert await db.run(lambda tx: migrate(tx, 2.0)) == [
+            "0002_jobs_and_download_records",
+            "0003_identity_and_peers",
+        ]
         (kept,) = await db.run(lambda tx: tx.query("SELECT * FROM peers"))
         assert {k: kept[k] for k in OLD_PEER} == OLD_PEER and kept["host_id"] is None
         # two daemons on one host (one name, one address) are two rows now

@@ -147,67 +147,70 @@ async def get_cluster(request: Request) -> Response:
     return json_response(await context(request).db.run(lambda tx: load_cluster(tx, cluster_id)))
 
 
+def create_in(tx: Tx, body: CreateCluster, now: float) -> dict[str, Any]:
+    """Make a cluster (its scheduler and seed peer clusters); its façade."""
+    scheduler, seed = _columns(msgspec.structs.asdict(body))
+    seed_row = rows.insert(tx, "seed_peer_clusters", seed, now)
+    row = rows.insert(tx, "scheduler_clusters", scheduler, now)
+    associate(tx, row["id"], seed_row["id"])
+    return load_cluster(tx, row["id"])
+
+
 async def create_cluster(request: Request) -> Response:
     await guard.authorize(request)
     body = await decode(request, CreateCluster)
-    scheduler, seed = _columns(msgspec.structs.asdict(body))
     ctx = context(request)
     now = ctx.clock()
+    return json_response(await ctx.db.run(lambda tx: create_in(tx, body, now)))
 
-    def create(tx: Tx) -> dict[str, Any]:
-        seed_row = rows.insert(tx, "seed_peer_clusters", seed, now)
-        row = rows.insert(tx, "scheduler_clusters", scheduler, now)
-        associate(tx, row["id"], seed_row["id"])
-        return load_cluster(tx, row["id"])
 
-    return json_response(await ctx.db.run(create))
+def update_in(tx: Tx, cluster_id: int, body: UpdateCluster, now: float) -> dict[str, Any]:
+    """Change what `body` names of a cluster; its façade."""
+    scheduler, seed = _columns(struct_changes(body))
+    rows.update(tx, "scheduler_clusters", cluster_id, scheduler, now)
+    seed_row = _seed_peer_cluster(tx, cluster_id)
+    if seed:
+        if seed_row is None:
+            defaults = {"config": rows.dumps(builtins(SeedPeerClusterFacadeConfig()))}
+            name = {"name": rows.get(tx, "scheduler_clusters", cluster_id)["name"]}
+            seed_row = rows.insert(tx, "seed_peer_clusters", {**name, **defaults, **seed}, now)
+            associate(tx, cluster_id, seed_row["id"])
+        else:
+            if "config" in seed:  # keep what the façade does not show
+                old = rows.loads(seed_row["config"])
+                seed["config"] = rows.dumps({**old, **rows.loads(seed["config"])})
+            rows.update(tx, "seed_peer_clusters", seed_row["id"], seed, now)
+    return load_cluster(tx, cluster_id)
 
 
 async def update_cluster(request: Request) -> Response:
     await guard.authorize(request)
     cluster_id = path_id(request)
     body = await decode(request, UpdateCluster)
-    scheduler, seed = _columns(struct_changes(body))
     ctx = context(request)
     now = ctx.clock()
+    return json_response(await ctx.db.run(lambda tx: update_in(tx, cluster_id, body, now)))
 
-    def update(tx: Tx) -> dict[str, Any]:
-        rows.update(tx, "scheduler_clusters", cluster_id, scheduler, now)
-        seed_row = _seed_peer_cluster(tx, cluster_id)
-        if seed:
-            if seed_row is None:
-                defaults = {"config": rows.dumps(builtins(SeedPeerClusterFacadeConfig()))}
-                name = {"name": rows.get(tx, "scheduler_clusters", cluster_id)["name"]}
-                seed_row = rows.insert(tx, "seed_peer_clusters", {**name, **defaults, **seed}, now)
-                associate(tx, cluster_id, seed_row["id"])
-            else:
-                if "config" in seed:  # keep what the façade does not show
-                    old = rows.loads(seed_row["config"])
-                    seed["config"] = rows.dumps({**old, **rows.loads(seed["config"])})
-                rows.update(tx, "seed_peer_clusters", seed_row["id"], seed, now)
-        return load_cluster(tx, cluster_id)
 
-    return json_response(await ctx.db.run(update))
+def delete_in(tx: Tx, cluster_id: int) -> None:
+    """Remove a cluster without members (409 while it has schedulers or seed peers)."""
+    rows.get(tx, "scheduler_clusters", cluster_id)
+    refuse_if_members(tx, "schedulers", "scheduler_cluster_id", cluster_id, "cluster")
+    seed_row = _seed_peer_cluster(tx, cluster_id)
+    if seed_row is not None:
+        refuse_if_members(
+            tx, "seed_peers", "seed_peer_cluster_id", seed_row["id"], "seed peer cluster"
+        )
+    tx.execute("DELETE FROM peers WHERE scheduler_cluster_id = ?", [cluster_id])
+    rows.delete(tx, "scheduler_clusters", cluster_id)
+    if seed_row is not None:
+        rows.delete(tx, "seed_peer_clusters", seed_row["id"])
 
 
 async def delete_cluster(request: Request) -> Response:
     await guard.authorize(request)
     cluster_id = path_id(request)
-
-    def delete(tx: Tx) -> None:
-        rows.get(tx, "scheduler_clusters", cluster_id)
-        refuse_if_members(tx, "schedulers", "scheduler_cluster_id", cluster_id, "cluster")
-        seed_row = _seed_peer_cluster(tx, cluster_id)
-        if seed_row is not None:
-            refuse_if_members(
-                tx, "seed_peers", "seed_peer_cluster_id", seed_row["id"], "seed peer cluster"
-            )
-        tx.execute("DELETE FROM peers WHERE scheduler_cluster_id = ?", [cluster_id])
-        rows.delete(tx, "scheduler_clusters", cluster_id)
-        if seed_row is not None:
-            rows.delete(tx, "seed_peer_clusters", seed_row["id"])
-
-    await context(request).db.run(delete)
+    await context(request).db.run(lambda tx: delete_in(tx, cluster_id))
     return empty_response()
 
 

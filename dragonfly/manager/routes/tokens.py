@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from dragonfly.manager import auth, guard
-from dragonfly.manager.context import context
+from dragonfly.manager.context import Context, context
 from dragonfly.manager.http import ApiError, decode, json_response, parse_rfc3339, rfc3339
 from dragonfly.manager.routes.crud import Resource, header, require_row
 from dragonfly.manager.store import Tx, rows
@@ -83,11 +83,13 @@ TOKENS = Resource(
 )
 
 
-async def create_token(request: Request) -> Response:
-    principal = await guard.authorize(request)
-    body = await decode(request, CreateToken)
+async def create_in(
+    ctx: Context, given: dict[str, Any], principal: guard.Principal
+) -> dict[str, Any]:
+    """A new token from the request's fields (validated as the API does): its row as the
+    API shows it, with the token itself, the only time it is shown."""
+    body = msgspec.convert(given, CreateToken)
     values = _values(msgspec.structs.asdict(body), principal)
-    ctx = context(request)
     now = ctx.clock()
     if values["expired_at"] <= now:
         raise ApiError(422, "expired_at: must be in the future")
@@ -100,7 +102,14 @@ async def create_token(request: Request) -> Response:
         )
 
     row = await ctx.db.run(create)
-    return json_response({**render(row), "token": token})
+    return {**render(row), "token": token}
+
+
+async def create_token(request: Request) -> Response:
+    principal = await guard.authorize(request)
+    body = await decode(request, CreateToken)
+    given = msgspec.structs.asdict(body)
+    return json_response(await create_in(context(request), given, principal))
 
 
 ROUTES = [

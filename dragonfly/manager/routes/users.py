@@ -9,7 +9,7 @@ it; the session cookie is HttpOnly and SameSite=Lax; a sign-out revokes the toke
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import trio
@@ -88,25 +88,59 @@ def render(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _cookie(ctx: Context, response: Response, token: str, max_age: int) -> None:
+def _cookie(
+    ctx: Context,
+    response: Response,
+    token: str,
+    max_age: int,
+    samesite: Literal["lax", "strict"] = "lax",
+) -> None:
     response.set_cookie(
         guard.COOKIE,
         token,
         max_age=max_age,
         path="/",
         httponly=True,
-        samesite="lax",
+        samesite=samesite,
         secure=ctx.config.auth.cookie_secure,
     )
 
 
-def _session_response(ctx: Context, user_id: int, generation: int, orig: float | None) -> Response:
-    ttl = ctx.config.auth.session_ttl
-    token, session = auth.issue_session(
-        ctx.jwt_key, user_id, generation, ctx.clock(), ttl, orig_iat=orig
+async def verify_user(ctx: Context, name: str, password: str) -> dict[str, Any] | None:
+    """The enabled user with this name and password, else None (the same time either way)."""
+    user = await ctx.db.run(
+        lambda tx: tx.one(
+            "SELECT id, name, encrypted_password, state, session_generation FROM users "
+            "WHERE name = ?",
+            [name],
+        )
     )
+    encoded = user["encrypted_password"] if user else auth.DUMMY_HASH
+    ok = await trio.to_thread.run_sync(auth.verify_password, encoded, password)
+    if not ok or user is None or user["state"] != "enable":
+        return None
+    return user
+
+
+def revoke_session(tx: Tx, jti: str, until: float) -> None:
+    tx.execute(
+        "INSERT INTO revoked_sessions (jti, expires_at) VALUES (?, ?) ON CONFLICT (jti) DO NOTHING",
+        [jti, until],
+    )
+
+
+def new_session(
+    ctx: Context, user_id: int, generation: int, orig: float | None = None
+) -> tuple[str, auth.Session]:
+    return auth.issue_session(
+        ctx.jwt_key, user_id, generation, ctx.clock(), ctx.config.auth.session_ttl, orig_iat=orig
+    )
+
+
+def _session_response(ctx: Context, user_id: int, generation: int, orig: float | None) -> Response:
+    token, session = new_session(ctx, user_id, generation, orig)
     response = json_response({"token": token, "expire": rfc3339(session.expires_at)})
-    _cookie(ctx, response, token, int(ttl))
+    _cookie(ctx, response, token, int(ctx.config.auth.session_ttl))
     return response
 
 
@@ -117,15 +151,8 @@ async def signin(request: Request) -> Response:
     except ApiError:
         raise guard.unauthorized() from None
     guard.set_actor(request, "UNKNOWN", body.name[:NAME_MAX])
-    user = await ctx.db.run(
-        lambda tx: tx.one(
-            "SELECT id, encrypted_password, state, session_generation FROM users WHERE name = ?",
-            [body.name],
-        )
-    )
-    encoded = user["encrypted_password"] if user else auth.DUMMY_HASH
-    ok = await trio.to_thread.run_sync(auth.verify_password, encoded, body.password)
-    if not ok or user is None or user["state"] != "enable":
+    user = await verify_user(ctx, body.name, body.password)
+    if user is None:
         raise guard.unauthorized()
     guard.set_actor(request, "USER", body.name)
     return _session_response(ctx, user["id"], user["session_generation"], None)
@@ -140,13 +167,7 @@ async def signout(request: Request) -> Response:
         except auth.BadToken:
             session = None
         if session is not None:
-            await ctx.db.run(
-                lambda tx: tx.execute(
-                    "INSERT INTO revoked_sessions (jti, expires_at) VALUES (?, ?) "
-                    "ON CONFLICT (jti) DO NOTHING",
-                    [session.jti, session.expires_at],
-                )
-            )
+            await ctx.db.run(lambda tx: revoke_session(tx, session.jti, session.expires_at))
     response = empty_response()
     response.delete_cookie(guard.COOKIE, path="/")
     return response
@@ -159,11 +180,7 @@ async def refresh_token(request: Request) -> Response:
     session = principal.session
     # The old token is done: a refresh is not a way to hold two sessions.
     await ctx.db.run(
-        lambda tx: tx.execute(
-            "INSERT INTO revoked_sessions (jti, expires_at) VALUES (?, ?) "
-            "ON CONFLICT (jti) DO NOTHING",
-            [session.jti, session.orig_iat + ctx.config.auth.refresh_ttl],
-        )
+        lambda tx: revoke_session(tx, session.jti, session.orig_iat + ctx.config.auth.refresh_ttl)
     )
     return _session_response(ctx, principal.user_id, session.generation, session.orig_iat)
 
@@ -176,6 +193,11 @@ async def signup(request: Request) -> Response:
         if not principal.may("users", auth.ALL):
             raise ApiError(403, "sign-up is disabled (auth.signup)")
     body = await decode(request, SignUp)
+    return json_response(render(await add_user(ctx, body)))
+
+
+async def add_user(ctx: Context, body: SignUp) -> dict[str, Any]:
+    """A new user, with the guest role."""
     encoded = await trio.to_thread.run_sync(auth.hash_password, body.password)
     now = ctx.clock()
 
@@ -186,7 +208,7 @@ async def signup(request: Request) -> Response:
         tx.execute("INSERT INTO user_roles (user_id, role) VALUES (?, ?)", [row["id"], auth.GUEST])
         return row
 
-    return json_response(render(await ctx.db.run(create)))
+    return await ctx.db.run(create)
 
 
 async def reset_password(request: Request) -> Response:

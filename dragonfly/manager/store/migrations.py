@@ -109,7 +109,45 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         ],
     ),
     (
-        "0002_identity_and_peers",
+        "0002_jobs_and_download_records",
+        [
+            # args: what the request asked, secrets left out; secrets: those, sealed
+            # (dragonfly/manager/jobs/secrets.py), '' when none.
+            f"""CREATE TABLE jobs (id {{id}}, {_TIMES}, task_id TEXT NOT NULL,
+                bio TEXT NOT NULL DEFAULT '', type TEXT NOT NULL, state TEXT NOT NULL,
+                args TEXT NOT NULL, secrets TEXT NOT NULL DEFAULT '',
+                scheduler_cluster_ids TEXT NOT NULL, user_id {{int}} NOT NULL DEFAULT 0)""",
+            "CREATE INDEX jobs_created_at ON jobs (created_at)",
+            # One part per scheduler cluster, run by the manager that claims it (holder,
+            # until claimed_until) through a scheduler of that cluster connected to it;
+            # results: per host and task; details: the hosts listed, an image's layers.
+            f"""CREATE TABLE job_parts (id {{id}}, {_TIMES},
+                job_id {{int}} NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+                scheduler_cluster_id {{int}} NOT NULL, state TEXT NOT NULL,
+                holder TEXT NOT NULL DEFAULT '', claimed_until {{real}} NOT NULL DEFAULT 0,
+                scheduler_id {{int}} NOT NULL DEFAULT 0, error TEXT NOT NULL DEFAULT '',
+                results TEXT NOT NULL DEFAULT '[]', details TEXT NOT NULL DEFAULT '{{{{}}}}',
+                finished_at {{real}} NOT NULL DEFAULT 0)""",
+            "CREATE INDEX job_parts_job ON job_parts (job_id)",
+            "CREATE INDEX job_parts_state ON job_parts (state, scheduler_cluster_id)",
+            """CREATE TABLE download_records (id {id}, created_at {real} NOT NULL,
+                scheduler_cluster_id {int} NOT NULL, scheduler_id {int} NOT NULL,
+                host_id TEXT NOT NULL, hostname TEXT NOT NULL, ip TEXT NOT NULL,
+                task_id TEXT NOT NULL, url TEXT NOT NULL, content_length {int} NOT NULL,
+                finished_at {real} NOT NULL, duration_ms {int} NOT NULL,
+                bytes_p2p {int} NOT NULL, bytes_source {int} NOT NULL,
+                bytes_local {int} NOT NULL, parents TEXT NOT NULL, error TEXT NOT NULL)""",
+            "CREATE INDEX download_records_task ON download_records (task_id)",
+            # Bytes by source per cluster and hour: kept beyond the records themselves.
+            """CREATE TABLE traffic_hourly (scheduler_cluster_id {int} NOT NULL,
+                hour {real} NOT NULL, bytes_p2p {int} NOT NULL DEFAULT 0,
+                bytes_source {int} NOT NULL DEFAULT 0, bytes_local {int} NOT NULL DEFAULT 0,
+                downloads {int} NOT NULL DEFAULT 0, failures {int} NOT NULL DEFAULT 0,
+                PRIMARY KEY (scheduler_cluster_id, hour))""",
+        ],
+    ),
+    (
+        "0003_identity_and_peers",
         [
             # One join token per role; only its SHA-256 is kept.
             f"""CREATE TABLE join_tokens (role TEXT PRIMARY KEY, {_TIMES},
