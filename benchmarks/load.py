@@ -107,10 +107,11 @@ class Rig:
     origin: Nginx
     www: Path
     work: Path
+    node: str = "peer-0"  # whose proxy the requests go through
 
     @property
     def peer(self) -> dict[str, object]:
-        return self.cluster.node("peer-0").info
+        return self.cluster.node(self.node).info
 
     @property
     def proxy(self) -> str:
@@ -118,7 +119,7 @@ class Rig:
 
     @property
     def pid(self) -> int:
-        process = self.cluster.node("peer-0").process
+        process = self.cluster.node(self.node).process
         assert process is not None
         return process.pid
 

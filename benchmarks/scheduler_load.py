@@ -1,5 +1,8 @@
 """Load generator of `python -m benchmarks scheduler`: simulated hosts on real websockets.
 
+Why about 740 lines: one worker program (run by benchmarks/scheduler.py) with its own
+epoll loop and websocket framing instead of trio's, and the host's side of every exchange.
+
 One process drives a slice of the simulated hosts, each host on its own websocket to
 the scheduler, from one epoll loop. The websocket framing is written here (RFC 6455:
 an HTTP/1.1 upgrade with a checked Sec-WebSocket-Accept, then binary frames, every
@@ -348,6 +351,7 @@ class Counts:
             "back_to_source_answers": 0,  # first answer NeedBackToSource
             "parent_updates": 0,  # later CandidateParents (parent set changed)
             "piece_digests": 0,
+            "attestations": 0,  # TaskAttested: a finished peer's proof (protocol 5)
             "triggers": 0,
             "task_failed": 0,
             "errors": 0,  # Error messages from the scheduler
@@ -552,6 +556,8 @@ class Worker:
                 self._next(h, now)
         elif tag == "piece_digests":
             c.add("piece_digests")
+        elif tag == "task_attested":
+            c.add("attestations")
         elif tag == "trigger_download":
             c.add("triggers")
             task = self.by_id.get(msg["task_id"])

@@ -1,5 +1,9 @@
 """swarm: N peers ask for the same file at the same moment; how close to the fluid bound?
 
+Why about 1,000 lines: one measurement of three contenders (dragonfly, direct, BitTorrent)
+in two modes (netns, loopback) under one set of caps and one bound; the parts they share
+with other benchmarks are in benchmarks/common.py and benchmarks/netns.py.
+
 One origin with its upload capped at U_o; N peers and M seed peers, each with its
 upload capped at U_p (and its download at D, if given); every peer asks for the same
 file of F bytes at the same moment and its client discards the bytes after hashing

@@ -466,9 +466,31 @@ class Cluster:
                     own = Path(node.info["data_dir"]) / "host-id"
                     node.info["host_id"] = own.read_text().strip() if own.exists() else ""
 
-    def _wait_healthy(self, nodes: list[Node]) -> None:
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Stop one node at once (by PID, SIGKILL by default: a crash), and wait for it."""
+        node = self.node(name)
+        if node.process is not None and node.process.poll() is None:
+            node.process.send_signal(sig)
+            node.process.wait(timeout=30)
+
+    def restart(self, name: str) -> Node:
+        """Start a stopped node again: the same configuration, ports and data."""
+        node = self.node(name)
+        if node.process is not None and node.process.poll() is None:
+            raise ClusterError(f"{name} is running")
+        env = {k: v for k, v in os.environ.items() if not _is_config_variable(k)}
+        with open(node.log_path, "ab") as log:
+            node.process = subprocess.Popen(
+                node.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        node.info["pid"] = node.process.pid
+        self._wait_healthy([node])
+        self._write_json()
+        return node
+
+    def _wait_healthy(self, nodes: list[Node] | None = None) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
-        pending = list(nodes)
+        pending = list(self.nodes if nodes is None else nodes)
         while pending:
             for node in list(pending):
                 assert node.process is not None

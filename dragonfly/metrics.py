@@ -131,6 +131,11 @@ class SchedulerMetrics(RoleMetrics):
         self.connected_hosts = Gauge(
             "dragonfly_scheduler_connected_hosts", "Hosts with an open connection", registry=r
         )
+        self.reannounced = Counter(
+            "dragonfly_scheduler_reannounced",
+            "Complete tasks hosts announced again that became serving peers (HeldTasks)",
+            registry=r,
+        )
 
 
 class ManagerMetrics(RoleMetrics):

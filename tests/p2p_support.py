@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from dragonfly.cluster import Cluster
 from dragonfly.testing.probe import metric, sha256_file
 
 __all__ = [
@@ -95,3 +96,15 @@ async def connect_through(
                 break
             head += chunk
     return stream, head
+
+
+def origin_story(cluster: Cluster) -> str:
+    """Why the origin was asked more than once, from the nodes' logs: who was sent to the
+    origin and why, seed triggers, stalls and lost schedulers (for an assertion message)."""
+    marks = ("sent to the origin", "triggered", "stall", "scheduler lost", "back to source")
+    lines = []
+    for node in cluster.nodes:
+        for line in node.log_path.read_text(errors="replace").splitlines():
+            if any(m in line for m in marks):
+                lines.append(f"{node.name}: {line[:300]}")
+    return "\n".join(lines[-40:])

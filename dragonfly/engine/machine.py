@@ -104,6 +104,7 @@ from dragonfly.identity import IdentityError, PieceLayout, piece_length_for
 from dragonfly.trust import Ticket
 from dragonfly.wire.codec import Message
 from dragonfly.wire.messages import (
+    REGISTER_HELD_MAX,
     CandidateParents,
     LeavePeer,
     NeedBackToSource,
@@ -296,23 +297,42 @@ class DownloadMachine:
     # ------------------------------------------------------------------ scheduler
 
     def connected(self, now: float) -> list[Action]:
-        """A scheduler session is open (first, or after one was lost): register."""
+        """A scheduler session is open (first, or after one was lost): register, with
+        what is held already (a scheduler that restarted, or the next of the ring, knows
+        nothing of it). At the origin already: it goes on there, and tells the scheduler
+        again what the origin said and which pieces it holds."""
         if self.done:
             return []
         if self._progress_at is None:
             self._progress(now)
-        return [
+        lay = self.layout
+        known = self.opened and lay.piece_length > 0 and lay.content_length >= 0
+        at_source = self.phase is Phase.SOURCE
+        held = (
+            [PieceDigest(number=n, digest=self.digests[n]) for n in sorted(self.have)]
+            if known
+            else []
+        )
+        out: list[Action] = [
             Send(
                 RegisterPeer(
                     peer_id=self.peer_id,
                     task_id=self.task_id,
                     task=self.spec,
                     headers=self.headers,
-                    need_back_to_source=self.seed_trigger,
+                    need_back_to_source=self.seed_trigger or at_source,
                     private=self.private,
+                    content_length=lay.content_length if known else None,
+                    piece_length=lay.piece_length if known else None,
+                    held=held[:REGISTER_HELD_MAX],
                 )
             )
         ]
+        if at_source and self._source_started:
+            self._reports = []  # (what _source_metadata reports again)
+            out += self._source_metadata()
+            out += self._flush_reports()
+        return out
 
     def scheduler_lost(self, now: float) -> list[Action]:
         """The session went away: parents and fetches go on; reports wait for the next."""

@@ -148,6 +148,14 @@ class Channel:
         self.peer_hello = first
         return first
 
+    @property
+    def close_reason(self) -> str:
+        """How the other side closed the channel (code and reason), or "" while open."""
+        closed = self.ws.closed
+        if closed is None:
+            return ""
+        return f"{closed.code} {closed.reason or closed.name}"
+
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
         with trio.move_on_after(2) as scope:
             scope.shield = True

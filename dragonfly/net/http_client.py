@@ -1,5 +1,8 @@
 """h11 HTTP/1.1 client for going back to the origin (and fetching pieces from parents).
 
+Why about 700 lines: the raw body reads (splice, read_into) and the pool's reuse of a
+connection after them share one connection's state; split, each half would reach into the other.
+
 h11 parses the status line and headers. A Content-Length body is then read
 straight from the socket: spliced into a file (`splice_to`) or received into
 a caller's buffer (`read_into`), never through h11's buffer, which copies.

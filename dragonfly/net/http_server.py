@@ -1,5 +1,8 @@
 """h11 HTTP/1.1 server: keep-alive, request bodies, streaming and sendfile responses.
 
+Why about 800 lines: one connection's life (h11 state, timeouts, sendfile passthrough,
+CONNECT and websocket hand-over, lingering close) is one loop over one state.
+
 A handler gets a `Request` and a `Responder` and answers through the responder:
 `send(...)` for small bodies, `start(...)` + `write(...)`/`sendfile(...)` +
 `finish()` for streamed ones. Bodies sent with `sendfile` go straight from the

@@ -56,6 +56,7 @@ from dragonfly.peer.exposure import ProxyGate, checked_addresses
 from dragonfly.peer.jobs import HostJobs
 from dragonfly.peer.local_api import LocalAPIHandler
 from dragonfly.peer.proxy import ProxyHandler
+from dragonfly.peer.reannounce import Reannouncer
 from dragonfly.peer.records import INTERVAL as RECORDS_INTERVAL
 from dragonfly.peer.records import RecordBuffer
 from dragonfly.peer.request import DownloadRequest
@@ -65,7 +66,7 @@ from dragonfly.peer.tunnel import Hijacker
 from dragonfly.peer.upload import UploadHandler
 from dragonfly.ratelimit import RateLimiter
 from dragonfly.storage import GCConfig, PieceStore
-from dragonfly.supervise import Supervisor
+from dragonfly.supervise import InFlight, Supervisor
 from dragonfly.trust import TicketKey, name_from
 from dragonfly.wire.messages import AnnounceMember, ClusterConfig, HostInfo, TriggerDownload
 
@@ -120,6 +121,22 @@ class PeerDaemon:
         self.upload_port = 0
         self.proxy_port = 0
         self._serving = False
+        self._left = False  # the schedulers were told that this host leaves
+        self.uploads = InFlight()  # pieces being uploaded now
+        self.stopping = False
+
+    async def drain(self) -> None:
+        """Stopping (SIGTERM): say unhealthy, tell the schedulers that this host leaves
+        (no child is sent here any more), and let the pieces being uploaded finish."""
+        self._serving = False
+        self.stopping = True
+        uploading = self.uploads.count
+        log.info("peer stopping", uploading=uploading)
+        await self.schedulers.leave()
+        self._left = True
+        await self.uploads.idle()  # (the caller bounds the wait)
+        if uploading:
+            log.info("uploads finished", count=uploading)
 
     @property
     def healthy(self) -> bool:
@@ -199,6 +216,14 @@ class PeerDaemon:
                         discovered=not cfg.scheduler.manager or bool(cfg.scheduler.addresses),
                         on_job=HostJobs(self, self.tasks).handle,
                     )
+                    # What this host holds is announced again to a scheduler that comes
+                    # back or takes its tasks over (before downloads use the connection).
+                    self.reannouncer = Reannouncer(store, self.schedulers, self.tasks)
+                    await self.reannouncer.load()
+                    self.schedulers.listen(self.reannouncer)
+                    nursery.start_soon(
+                        self.supervisor.restarting, "reannounce", self.reannouncer.run
+                    )
                     proxy = await nursery.start(
                         self._listener(ProxyHandler(self), cfg.proxy, "proxy")
                     )
@@ -264,8 +289,9 @@ class PeerDaemon:
                         await trio.sleep_forever()
                     finally:
                         self._serving = False
-                        with trio.CancelScope(shield=True), trio.move_on_after(2):
-                            await self.schedulers.leave()
+                        if not self._left:
+                            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                                await self.schedulers.leave()
                         scheduler_scope.cancel()
             finally:
                 self._serving = False
@@ -351,11 +377,13 @@ def _limiter(rate: int) -> RateLimiter | None:
 
 
 def run_peer(cfg: PeerConfig) -> int:
+    daemon = PeerDaemon(cfg)
+
     async def main(nursery: trio.Nursery) -> None:
-        await nursery.start(PeerDaemon(cfg).run)
+        await nursery.start(daemon.run)
 
     try:
-        trio.run(run_until_signal, main)
+        trio.run(run_until_signal, main, daemon.drain)
     except BaseException as exc:  # a refused join token ends the start with its reason
         return report_refusal(exc)
     return 0

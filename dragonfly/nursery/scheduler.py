@@ -60,7 +60,7 @@ from dragonfly.net.manager_client import ManagerMember
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.sched.jobs import MANAGER, JobHost, JobRunner
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
-from dragonfly.supervise import Supervisor
+from dragonfly.supervise import InFlight, Supervisor
 from dragonfly.trust import (
     Attester,
     Credential,
@@ -84,6 +84,7 @@ from dragonfly.wire.messages import (
     DownloadRecords,
     Error,
     ErrorCode,
+    HeldTasks,
     Hello,
     HostInfo,
     NeedBackToSource,
@@ -147,6 +148,18 @@ class SchedulerServer:
         self.jobs = JobRunner()
         self.manager: ManagerMember | None = None
         self.records: list[DownloadRecord] = []
+        self._stopping = False
+        self.connected = InFlight()  # host connections being served
+
+    async def drain(self) -> None:
+        """Stopping (SIGTERM): take no more hosts, and tell the connected ones that this
+        scheduler goes away (close 1001), so that they turn to the next of the ring, or
+        ride through until it is back, at once instead of after a keepalive."""
+        self._stopping = True
+        log.info("scheduler stopping", hosts=len(self.hosts))
+        for conn in list(self.hosts.values()):
+            conn.channel.close_soon(1001, "scheduler stopping")
+        await self.connected.idle()  # (the caller bounds the wait)
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         server = self.config.server
@@ -324,6 +337,9 @@ class SchedulerServer:
         elif path == "/metrics":
             await responder.send(200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
         elif path == SCHEDULER_PATH and responder.is_websocket_request:
+            if self._stopping:  # a host told to go away would come straight back
+                await responder.send(503, b"scheduler stopping\n")
+                return
             await accept_websocket(
                 request,
                 responder,
@@ -390,7 +406,7 @@ class SchedulerServer:
             self._refuse(channel, "timeout", "no proof in time", host.host_id, host.ip)
             return
         host_id = host.host_id
-        with trio.CancelScope() as scope:
+        with trio.CancelScope() as scope, self.connected:
             conn = _HostConnection(host_id, channel, scope, host, peer_hello.claims)
             old = self.hosts.get(host_id)
             if old is not None:
@@ -428,6 +444,11 @@ class SchedulerServer:
                             continue
                         elif kind is DownloadRecords:
                             self._keep_records(host_id, msg)  # type: ignore[arg-type]
+                            continue
+                        elif kind is HeldTasks:
+                            before = self.core.counters.reannounced
+                            self._apply(handle(host_id, msg, clock()))
+                            self.metrics.reannounced.inc(self.core.counters.reannounced - before)
                             continue
                         self._apply(handle(host_id, msg, clock()))
                     # Counted per batch: a prometheus increment takes a lock.
@@ -562,11 +583,13 @@ GC_THRESHOLDS = (20_000, 20, 50)
 def run_scheduler(cfg: SchedulerConfig) -> int:
     gc.set_threshold(*GC_THRESHOLDS)
 
+    server = SchedulerServer(cfg)
+
     async def main(nursery: trio.Nursery) -> None:
-        await nursery.start(SchedulerServer(cfg).run)
+        await nursery.start(server.run)
 
     try:
-        trio.run(run_until_signal, main)
+        trio.run(run_until_signal, main, server.drain)
     except BaseException as exc:  # a refused join token ends the start with its reason
         return report_refusal(exc)
     return 0

@@ -1,5 +1,9 @@
 """One task being downloaded by this peer: the trio driver of the download machine.
 
+Why about 700 lines: its tasks share one download's state (the machine, the outbox, the
+task file, the clients' waiters); what performs one kind of action lives beside it
+(parents.py, source.py).
+
 Every decision is the machine's (dragonfly/engine/machine.py): this module turns
 sockets, the store and the clock into its events, and performs the actions it
 returns — scheduler messages, parent subscriptions, piece requests, origin
@@ -47,6 +51,7 @@ from dragonfly.log import bound, get_logger
 from dragonfly.net.http_client import HTTPClient
 from dragonfly.peer.context import DownloadServices
 from dragonfly.peer.parents import ParentLink
+from dragonfly.peer.reannounce import spec_json
 from dragonfly.peer.records import Outcome
 from dragonfly.peer.request import DownloadFailed, DownloadRequest
 from dragonfly.peer.scheduler_client import (
@@ -71,6 +76,10 @@ from dragonfly.wire.messages import (
 )
 
 log = get_logger("dragonfly.peer.download")
+
+
+# While every scheduler is lost: how often a download looks for one that is back.
+REJOIN_POLL = 0.5
 
 
 def machine_config(cfg: PeerConfig) -> MachineConfig:
@@ -566,20 +575,38 @@ class Download:
     # ------------------------------------------------------------ the scheduler
 
     async def _converse(self) -> None:
-        """Sessions with the task's scheduler, the next on the ring when one is lost."""
+        """Sessions with the task's scheduler, the next on the ring when one is lost.
+
+        When every scheduler is lost (a restart), the download rides it out: parents
+        and fetches go on, and it registers again, saying what it holds, once one is
+        back; only after scheduler.rejoin_timeout does it go to the origin."""
         tried: set[str] = set()
         machine = self.machine
+        lost_at: float | None = None
+        rejoin = self.daemon.config.scheduler.rejoin_timeout
         while not machine.done:
             try:
                 session = await self.daemon.schedulers.open_session(
                     self.task_id, self.peer_id, tried
                 )
             except NoScheduler as exc:
+                now = trio.current_time()
+                if lost_at is not None and now - lost_at < rejoin:
+                    tried.clear()
+                    await trio.sleep(min(REJOIN_POLL, lost_at + rejoin - now))
+                    continue
                 if machine.may_go_to_source:
                     self.log.warning("no scheduler answers: back to source", error=str(exc))
                     self.daemon.metrics.back_to_source_fallbacks.inc()
                 self._feed(machine.no_scheduler(trio.current_time()))
                 return
+            if lost_at is not None:
+                self.log.info(
+                    "registering again",
+                    scheduler=session.address,
+                    after=round(trio.current_time() - lost_at, 3),
+                )
+            lost_at = None
             self._session = session
             try:
                 self._feed(machine.connected(trio.current_time()))
@@ -587,10 +614,13 @@ class Download:
                     msg = await session.receive()
                     if isinstance(msg, (CandidateParents, NeedBackToSource)) and msg.private:
                         self.private = True  # (before the layout it may bring is opened)
+                    if isinstance(msg, NeedBackToSource):
+                        self.log.info("sent to the origin", reason=msg.reason)
                     self._feed(machine.scheduler_message(msg, trio.current_time()))
             except SchedulerLost as lost:
                 self.log.warning("scheduler lost, trying the next", error=str(lost))
                 tried.add(session.address)
+                lost_at = trio.current_time()
                 self._feed(machine.scheduler_lost(trio.current_time()))
             finally:
                 self._session = None
@@ -630,6 +660,7 @@ class Download:
                 last_modified=action.last_modified,
                 digest=spec.digest or None,
                 private=self.private or None,  # (never back to public)
+                spec=spec_json(spec),
             )
         except (StorageError, ValueError) as exc:
             self._feed(

@@ -16,9 +16,11 @@ scheduler that cannot show it holds the cluster secret.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -43,6 +45,7 @@ from dragonfly.wire.messages import (
     NeedBackToSource,
     PieceDigests,
     StatTask,
+    TaskAttested,
     TaskFailed,
     TriggerDownload,
 )
@@ -101,6 +104,25 @@ class Route:
 
 TriggerHandler = Callable[[TriggerDownload], Awaitable[None]]
 JobMessage = DownloadTask | StatTask | DeleteTask
+
+
+class ConnectionListener(Protocol):
+    """Follows a host's scheduler connections (peer/reannounce.py: what this host holds
+    is announced again to a scheduler that comes back, or that takes tasks over)."""
+
+    def rejoining(self, conn: SchedulerConnection) -> bool:
+        """Whether the Hello says this host held tasks or downloads before."""
+        ...
+
+    async def connected(self, conn: SchedulerConnection) -> None:
+        """Up and trusted; awaited before any download may use the connection."""
+        ...
+
+    def lost(self, conn: SchedulerConnection) -> None: ...
+
+    async def attested(self, msg: TaskAttested) -> None: ...
+
+
 # A job's request and the connection it came on (the answer goes back there).
 JobHandler = Callable[[JobMessage, "SchedulerConnection"], Awaitable[None]]
 
@@ -129,6 +151,8 @@ class SchedulerConnection:
         self.routes: dict[tuple[str, str], Route] = {}
         self.connected = trio.Event()
         self.failures = 0
+        self.listener: ConnectionListener | None = None
+        self.sessions = 0  # sessions this connection had (a reconnection is rejoining)
 
     @property
     def up(self) -> bool:
@@ -139,7 +163,11 @@ class SchedulerConnection:
         backoff = 0.1
         while True:
             nonce = new_nonce()
-            hello = scheduler_hello(self.host, self.role, self.credential, nonce)
+            host = self.host
+            listener = self.listener
+            if self.sessions or (listener is not None and listener.rejoining(self)):
+                host = dataclasses.replace(host, rejoining=True)
+            hello = scheduler_hello(host, self.role, self.credential, nonce)
             try:
                 async with connect(
                     scheduler_url(self.address),
@@ -150,6 +178,9 @@ class SchedulerConnection:
                     if self.credential is not None:
                         await authenticate(channel, self.credential, nonce, timeout=self.timeout)
                     self.channel = channel
+                    self.sessions += 1
+                    if listener is not None:
+                        await listener.connected(self)  # (before any download uses it)
                     self.connected.set()
                     self.failures = 0
                     backoff = 0.1
@@ -158,6 +189,12 @@ class SchedulerConnection:
                         connection.start_soon(self._keepalive, channel)
                         await self._read(channel, nursery)
                         connection.cancel_scope.cancel()
+                    # (a stopping scheduler says so: 1001 scheduler stopping)
+                    log.warning(
+                        "scheduler closed the connection",
+                        scheduler=self.address,
+                        reason=channel.close_reason,
+                    )
             except TrustError as exc:
                 self.failures += 1
                 if self.failures in (1, 10) or self.failures % 100 == 0:
@@ -173,9 +210,12 @@ class SchedulerConnection:
                         "scheduler connection failed", scheduler=self.address, error=repr(exc)
                     )
             finally:
+                was_up = self.connected.is_set()
                 self.channel = None
                 self.connected = trio.Event()
                 self._lose_routes()
+                if was_up and self.listener is not None:
+                    self.listener.lost(self)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
@@ -195,6 +235,10 @@ class SchedulerConnection:
         async for msg in channel:
             if isinstance(msg, TriggerDownload):
                 nursery.start_soon(self.on_trigger, msg)
+                continue
+            if isinstance(msg, TaskAttested):
+                if self.listener is not None:
+                    nursery.start_soon(self.listener.attested, msg)
                 continue
             if isinstance(msg, (DownloadTask, StatTask, DeleteTask)):
                 if self.on_job is not None:
@@ -298,6 +342,7 @@ class SchedulerPool:
         self.connect_timeout = connect_timeout
         self.credential = credential
         self.on_job = on_job
+        self.listener: ConnectionListener | None = None
         self.connections = {a: self._connection(a) for a in addresses}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
@@ -307,7 +352,7 @@ class SchedulerPool:
             self.discovered.set()
 
     def _connection(self, address: str) -> SchedulerConnection:
-        return SchedulerConnection(
+        conn = SchedulerConnection(
             address,
             self.host,
             self.role,
@@ -316,6 +361,8 @@ class SchedulerPool:
             self.credential,
             self.on_job,
         )
+        conn.listener = self.listener  # a scheduler the manager names later is followed too
+        return conn
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -359,6 +406,15 @@ class SchedulerPool:
     @property
     def any_connected(self) -> bool:
         return any(c.up for c in self.connections.values())
+
+    def listen(self, listener: ConnectionListener) -> None:
+        self.listener = listener
+        for conn in self.connections.values():
+            conn.listener = listener
+
+    def owner(self, task_id: str) -> SchedulerConnection | None:
+        """The connected scheduler a download of the task would register with now."""
+        return next((c for c in self.candidates(task_id, set()) if c.up), None)
 
     def candidates(self, task_id: str, exclude: set[str]) -> list[SchedulerConnection]:
         order = ring_order(task_id, list(self.connections))

@@ -13,7 +13,7 @@ from dragonfly.peer.exposure import ProxyGate
 from dragonfly.peer.tasks import TaskManager
 from dragonfly.peer.tunnel import Hijacker
 from dragonfly.ratelimit import RateLimiter
-from dragonfly.supervise import Supervisor
+from dragonfly.supervise import InFlight, Supervisor
 from dragonfly.trust import TicketKey
 
 
@@ -26,6 +26,8 @@ class PeerServices(DownloadServices, Protocol):
     upload_limiter: RateLimiter | None
     ticket_key: TicketKey | None  # this host's key: children's tickets are checked with it
     block_list: BlockList  # the cluster's, as the manager last said
+    uploads: InFlight  # pieces being uploaded now (a stopping daemon lets them finish)
+    stopping: bool  # SIGTERM: no new uploads start
 
     @property
     def healthy(self) -> bool: ...

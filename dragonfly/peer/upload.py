@@ -103,6 +103,11 @@ class UploadHandler:
                 if piece is None:
                     await responder.send(404, f"piece {number} of {task_id} not held\n".encode())
                     return
+                if daemon.stopping:  # the child asks another parent
+                    await responder.send(
+                        503, b"stopping: this host leaves\n", headers=[(b"retry-after", b"1")]
+                    )
+                    return
                 download = daemon.tasks.active(task_id)
                 limit = self.load_limit
                 if (
@@ -122,15 +127,16 @@ class UploadHandler:
                 await limit.acquire()
                 daemon.metrics.active_uploads.inc()
                 try:
-                    headers = Headers(
-                        [
-                            (b"content-length", str(piece.length).encode()),
-                            (b"content-type", b"application/octet-stream"),
-                        ]
-                    )
-                    await responder.start(200, headers)
-                    await self._send(responder, handle.file.fd, piece.offset, piece.length)
-                    await responder.finish()
+                    with daemon.uploads:
+                        headers = Headers(
+                            [
+                                (b"content-length", str(piece.length).encode()),
+                                (b"content-type", b"application/octet-stream"),
+                            ]
+                        )
+                        await responder.start(200, headers)
+                        await self._send(responder, handle.file.fd, piece.offset, piece.length)
+                        await responder.finish()
                 finally:
                     daemon.metrics.active_uploads.dec()
                     limit.release()

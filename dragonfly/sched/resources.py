@@ -290,6 +290,7 @@ class Task:
         "piece_count",
         "piece_length",
         "private",
+        "rejoin_until",
         "seed_failures",
         "seed_host",
         "sources",
@@ -326,6 +327,9 @@ class Task:
         self.seed_host: Host | None = None
         self.triggered_at = 0.0
         self.seed_failures: set[str] = set()
+        # A download registered again with pieces it holds (its scheduler was lost):
+        # the others of the task are coming back too; until then no seed or origin.
+        self.rejoin_until = 0.0
         # Made from a request with credentials: clients get its bytes only after the
         # origin said yes to theirs. Never goes back to public.
         self.private = False

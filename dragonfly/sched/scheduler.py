@@ -222,6 +222,7 @@ class Scheduler:
         # The rejoin grace (settings.rejoin_grace): when it ends, and the tasks that
         # wait for it to seek a source.
         self._rejoin_until: float | None = None
+        self._born: float | None = None  # when the first host connected
         self._deferred: dict[str, Task] = {}
         self._next_gc = -math.inf
         # now + wall_offset = unix time (tickets expire in wall time, which the hosts
@@ -278,18 +279,23 @@ class Scheduler:
             self._seeds[h.id] = h
         else:
             self._seeds.pop(h.id, None)
-        if host.rejoining and self._rejoin_until is None:
-            # The hosts of a cluster come back together (within their reconnect backoff):
-            # until they re-announced what they hold, no task is known to be held nowhere.
-            self._rejoin_until = now + self.settings.rejoin_grace
+        if self._born is None:
+            self._born = now
+        grace = self.settings.rejoin_grace
+        if host.rejoining and self._rejoin_until is None and now < self._born + grace:
+            # A restarted scheduler: its hosts come back together (within their reconnect
+            # backoff). Until they re-announced what they hold, no task is known to be
+            # held nowhere. (A host that reconnects later is one host's blip: no grace.)
+            self._rejoin_until = now + grace
         return []
 
     def _deferring_any(self, now: float) -> bool:
         return self._rejoin_until is not None and now < self._rejoin_until
 
     def _deferring(self, task: Task, now: float) -> bool:
-        """Within the rejoin grace: the task's source is sought once it ends (tick)."""
-        if self._deferring_any(now):
+        """Within the rejoin grace (the scheduler's, or the task's): the task's source
+        is sought once it ends (tick)."""
+        if self._deferring_any(now) or now < task.rejoin_until:
             self._deferred[task.id] = task
             return True
         return False
@@ -348,10 +354,11 @@ class Scheduler:
                 self._clear_trigger(task)
                 self._ensure_source(task, now, out)
         if self._deferred and not self._deferring_any(now):
-            deferred, self._deferred = self._deferred, {}
-            for task in deferred.values():
-                if self._tasks.get(task.id) is task:
-                    self._ensure_source(task, now, out)
+            for task in list(self._deferred.values()):
+                if now >= task.rejoin_until:
+                    del self._deferred[task.id]
+                    if self._tasks.get(task.id) is task:
+                        self._ensure_source(task, now, out)
         if now >= self._next_gc:  # before the retries: a quiet peer is not worth an answer
             self._next_gc = now + self.settings.gc_interval
             self._collect(now, out)
@@ -414,6 +421,8 @@ class Scheduler:
         self.counters.registrations += 1
         if msg.held:
             self._adopt_held_pieces(peer, msg, now, out)
+        if first and msg.piece_length is not None:  # a download registering again
+            task.rejoin_until = now + self.settings.rejoin_grace
 
         if host.seed:
             if task.seed_host is host:
@@ -852,9 +861,8 @@ class Scheduler:
         if task.state is TaskState.RUNNING:
             task.transition(TaskState.SUCCEEDED)
         peer_id = f"{host.id}/{held.task_id[:16]}"
-        existing = self._peers.get(peer_id)
-        if existing is not None:
-            return  # announced already
+        if peer_id in self._peers or any(p.host is host for p in task.succeeded.values()):
+            return  # announced already, or finished here by one of its downloads
         peer = Peer(peer_id, host, task, now)
         task.peers[peer.id] = peer
         task.empty_since = None

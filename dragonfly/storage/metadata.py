@@ -71,6 +71,10 @@ class TaskRecord:
     # Made from a request with credentials: served to a client only after the origin
     # said yes to that client's (dragonfly/peer/private.py).
     private: bool = False
+    # What the task is made of, as JSON, its URL redacted (dragonfly/peer/reannounce.py),
+    # and the attestation a scheduler gave of its digests: re-announced after a restart.
+    spec: str = ""
+    attested: str = ""
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> TaskRecord:
@@ -137,6 +141,13 @@ def m002_redact_urls(db: Database) -> None:
 def m003_private_tasks(db: Database) -> None:
     """Tasks made from requests with credentials are marked (never unmarked)."""
     db.execute("ALTER TABLE tasks ADD COLUMN private INTEGER NOT NULL DEFAULT 0")
+
+
+@MIGRATIONS()
+def m004_specs_and_attestations(db: Database) -> None:
+    """A task's spec and attestation, so a restarted host re-announces what it holds."""
+    db.execute("ALTER TABLE tasks ADD COLUMN spec TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE tasks ADD COLUMN attested TEXT NOT NULL DEFAULT ''")
 
 
 _TASK_FIELDS = frozenset(f.name for f in dataclasses.fields(TaskRecord)) - {"id"}
@@ -268,12 +279,37 @@ class MetadataDB:
             self._require(task_id)
             self.conn.execute("DELETE FROM pieces WHERE task_id = ?", (task_id,))
             self.db.table("tasks").update(
-                task_id, {"state": str(TaskState(state)), "done_bytes": 0}
+                task_id, {"state": str(TaskState(state)), "done_bytes": 0, "attested": ""}
             )
         return self._require(task_id)
 
     def list_tasks(self) -> list[TaskRecord]:
         return [TaskRecord.from_row(r) for r in self.db.table("tasks").rows_where(order_by="id")]
+
+    def complete_tasks(self, max_pieces: int) -> list[tuple[TaskRecord, bytes]]:
+        """Succeeded tasks of at most ``max_pieces`` pieces, each with every piece's
+        digest in piece order (what HeldTasks announces)."""
+        tasks = {
+            r["id"]: TaskRecord.from_row(r)
+            for r in self.db.query(
+                "SELECT * FROM tasks WHERE state = 'succeeded' AND piece_count BETWEEN 0 AND ?",
+                [max_pieces],
+            )
+        }
+        digests: dict[str, list[bytes]] = {tid: [] for tid in tasks}
+        cur = self.conn.execute(
+            "SELECT p.task_id, p.sha256 FROM pieces p JOIN tasks t ON t.id = p.task_id "
+            "WHERE t.state = 'succeeded' AND t.piece_count BETWEEN 0 AND ? "
+            "AND p.number < t.piece_count ORDER BY p.task_id, p.number",
+            (max_pieces,),
+        )
+        for tid, digest in cur:
+            digests[tid].append(bytes(digest))
+        return [
+            (task, b"".join(digests[tid]))
+            for tid, task in tasks.items()
+            if len(digests[tid]) == task.piece_count  # (complete means every piece)
+        ]
 
     # -- pieces -------------------------------------------------------------------------------
 

@@ -1,5 +1,8 @@
 """The wire messages: one frozen dataclass per message type, registered with the codec.
 
+Why about 900 lines: one frozen dataclass per message of every family, with its limits;
+the protocol's reference, kept in one file so that a version's change is read in one place.
+
 Peer ↔ scheduler messages travel over one websocket per (host, scheduler) and are
 routed by (task_id, peer_id); peer ↔ peer metadata messages travel over the
 parent's announcement websocket.  Every websocket starts with a ``Hello`` in both
@@ -50,6 +53,7 @@ from dragonfly.wire.codec import (
 
 __all__ = [
     "HELD_PIECES_MAX",
+    "REGISTER_HELD_MAX",
     "ROLES",
     "AnnounceDone",
     "AnnounceMember",
@@ -119,6 +123,7 @@ DIGEST_MAX = 128  # "sha256:" + 64 hex, with room for longer algorithms
 REASON_MAX = 1024
 PIECE_NUMBER_MAX = 2**31 - 1
 HELD_PIECES_MAX = 24_576  # pieces of a task HeldTask can carry (768 KiB of digests)
+REGISTER_HELD_MAX = 16_384  # pieces RegisterPeer.held names (about 650 KiB)
 OFFSET_MAX = 2**50
 PIECE_LENGTH_MAX = 2**40
 DIGEST_LEN = 32  # raw sha256
@@ -390,7 +395,11 @@ class RegisterPeer(Message):
     # A download registering again (its scheduler restarted, or it failed over to the
     # next of the ring): its layout and the pieces it holds, which it may serve.
     piece_length: int | None = limits(default=None, min=1, max=PIECE_LENGTH_MAX)
-    held: list[PieceDigest] = field(default_factory=list, metadata=dict(max_items=1 << 17))
+    # (at most REGISTER_HELD_MAX, which fit one frame; a download of more pieces says
+    # the first ones: the others are found again as it goes on)
+    held: list[PieceDigest] = field(
+        default_factory=list, metadata=dict(max_items=REGISTER_HELD_MAX)
+    )
 
 
 @compact

@@ -16,6 +16,7 @@ from tests.p2p_support import (
     curl_sha256,
     finish,
     metric,
+    origin_story,
     random_file,
     sha256_file,
     task_files,
@@ -39,7 +40,9 @@ def test_one_origin_fetch_four_peers_one_gib(tmp_path: Path, www: Path, nginx: N
             digests.append(out.decode().split()[0])
         assert digests == [want] * 4
         served = nginx.served_bytes("/big.bin")
-        assert served <= 1.05 * size, f"origin served {served / size:.2f}x the file"
+        assert served <= 1.05 * size, (
+            f"origin served {served / size:.2f}x the file:\n{origin_story(cluster)}"
+        )
         for p in peers:
             p2p = metric(p.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"')
             assert p2p >= 0.95 * size, f"{p.name} got only {p2p / size:.0%} peer-to-peer"

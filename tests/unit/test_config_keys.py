@@ -83,6 +83,11 @@ PEER: dict[str, tuple[str, ...]] = {
     "log.format": (UT + "test_log_format",),
     "scheduler.addresses": (LISTENERS,),
     "scheduler.connect_timeout": (IT + "test_a_silent_scheduler_is_waited_for_connect_timeout",),
+    "scheduler.rejoin_timeout": (
+        "tests/faults/test_restarts.py::"
+        "test_after_rejoin_timeout_without_a_scheduler_downloads_finish_from_the_origin",
+        "tests/faults/test_restarts.py::test_downloads_in_flight_ride_out_a_scheduler_restart",
+    ),
     "download.concurrent_piece_count": (
         IT + "test_concurrent_piece_count_one_asks_one_piece_at_a_time",
     ),

@@ -291,3 +291,40 @@ def test_insecure_cluster_takes_a_peers_layout_and_digests() -> None:
     w.register("a", "pa", content_length=LENGTH, piece_length=PL, held=held_a)
     task = w.s.tasks[T1]
     assert task.metadata_known and len(task.digests) == COUNT
+
+
+def test_a_download_registering_elsewhere_waits_for_its_task_s_origin_fetcher() -> None:
+    """Failing over to the next scheduler of the ring (which saw no restart): the first
+    download to register again does not send itself to the origin while the one that
+    was fetching from it is on its way."""
+    w = Cluster(secure=False, grace=3.0)
+    w.connect("a", rejoining=False)
+    w.connect("b", rejoining=False)
+    held_a = [PieceDigest(number=n, digest=digest(n)) for n in (0, 1)]
+    out = w.register("a", "pa", content_length=LENGTH, piece_length=PL, held=held_a)
+    assert not of(out, NeedBackToSource)
+    w.tick(1.0)
+    out = w.register(
+        "b", "pb", content_length=LENGTH, piece_length=PL, held=[], need_back_to_source=True
+    )
+    assert of(out, NeedBackToSource, "b") and not of(w.sent, NeedBackToSource, "a")
+    w.tick(3.0)
+    assert not of(w.sent, NeedBackToSource, "a")
+
+
+def test_a_host_reconnecting_to_a_scheduler_that_did_not_restart_brings_no_grace() -> None:
+    w = Cluster(grace=3.0)
+    w.connect("seed", seed=True, rejoining=False)
+    w.tick(5.0)
+    w.connect("a")  # one host's blip, long after the scheduler started
+    assert of(w.register("a", "pa"), TriggerDownload, "seed")
+
+
+def test_a_task_its_host_finished_here_is_not_taken_again_from_its_announcement() -> None:
+    """A host that finished the task with this scheduler and then announces it (its
+    re-announcement crossing the finish) stays one holder, counted once."""
+    w, attested = completed()
+    w.send("a", HeldTasks(tasks=[held(attested)]))
+    assert w.s.counters.reannounced == 0
+    holders = [p for p in w.s.tasks[T1].succeeded.values() if p.host.id == "a"]
+    assert [p.id for p in holders] == ["pa"]

@@ -32,7 +32,9 @@ def test_schema_and_pragmas(db: MetadataDB, tmp_path: Path) -> None:
     counts = again.conn.execute(
         "SELECT COUNT(*), COUNT(DISTINCT name) FROM _sqlite_migrations"
     ).fetchone()
-    assert counts == (3, 3)  # (redacted URLs came second, the tasks' private flag third)
+    # (redacted URLs came second, the tasks' private flag third, specs and attestations
+    # fourth)
+    assert counts == (4, 4)
 
 
 def test_upsert_keeps_progress(db: MetadataDB) -> None:
@@ -88,3 +90,23 @@ def test_piece_record_validates() -> None:
         PieceRecord(0, 0, 10, b"short")
     with pytest.raises(ValueError):
         PieceRecord(-1, 0, 10, b"x" * 32)
+
+
+def test_a_store_of_before_continuity_keeps_its_tasks(tmp_path: Path) -> None:
+    """A database made before specs and attestations were kept opens with its tasks, which
+    have neither (they are re-announced only once a download of them finishes again)."""
+    import sqlite3
+
+    old = MetadataDB(tmp_path / "old.db")
+    old.upsert_task(TID, now=1.0, url="u", content_length=250, piece_length=100, piece_count=3)
+    old.close()
+    conn = sqlite3.connect(tmp_path / "old.db")
+    conn.execute("DELETE FROM _sqlite_migrations WHERE name LIKE 'm004%'")
+    conn.execute("ALTER TABLE tasks DROP COLUMN spec")
+    conn.execute("ALTER TABLE tasks DROP COLUMN attested")
+    conn.commit()
+    conn.close()
+    again = MetadataDB(tmp_path / "old.db")
+    task = again.get_task(TID)
+    assert task is not None and task.piece_count == 3
+    assert not task.spec and not task.attested
