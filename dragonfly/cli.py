@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--tag", default="", help="task tag (part of the task ID)")
     get.add_argument("--application", default="", help="application (part of the task ID)")
     get.add_argument(
+        "--priority",
+        type=int,
+        choices=range(7),
+        default=None,
+        metavar="0-6",
+        help="download priority (Dragonfly's levels; a cluster may block some)",
+    )
+    get.add_argument(
         "--filtered-query-param",
         action="append",
         default=[],
@@ -103,10 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = sub.add_parser(
         "cluster",
         help="run a local cluster of roles on loopback",
-        description="Run schedulers, seed peers and peers on loopback, each its own process. "
-        "--config and --set take an optional ROLE: prefix (scheduler, seed-peer, peer): "
-        "with it they reach that role only; without it, every role that has the key's "
-        "section. Each node's resolved configuration is written to WORKDIR/conf/NODE.toml.",
+        description="Run a manager, schedulers, seed peers and peers on loopback, each its "
+        "own process. --config and --set take an optional ROLE: prefix (manager, scheduler, "
+        "seed-peer, peer): with it they reach that role only; without it, every role but the "
+        "manager that has the key's section. Each node's resolved configuration is written "
+        "to WORKDIR/conf/NODE.toml.",
     )
     cluster.add_argument("--schedulers", type=int, default=1)
     cluster.add_argument("--seed-peers", type=int, default=1)
@@ -115,7 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--tls",
         action="store_true",
-        help="TLS on the scheduler and upload ports (a CA and certificates in WORKDIR/tls)",
+        help="TLS on the scheduler and upload ports (a CA and certificates in WORKDIR/tls); "
+        "no manager for now",
+    )
+    cluster.add_argument(
+        "--no-manager",
+        action="store_true",
+        help="no manager: schedulers by address, a secret and credentials made here",
     )
     cluster.add_argument(
         "--config",
@@ -364,6 +379,7 @@ def _cluster_command(args: argparse.Namespace) -> int:
         configs=configs,
         overrides=_overrides(args),
         tls=args.tls,
+        manager=not args.no_manager,
     )
 
 

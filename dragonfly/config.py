@@ -85,9 +85,13 @@ class SchedulerClientSection:
     )
     manager: str = opt(
         "",
-        "manager URL (http://HOST:PORT); a seed peer registers there "
-        "(peers discover schedulers there in a later release); empty: none",
+        "manager URL (http://HOST:PORT): schedulers and the cluster's settings are asked "
+        "there (scheduler.addresses serve until it answers), a seed peer registers there; "
+        "empty: none",
         item_regex=r"^(https?://[^/?#]+/?)?$",
+    )
+    refresh_interval: Duration = opt(
+        60.0, "how often the manager is asked for schedulers and settings", min=0.1
     )
     connect_timeout: Duration = opt(5.0, "time to connect to a scheduler", min=0.001)
     rejoin_timeout: Duration = opt(
@@ -305,8 +309,14 @@ class PeerTrustSection:
 
     credential_file: str = opt(
         "",
-        "host credential (mode 0600) made by `python -m dragonfly token new`; required "
-        "with schedulers unless insecure",
+        "host credential (mode 0600) made by `python -m dragonfly token new`, or where the "
+        "one the manager issues is kept (empty: DATA_DIR/credential.json); required with "
+        "schedulers unless insecure or join_token_file",
+    )
+    join_token_file: str = opt(
+        "",
+        "file (mode 0600) with the manager's join token for this role: without a usable "
+        "credential the daemon joins at scheduler.manager and keeps what it is issued",
     )
     insecure: bool = opt(
         False, "no identity: schedulers and children are taken at their word (trusted networks)"
@@ -325,7 +335,12 @@ class SchedulerTrustSection:
     secret_file: str = opt(
         "",
         "cluster secret (mode 0600) made by `python -m dragonfly token init`; required "
-        "unless insecure",
+        "unless insecure or join_token_file",
+    )
+    join_token_file: str = opt(
+        "",
+        "file (mode 0600) with the manager's scheduler join token: the cluster secret and "
+        "this scheduler's credential come from manager.address at start (kept in memory)",
     )
     insecure: bool = opt(False, "no identity: hosts are taken at their word for their ID and role")
     ticket_ttl: Duration = opt(
@@ -439,6 +454,33 @@ class ManagerGCSection:
 
 
 @dataclass
+class ManagerTrustSection:
+    """Cluster identity: the manager holds the cluster secret and issues credentials."""
+
+    secret_file: str = opt(
+        "",
+        "cluster secret (mode 0600); empty: DATA_DIR/cluster-secret.json, made at first start "
+        "(required with postgres: every manager must issue under the same secret)",
+    )
+    credential_ttl: Duration = opt(
+        31536000.0, "how long a credential issued against a join token is valid", min=3600
+    )
+
+
+@dataclass
+class ManagerPeersSection:
+    """The peers table, kept from what schedulers report."""
+
+    report_interval: Duration = opt(
+        60.0, "how often each scheduler reports the hosts connected to it", min=0.1
+    )
+    timeout: Duration = opt(
+        180.0, "a peer no scheduler reported for this long is inactive", min=0.1
+    )
+    remove_after: Duration = opt(1800.0, "an inactive peer is removed after this long", min=1)
+
+
+@dataclass
 class JobsSection:
     """Preheat, task and sync jobs."""
 
@@ -516,6 +558,8 @@ class ManagerConfig:
     auth: ManagerAuthSection = opt(ManagerAuthSection(), "")
     keepalive: KeepaliveSection = opt(KeepaliveSection(), "")
     gc: ManagerGCSection = opt(ManagerGCSection(), "")
+    trust: ManagerTrustSection = opt(ManagerTrustSection(), "")
+    peers: ManagerPeersSection = opt(ManagerPeersSection(), "")
     jobs: JobsSection = opt(JobsSection(), "")
     records: RecordsSection = opt(RecordsSection(), "")
 
@@ -545,14 +589,10 @@ def default_config(role: str) -> RoleConfig:
     raise ConfigError("--role", "role", f"expected one of {', '.join(ROLES)}, got {role!r}")
 
 
-_NO_DISCOVERY = "peers discover schedulers through the manager in a later release"
-
 # Keys a role accepts that nothing reads yet, with the reason, per role: a dotted key,
 # a section (each key in it) or "" (every key of the role). conf/ROLE.toml marks each
 # with `# reserved: REASON`, `config check` shows it, and a daemon warns when one is set.
-RESERVED: dict[str, dict[str, str]] = {
-    "peer": {"scheduler.manager": _NO_DISCOVERY},
-}
+RESERVED: dict[str, dict[str, str]] = {}
 
 
 def reserved_reason(role: str, key: str) -> str | None:
@@ -596,8 +636,24 @@ def _check_cross_field(cfg: RoleConfig, origins: Origins) -> None:
                 "database.dsn",
                 "required with database.driver = postgres",
             )
+        if cfg.peers.timeout <= cfg.peers.report_interval:
+            raise ConfigError(
+                origins.get("peers.timeout", (0, "defaults"))[1],
+                "peers.timeout",
+                f"must exceed peers.report_interval ({cfg.peers.report_interval}), "
+                f"got {cfg.peers.timeout}",
+            )
     if isinstance(cfg, SchedulerConfig):
         _check_tls_pair(origins, "server", cfg.server.tls_cert, cfg.server.tls_key)
+    if isinstance(cfg, PeerConfig | SchedulerConfig) and cfg.trust.join_token_file:
+        manager_key = "scheduler.manager" if isinstance(cfg, PeerConfig) else "manager.address"
+        manager = cfg.scheduler.manager if isinstance(cfg, PeerConfig) else cfg.manager.address
+        if not manager:
+            raise ConfigError(
+                origins.get("trust.join_token_file", (0, "defaults"))[1],
+                "trust.join_token_file",
+                f"a join token is presented to the manager: set {manager_key} too",
+            )
     if isinstance(cfg, PeerConfig):
         _check_tls_pair(origins, "upload", cfg.upload.tls_cert, cfg.upload.tls_key)
         secure = [a for a in cfg.scheduler.addresses if a.startswith("wss://")]
