@@ -220,9 +220,11 @@ def _add_config_args(
     would erase values given before the subcommand. Its --set collects into its
     own list (`overrides_dest`), which main() appends to the one given before it.
     """
-    suppress: dict[str, object] = {"default": argparse.SUPPRESS} if subcommand else {}
+    default = argparse.SUPPRESS if subcommand else None
     if config:
-        parser.add_argument("--config", metavar="FILE", help="TOML configuration file", **suppress)
+        parser.add_argument(
+            "--config", metavar="FILE", help="TOML configuration file", default=default
+        )
     parser.add_argument(
         "--set",
         metavar="SECTION.KEY=VALUE",
@@ -231,7 +233,7 @@ def _add_config_args(
         dest=overrides_dest if subcommand else "overrides",
         help=set_help,
     )
-    parser.add_argument("--log-level", choices=LEVELS, help="overrides log.level", **suppress)
+    parser.add_argument("--log-level", choices=LEVELS, help="overrides log.level", default=default)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:

@@ -415,7 +415,7 @@ class Cluster:
             write_private_text(self.join_token_file(role), str(made["token"]) + "\n", replace=True)
         scheduling = getattr(self, "_scheduler_config", None)
         if scheduling is not None:
-            limits = scheduling.scheduling  # type: ignore[attr-defined]
+            limits = scheduling.scheduling
             _call(
                 url,
                 "PATCH",

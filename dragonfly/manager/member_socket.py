@@ -256,8 +256,8 @@ async def member_endpoint(ws: WebSocket) -> None:
                 if session.scheduler and msg.records:
                     await _keep_records(ctx, session.member, msg)
             elif isinstance(msg, Ping) and session.membership is not None:
-                news = await ctx.db.run(partial(_keepalive, session=session, now=ctx.clock()))
-                if news is None:
+                kept = await ctx.db.run(partial(_keepalive, session=session, now=ctx.clock()))
+                if kept is None:
                     await channel.send(
                         Error(code=ErrorCode.NOT_FOUND, message="replaced by a newer session")
                     )
@@ -265,7 +265,7 @@ async def member_endpoint(ws: WebSocket) -> None:
                     return
                 ctx.metrics.keepalives.inc()
                 await channel.send(Pong(nonce=msg.nonce))
-                if not await _feed(ctx, channel, session, news):
+                if not await _feed(ctx, channel, session, kept):
                     return
             elif isinstance(msg, HostsReport) and session.scheduler:
                 await ctx.db.run(

@@ -82,7 +82,8 @@ class ManagerServer:
             hconfig.graceful_timeout = 2.0
             hconfig.include_server_header = False
             async with trio.open_nursery() as nursery:
-                binds = await nursery.start(partial(serve, build_app(ctx), hconfig))
+                app = build_app(ctx)  # (Starlette's ASGI types and hypercorn's differ in name)
+                binds = await nursery.start(partial(serve, app, hconfig))  # type: ignore[arg-type]
                 self.port = int(binds[0].rsplit(":", 1)[1])
                 nursery.start_soon(run_gc, ctx)
                 nursery.start_soon(JobLoop(ctx).run)

@@ -346,8 +346,8 @@ class ServerChannel:
 
     def __init__(
         self,
-        stream: trio.abc.HalfCloseableStream,
-        received: bytes = b"",
+        stream: trio.abc.Stream,
+        received: bytes | bytearray = b"",
         *,
         name: str = "",
         max_message: int = MAX_FRAME,
@@ -481,6 +481,7 @@ class ServerChannel:
         while not self._ready:
             if self._closed:
                 raise ChannelClosed(f"{self.name}: closed: {self.close_reason}")
+            data: bytes | bytearray
             if self._unparsed:  # what came with the upgrade request: parse it first
                 self._unparsed = False
                 data = b""
@@ -507,7 +508,7 @@ class ServerChannel:
             self._ready = await self.receive_batch()
         return self._ready.pop(0)
 
-    def _parse(self, data: bytes = b"") -> None:
+    def _parse(self, data: bytes | bytearray = b"") -> None:
         """Turn every complete frame received into messages or control answers. Only an
         incomplete frame's bytes are kept (a buffer per host that kept the size of its
         largest read would cost 1,000 hosts 64 MiB)."""

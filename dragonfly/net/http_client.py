@@ -204,7 +204,7 @@ class Response:
             f"{self.url}: connection broken after {self.received} of {total} body bytes: {exc}"
         )
 
-    async def _receive(self, max_bytes: int) -> bytes:
+    async def _receive(self, max_bytes: int) -> bytes | bytearray:
         try:
             with trio.fail_after(self._read_timeout):
                 return await self._conn.stream.receive_some(max_bytes)
@@ -357,7 +357,8 @@ class Response:
                 raise BadResponse(f"{self.url}: malformed body: {exc}") from None
             if event is h11.NEED_DATA:
                 # b"" (EOF) ends a close-delimited body: h11 then reports EndOfMessage.
-                self._h11.receive_data(await self._receive(RECEIVE_SIZE))
+                data = await self._receive(RECEIVE_SIZE)
+                self._h11.receive_data(data)  # type: ignore[arg-type]  # (h11 takes a bytearray)
                 continue
             if isinstance(event, h11.Data):
                 chunk = bytes(event.data)
@@ -621,11 +622,11 @@ class HTTPClient:
                 event = h.next_event()
                 if event is h11.NEED_DATA:
                     with trio.fail_after(self.read_timeout):
-                        chunk = await conn.stream.receive_some(RECEIVE_SIZE)
-                    if not chunk and not got_any:
+                        received = await conn.stream.receive_some(RECEIVE_SIZE)
+                    if not received and not got_any:
                         raise _StaleConnection("closed")
                     got_any = True
-                    h.receive_data(chunk)
+                    h.receive_data(received)  # type: ignore[arg-type]  # (h11 takes a bytearray)
                     continue
                 if isinstance(event, h11.InformationalResponse):
                     continue

@@ -113,7 +113,7 @@ class _ReplayStream(trio.abc.HalfCloseableStream):
         self._stream = stream
         self._prefix = prefix
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             n = len(self._prefix) if max_bytes is None else max_bytes
             chunk, self._prefix = self._prefix[:n], self._prefix[n:]
@@ -200,7 +200,7 @@ class HTTPConnection:
                 return event
             with trio.fail_after(timeout):
                 data = await self.stream.receive_some(RECEIVE_SIZE)
-            self.conn.receive_data(data)
+            self.conn.receive_data(data)  # type: ignore[arg-type]  # (h11 takes a bytearray)
 
 
 def _peername(stream: trio.abc.Stream) -> str:
@@ -326,7 +326,7 @@ class Responder:
             await self._flush()
             return
         self.body_bytes += len(data)
-        framed = self._c.conn.send(h11.Data(data=data))
+        framed = self._c.conn.send(h11.Data(data=data))  # type: ignore[arg-type]  # (any buffer)
         if self._pending:
             framed, self._pending = self._pending + framed, b""
         await self._c.send_bytes(framed)
@@ -338,9 +338,10 @@ class Responder:
         conn = self._c.conn
         stream = self._c.stream
         await self._flush(more=True)
-        framing = conn.send_with_data_passthrough(h11.Data(data=_Placeholder(count)))
+        placeholder = _Placeholder(count)  # h11 frames it; sendfile sends what it stands for
+        framing = conn.send_with_data_passthrough(h11.Data(data=placeholder))  # type: ignore[arg-type]
         # With chunked framing h11 returns [chunk header, placeholder, CRLF].
-        for part in framing:
+        for part in framing or ():
             if not isinstance(part, _Placeholder):
                 await self._c.send_bytes(bytes(part))
                 continue
@@ -430,7 +431,7 @@ class Responder:
         if self._request.method != "CONNECT":
             raise RuntimeError("accept_connect() answers a CONNECT request only")
         # h11 holds the request until it saw its end; then it waits for our verdict.
-        while c.conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
+        while c.conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:  # type: ignore[attr-defined]
             try:
                 event = await c.next_event(c.body_timeout)
             except trio.TooSlowError:
@@ -616,7 +617,8 @@ async def _next_request(
             data = await c.stream.receive_some(RECEIVE_SIZE)
         if idle.cancelled_caught:
             return None
-        c.conn.receive_data(data)  # b"" (the client closed): ConnectionClosed next
+        # b"" (the client closed): ConnectionClosed next
+        c.conn.receive_data(data)  # type: ignore[arg-type]  # (h11 takes a bytearray)
         event = c.conn.next_event()
         if event is not h11.NEED_DATA:
             return event

@@ -380,6 +380,7 @@ class SchedulerServer:
             nonce=nonce,
         )
         key = b""
+        host: HostInfo | None = None
         # Hello and proof within one deadline: a socket that says nothing is dropped.
         with trio.move_on_after(HANDSHAKE_TIMEOUT) as waited:
             try:
@@ -405,8 +406,9 @@ class SchedulerServer:
                     return
                 except ChannelClosed:
                     return
-        if waited.cancelled_caught:
-            self._refuse(channel, "timeout", "no proof in time", host.host_id, host.ip)
+        if waited.cancelled_caught or host is None:
+            who = ("", "") if host is None else (host.host_id, host.ip)
+            self._refuse(channel, "timeout", "no proof in time", *who)
             return
         host_id = host.host_id
         with trio.CancelScope() as scope, self.connected:

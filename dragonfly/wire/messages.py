@@ -386,7 +386,7 @@ class RegisterPeer(Message):
 
     peer_id: str = _id()
     task_id: str = _id()
-    task: TaskSpec
+    task: TaskSpec  # type: ignore[misc]  # (_id() sets no default: mypy cannot see it)
     # Request headers the origin must see (credentials where a rule shares them).
     headers: dict[str, str] = field(
         default_factory=dict, metadata=dict(max_items=256, max_len=URL_MAX)
@@ -416,7 +416,7 @@ class HeldTask:
     alone ties the ID to the bytes)."""
 
     task_id: str = _id()
-    task: TaskSpec | None
+    task: TaskSpec | None  # type: ignore[misc]  # (_id() sets no default: mypy cannot see it)
     content_length: int = limits(min=0, max=OFFSET_MAX)
     piece_length: int = limits(min=1, max=PIECE_LENGTH_MAX)
     # (a task of more pieces than fit in one frame is not re-announced: 1.5 TiB at the
@@ -614,7 +614,7 @@ class TriggerDownload(Message):
     peer then registers as a peer of the task like any other)."""
 
     task_id: str = _id()
-    task: TaskSpec
+    task: TaskSpec  # type: ignore[misc]  # (_id() sets no default: mypy cannot see it)
     headers: dict[str, str] = field(
         default_factory=dict, metadata=dict(max_items=256, max_len=URL_MAX)
     )
@@ -933,7 +933,7 @@ class DownloadTask(Message):
 
     ref: int = limits(min=1, max=2**63 - 1)
     task_id: str = _id()
-    task: TaskSpec
+    task: TaskSpec  # type: ignore[misc]  # (_id() sets no default: mypy cannot see it)
     headers: dict[str, str] = field(
         default_factory=dict, metadata=dict(max_items=64, max_len=URL_MAX)
     )
