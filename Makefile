@@ -1,4 +1,4 @@
-# make test   set up (system packages, .venv, the project) and run ruff + the test suite
+# make test   set up (system packages, .venv, the project) and run ruff, mypy and the test suite
 # make demo   set up, distribute a file through a local P2P cluster, print where bytes went
 # make bench  the standard benchmarks (under 15 minutes); make bench-full: all of them
 
@@ -46,6 +46,7 @@ setup: deps $(VENV)/.installed
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: setup lint
 	$(VENV)/bin/pytest

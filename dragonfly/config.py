@@ -85,9 +85,13 @@ class SchedulerClientSection:
     )
     manager: str = opt(
         "",
-        "manager URL (http://HOST:PORT); a seed peer registers there "
-        "(peers discover schedulers there in a later release); empty: none",
+        "manager URL (http://HOST:PORT): schedulers and the cluster's settings are asked "
+        "there (scheduler.addresses serve until it answers), a seed peer registers there; "
+        "empty: none",
         item_regex=r"^(https?://[^/?#]+/?)?$",
+    )
+    refresh_interval: Duration = opt(
+        60.0, "how often the manager is asked for schedulers and settings", min=0.1
     )
     connect_timeout: Duration = opt(5.0, "time to connect to a scheduler", min=0.001)
     rejoin_timeout: Duration = opt(
@@ -152,6 +156,12 @@ class UploadSection:
         "a child reading a piece slower than this loses its upload slot; 0: no minimum",
         min=0,
     )
+    tls_cert: str = opt(
+        "",
+        "certificate (PEM, naming host.ip) to serve pieces over HTTPS and announcements over "
+        "wss; see `tls new`; empty: plain TCP",
+    )
+    tls_key: str = opt("", "the certificate's private key (PEM, mode 0600)")
 
 
 @dataclass
@@ -285,6 +295,12 @@ class SchedulerServerSection(ListenSection):
     max_connections: int = opt(
         10000, "connections served at once; more are closed at once (counted)", min=1, max=1000000
     )
+    tls_cert: str = opt(
+        "",
+        "certificate (PEM) to serve wss:// and https (/metrics, /healthy); see `tls new`; "
+        "empty: plain TCP",
+    )
+    tls_key: str = opt("", "the certificate's private key (PEM, mode 0600)")
 
 
 @dataclass
@@ -293,11 +309,22 @@ class PeerTrustSection:
 
     credential_file: str = opt(
         "",
-        "host credential (mode 0600) made by `python -m dragonfly token new`; required "
-        "with schedulers unless insecure",
+        "host credential (mode 0600) made by `python -m dragonfly token new`, or where the "
+        "one the manager issues is kept (empty: DATA_DIR/credential.json); required with "
+        "schedulers unless insecure or join_token_file",
+    )
+    join_token_file: str = opt(
+        "",
+        "file (mode 0600) with the manager's join token for this role: without a usable "
+        "credential the daemon joins at scheduler.manager and keeps what it is issued",
     )
     insecure: bool = opt(
         False, "no identity: schedulers and children are taken at their word (trusted networks)"
+    )
+    ca_file: str = opt(
+        "",
+        "the cluster's CA (PEM, see `tls init`) that wss:// schedulers and TLS parents must "
+        "be signed by; the system's CAs are not trusted for them",
     )
 
 
@@ -308,7 +335,12 @@ class SchedulerTrustSection:
     secret_file: str = opt(
         "",
         "cluster secret (mode 0600) made by `python -m dragonfly token init`; required "
-        "unless insecure",
+        "unless insecure or join_token_file",
+    )
+    join_token_file: str = opt(
+        "",
+        "file (mode 0600) with the manager's scheduler join token: the cluster secret and "
+        "this scheduler's credential come from manager.address at start (kept in memory)",
     )
     insecure: bool = opt(False, "no identity: hosts are taken at their word for their ID and role")
     ticket_ttl: Duration = opt(
@@ -422,6 +454,33 @@ class ManagerGCSection:
 
 
 @dataclass
+class ManagerTrustSection:
+    """Cluster identity: the manager holds the cluster secret and issues credentials."""
+
+    secret_file: str = opt(
+        "",
+        "cluster secret (mode 0600); empty: DATA_DIR/cluster-secret.json, made at first start "
+        "(required with postgres: every manager must issue under the same secret)",
+    )
+    credential_ttl: Duration = opt(
+        31536000.0, "how long a credential issued against a join token is valid", min=3600
+    )
+
+
+@dataclass
+class ManagerPeersSection:
+    """The peers table, kept from what schedulers report."""
+
+    report_interval: Duration = opt(
+        60.0, "how often each scheduler reports the hosts connected to it", min=0.1
+    )
+    timeout: Duration = opt(
+        180.0, "a peer no scheduler reported for this long is inactive", min=0.1
+    )
+    remove_after: Duration = opt(1800.0, "an inactive peer is removed after this long", min=1)
+
+
+@dataclass
 class JobsSection:
     """Preheat, task and sync jobs."""
 
@@ -499,6 +558,8 @@ class ManagerConfig:
     auth: ManagerAuthSection = opt(ManagerAuthSection(), "")
     keepalive: KeepaliveSection = opt(KeepaliveSection(), "")
     gc: ManagerGCSection = opt(ManagerGCSection(), "")
+    trust: ManagerTrustSection = opt(ManagerTrustSection(), "")
+    peers: ManagerPeersSection = opt(ManagerPeersSection(), "")
     jobs: JobsSection = opt(JobsSection(), "")
     records: RecordsSection = opt(RecordsSection(), "")
 
@@ -528,14 +589,10 @@ def default_config(role: str) -> RoleConfig:
     raise ConfigError("--role", "role", f"expected one of {', '.join(ROLES)}, got {role!r}")
 
 
-_NO_DISCOVERY = "peers discover schedulers through the manager in a later release"
-
 # Keys a role accepts that nothing reads yet, with the reason, per role: a dotted key,
 # a section (each key in it) or "" (every key of the role). conf/ROLE.toml marks each
 # with `# reserved: REASON`, `config check` shows it, and a daemon warns when one is set.
-RESERVED: dict[str, dict[str, str]] = {
-    "peer": {"scheduler.manager": _NO_DISCOVERY},
-}
+RESERVED: dict[str, dict[str, str]] = {}
 
 
 def reserved_reason(role: str, key: str) -> str | None:
@@ -579,7 +636,34 @@ def _check_cross_field(cfg: RoleConfig, origins: Origins) -> None:
                 "database.dsn",
                 "required with database.driver = postgres",
             )
+        if cfg.peers.timeout <= cfg.peers.report_interval:
+            raise ConfigError(
+                origins.get("peers.timeout", (0, "defaults"))[1],
+                "peers.timeout",
+                f"must exceed peers.report_interval ({cfg.peers.report_interval}), "
+                f"got {cfg.peers.timeout}",
+            )
+    if isinstance(cfg, SchedulerConfig):
+        _check_tls_pair(origins, "server", cfg.server.tls_cert, cfg.server.tls_key)
+    if isinstance(cfg, PeerConfig | SchedulerConfig) and cfg.trust.join_token_file:
+        manager_key = "scheduler.manager" if isinstance(cfg, PeerConfig) else "manager.address"
+        manager = cfg.scheduler.manager if isinstance(cfg, PeerConfig) else cfg.manager.address
+        if not manager:
+            raise ConfigError(
+                origins.get("trust.join_token_file", (0, "defaults"))[1],
+                "trust.join_token_file",
+                f"a join token is presented to the manager: set {manager_key} too",
+            )
     if isinstance(cfg, PeerConfig):
+        _check_tls_pair(origins, "upload", cfg.upload.tls_cert, cfg.upload.tls_key)
+        secure = [a for a in cfg.scheduler.addresses if a.startswith("wss://")]
+        if secure and not cfg.trust.ca_file:
+            raise ConfigError(
+                origins.get("scheduler.addresses", (-1, "defaults"))[1],
+                "trust.ca_file",
+                f"required with a wss:// scheduler ({secure[0]}): the CA that signed the "
+                "schedulers' certificates (the system's CAs are not trusted for them)",
+            )
         px = cfg.proxy
         if not is_loopback_listen(px.listen) and not px.allowed_clients and not px.auth_file:
             raise ConfigError(
@@ -603,6 +687,18 @@ def _check_cross_field(cfg: RoleConfig, origins: Origins) -> None:
                 low,
                 f"must not exceed {high} ({st.high_watermark}), got {st.low_watermark}",
             )
+
+
+def _check_tls_pair(origins: Origins, section: str, cert: str, key: str) -> None:
+    """A listener's tls_cert and tls_key come together (the error names the one missing)."""
+    if bool(cert) == bool(key):
+        return
+    have, missing = ("tls_cert", "tls_key") if cert else ("tls_key", "tls_cert")
+    raise ConfigError(
+        origins.get(f"{section}.{have}", (-1, "defaults"))[1],
+        f"{section}.{missing}",
+        f"required when {section}.{have} is set (TLS needs a certificate and its key)",
+    )
 
 
 def load_config(

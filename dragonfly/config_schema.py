@@ -90,7 +90,7 @@ def describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
         return f"a list of {describe(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"a table ({', '.join(fields_of(tp))})"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
         tp, str(tp)
@@ -99,7 +99,7 @@ def describe(tp: Any) -> str:
 
 def unit_of(tp: Any) -> str | None:
     if typing.get_origin(tp) is Annotated:
-        return typing.get_args(tp)[1]
+        return str(typing.get_args(tp)[1])
     return None
 
 
@@ -262,7 +262,7 @@ class Loader:
         out: list[Any] = []
         for i, item in enumerate(value):
             item_path = f"{path}[{i}]"
-            if dataclasses.is_dataclass(item_tp):
+            if isinstance(item_tp, type) and dataclasses.is_dataclass(item_tp):
                 if not isinstance(item, dict):
                     raise self.error(item_path, f"expected a table, got {brief(item)}")
                 obj = item_tp()

@@ -133,7 +133,7 @@ SCHEDULER_CORE_COUNTERS = (
 )
 REFUSAL_HELP = (
     "Hosts and registrations refused, by reason: no_credential, expired, "
-    "unknown_key, cluster, proof, host_mismatch, role_mismatch, timeout, bounds"
+    "unknown_key, cluster, proof, host_mismatch, role_mismatch, timeout, bounds, blocked"
 )
 
 
@@ -202,6 +202,18 @@ class ManagerMetrics(RoleMetrics):
         )
         self.lease_held = Gauge(
             "dragonfly_manager_lease_held", "1 while this manager holds the GC lease", registry=r
+        )
+        self.joins = Counter(
+            "dragonfly_manager_joins",
+            "Join requests, by role and outcome (issued, refused)",
+            ["role", "outcome"],
+            registry=r,
+        )
+        self.member_refusals = Counter(
+            "dragonfly_manager_member_refusals",
+            "Websocket handshakes refused, by reason",
+            ["reason"],
+            registry=r,
         )
         self.job_parts = Counter(
             "dragonfly_manager_job_parts",

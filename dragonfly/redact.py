@@ -12,7 +12,7 @@ else stays byte for byte, so a redacted URL still says which file it was.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -115,6 +115,7 @@ def redact_value(value: Any, depth: int = 0) -> Any:
     return value
 
 
-def redact_event(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact_event(logger: Any, method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
     """structlog processor: every value of the event redacted."""
-    return redact_value(event)  # type: ignore[no-any-return]
+    redacted: Mapping[str, Any] = redact_value(event)
+    return redacted

@@ -36,6 +36,7 @@ __all__ = ["PiecePicker"]
 
 _EWMA_ALPHA = 0.3  # weight of the newest throughput sample
 _MIN_SECONDS = 1e-6  # a piece timed at zero seconds still yields a finite rate
+_NOBODY: frozenset[str] = frozenset()  # no parent to skip
 
 
 class _Parent:
@@ -304,14 +305,14 @@ class PiecePicker:
         if budget <= 0 or self.done:
             return []
         if now is not None and self._resting:
-            for pid in [pid for pid, p in self._resting.items() if p.busy_until <= now]:
-                del self._resting[pid]
+            for rested in [r for r, p in self._resting.items() if p.busy_until <= now]:
+                del self._resting[rested]
         resting = self._resting if now is not None else {}
         free: dict[str, int] = {}
-        for pid, parent in self._parents.items():
+        for parent_id, parent in self._parents.items():
             slots = self._capacity(parent) - len(parent.in_flight)
-            if slots > 0 and pid not in resting:
-                free[pid] = slots
+            if slots > 0 and parent_id not in resting:
+                free[parent_id] = slots
         if not free:
             return []
         out: list[tuple[int, str]] = []
@@ -322,7 +323,7 @@ class PiecePicker:
             for number in range(cursor, min(cursor + self._window, self._n)):
                 if not self._waiting[number]:
                     continue
-                pid = self._choose(self._pos[number], free, ())
+                pid = self._choose(self._pos[number], free, _NOBODY)
                 if pid is None:
                     continue
                 self._start(number, pid, free, out)
@@ -339,7 +340,7 @@ class PiecePicker:
                     low = bits & -bits
                     bits ^= low
                     pos = low.bit_length() - 1
-                    pid = self._choose(pos, free, ())
+                    pid = self._choose(pos, free, _NOBODY)
                     if pid is None:  # cannot happen: bits only hold pieces a free parent serves
                         continue
                     if self._start(self._perm[pos], pid, free, out):

@@ -17,7 +17,7 @@ import hashlib
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import jwt
 from argon2 import PasswordHasher
@@ -42,6 +42,9 @@ GROUPS = (
     "applications",
     "personal-access-tokens",
     "audits",
+    "join-tokens",
+    "host-credentials",
+    "revocations",
     "jobs",
     "download-records",
     "traffic",
@@ -135,9 +138,10 @@ def read_session(key: str, token: str, now: float, *, refresh_window: float = 0.
         raise BadToken("malformed claims")
     if not isinstance(jti, str) or not jti:
         raise BadToken("malformed claims")
-    if now >= exp and not (refresh_window > 0 and now < orig + refresh_window):
+    uid, expires, issued, first, generation = cast("tuple[int, int, int, int, int]", numbers)
+    if now >= expires and not (refresh_window > 0 and now < first + refresh_window):
         raise BadToken("expired")
-    return Session(user_id, jti, gen, float(iat), float(exp), float(orig))  # type: ignore[arg-type]
+    return Session(uid, jti, generation, float(issued), float(expires), float(first))
 
 
 # ------------------------------------------------------------------ access tokens

@@ -204,7 +204,7 @@ class Response:
             f"{self.url}: connection broken after {self.received} of {total} body bytes: {exc}"
         )
 
-    async def _receive(self, max_bytes: int) -> bytes:
+    async def _receive(self, max_bytes: int) -> bytes | bytearray:
         try:
             with trio.fail_after(self._read_timeout):
                 return await self._conn.stream.receive_some(max_bytes)
@@ -260,7 +260,7 @@ class Response:
         """Write `count` body bytes (default: the rest) into file `fd` at `offset`.
 
         Zero-copy (socket → pipe → file) for plain HTTP with Content-Length;
-        through a buffer and os.pwrite otherwise.
+        through a buffer and os.pwrite otherwise (TLS, chunked bodies).
         """
         if self._raw_remaining is not None:
             want = self._raw_remaining if count is None else min(count, self._raw_remaining)
@@ -300,13 +300,14 @@ class Response:
                 raise BodyIncomplete(f"{self.url}: receiving body failed: {exc}") from None
             self._advance(n)
             return want
-        buf = bytearray(min(RECEIVE_SIZE, max(1, want - written)))
+        # Filled whole before each write: TLS hands over one record (16 KiB) at a time,
+        # and a write per record would cost a syscall for each.
+        buf = memoryview(bytearray(min(RECEIVE_SIZE, max(1, want - written))))
         while written < want:
-            n = await self.read_into(memoryview(buf)[: min(len(buf), want - written)])
-            if n == 0:
-                raise self._short()
-            pwrite_all(fd, memoryview(buf)[:n], offset + written)
-            written += n
+            view = buf[: min(len(buf), want - written)]
+            await self.readinto_exactly(view)
+            pwrite_all(fd, view, offset + written)
+            written += len(view)
         return written
 
     async def _copy_rest(self, fd: int, offset: int) -> int:
@@ -356,7 +357,8 @@ class Response:
                 raise BadResponse(f"{self.url}: malformed body: {exc}") from None
             if event is h11.NEED_DATA:
                 # b"" (EOF) ends a close-delimited body: h11 then reports EndOfMessage.
-                self._h11.receive_data(await self._receive(RECEIVE_SIZE))
+                data = await self._receive(RECEIVE_SIZE)
+                self._h11.receive_data(data)  # type: ignore[arg-type]  # (h11 takes a bytearray)
                 continue
             if isinstance(event, h11.Data):
                 chunk = bytes(event.data)
@@ -620,11 +622,11 @@ class HTTPClient:
                 event = h.next_event()
                 if event is h11.NEED_DATA:
                     with trio.fail_after(self.read_timeout):
-                        chunk = await conn.stream.receive_some(RECEIVE_SIZE)
-                    if not chunk and not got_any:
+                        received = await conn.stream.receive_some(RECEIVE_SIZE)
+                    if not received and not got_any:
                         raise _StaleConnection("closed")
                     got_any = True
-                    h.receive_data(chunk)
+                    h.receive_data(received)  # type: ignore[arg-type]  # (h11 takes a bytearray)
                     continue
                 if isinstance(event, h11.InformationalResponse):
                     continue

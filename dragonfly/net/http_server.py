@@ -29,6 +29,10 @@ closed lingeringly (half-close, drain briefly) so the RST does not destroy the r
 
 A listener serves at most `max_connections` connections at once: one more is
 answered 503 and closed at once, before its request is read (`on_refused` counts it).
+
+With `ssl_context`, a listener speaks TLS (the cluster's scheduler and upload ports):
+each connection is wrapped in a server-side `trio.SSLStream`, whose handshake runs
+under the header timeout; a client that cannot or will not complete it is closed.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import contextlib
 import math
 import os
 import socket as _socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +113,7 @@ class _ReplayStream(trio.abc.HalfCloseableStream):
         self._stream = stream
         self._prefix = prefix
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             n = len(self._prefix) if max_bytes is None else max_bytes
             chunk, self._prefix = self._prefix[:n], self._prefix[n:]
@@ -195,7 +200,7 @@ class HTTPConnection:
                 return event
             with trio.fail_after(timeout):
                 data = await self.stream.receive_some(RECEIVE_SIZE)
-            self.conn.receive_data(data)
+            self.conn.receive_data(data)  # type: ignore[arg-type]  # (h11 takes a bytearray)
 
 
 def _peername(stream: trio.abc.Stream) -> str:
@@ -321,7 +326,7 @@ class Responder:
             await self._flush()
             return
         self.body_bytes += len(data)
-        framed = self._c.conn.send(h11.Data(data=data))
+        framed = self._c.conn.send(h11.Data(data=data))  # type: ignore[arg-type]  # (any buffer)
         if self._pending:
             framed, self._pending = self._pending + framed, b""
         await self._c.send_bytes(framed)
@@ -333,9 +338,10 @@ class Responder:
         conn = self._c.conn
         stream = self._c.stream
         await self._flush(more=True)
-        framing = conn.send_with_data_passthrough(h11.Data(data=_Placeholder(count)))
+        placeholder = _Placeholder(count)  # h11 frames it; sendfile sends what it stands for
+        framing = conn.send_with_data_passthrough(h11.Data(data=placeholder))  # type: ignore[arg-type]
         # With chunked framing h11 returns [chunk header, placeholder, CRLF].
-        for part in framing:
+        for part in framing or ():
             if not isinstance(part, _Placeholder):
                 await self._c.send_bytes(bytes(part))
                 continue
@@ -425,7 +431,7 @@ class Responder:
         if self._request.method != "CONNECT":
             raise RuntimeError("accept_connect() answers a CONNECT request only")
         # h11 holds the request until it saw its end; then it waits for our verdict.
-        while c.conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
+        while c.conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:  # type: ignore[attr-defined]
             try:
                 event = await c.next_event(c.body_timeout)
             except trio.TooSlowError:
@@ -611,7 +617,8 @@ async def _next_request(
             data = await c.stream.receive_some(RECEIVE_SIZE)
         if idle.cancelled_caught:
             return None
-        c.conn.receive_data(data)  # b"" (the client closed): ConnectionClosed next
+        # b"" (the client closed): ConnectionClosed next
+        c.conn.receive_data(data)  # type: ignore[arg-type]  # (h11 takes a bytearray)
         event = c.conn.next_event()
         if event is not h11.NEED_DATA:
             return event
@@ -774,22 +781,30 @@ async def serve_listeners(
     max_connections: int | None = None,
     on_refused: Callable[[], None] = lambda: None,
     peer: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
-    """Serve HTTP on `listeners` until cancelled, at most `max_connections` at once."""
+    """Serve HTTP on `listeners` until cancelled, at most `max_connections` at once;
+    over TLS with `ssl_context`."""
     active = 0
 
     async def on_connection(stream: trio.SocketStream) -> None:
         nonlocal active
         if max_connections is not None and active >= max_connections:
             on_refused()
-            await _refuse(stream)
+            if ssl_context is None:
+                await _refuse(stream)
+            else:  # (a plain-text 503 means nothing to a TLS client)
+                await trio.aclose_forcefully(stream)
             return
         active += 1
+        conn: trio.abc.Stream = stream
+        if ssl_context is not None:
+            conn = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
         # One connection's failure must never reach serve_listeners' nursery: that
         # would take the whole server down.
         try:
             await serve_connection(
-                stream,
+                conn,
                 handler,
                 idle_timeout=idle_timeout,
                 header_timeout=header_timeout,

@@ -402,7 +402,11 @@ class Download:
 
     def _subscribe_parent(self, action: Subscribe) -> None:
         cfg = self.daemon.config.download
-        client = HTTPClient(connect_timeout=cfg.connect_timeout, read_timeout=cfg.piece_timeout)
+        client = HTTPClient(
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.piece_timeout,
+            ssl_context=self.daemon.cluster_tls,  # (a TLS parent: the cluster's CA only)
+        )
         link = ParentLink(action.parent, client, action.ticket)
         self._parents[action.parent.peer_id] = link
         self._spawn(link.follow, self)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -202,7 +202,7 @@ class OriginFetcher:
             raise OriginError(f"origin body: {exc}") from None
         return bytes(buf)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The streamed body of unknown length, as it arrives."""
         assert self._stream is not None
         try:

@@ -63,7 +63,7 @@ class SchedulerCore:
         evaluator: Evaluator | None = None,
         attester: Attester | None = None,
     ) -> None:
-        self.settings = settings or SchedulerSettings()
+        self._settings = settings or SchedulerSettings()
         # Vouches for a finished task's digests (any scheduler of the cluster checks it);
         # None: a cluster without identity, where every host's word is taken.
         self.attester = attester
@@ -90,6 +90,16 @@ class SchedulerCore:
         # now + wall_offset = unix time (tickets expire in wall time, which the hosts
         # share; the shell sets it, the simulation leaves it).
         self.wall_offset = 0.0
+
+    @property
+    def settings(self) -> SchedulerSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: SchedulerSettings) -> None:
+        """New knobs (the manager's cluster settings, at once): parent selection too."""
+        self._settings = settings
+        self._selector.settings = settings
 
     # ------------------------------------------------------------------ scheduling
 
@@ -380,9 +390,10 @@ class SchedulerCore:
         new_digests.append(entry)
 
     def _send_digests(
-        self, task: Task, new_digests: list[PieceDigest], reporter: Peer, out: list[Send]
+        self, task: Task, new_digests: list[PieceDigest], reporter: Peer | None, out: list[Send]
     ) -> None:
-        """Newly confirmed digests to every downloading peer (the reporter has them)."""
+        """Newly confirmed digests to every downloading peer (the reporter, if any, has
+        them)."""
         for p in task.downloading.values():
             if p is not reporter:
                 for chunk in answers.digest_chunks(new_digests):

@@ -394,8 +394,10 @@ class Task:
         # Hosts of ordinary peers this generation sent to the origin.
         self.origin_hosts: set[str] = set()
         # The indexes (INDEX_STATES): peers of the current generation only.
-        for p in list(getattr(self, "waiting", {}).values()):
-            self.waiting.discard(p)  # (out of the scheduler-wide index too)
+        waiting: PeerSet | None = getattr(self, "waiting", None)  # (None: a new task)
+        if waiting is not None:
+            for p in list(waiting.values()):
+                waiting.discard(p)  # (out of the scheduler-wide index too)
         self.sources = PeerIndex()
         self.back_to_source = PeerSet()
         self.succeeded = PeerSet()
@@ -615,6 +617,7 @@ class Peer:
             or cached.location != info.location
             or cached.seed != info.seed
             or cached.hostname != info.hostname
+            or cached.tls != info.tls
         ):
             cached = self._parent_info = ParentInfo(
                 peer_id=self.id,
@@ -625,6 +628,7 @@ class Peer:
                 seed=info.seed,
                 idc=info.idc,
                 location=info.location,
+                tls=info.tls,
             )
         return cached
 

@@ -401,9 +401,9 @@ class Swarm:
         self.rng = Random(cfg.seed)
         # The piece size goes in the task when it is one a task may name; else the
         # seed's TaskMetadata sets it (the scheduler takes the reporter's layout).
-        explicit = cfg.piece_size
+        explicit: int | None = cfg.piece_size
         try:
-            check_piece_length(explicit)
+            check_piece_length(cfg.piece_size)
         except IdentityError:
             explicit = None
         self.spec = TaskSpec(url=URL, piece_length=explicit)
@@ -518,7 +518,7 @@ class Swarm:
         done = [p for p in self.peers if p.done]
         stayed = [p for p in self.peers if not p.dead]
         t_all = max(p.finished_at for p in done) if len(done) == len(stayed) else INF
-        nodes = [n for n in self.nodes.values() if n.machine is not None]
+        machines = [n.machine for n in self.nodes.values() if n.machine is not None]
         triggered = [s for s in self.seeds if s.registered]
         complete = all(p.count == self.k for p in stayed) and all(
             s.count == self.k for s in triggered
@@ -537,8 +537,8 @@ class Swarm:
             p2p_bytes=self.p2p_bytes,
             wasted_bytes=round(self.wasted),
             back_to_source_peers=self.back_to_source,
-            reschedules=sum(n.machine.counters.reschedules for n in nodes),
-            timeouts=sum(n.machine.counters.timeouts for n in nodes),
+            reschedules=sum(m.counters.reschedules for m in machines),
+            timeouts=sum(m.counters.timeouts for m in machines),
             errors=len(self.errors),
             failed=sum(1 for p in self.peers if p.failed),
             departed=self.departed,

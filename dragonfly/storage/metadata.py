@@ -318,9 +318,8 @@ class MetadataDB:
         skipped = self.commit_batch({task_id: list(pieces)})
         if skipped:
             raise UnknownTask(f"unknown task {task_id}")
-        return self.conn.execute(
-            "SELECT COUNT(*) FROM pieces WHERE task_id = ?", (task_id,)
-        ).fetchone()[0]
+        row = self.conn.execute("SELECT COUNT(*) FROM pieces WHERE task_id = ?", (task_id,))
+        return int(row.fetchone()[0])
 
     def commit_batch(
         self,

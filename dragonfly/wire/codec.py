@@ -428,8 +428,9 @@ def _record_list_encoder(record_cls: type) -> Callable[[Any], bytes]:
         cache = caches[record_cls]
         parts = list(map(cache.raw.get, map(id, items)))
         try:
-            data = _array_head(n) + b"".join(parts)
-        except TypeError:  # a None: records not cached yet
+            # (a None in parts raises TypeError: the records not cached yet, below)
+            data = _array_head(n) + b"".join(parts)  # type: ignore[arg-type]
+        except TypeError:
             for i, part in enumerate(parts):
                 if part is None:
                     item = items[i]
@@ -437,7 +438,7 @@ def _record_list_encoder(record_cls: type) -> Callable[[Any], bytes]:
                     if len(cache.keep) >= _RECORD_CACHE_LIMIT:
                         cache = caches[record_cls] = _RecordCache()
                     cache.add(item, encoded)
-            data = _array_head(n) + b"".join(parts)
+            data = _array_head(n) + b"".join(parts)  # type: ignore[arg-type]  # (none left)
         if n >= _WHOLE_LIST_MIN:
             key = (id(items[0]), n)
             replaced = lists.pop(key, None)

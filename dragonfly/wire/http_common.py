@@ -114,7 +114,7 @@ _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE | re
 # string is slow and past 4300 digits raises ValueError. 10**19 exceeds any real size
 # (sizes fit in a signed 64-bit integer), so a longer number stands for "larger than any".
 _MAX_DIGITS = 19
-_HUGE = 10**_MAX_DIGITS
+_HUGE: int = 10**_MAX_DIGITS
 
 
 def _position(digits: str) -> int:

@@ -341,6 +341,21 @@ def test_parent_limit_and_idle_parents_first() -> None:
     w.s.check_invariants()
 
 
+def test_new_settings_take_effect_at_once() -> None:
+    """The manager's cluster settings replace the core's (apply_cluster_config): the next
+    decision follows the new parent limit."""
+    w = World()
+    w.seeded_task()
+    for i in range(6):
+        w.connect(f"h{i}")
+        w.register(f"h{i}", f"p{i}")
+        w.pieces(f"h{i}", f"p{i}", [0], parent="s1")
+    w.s.settings = dataclasses.replace(w.s.settings, candidate_parent_limit=2)
+    w.connect("late")
+    (cp,) = of(w.register("late", "late"), CandidateParents)
+    assert len(cp.parents) == 2  # (peers decided before keep theirs until their next decision)
+
+
 def test_empty_task_gets_an_empty_answer_at_once() -> None:
     w = World()
     w.connect("seed", seed=True)

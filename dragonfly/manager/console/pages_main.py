@@ -60,10 +60,10 @@ async def signin_page(request: Request) -> Response:
             else:
                 guard.set_actor(request, "USER", name)
                 token, _ = new_session(ctx, user["id"], user["session_generation"])
-                response = redirect(target)
-                _cookie(ctx, response, token, int(ctx.config.auth.session_ttl), "strict")
-                response.delete_cookie(csrf.PRE_COOKIE, path="/")
-                return response
+                signed_in = redirect(target)
+                _cookie(ctx, signed_in, token, int(ctx.config.auth.session_ttl), "strict")
+                signed_in.delete_cookie(csrf.PRE_COOKIE, path="/")
+                return signed_in
     response = render(
         request,
         "signin.html",

@@ -7,6 +7,7 @@ a duplicate unique key is a 409 (`Conflict`, raised by the store).
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,7 +167,9 @@ class Resource:
         await context(request).db.run(delete)
         return empty_response()
 
-    def routes(self, base: str, *, patch: bool = True, delete: bool = True) -> list[Route]:
+    def routes(
+        self, base: str, *, patch: bool = True, delete: bool = True
+    ) -> builtins.list[Route]:  # (`list` here is the method above)
         found = [
             Route(base, self.list, methods=["GET"]),
             Route(f"{base}/{{id}}", self.get, methods=["GET"]),
