@@ -133,7 +133,7 @@ SCHEDULER_CORE_COUNTERS = (
 )
 REFUSAL_HELP = (
     "Hosts and registrations refused, by reason: no_credential, expired, "
-    "unknown_key, cluster, proof, host_mismatch, role_mismatch, timeout, bounds, blocked"
+    "unknown_key, cluster, proof, host_mismatch, role_mismatch, timeout, revoked, bounds, blocked"
 )
 
 
