@@ -254,6 +254,69 @@ async def test_background_flusher_batches(tmp_path: Path) -> None:
         store.release(h)
 
 
+async def test_pieces_are_served_at_once_and_durable_within_sync_delay(tmp_path: Path) -> None:
+    """With sync_delay, a verified piece is held (served) at once and neither synced nor
+    recorded until the delay passed or someone flushes; a task completed meanwhile is
+    complete for the store's readers at once, and in the database with its pieces."""
+    pl = 1 * KiB
+    pieces = file_bytes(TID, 3 * pl, pl)
+    async with PieceStore.open(tmp_path, sync_delay=3600) as store:
+        synced: list[int] = []
+        h = await store.open_task(TID, content_length=3 * pl, piece_length=pl)
+        real_sync = h.file.datasync
+        h.file.datasync = lambda: (synced.append(1), real_sync())[1]  # type: ignore[method-assign]
+        for n, data in enumerate(pieces):
+            await store.write_piece(h, n, data, sha(data))
+        assert store.has_range(TID, 0, 3 * pl)  # served at once...
+        for _ in range(20):
+            await trio.sleep(0.01)
+        assert synced == [] and await store._run_db(store._db.pieces, TID) == []  # ...not durable
+        rec = await store.complete_task(TID)
+        assert rec.state == TaskState.SUCCEEDED and rec.done_bytes == 3 * pl
+        stored = await store._run_db(store._db.get_task, TID)
+        assert stored is not None and stored.state == TaskState.RUNNING  # not yet in the db
+        await store.flush()  # someone waits: synced and recorded now, pieces before the mark
+        assert synced == [1]
+        assert len(await store._run_db(store._db.pieces, TID)) == 3
+        stored = await store._run_db(store._db.get_task, TID)
+        assert stored is not None and stored.state == TaskState.SUCCEEDED
+        store.release(h)
+
+    async with PieceStore.open(tmp_path, sync_delay=0.05) as store:
+        h = await store.open_task(TID2, content_length=pl, piece_length=pl)
+        await store.write_piece(h, 0, pieces[0], sha(piece_bytes(TID, 0, pl)))
+        for _ in range(500):  # the delay passes: the flusher commits without a waiter
+            if await store._run_db(store._db.pieces, TID2):
+                break
+            await trio.sleep(0.02)
+        assert len(await store._run_db(store._db.pieces, TID2)) == 1
+        store.release(h)
+
+
+async def test_a_completion_whose_pieces_fail_to_commit_is_undone(tmp_path: Path) -> None:
+    """Complete in memory, then the commit of its last pieces fails: the task is running
+    again (its pieces are fetched again), never succeeded without its rows."""
+    pl = 1 * KiB
+    pieces = file_bytes(TID, 2 * pl, pl)
+    async with PieceStore.open(tmp_path, sync_delay=3600) as store:
+        h = await store.open_task(TID, content_length=2 * pl, piece_length=pl)
+        for n, data in enumerate(pieces):
+            await store.write_piece(h, n, data, sha(data))
+        assert (await store.complete_task(TID)).state == TaskState.SUCCEEDED
+
+        def failing(pieces_by_task, touches=None):  # type: ignore[no-untyped-def]
+            raise sqlite3.OperationalError("database is locked")
+
+        real = store._db.commit_batch
+        store._db.commit_batch = failing  # type: ignore[method-assign]
+        with pytest.raises(StorageError):
+            await store.flush()
+        store._db.commit_batch = real  # type: ignore[method-assign]
+        rec = await store.get_task(TID)
+        assert rec is not None and rec.state == TaskState.RUNNING and h.missing() == [0, 1]
+        store.release(h)
+
+
 async def test_a_failed_commit_is_reported_and_retried_until_it_works(tmp_path: Path) -> None:
     """The database refuses a commit (locked, full): the pieces are not recorded, the
     supervisor shows the flusher failing, and the next flush retries the task's use, so
