@@ -56,7 +56,7 @@ from .errors import (
 from .gc import GCConfig, TaskUsage, plan_gc
 from .metadata import MetadataDB, PieceRecord, TaskRecord, TaskState
 from .private import link_refused, open_private, prepare_data_dir, private_dir
-from .taskfile import BufferLike, TaskFile, task_path, validate_task_id
+from .taskfile import BufferLike, FileHasher, TaskFile, task_path, validate_task_id
 
 __all__ = ["PieceSink", "PieceStore", "TaskHandle"]
 
@@ -177,6 +177,15 @@ class PieceSink:
     done: bool = False
     record: PieceRecord | None = None  # after a clean exit: what was recorded
     _data: BufferLike | None = field(default=None, repr=False)
+    _hasher: FileHasher | None = field(default=None, repr=False)
+
+    def hash_as_written(self) -> Callable[[int, bool], None]:
+        """For a writer that fills the piece in order from ``offset``: call the result
+        with ``(end, last)`` whenever the file holds the bytes up to ``end`` (from its
+        worker thread, say). They are hashed from the file while hot in the cache, and
+        the piece needs no second pass when the block ends (it gets one otherwise)."""
+        self._hasher = FileHasher(self.fd, self.offset)
+        return self._hasher.written
 
     def write(self, data: BufferLike) -> None:
         """The piece's bytes, written (and verified) when the ``writing`` block ends."""
@@ -194,6 +203,7 @@ class _Batch:
     # Tasks complete in memory whose pieces were not durable yet: marked succeeded (with
     # their whole-file digest, if any) after the batch's pieces are committed.
     succeeded: dict[str, str | None] = field(default_factory=dict)
+    attested: dict[str, str] = field(default_factory=dict)  # kept once marked succeeded
     count: int = 0
     due: float = math.inf  # (trio time) the flusher commits it then, at the latest
     done: trio.Event = field(default_factory=trio.Event)
@@ -201,7 +211,7 @@ class _Batch:
 
     @property
     def empty(self) -> bool:
-        return not self.pieces and not self.touches and not self.succeeded
+        return not (self.pieces or self.touches or self.succeeded or self.attested)
 
     def pin(self, h: TaskHandle) -> None:
         """The batch will sync this handle's file: it stays open until then."""
@@ -394,7 +404,7 @@ class PieceStore:
         task_status.started()
         try:
             while not self._closed:
-                if self._batch.pieces or self._batch.succeeded:
+                if self._batch.pieces or self._batch.succeeded or self._batch.attested:
                     with trio.move_on_at(self._batch.due):
                         await self._urgent.wait()
                 else:
@@ -482,6 +492,10 @@ class PieceStore:
                     marked[tid] = self._db.mark_succeeded(tid, digest)
                 except StorageError as exc:
                     marked[tid] = exc
+            for tid, attested in batch.attested.items():
+                record = self._set_attested_sync(tid, attested)
+                if record is not None:
+                    marked[tid] = record
             return skipped
 
         # Shielded: a batch taken out of the queue must be committed or failed, never lost.
@@ -558,6 +572,7 @@ class PieceStore:
         b.count -= len(pieces)
         b.touches.pop(task_id, None)
         b.succeeded.pop(task_id, None)
+        b.attested.pop(task_id, None)
         h = b.handles.pop(task_id, None)
         if h is not None:
             h.pins -= 1
@@ -808,17 +823,30 @@ class PieceStore:
         or no longer complete (its pieces were dropped, it started over)."""
         self._check_open()
 
-        def _set() -> TaskRecord | None:
-            record = self._db.get_task(task_id)
-            if record is None or record.state != TaskState.SUCCEEDED:
-                return None
-            return self._db.update_task(task_id, attested=attested)
-
-        record = await self._run_db(_set)
         h = self._handles.get(task_id)
+        inflight = self._inflight
+        if task_id in self._batch.succeeded or (
+            inflight is not None and task_id in inflight.succeeded
+        ):
+            # Complete in memory, marked in the database by a flush to come: kept after it.
+            assert h is not None  # (pinned by that batch)
+            batch = self._batch
+            batch.attested[task_id] = attested
+            batch.due = min(batch.due, trio.current_time() + self.sync_delay)
+            batch.pin(h)
+            h.record = dataclasses.replace(h.record, attested=attested)
+            await trio.lowlevel.checkpoint()
+            return True
+        record = await self._run_db(self._set_attested_sync, task_id, attested)
         if record is not None and h is not None:
             h.record = record
         return record is not None
+
+    def _set_attested_sync(self, task_id: str, attested: str) -> TaskRecord | None:
+        record = self._db.get_task(task_id)
+        if record is None or record.state != TaskState.SUCCEEDED:
+            return None
+        return self._db.update_task(task_id, attested=attested)
 
     async def complete_tasks(self, max_pieces: int) -> list[tuple[TaskRecord, bytes]]:
         """Complete tasks with their digests in piece order (MetadataDB.complete_tasks)."""
@@ -939,7 +967,9 @@ class PieceStore:
             return h.file.digest(offset, length)
 
         self._check_layout(h, PieceRecord(sink.number, offset, length, b"\0" * 32))
-        actual = await self._run_io(_write_and_hash)
+        hasher = sink._hasher
+        hashed = hasher.digest_of(offset, length) if hasher is not None and data is None else None
+        actual = hashed if hashed is not None else await self._run_io(_write_and_hash)
         if expected is not None and actual != expected:
             raise DigestMismatch(
                 f"task {h.task_id} piece {sink.number}",
