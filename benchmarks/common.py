@@ -130,8 +130,9 @@ class ProxyRig:
 
 
 @contextmanager
-def proxy_rig(work: Path, www: Path, peers: int) -> Iterator[ProxyRig]:
-    """1 scheduler, 1 seed peer and `peers` peers under WORK/cluster, nginx serving WWW.
+def proxy_rig(work: Path, www: Path, peers: int, *, tls: bool = False) -> Iterator[ProxyRig]:
+    """1 scheduler, 1 seed peer and `peers` peers under WORK/cluster, nginx serving WWW;
+    with `tls`, TLS on the scheduler and upload ports (`cluster --tls`).
 
     The cluster's task files are removed afterwards (a 1 GiB run leaves several GiB of
     them); its logs stay for a look after a failure."""
@@ -139,7 +140,7 @@ def proxy_rig(work: Path, www: Path, peers: int) -> Iterator[ProxyRig]:
     try:
         with (
             Nginx(root=www, workdir=work / "nginx") as nginx,
-            Cluster(work / "cluster", schedulers=1, seed_peers=1, peers=peers) as cluster,
+            Cluster(work / "cluster", schedulers=1, seed_peers=1, peers=peers, tls=tls) as cluster,
         ):
             sampler = MemorySampler({n.name: n.info["pid"] for n in cluster.nodes})
             sampler.start()

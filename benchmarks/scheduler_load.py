@@ -1,5 +1,8 @@
 """Load generator of `python -m benchmarks scheduler`: simulated hosts on real websockets.
 
+Why about 740 lines: one worker program (run by benchmarks/scheduler.py) with its own
+epoll loop and websocket framing instead of trio's, and the host's side of every exchange.
+
 One process drives a slice of the simulated hosts, each host on its own websocket to
 the scheduler, from one epoll loop. The websocket framing is written here (RFC 6455:
 an HTTP/1.1 upgrade with a checked Sec-WebSocket-Accept, then binary frames, every

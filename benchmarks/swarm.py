@@ -1,5 +1,9 @@
 """swarm: N peers ask for the same file at the same moment; how close to the fluid bound?
 
+Why about 1,000 lines: one measurement of three contenders (dragonfly, direct, BitTorrent)
+in two modes (netns, loopback) under one set of caps and one bound; the parts they share
+with other benchmarks are in benchmarks/common.py and benchmarks/netns.py.
+
 One origin with its upload capped at U_o; N peers and M seed peers, each with its
 upload capped at U_p (and its download at D, if given); every peer asks for the same
 file of F bytes at the same moment and its client discards the bytes after hashing
@@ -28,10 +32,11 @@ Modes:
 Dragonfly's peers are configured with upload.rate_limit = U_p (download.rate_limit = D),
 as an operator sizes them, so the scheduler knows their rates; in netns mode the kernel
 enforces the caps all the same (--no-app-limits: leave the peers' own limits unset).
+--tls turns TLS on for dragonfly's scheduler and upload ports (results in swarm-tls.json).
 
 python -m benchmarks swarm [--peers 8,16] [--size 256MiB] [--origin-up 10MB/s]
     [--peer-up 10MB/s] [--peer-down RATE] [--seed-peers 1] [--mode netns|loopback]
-    [--only dragonfly,direct,bittorrent] [--no-app-limits]
+    [--only dragonfly,direct,bittorrent] [--no-app-limits] [--tls]
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import re
 import shlex
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -58,6 +64,7 @@ from typing import IO, Any, TypeVar
 
 from benchmarks import bittorrent, common, netns
 from dragonfly.sim.bound import fluid_bound
+from dragonfly.testing.cluster_tls import LocalTLS
 from dragonfly.testing.nginx import Nginx, free_port, nginx_binary, wait_for_port
 from dragonfly.testing.probe import sha256_file
 from dragonfly.testing.process import stop_process_group
@@ -235,9 +242,11 @@ class LoopbackEnv(Env):
         return "127.0.0.1"
 
 
-def http_get(env: Env, node: str, url: str, timeout: float = 5) -> bytes:
+def http_get(
+    env: Env, node: str, url: str, timeout: float = 5, context: ssl.SSLContext | None = None
+) -> bytes:
     def get() -> bytes:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as r:
             return bytes(r.read())
 
     return env.call(node, get)
@@ -506,6 +515,8 @@ class Bench:
     shm: Path  # tmpfs for node data: the disk stays out of the figure
     logs: Path
     app_limits: bool = True
+    tls: bool = False  # TLS on dragonfly's scheduler and upload ports
+    _tls_client: ssl.SSLContext | None = None  # verifies them (the run's CA)
 
     def fresh_logs(self, name: str) -> Path:
         """This run's log directory, emptied of an earlier run's logs."""
@@ -548,7 +559,12 @@ class Bench:
         try:
             py = [sys.executable, "-m", "dragonfly"]
             sched_port = env.port("scheduler")
-            sched_url = f"ws://{env.addr('scheduler')}:{sched_port}"
+            # With --tls, a CA for the run and a certificate per node naming its address
+            # (and 127.0.0.1, where its own namespace's checks reach it).
+            pki = LocalTLS(data / "tls") if self.tls else None
+            self._tls_client = pki.client_context() if pki else None
+            http, ws = ("https", "wss") if pki else ("http", "ws")
+            sched_url = f"{ws}://{env.addr('scheduler')}:{sched_port}"
             # Identity on, as in any cluster: a secret for the scheduler, a credential
             # per peer (made here, as `dragonfly cluster` does).
             issuer = LocalIssuer(data / "trust")
@@ -559,14 +575,17 @@ class Bench:
                 "host.hostname": "scheduler",
                 "log.format": "json",
                 "trust.secret_file": str(issuer.secret_file),
+                **(pki.scheduler_settings("scheduler", _ips(env, "scheduler")) if pki else {}),
             }
             sched = self.procs.spawn(
                 env.argv("scheduler", [*py, "--role", "scheduler", *sets(sched_settings)]),
                 log=logs / "scheduler.log",
             )
             nodes.append(sched)
-            health = f"http://{env.addr('scheduler')}:{sched_port}/healthy"
-            wait_ready(env, "scheduler", _getter(health), sched, logs / "scheduler.log")
+            health = f"{http}://{env.addr('scheduler')}:{sched_port}/healthy"
+            wait_ready(
+                env, "scheduler", _getter(health, self._tls_client), sched, logs / "scheduler.log"
+            )
             names = [f"seed-{i}" for i in range(caps.seed_peers)] + [f"peer-{i}" for i in range(n)]
             proxies: dict[str, str] = {}
             metrics: dict[str, str] = {}
@@ -583,6 +602,7 @@ class Bench:
                     "storage.data_dir": str(data / name),
                     "scheduler.addresses": json.dumps([sched_url]),
                     "log.format": "json",
+                    **(pki.peer_settings(name, _ips(env, name)) if pki else {}),
                 }
                 role = "seed-peer" if name.startswith("seed") else "peer"
                 settings["trust.credential_file"] = str(issuer.credential_file(name, role))
@@ -603,10 +623,10 @@ class Bench:
                 nodes.append(proc)
                 started[name] = proc
                 proxies[name] = f"http://127.0.0.1:{proxy_port}"
-                metrics[name] = f"http://127.0.0.1:{upload_port}/metrics"
+                metrics[name] = f"{http}://127.0.0.1:{upload_port}/metrics"
             for name, proc in started.items():
                 url = metrics[name].replace("/metrics", "/healthy")
-                wait_ready(env, name, _getter(url), proc, logs / f"{name}.log")
+                wait_ready(env, name, _getter(url, self._tls_client), proc, logs / f"{name}.log")
             url = f"http://{env.addr('origin')}:{nginx.port}/{self.src.name}"
             clients = {
                 f"peer-{i}": ["curl", "-sS", "-f", "-x", proxies[f"peer-{i}"], url]
@@ -632,7 +652,7 @@ class Bench:
 
     def _scrape(self, node: str, url: str) -> dict[str, float]:
         try:
-            text = http_get(self.env, node, url).decode()
+            text = http_get(self.env, node, url, context=self._tls_client).decode()
         except (OSError, urllib.error.URLError):
             return {}
         out = {}
@@ -818,9 +838,14 @@ class Bench:
         return run
 
 
-def _getter(url: str) -> Callable[[], None]:
+def _ips(env: Env, node: str) -> tuple[str, ...]:
+    """The addresses a node's certificate names: where others reach it, and loopback."""
+    return tuple(dict.fromkeys((env.addr(node), "127.0.0.1")))
+
+
+def _getter(url: str, context: ssl.SSLContext | None = None) -> Callable[[], None]:
     def get() -> None:
-        with urllib.request.urlopen(url, timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=2, context=context) as r:
             if r.status != 200:
                 raise ValueError(f"{url}: {r.status}")
 
@@ -954,7 +979,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--only", type=parse_only, default=list(CONTENDERS), help="comma list of contenders"
     )
+    parser.add_argument(
+        "--tls", action="store_true", help="TLS on dragonfly's scheduler and upload ports"
+    )
     args = parser.parse_args(argv)
+    name = "swarm-tls" if args.tls else "swarm"
     caps = Caps(
         size=parse_size(args.size),
         origin_up=parse_rate(args.origin_up),
@@ -979,7 +1008,7 @@ def main(argv: list[str]) -> int:
     mode, why = choose_mode(args.mode)
     print(f"swarm: mode {mode} ({why})", flush=True)
     netns.cleanup_stale()  # what runs killed outright left behind (dead pids only)
-    work = common.RESULTS / "swarm"
+    work = common.RESULTS / name
     src = common.ensure_file(work / "www" / f"f-{caps.size}.bin", caps.size)
     want = sha256_file(src)
     run_id = f"{netns.PREFIX}{os.getpid()}"
@@ -999,7 +1028,15 @@ def main(argv: list[str]) -> int:
             else:
                 env = LoopbackEnv()
             bench = Bench(
-                env, procs, caps, src, want, shm, work / "logs", app_limits=not args.no_app_limits
+                env,
+                procs,
+                caps,
+                src,
+                want,
+                shm,
+                work / "logs",
+                app_limits=not args.no_app_limits,
+                tls=args.tls,
             )
             for n in args.peers:
                 for contender in args.only:
@@ -1034,17 +1071,18 @@ def main(argv: list[str]) -> int:
         "peer_up": caps.peer_up,
         "peer_down": caps.peer_down,
         "seed_peers": caps.seed_peers,
+        "tls": args.tls,
         "sha256": want,
         "run_id": run_id,
         "pids": procs.pids,
         "runs": [r.summary() for r in runs],
     }
-    path = common.write_result("swarm", payload)
+    path = common.write_result(name, payload)
     for n in args.peers:
         series = {f"{r.contender}": list(r.peer_seconds.values()) for r in runs if r.peers == n}
         if any(series.values()):
             png = common.plot_cdf(
-                f"swarm-n{n}",
+                f"{name}-n{n}",
                 series,
                 xlabel="seconds until the peer has the whole verified file",
                 title=f"swarm ({mode}): N = {n}, F = {human_bytes(caps.size)}, "

@@ -13,8 +13,11 @@ same disk. In each round, side by side:
 Ratio = curl direct time / time (1.0 = as fast as curl direct); each contender's median
 over the rounds. Each round is a new task (a distinct query string), so "cold" is cold.
 Every download's sha256 is checked; peak private memory of every daemon is sampled.
+`--tls` runs the cluster with TLS on its scheduler and upload ports (results in
+throughput-tls.json): every piece between peers is then encrypted and read rather than
+spliced and sent with sendfile; its cost is the ratios' difference between two runs.
 
-python -m benchmarks throughput [--size 1GiB] [--rounds 3]
+python -m benchmarks throughput [--size 1GiB] [--rounds 3] [--tls]
 """
 
 from __future__ import annotations
@@ -114,8 +117,12 @@ def run(argv: list[str], *, name: str, contenders: Sequence[str], rounds: int) -
     parser.add_argument(
         "--rounds", type=int, default=rounds, help=f"rounds, medians reported ({rounds})"
     )
+    parser.add_argument(
+        "--tls", action="store_true", help="TLS on the scheduler and upload ports (NAME-tls)"
+    )
     args = parser.parse_args(argv)
     size = parse_size(args.size)
+    name = f"{name}-tls" if args.tls else name
     work = RESULTS / name
     www = work / "www"
     src = ensure_file(www / "f.bin", size)
@@ -124,7 +131,8 @@ def run(argv: list[str], *, name: str, contenders: Sequence[str], rounds: int) -
     runs: dict[str, list[float]] = {c: [] for c in contenders}
     digests: dict[str, list[str]] = {c: [] for c in contenders}
     targets = {c: t for c, t in TARGETS.items() if c in contenders}
-    with proxy_rig(work, www, peers=3 if "dragonfly get" in contenders else 2) as rig:
+    peers = 3 if "dragonfly get" in contenders else 2
+    with proxy_rig(work, www, peers=peers, tls=args.tls) as rig:
         pids = rig.pids()
         # Warm the page cache with the origin's file once, for every contender alike.
         timed(curl_cmd(out, f"{rig.nginx.url}/f.bin"))
@@ -145,6 +153,7 @@ def run(argv: list[str], *, name: str, contenders: Sequence[str], rounds: int) -
         {
             "size": size,
             "rounds": args.rounds,
+            "tls": args.tls,
             "reference": REFERENCE,
             "get_case": GET_CASE if "dragonfly get" in contenders else None,
             "seconds": runs,

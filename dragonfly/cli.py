@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--tag", default="", help="task tag (part of the task ID)")
     get.add_argument("--application", default="", help="application (part of the task ID)")
     get.add_argument(
+        "--priority",
+        type=int,
+        choices=range(7),
+        default=None,
+        metavar="0-6",
+        help="download priority (Dragonfly's levels; a cluster may block some)",
+    )
+    get.add_argument(
         "--filtered-query-param",
         action="append",
         default=[],
@@ -103,15 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = sub.add_parser(
         "cluster",
         help="run a local cluster of roles on loopback",
-        description="Run schedulers, seed peers and peers on loopback, each its own process. "
-        "--config and --set take an optional ROLE: prefix (scheduler, seed-peer, peer): "
-        "with it they reach that role only; without it, every role that has the key's "
-        "section. Each node's resolved configuration is written to WORKDIR/conf/NODE.toml.",
+        description="Run a manager, schedulers, seed peers and peers on loopback, each its "
+        "own process. --config and --set take an optional ROLE: prefix (manager, scheduler, "
+        "seed-peer, peer): with it they reach that role only; without it, every role but the "
+        "manager that has the key's section. Each node's resolved configuration is written "
+        "to WORKDIR/conf/NODE.toml.",
     )
     cluster.add_argument("--schedulers", type=int, default=1)
     cluster.add_argument("--seed-peers", type=int, default=1)
     cluster.add_argument("--peers", type=int, default=3)
     cluster.add_argument("--workdir", required=True, help="directory for data, logs, cluster.json")
+    cluster.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on the scheduler and upload ports (a CA and certificates in WORKDIR/tls); "
+        "no manager for now",
+    )
+    cluster.add_argument(
+        "--no-manager",
+        action="store_true",
+        help="no manager: schedulers by address, a secret and credentials made here",
+    )
     cluster.add_argument(
         "--config",
         metavar="[ROLE:]FILE",
@@ -158,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     from dragonfly.credentials import add_token_parser
 
     add_token_parser(sub)
+
+    from dragonfly.cluster_tls import add_tls_parser
+
+    add_tls_parser(sub)
 
     conf = sub.add_parser(
         "config",
@@ -243,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dragonfly.credentials import token_command
 
         return token_command(args)
+    if args.command == "tls":
+        from dragonfly.cluster_tls import tls_command
+
+        return tls_command(args)
     if args.command == "cluster":
         return _cluster_command(args)
     if args.command == "proxy-user":
@@ -299,12 +327,17 @@ def _check_files(cfg: RoleConfig) -> None:
     """Files the configuration names (CA certificates and keys), checked before a start
     (the daemon's and `get`'s one-shot peer's) and by `config check`, so a bad one is a
     ConfigError naming its key instead of a traceback."""
+    from dragonfly.cluster_tls import check_tls_files
+    from dragonfly.config import SchedulerConfig
+
     if isinstance(cfg, PeerConfig):
         from dragonfly.net.tls import check_peer_files
         from dragonfly.peer.exposure import check_proxy_files
 
         check_peer_files(cfg)
         check_proxy_files(cfg.proxy)
+    if isinstance(cfg, (PeerConfig, SchedulerConfig)):
+        check_tls_files(cfg)
 
 
 def _config_command(args: argparse.Namespace) -> int:
@@ -345,6 +378,8 @@ def _cluster_command(args: argparse.Namespace) -> int:
         args.peers,
         configs=configs,
         overrides=_overrides(args),
+        tls=args.tls,
+        manager=not args.no_manager,
     )
 
 

@@ -13,9 +13,30 @@ WORKDIR/conf/NODE.toml with the source of every value; the node runs with that f
 alone. The listen addresses, ports, data directories and scheduler addresses are the
 cluster's to set: a --set of one is an error, a file's value is replaced.
 
-Identity is on, as in any cluster: WORKDIR/trust holds the cluster secret (given to
-the schedulers) and one credential per peer and seed peer, named after the node; the
-cluster sets trust.secret_file and trust.credential_file too.
+A manager starts first (unless `manager=False`, `--no-manager`): its data directory
+is WORKDIR/data/manager, its first root password in root-password there (cluster.json
+names both). The cluster signs in as root, makes a join token per role
+(WORKDIR/trust/join-ROLE.token, 0600) and sets cluster-1's parent limits to the
+schedulers' [scheduling] values; the schedulers get the cluster secret from the manager
+with their join token, the seed peers and peers join for their credentials (kept in
+their data directories) and find their schedulers through the manager. The manager
+issues under WORKDIR/trust/secret.json (`Cluster.issuer`), so a test can make
+credentials of the same cluster. `--config manager:FILE` and `--set manager:KEY=VALUE`
+reach the manager; settings without a role reach the other roles only.
+
+Without a manager, identity is on as in any cluster: WORKDIR/trust holds the cluster
+secret (given to the schedulers) and one credential per peer and seed peer, named after
+the node; the cluster sets trust.secret_file, trust.credential_file and
+scheduler.addresses. Each node's host.hostname is its name (scheduler-0, peer-1, ...):
+the manager keeps one row per scheduler or seed peer by host name, address and cluster,
+as Dragonfly does, and every node here shares 127.0.0.1.
+
+With `tls` (`cluster --tls`), WORKDIR/tls holds the cluster's CA and a certificate per
+node: schedulers serve wss:// and https, peers their upload ports over TLS and verify
+both with the CA (server.tls_*, upload.tls_*, trust.ca_file, which the cluster sets).
+A TLS cluster starts no manager for now: the manager does not yet tell peers which
+schedulers speak TLS.
+cluster.json then gives wss:// and https:// URLs, and the CA's file as "ca_file".
 """
 
 from __future__ import annotations
@@ -23,6 +44,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -43,8 +65,10 @@ from dragonfly.config import (
     render_effective,
     role_keys,
 )
+from dragonfly.credentials import read_credential_file, write_private_text
+from dragonfly.testing.cluster_tls import LocalTLS
 from dragonfly.testing.nginx import free_port
-from dragonfly.testing.trust import LocalIssuer
+from dragonfly.testing.trust import LocalIssuer, ticket_header
 
 _START_ATTEMPTS = 3  # (see Cluster.start: a port race with other processes' connections)
 
@@ -67,6 +91,7 @@ class Node:
 
 
 NODE_ROLES = ("scheduler", "seed-peer", "peer")
+MANAGER = "manager"  # reached only by settings that name it
 # Set by the cluster for each node (every role on 127.0.0.1, its own ports and data).
 CLUSTER_KEYS = (
     "server.listen",
@@ -76,15 +101,30 @@ CLUSTER_KEYS = (
     "upload.port",
     "storage.data_dir",
     "scheduler.addresses",
+    "scheduler.manager",
+    "manager.address",
+    "data.dir",
     "trust.secret_file",
     "trust.credential_file",
+    # TLS: `--tls` gives each node its own certificate
+    "server.tls_cert",
+    "server.tls_key",
+    "upload.tls_cert",
+    "upload.tls_key",
+    "trust.ca_file",
+    "trust.join_token_file",
+    "host.hostname",
 )
+JOIN_ROLES = ("scheduler", "seed-peer", "peer")
+# Set by the cluster only when it starts the manager; without one (--no-manager) they
+# may name a manager of one's own.
+MANAGER_KEYS = ("scheduler.manager", "manager.address")
 
 
 def split_role(spec: str) -> tuple[str | None, str]:
     """`ROLE:REST` → (ROLE, REST); without a role before its first ':' → (None, spec)."""
     role, sep, rest = spec.partition(":")
-    return (role, rest) if sep and role in NODE_ROLES else (None, spec)
+    return (role, rest) if sep and role in (MANAGER, *NODE_ROLES) else (None, spec)
 
 
 @dataclass(frozen=True)
@@ -120,19 +160,27 @@ def role_settings(
         else:
             own[role] = path
     sets: dict[str, list[str]] = {r: [] for r in roles}
+    cluster_keys = [k for k in CLUSTER_KEYS if MANAGER in roles or k not in MANAGER_KEYS]
     for item in overrides:
         role, rest = split_role(item)
         key = rest.partition("=")[0].strip()
-        if any(key == k or k.startswith(f"{key}.") for k in CLUSTER_KEYS):
+        if any(key == k or k.startswith(f"{key}.") for k in cluster_keys):
             raise ConfigError("--set", key, "the cluster sets this for each node itself")
         if role is not None and role not in roles:
             raise ConfigError("--set", item, f"this cluster has no {role} ({names})")
-        targets = [role] if role else [r for r in roles if key.split(".")[0] in role_keys(r)]
+        targets = (
+            [role]
+            if role
+            else [r for r in roles if r != MANAGER and key.split(".")[0] in role_keys(r)]
+        )
         if not targets:
             raise ConfigError("--set", key, f"no role of this cluster has it ({names})")
         for target in targets:
             sets[target].append(rest)
-    return {r: RoleSettings(tuple(shared), own.get(r), tuple(sets[r])) for r in roles}
+    return {
+        r: RoleSettings(tuple(shared) if r != MANAGER else (), own.get(r), tuple(sets[r]))
+        for r in roles
+    }
 
 
 @dataclass
@@ -146,21 +194,59 @@ class Cluster:
     extra: list[str] = field(default_factory=list)  # "--set", "K=V" pairs for every peer
     configs: list[str] = field(default_factory=list)  # [ROLE:]FILE
     overrides: list[str] = field(default_factory=list)  # [ROLE:]SECTION.KEY=VALUE
+    tls: bool = False  # TLS on the scheduler and upload ports (WORKDIR/tls)
+    manager: bool = True  # start a manager first; the others find it and join
     nodes: list[Node] = field(default_factory=list)
+    session: str = ""  # root's session at the manager, once started
 
     @property
     def issuer(self) -> LocalIssuer:
-        """The cluster's secret, and credentials made from it (WORKDIR/trust)."""
+        """The cluster's secret (the manager issues under it), and credentials made from
+        it (WORKDIR/trust)."""
         return LocalIssuer(self.workdir / "trust")
+
+    @property
+    def pki(self) -> LocalTLS | None:
+        """The cluster's CA and its nodes' certificates (WORKDIR/tls), with `tls`."""
+        return LocalTLS(self.workdir / "tls") if self.tls else None
+
+    @property
+    def ca_file(self) -> str | None:
+        """The CA file a client of a TLS cluster verifies its nodes with (None: no TLS)."""
+        return str(self.workdir / "tls" / "ca.pem") if self.tls else None
+
+    def join_token_file(self, role: str) -> Path:
+        return self.workdir / "trust" / f"join-{role}.token"
+
+    def host_credential(self, name: str) -> Path:
+        """Where node `name` (a peer or seed peer) keeps its credential."""
+        node = self.node(name)
+        if self.manager:
+            return Path(node.info["data_dir"]) / "credential.json"
+        return self.workdir / "trust" / f"{name}.json"
+
+    def ticket_header(
+        self, task_id: str, parent: str, child_host_id: str = "test-child", ttl: int = 600
+    ) -> str:
+        """The X-Dragonfly-Ticket value a scheduler would give `child_host_id` to fetch
+        `task_id` from node `parent` (made with that node's key)."""
+        credential = read_credential_file(self.host_credential(parent))
+        return ticket_header(credential, task_id, child_host_id, ttl)
+
+    def _roles(self) -> list[str]:
+        counts = {"scheduler": self.schedulers, "seed-peer": self.seed_peers, "peer": self.peers}
+        roles = [r for r in NODE_ROLES if counts[r]]
+        return [MANAGER, *roles] if self.manager else roles
 
     def check(self) -> dict[str, RoleSettings]:
         """What reaches each role, every role's configuration resolved once: a ConfigError
         (naming the role) before anything is written or started."""
-        counts = {"scheduler": self.schedulers, "seed-peer": self.seed_peers, "peer": self.peers}
-        roles = [r for r in NODE_ROLES if counts[r]]
+        roles = self._roles()
         if self.extra[::2] != ["--set"] * (len(self.extra) // 2) or len(self.extra) % 2:
             raise ValueError(f"extra takes '--set', 'KEY=VALUE' pairs, not {self.extra!r}")
-        peer_sets = [f"{r}:{item}" for item in self.extra[1::2] for r in roles if r != "scheduler"]
+        peer_sets = [
+            f"{r}:{item}" for item in self.extra[1::2] for r in roles if r in ("seed-peer", "peer")
+        ]
         settings = role_settings(roles, self.configs, [*self.overrides, *peer_sets])
         for role, each in settings.items():
             _resolve(role, each, [])
@@ -177,22 +263,69 @@ class Cluster:
         path.write_text(render_effective(role, cfg, sources))
         return [sys.executable, "-m", "dragonfly", "--role", role, "--config", str(path)], cfg
 
+    def _plan_manager(self, settings: dict[str, RoleSettings], logs: Path) -> str:
+        """The manager's node; its URL."""
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        data = self.workdir / "data" / MANAGER
+        args, _ = self._node_args(
+            MANAGER,
+            MANAGER,
+            settings[MANAGER],
+            [
+                "server.listen=127.0.0.1",
+                f"server.port={port}",
+                f"data.dir={data}",
+                f"trust.secret_file={self.issuer.secret_file}",
+            ],
+        )
+        self.nodes.append(
+            Node(
+                MANAGER,
+                MANAGER,
+                args,
+                logs / f"{MANAGER}.log",
+                f"{url}/healthy",
+                {
+                    "url": url,
+                    "metrics": f"{url}/metrics",
+                    "data_dir": str(data),
+                    "root_password_file": str(data / "root-password"),
+                    "config": args[-1],
+                    "pid": 0,
+                },
+            )
+        )
+        return url
+
     def _plan(self, settings: dict[str, RoleSettings]) -> None:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        issuer = self.issuer
+        issuer, pki = self.issuer, self.pki
+        http, ws = ("https", "wss") if pki else ("http", "ws")
+        manager = self._plan_manager(settings, logs) if self.manager else ""
         addresses = []
         for i in range(self.schedulers):
             name, port = f"scheduler-{i}", free_port()
-            addresses.append(f"ws://127.0.0.1:{port}")
-            args, _ = self._node_args(
+            addresses.append(f"{ws}://127.0.0.1:{port}")
+            identity = (
+                [
+                    f"manager.address={manager}",
+                    f"trust.join_token_file={self.join_token_file('scheduler')}",
+                ]
+                if manager
+                else issuer.scheduler_overrides()
+            )
+            args, self._scheduler_config = self._node_args(
                 name,
                 "scheduler",
                 settings["scheduler"],
                 [
                     "server.listen=127.0.0.1",
                     f"server.port={port}",
-                    *issuer.scheduler_overrides(),
+                    f"host.hostname={name}",
+                    *identity,
+                    *(pki.scheduler_overrides(name) if pki else []),
                 ],
             )
             self.nodes.append(
@@ -201,10 +334,10 @@ class Cluster:
                     "scheduler",
                     args,
                     logs / f"{name}.log",
-                    f"http://127.0.0.1:{port}/healthy",
+                    f"{http}://127.0.0.1:{port}/healthy",
                     {
-                        "url": f"ws://127.0.0.1:{port}",
-                        "metrics": f"http://127.0.0.1:{port}/metrics",
+                        "url": f"{ws}://127.0.0.1:{port}",
+                        "metrics": f"{http}://127.0.0.1:{port}/metrics",
                         "config": args[-1],
                     },
                 )
@@ -215,13 +348,23 @@ class Cluster:
                 name = f"{kind}-{i}"
                 proxy, upload = free_port(), free_port()
                 data = self.workdir / "data" / name
+                identity = (
+                    [
+                        "scheduler.addresses=[]",
+                        f"scheduler.manager={manager}",
+                        f"trust.join_token_file={self.join_token_file(kind)}",
+                    ]
+                    if manager
+                    else [f"scheduler.addresses={sched}", *issuer.peer_overrides(name, kind)]
+                )
                 cluster_sets = [
+                    f"host.hostname={name}",
                     f"proxy.port={proxy}",
                     "upload.listen=127.0.0.1",
                     f"upload.port={upload}",
                     f"storage.data_dir={data}",
-                    f"scheduler.addresses={sched}",
-                    *issuer.peer_overrides(name, kind),
+                    *identity,
+                    *(pki.peer_overrides(name) if pki else []),
                 ]
                 args, cfg = self._node_args(name, kind, settings[kind], cluster_sets)
                 assert isinstance(cfg, PeerConfig)
@@ -235,19 +378,71 @@ class Cluster:
                         kind,
                         args,
                         logs / f"{name}.log",
-                        f"http://127.0.0.1:{upload}/healthy",
+                        f"{http}://127.0.0.1:{upload}/healthy",
                         {
                             "proxy": f"http://{proxy_host}:{proxy}",
-                            "upload": f"http://127.0.0.1:{upload}",
-                            "metrics": f"http://127.0.0.1:{upload}/metrics",
+                            "upload": f"{http}://127.0.0.1:{upload}",
+                            "metrics": f"{http}://127.0.0.1:{upload}/metrics",
                             "data_dir": str(data),
                             "config": args[-1],
                             "pid": 0,
+                            "host_id": "" if manager else name,
                         },
                     )
                 )
 
+    def _spawn(self, node: Node, env: dict[str, str]) -> None:
+        with open(node.log_path, "ab") as log:
+            node.process = subprocess.Popen(
+                node.args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        node.info["pid"] = node.process.pid
+
+    def _provision(self, manager: Node) -> str:
+        """As root on the new manager: a join token per role (files the nodes read), and
+        cluster-1's parent limits from the schedulers' own [scheduling] values (the
+        manager's cluster settings win over a scheduler's file)."""
+        url = manager.info["url"]
+        password = Path(manager.info["root_password_file"]).read_text().strip()
+        token = _call(url, "POST", "/api/v1/users/signin", {"name": "root", "password": password})
+        session = str(token["token"])
+        for role in JOIN_ROLES:
+            made = _call(url, "POST", f"/api/v1/join-tokens/{role}", None, session)
+            write_private_text(self.join_token_file(role), str(made["token"]) + "\n", replace=True)
+        scheduling = getattr(self, "_scheduler_config", None)
+        if scheduling is not None:
+            limits = scheduling.scheduling  # type: ignore[attr-defined]
+            _call(
+                url,
+                "PATCH",
+                "/api/v1/scheduler-clusters/1",
+                {
+                    "config": {
+                        "candidate_parent_limit": limits.candidate_parent_limit,
+                        "filter_parent_limit": limits.filter_parent_limit,
+                    }
+                },
+                session,
+            )
+        return session
+
+    def _wait_registered(self, manager: Node, session: str) -> None:
+        """Until every scheduler is active at the manager: a peer's first answer names
+        them all (it asks again only every scheduler.refresh_interval)."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        path = "/api/v1/schedulers?state=active&per_page=1000"
+        while len(_call(manager.info["url"], "GET", path, None, session)) < self.schedulers:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"not every scheduler registered after {READY_TIMEOUT}s")
+            time.sleep(0.05)
+
     def start(self) -> Cluster:
+        if self.tls:
+            self.manager = False  # (see the module's docstring)
         settings = self.check()
         self.workdir.mkdir(parents=True, exist_ok=True)
         # The environment's settings are in each node's file already: a node must not
@@ -257,17 +452,22 @@ class Cluster:
             self.nodes = []
             self._plan(settings)
             try:
-                for node in self.nodes:
-                    with open(node.log_path, "ab") as log:
-                        node.process = subprocess.Popen(
-                            node.args,
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL,
-                            env=env,
-                        )
-                    node.info["pid"] = node.process.pid
-                self._wait_healthy()
+                # The manager, then the schedulers (registered there), then the peers,
+                # whose first question to the manager then gets every scheduler.
+                for group in (MANAGER, "scheduler", "peers"):
+                    nodes = [
+                        n
+                        for n in self.nodes
+                        if n.role == group or (group == "peers" and n.role in JOIN_ROLES[1:])
+                    ]
+                    for node in nodes:
+                        self._spawn(node, env)
+                    self._wait_healthy(nodes)
+                    if self.manager and group == MANAGER:
+                        self.session = session = self._provision(nodes[0])
+                    elif self.manager and group == "scheduler":
+                        self._wait_registered(self.node(MANAGER), session)
+                self._note_host_ids()
                 self._write_json()
                 return self
             except ClusterError as exc:
@@ -280,6 +480,22 @@ class Cluster:
                 self.stop()
                 raise
         return self
+
+    def manager_api(self, method: str, path: str, body: Any = None) -> Any:
+        """A call to the cluster's manager as root (ClusterError naming the answer)."""
+        return _call(self.node(MANAGER).info["url"], method, path, body, self.session)
+
+    def _note_host_ids(self) -> None:
+        """Each peer's host ID, from the credential the manager issued it (insecure: the
+        one it made itself)."""
+        for node in self.nodes:
+            if node.role in ("seed-peer", "peer") and self.manager:
+                path = self.host_credential(node.name)
+                if path.exists():
+                    node.info["host_id"] = read_credential_file(path).claims.host_id
+                else:
+                    own = Path(node.info["data_dir"]) / "host-id"
+                    node.info["host_id"] = own.read_text().strip() if own.exists() else ""
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Stop one node at once (by PID, SIGKILL by default: a crash), and wait for it."""
@@ -306,6 +522,8 @@ class Cluster:
     def _wait_healthy(self, nodes: list[Node] | None = None) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
         pending = list(self.nodes if nodes is None else nodes)
+        ca = self.ca_file
+        context = ssl.create_default_context(cafile=ca) if ca else None
         while pending:
             for node in list(pending):
                 assert node.process is not None
@@ -315,7 +533,7 @@ class Cluster:
                         f"{node.name} exited with {node.process.returncode}:\n{tail}"
                     )
                 try:
-                    with urllib.request.urlopen(node.health_url, timeout=1) as r:
+                    with urllib.request.urlopen(node.health_url, timeout=1, context=context) as r:
                         if r.status == 200:
                             pending.remove(node)
                 except (urllib.error.URLError, OSError):
@@ -327,8 +545,10 @@ class Cluster:
                 time.sleep(0.05)
 
     def description(self) -> dict[str, Any]:
+        manager = [n.info for n in self.nodes if n.role == MANAGER]
         return {
-            "manager": None,
+            "manager": manager[0] if manager else None,
+            "ca_file": self.ca_file,
             "schedulers": [n.info for n in self.nodes if n.role == "scheduler"],
             "seed_peers": [n.info for n in self.nodes if n.role == "seed-peer"],
             "peers": [n.info for n in self.nodes if n.role == "peer"],
@@ -380,6 +600,46 @@ def _resolve(
         raise ConfigError(f"{exc.source} (for the {role})", exc.key, exc.problem) from None
 
 
+def _call(base: str, method: str, path: str, body: Any, session: str | None = None) -> Any:
+    """One JSON call to the manager's API (ClusterError naming the answer otherwise)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, method=method)
+    request.add_header("content-type", "application/json")
+    if session is not None:
+        request.add_header("authorization", f"Bearer {session}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            raw = answer.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:500]
+        raise ClusterError(f"manager: {method} {path}: {exc.code} {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ClusterError(f"manager: {method} {path}: {exc}") from None
+    return json.loads(raw) if raw else None
+
+
+def manager_help(manager: Node, *, show_password: bool = False) -> str:
+    """Where the manager is and how to use its API with curl (docs/API.md has every
+    route): sign in as root, make a personal access token, list what it knows."""
+    url, path = manager.info["url"], manager.info["root_password_file"]
+    password = Path(path).read_text().strip() if show_password else f"$(cat {path})"
+    shown = f"password {password} (also in {path})" if show_password else f"password in {path}"
+    json_field = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"token\"])'"
+    return "\n".join(
+        [
+            f"manager: {url}   user root, {shown}",
+            f"  M={url}",
+            f"  TOKEN=$(curl -s $M/api/v1/users/signin -d "
+            f'"{{\\"name\\":\\"root\\",\\"password\\":\\"{password}\\"}}" | {json_field})',
+            '  PAT=$(curl -s -H "Authorization: Bearer $TOKEN" $M/api/v1/personal-access-tokens '
+            f'-d \'{{"name":"cli","expired_at":"2099-01-01T00:00:00Z"}}\' | {json_field})',
+            '  curl -s -H "Authorization: Bearer $TOKEN" $M/api/v1/schedulers',
+            '  curl -s -H "Authorization: Bearer $TOKEN" $M/api/v1/peers',
+            '  curl -s -H "Authorization: Bearer $PAT" $M/oapi/v1/clusters',
+        ]
+    )
+
+
 def _is_config_variable(name: str) -> bool:
     return name.startswith(ENV_PREFIX) and "__" in name
 
@@ -392,10 +652,19 @@ def run_cluster(
     *,
     configs: Sequence[str] = (),
     overrides: Sequence[str] = (),
+    tls: bool = False,
+    manager: bool = True,
 ) -> int:
     """The CLI command: start, report, wait for a signal, stop."""
     cluster = Cluster(
-        workdir, schedulers, seed_peers, peers, configs=list(configs), overrides=list(overrides)
+        workdir,
+        schedulers,
+        seed_peers,
+        peers,
+        configs=list(configs),
+        overrides=list(overrides),
+        tls=tls,
+        manager=manager,
     )
     try:
         cluster.check()
@@ -419,6 +688,8 @@ def run_cluster(
     for node in cluster.nodes:
         where = node.info.get("proxy") or node.info.get("url")
         print(f"  {node.name:<14} pid {node.info['pid']:<8} {where}", flush=True)
+    if cluster.manager:
+        print(manager_help(cluster.node(MANAGER)), flush=True)
     try:
         while not stop:
             for node in cluster.nodes:

@@ -3,71 +3,42 @@
 Each role's configuration is a dataclass of sections; each section a dataclass
 of typed fields whose metadata holds the documentation and the constraints.
 The same schema validates every source, renders conf/ROLE.toml, and names the
-key, the source and what was expected in every error.
+key, the source and what was expected in every error. The machinery (opt, units,
+loading a source, rendering TOML) is dragonfly/config_schema.py.
+
+Why about 700 lines: most of it is the schema, one dataclass per section with each
+key's documentation and bounds; every role's sections stay in this one file, so that
+one place lists every key conf/*.toml shows.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import ipaddress
-import itertools
-import math
 import os
 import platform
-import re
 import tomllib
-import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from dragonfly.units import (
-    format_duration,
-    format_size,
-    parse_duration,
-    parse_rate,
-    parse_size,
+from dragonfly.config_schema import (
+    ConfigError,
+    Duration,
+    Loader,
+    Origins,
+    Rate,
+    Size,
+    fields_of,
+    opt,
+    render,
+    set_path,
+    type_hints,
 )
 
 ROLES = ("manager", "scheduler", "seed-peer", "peer")
 ENV_PREFIX = "DRAGONFLY_"
-
-
-class Unit:
-    """Markers for Annotated fields whose values carry units."""
-
-    SIZE = "size"
-    RATE = "rate"
-    DURATION = "duration"
-
-
-Size = Annotated[int, Unit.SIZE]
-Rate = Annotated[int, Unit.RATE]
-Duration = Annotated[float, Unit.DURATION]
-
-
-class ConfigError(ValueError):
-    """A configuration value that is unknown, of the wrong type, or out of range."""
-
-    def __init__(self, source: str, key: str, problem: str) -> None:
-        self.source = source
-        self.key = key
-        self.problem = problem
-        super().__init__(f"{source}: {key}: {problem}")
-
-
-def opt(default: Any, doc: str, **constraints: Any) -> Any:
-    """A config field: its default, a one-line doc, and constraints (min, max, choices, regex).
-
-    A list or section default is deep-copied for every instance: a shallow copy
-    would share its items (ProxyRule objects, nested lists) between configs.
-    """
-    meta = {"doc": doc, **constraints}
-    if isinstance(default, list) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 # ---------------------------------------------------------------- sections
@@ -114,9 +85,13 @@ class SchedulerClientSection:
     )
     manager: str = opt(
         "",
-        "manager URL (http://HOST:PORT); a seed peer registers there "
-        "(peers discover schedulers there in a later release); empty: none",
+        "manager URL (http://HOST:PORT): schedulers and the cluster's settings are asked "
+        "there (scheduler.addresses serve until it answers), a seed peer registers there; "
+        "empty: none",
         item_regex=r"^(https?://[^/?#]+/?)?$",
+    )
+    refresh_interval: Duration = opt(
+        60.0, "how often the manager is asked for schedulers and settings", min=0.1
     )
     connect_timeout: Duration = opt(5.0, "time to connect to a scheduler", min=0.001)
     rejoin_timeout: Duration = opt(
@@ -181,6 +156,12 @@ class UploadSection:
         "a child reading a piece slower than this loses its upload slot; 0: no minimum",
         min=0,
     )
+    tls_cert: str = opt(
+        "",
+        "certificate (PEM, naming host.ip) to serve pieces over HTTPS and announcements over "
+        "wss; see `tls new`; empty: plain TCP",
+    )
+    tls_key: str = opt("", "the certificate's private key (PEM, mode 0600)")
 
 
 @dataclass
@@ -321,6 +302,12 @@ class SchedulerServerSection(ListenSection):
     max_connections: int = opt(
         10000, "connections served at once; more are closed at once (counted)", min=1, max=1000000
     )
+    tls_cert: str = opt(
+        "",
+        "certificate (PEM) to serve wss:// and https (/metrics, /healthy); see `tls new`; "
+        "empty: plain TCP",
+    )
+    tls_key: str = opt("", "the certificate's private key (PEM, mode 0600)")
 
 
 @dataclass
@@ -329,11 +316,22 @@ class PeerTrustSection:
 
     credential_file: str = opt(
         "",
-        "host credential (mode 0600) made by `python -m dragonfly token new`; required "
-        "with schedulers unless insecure",
+        "host credential (mode 0600) made by `python -m dragonfly token new`, or where the "
+        "one the manager issues is kept (empty: DATA_DIR/credential.json); required with "
+        "schedulers unless insecure or join_token_file",
+    )
+    join_token_file: str = opt(
+        "",
+        "file (mode 0600) with the manager's join token for this role: without a usable "
+        "credential the daemon joins at scheduler.manager and keeps what it is issued",
     )
     insecure: bool = opt(
         False, "no identity: schedulers and children are taken at their word (trusted networks)"
+    )
+    ca_file: str = opt(
+        "",
+        "the cluster's CA (PEM, see `tls init`) that wss:// schedulers and TLS parents must "
+        "be signed by; the system's CAs are not trusted for them",
     )
 
 
@@ -344,7 +342,12 @@ class SchedulerTrustSection:
     secret_file: str = opt(
         "",
         "cluster secret (mode 0600) made by `python -m dragonfly token init`; required "
-        "unless insecure",
+        "unless insecure or join_token_file",
+    )
+    join_token_file: str = opt(
+        "",
+        "file (mode 0600) with the manager's scheduler join token: the cluster secret and "
+        "this scheduler's credential come from manager.address at start (kept in memory)",
     )
     insecure: bool = opt(False, "no identity: hosts are taken at their word for their ID and role")
     ticket_ttl: Duration = opt(
@@ -458,6 +461,33 @@ class ManagerGCSection:
 
 
 @dataclass
+class ManagerTrustSection:
+    """Cluster identity: the manager holds the cluster secret and issues credentials."""
+
+    secret_file: str = opt(
+        "",
+        "cluster secret (mode 0600); empty: DATA_DIR/cluster-secret.json, made at first start "
+        "(required with postgres: every manager must issue under the same secret)",
+    )
+    credential_ttl: Duration = opt(
+        31536000.0, "how long a credential issued against a join token is valid", min=3600
+    )
+
+
+@dataclass
+class ManagerPeersSection:
+    """The peers table, kept from what schedulers report."""
+
+    report_interval: Duration = opt(
+        60.0, "how often each scheduler reports the hosts connected to it", min=0.1
+    )
+    timeout: Duration = opt(
+        180.0, "a peer no scheduler reported for this long is inactive", min=0.1
+    )
+    remove_after: Duration = opt(1800.0, "an inactive peer is removed after this long", min=1)
+
+
+@dataclass
 class JobsSection:
     """Preheat, task and sync jobs."""
 
@@ -535,6 +565,8 @@ class ManagerConfig:
     auth: ManagerAuthSection = opt(ManagerAuthSection(), "")
     keepalive: KeepaliveSection = opt(KeepaliveSection(), "")
     gc: ManagerGCSection = opt(ManagerGCSection(), "")
+    trust: ManagerTrustSection = opt(ManagerTrustSection(), "")
+    peers: ManagerPeersSection = opt(ManagerPeersSection(), "")
     jobs: JobsSection = opt(JobsSection(), "")
     records: RecordsSection = opt(RecordsSection(), "")
 
@@ -564,14 +596,10 @@ def default_config(role: str) -> RoleConfig:
     raise ConfigError("--role", "role", f"expected one of {', '.join(ROLES)}, got {role!r}")
 
 
-_NO_DISCOVERY = "peers discover schedulers through the manager in a later release"
-
 # Keys a role accepts that nothing reads yet, with the reason, per role: a dotted key,
 # a section (each key in it) or "" (every key of the role). conf/ROLE.toml marks each
 # with `# reserved: REASON`, `config check` shows it, and a daemon warns when one is set.
-RESERVED: dict[str, dict[str, str]] = {
-    "peer": {"scheduler.manager": _NO_DISCOVERY},
-}
+RESERVED: dict[str, dict[str, str]] = {}
 
 
 def reserved_reason(role: str, key: str) -> str | None:
@@ -583,249 +611,6 @@ def reserved_reason(role: str, key: str) -> str | None:
         if reason is not None:
             return reason
     return None
-
-
-# ---------------------------------------------------------------- coercion
-
-_TYPE_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _TYPE_HINTS:
-        _TYPE_HINTS[cls] = typing.get_type_hints(cls, include_extras=True)
-    return _TYPE_HINTS[cls]
-
-
-def _fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def _describe(tp: Any) -> str:
-    unit = _unit_of(tp)
-    if unit == Unit.SIZE:
-        return "a size (bytes, or e.g. '4MiB')"
-    if unit == Unit.RATE:
-        return "a rate (bytes/s, or e.g. '20MB/s')"
-    if unit == Unit.DURATION:
-        return "a duration (seconds, or e.g. '30s', '5m')"
-    origin = typing.get_origin(tp)
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return f"a table ({', '.join(_fields(tp))})"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
-        tp, str(tp)
-    )
-
-
-def _unit_of(tp: Any) -> str | None:
-    if typing.get_origin(tp) is Annotated:
-        return typing.get_args(tp)[1]
-    return None
-
-
-def _brief(value: Any) -> str:
-    """repr of a value for an error message, cut short: a 5000-digit value must not flood it."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int beyond the interpreter's digit limit
-        return "an integer too large to show"
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _check_finite(value: int | float) -> None:
-    """nan passes every min/max check and inf breaks int() and timeouts: refuse both."""
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        finite = False
-    if not finite:
-        raise ValueError(f"expected a finite number, got {_brief(value)}")
-
-
-def _coerce(tp: Any, value: Any, meta: Mapping[str, Any], from_text: bool) -> Any:
-    """Validate one value against its annotated type and constraints; raise ValueError."""
-    unit = _unit_of(tp)
-    if unit is not None:
-        base = typing.get_args(tp)[0]
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"expected {_describe(tp)}, got {_brief(value)}")
-        if isinstance(value, str):
-            parse = {Unit.SIZE: parse_size, Unit.RATE: parse_rate, Unit.DURATION: parse_duration}
-            value = parse[unit](value)
-        _check_finite(value)
-        if base is int and value != int(value):
-            raise ValueError(f"expected {_describe(tp)}, got {_brief(value)}")
-        value = base(value)
-    elif tp is bool:
-        if from_text and isinstance(value, str):
-            lowered = value.strip().lower()
-            if lowered in ("true", "1", "yes", "on"):
-                value = True
-            elif lowered in ("false", "0", "no", "off"):
-                value = False
-        if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {_brief(value)}")
-    elif tp is int:
-        if from_text and isinstance(value, str):
-            try:
-                value = int(value.strip())
-            except ValueError:
-                raise ValueError(f"expected an integer, got {_brief(value)}") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"expected an integer, got {_brief(value)}")
-    elif tp is float:
-        if from_text and isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                raise ValueError(f"expected a number, got {_brief(value)}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"expected a number, got {_brief(value)}")
-        _check_finite(value)
-        value = float(value)
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"expected a string, got {_brief(value)}")
-    elif typing.get_origin(tp) is list:
-        raise AssertionError("lists are coerced by _coerce_list")
-    else:
-        raise AssertionError(f"unsupported config type {tp}")
-    _check_constraints(value, meta)
-    return value
-
-
-def _check_constraints(value: Any, meta: Mapping[str, Any]) -> None:
-    if "min" in meta and value < meta["min"]:
-        raise ValueError(f"must be at least {meta['min']}, got {_brief(value)}")
-    if "max" in meta and value > meta["max"]:
-        raise ValueError(f"must be at most {meta['max']}, got {_brief(value)}")
-    if "choices" in meta and value not in meta["choices"]:
-        raise ValueError(f"expected one of {', '.join(meta['choices'])}, got {_brief(value)}")
-    if meta.get("regex"):
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"invalid regular expression {_brief(value)}: {exc}") from None
-    if "item_regex" in meta and not re.search(meta["item_regex"], value):
-        raise ValueError(f"{_brief(value)} does not match {meta['item_regex']!r}")
-    if meta.get("cidr"):
-        try:
-            ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            raise ValueError(
-                f"expected an address or network (CIDR), got {_brief(value)}"
-            ) from None
-
-
-def _parse_text_value(text: str) -> Any:
-    """A --set or environment value: a TOML value if it parses as one, else the raw text."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except ValueError:  # TOMLDecodeError, or an integer beyond int()'s digit limit
-        return text
-
-
-# Which source set each dotted key last, and when: (order of the source, its name).
-Origins = dict[str, tuple[int, str]]
-_LOADER_ORDER = itertools.count()
-
-
-class _Loader:
-    """Applies one source's values; records in `origins` which keys it set."""
-
-    def __init__(self, source: str, from_text: bool, origins: Origins) -> None:
-        self.source = source
-        self.from_text = from_text
-        self.origins = origins
-        self.order = next(_LOADER_ORDER)
-
-    def error(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(self.source, key, problem)
-
-    def set(self, obj: Any, key: str, value: Any, path: str) -> None:
-        setattr(obj, key, value)
-        self.origins[path] = (self.order, self.source)
-
-    def apply_table(self, obj: Any, table: Mapping[str, Any], prefix: str) -> None:
-        """Set every key of `table` on the dataclass `obj`, validating each."""
-        fields = _fields(type(obj))
-        hints = _hints(type(obj))
-        for key, value in table.items():
-            path = f"{prefix}{key}"
-            if key not in fields:
-                known = ", ".join(fields)
-                raise self.error(path, f"unknown key (known keys here: {known})")
-            tp = hints[key]
-            if dataclasses.is_dataclass(tp):
-                if not isinstance(value, dict):
-                    raise self.error(path, f"expected a table [{path}], got {_brief(value)}")
-                self.apply_table(getattr(obj, key), value, f"{path}.")
-            else:
-                self.set(obj, key, self.value(tp, value, fields[key].metadata, path), path)
-
-    def value(self, tp: Any, value: Any, meta: Mapping[str, Any], path: str) -> Any:
-        if typing.get_origin(tp) is list:
-            return self.list_value(tp, value, meta, path)
-        try:
-            return _coerce(tp, value, meta, self.from_text)
-        except ValueError as exc:
-            raise self.error(path, str(exc)) from None
-
-    def list_value(self, tp: Any, value: Any, meta: Mapping[str, Any], path: str) -> list[Any]:
-        (item_tp,) = typing.get_args(tp)
-        if self.from_text and isinstance(value, str):
-            parsed = _parse_text_value(value)
-            if isinstance(parsed, list):
-                value = parsed
-            elif item_tp is str:
-                value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, list):
-            raise self.error(path, f"expected {_describe(tp)}, got {_brief(value)}")
-        out: list[Any] = []
-        for i, item in enumerate(value):
-            item_path = f"{path}[{i}]"
-            if dataclasses.is_dataclass(item_tp):
-                if not isinstance(item, dict):
-                    raise self.error(item_path, f"expected a table, got {_brief(item)}")
-                obj = item_tp()
-                self.apply_table(obj, item, f"{item_path}.")
-                out.append(obj)
-            else:
-                # A list's constraints are its items' (min/max of a list would mean nothing).
-                item_meta = {
-                    k: meta[k] for k in ("item_regex", "regex", "cidr", "min", "max") if k in meta
-                }
-                try:
-                    out.append(_coerce(item_tp, item, item_meta, self.from_text))
-                except ValueError as exc:
-                    raise self.error(item_path, str(exc)) from None
-        return out
-
-
-def _set_path(cfg: Any, dotted: str, raw: str, loader: _Loader) -> None:
-    parts = dotted.split(".")
-    obj = cfg
-    for depth, part in enumerate(parts):
-        fields = _fields(type(obj))
-        path = ".".join(parts[: depth + 1])
-        if part not in fields:
-            raise loader.error(path, f"unknown key (known keys here: {', '.join(fields)})")
-        tp = _hints(type(obj))[part]
-        last = depth == len(parts) - 1
-        if dataclasses.is_dataclass(tp):
-            if last:
-                parsed = _parse_text_value(raw)
-                if not isinstance(parsed, dict):
-                    raise loader.error(path, f"expected a table, got {_brief(raw)}")
-                loader.apply_table(getattr(obj, part), parsed, f"{path}.")
-                return
-            obj = getattr(obj, part)
-        else:
-            if not last:
-                raise loader.error(path, f"is {_describe(tp)}, not a table")
-            loader.set(obj, part, loader.value(tp, raw, fields[part].metadata, path), path)
-            return
 
 
 def is_loopback_listen(address: str) -> bool:
@@ -858,7 +643,34 @@ def _check_cross_field(cfg: RoleConfig, origins: Origins) -> None:
                 "database.dsn",
                 "required with database.driver = postgres",
             )
+        if cfg.peers.timeout <= cfg.peers.report_interval:
+            raise ConfigError(
+                origins.get("peers.timeout", (0, "defaults"))[1],
+                "peers.timeout",
+                f"must exceed peers.report_interval ({cfg.peers.report_interval}), "
+                f"got {cfg.peers.timeout}",
+            )
+    if isinstance(cfg, SchedulerConfig):
+        _check_tls_pair(origins, "server", cfg.server.tls_cert, cfg.server.tls_key)
+    if isinstance(cfg, PeerConfig | SchedulerConfig) and cfg.trust.join_token_file:
+        manager_key = "scheduler.manager" if isinstance(cfg, PeerConfig) else "manager.address"
+        manager = cfg.scheduler.manager if isinstance(cfg, PeerConfig) else cfg.manager.address
+        if not manager:
+            raise ConfigError(
+                origins.get("trust.join_token_file", (0, "defaults"))[1],
+                "trust.join_token_file",
+                f"a join token is presented to the manager: set {manager_key} too",
+            )
     if isinstance(cfg, PeerConfig):
+        _check_tls_pair(origins, "upload", cfg.upload.tls_cert, cfg.upload.tls_key)
+        secure = [a for a in cfg.scheduler.addresses if a.startswith("wss://")]
+        if secure and not cfg.trust.ca_file:
+            raise ConfigError(
+                origins.get("scheduler.addresses", (-1, "defaults"))[1],
+                "trust.ca_file",
+                f"required with a wss:// scheduler ({secure[0]}): the CA that signed the "
+                "schedulers' certificates (the system's CAs are not trusted for them)",
+            )
         px = cfg.proxy
         if not is_loopback_listen(px.listen) and not px.allowed_clients and not px.auth_file:
             raise ConfigError(
@@ -882,6 +694,18 @@ def _check_cross_field(cfg: RoleConfig, origins: Origins) -> None:
                 low,
                 f"must not exceed {high} ({st.high_watermark}), got {st.low_watermark}",
             )
+
+
+def _check_tls_pair(origins: Origins, section: str, cert: str, key: str) -> None:
+    """A listener's tls_cert and tls_key come together (the error names the one missing)."""
+    if bool(cert) == bool(key):
+        return
+    have, missing = ("tls_cert", "tls_key") if cert else ("tls_key", "tls_cert")
+    raise ConfigError(
+        origins.get(f"{section}.{have}", (-1, "defaults"))[1],
+        f"{section}.{missing}",
+        f"required when {section}.{have} is set (TLS needs a certificate and its key)",
+    )
 
 
 def load_config(
@@ -919,10 +743,10 @@ def load_config_sources(
     for shared_path in shared:
         table = read_config_file(shared_path)
         mine = {key: value for key, value in table.items() if key in own}
-        _Loader(str(shared_path), False, origins).apply_table(cfg, mine, "")
+        Loader(str(shared_path), False, origins).apply_table(cfg, mine, "")
     if path is not None:
-        _Loader(str(path), False, origins).apply_table(cfg, read_config_file(path), "")
-    hints = _hints(type(cfg))
+        Loader(str(path), False, origins).apply_table(cfg, read_config_file(path), "")
+    hints = type_hints(type(cfg))
     sections = {name for name, tp in hints.items() if dataclasses.is_dataclass(tp)}
     for name, raw in sorted((env if env is not None else os.environ).items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
@@ -930,12 +754,12 @@ def load_config_sources(
         dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
         if dotted.partition(".")[0] not in sections:
             continue
-        _set_path(cfg, dotted, raw, _Loader(f"environment {name}", True, origins))
+        set_path(cfg, dotted, raw, Loader(f"environment {name}", True, origins))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError("--set", item, "expected section.key=value")
-        _set_path(cfg, key.strip(), raw, _Loader("--set", True, origins))
+        set_path(cfg, key.strip(), raw, Loader("--set", True, origins))
     _check_cross_field(cfg, origins)
     return cfg, {key: source for key, (_, source) in origins.items()}
 
@@ -957,7 +781,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def role_keys(role: str) -> set[str]:
     """The top-level names of a role's configuration: its sections and top-level keys."""
-    return set(_fields(type(default_config(role))))
+    return set(fields_of(type(default_config(role))))
 
 
 def resolved_hostname(host: HostSection) -> str:
@@ -971,39 +795,6 @@ def data_dir(storage: StorageSection) -> Path:
 # ---------------------------------------------------------------- rendering
 
 
-def _toml_value(tp: Any, value: Any) -> str:
-    unit = _unit_of(tp)
-    if unit in (Unit.SIZE, Unit.RATE):
-        text = format_size(value)
-        if text == "0":
-            return "0"
-        return f'"{text}/s"' if unit == Unit.RATE else f'"{text}"'
-    if unit == Unit.DURATION:
-        text = format_duration(value)
-        try:
-            if parse_duration(text) == value:
-                return f'"{text}"'
-        except ValueError:
-            pass
-        return repr(float(value))  # seconds as a TOML float: 2e-16 has no short text form
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        # A TOML literal string keeps regex backslashes readable.
-        return f"'{value}'" if "'" not in value and "\n" not in value else _basic_string(value)
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        (item_tp,) = typing.get_args(tp)
-        return "[" + ", ".join(_toml_value(item_tp, v) for v in value) + "]"
-    raise AssertionError(f"cannot render {value!r}")
-
-
-def _basic_string(value: str) -> str:
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
-
-
 def render_toml(role: str) -> str:
     """conf/ROLE.toml: every key with its default and a one-line comment."""
     header = [
@@ -1012,7 +803,7 @@ def render_toml(role: str) -> str:
         "# Override any key with DRAGONFLY_SECTION__KEY=value or --set section.key=value.",
         "# Sizes take units (4MiB, 1GB), rates bytes/s (20MB/s), durations 30s/5m/1h.",
     ]
-    return _render(role, default_config(role), header, None)
+    return render(default_config(role), header, RESERVED.get(role, {}), None)
 
 
 def render_effective(role: str, cfg: RoleConfig, sources: Mapping[str, str]) -> str:
@@ -1031,88 +822,4 @@ def render_effective(role: str, cfg: RoleConfig, sources: Mapping[str, str]) -> 
         f"# Dragonfly {role} configuration in effect: every key, and where its value came",
         "# from (default < file < environment DRAGONFLY_SECTION__KEY < --set).",
     ]
-    return _render(role, cfg, header, source_of)
-
-
-# Renders a key's source beside it (config check); None: its documentation above it.
-SourceOf = typing.Callable[[str], str] | None
-
-
-def _render(role: str, cfg: RoleConfig, header: list[str], source_of: SourceOf) -> str:
-    lines = list(header)
-    whole = RESERVED.get(role, {}).get("")
-    if whole:
-        lines.append(f"# reserved: {whole}")
-    top_level: list[str] = []
-    hints = _hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        tp = hints[f.name]
-        if not dataclasses.is_dataclass(tp):
-            top_level += _key_lines(role, f, tp, getattr(cfg, f.name), f.name, source_of)
-    if top_level:
-        lines += ["", *top_level]
-    for f in dataclasses.fields(cfg):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines += ["", *_table_notes(role, tp, f.name, source_of), f"[{f.name}]"]
-            lines += _render_section(role, getattr(cfg, f.name), f.name, f.name, source_of)
-    return "\n".join(lines) + "\n"
-
-
-def _table_notes(role: str, tp: Any, path: str, source_of: SourceOf) -> list[str]:
-    """The comment lines above a table: its doc (conf files), and why it is reserved."""
-    notes = [] if source_of else [f"# {(tp.__doc__ or '').strip()}"]
-    reason = RESERVED.get(role, {}).get(path)
-    return notes + ([f"# reserved: {reason}"] if reason else [])
-
-
-def _key_lines(
-    role: str, f: dataclasses.Field[Any], tp: Any, value: Any, path: str, source_of: SourceOf
-) -> list[str]:
-    lines = [] if source_of else [f"# {f.metadata['doc']}"]
-    reason = RESERVED.get(role, {}).get(path)
-    if reason:
-        lines.append(f"# reserved: {reason}")
-    text = f"{f.name} = {_toml_value(tp, value)}"
-    return [*lines, f"{text}  # {source_of(path)}" if source_of else text]
-
-
-def _render_section(
-    role: str, section: Any, name: str, path: str, source_of: SourceOf
-) -> list[str]:
-    """A table's keys, then its subtables; `name` heads them, `path` names its keys
-    (`proxy.rules[0]` for the first item of a list of tables)."""
-    lines: list[str] = []
-    tables: list[str] = []
-    hints = _hints(type(section))
-    for f in dataclasses.fields(section):
-        tp = hints[f.name]
-        value = getattr(section, f.name)
-        key = f"{path}.{f.name}"
-        item_tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
-        if item_tp is not None and dataclasses.is_dataclass(item_tp):
-            if source_of is None:
-                tables.append(f"# {f.metadata['doc']}")
-            elif not value:
-                lines.append(f"{f.name} = []  # {source_of(key)}")
-            head = f"[[{name}.{f.name}]]"
-            if source_of is not None:
-                head += f"  # {source_of(key)}"
-            for i, item in enumerate(value):
-                item_lines = _render_section(
-                    role, item, f"{name}.{f.name}", f"{key}[{i}]", source_of
-                )
-                tables += ["", head, *item_lines]
-            continue
-        if dataclasses.is_dataclass(tp):
-            tables += [
-                "",
-                *_table_notes(role, tp, key, source_of),
-                f"[{name}.{f.name}]",
-                *_render_section(role, value, f"{name}.{f.name}", key, source_of),
-            ]
-            continue
-        lines += _key_lines(role, f, tp, value, key, source_of)
-    if tables:
-        lines += tables if tables[0] == "" else ["", *tables]
-    return lines
+    return render(cfg, header, RESERVED.get(role, {}), source_of)

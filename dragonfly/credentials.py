@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dragonfly.config import ConfigError, PeerConfig, SchedulerConfig
+from dragonfly.config import ConfigError, PeerConfig, SchedulerConfig, data_dir
 from dragonfly.trust import ClusterKey, Credential, SecretRing, TrustError, issue
 from dragonfly.units import parse_duration
 from dragonfly.wire.messages import Claims
 
 STARTUP = "startup check"  # the source named in configuration errors found at start
 DEFAULT_TTL = 365 * 86400.0
+CREDENTIAL_NAME = "credential.json"  # in a peer's data directory, when the manager issued it
 INIT_COMMAND = "python -m dragonfly token init --secret-file FILE"
 NEW_COMMAND = "python -m dragonfly token new --secret-file FILE --role ROLE --host-id ID -o FILE"
 
@@ -42,6 +43,15 @@ class CredentialFileError(ValueError):
 
 def _read_private(path: Path) -> Any:
     """The JSON of an owner-only regular file (never through a symlink)."""
+    data = _read_private_bytes(path)
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise CredentialFileError(f"{path} is not JSON: {exc}") from None
+
+
+def _read_private_bytes(path: Path) -> bytes:
+    """The bytes of an owner-only regular file (never through a symlink)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -55,23 +65,23 @@ def _read_private(path: Path) -> Any:
             raise CredentialFileError(
                 f"{path} is readable by others (mode {mode:04o}): chmod 600 {path}"
             )
-        data = f.read(1 << 16)
-    try:
-        return json.loads(data)
-    except ValueError as exc:
-        raise CredentialFileError(f"{path} is not JSON: {exc}") from None
+        return f.read(1 << 16)
 
 
 def _write_private(path: Path, doc: dict[str, Any], *, replace: bool) -> None:
     """Write JSON owner-only, atomically (a temporary file renamed into place)."""
+    write_private_text(path, json.dumps(doc, indent=2) + "\n", replace=replace)
+
+
+def write_private_text(path: Path, text: str, *, replace: bool) -> None:
+    """Write `text` owner-only, atomically (a temporary file renamed into place)."""
     if not replace and os.path.lexists(path):
         raise CredentialFileError(f"{path} exists (not replaced)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -80,25 +90,39 @@ def _write_private(path: Path, doc: dict[str, Any], *, replace: bool) -> None:
         raise
 
 
-def read_secret_file(path: str | os.PathLike[str]) -> SecretRing:
-    doc = _read_private(Path(path))
+def ring_doc(ring: SecretRing) -> dict[str, Any]:
+    """A cluster secret as its file (and the manager's answer to a scheduler) has it."""
+    return {
+        "cluster": ring.cluster,
+        "keys": [{"id": k.key_id, "secret": k.secret.hex()} for k in ring.keys],
+    }
+
+
+def ring_from_doc(doc: Any, source: str = "the answer") -> SecretRing:
     try:
         keys = tuple(ClusterKey(k["id"], bytes.fromhex(k["secret"])) for k in doc["keys"])
         return SecretRing(str(doc["cluster"]), keys)
     except (KeyError, TypeError, ValueError) as exc:  # TrustError is a ValueError
-        raise CredentialFileError(f"{path} is not a cluster secret file: {exc}") from None
+        raise CredentialFileError(f"{source} is not a cluster secret file: {exc}") from None
 
 
-def write_secret_file(path: str | os.PathLike[str], ring: SecretRing, *, replace: bool) -> None:
-    doc = {
-        "cluster": ring.cluster,
-        "keys": [{"id": k.key_id, "secret": k.secret.hex()} for k in ring.keys],
+def credential_doc(credential: Credential) -> dict[str, Any]:
+    """A host credential as its file (and the manager's answer to a join) has it."""
+    c = credential.claims
+    return {
+        "claims": {
+            "cluster": c.cluster,
+            "host_id": c.host_id,
+            "role": c.role,
+            "issued_at": c.issued_at,
+            "expires_at": c.expires_at,
+            "key_id": c.key_id,
+        },
+        "host_key": credential.host_key.hex(),
     }
-    _write_private(Path(path), doc, replace=replace)
 
 
-def read_credential_file(path: str | os.PathLike[str]) -> Credential:
-    doc = _read_private(Path(path))
+def credential_from_doc(doc: Any, source: str = "the answer") -> Credential:
     try:
         c = doc["claims"]
         claims = Claims(
@@ -111,42 +135,53 @@ def read_credential_file(path: str | os.PathLike[str]) -> Credential:
         )
         key = bytes.fromhex(doc["host_key"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CredentialFileError(f"{path} is not a host credential: {exc}") from None
+        raise CredentialFileError(f"{source} is not a host credential: {exc}") from None
     if len(key) != 32:
-        raise CredentialFileError(f"{path}: host_key must be 32 bytes, got {len(key)}")
+        raise CredentialFileError(f"{source}: host_key must be 32 bytes, got {len(key)}")
     return Credential(claims, key)
 
 
+def read_secret_file(path: str | os.PathLike[str]) -> SecretRing:
+    return ring_from_doc(_read_private(Path(path)), str(path))
+
+
+def write_secret_file(path: str | os.PathLike[str], ring: SecretRing, *, replace: bool) -> None:
+    _write_private(Path(path), ring_doc(ring), replace=replace)
+
+
+def read_credential_file(path: str | os.PathLike[str]) -> Credential:
+    return credential_from_doc(_read_private(Path(path)), str(path))
+
+
 def write_credential_file(path: str | os.PathLike[str], credential: Credential) -> None:
-    c = credential.claims
-    doc = {
-        "claims": {
-            "cluster": c.cluster,
-            "host_id": c.host_id,
-            "role": c.role,
-            "issued_at": c.issued_at,
-            "expires_at": c.expires_at,
-            "key_id": c.key_id,
-        },
-        "host_key": credential.host_key.hex(),
-    }
-    _write_private(Path(path), doc, replace=True)
+    _write_private(Path(path), credential_doc(credential), replace=True)
+
+
+def read_join_token(path: str | os.PathLike[str]) -> str:
+    """The join token in an owner-only file (one line)."""
+    raw = _read_private_bytes(Path(path))
+    token = raw.decode("ascii", errors="replace").strip()
+    if not token or len(token) > 256 or not token.isprintable() or " " in token:
+        raise CredentialFileError(f"{path} does not hold a join token (one line, no spaces)")
+    return token
 
 
 # ---------------------------------------------------------------- what a role starts with
 
 
 def scheduler_secrets(cfg: SchedulerConfig) -> SecretRing | None:
-    """The cluster secret a scheduler verifies hosts with; None in insecure mode.
-    ConfigError naming trust.secret_file when it is missing or unusable."""
+    """The cluster secret a scheduler verifies hosts with; None in insecure mode and for
+    a scheduler that gets it from the manager (trust.join_token_file). ConfigError naming
+    trust.secret_file when it is missing or unusable."""
     trust = cfg.trust
-    if trust.insecure:
+    if trust.insecure or trust.join_token_file:
         return None
     if not trust.secret_file:
         raise ConfigError(
             STARTUP,
             "trust.secret_file",
             f"no cluster secret: make one with `{INIT_COMMAND}` and set trust.secret_file, "
+            "set trust.join_token_file to get it from the manager, "
             "or set trust.insecure = true (trusted networks only)",
         )
     try:
@@ -155,27 +190,64 @@ def scheduler_secrets(cfg: SchedulerConfig) -> SecretRing | None:
         raise ConfigError(STARTUP, "trust.secret_file", str(exc)) from None
 
 
+def join_token(cfg: PeerConfig | SchedulerConfig) -> str | None:
+    """The join token the role presents to the manager, if it has one (ConfigError naming
+    trust.join_token_file when the file cannot be used)."""
+    if not cfg.trust.join_token_file:
+        return None
+    try:
+        return read_join_token(os.path.expanduser(cfg.trust.join_token_file))
+    except CredentialFileError as exc:
+        raise ConfigError(STARTUP, "trust.join_token_file", str(exc)) from None
+
+
+def credential_path(cfg: PeerConfig) -> Path:
+    """Where a peer's credential is (or, issued by the manager, is kept)."""
+    if cfg.trust.credential_file:
+        return Path(os.path.expanduser(cfg.trust.credential_file))
+    return data_dir(cfg.storage) / CREDENTIAL_NAME
+
+
 def peer_credential(cfg: PeerConfig, *, now: float | None = None) -> Credential | None:
-    """The credential a peer proves itself with; None in insecure mode or, without one,
-    for a peer with no scheduler (it then serves no piece to anyone). ConfigError naming
-    trust.credential_file otherwise."""
+    """The credential a peer proves itself with; None in insecure mode, without one for a
+    peer with no scheduler and no manager (it then serves no piece to anyone), and for a
+    peer that joins at the manager (trust.join_token_file) and has no credential that
+    holds for a third of its lifetime more. ConfigError naming trust.credential_file
+    otherwise."""
     trust = cfg.trust
     role = "seed-peer" if cfg.seed.enabled else "peer"
     if trust.insecure:
         return None
+    now = time.time() if now is None else now
+    key = "trust.credential_file"
+    if trust.join_token_file:
+        path = credential_path(cfg)
+        if not os.path.lexists(path):
+            return None
+        try:
+            credential = read_credential_file(path)
+        except CredentialFileError as exc:
+            raise ConfigError(STARTUP, key, str(exc)) from None
+        claims = credential.claims
+        if (
+            claims.role != role
+            or now >= claims.expires_at - (claims.expires_at - claims.issued_at) / 3
+        ):
+            return None  # a new one is asked for
+        return credential
     if not trust.credential_file:
-        if not cfg.scheduler.addresses:
+        if not cfg.scheduler.addresses and not cfg.scheduler.manager:
             return None
         raise ConfigError(
             STARTUP,
-            "trust.credential_file",
+            key,
             f"no host credential: make one with `{NEW_COMMAND}` (the --role {role}) and set "
-            "trust.credential_file, or set trust.insecure = true (trusted networks only)",
+            "trust.credential_file, set trust.join_token_file to join at the manager, "
+            "or set trust.insecure = true (trusted networks only)",
         )
-    key = "trust.credential_file"
     try:
         credential = read_credential_file(os.path.expanduser(trust.credential_file))
-        credential.check_time(time.time() if now is None else now)
+        credential.check_time(now)
     except (CredentialFileError, TrustError) as exc:
         raise ConfigError(STARTUP, key, str(exc)) from None
     if credential.claims.role != role:
@@ -189,8 +261,9 @@ def peer_credential(cfg: PeerConfig, *, now: float | None = None) -> Credential 
 
 
 def check_trust_files(cfg: PeerConfig | SchedulerConfig) -> None:
-    """ConfigError naming the key if the role's secret or credential cannot be used
-    (the daemon loads it again when it starts)."""
+    """ConfigError naming the key if the role's secret, credential or join token cannot
+    be used (the daemon loads it again when it starts)."""
+    join_token(cfg)
     if isinstance(cfg, SchedulerConfig):
         scheduler_secrets(cfg)
     else:

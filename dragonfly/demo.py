@@ -1,36 +1,30 @@
 """`make demo`: distribute one file to four peers through P2P and show where bytes went.
 
-Starts nginx with a generated file as the origin and a local cluster (1 scheduler,
-1 seed peer, 4 peers), fetches the file through every peer's proxy at once with
-curl, checks every sha256, prints a summary, then times the same four fetches
-straight from the origin, and stops everything.
+Starts nginx with a generated file as the origin and a local cluster (a manager,
+1 scheduler, 1 seed peer, 4 peers: the others join the manager and find their
+scheduler through it), fetches the file through every peer's proxy at once with
+curl, checks every sha256, times the same four fetches straight from the origin,
+prints a summary and how to sign in to the manager (its console's traffic page shows
+where the demo's bytes went), and stops everything (on a terminal, once Enter is
+pressed, so the manager can be tried first).
 
-A manager runs beside the cluster (its scheduler and seed peer register there, the
-peers' download records reach it): the demo ends with the console's URL and root's
-password, and keeps the manager up until Ctrl-C when run from a terminal, so the
-traffic page shows where the demo's bytes went.
-
-python -m dragonfly.demo [--size 512MiB] [--workdir DIR]
+python -m dragonfly.demo [--size 512MiB] [--workdir DIR] [--no-wait]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from dragonfly.cluster import Cluster, ClusterError
-from dragonfly.testing.nginx import Nginx, free_port
+from dragonfly.cluster import MANAGER, Cluster, ClusterError, manager_help
+from dragonfly.testing.nginx import Nginx
 from dragonfly.testing.probe import metric, sha256_file
-from dragonfly.testing.process import spawn_logged, stop_process_group
 from dragonfly.units import human_bytes, parse_size
 
 MiB = 1024 * 1024
@@ -75,54 +69,15 @@ def _fetch_all(commands: list[list[str]]) -> list[tuple[float, str]]:
     return results
 
 
-class DemoManager:
-    """A manager process for the demo, with a root password made here."""
-
-    def __init__(self, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.password = secrets.token_urlsafe(12)
-        self.url = f"http://127.0.0.1:{free_port()}"
-        argv = [sys.executable, "-m", "dragonfly", "--role", "manager"]
-        for item in (f"data.dir={workdir / 'data'}", f"server.port={self.url.rsplit(':', 1)[1]}"):
-            argv += ["--set", item]
-        env = {**os.environ, "DRAGONFLY_INITIAL_ROOT_PASSWORD": self.password}
-        self.process = spawn_logged(argv, workdir / "manager.log", env=env)
-        self._token = ""
-
-    def _call(self, path: str, body: dict[str, str] | None = None) -> object:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data)
-        if self._token:
-            request.add_header("Authorization", f"Bearer {self._token}")
-        with urllib.request.urlopen(request, timeout=5) as r:
-            return json.loads(r.read())
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                answer = self._call(
-                    "/api/v1/users/signin", {"name": "root", "password": self.password}
-                )
-                self._token = str(answer["token"])  # type: ignore[index]
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("demo: the manager did not start") from None
-                time.sleep(0.1)
-
-    def wait_records(self, count: int, timeout: float = 20.0) -> int:
-        """Until the manager holds `count` download records (peers send them every few
-        seconds, through their scheduler); how many it holds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self._call("/api/v1/download-records?per_page=1000")
-            if len(found) >= count or time.monotonic() > deadline:  # type: ignore[arg-type]
-                return len(found)  # type: ignore[arg-type]
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        stop_process_group(self.process)
+def _wait_records(cluster: Cluster, count: int, timeout: float = 20.0) -> int:
+    """Until the manager holds `count` download records (peers send them every few
+    seconds, through their scheduler); how many it holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = cluster.manager_api("GET", "/api/v1/download-records?per_page=1000", None)
+        if len(found) >= count or time.monotonic() > deadline:
+            return len(found)
+        time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,19 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="512MiB")
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--workdir", default="")
+    parser.add_argument("--no-wait", action="store_true", help="stop at once, even on a terminal")
     args = parser.parse_args(argv)
     size = parse_size(args.size)
     workdir = (
         Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dragonfly-demo-"))
     )
     try:
-        return _run(workdir, size, args.peers)
+        return _run(workdir, size, args.peers, wait=sys.stdin.isatty() and not args.no_wait)
     finally:
         if not args.workdir:  # ours: leave no 512 MiB behind
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run(workdir: Path, size: int, peer_count: int) -> int:
+def _run(workdir: Path, size: int, peer_count: int, *, wait: bool = False) -> int:
     www = workdir / "www"
     www.mkdir(parents=True, exist_ok=True)
     print(f"demo: generating a {human_bytes(size)} file as the origin's content ...", flush=True)
@@ -150,35 +106,16 @@ def _run(workdir: Path, size: int, peer_count: int) -> int:
     _make_file(src, size)
     want = sha256_file(src)
     shutil.rmtree(workdir / "cluster", ignore_errors=True)
-    shutil.rmtree(workdir / "manager", ignore_errors=True)
-    manager = DemoManager(workdir / "manager")
-    try:
-        manager.wait_ready()
-        return _run_with(workdir, size, peer_count, src, want, manager)
-    finally:
-        manager.stop()
-
-
-def _run_with(
-    workdir: Path, size: int, peer_count: int, src: Path, want: str, manager: DemoManager
-) -> int:
-    www = src.parent
     with Nginx(root=www, workdir=workdir / "nginx") as nginx:
         url = f"{nginx.url}/demo.bin"
         print(
-            f"demo: starting a cluster: 1 scheduler, 1 seed peer, {peer_count} peers ...",
+            f"demo: starting a cluster: a manager, 1 scheduler, 1 seed peer, {peer_count} "
+            "peers ...",
             flush=True,
         )
         try:
             cluster = Cluster(
-                workdir / "cluster",
-                schedulers=1,
-                seed_peers=1,
-                peers=peer_count,
-                overrides=[
-                    f"scheduler:manager.address={manager.url}",
-                    f"seed-peer:scheduler.manager={manager.url}",
-                ],
+                workdir / "cluster", schedulers=1, seed_peers=1, peers=peer_count
             ).start()
         except ClusterError as exc:
             print(f"demo: {exc}", file=sys.stderr)
@@ -217,13 +154,45 @@ def _run_with(
                 seed.info["metrics"], "dragonfly_download_bytes_total", 'source="back_to_source"'
             )
             seed_up = metric(seed.info["metrics"], "dragonfly_upload_bytes_total", "")
-            records = manager.wait_records(len(peers) + 1)
+            print(f"demo: the same {len(peers)} fetches straight from the origin ...", flush=True)
+            direct = _fetch_all([["curl", "-sS", "-f", url] for _ in peers])
+            direct_times = [t for t, _ in direct]
+            ok = ok and all(digest == want for _, digest in direct)
+            _summary(size, want, origin_after_p2p, seed_source, seed_up, rows, p2p_times)
+            print(
+                f"all {len(peers)} straight from the origin: {max(direct_times):.2f}s",
+                flush=True,
+            )
+            # The peers' records; the seed's comes once it stops serving its children's
+            # announcement schedule (download.py), later than the demo needs to wait.
+            records = _wait_records(cluster, len(peers))
+            print()
+            print(manager_help(cluster.node(MANAGER), show_password=True), flush=True)
+            print(
+                f"  the console: the same URL in a browser ({records} download records reached "
+                "it: see Traffic)",
+                flush=True,
+            )
+            if wait:
+                print("the cluster keeps running: press Enter to stop it", flush=True)
+                sys.stdin.readline()
+            else:
+                print("(the cluster stops now; on a terminal it runs until Enter)", flush=True)
         finally:
             cluster.stop()
-        print(f"demo: the same {len(peers)} fetches straight from the origin ...", flush=True)
-        direct = _fetch_all([["curl", "-sS", "-f", url] for _ in peers])
-        direct_times = [t for t, _ in direct]
-        ok = ok and all(digest == want for _, digest in direct)
+    print(f"logs and data: {workdir} (removed at exit unless --workdir was given)")
+    return 0 if ok else 1
+
+
+def _summary(
+    size: int,
+    want: str,
+    origin_after_p2p: int,
+    seed_source: float,
+    seed_up: float,
+    rows: list[tuple[str, float, float, float, bool]],
+    p2p_times: list[float],
+) -> None:
     print()
     print(f"file: {human_bytes(size)}, sha256 {want[:16]}…")
     print(
@@ -239,21 +208,7 @@ def _run_with(
             f"{name:<10}{human_bytes(p2p):>16}{human_bytes(b2s):>14}{t:>8.2f}s  {'ok' if good else 'MISMATCH'}"
         )
     print()
-    print(
-        f"all {len(peers)} through P2P: {max(p2p_times):.2f}s;  all {len(peers)} straight from the origin: {max(direct_times):.2f}s"
-    )
-    print(f"logs and data: {workdir} (removed at exit unless --workdir was given)")
-    print()
-    print(f"console: {manager.url}/  user root, password {manager.password}")
-    print(f"  ({records} download records reached it: see Traffic)")
-    if sys.stdin.isatty():
-        print("the manager keeps running for the console: Ctrl-C to stop it", flush=True)
-        try:
-            while manager.process.poll() is None:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
-    return 0 if ok else 1
+    print(f"all {len(rows)} through P2P: {max(p2p_times):.2f}s")
 
 
 if __name__ == "__main__":

@@ -209,15 +209,17 @@ def _headers(d: dict[str, str]) -> Any:
 
 async def _embedded(cfg: PeerConfig, spec: dict[str, Any], progress: Progress) -> Outcome:
     """No daemon: run a one-shot peer in this process for this one download."""
+    from dragonfly.blocklist import refused
     from dragonfly.nursery.peer import PeerDaemon
     from dragonfly.peer.request import DownloadFailed, DownloadRequest
 
     cfg.proxy.port = 0
     cfg.upload.port = 0
-    if not cfg.trust.insecure and not cfg.trust.credential_file:
+    if not cfg.trust.insecure and not cfg.trust.credential_file and not cfg.trust.join_token_file:
         # No scheduler admits a host without a credential: this one fetches from the
         # origin alone (and its upload port serves nobody).
         cfg.scheduler.addresses = []
+        cfg.scheduler.manager = ""
     req = DownloadRequest.for_url(
         spec["url"],
         tag=spec["tag"],
@@ -227,24 +229,34 @@ async def _embedded(cfg: PeerConfig, spec: dict[str, Any], progress: Progress) -
         + list(spec["filtered_query_params"]),
         back_to_source=spec["back_to_source"],
     )
+    failure: str | None = None
+    outcome: Outcome | None = None
     async with trio.open_nursery() as nursery:
         daemon: PeerDaemon = await nursery.start(PeerDaemon(cfg).run)
-        download = daemon.tasks.open(req)
-        try:
-            while not download.finished.is_set():
-                progress.update(download.completed_bytes, download.content_length)
-                with trio.move_on_after(0.2):
-                    await download.wait_finished()
-        except DownloadFailed as exc:
-            raise GetError(
-                exc.reason + (f" (HTTP {exc.http_status})" if exc.http_status else "")
-            ) from None
-        from dragonfly.storage.taskfile import task_path
+        if daemon.discovery is not None:  # the cluster's settings, before anything starts
+            with trio.move_on_after(cfg.scheduler.connect_timeout):
+                await daemon.discovery.answered.wait()
+        priority = spec.get("priority")
+        refusal = refused(daemon.block_list, req.spec, None if priority is None else str(priority))
+        if refusal is not None:
+            failure = refusal[1]
+        else:
+            download = daemon.tasks.open(req)
+            try:
+                while not download.finished.is_set():
+                    progress.update(download.completed_bytes, download.content_length)
+                    with trio.move_on_after(0.2):
+                        await download.wait_finished()
+                from dragonfly.storage.taskfile import task_path
 
-        outcome = Outcome(
-            task_path(daemon.data_dir, req.task_id), download.content_length, req.task_id
-        )
+                outcome = Outcome(
+                    task_path(daemon.data_dir, req.task_id), download.content_length, req.task_id
+                )
+            except DownloadFailed as exc:
+                failure = exc.reason + (f" (HTTP {exc.http_status})" if exc.http_status else "")
         nursery.cancel_scope.cancel()
+    if outcome is None:
+        raise GetError(failure or "the download did not finish")
     return outcome
 
 
@@ -283,6 +295,8 @@ def run_get(args: Any, cfg: PeerConfig) -> int:
         "filtered_query_params": args.filtered_query_param,
         "back_to_source": not args.no_back_to_source,
     }
+    if args.priority is not None:
+        spec["priority"] = args.priority
     peer = args.peer or os.environ.get("DRAGONFLY_PEER") or str(data_dir(cfg.storage))
     if "://" in peer:
         print(

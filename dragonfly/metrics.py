@@ -167,6 +167,18 @@ class ManagerMetrics(RoleMetrics):
         self.lease_held = Gauge(
             "dragonfly_manager_lease_held", "1 while this manager holds the GC lease", registry=r
         )
+        self.joins = Counter(
+            "dragonfly_manager_joins",
+            "Join requests, by role and outcome (issued, refused)",
+            ["role", "outcome"],
+            registry=r,
+        )
+        self.member_refusals = Counter(
+            "dragonfly_manager_member_refusals",
+            "Websocket handshakes refused, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.job_parts = Counter(
             "dragonfly_manager_job_parts",
             "Job parts this manager ran through a scheduler, by outcome",

@@ -54,6 +54,7 @@ __all__ = [
     "check_proof",
     "derive_host_key",
     "issue",
+    "name_from",
     "new_nonce",
     "peer_proof",
     "scheduler_proof",
@@ -67,7 +68,8 @@ TICKET_LEN = 16  # bytes of HMAC-SHA256 kept in a ticket
 TICKET_REFRESH_MARGIN = 60
 # How far a credential's issue time may be ahead of a verifier's clock.
 CLOCK_SKEW = 300
-ISSUED_ROLES = ("peer", "seed-peer")
+# A scheduler's credential (issued by the manager) proves it on the manager's websocket.
+ISSUED_ROLES = ("peer", "seed-peer", "scheduler")
 TICKET_HEADER = "x-dragonfly-ticket"
 
 # Host IDs, cluster names and key ids: printable, no spaces (a ticket header carries a
@@ -103,6 +105,13 @@ def check_name(kind: str, value: str) -> str:
             "(starting with a letter or digit), at most 128 characters",
         )
     return value
+
+
+def name_from(text: str, fallback: str, *, length: int = 96) -> str:
+    """`text` (a host name) made fit to start a host ID: characters IDs do not take
+    become '-', the first is a letter or digit, at most `length` characters."""
+    name = re.sub(r"[^A-Za-z0-9._:@+-]", "-", text).lstrip("._:@+-")[:length]
+    return name or fallback
 
 
 # ---------------------------------------------------------------- the cluster secret
@@ -236,6 +245,12 @@ class Verifier:
         self.ring = ring
         self.cache_size = cache_size
         self._keys: dict[bytes, bytes] = {}
+        # host ID → the issue time at or before which its credentials are revoked
+        self.revoked: dict[str, int] = {}
+
+    def is_revoked(self, claims: Claims) -> bool:
+        before = self.revoked.get(claims.host_id)
+        return before is not None and claims.issued_at <= before
 
     def host_key(self, claims: Claims, now: float) -> bytes:
         """The key a host with these claims holds; TrustError naming why there is none."""
@@ -255,6 +270,8 @@ class Verifier:
             raise TrustError(
                 "not_yet_valid", f"the credential is issued in the future ({claims.issued_at})"
             )
+        if self.is_revoked(claims):
+            raise TrustError("revoked", f"the credential of {claims.host_id} is revoked")
         check_name("host ID", claims.host_id)
         text = canonical(claims)
         cached = self._keys.get(text)

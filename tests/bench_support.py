@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any
 
 
-def run_benchmark(results: Path, name: str, *args: str, timeout: float = 120) -> dict[str, Any]:
-    """`python -m benchmarks NAME ARGS` writing into RESULTS; its JSON once it succeeded.
+def run_benchmark(
+    results: Path, name: str, *args: str, timeout: float = 120, output: str | None = None
+) -> dict[str, Any]:
+    """`python -m benchmarks NAME ARGS` writing into RESULTS; its JSON (OUTPUT.json, by
+    default NAME.json) once it succeeded.
 
     A child process, as `make bench` runs it: RESULTS is read when benchmarks.common is
     imported, and the benchmark's own processes must be gone when it returns."""
@@ -24,8 +27,9 @@ def run_benchmark(results: Path, name: str, *args: str, timeout: float = 120) ->
         timeout=timeout,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert (results / f"{name}.png").stat().st_size > 0
-    result: dict[str, Any] = json.loads((results / f"{name}.json").read_text())
+    output = output or name
+    assert (results / f"{output}.png").stat().st_size > 0
+    result: dict[str, Any] = json.loads((results / f"{output}.json").read_text())
     return result
 
 

@@ -76,20 +76,27 @@ async def job_cluster(
     manager_overrides: tuple[str, ...] = (),
 ) -> AsyncIterator[JobCluster]:
     async with trio.open_nursery() as nursery:
-        manager = await start_manager(
-            nursery, tmp_path / "manager", "keepalive.interval=0.5s", *manager_overrides
-        )
+        # The cluster without a manager of its own, registered to this one, which holds
+        # the cluster's secret (the schedulers' credentials are made from it).
         cluster = Cluster(
             tmp_path / "cluster",
             schedulers=1,
             seed_peers=seed_peers,
             peers=peers,
             extra=list(extra or []),
-            overrides=[
-                f"scheduler:manager.address={manager.url}",
-                *([f"seed-peer:scheduler.manager={manager.url}"] if seed_peers else []),
-            ],
+            manager=False,
         )
+        manager = await start_manager(
+            nursery,
+            tmp_path / "manager",
+            "keepalive.interval=0.5s",
+            f"trust.secret_file={cluster.issuer.secret_file}",
+            *manager_overrides,
+        )
+        cluster.overrides = [
+            f"scheduler:manager.address={manager.url}",
+            *([f"seed-peer:scheduler.manager={manager.url}"] if seed_peers else []),
+        ]
         await trio.to_thread.run_sync(cluster.start)
         try:
             root = await manager.root()

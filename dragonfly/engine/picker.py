@@ -1,6 +1,9 @@
 """The piece picker of one download: which piece to request next, and from which parent.
 
-Sans-I/O (DESIGN.md, "Sans-I/O core, thin trio shell"): events go in, decisions come out,
+Why over 600 lines: one policy over one incremental index (the availability buckets, the
+parents' bitsets, the in-flight table); every rule below reads and updates the same state.
+
+Sans-I/O (docs/ARCHITECTURE.md): events go in, decisions come out,
 no sockets and no clock. The trio download engine of a real peer drives it, and so does the
 discrete-event simulation of thousands of peers, so every call is cheap: availability is kept
 incrementally, and the pieces waiting to be requested live in one bitset per availability

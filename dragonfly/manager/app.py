@@ -28,6 +28,7 @@ from dragonfly.manager.routes import (
     cluster_parts,
     clusters,
     hosts,
+    identity,
     jobs,
     roles,
     settings,
@@ -158,6 +159,7 @@ ROUTES = [
     *settings.ROUTES,
     *tokens.ROUTES,
     *audits.ROUTES,
+    *identity.ROUTES,
     *jobs.ROUTES,
     *CONSOLE,  # the web console at /
 ]

@@ -1,6 +1,8 @@
 """Background work, on the one manager that holds the `gc` lease: members silent for
 three keepalive intervals turn inactive, members inactive for `keepalive.remove_after`
-are removed, old audit rows and expired revocations are dropped.
+are removed, so are peers no scheduler reported (`peers.timeout`, `peers.remove_after`),
+old audit rows, expired session revocations, and issued credentials past their expiry
+(with their host's revocation: nothing is left to refuse).
 
 It runs every keepalive interval, so a member that stopped is shown inactive within
 about one interval of its timeout. Each round takes or renews the lease first; a
@@ -16,7 +18,7 @@ from functools import partial
 import trio
 
 from dragonfly.log import get_logger
-from dragonfly.manager import members
+from dragonfly.manager import members, peer_table
 from dragonfly.manager.context import Context
 from dragonfly.manager.store import DatabaseError, Tx, leases
 
@@ -35,6 +37,16 @@ def collect(tx: Tx, ctx: Context, now: float) -> dict[str, int] | None:
     )
     counts["revocations_removed"] = tx.execute(
         "DELETE FROM revoked_sessions WHERE expires_at < ?", [now]
+    )
+    peers = ctx.config.peers
+    counts.update(peer_table.sweep(tx, now, peers.timeout, peers.remove_after))
+    counts["host_revocations_removed"] = tx.execute(
+        "DELETE FROM revocations WHERE host_id IN "
+        "(SELECT host_id FROM host_credentials WHERE expires_at < ?)",
+        [now],
+    )
+    counts["host_credentials_removed"] = tx.execute(
+        "DELETE FROM host_credentials WHERE expires_at < ?", [now]
     )
     return counts
 

@@ -52,6 +52,11 @@ def _bearer(conn: HTTPConnection, *, any_case: bool) -> str | None:
     return None
 
 
+def bearer(conn: HTTPConnection) -> str | None:
+    """An `Authorization: Bearer` value (any case of the scheme)."""
+    return _bearer(conn, any_case=True)
+
+
 def session_token(conn: HTTPConnection) -> str | None:
     return (
         conn.cookies.get(COOKIE)

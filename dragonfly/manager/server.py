@@ -19,12 +19,39 @@ from dragonfly.manager.app import build_app
 from dragonfly.manager.bootstrap import bootstrap, database_path, prepare_data_dir, session_key
 from dragonfly.manager.context import Context
 from dragonfly.manager.gc import run_gc
+from dragonfly.manager.issuer import load_ring
 from dragonfly.manager.jobs.runner import JobLoop
 from dragonfly.manager.store import open_database
 from dragonfly.metrics import ManagerMetrics
 from dragonfly.wire.codec import MAX_FRAME
 
 log = get_logger("dragonfly.manager")
+
+
+def _harden_hypercorn() -> None:
+    """hypercorn 0.18's trio TCPServer sends a connection's EOF (`_close`) without the
+    lock its other sends take: when both ends close a websocket at once, its reader's
+    answer to the client's close frame can meet that EOF, and send_all raises
+    BusyResourceError, which nothing catches, so the whole server stops (seen with
+    members reconnecting). The connection is closing anyway: treat it as closed."""
+    from hypercorn.events import Closed
+    from hypercorn.trio.tcp_server import TCPServer
+
+    original = TCPServer.protocol_send
+    if getattr(original, "_dragonfly_hardened", False):
+        return
+
+    async def protocol_send(self: TCPServer, event: object) -> None:
+        try:
+            await original(self, event)  # type: ignore[arg-type]
+        except trio.BusyResourceError:
+            await self.protocol.handle(Closed())
+
+    protocol_send._dragonfly_hardened = True  # type: ignore[attr-defined]
+    TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+
+
+_harden_hypercorn()
 
 
 def _bind(listen: str, port: int) -> str:
@@ -42,10 +69,11 @@ class ManagerServer:
         cfg = self.config
         prepare_data_dir(cfg)
         key = session_key(cfg)
+        ring = load_ring(cfg)
         db = open_database(cfg.database.driver, path=database_path(cfg), dsn=cfg.database.dsn)
         try:
             await bootstrap(cfg, db, time.time())
-            ctx = Context(cfg, db, key, self.metrics, self.holder)
+            ctx = Context(cfg, db, key, self.metrics, self.holder, ring=ring)
             hconfig = HypercornConfig()
             hconfig.bind = [_bind(cfg.server.listen, cfg.server.port)]
             hconfig.accesslog = None

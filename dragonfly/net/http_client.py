@@ -1,5 +1,8 @@
 """h11 HTTP/1.1 client for going back to the origin (and fetching pieces from parents).
 
+Why about 700 lines: the raw body reads (splice, read_into) and the pool's reuse of a
+connection after them share one connection's state; split, each half would reach into the other.
+
 h11 parses the status line and headers. A Content-Length body is then read
 straight from the socket: spliced into a file (`splice_to`) or received into
 a caller's buffer (`read_into`), never through h11's buffer, which copies.
@@ -267,8 +270,9 @@ class Response:
         """Write `count` body bytes (default: the rest) into file `fd` at `offset`.
 
         Zero-copy (socket → pipe → file) for plain HTTP with Content-Length;
-        through a buffer and os.pwrite otherwise. When spliced, `on_written(end, last)`
-        follows the bytes into the file (zerocopy.splice_to_file), in a worker thread.
+        through a buffer and os.pwrite otherwise (TLS, chunked bodies). When spliced,
+        `on_written(end, last)` follows the bytes into the file (zerocopy.splice_to_file),
+        in a worker thread.
         """
         if self._raw_remaining is not None:
             want = self._raw_remaining if count is None else min(count, self._raw_remaining)
@@ -312,13 +316,14 @@ class Response:
                 raise BodyIncomplete(f"{self.url}: receiving body failed: {exc}") from None
             self._advance(n)
             return want
-        buf = bytearray(min(RECEIVE_SIZE, max(1, want - written)))
+        # Filled whole before each write: TLS hands over one record (16 KiB) at a time,
+        # and a write per record would cost a syscall for each.
+        buf = memoryview(bytearray(min(RECEIVE_SIZE, max(1, want - written))))
         while written < want:
-            n = await self.read_into(memoryview(buf)[: min(len(buf), want - written)])
-            if n == 0:
-                raise self._short()
-            pwrite_all(fd, memoryview(buf)[:n], offset + written)
-            written += n
+            view = buf[: min(len(buf), want - written)]
+            await self.readinto_exactly(view)
+            pwrite_all(fd, view, offset + written)
+            written += len(view)
         return written
 
     async def _copy_rest(self, fd: int, offset: int) -> int:

@@ -1,5 +1,8 @@
 """h11 HTTP/1.1 server: keep-alive, request bodies, streaming and sendfile responses.
 
+Why about 800 lines: one connection's life (h11 state, timeouts, sendfile passthrough,
+CONNECT and websocket hand-over, lingering close) is one loop over one state.
+
 A handler gets a `Request` and a `Responder` and answers through the responder:
 `send(...)` for small bodies, `start(...)` + `write(...)`/`sendfile(...)` +
 `finish()` for streamed ones. Bodies sent with `sendfile` go straight from the
@@ -26,6 +29,10 @@ closed lingeringly (half-close, drain briefly) so the RST does not destroy the r
 
 A listener serves at most `max_connections` connections at once: one more is
 answered 503 and closed at once, before its request is read (`on_refused` counts it).
+
+With `ssl_context`, a listener speaks TLS (the cluster's scheduler and upload ports):
+each connection is wrapped in a server-side `trio.SSLStream`, whose handshake runs
+under the header timeout; a client that cannot or will not complete it is closed.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import contextlib
 import math
 import os
 import socket as _socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -771,22 +779,30 @@ async def serve_listeners(
     max_connections: int | None = None,
     on_refused: Callable[[], None] = lambda: None,
     peer: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
-    """Serve HTTP on `listeners` until cancelled, at most `max_connections` at once."""
+    """Serve HTTP on `listeners` until cancelled, at most `max_connections` at once;
+    over TLS with `ssl_context`."""
     active = 0
 
     async def on_connection(stream: trio.SocketStream) -> None:
         nonlocal active
         if max_connections is not None and active >= max_connections:
             on_refused()
-            await _refuse(stream)
+            if ssl_context is None:
+                await _refuse(stream)
+            else:  # (a plain-text 503 means nothing to a TLS client)
+                await trio.aclose_forcefully(stream)
             return
         active += 1
+        conn: trio.abc.Stream = stream
+        if ssl_context is not None:
+            conn = trio.SSLStream(stream, ssl_context, server_side=True, https_compatible=True)
         # One connection's failure must never reach serve_listeners' nursery: that
         # would take the whole server down.
         try:
             await serve_connection(
-                stream,
+                conn,
                 handler,
                 idle_timeout=idle_timeout,
                 header_timeout=header_timeout,

@@ -341,6 +341,18 @@ def origin_ssl_context(download: DownloadSection) -> ssl.SSLContext:
     return ctx
 
 
+def check_key_mode(path: str, key: str, what: str) -> None:
+    """ConfigError naming `key` when the private key at `path` is open to group or others."""
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        raise ConfigError(
+            STARTUP,
+            key,
+            f"{path} is open to group or others (mode {stat.S_IMODE(mode):03o}): "
+            f"{what} must be its owner's only; run chmod 600 {path}",
+        )
+
+
 def hijack_ca(section: HijackHTTPSSection) -> CAFiles | None:
     """The CA that signs hijacked hosts' certificates; None when hijacking is off.
 
@@ -361,14 +373,7 @@ def hijack_ca(section: HijackHTTPSSection) -> CAFiles | None:
             raise ConfigError(STARTUP, prefix + name, f"required when {prefix}{other} is set")
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise ConfigError(STARTUP, prefix + name, f"cannot read {path}")
-    mode = os.stat(section.ca_key).st_mode
-    if mode & 0o077:
-        raise ConfigError(
-            STARTUP,
-            prefix + "ca_key",
-            f"{section.ca_key} is open to group or others (mode {stat.S_IMODE(mode):03o}): "
-            f"the CA's key must be its owner's only; run chmod 600 {section.ca_key}",
-        )
+    check_key_mode(section.ca_key, prefix + "ca_key", "the CA's key")
     ca = CAFiles(Path(section.ca_cert), Path(section.ca_key))
     try:
         check_ca(ca)

@@ -8,20 +8,28 @@ daemon. The daemon is the `PeerServices` its components (dragonfly/peer/) are gi
 
 A host's ID is the one its credential names (trust.credential_file), so a restarted
 peer is the same host; without a credential (insecure mode, or a peer with no
-scheduler) it is made once and kept in the data directory."""
+scheduler) it is made once and kept in the data directory. With a join token
+(trust.join_token_file) and no usable credential, the daemon joins at the manager
+first and keeps the credential it is issued.
+
+With a manager (scheduler.manager) the daemon asks it for schedulers and its
+cluster's settings (dragonfly/peer/discovery.py); the cluster's block list refuses
+downloads at the proxy (403 naming the rule), the local API and a seed's triggers."""
 
 from __future__ import annotations
 
 import functools
 import os
-import re
 import secrets
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 from dragonfly import __version__
+from dragonfly.blocklist import BlockList
+from dragonfly.cluster_tls import cluster_client_tls, upload_tls
 from dragonfly.config import (
     PeerConfig,
     ProxySection,
@@ -29,16 +37,23 @@ from dragonfly.config import (
     data_dir,
     resolved_hostname,
 )
-from dragonfly.credentials import peer_credential
+from dragonfly.credentials import (
+    credential_path,
+    join_token,
+    peer_credential,
+    write_credential_file,
+)
 from dragonfly.identity import IdentityError
 from dragonfly.local_api_path import api_socket
 from dragonfly.log import get_logger
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.http_client import HTTPClient
 from dragonfly.net.http_server import Handler, bound_port, serve, serve_unix
+from dragonfly.net.join import join, report_refusal
 from dragonfly.net.manager_client import ManagerMember
 from dragonfly.net.tls import origin_ssl_context
 from dragonfly.nursery.signals import run_until_signal
+from dragonfly.peer.discovery import Discovery
 from dragonfly.peer.exposure import ProxyGate, checked_addresses
 from dragonfly.peer.jobs import HostJobs
 from dragonfly.peer.local_api import LocalAPIHandler
@@ -54,8 +69,8 @@ from dragonfly.peer.upload import UploadHandler
 from dragonfly.ratelimit import RateLimiter
 from dragonfly.storage import GCConfig, PieceStore
 from dragonfly.supervise import InFlight, Supervisor
-from dragonfly.trust import TicketKey
-from dragonfly.wire.messages import AnnounceMember, HostInfo, TriggerDownload
+from dragonfly.trust import TicketKey, name_from
+from dragonfly.wire.messages import AnnounceMember, ClusterConfig, HostInfo, TriggerDownload
 
 log = get_logger("dragonfly.peer")
 
@@ -87,9 +102,19 @@ class PeerDaemon:
         self.hijacker = Hijacker(config.proxy.hijack_https)
         # ConfigError naming trust.credential_file if one is needed and unusable.
         self.credential = peer_credential(config)
+        # Without a usable one, a join token gets one from the manager at start.
+        manager = config.scheduler.manager
+        self.join_token = join_token(config) if manager and not config.trust.insecure else None
+        self.cluster_config: ClusterConfig | None = None  # the manager's, once it answered
+        self.block_list = BlockList()
+        self.discovery: Discovery | None = None
         # Children's tickets are checked with this host's key; without one (and not
         # insecure) the upload port serves nobody.
         self.ticket_key = TicketKey(self.credential.host_key) if self.credential else None
+        # TLS (dragonfly/cluster_tls.py): the upload port's certificate, and the cluster's
+        # CA that schedulers and parents are verified with; ConfigError naming the key.
+        self.upload_tls = upload_tls(config)
+        self.cluster_tls = cluster_client_tls(config)
         self.proxy_gate = ProxyGate(config.proxy)
         self.upload_limiter = _limiter(config.upload.rate_limit)
         self.download_limiter = _limiter(d.rate_limit)
@@ -121,8 +146,34 @@ class PeerDaemon:
 
     @property
     def healthy(self) -> bool:
-        """Serving, and known to every scheduler (a seed must be, before peers ask)."""
+        """Serving, and known to every scheduler (a seed must be, before peers ask); with a
+        manager, once it named a scheduler."""
+        if self.discovery is not None and not self.discovery.found:
+            return False
         return self._serving and (not self.schedulers.connections or self.schedulers.all_connected)
+
+    def apply_cluster_config(self, config: ClusterConfig) -> None:
+        """The manager's settings for this host's cluster (its block list, at once)."""
+        if self.cluster_config is not None and self.cluster_config.revision == config.revision:
+            return
+        self.cluster_config = config
+        self.block_list = BlockList.for_role(config, seed=self.config.seed.enabled)
+        log.info("cluster settings applied", cluster_id=config.cluster_id, revision=config.revision)
+
+    async def _join(self) -> None:
+        """A credential from the manager, kept where trust.credential_file says."""
+        cfg = self.config
+        assert self.join_token is not None
+        joined = await join(
+            cfg.scheduler.manager,
+            self.join_token,
+            self.role,
+            resolved_hostname(cfg.host),
+            timeout=cfg.scheduler.connect_timeout,
+        )
+        write_credential_file(credential_path(cfg), joined.credential)
+        self.credential = joined.credential
+        self.ticket_key = TicketKey(joined.credential.host_key)
 
     async def run(
         self, *, task_status: trio.TaskStatus[PeerDaemon] = trio.TASK_STATUS_IGNORED
@@ -142,11 +193,13 @@ class PeerDaemon:
             supervisor=self.supervisor,
         ) as store:
             self.store = store
+            if self.credential is None and self.join_token is not None:
+                await self._join()
             try:
                 async with trio.open_nursery() as nursery:
                     self.tasks = TaskManager(self, nursery)
                     upload = await nursery.start(
-                        self._listener(UploadHandler(self), cfg.upload, "upload")
+                        self._listener(UploadHandler(self), cfg.upload, "upload", self.upload_tls)
                     )
                     self.upload_port = bound_port(upload)
                     self.host = HostInfo(
@@ -162,6 +215,7 @@ class PeerDaemon:
                         upload_limit=cfg.upload.children_limit,
                         upload_rate=cfg.upload.rate_limit,
                         version=__version__,
+                        tls=self.upload_tls is not None,
                     )
                     self.schedulers = SchedulerPool(
                         cfg.scheduler.addresses,
@@ -170,7 +224,9 @@ class PeerDaemon:
                         on_trigger=self._on_trigger,
                         connect_timeout=cfg.scheduler.connect_timeout,
                         credential=self.credential,
+                        discovered=not cfg.scheduler.manager or bool(cfg.scheduler.addresses),
                         on_job=HostJobs(self, self.tasks).handle,
+                        ssl_context=self.cluster_tls,
                     )
                     # What this host holds is announced again to a scheduler that comes
                     # back or takes its tasks over (before downloads use the connection).
@@ -203,6 +259,18 @@ class PeerDaemon:
                             await self.schedulers.run(task_status=task_status)
 
                     await nursery.start(run_schedulers)
+                    if cfg.scheduler.manager:
+                        self.discovery = Discovery(
+                            cfg.scheduler.manager,
+                            self.schedulers,
+                            role=self.role,
+                            credential=self.credential,
+                            host=lambda: self.host,
+                            on_config=self.apply_cluster_config,
+                            interval=cfg.scheduler.refresh_interval,
+                            timeout=cfg.scheduler.connect_timeout,
+                        )
+                        await nursery.start(self.discovery.run)
                     nursery.start_soon(
                         self.supervisor.every, cfg.storage.gc_interval, "gc", store.run_gc
                     )
@@ -226,6 +294,7 @@ class PeerDaemon:
                         host_id=self.host.host_id,
                         proxy=f"{cfg.proxy.listen}:{self.proxy_port}",
                         upload=f"{cfg.upload.listen}:{self.upload_port}",
+                        upload_tls=self.host.tls,
                         data_dir=str(self.data_dir),
                     )
                     task_status.started(self)
@@ -242,7 +311,11 @@ class PeerDaemon:
                 await self.origin_client.aclose()
 
     def _listener(
-        self, handler: Handler, section: UploadSection | ProxySection, name: str
+        self,
+        handler: Handler,
+        section: UploadSection | ProxySection,
+        name: str,
+        tls: ssl.SSLContext | None = None,
     ) -> Callable[..., Awaitable[None]]:
         """serve() for one of the daemon's listeners, capped at its max_connections."""
         return functools.partial(
@@ -252,6 +325,7 @@ class PeerDaemon:
             section.port,
             max_connections=section.max_connections,
             on_refused=self.metrics.connections_refused.labels(name).inc,
+            ssl_context=tls,
         )
 
     def _manager_member(self) -> ManagerMember:
@@ -267,7 +341,9 @@ class PeerDaemon:
             location=cfg.host.location,
             version=__version__,
         )
-        return ManagerMember(cfg.scheduler.manager, "seed-peer", announce)
+        return ManagerMember(
+            cfg.scheduler.manager, "seed-peer", announce, credential=self.credential
+        )
 
     async def _on_trigger(self, msg: TriggerDownload) -> None:
         """A scheduler asks this seed peer to fetch a task from the origin first."""
@@ -279,6 +355,10 @@ class PeerDaemon:
         if request.task_id != msg.task_id:
             # The ID is what the fields make, never what a sender says it is.
             log.warning("trigger refused: task ID is not its fields'", task_id=msg.task_id)
+            return
+        refusal = self.block_list.refusal(msg.task)
+        if refusal is not None:
+            log.warning("trigger refused", task_id=msg.task_id, reason=refusal)
             return
         log.info("triggered", task_id=msg.task_id, url=msg.task.url)
         self.tasks.open(request)
@@ -296,7 +376,7 @@ def _stable_host_id(directory: Path, hostname: str) -> str:
             kept = f.read(256).strip()
         if kept:
             return kept[:128]
-    name = re.sub(r"[^A-Za-z0-9._:@+-]", "-", hostname)[:100] or "host"
+    name = name_from(hostname, "host", length=100)
     made = f"{name}-{secrets.token_hex(4)}"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -320,5 +400,8 @@ def run_peer(cfg: PeerConfig) -> int:
     async def main(nursery: trio.Nursery) -> None:
         await nursery.start(daemon.run)
 
-    trio.run(run_until_signal, main, daemon.drain)
+    try:
+        trio.run(run_until_signal, main, daemon.drain)
+    except BaseException as exc:  # a refused join token ends the start with its reason
+        return report_refusal(exc)
     return 0

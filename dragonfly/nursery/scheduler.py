@@ -16,6 +16,13 @@ and the Hello's host ID and seed flag must be the credential's: nobody speaks as
 another host or makes itself a seed peer. Each refusal is an Error naming the reason,
 a log line (rate-limited) and a count in dragonfly_scheduler_refusals_total.
 
+With a manager (manager.address), the scheduler registers there and keeps alive; with
+a join token (trust.join_token_file) it gets the cluster secret from the manager
+before it serves anyone. The manager sends its cluster's settings, applied at once
+(parent limits, hosts' load limits, block lists: a blocked registration fails with 403
+naming the rule), and the revoked hosts, whose handshakes are refused and whose
+connections are dropped; the scheduler reports its hosts for the manager's peers table.
+
 Jobs from the manager (preheat, get_task, delete_task, list_hosts) are run by the
 sans-I/O JobRunner (dragonfly/sched/jobs.py) beside the core; hosts' answers and
 their download records (stamped with the host they proved) reach the manager over
@@ -33,8 +40,10 @@ from dataclasses import dataclass
 import trio
 
 from dragonfly import __version__
+from dragonfly.blocklist import BlockList
+from dragonfly.cluster_tls import scheduler_tls
 from dragonfly.config import SchedulerConfig, resolved_hostname
-from dragonfly.credentials import scheduler_secrets
+from dragonfly.credentials import join_token, scheduler_secrets
 from dragonfly.log import LogLimiter, get_logger
 from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dragonfly.metrics import SchedulerMetrics
@@ -47,6 +56,7 @@ from dragonfly.net.channel import (
     accept_websocket,
 )
 from dragonfly.net.http_server import Request, Responder, bound_port, serve
+from dragonfly.net.join import join, report_refusal
 from dragonfly.net.manager_client import ManagerMember
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.sched.jobs import MANAGER, JobHost, JobRunner
@@ -54,9 +64,12 @@ from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
 from dragonfly.supervise import InFlight, Supervisor
 from dragonfly.trust import (
     Attester,
+    Credential,
     TrustError,
     Verifier,
     check_proof,
+    issue,
+    name_from,
     new_nonce,
     peer_proof,
     scheduler_proof,
@@ -66,6 +79,8 @@ from dragonfly.wire.messages import (
     JOB_VERSION,
     AnnounceMember,
     CandidateParents,
+    Claims,
+    ClusterConfig,
     DownloadRecord,
     DownloadRecords,
     Error,
@@ -77,8 +92,10 @@ from dragonfly.wire.messages import (
     PiecesFinished,
     Proof,
     RegisterPeer,
+    RevokedHost,
     RunJob,
     TaskAnswer,
+    TaskFailed,
     TriggerDownload,
     batches,
     record_size,
@@ -99,6 +116,8 @@ class _HostConnection:
     host_id: str
     channel: ServerChannel
     scope: trio.CancelScope
+    info: HostInfo  # as its Hello said (the core's copy is capped at the load limit)
+    claims: Claims | None
 
 
 class SchedulerServer:
@@ -107,11 +126,17 @@ class SchedulerServer:
     def __init__(self, config: SchedulerConfig, *, seed: int = 0) -> None:
         self.config = config
         ring = scheduler_secrets(config)  # ConfigError naming trust.secret_file
+        self.tls = scheduler_tls(config)  # wss:// and https; ConfigError naming server.tls_*
         self.verifier = Verifier(ring) if ring is not None else None
         # Attestations let a restarted peer's held tasks be believed by any scheduler
         # of the cluster (they share the ring), including this one after a restart.
         attester = Attester(ring) if ring is not None else None
         self.core = Scheduler(SchedulerSettings.from_config(config), seed=seed, attester=attester)
+        # With a join token the secret (and the credential) come from the manager.
+        self.join_token = join_token(config)  # ConfigError naming trust.join_token_file
+        self.credential: Credential | None = None  # proven to the manager
+        self.cluster_config: ClusterConfig | None = None  # the manager's, once sent
+        self._blocks = {False: BlockList(), True: BlockList()}  # by host.seed
         self.metrics = SchedulerMetrics()
         self._refusal_log = LogLimiter()
         self._refused = 0  # the core's refused registrations already counted
@@ -140,6 +165,7 @@ class SchedulerServer:
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         server = self.config.server
+        await self._identity()
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(
                 functools.partial(
@@ -149,6 +175,7 @@ class SchedulerServer:
                     server.port,
                     max_connections=server.max_connections,
                     on_refused=self.metrics.connections_refused.labels("scheduler").inc,
+                    ssl_context=self.tls,
                 )
             )
             self.port = bound_port(listeners)
@@ -163,8 +190,86 @@ class SchedulerServer:
                 self.manager = self._manager_member()
                 nursery.start_soon(self.manager.run)
                 nursery.start_soon(self._forward_records)
-            log.info("scheduler started", listen=f"{server.listen}:{self.port}")
+            log.info("scheduler started", listen=f"{server.listen}:{self.port}", tls=bool(self.tls))
             task_status.started(self.port)
+
+    async def _identity(self) -> None:
+        """The cluster secret from the manager (a join token), and the credential this
+        scheduler proves on the manager's websocket: issued there, or made here from the
+        secret it holds."""
+        cfg = self.config
+        hostname = resolved_hostname(cfg.host)
+        if self.join_token is not None:
+            joined = await join(
+                cfg.manager.address, self.join_token, "scheduler", hostname, timeout=5.0
+            )
+            self.credential = joined.credential
+            if not cfg.trust.insecure and joined.ring is not None:
+                self.verifier = Verifier(joined.ring)
+                self.core.attester = Attester(joined.ring)
+        elif self.verifier is not None:
+            self.credential = issue(
+                self.verifier.ring,
+                host_id=f"scheduler-{name_from(hostname, 'host')}",
+                role="scheduler",
+                now=time.time(),
+                ttl=86400 * 365,
+            )
+
+    def apply_cluster_config(self, config: ClusterConfig) -> None:
+        """The manager's settings for this cluster, at once: parent limits, the load limit
+        each host is held to, and the block lists."""
+        self.cluster_config = config
+        self.core.settings = dataclasses.replace(
+            self.core.settings,
+            candidate_parent_limit=config.candidate_parent_limit,
+            filter_parent_limit=config.filter_parent_limit,
+        )
+        self._blocks = {
+            False: BlockList.for_role(config, seed=False),
+            True: BlockList.for_role(config, seed=True),
+        }
+        for conn in self.hosts.values():
+            host = self.core.hosts.get(conn.host_id)
+            if host is not None:
+                host.update(self._capped(conn.info))
+        log.info(
+            "cluster settings applied",
+            cluster_id=config.cluster_id,
+            revision=config.revision,
+            candidate_parent_limit=config.candidate_parent_limit,
+            filter_parent_limit=config.filter_parent_limit,
+        )
+
+    def _capped(self, info: HostInfo) -> HostInfo:
+        """A host as the core sees it: its upload slots at most its cluster's load limit."""
+        config = self.cluster_config
+        if config is None:
+            return info
+        limit = config.seed_peer_load_limit if info.seed else config.peer_load_limit
+        if info.upload_limit <= limit:
+            return info
+        return dataclasses.replace(info, upload_limit=limit)
+
+    def apply_revocations(self, revoked: list[RevokedHost]) -> None:
+        """Refuse these hosts' credentials from now on, and drop those connected."""
+        if self.verifier is None:
+            return
+        self.verifier.revoked = {r.host_id: r.before for r in revoked}
+        for conn in list(self.hosts.values()):
+            if conn.claims is not None and self.verifier.is_revoked(conn.claims):
+                self._refuse(
+                    conn.channel,
+                    "revoked",
+                    f"the credential of {conn.host_id} is revoked",
+                    conn.host_id,
+                    conn.info.ip,
+                )
+                conn.scope.cancel()
+
+    def reported_hosts(self) -> list[HostInfo]:
+        """The hosts connected now, as their Hellos said (the manager's peers table)."""
+        return [conn.info for conn in self.hosts.values()]
 
     def _manager_member(self) -> ManagerMember:
         host = self.config.host
@@ -179,7 +284,14 @@ class SchedulerServer:
             version=__version__,
         )
         return ManagerMember(
-            self.config.manager.address, "scheduler", announce, on_message=self._from_manager
+            self.config.manager.address,
+            "scheduler",
+            announce,
+            credential=self.credential,
+            on_config=self.apply_cluster_config,
+            on_revocations=self.apply_revocations,
+            hosts=self.reported_hosts,
+            on_message=self._from_manager,
         )
 
     def _from_manager(self, msg: Message) -> None:
@@ -242,6 +354,20 @@ class SchedulerServer:
         else:
             await responder.send(404, b"not found\n")
 
+    def _blocked(self, host: HostInfo, msg: RegisterPeer) -> bool:
+        """A registration the cluster's block list refuses is answered 403 naming the rule."""
+        block = self._blocks[host.seed]
+        reason = None if block.empty else block.refusal(msg.task)
+        if reason is None:
+            return False
+        self.metrics.refusals.labels("blocked").inc()
+        conn = self.hosts.get(host.host_id)
+        if conn is not None:
+            conn.channel.queue(
+                TaskFailed(task_id=msg.task_id, reason=reason, peer_id=msg.peer_id, http_status=403)
+            )
+        return True
+
     def _protocol_error(self, exc: ProtocolError) -> None:
         self.metrics.protocol_errors.inc()
 
@@ -284,19 +410,21 @@ class SchedulerServer:
             return
         host_id = host.host_id
         with trio.CancelScope() as scope, self.connected:
-            conn = _HostConnection(host_id, channel, scope)
+            conn = _HostConnection(host_id, channel, scope, host, peer_hello.claims)
             old = self.hosts.get(host_id)
             if old is not None:
                 old.channel.close_soon(1000, "replaced by a new connection")
                 old.scope.cancel()
             self.hosts[host_id] = conn
             self.metrics.connected_hosts.set(len(self.hosts))
+            if self.manager is not None:
+                self.manager.hosts_changed()
             log.info("host connected", host_id=host_id, seed=host.seed, ip=host.ip)
             self.jobs.host_connected(_job_host(host, channel.version))
             try:
                 self._apply(
                     self.core.host_connected(
-                        host, trio.current_time(), key=key, protocol=channel.version
+                        self._capped(host), trio.current_time(), key=key, protocol=channel.version
                     )
                 )
                 handle, clock = self.core.handle, trio.current_time
@@ -310,6 +438,8 @@ class SchedulerServer:
                         kind = type(msg)
                         if kind is RegisterPeer:
                             registrations += 1
+                            if self._blocked(host, msg):  # type: ignore[arg-type]
+                                continue
                         elif kind is PiecesFinished:
                             pieces += len(msg.pieces)  # type: ignore[attr-defined]
                         elif kind is TaskAnswer:
@@ -338,6 +468,8 @@ class SchedulerServer:
                     del self.hosts[host_id]
                     self._apply(self.core.host_disconnected(host_id, trio.current_time()))
                     self._apply(self.jobs.host_disconnected(host_id, trio.current_time()))
+                    if self.manager is not None:
+                        self.manager.hosts_changed()
                 self.metrics.connected_hosts.set(len(self.hosts))
                 log.info("host disconnected", host_id=host_id)
 
@@ -459,5 +591,8 @@ def run_scheduler(cfg: SchedulerConfig) -> int:
     async def main(nursery: trio.Nursery) -> None:
         await nursery.start(server.run)
 
-    trio.run(run_until_signal, main, server.drain)
+    try:
+        trio.run(run_until_signal, main, server.drain)
+    except BaseException as exc:  # a refused join token ends the start with its reason
+        return report_refusal(exc)
     return 0

@@ -3,6 +3,7 @@ as its parent links and origin link see it (dragonfly/peer/parents.py, source.py
 
 from __future__ import annotations
 
+import ssl
 from typing import Any, Protocol
 
 from dragonfly.config import PeerConfig
@@ -29,6 +30,7 @@ class DownloadServices(Protocol):
     download_limiter: RateLimiter | None
     source_limiter: RateLimiter | None
     records: RecordBuffer  # download records for the manager
+    cluster_tls: ssl.SSLContext | None  # verifies TLS parents (trust.ca_file's CA)
 
 
 class DownloadContext(Protocol):

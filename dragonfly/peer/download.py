@@ -1,5 +1,9 @@
 """One task being downloaded by this peer: the trio driver of the download machine.
 
+Why about 700 lines: its tasks share one download's state (the machine, the outbox, the
+task file, the clients' waiters); what performs one kind of action lives beside it
+(parents.py, source.py).
+
 Every decision is the machine's (dragonfly/engine/machine.py): this module turns
 sockets, the store and the clock into its events, and performs the actions it
 returns — scheduler messages, parent subscriptions, piece requests, origin
@@ -398,7 +402,11 @@ class Download:
 
     def _subscribe_parent(self, action: Subscribe) -> None:
         cfg = self.daemon.config.download
-        client = HTTPClient(connect_timeout=cfg.connect_timeout, read_timeout=cfg.piece_timeout)
+        client = HTTPClient(
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.piece_timeout,
+            ssl_context=self.daemon.cluster_tls,  # (a TLS parent: the cluster's CA only)
+        )
         link = ParentLink(action.parent, client, action.ticket)
         self._parents[action.parent.peer_id] = link
         self._spawn(link.follow, self)

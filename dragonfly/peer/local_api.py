@@ -15,6 +15,7 @@ import json
 
 import trio
 
+from dragonfly.blocklist import refused
 from dragonfly.identity import IdentityError
 from dragonfly.local_api_path import LOCAL_API
 from dragonfly.net.http_server import Request, Responder
@@ -53,6 +54,13 @@ class LocalAPIHandler:
             )
         except (ValueError, KeyError, TypeError, AttributeError, IdentityError) as exc:
             await responder.send_error(400, f"bad download request: {exc}")
+            return
+        priority = spec.get("priority")
+        refusal = refused(
+            self.daemon.block_list, req.spec, None if priority is None else str(priority)
+        )
+        if refusal is not None:
+            await responder.send_error(*refusal)
             return
         download = self.daemon.tasks.open(req)
         with download.attached():

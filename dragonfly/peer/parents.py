@@ -36,14 +36,17 @@ class ParentLink:
 
     @property
     def base_url(self) -> str:
+        """http://IP:PORT, or https:// for a parent whose upload port speaks TLS (its
+        certificate must name that IP and chain to the cluster's CA)."""
         host = f"[{self.info.ip}]" if ":" in self.info.ip else self.info.ip
-        return f"http://{host}:{self.info.upload_port}"
+        scheme = "https" if self.info.tls else "http"
+        return f"{scheme}://{host}:{self.info.upload_port}"
 
     async def follow(self, dl: DownloadContext) -> None:
         """The parent's piece announcements until it is done or fails."""
         pid = self.info.peer_id
         hello = Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="peer")
-        url = self.base_url.replace("http://", "ws://", 1) + ANNOUNCE_PATH
+        url = "ws" + self.base_url.removeprefix("http") + ANNOUNCE_PATH  # ws:// or wss://
         machine = dl.machine
         with self.scope:
             try:
@@ -52,6 +55,7 @@ class ParentLink:
                     hello,
                     name=f"parent {pid}",
                     connect_timeout=dl.daemon.config.download.connect_timeout,
+                    ssl_context=dl.daemon.cluster_tls,
                 ) as channel:
                     ticket = self.ticket  # (it opens the announcements: dragonfly/trust.py)
                     await channel.send(
@@ -124,6 +128,8 @@ class ParentLink:
         if limiter is not None:
             await limiter.acquire(length)
         store = dl.daemon.store
+        if self.info.tls and self.client.ssl_context is None:  # never the system's CAs
+            raise HTTPClientError("a TLS parent, and no trust.ca_file to verify it with")
         url = f"{self.base_url}/pieces/{dl.task_id}/{number}"
         known = dl.machine.parents.get(action.parent_id)  # (its latest ticket)
         ticket = known.ticket if known is not None else None

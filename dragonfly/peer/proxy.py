@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from dragonfly.blocklist import PRIORITY_HEADER, refused
 from dragonfly.config import ProxyRule
 from dragonfly.engine.access import client_ip
 from dragonfly.identity import IdentityError
@@ -239,6 +240,12 @@ class ProxyHandler:
             req = self._download_request(request, shared_credentials=rule.allow_credentials)
         except IdentityError as exc:
             await responder.send_error(400, str(exc))
+            return
+        # The cluster's block list (from the manager), before anything starts.
+        refusal = refused(self.daemon.block_list, req.spec, request.headers.get(PRIORITY_HEADER))
+        if refusal is not None:
+            self.daemon.metrics.proxy_refusals.labels("blocked").inc()
+            await responder.send_error(*refusal)
             return
         # A request with credentials: the origin says yes to them before anything starts
         # on its behalf (dragonfly/peer/private.py).

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from dragonfly.blocklist import PRIORITY_HEADER, refused
 from dragonfly.log import get_logger
 from dragonfly.net.http_client import HTTPClientError
 from dragonfly.net.http_server import Request, Responder
@@ -94,6 +95,12 @@ class RegistryMirror:
             request.headers.get("authorization") or "", request.headers.get("cookie") or ""
         )
         digest = route.reference
+        spec = TaskSpec(url=url, digest=digest)
+        refusal = refused(self.daemon.block_list, spec, request.headers.get(PRIORITY_HEADER))
+        if refusal is not None:
+            self.daemon.metrics.proxy_refusals.labels("blocked").inc()
+            await send_registry_error(responder, refusal[0], "DENIED", refusal[1])
+            return
         key = (base, route.name, digest, credential)
         granted = self.grants.allowed(*key, trio.current_time())
         if not granted:
@@ -107,7 +114,7 @@ class RegistryMirror:
                 await self._registry_answer(request, responder, url)
                 return
         download_request = DownloadRequest(
-            TaskSpec(url=url, digest=digest),
+            spec,
             origin_headers(request.headers),
             private=bool(credential),  # (pulled with credentials: the task is private)
         )

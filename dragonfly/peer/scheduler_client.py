@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,20 +27,13 @@ import trio
 
 from dragonfly.log import get_logger
 from dragonfly.net.channel import (
-    HANDSHAKE_TIMEOUT,
     SCHEDULER_PATH,
     Channel,
     ChannelClosed,
     connect,
 )
-from dragonfly.trust import (
-    Credential,
-    TrustError,
-    check_proof,
-    new_nonce,
-    peer_proof,
-    scheduler_proof,
-)
+from dragonfly.net.handshake import authenticate
+from dragonfly.trust import Credential, TrustError, new_nonce
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Message
 from dragonfly.wire.messages import (
     CandidateParents,
@@ -51,7 +45,6 @@ from dragonfly.wire.messages import (
     LeaveHost,
     NeedBackToSource,
     PieceDigests,
-    Proof,
     StatTask,
     TaskAttested,
     TaskFailed,
@@ -102,25 +95,6 @@ def scheduler_hello(
     )
 
 
-async def authenticate(
-    channel: Channel, credential: Credential, nonce: bytes, *, timeout: float = HANDSHAKE_TIMEOUT
-) -> None:
-    """After the Hellos: prove this host's credential, then check the scheduler's proof
-    (made with this host's key, which only the holder of the cluster secret can
-    compute). TrustError if the scheduler refuses this host or cannot prove itself."""
-    theirs = channel.peer_hello
-    assert theirs is not None
-    key = credential.host_key
-    await channel.send(Proof(proof=peer_proof(key, nonce, theirs.nonce, credential.claims)))
-    with trio.fail_after(timeout):
-        answer = await channel.receive()
-    if isinstance(answer, Error):
-        raise TrustError("refused", f"the scheduler refused this host: {answer.message}")
-    if not isinstance(answer, Proof):
-        raise TrustError("proof", f"expected the scheduler's proof, got {answer.TAG}")
-    check_proof(scheduler_proof(key, nonce, theirs.nonce), answer.proof, "scheduler")
-
-
 @dataclass
 class Route:
     """Where messages for one (task, peer) go."""
@@ -166,8 +140,10 @@ class SchedulerConnection:
         timeout: float,
         credential: Credential | None = None,
         on_job: JobHandler | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
+        self.ssl_context = ssl_context  # the cluster's CA, for a wss:// scheduler
         self.host = host
         self.role = role
         self.credential = credential
@@ -201,6 +177,7 @@ class SchedulerConnection:
                     hello,
                     name=f"scheduler {self.address}",
                     connect_timeout=self.timeout,
+                    ssl_context=self.ssl_context,
                 ) as channel:
                     if self.credential is not None:
                         await authenticate(channel, self.credential, nonce, timeout=self.timeout)
@@ -349,7 +326,7 @@ class SchedulerSession:
 
 
 class SchedulerPool:
-    """All configured schedulers of this host."""
+    """The schedulers of this host: configured, or as the manager says (`update`)."""
 
     def __init__(
         self,
@@ -360,20 +337,74 @@ class SchedulerPool:
         on_trigger: TriggerHandler,
         connect_timeout: float,
         credential: Credential | None = None,
+        discovered: bool = True,
         on_job: JobHandler | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.connections = {
-            a: SchedulerConnection(a, host, role, on_trigger, connect_timeout, credential, on_job)
-            for a in addresses
-        }
-        self.connect_timeout = connect_timeout
         self.host = host
+        self.role = role
+        self.on_trigger = on_trigger
+        self.connect_timeout = connect_timeout
+        self.credential = credential
+        self.on_job = on_job
+        self.ssl_context = ssl_context
+        self.listener: ConnectionListener | None = None
+        self.connections = {a: self._connection(a) for a in addresses}
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        # Set once the schedulers are known (at once, unless the manager is to say).
+        self.discovered = trio.Event()
+        if discovered:
+            self.discovered.set()
+
+    def _connection(self, address: str) -> SchedulerConnection:
+        conn = SchedulerConnection(
+            address,
+            self.host,
+            self.role,
+            self.on_trigger,
+            self.connect_timeout,
+            self.credential,
+            self.on_job,
+            self.ssl_context,
+        )
+        conn.listener = self.listener  # a scheduler the manager names later is followed too
+        return conn
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for conn in self.connections.values():
-                nursery.start_soon(conn.run, nursery)
+                self._start(conn)
             task_status.started()
+            await trio.sleep_forever()  # (open for the schedulers `update` adds)
+
+    def _start(self, conn: SchedulerConnection) -> None:
+        assert self._nursery is not None
+        nursery = self._nursery
+        scope = self._scopes[conn.address] = trio.CancelScope()
+
+        async def run_one() -> None:
+            with scope:
+                await conn.run(nursery)
+
+        nursery.start_soon(run_one)
+
+    def update(self, addresses: list[str]) -> None:
+        """Use these schedulers from now on: new ones are connected, the others dropped
+        (their downloads fail over to the next scheduler on their ring)."""
+        wanted = dict.fromkeys(addresses)
+        for address in [a for a in self.connections if a not in wanted]:
+            del self.connections[address]
+            scope = self._scopes.pop(address, None)
+            if scope is not None:
+                scope.cancel()
+        for address in wanted:
+            if address not in self.connections:
+                conn = self.connections[address] = self._connection(address)
+                if self._nursery is not None:
+                    self._start(conn)
+        self.discovered.set()
 
     @property
     def all_connected(self) -> bool:
@@ -384,6 +415,7 @@ class SchedulerPool:
         return any(c.up for c in self.connections.values())
 
     def listen(self, listener: ConnectionListener) -> None:
+        self.listener = listener
         for conn in self.connections.values():
             conn.listener = listener
 
@@ -399,8 +431,11 @@ class SchedulerPool:
         """A session with the first scheduler on the task's ring that is (or gets) connected.
 
         A scheduler that is down is skipped at once if it has been failing; one that is
-        reconnecting gets up to the connect timeout.
+        reconnecting gets up to the connect timeout, as does the manager's first answer.
         """
+        if not self.discovered.is_set():
+            with trio.move_on_after(self.connect_timeout):
+                await self.discovered.wait()
         for conn in self.candidates(task_id, exclude):
             if not conn.up:
                 wait = self.connect_timeout if conn.failures < 2 else 0.0

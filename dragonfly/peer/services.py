@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from dragonfly.blocklist import BlockList
 from dragonfly.peer.context import DownloadServices
 from dragonfly.peer.exposure import ProxyGate
 from dragonfly.peer.tasks import TaskManager
@@ -24,6 +25,7 @@ class PeerServices(DownloadServices, Protocol):
     supervisor: Supervisor
     upload_limiter: RateLimiter | None
     ticket_key: TicketKey | None  # this host's key: children's tickets are checked with it
+    block_list: BlockList  # the cluster's, as the manager last said
     uploads: InFlight  # pieces being uploaded now (a stopping daemon lets them finish)
     stopping: bool  # SIGTERM: no new uploads start
 

@@ -465,6 +465,7 @@ class Peer:
             or cached.location != info.location
             or cached.seed != info.seed
             or cached.hostname != info.hostname
+            or cached.tls != info.tls
         ):
             cached = self._parent_info = ParentInfo(
                 peer_id=self.id,
@@ -475,6 +476,7 @@ class Peer:
                 seed=info.seed,
                 idc=info.idc,
                 location=info.location,
+                tls=info.tls,
             )
         return cached
 

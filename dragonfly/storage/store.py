@@ -22,16 +22,20 @@ most the last ``sync_delay`` of verified pieces, which are fetched again.
 Lifetime: ``async with PieceStore.open(data_dir) as store:`` runs the flusher in a nursery of
 its own; or ``store = await PieceStore.create(...)``, ``await nursery.start(store.run)`` and
 ``await store.aclose()`` when the owner wants the flusher in its own nursery tree.
+
+Why one module of about a thousand lines: ``PieceStore`` is one class whose methods share
+the loaded handles, the flush batch and the one database limiter, and the write path's
+ordering (write, hash, fdatasync, commit) must be read next to the handles' lifetime and
+removal. What is not the class lives beside it: handle.py, recovery.py, taskfile.py,
+metadata.py, gc.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import math
 import os
-import stat
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -54,9 +58,11 @@ from .errors import (
     UnknownTask,
 )
 from .gc import GCConfig, TaskUsage, plan_gc
+from .handle import PieceSink, TaskHandle
 from .metadata import MetadataDB, PieceRecord, TaskRecord, TaskState
-from .private import link_refused, open_private, prepare_data_dir, private_dir
-from .taskfile import BufferLike, FileHasher, TaskFile, task_path, validate_task_id
+from .private import prepare_data_dir, private_dir
+from .recovery import lock_data_dir, recover
+from .taskfile import BufferLike, TaskFile, task_path, validate_task_id
 
 __all__ = ["PieceSink", "PieceStore", "TaskHandle"]
 
@@ -65,7 +71,6 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 DB_NAME = "metadata.db"
-LOCK_NAME = "lock"
 FLUSH_LOOP = "store_flush"  # the flusher's name on /healthy and in metrics
 
 
@@ -86,111 +91,6 @@ def _piece_count(content_length: int, piece_length: int) -> int:
     if content_length < 0 or piece_length <= 0:
         return -1
     return piece_count(content_length, piece_length)
-
-
-@dataclass(eq=False)
-class TaskHandle:
-    """A task loaded into the store: its file, its record and its verified pieces.
-
-    ``pieces`` holds every verified piece, including those queued for the next commit (they
-    may be served at once; they are only not yet durable). Valid while acquired.
-    """
-
-    task_id: str
-    file: TaskFile
-    record: TaskRecord
-    pieces: dict[int, PieceRecord] = field(default_factory=dict)
-    users: int = 0
-    pins: int = 0  # batches (queued or in flight) that will fdatasync this file
-    detached: bool = False  # no longer reachable from the store: close when unused
-    # Pieces being written now (PieceStore.writing): a second writer waits for the first.
-    writing: dict[int, trio.Event] = field(default_factory=dict, repr=False)
-
-    @property
-    def in_use(self) -> bool:
-        return self.users > 0
-
-    def is_done(self, number: int) -> bool:
-        """True if piece ``number`` is verified: its bytes must not be written again."""
-        return number in self.pieces
-
-    @property
-    def done(self) -> frozenset[int]:
-        return frozenset(self.pieces)
-
-    @property
-    def complete(self) -> bool:
-        return self.record.state == TaskState.SUCCEEDED
-
-    def missing(self) -> list[int]:
-        """Pieces not yet verified; empty (and meaningless) while piece_count is unknown."""
-        return [n for n in range(max(self.record.piece_count, 0)) if n not in self.pieces]
-
-    def piece_range(self, number: int) -> tuple[int, int | None]:
-        """(offset, length) the layout assigns to piece ``number``; length None if unknown."""
-        pl = self.record.piece_length
-        if pl <= 0:
-            raise ValueError(f"task {self.task_id} has no piece length")
-        offset = number * pl
-        cl = self.record.content_length
-        if cl < 0:
-            return offset, None
-        return offset, max(0, min(pl, cl - offset))
-
-    def has_range(self, offset: int, length: int) -> bool:
-        """True if ``[offset, offset+length)`` is covered by verified pieces."""
-        if offset < 0 or length < 0:
-            return False
-        end = offset + length
-        cl = self.record.content_length
-        if self.complete:
-            return end <= (cl if cl >= 0 else self.file.size)
-        if cl >= 0 and end > cl:
-            return False
-        if length == 0:
-            return True
-        pl = self.record.piece_length
-        if pl <= 0:
-            return False
-        for n in range(offset // pl, (end - 1) // pl + 1):
-            p = self.pieces.get(n)
-            if p is None:
-                return False
-        last = self.pieces[(end - 1) // pl]
-        return last.offset + last.length >= end
-
-
-@dataclass(eq=False)
-class PieceSink:
-    """Write access to one piece of a task file, given by :meth:`PieceStore.writing`.
-
-    Fill it in one of two ways: splice into ``fd`` at ``offset`` (exactly ``length``
-    bytes), or hand the bytes to :meth:`write`. ``done``: the piece was already recorded
-    when the sink was given; write nothing. ``length`` is None while the file's length is
-    unknown (a streamed body): set it to what was written.
-    """
-
-    fd: int
-    number: int
-    offset: int
-    length: int | None
-    done: bool = False
-    record: PieceRecord | None = None  # after a clean exit: what was recorded
-    _data: BufferLike | None = field(default=None, repr=False)
-    _hasher: FileHasher | None = field(default=None, repr=False)
-
-    def hash_as_written(self) -> Callable[[int, bool], None]:
-        """For a writer that fills the piece in order from ``offset``: call the result
-        with ``(end, last)`` whenever the file holds the bytes up to ``end`` (from its
-        worker thread, say). They are hashed from the file while hot in the cache, and
-        the piece needs no second pass when the block ends (it gets one otherwise)."""
-        self._hasher = FileHasher(self.fd, self.offset)
-        return self._hasher.written
-
-    def write(self, data: BufferLike) -> None:
-        """The piece's bytes, written (and verified) when the ``writing`` block ends."""
-        self._data = data
-        self.length = memoryview(data).nbytes
 
 
 @dataclass(eq=False)
@@ -218,51 +118,6 @@ class _Batch:
         if h.task_id not in self.handles:
             self.handles[h.task_id] = h
             h.pins += 1
-
-
-def _lock_data_dir(data_dir: Path) -> int:
-    """One process per data directory: two stores over one SQLite file and task files
-    would each believe they own the pieces."""
-    fd = open_private(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StorageError(f"data directory {data_dir} is in use by another process") from None
-    return fd
-
-
-def _recover(data_dir: Path, db: MetadataDB) -> None:
-    """Make the database agree with the files after a restart or a crash.
-
-    Rows of a task whose file vanished are dropped; pieces lying past the end of a truncated
-    file are forgotten; files no row points to (a crash between deleting a row and its file)
-    are removed. Running tasks stay as they are: they resume from their pieces.
-    """
-    known: set[str] = set()
-    for task in db.list_tasks():
-        try:
-            st = os.lstat(task_path(data_dir, task.id))
-        except (FileNotFoundError, ValueError):
-            db.delete_task(task.id)
-            log.info("storage.recover.drop_task", task_id=task.id, reason="file missing")
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            raise link_refused(task_path(data_dir, task.id))
-        known.add(task.id)
-        beyond = [p.number for p in db.pieces(task.id) if p.offset + p.length > st.st_size]
-        if beyond:
-            db.drop_pieces(task.id, beyond)
-    tasks_dir = data_dir / "tasks"
-    for sub in tasks_dir.iterdir():
-        if sub.is_symlink():
-            raise link_refused(sub)
-        if not sub.is_dir():
-            continue
-        for f in sub.iterdir():
-            if f.name not in known and f.is_file():
-                f.unlink(missing_ok=True)
-                log.info("storage.recover.remove_orphan", path=str(f))
 
 
 class PieceStore:
@@ -342,11 +197,11 @@ class PieceStore:
         def _open() -> tuple[MetadataDB, int]:
             prepare_data_dir(path)
             private_dir(path / "tasks")
-            lock_fd = _lock_data_dir(path)
+            lock_fd = lock_data_dir(path)
             try:
                 db = MetadataDB(path / DB_NAME)
                 try:
-                    _recover(path, db)
+                    recover(path, db)
                 except BaseException:
                     db.close()
                     raise

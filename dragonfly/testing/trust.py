@@ -58,6 +58,13 @@ class LocalIssuer:
         `child_host_id` to fetch `task_id` from `parent_host_id` (a credential this
         issuer wrote): what a test that fetches pieces by hand sends."""
         parent = read_credential_file(self.directory / f"{parent_host_id}.json")
-        expires_at = int(time.time()) + ttl
-        mac = TicketKey(parent.host_key).mint(task_id, child_host_id, parent_host_id, expires_at)
-        return Ticket(child_host_id, expires_at, mac).header()
+        return ticket_header(parent, task_id, child_host_id, ttl)
+
+
+def ticket_header(parent: Credential, task_id: str, child_host_id: str, ttl: int) -> str:
+    """The X-Dragonfly-Ticket value that lets `child_host_id` fetch `task_id` from the
+    holder of `parent` for `ttl` seconds (negative: already expired)."""
+    expires_at = int(time.time()) + ttl
+    parent_host_id = parent.claims.host_id
+    mac = TicketKey(parent.host_key).mint(task_id, child_host_id, parent_host_id, expires_at)
+    return Ticket(child_host_id, expires_at, mac).header()

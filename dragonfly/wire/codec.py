@@ -1,5 +1,8 @@
 """CBOR message codec: schema machinery, strict pre-scan, encode/decode (sans-I/O).
 
+Why about 870 lines: the schema machinery, the pre-scan and the decoder are one format's
+rules, each check stated once and relied on by the next; the messages are in messages.py.
+
 Wire format (one websocket binary message = one frame = one CBOR item):
 
     {"t": "<type tag>", "<field>": <value>, ...}

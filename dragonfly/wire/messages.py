@@ -1,5 +1,8 @@
 """The wire messages: one frozen dataclass per message type, registered with the codec.
 
+Why about 900 lines: one frozen dataclass per message of every family, with its limits;
+the protocol's reference, kept in one file so that a version's change is read in one place.
+
 Peer ↔ scheduler messages travel over one websocket per (host, scheduler) and are
 routed by (task_id, peer_id); peer ↔ peer metadata messages travel over the
 parent's announcement websocket.  Every websocket starts with a ``Hello`` in both
@@ -14,6 +17,10 @@ websocket (``/v1/manager``) with ``AnnounceMember`` → ``MemberRegistered``, th
 ``Ping`` every keepalive interval (answered by ``Pong``); anyone may ask for
 schedulers with ``ListSchedulers`` → ``SchedulerList``. These types travel on that
 websocket only, so peers and schedulers of protocol 2 that never connect to a
+manager are unaffected (no version change). A member proves its credential after the
+Hellos as on the scheduler websocket (``Proof`` both ways); a scheduler then gets its
+cluster's settings (``ConfigUpdate``) and the revoked hosts (``Revocations``) whenever
+they change, and reports its hosts (``HostsReport``) periodically or on ``SyncHosts``.
 manager are unaffected (no version change).
 
 Protocol note (jobs, 4): the manager sends a scheduler ``RunJob`` (preheat, get_task,
@@ -50,8 +57,11 @@ __all__ = [
     "ROLES",
     "AnnounceDone",
     "AnnounceMember",
+    "BlockRules",
     "CandidateParents",
     "Claims",
+    "ClusterConfig",
+    "ConfigUpdate",
     "DeleteTask",
     "DownloadRecord",
     "DownloadRecords",
@@ -63,6 +73,7 @@ __all__ = [
     "Hello",
     "HostEntry",
     "HostInfo",
+    "HostsReport",
     "JobHostResult",
     "JobResult",
     "JobTask",
@@ -86,11 +97,14 @@ __all__ = [
     "Proof",
     "RegisterPeer",
     "Reschedule",
+    "Revocations",
+    "RevokedHost",
     "RunJob",
     "SchedulerEntry",
     "SchedulerList",
     "StatTask",
     "Subscribe",
+    "SyncHosts",
     "TaskAnswer",
     "TaskAttested",
     "TaskFailed",
@@ -174,6 +188,9 @@ class HostInfo:
     # The host held tasks or downloads before this connection (its scheduler restarted,
     # or it did): it re-announces them (HeldTasks, RegisterPeer.held) (5).
     rejoining: bool = False
+    # Its upload port speaks TLS (https pieces, wss announcements); a scheduler older
+    # than this field ignores it, so its children would not use TLS: upgrade it first.
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +201,7 @@ class Claims:
 
     cluster: str = limits(min_len=1, max_len=64)
     host_id: str = _id()
-    role: str = limits(choices=("peer", "seed-peer"))
+    role: str = limits(choices=("peer", "seed-peer", "scheduler"))
     issued_at: int = limits(min=0, max=2**40)  # unix seconds
     expires_at: int = limits(min=0, max=2**40)
     key_id: str = limits(min_len=1, max_len=32)
@@ -241,6 +258,7 @@ class ParentInfo:
     seed: bool = False
     idc: str = limits(default="", max_len=256)
     location: str = limits(default="", max_len=256)
+    tls: bool = False  # its upload port speaks TLS: the child verifies its certificate
 
 
 @compact
@@ -686,6 +704,37 @@ class MemberRegistered(Message):
 
     member_id: int = limits(min=1, max=ROW_ID_MAX)
     keepalive_ms: int = limits(min=1, max=2**31)
+    # A scheduler reports its hosts (HostsReport) this often; 0: only when asked.
+    hosts_report_ms: int = limits(default=0, min=0, max=2**31)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRules:
+    """Downloads a cluster refuses (Dragonfly's block_list.task.download): by the task's
+    application, tag, URL (regular expressions, searched) or the request's priority."""
+
+    applications: list[str] = field(
+        default_factory=list, metadata=dict(max_items=1000, max_len=1024)
+    )
+    urls: list[str] = field(default_factory=list, metadata=dict(max_items=1000, max_len=1024))
+    tags: list[str] = field(default_factory=list, metadata=dict(max_items=1000, max_len=1024))
+    priorities: list[int] = field(default_factory=list, metadata=dict(max_items=7, min=0, max=6))
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """A scheduler cluster's settings for its schedulers, seed peers and peers (the
+    manager's cluster config): parent limits, how many children a host serves at once,
+    and the block lists of peers and of seed peers."""
+
+    cluster_id: int = limits(min=1, max=ROW_ID_MAX)
+    candidate_parent_limit: int = limits(min=1, max=64)
+    filter_parent_limit: int = limits(min=1, max=10000)
+    peer_load_limit: int = limits(min=1, max=2**16)
+    seed_peer_load_limit: int = limits(min=1, max=2**20)
+    peer_block: BlockRules = field(default_factory=BlockRules)
+    seed_peer_block: BlockRules = field(default_factory=BlockRules)
+    revision: str = limits(default="", max_len=64)  # changes whenever the settings do
 
 
 @message("list_schedulers")
@@ -720,6 +769,51 @@ class SchedulerList(Message):
 
     cluster_id: int = limits(min=0, max=ROW_ID_MAX)
     schedulers: list[SchedulerEntry] = field(default_factory=list, metadata=dict(max_items=1024))
+    config: ClusterConfig | None = None  # that cluster's settings for its hosts
+
+
+@message("config_update")
+@dataclass(frozen=True, slots=True)
+class ConfigUpdate(Message):
+    """Manager → scheduler, after MemberRegistered and whenever its cluster's settings
+    change: apply them (no restart)."""
+
+    config: ClusterConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedHost:
+    """Every credential of ``host_id`` issued at or before ``before`` (unix seconds) is
+    revoked."""
+
+    host_id: str = _id()
+    before: int = limits(min=0, max=2**40)
+
+
+@message("revocations")
+@dataclass(frozen=True, slots=True)
+class Revocations(Message):
+    """Manager → scheduler, after MemberRegistered and whenever the list changes: the
+    whole list of revoked hosts. A scheduler refuses their handshakes and drops their
+    connections."""
+
+    hosts: list[RevokedHost] = field(default_factory=list, metadata=dict(max_items=10000))
+
+
+@message("sync_hosts")
+@dataclass(frozen=True, slots=True)
+class SyncHosts(Message):
+    """Manager → scheduler: report your hosts now (HostsReport)."""
+
+
+@message("hosts_report")
+@dataclass(frozen=True, slots=True)
+class HostsReport(Message):
+    """Scheduler → manager: the hosts connected to it, in parts; ``last`` ends a report.
+    What the manager's peers table shows."""
+
+    hosts: list[HostInfo] = field(default_factory=list, metadata=dict(max_items=2000))
+    last: bool = True
 
 
 # ---------------------------------------------------------------------------

@@ -283,7 +283,7 @@ def test_a_busy_parent_answers_503_and_children_still_get_every_byte(
         # Two requests at once to peer-0's upload server (with the ticket a scheduler
         # would give): one is served (about 1 s at 4 MB/s), the other refused at once.
         piece = f"{first.info['upload']}/pieces/{task}/0"
-        ticket = f"x-dragonfly-ticket: {cluster.issuer.ticket_header(task, 'peer-0')}"
+        ticket = f"x-dragonfly-ticket: {cluster.ticket_header(task, 'peer-0')}"
         command = ["curl", "-s", "-o", "/dev/null", "-D", "-", "-w", "%{http_code}\n"]
         procs = [
             subprocess.Popen([*command, "-H", ticket, piece], stdout=subprocess.PIPE)

@@ -140,6 +140,24 @@ def test_swarm_loopback(tmp_path: Path) -> None:
     check_result(tmp_path, "loopback")
 
 
+def test_swarm_with_tls(tmp_path: Path) -> None:
+    """`--tls`: dragonfly's run with TLS on its scheduler and upload ports, in namespaces
+    (each node's certificate names its own address), its own results file."""
+    _needs_netns()
+    _needs_programs()
+    run_to_end(tmp_path, "--mode", "netns", "--only", "dragonfly", "--tls")
+    data: dict[str, Any] = json.loads((tmp_path / "swarm-tls.json").read_text())
+    want = sha256_file(tmp_path / "swarm-tls" / "www" / f"f-{SIZE}.bin")
+    assert data["tls"] is True and not (tmp_path / "swarm.json").exists()
+    (run,) = data["runs"]
+    assert run["ok"], run["error"]
+    assert run["peer_sha256"] == {f"peer-{i}": want for i in range(PEERS)}
+    # the metrics were read over https, and pieces moved between peers
+    assert sum(m.get("p2p", 0) for m in run["metrics"].values()) >= PEERS * SIZE // 2
+    assert (tmp_path / f"swarm-tls-n{PEERS}.png").stat().st_size > 0
+    assert leftovers(data["run_id"], data["pids"]) == []
+
+
 def test_swarm_interrupted_leaves_nothing(tmp_path: Path) -> None:
     """Ctrl-C in the middle of the dragonfly run: everything of the run goes away."""
     _needs_netns()

@@ -40,3 +40,18 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     # the task files are removed (a 1 GiB run leaves GiBs), the logs kept
     assert not (tmp_path / "throughput" / "cluster" / "data").exists()
     assert (tmp_path / "throughput" / "cluster" / "logs").is_dir()
+
+
+def test_throughput_with_tls_smoke(tmp_path: Path) -> None:
+    """`--tls`: the same run with TLS on the scheduler and upload ports, its own results."""
+    args = ("--size", "9MiB", "--rounds", "1", "--tls")
+    result = run_benchmark(tmp_path, "proxy_throughput", *args, output="proxy_throughput-tls")
+    want = sha256_file(tmp_path / "proxy_throughput-tls" / "www" / "f.bin")
+    assert result["tls"] is True and result["sha256"] == want
+    assert all(digests == [want] for digests in result["download_sha256"].values())
+    assert "proxy remote hit" in result["download_sha256"]  # (pieces between peers)
+    conf = (tmp_path / "proxy_throughput-tls" / "cluster" / "conf" / "peer-1.toml").read_text()
+    assert "tls_cert = '/" in conf and "ca_file = '/" in conf  # a TLS cluster it was
+    for name, pid in result["pids"].items():
+        assert not Path(f"/proc/{pid}").exists(), f"{name} (pid {pid}) still runs"
+    assert processes_mentioning(str(tmp_path)) == []

@@ -54,7 +54,8 @@ class Roles:
         assert isinstance(cfg, SchedulerConfig)
         server = SchedulerServer(cfg)
         port = await self.nursery.start(server.run)
-        self.schedulers.append(f"ws://{cfg.server.listen}:{port}")
+        scheme = "wss" if cfg.server.tls_cert else "ws"
+        self.schedulers.append(f"{scheme}://{cfg.server.listen}:{port}")
         return server
 
     async def peer(self, name: str, *overrides: str, role: str = "peer") -> PeerDaemon:

@@ -27,7 +27,13 @@ from dragonfly.wire.messages import (
     MemberRegistered,
     SchedulerList,
 )
-from tests.manager_support import Api, RunningManager, start_manager
+from tests.manager_support import (
+    Api,
+    RunningManager,
+    issuer_of,
+    member_channel,
+    start_manager,
+)
 
 FAST = (
     "keepalive.interval=0.2s",
@@ -51,8 +57,8 @@ async def wait_for(
 
 
 def issuer(manager: RunningManager) -> LocalIssuer:
-    """The cluster's secret and credentials, beside the manager's data directory."""
-    return LocalIssuer(Path(manager.config.data.dir).parent / "trust")
+    """The cluster's secret (the manager's) and credentials made from it."""
+    return issuer_of(manager)
 
 
 def scheduler_config(manager: RunningManager, hostname: str, *extra: str) -> SchedulerConfig:
@@ -124,7 +130,8 @@ async def test_scheduler_keepalive_stop_restart_and_silence(tmp_path: Path) -> N
 
         # a member that registers and then falls silent (connection open, no Ping)
         announce = AnnounceMember(hostname="silent", ip="10.0.0.1", port=9, cluster_id=1)
-        async with connect(websocket_url(m.url), hello("scheduler")) as channel:
+        silent = issuer(m).credential("silent", "scheduler")
+        async with member_channel(m.url, "scheduler", silent) as channel:
             await channel.send(announce)
             registered = await channel.receive()
             assert isinstance(registered, MemberRegistered) and registered.keepalive_ms == 200
@@ -260,19 +267,25 @@ async def test_discovery_by_cidr_and_idc(tmp_path: Path) -> None:
 
 
 async def test_registration_refusals(tmp_path: Path) -> None:
+    """Only a proven credential of role scheduler or seed-peer registers, and only in a
+    cluster that exists."""
     async with trio.open_nursery() as nursery:
         m = await start_manager(nursery, tmp_path / "m", *FAST)
-        url = websocket_url(m.url)
-        unknown = AnnounceMember(hostname="x", ip="10.0.0.1", port=9, cluster_id=42)
-        async with connect(url, hello("scheduler")) as channel:
-            await channel.send(unknown)
+        known = AnnounceMember(hostname="x", ip="10.0.0.1", port=9, cluster_id=1)
+        scheduler = issuer(m).credential("sched-x", "scheduler")
+        async with member_channel(m.url, "scheduler", scheduler) as channel:
+            await channel.send(AnnounceMember(hostname="x", ip="10.0.0.1", port=9, cluster_id=42))
             answer = await channel.receive()
             assert isinstance(answer, Error) and "no such cluster" in answer.message
-        known = AnnounceMember(hostname="x", ip="10.0.0.1", port=9, cluster_id=1)
-        async with connect(url, hello("peer")) as channel:
-            await channel.send(known)
-            answer = await channel.receive()
-            assert isinstance(answer, Error) and "only schedulers and seed peers" in answer.message
+        for role, credential in (
+            ("scheduler", None),  # no credential: nothing proven
+            ("peer", issuer(m).credential("peer-x", "peer")),  # a peer is no member
+        ):
+            async with member_channel(m.url, role, credential) as channel:
+                await channel.send(known)
+                answer = await channel.receive()
+                assert isinstance(answer, Error) and answer.code == "forbidden"
+                assert "only schedulers and seed peers register" in answer.message
         root = await m.root()
         assert (await m.api.call("GET", "/api/v1/schedulers", token=root)).body == []
         m.stop()

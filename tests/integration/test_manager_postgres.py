@@ -1,13 +1,15 @@
 """Two managers (real processes) on one real PostgreSQL: both serve the same state
 (a session from one works on the other), background work runs on one of them at a
 time, and when that one is killed mid-way the other keeps serving and takes the
-background work over (it marks the dead one's scheduler inactive). With a scheduler
+background work over (it marks the dead one's scheduler inactive). Both issue
+credentials under the one secret their trust.secret_file names. With a scheduler
 connected to each, every job runs once."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,15 +17,14 @@ import pytest
 import trio
 
 from dragonfly.config import SchedulerConfig, load_config
-from dragonfly.net.channel import connect
-from dragonfly.net.manager_client import websocket_url
+from dragonfly.net.join import join_once
 from dragonfly.nursery.scheduler import SchedulerServer
 from dragonfly.testing.postgres import Postgres, postgres_bindir
 from dragonfly.testing.process import stop_process_group
 from dragonfly.testing.trust import LocalIssuer
-from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
-from dragonfly.wire.messages import AnnounceMember, Hello, MemberRegistered
-from tests.manager_support import Api, metric_value, spawn_manager, wait_healthy
+from dragonfly.trust import Verifier
+from dragonfly.wire.messages import AnnounceMember, MemberRegistered
+from tests.manager_support import Api, member_channel, metric_value, spawn_manager, wait_healthy
 
 ROOT_PASSWORD = "postgres-root-pass"
 FAST = (
@@ -49,7 +50,8 @@ async def _metrics(api: Api) -> bytes:
 
 async def test_two_managers_one_database(tmp_path: Path, postgres: Postgres) -> None:
     env = {"DRAGONFLY_INITIAL_ROOT_PASSWORD": ROOT_PASSWORD}
-    sets = (*FAST, f"database.dsn={postgres.dsn()}")
+    issuer = LocalIssuer(tmp_path / "trust")  # every manager issues under one secret
+    sets = (*FAST, f"database.dsn={postgres.dsn()}", f"trust.secret_file={issuer.secret_file}")
     managers: list[tuple[subprocess.Popen[bytes], Api]] = []
     try:
         for name in ("a", "b"):
@@ -69,6 +71,11 @@ async def test_two_managers_one_database(tmp_path: Path, postgres: Postgres) -> 
             await b.call("POST", "/api/v1/clusters", {"name": "shared"}, token=root)
         ).status == 409
         assert (await b.call("GET", "/api/v1/users", token=root)).body[0]["name"] == "root"
+        # a join token made through one is good at the other, and what it issues verifies
+        join = await a.call("POST", "/api/v1/join-tokens/peer", token=root)
+        joined = await join_once(b.base, join.body["token"], "peer", "p1", timeout=10)
+        claims = joined.credential.claims
+        assert Verifier(issuer.ring).host_key(claims, time.time()) == joined.credential.host_key
 
         # background work on exactly one of them
         for _ in range(200):
@@ -94,8 +101,8 @@ async def test_two_managers_one_database(tmp_path: Path, postgres: Postgres) -> 
         assert metric_value(await _metrics(o), "dragonfly_manager_gc_runs_total") == 0
 
         # a scheduler registered with the holder, then the holder is killed mid-way
-        hello = Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="scheduler")
-        async with connect(websocket_url(h.base), hello) as channel:
+        scheduler = issuer.credential("sched-s", "scheduler")
+        async with member_channel(h.base, "scheduler", scheduler) as channel:
             await channel.send(
                 AnnounceMember(hostname="s", ip="127.0.0.1", port=8002, cluster_id=1)
             )
@@ -135,9 +142,9 @@ async def test_each_job_runs_once_with_two_managers(tmp_path: Path, postgres: Po
     """Both managers have a scheduler of cluster 1 connected (real schedulers, one to
     each): every job part is claimed by one manager and run by one scheduler, once."""
     env = {"DRAGONFLY_INITIAL_ROOT_PASSWORD": ROOT_PASSWORD}
-    sets = (*FAST, f"database.dsn={postgres.dsn()}")
+    issuer = LocalIssuer(tmp_path / "trust")  # the managers' secret, the schedulers' too
+    sets = (*FAST, f"database.dsn={postgres.dsn()}", f"trust.secret_file={issuer.secret_file}")
     managers: list[tuple[subprocess.Popen[bytes], Api]] = []
-    issuer = LocalIssuer(tmp_path / "trust")
     try:
         for name in ("a", "b"):
             process, url = spawn_manager(tmp_path / name, *sets, env=env)

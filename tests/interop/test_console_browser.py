@@ -24,6 +24,7 @@ from dragonfly.storage.taskfile import task_path
 from dragonfly.testing.oci_image import push_all, write_multi_platform_layout
 from dragonfly.testing.process import stop_process_group
 from dragonfly.testing.registry import Registry
+from dragonfly.testing.trust import LocalIssuer
 from tests.manager_support import spawn_manager
 from tests.p2p_support import MiB
 
@@ -60,9 +61,12 @@ def test_console_in_a_browser(tmp_path: Path) -> None:
     shots.mkdir()
     image = write_multi_platform_layout(tmp_path / "image", total_size=8 * MiB, seed=31)
     registry = Registry(tmp_path / "registry", auth=("alice", "s3cret-pass")).start()
+    # The cluster below has no manager of its own: this one holds its secret.
+    issuer = LocalIssuer(tmp_path / "cluster" / "trust")
     manager, url = spawn_manager(
         tmp_path / "manager",
         "keepalive.interval=0.5s",
+        f"trust.secret_file={issuer.secret_file}",
         env={"DRAGONFLY_INITIAL_ROOT_PASSWORD": PASSWORD},
     )
     cluster: Cluster | None = None
@@ -111,6 +115,7 @@ def test_console_in_a_browser(tmp_path: Path) -> None:
                 seed_peers=1,
                 peers=1,
                 extra=registry.mirror_options(),
+                manager=False,
                 overrides=[
                     f"scheduler:manager.address={url}",
                     f"scheduler:manager.cluster_id={cluster_id}",

@@ -134,7 +134,7 @@ def test_containerd_names_a_plain_http_registry_with_the_x_dragonfly_registry_he
         peer = cluster.node("peer-0")
         for node in cluster.nodes:  # no peer knows the registry
             conf = Path(node.info["config"]).read_text()
-            assert node.role == "scheduler" or (
+            assert node.role in ("manager", "scheduler") or (
                 "upstream = ''  # default" in conf and "insecure = []  # default" in conf
             )
         hosts = tmp_path / "hosts"

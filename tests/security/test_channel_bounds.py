@@ -129,7 +129,7 @@ def test_a_reader_below_the_minimum_rate_loses_its_upload_slot(
             if line.lower().startswith("x-dragonfly-task-id")
         )
         upload = peer.info["upload"]
-        ticket = cluster.issuer.ticket_header(task, "peer-0")
+        ticket = cluster.ticket_header(task, "peer-0")
         stalled = _stalled_reader(upload, f"/pieces/{task}/0", ticket)
         try:
             deadline = time.monotonic() + 60

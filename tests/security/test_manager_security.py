@@ -14,11 +14,8 @@ import trio
 from starlette.routing import Route
 
 from dragonfly.manager.app import ROUTES
-from dragonfly.net.channel import connect
-from dragonfly.net.manager_client import websocket_url
-from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
-from dragonfly.wire.messages import AnnounceMember, Hello, MemberRegistered
-from tests.manager_support import FUTURE, start_manager
+from dragonfly.wire.messages import AnnounceMember, MemberRegistered
+from tests.manager_support import FUTURE, issuer_of, member_channel, start_manager
 
 PUBLIC = {"/api/v1/users/signin", "/api/v1/users/signout"}
 OWN = "/api/v1/users/refresh_token"  # a guest may refresh its own session
@@ -201,8 +198,8 @@ async def test_a_member_cannot_claim_another_address(tmp_path: Path) -> None:
             {"host_name": "s", "ip": "10.1.2.3", "port": 8002, "scheduler_cluster_id": 1},
             token=root,
         )
-        hello = Hello(version=PROTOCOL_VERSION, min_version=MIN_PROTOCOL_VERSION, role="scheduler")
-        async with connect(websocket_url(m.url), hello) as channel:
+        member = issuer_of(m).credential("s-elsewhere", "scheduler")  # a real member
+        async with member_channel(m.url, "scheduler", member) as channel:
             await channel.send(AnnounceMember(hostname="s", ip="10.1.2.3", port=6666, cluster_id=1))
             registered = await channel.receive()
             assert isinstance(registered, MemberRegistered)

@@ -112,11 +112,10 @@ async def test_item4_upload_ports_serve_nothing_without_a_ticket(
         )
         assert status == 200
         task = headers["x-dragonfly-task-id"]
-        issuer = cluster.issuer
-        good = issuer.ticket_header(task, "peer-0")
-        expired = issuer.ticket_header(task, "peer-0", ttl=-5)
-        wrong_task = issuer.ticket_header("0" * 64, "peer-0")
-        wrong_host = issuer.ticket_header(task, "seed-peer-0")  # made for another parent
+        good = cluster.ticket_header(task, "peer-0")
+        expired = cluster.ticket_header(task, "peer-0", ttl=-5)
+        wrong_task = cluster.ticket_header("0" * 64, "peer-0")
+        wrong_host = cluster.ticket_header(task, "seed-peer-0")  # made for another parent
         piece = f"{peer.info['upload']}/pieces/{task}/0"
 
         async def code(*headers: str) -> int:

@@ -25,7 +25,8 @@ ROLES = ["scheduler", "seed-peer", "peer"]
             (None, "registry_mirror.upstream=http://r:5000"),
         ),
         ("/tmp/a:b.toml", (None, "/tmp/a:b.toml")),
-        ("manager:x=1", (None, "manager:x=1")),  # not a role a cluster runs
+        ("manager:auth.signup=true", ("manager", "auth.signup=true")),
+        ("console:x=1", (None, "console:x=1")),  # not a role a cluster runs
     ],
 )
 def test_split_role(spec: str, expected: tuple[str | None, str]) -> None:

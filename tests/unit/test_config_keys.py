@@ -51,11 +51,26 @@ SESSIONS = MANAGER_CONFIG + "test_sessions_follow_the_auth_keys"
 MANAGER_API = "tests/integration/test_manager_api.py::"
 POSTGRES = "tests/integration/test_manager_postgres.py::test_two_managers_one_database"
 MANAGER_GC = "tests/unit/test_manager_core.py::test_gc_lease_ttl_and_audit_ttl"
+SETTINGS_IT = "tests/integration/test_manager_settings.py::"
+CONFIG_CHANGE = SETTINGS_IT + "test_a_config_change_reaches_a_running_scheduler_and_peer"
+DISCOVERY = (
+    "tests/integration/test_manager_discovery.py::test_discovery_picks_the_cluster_by_cidr_and_idc"
+)
+JOIN = "tests/integration/test_manager_identity.py::test_join_tokens_wrong_rotated_and_wrong_role"
+JOIN_UNIT = CREDENTIALS + "test_a_peer_with_a_join_token_joins_unless_its_credential_holds"
+PEER_TABLE = (
+    "tests/unit/test_manager_identity.py::test_reported_peers_age_out_and_expired_credentials_go"
+)
 JOB_KEYS = "tests/unit/test_manager_jobs.py::test_jobs_ttl_records_max_rows_and_traffic_ttl"
 DISPATCH = (
     "tests/integration/test_manager_jobs.py::"
     "test_a_cluster_without_a_scheduler_fails_after_jobs_dispatch_timeout"
 )
+TLS_SEC = SEC + "test_cluster_tls.py::"
+TLS_UNIT = "tests/unit/test_cluster_tls.py::"
+TLS_FILES = TLS_UNIT + "test_tls_files_are_checked_at_start_naming_the_key"
+TLS_CLUSTER = "tests/integration/test_cluster_tls.py::test_a_tls_cluster_moves_every_piece_over_tls"
+OBSERVER = TLS_SEC + "test_a_passive_observer_of_an_upload_port_reads_no_ticket_and_no_piece"
 
 # conf/peer.toml and conf/seed-peer.toml: one schema (seed.cluster_id is read with seed.enabled)
 PEER: dict[str, tuple[str, ...]] = {
@@ -187,13 +202,23 @@ PEER: dict[str, tuple[str, ...]] = {
         "tests/integration/test_tickets.py::test_a_child_renews_its_tickets_before_they_expire",
     ),
     "trust.insecure": ("tests/security/test_cluster_identity.py::test_an_insecure_cluster",),
+    "trust.ca_file": (
+        TLS_SEC + "test_children_refuse_a_parent_whose_certificate_is_not_the_clusters",
+        TLS_UNIT + "test_the_cluster_ca_is_all_a_peer_trusts",
+        TLS_CLUSTER,
+    ),
+    "upload.tls_cert": (OBSERVER, TLS_FILES, TLS_CLUSTER),
+    "upload.tls_key": (OBSERVER, TLS_FILES, TLS_CLUSTER),
+    "trust.join_token_file": (JOIN, JOIN_UNIT),
     "seed.cluster_id": (ANNOUNCE,),
+    "scheduler.manager": (DISCOVERY, CONFIG_CHANGE),
+    "scheduler.refresh_interval": (CONFIG_CHANGE, DISCOVERY),
 }
 
-# A peer's scheduler.manager is reserved (config.RESERVED); a seed peer registers there.
+# A seed peer also registers at scheduler.manager.
 SEED_PEER: dict[str, tuple[str, ...]] = {
     **PEER,
-    "scheduler.manager": (ANNOUNCE,),
+    "scheduler.manager": (ANNOUNCE, CONFIG_CHANGE),
 }
 
 SCHEDULER: dict[str, tuple[str, ...]] = {
@@ -206,6 +231,14 @@ SCHEDULER: dict[str, tuple[str, ...]] = {
     "server.listen": (LISTENERS,),
     "server.port": (LISTENERS,),
     "server.max_connections": (CAPS,),
+    "server.tls_cert": (
+        TLS_SEC + "test_a_peer_that_does_not_trust_the_ca_tells_the_scheduler_nothing",
+        TLS_FILES,
+    ),
+    "server.tls_key": (
+        TLS_SEC + "test_a_peer_that_does_not_trust_the_ca_tells_the_scheduler_nothing",
+        TLS_FILES,
+    ),
     "scheduling.candidate_parent_limit": (
         SETTINGS,
         SCHED + "test_parent_limit_and_idle_parents_first",
@@ -256,7 +289,8 @@ SCHEDULER: dict[str, tuple[str, ...]] = {
         "tests/unit/test_sched_trust.py::test_bounds_per_host",
     ),
     "manager.address": (ANNOUNCE, KEEPALIVE),
-    "manager.cluster_id": (ANNOUNCE, MEMBERS + "test_discovery_by_cidr_and_idc"),
+    "manager.cluster_id": (ANNOUNCE, MEMBERS + "test_discovery_by_cidr_and_idc", DISCOVERY),
+    "trust.join_token_file": (JOIN, CONFIG_CHANGE, JOIN_UNIT),
 }
 
 MANAGER: dict[str, tuple[str, ...]] = {
@@ -284,6 +318,24 @@ MANAGER: dict[str, tuple[str, ...]] = {
     "keepalive.remove_after": (KEEPALIVE,),
     "gc.lease_ttl": (MANAGER_GC, POSTGRES),
     "gc.audit_ttl": (MANAGER_GC,),
+    "trust.secret_file": (
+        "tests/integration/test_manager_identity.py::"
+        "test_the_secret_is_the_configured_file_or_made_in_the_data_dir",
+        POSTGRES,
+    ),
+    "trust.credential_ttl": (JOIN,),
+    "peers.report_interval": (
+        PEER_TABLE,
+        SETTINGS_IT + "test_a_peer_no_scheduler_reports_turns_inactive_then_goes",
+    ),
+    "peers.timeout": (
+        PEER_TABLE,
+        SETTINGS_IT + "test_a_peer_no_scheduler_reports_turns_inactive_then_goes",
+    ),
+    "peers.remove_after": (
+        PEER_TABLE,
+        SETTINGS_IT + "test_a_peer_no_scheduler_reports_turns_inactive_then_goes",
+    ),
     "jobs.ttl": (JOB_KEYS,),
     "jobs.dispatch_timeout": (DISPATCH,),
     "records.max_rows": (JOB_KEYS,),

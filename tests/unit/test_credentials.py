@@ -15,13 +15,19 @@ import pytest
 
 from dragonfly.config import ConfigError, PeerConfig, SchedulerConfig, load_config
 from dragonfly.credentials import (
+    CREDENTIAL_NAME,
     CredentialFileError,
+    check_trust_files,
+    credential_path,
+    join_token,
     peer_credential,
     read_credential_file,
     read_secret_file,
     scheduler_secrets,
+    write_credential_file,
+    write_private_text,
 )
-from dragonfly.trust import Verifier
+from dragonfly.trust import SecretRing, Verifier, issue
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -128,3 +134,43 @@ def test_the_cli_refuses_to_start_a_scheduler_without_a_secret() -> None:
     )
     assert r.returncode == 2
     assert "trust.secret_file" in r.stderr and "token init" in r.stderr
+
+
+def test_a_peer_with_a_join_token_joins_unless_its_credential_holds(tmp_path: Path) -> None:
+    """With trust.join_token_file, a missing credential, one of another role, or one
+    with less than a third of its life left means "join" (None); a good one is used; a
+    token or credential file others can read stops the start naming its key."""
+    token = tmp_path / "join-peer.token"
+    write_private_text(token, "dfjoin_abc\n", replace=False)
+    data = tmp_path / "data"
+    sets = (
+        f"trust.join_token_file={token}",
+        "scheduler.manager=http://m:1",
+        f"storage.data_dir={data}",
+    )
+    cfg = peer_config("peer", *sets)
+    assert join_token(cfg) == "dfjoin_abc"
+    assert credential_path(cfg) == data / CREDENTIAL_NAME
+    assert peer_credential(cfg) is None  # none yet: it joins
+    ring = SecretRing.new("c")
+    now = time.time()
+    write_credential_file(
+        credential_path(cfg), issue(ring, host_id="p-1", role="peer", now=now, ttl=300)
+    )
+    assert peer_credential(cfg, now=now + 100).claims.host_id == "p-1"  # type: ignore[union-attr]
+    assert peer_credential(cfg, now=now + 201) is None  # under a third left: join again
+    assert peer_credential(peer_config("seed-peer", *sets), now=now) is None  # another role
+    os.chmod(credential_path(cfg), 0o644)
+    with pytest.raises(ConfigError) as info:
+        peer_credential(cfg, now=now)
+    assert info.value.key == "trust.credential_file" and "readable by others" in str(info.value)
+    os.chmod(token, 0o644)
+    with pytest.raises(ConfigError) as info:
+        check_trust_files(cfg)
+    assert info.value.key == "trust.join_token_file"
+    # a scheduler with a join token takes the secret from the manager, not a file
+    sched = scheduler_config(f"trust.join_token_file={token}", "manager.address=http://m:1")
+    assert scheduler_secrets(sched) is None
+    with pytest.raises(ConfigError) as info:
+        scheduler_config(f"trust.join_token_file={token}")  # no manager to present it to
+    assert info.value.key == "trust.join_token_file" and "manager.address" in str(info.value)

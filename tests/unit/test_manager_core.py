@@ -232,3 +232,31 @@ def test_initial_root_password_from_the_environment() -> None:
     assert was_generated and len(generated) >= 20 and generated != initial_root_password({})[0]
     with pytest.raises(ConfigError):
         initial_root_password({"DRAGONFLY_INITIAL_ROOT_PASSWORD": "short"})
+
+
+async def test_a_send_that_meets_the_connections_eof_closes_it_not_the_server() -> None:
+    """hypercorn sends a connection's EOF without its send lock: a send meeting it raises
+    BusyResourceError, which stopped the whole manager. With the manager's server module
+    loaded, that connection is closed instead (dragonfly/manager/server.py)."""
+    import trio
+    from hypercorn.events import Closed, RawData
+    from hypercorn.trio.tcp_server import TCPServer
+
+    import dragonfly.manager.server  # noqa: F401  (hardens TCPServer.protocol_send)
+
+    class EOFInProgress:
+        async def send_all(self, data: bytes) -> None:
+            raise trio.BusyResourceError("another task is currently sending data")
+
+    handled: list[object] = []
+
+    class Protocol:
+        async def handle(self, event: object) -> None:
+            handled.append(event)
+
+    server = TCPServer.__new__(TCPServer)
+    server.send_lock = trio.Lock()
+    server.stream = EOFInProgress()  # type: ignore[assignment]
+    server.protocol = Protocol()  # type: ignore[assignment]
+    await server.protocol_send(RawData(data=b"\x88\x00"))  # a close frame's answer
+    assert len(handled) == 1 and isinstance(handled[0], Closed)

@@ -88,11 +88,27 @@ def test_a_verifier_recomputes_the_issued_key_and_refuses_what_it_cannot() -> No
         assert info.value.reason == reason, (reason, str(info.value))
 
 
+def test_a_revoked_hosts_credentials_issued_until_then_are_refused() -> None:
+    verifier = Verifier(RING)
+    before = issue(RING, host_id="peer-1", role="peer", now=NOW, ttl=3600)
+    later = issue(RING, host_id="peer-1", role="peer", now=NOW + 60, ttl=3600)
+    other = issue(RING, host_id="peer-2", role="peer", now=NOW, ttl=3600)
+    assert verifier.host_key(before.claims, NOW + 61) == before.host_key  # cached now
+    verifier.revoked = {"peer-1": int(NOW)}
+    with pytest.raises(TrustError) as info:
+        verifier.host_key(before.claims, NOW + 61)
+    assert info.value.reason == "revoked" and "peer-1" in str(info.value)
+    assert verifier.host_key(later.claims, NOW + 61) == later.host_key  # issued after
+    assert verifier.host_key(other.claims, NOW + 61) == other.host_key
+    scheduler = issue(RING, host_id="sched-1", role="scheduler", now=NOW, ttl=60)
+    assert verifier.host_key(scheduler.claims, NOW) == scheduler.host_key
+
+
 def test_issue_refuses_bad_input_and_rotation_keeps_older_keys() -> None:
     with pytest.raises(TrustError, match="host ID"):
         issue(RING, host_id="a b", role="peer", now=NOW, ttl=60)
     with pytest.raises(TrustError, match="role"):
-        issue(RING, host_id="a", role="scheduler", now=NOW, ttl=60)
+        issue(RING, host_id="a", role="manager", now=NOW, ttl=60)
     with pytest.raises(TrustError, match="positive"):
         issue(RING, host_id="a", role="peer", now=NOW, ttl=0)
     rotated = RING.rotated(keep=1)

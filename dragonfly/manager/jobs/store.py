@@ -10,16 +10,18 @@ parts: FAILURE when one failed, SUCCESS when all succeeded, else PENDING.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from dragonfly.manager import peer_table
 from dragonfly.manager.jobs.args import Plan
 from dragonfly.manager.models import SchedulerClusterConfig, stored
 from dragonfly.manager.store import Tx, rows
 from dragonfly.manager.store.rows import NotFound
 from dragonfly.redact import redact_url
-from dragonfly.wire.messages import DownloadRecord
+from dragonfly.wire.messages import DownloadRecord, HostEntry
 
 PENDING, RUNNING, SUCCESS, FAILURE = "PENDING", "RUNNING", "SUCCESS", "FAILURE"
 JOB_STATES = (PENDING, SUCCESS, FAILURE)
@@ -232,47 +234,12 @@ def load_job(tx: Tx, job_id: int) -> tuple[dict[str, Any], list[dict[str, Any]]]
 
 
 def sync_peers(tx: Tx, cluster_id: int, hosts: list[dict[str, Any]], now: float) -> int:
-    """The peers table of a cluster as its scheduler sees it: every connected host
-    active (inserted or updated), the others inactive. Hosts that share a name and an
-    IP (several daemons on one machine) are told apart by their host IDs."""
-    seen: list[int] = []
-    names = [(str(h.get("hostname", "")), str(h.get("ip", ""))) for h in hosts]
-    for h, key in zip(hosts, names, strict=True):
-        name = key[0] if key[0] and names.count(key) == 1 else str(h.get("host_id", ""))
-        values = {
-            "created_at": now,
-            "updated_at": now,
-            "host_name": name[:255],
-            "type": "super" if h.get("seed") else "normal",
-            "idc": str(h.get("idc", ""))[:1024],
-            "location": str(h.get("location", ""))[:1024],
-            "ip": str(h.get("ip", ""))[:64],
-            "port": int(h.get("upload_port") or 0),
-            "download_port": int(h.get("upload_port") or 0),
-            "proxy_port": int(h.get("proxy_port") or 0),
-            "state": "active",
-            "git_version": str(h.get("version", ""))[:64],
-            "scheduler_cluster_id": cluster_id,
-        }
-        columns = ", ".join(values)
-        marks = ", ".join("?" for _ in values)
-        keep = ("created_at", "host_name", "ip", "scheduler_cluster_id")
-        updates = ", ".join(f"{c} = excluded.{c}" for c in values if c not in keep)
-        row = tx.one(
-            f"INSERT INTO peers ({columns}) VALUES ({marks}) "
-            f"ON CONFLICT (host_name, ip, scheduler_cluster_id) DO UPDATE SET {updates} "
-            "RETURNING id",
-            list(values.values()),
-        )
-        if row is not None:
-            seen.append(int(row["id"]))
-    params: list[Any] = [now, cluster_id]
-    sql = "UPDATE peers SET state = 'inactive', updated_at = ? WHERE scheduler_cluster_id = ?"
-    if seen:
-        sql += f" AND id NOT IN ({', '.join('?' for _ in seen)})"
-        params += seen
-    tx.execute(sql + " AND state <> 'inactive'", params)
-    return len(seen)
+    """The peers table of a cluster as its scheduler sees it (a sync_peers job's
+    list_hosts answer): every connected host active, the others inactive. Rows are the
+    peers table's own (dragonfly/manager/peer_table.py: by host ID)."""
+    fields = {f.name for f in dataclasses.fields(HostEntry)}
+    entries = [HostEntry(**{k: v for k, v in h.items() if k in fields}) for h in hosts]
+    return peer_table.sync(tx, entries, cluster_id, now)
 
 
 # ------------------------------------------------------------------ download records

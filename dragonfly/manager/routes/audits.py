@@ -11,7 +11,7 @@ from typing import Any
 from dragonfly.manager.http import rfc3339
 from dragonfly.manager.routes.crud import Resource, header
 
-ACTOR_TYPES = ("UNKNOWN", "USER", "PAT")
+ACTOR_TYPES = ("UNKNOWN", "USER", "PAT", "HOST")  # HOST: a host joining (/v1/join)
 
 
 def render(row: dict[str, Any]) -> dict[str, Any]:

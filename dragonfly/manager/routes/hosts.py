@@ -17,8 +17,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from dragonfly.manager import guard
-from dragonfly.manager.http import json_response, rfc3339
+from dragonfly.manager import guard, member_feed
+from dragonfly.manager.context import context
+from dragonfly.manager.http import empty_response, json_response, rfc3339
 from dragonfly.manager.routes.crud import Resource, header, require_row
 from dragonfly.manager.store import Tx, rows
 
@@ -154,7 +155,12 @@ PEER_FIELDS = (
 
 
 def render_peer(row: dict[str, Any]) -> dict[str, Any]:
-    return {**header(row), **{k: row[k] for k in PEER_FIELDS}}
+    return {
+        **header(row),
+        **{k: row[k] for k in PEER_FIELDS},
+        "host_id": row["host_id"] or "",  # (none for a row made through the API)
+        "last_seen_at": rfc3339(row["last_seen_at"]),
+    }
 
 
 def _scheduler_row(values: dict[str, Any], _: guard.Principal) -> dict[str, Any]:
@@ -219,9 +225,20 @@ PEERS = Resource(
         "ip": "str",
         "state": STATES,
         "scheduler_cluster_id": "int",
+        "host_id": "str",
     },
     check=_check_scheduler_cluster,
 )
+
+
+async def sync_peers(request: Request) -> Response:
+    """Ask every scheduler for the hosts connected to it now (each manager passes the
+    request on at its schedulers' next keepalive); the peers table follows."""
+    await guard.authorize(request)
+    ctx = context(request)
+    now = ctx.clock()
+    await ctx.db.run(lambda tx: member_feed.request_sync(tx, now))
+    return empty_response()
 
 
 async def scheduler_features(request: Request) -> Response:
@@ -232,6 +249,7 @@ async def scheduler_features(request: Request) -> Response:
 ROUTES = [
     *SCHEDULERS.routes("/api/v1/schedulers"),
     *SEED_PEERS.routes("/api/v1/seed-peers"),
+    Route("/api/v1/peers/sync", sync_peers, methods=["POST"]),
     *PEERS.routes("/api/v1/peers", patch=False),
     Route("/api/v1/scheduler-features", scheduler_features, methods=["GET"]),
 ]

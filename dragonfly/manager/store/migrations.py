@@ -20,6 +20,12 @@ DIALECTS: dict[str, dict[str, str]] = {
 }
 
 _TIMES = "created_at {real} NOT NULL, updated_at {real} NOT NULL"
+_PEER_COLUMNS = (
+    "created_at, updated_at, host_name, type, idc, location, ip, port, download_port, "
+    "proxy_port, object_storage_port, state, os, platform, platform_family, "
+    "platform_version, kernel_version, git_version, git_commit, build_platform, "
+    "scheduler_cluster_id"
+)
 
 MIGRATIONS: list[tuple[str, list[str]]] = [
     (
@@ -138,6 +144,43 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
                 bytes_source {int} NOT NULL DEFAULT 0, bytes_local {int} NOT NULL DEFAULT 0,
                 downloads {int} NOT NULL DEFAULT 0, failures {int} NOT NULL DEFAULT 0,
                 PRIMARY KEY (scheduler_cluster_id, hour))""",
+        ],
+    ),
+    (
+        "0003_identity_and_peers",
+        [
+            # One join token per role; only its SHA-256 is kept.
+            f"""CREATE TABLE join_tokens (role TEXT PRIMARY KEY, {_TIMES},
+                token_hash TEXT NOT NULL UNIQUE, user_id {{int}} NOT NULL DEFAULT 0)""",
+            # The credentials issued against join tokens (never their keys).
+            f"""CREATE TABLE host_credentials (id {{id}}, {_TIMES}, host_id TEXT NOT NULL UNIQUE,
+                role TEXT NOT NULL, host_name TEXT NOT NULL DEFAULT '',
+                ip TEXT NOT NULL DEFAULT '', key_id TEXT NOT NULL,
+                expires_at {{real}} NOT NULL)""",
+            # Every credential of host_id issued up to created_at is revoked.
+            f"""CREATE TABLE revocations (id {{id}}, {_TIMES}, host_id TEXT NOT NULL UNIQUE,
+                bio TEXT NOT NULL DEFAULT '', user_id {{int}} NOT NULL DEFAULT 0)""",
+            # Requests that every scheduler report its hosts now (POST /api/v1/peers/sync).
+            "CREATE TABLE requests (name TEXT PRIMARY KEY, requested_at {real} NOT NULL)",
+            # Peers as schedulers report them, by host ID (several daemons may share a host
+            # name and address); rows made through the API have none. The rows of the
+            # first schema are copied with new ids.
+            "ALTER TABLE peers RENAME TO peers_0001",
+            f"""CREATE TABLE peers (id {{id}}, {_TIMES}, host_id TEXT, host_name TEXT NOT NULL,
+                type TEXT NOT NULL, idc TEXT NOT NULL DEFAULT '',
+                location TEXT NOT NULL DEFAULT '', ip TEXT NOT NULL, port {{int}} NOT NULL,
+                download_port {{int}} NOT NULL, proxy_port {{int}} NOT NULL,
+                object_storage_port {{int}} NOT NULL DEFAULT 0,
+                state TEXT NOT NULL DEFAULT 'inactive', os TEXT NOT NULL DEFAULT '',
+                platform TEXT NOT NULL DEFAULT '', platform_family TEXT NOT NULL DEFAULT '',
+                platform_version TEXT NOT NULL DEFAULT '',
+                kernel_version TEXT NOT NULL DEFAULT '', git_version TEXT NOT NULL DEFAULT '',
+                git_commit TEXT NOT NULL DEFAULT '', build_platform TEXT NOT NULL DEFAULT '',
+                last_seen_at {{real}} NOT NULL DEFAULT 0,
+                scheduler_cluster_id {{int}} NOT NULL REFERENCES scheduler_clusters(id),
+                UNIQUE (host_id, scheduler_cluster_id))""",
+            f"""INSERT INTO peers ({_PEER_COLUMNS}) SELECT {_PEER_COLUMNS} FROM peers_0001""",
+            "DROP TABLE peers_0001",
         ],
     ),
 ]
