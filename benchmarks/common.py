@@ -109,7 +109,7 @@ class MemorySampler(threading.Thread):
         self.join()
 
 
-MEMORY_TARGET = 150 * 1024 * 1024  # peak RssAnon per daemon
+MEMORY_TARGET = 100 * 1024 * 1024  # peak RssAnon per daemon (issue 15)
 
 
 @dataclass

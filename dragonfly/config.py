@@ -271,6 +271,13 @@ class StorageSection:
 
     data_dir: str = opt("~/.local/share/dragonfly/peer", "directory of task files and metadata")
     fsync: bool = opt(True, "fdatasync pieces before recording them (crash-safe metadata)")
+    sync_delay: Duration = opt(
+        10.0,
+        "a verified piece is served at once and made durable (fdatasync, recorded) at most "
+        "this long after; a crash costs at most this much of a download, fetched again",
+        min=0,
+        max=3600,
+    )
     task_ttl: Duration = opt(21600.0, "tasks unused this long are removed", min=1)
     disk_quota: Size = opt(0, "bytes the store may use; 0: the filesystem's capacity", min=0)
     high_watermark: float = opt(0.9, "evict LRU tasks when use passes this share", min=0.01, max=1)

@@ -43,6 +43,9 @@ from dragonfly.net.zerocopy import IncompleteBody, SplicePipe, pwrite_all, splic
 from dragonfly.wire.http_common import Headers, parse_content_length
 
 RECEIVE_SIZE = 256 * 1024
+# Reads while the response head is awaited: a head is a few hundred bytes, and whatever
+# body comes with it is copied through Python (the rest is spliced, or read in bulk).
+HEAD_RECEIVE_SIZE = 4096
 MAX_HEADER_BYTES = 64 * 1024
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Methods safe to resend when a pooled connection turns out to be closed (RFC 9110 9.2.2):
@@ -256,11 +259,20 @@ class Response:
                 raise self._short()
             filled += n
 
-    async def splice_to(self, fd: int, offset: int, count: int | None = None) -> int:
+    async def splice_to(
+        self,
+        fd: int,
+        offset: int,
+        count: int | None = None,
+        *,
+        on_written: Callable[[int, bool], None] | None = None,
+    ) -> int:
         """Write `count` body bytes (default: the rest) into file `fd` at `offset`.
 
         Zero-copy (socket → pipe → file) for plain HTTP with Content-Length;
-        through a buffer and os.pwrite otherwise (TLS, chunked bodies).
+        through a buffer and os.pwrite otherwise (TLS, chunked bodies). When spliced,
+        `on_written(end, last)` follows the bytes into the file (zerocopy.splice_to_file),
+        in a worker thread.
         """
         if self._raw_remaining is not None:
             want = self._raw_remaining if count is None else min(count, self._raw_remaining)
@@ -269,22 +281,27 @@ class Response:
         else:
             want = count
         written = 0
+        raw = self._conn.raw
+        splicing = self._raw_remaining is not None and raw is not None
         if self._buffered and want:
             chunk = self._take_buffered(want)
             pwrite_all(fd, chunk, offset)
             self._advance(len(chunk))
             written = len(chunk)
-        if self._raw_remaining is not None and self._conn.raw is not None and written < want:
+            if splicing and on_written is not None:
+                on_written(offset + written, written == want)
+        if splicing and raw is not None and written < want:
             if self._conn.pipe is None:
                 self._conn.pipe = SplicePipe()
             try:
                 n = await splice_to_file(
-                    self._conn.raw,
+                    raw,
                     fd,
                     offset + written,
                     want - written,
                     self._conn.pipe,
                     read_timeout=self._read_timeout,
+                    on_written=on_written,
                 )
             except IncompleteBody as exc:
                 self._broken = True  # the connection is done
@@ -622,7 +639,7 @@ class HTTPClient:
                 event = h.next_event()
                 if event is h11.NEED_DATA:
                     with trio.fail_after(self.read_timeout):
-                        received = await conn.stream.receive_some(RECEIVE_SIZE)
+                        received = await conn.stream.receive_some(HEAD_RECEIVE_SIZE)
                     if not received and not got_any:
                         raise _StaleConnection("closed")
                     got_any = True

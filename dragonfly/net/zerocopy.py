@@ -14,6 +14,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -132,8 +133,13 @@ async def splice_to_file(
     pipe: SplicePipe,
     *,
     read_timeout: float = float("inf"),
+    on_written: Callable[[int, bool], None] | None = None,
 ) -> int:
     """Move exactly `count` bytes from `sock` into file `fd` at `offset` via a pipe.
+
+    `on_written(end, last)`, when given, is called in the worker thread each time the file
+    holds the bytes up to offset `end` (`last`: all `count` of them), e.g. to hash them
+    while they are hot in the cache; an exception from it fails the call.
 
     The splicing runs in a worker thread: both copies (socket → pipe → page cache)
     then overlap with the event loop's own sends on another core. Cancellation
@@ -159,7 +165,9 @@ async def splice_to_file(
                 raise _Stopped()
             started = True
         try:
-            return _splice_blocking(sock.fileno(), fd, offset, count, pipe, read_timeout, stop)
+            return _splice_blocking(
+                sock.fileno(), fd, offset, count, pipe, read_timeout, stop, on_written
+            )
         finally:
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(stopped.set)
@@ -206,6 +214,7 @@ def _splice_blocking(
     pipe: SplicePipe,
     read_timeout: float,
     stop: threading.Event,
+    on_written: Callable[[int, bool], None] | None = None,
 ) -> int:
     """The splice loop for a worker thread, on a non-blocking socket: waits with poll,
     in short slices so `stop` is seen promptly."""
@@ -249,6 +258,8 @@ def _splice_blocking(
                 )
                 pipe.buffered -= written
                 moved += written
+            if on_written is not None:
+                on_written(offset + moved, moved == count)
     finally:
         if lowat != 1:
             _set_rcvlowat(in_fd, 1)  # the connection is reused for the next response

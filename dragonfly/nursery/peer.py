@@ -186,7 +186,11 @@ class PeerDaemon:
             low_watermark=cfg.storage.low_watermark,
         )
         async with PieceStore.open(
-            self.data_dir, fsync=cfg.storage.fsync, gc_config=gc, supervisor=self.supervisor
+            self.data_dir,
+            fsync=cfg.storage.fsync,
+            sync_delay=cfg.storage.sync_delay,
+            gc_config=gc,
+            supervisor=self.supervisor,
         ) as store:
             self.store = store
             if self.credential is None and self.join_token is not None:

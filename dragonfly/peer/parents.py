@@ -147,7 +147,9 @@ class ParentLink:
             if action.in_place:
                 async with store.writing(handle, number, expected) as sink:
                     if not sink.done:
-                        await r.splice_to(sink.fd, sink.offset, length)
+                        await r.splice_to(
+                            sink.fd, sink.offset, length, on_written=sink.hash_as_written()
+                        )
                 return sink  # (a body left unread closes the connection)
             buf = bytearray(length)
             await r.readinto_exactly(buf)

@@ -179,7 +179,7 @@ class OriginFetcher:
                         f"expected bytes {offset}-{offset + length - 1}/{total}",
                         409,
                     )
-                await self._splice(r, sink.fd, offset, length)
+                await self._splice(r, sink)
         except HTTPClientError as exc:
             raise OriginError(f"piece {sink.number} from origin: {exc}") from None
 
@@ -187,7 +187,7 @@ class OriginFetcher:
         """The next ``sink.length`` bytes of the streamed body into the sink."""
         assert self._stream is not None and sink.length is not None
         try:
-            await self._splice(self._stream, sink.fd, sink.offset, sink.length)
+            await self._splice(self._stream, sink)
         except HTTPClientError as exc:
             raise OriginError(f"origin body: {exc}") from None
 
@@ -216,15 +216,19 @@ class OriginFetcher:
             await self._stream.aclose()
             self._stream = None
 
-    async def _splice(self, response: Response, fd: int, offset: int, length: int) -> None:
-        """Body bytes into the file, paced by the back-to-source rate limit."""
+    async def _splice(self, response: Response, sink: PieceSink) -> None:
+        """The piece's body bytes into the file, paced by the back-to-source rate limit,
+        hashed as they land."""
+        assert sink.length is not None
+        fd, offset, length = sink.fd, sink.offset, sink.length
+        hashed = sink.hash_as_written()
         done = 0
         chunk = self.limiter.chunk(SPLICE_CHUNK) if self.limiter else length
         while done < length:
             n = min(chunk, length - done)
             if self.limiter is not None:
                 await self.limiter.acquire(n)
-            await response.splice_to(fd, offset + done, n)
+            await response.splice_to(fd, offset + done, n, on_written=hashed)
             done += n
 
 

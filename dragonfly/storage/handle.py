@@ -3,12 +3,13 @@ pieces (``PieceSink``): the records ``PieceStore`` (store.py) hands its callers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from .metadata import PieceRecord, TaskRecord, TaskState
-from .taskfile import BufferLike, TaskFile
+from .taskfile import BufferLike, FileHasher, TaskFile
 
 __all__ = ["PieceSink", "TaskHandle"]
 
@@ -102,8 +103,17 @@ class PieceSink:
     done: bool = False
     record: PieceRecord | None = None  # after a clean exit: what was recorded
     _data: BufferLike | None = field(default=None, repr=False)
+    _hasher: FileHasher | None = field(default=None, repr=False)
 
     def write(self, data: BufferLike) -> None:
         """The piece's bytes, written (and verified) when the ``writing`` block ends."""
         self._data = data
         self.length = memoryview(data).nbytes
+
+    def hash_as_written(self) -> Callable[[int, bool], None]:
+        """For a writer that fills the piece in order from ``offset``: call the result
+        with ``(end, last)`` whenever the file holds the bytes up to ``end`` (from its
+        worker thread, say). They are hashed from the file while hot in the cache, and
+        the piece needs no second pass when the block ends (it gets one otherwise)."""
+        self._hasher = FileHasher(self.fd, self.offset)
+        return self._hasher.written

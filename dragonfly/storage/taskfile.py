@@ -23,6 +23,7 @@ from dragonfly.net.zerocopy import IncompleteBody, SplicePipe, pwrite_all, splic
 from .private import open_private, private_dir
 
 __all__ = [
+    "FileHasher",
     "IncompleteBody",
     "SplicePipe",
     "TaskFile",
@@ -232,3 +233,43 @@ class TaskFile:
             with memoryview(m) as mv, mv[skip:] as view:
                 h.update(view)
         return h.digest()
+
+
+class FileHasher:
+    """SHA-256 of a file's bytes from ``start`` on, read back as a writer fills them in
+    order (``written``), while they are still in the CPU's cache: a piece's digest from
+    the file without a second pass over it once it landed.
+
+    Used by one thread at a time (the one writing, then the one asking for the digest).
+    """
+
+    READ = 1 << 20  # bytes read back at a time
+    BATCH = 256 * 1024  # bytes that wait before they are read back (small writes)
+
+    def __init__(self, fd: int, start: int) -> None:
+        self.fd = fd
+        self.start = start
+        self.end = start  # bytes [start, end) are hashed
+        self._hash = hashlib.sha256()
+        self._buf: bytearray | None = None
+
+    def written(self, end: int, last: bool = True) -> None:
+        """Bytes up to ``end`` are in the file: hash those not hashed yet (unless fewer
+        than BATCH wait and more will come: ``last`` False)."""
+        if end <= self.end or (not last and end - self.end < self.BATCH):
+            return
+        if self._buf is None:
+            self._buf = bytearray(self.READ)
+        view = memoryview(self._buf)
+        while self.end < end:
+            n = os.preadv(self.fd, [view[: min(self.READ, end - self.end)]], self.end)
+            if n == 0:
+                raise OSError(f"file ended at {self.end} while hashing up to {end}")
+            self._hash.update(view[:n])
+            self.end += n
+
+    def digest_of(self, offset: int, length: int) -> bytes | None:
+        """The digest of ``[offset, offset+length)`` if that is exactly what was hashed."""
+        if (self.start, self.end) != (offset, offset + length):
+            return None
+        return self._hash.digest()

@@ -159,17 +159,19 @@ async def test_listeners_and_the_host_section_reach_where_they_are_used(tmp_path
 
 async def test_components_get_their_timeouts_and_fsync(tmp_path: Path):
     """Keys passed to a component whose own tests show the behaviour (the HTTP client's
-    timeouts, the store's fdatasync): the daemon's component has the configured value."""
+    timeouts, the store's fdatasync and its delay): the daemon's component has the
+    configured value."""
     async with roles(tmp_path) as r:
         daemon = await r.peer(
             "p",
             "download.connect_timeout=2.5s",
             "download.read_timeout=3.5s",
             "storage.fsync=false",
+            "storage.sync_delay=2s",
         )
         client = daemon.origin_client
         assert (client.connect_timeout, client.read_timeout) == (2.5, 3.5)
-        assert daemon.store.fsync is False
+        assert daemon.store.fsync is False and daemon.store.sync_delay == 2.0
 
 
 async def test_a_silent_scheduler_is_waited_for_connect_timeout(

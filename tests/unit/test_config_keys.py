@@ -176,6 +176,11 @@ PEER: dict[str, tuple[str, ...]] = {
         COMPONENTS,
         "tests/faults/test_storage_crash.py::test_kill_9_mid_write_then_resume",
     ),
+    "storage.sync_delay": (
+        COMPONENTS,
+        "tests/unit/test_storage.py::test_pieces_are_served_at_once_and_durable_within_sync_delay",
+        "tests/faults/test_storage_crash.py::test_kill_9_mid_write_then_resume",
+    ),
     "storage.task_ttl": (IT + "test_task_ttl_and_gc_interval_remove_unused_tasks",),
     "storage.gc_interval": (IT + "test_task_ttl_and_gc_interval_remove_unused_tasks",),
     "storage.disk_quota": (IT + "test_disk_quota_and_watermarks_evict_the_least_recently_used",),

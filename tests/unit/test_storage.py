@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from dragonfly.net.zerocopy import splice_to_file
 from dragonfly.storage import (
     DigestMismatch,
     GCConfig,
@@ -27,6 +30,7 @@ from dragonfly.storage import (
     UnknownTask,
     task_path,
 )
+from dragonfly.storage.taskfile import FileHasher
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -183,6 +187,67 @@ async def test_splice_from_socket_peer_closes_early(
         assert f.read_at(0, 1000) == b"y" * 1000
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    start=st.integers(0, 5000),
+    cuts=st.lists(st.integers(1, 300 * KiB), max_size=8),
+    extra=st.integers(0, 3),
+)
+def test_file_hasher_hashes_what_was_written_in_order(
+    tmp_path_factory: pytest.TempPathFactory, start: int, cuts: list[int], extra: int
+) -> None:
+    """Whatever the sizes of the writes, the digest is the file's bytes of exactly the
+    range written; asked for another range, it has none."""
+    data = os.urandom(sum(cuts))
+    path = tmp_path_factory.mktemp("h") / "f"
+    with open(path, "wb+") as f:
+        hasher = FileHasher(f.fileno(), start)
+        end = start
+        for i, cut in enumerate(cuts):
+            os.pwrite(f.fileno(), data[end - start : end - start + cut], end)
+            end += cut
+            hasher.written(end, last=i == len(cuts) - 1)
+        assert hasher.digest_of(start, len(data)) == sha(data)
+        assert hasher.digest_of(start, len(data) + 1 + extra) is None
+        assert hasher.digest_of(start + 1, len(data)) is None
+
+
+async def test_a_piece_hashed_as_it_lands_needs_no_second_pass(
+    store: PieceStore, tmp_path: Path
+) -> None:
+    """Spliced with hash_as_written, the piece is checked and recorded without a worker
+    thread hashing it again; wrong bytes are refused all the same."""
+    pl = 512 * KiB
+    pieces = file_bytes(TID, 2 * pl, pl)
+    h = await store.open_task(TID, content_length=2 * pl, piece_length=pl)
+    hops: list[object] = []
+    real = store._run_io
+
+    async def counting(fn, *args):  # type: ignore[no-untyped-def]
+        hops.append(fn)
+        return await real(fn, *args)
+
+    store._run_io = counting  # type: ignore[method-assign]
+
+    async def splice_piece(n: int, expected: bytes) -> PieceRecord | None:
+        a, b = trio.socket.socketpair()
+        with a, b, SplicePipe() as pipe:
+            # (the sink is checked as it ends, outside the nursery)
+            async with store.writing(h, n, expected) as sink, trio.open_nursery() as nursery:
+                nursery.start_soon(trio.SocketStream(a).send_all, pieces[n])
+                hashed = sink.hash_as_written()
+                await splice_to_file(b, sink.fd, sink.offset, pl, pipe, on_written=hashed)
+        return sink.record
+
+    record = await splice_piece(0, sha(pieces[0]))
+    assert record is not None and record.sha256 == sha(pieces[0])
+    with pytest.raises(DigestMismatch):
+        await splice_piece(1, sha(b"something else"))
+    assert hops == []
+    assert set(h.pieces) == {0}
+    store.release(h)
+
+
 # -- PieceStore -----------------------------------------------------------------------------
 
 
@@ -251,6 +316,71 @@ async def test_background_flusher_batches(tmp_path: Path) -> None:
         await store.flush()
         assert sum(commits) == 300
         assert len(commits) < 100, commits  # batched, not one hop per piece
+        store.release(h)
+
+
+async def test_pieces_are_served_at_once_and_durable_within_sync_delay(tmp_path: Path) -> None:
+    """With sync_delay, a verified piece is held (served) at once and neither synced nor
+    recorded until the delay passed or someone flushes; a task completed meanwhile is
+    complete for the store's readers at once, and in the database with its pieces."""
+    pl = 1 * KiB
+    pieces = file_bytes(TID, 3 * pl, pl)
+    async with PieceStore.open(tmp_path, sync_delay=3600) as store:
+        synced: list[int] = []
+        h = await store.open_task(TID, content_length=3 * pl, piece_length=pl)
+        real_sync = h.file.datasync
+        h.file.datasync = lambda: (synced.append(1), real_sync())[1]  # type: ignore[method-assign]
+        for n, data in enumerate(pieces):
+            await store.write_piece(h, n, data, sha(data))
+        assert store.has_range(TID, 0, 3 * pl)  # served at once...
+        for _ in range(20):
+            await trio.sleep(0.01)
+        assert synced == [] and await store._run_db(store._db.pieces, TID) == []  # ...not durable
+        rec = await store.complete_task(TID)
+        assert rec.state == TaskState.SUCCEEDED and rec.done_bytes == 3 * pl
+        stored = await store._run_db(store._db.get_task, TID)
+        assert stored is not None and stored.state == TaskState.RUNNING  # not yet in the db
+        assert await store.set_attested(TID, "a scheduler's word")  # kept for the mark
+        await store.flush()  # someone waits: synced and recorded now, pieces before the mark
+        assert synced == [1]
+        assert len(await store._run_db(store._db.pieces, TID)) == 3
+        stored = await store._run_db(store._db.get_task, TID)
+        assert stored is not None and stored.state == TaskState.SUCCEEDED
+        assert stored.attested == "a scheduler's word"
+        store.release(h)
+
+    async with PieceStore.open(tmp_path, sync_delay=0.05) as store:
+        h = await store.open_task(TID2, content_length=pl, piece_length=pl)
+        await store.write_piece(h, 0, pieces[0], sha(piece_bytes(TID, 0, pl)))
+        for _ in range(500):  # the delay passes: the flusher commits without a waiter
+            if await store._run_db(store._db.pieces, TID2):
+                break
+            await trio.sleep(0.02)
+        assert len(await store._run_db(store._db.pieces, TID2)) == 1
+        store.release(h)
+
+
+async def test_a_completion_whose_pieces_fail_to_commit_is_undone(tmp_path: Path) -> None:
+    """Complete in memory, then the commit of its last pieces fails: the task is running
+    again (its pieces are fetched again), never succeeded without its rows."""
+    pl = 1 * KiB
+    pieces = file_bytes(TID, 2 * pl, pl)
+    async with PieceStore.open(tmp_path, sync_delay=3600) as store:
+        h = await store.open_task(TID, content_length=2 * pl, piece_length=pl)
+        for n, data in enumerate(pieces):
+            await store.write_piece(h, n, data, sha(data))
+        assert (await store.complete_task(TID)).state == TaskState.SUCCEEDED
+
+        def failing(pieces_by_task, touches=None):  # type: ignore[no-untyped-def]
+            raise sqlite3.OperationalError("database is locked")
+
+        real = store._db.commit_batch
+        store._db.commit_batch = failing  # type: ignore[method-assign]
+        with pytest.raises(StorageError):
+            await store.flush()
+        store._db.commit_batch = real  # type: ignore[method-assign]
+        rec = await store.get_task(TID)
+        assert rec is not None and rec.state == TaskState.RUNNING and h.missing() == [0, 1]
         store.release(h)
 
 

@@ -24,6 +24,28 @@ async def test_splice_exact_bytes_at_offset(tmp_path: Path) -> None:
     os.close(fd)
 
 
+async def test_on_written_follows_the_bytes_into_the_file(tmp_path: Path) -> None:
+    """Each call says the file holds the bytes up to `end` (in order, in the thread that
+    splices); the last one says all of them are."""
+    a, b = trio.socket.socketpair()
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    data = os.urandom(2 * 1024 * 1024 + 3)
+    calls: list[tuple[int, bool, bytes]] = []
+
+    def on_written(end: int, last: bool) -> None:
+        calls.append((end, last, os.pread(fd, end - 100, 100)))
+
+    with a, b, SplicePipe() as pipe:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.SocketStream(a).send_all, data)
+            await splice_to_file(b, fd, 100, len(data), pipe, on_written=on_written)
+    os.close(fd)
+    ends = [end for end, _, _ in calls]
+    assert ends == sorted(ends) and ends[-1] == 100 + len(data)
+    assert [last for _, last, _ in calls] == [False] * (len(calls) - 1) + [True]
+    assert all(data.startswith(held) for _, _, held in calls)
+
+
 async def test_short_body_is_named(tmp_path: Path) -> None:
     a, b = trio.socket.socketpair()
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
