@@ -131,7 +131,7 @@ class Reannouncer:
 
     async def load(self) -> None:
         """Before the schedulers are connected: whether this host holds anything."""
-        self.holds_at_start = bool(await self.store.complete_tasks(HELD_PIECES_MAX))
+        self.holds_at_start = await self.store.has_complete_tasks(HELD_PIECES_MAX)
 
     def rejoining(self, conn: SchedulerConnection) -> bool:
         return self.holds_at_start or bool(self.tasks.downloads)

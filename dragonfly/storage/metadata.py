@@ -286,6 +286,14 @@ class MetadataDB:
     def list_tasks(self) -> list[TaskRecord]:
         return [TaskRecord.from_row(r) for r in self.db.table("tasks").rows_where(order_by="id")]
 
+    def has_complete_tasks(self, max_pieces: int) -> bool:
+        """Whether complete_tasks would name any (without reading their digests)."""
+        row = self.conn.execute(
+            "SELECT 1 FROM tasks WHERE state = 'succeeded' AND piece_count BETWEEN 0 AND ? LIMIT 1",
+            (max_pieces,),
+        ).fetchone()
+        return row is not None
+
     def complete_tasks(self, max_pieces: int) -> list[tuple[TaskRecord, bytes]]:
         """Succeeded tasks of at most ``max_pieces`` pieces, each with every piece's
         digest in piece order (what HeldTasks announces)."""

@@ -703,6 +703,12 @@ class PieceStore:
             return None
         return self._db.update_task(task_id, attested=attested)
 
+    async def has_complete_tasks(self, max_pieces: int) -> bool:
+        """Whether any task is complete (MetadataDB.has_complete_tasks)."""
+        self._check_open()
+        await self.flush()
+        return await self._run_db(self._db.has_complete_tasks, max_pieces)
+
     async def complete_tasks(self, max_pieces: int) -> list[tuple[TaskRecord, bytes]]:
         """Complete tasks with their digests in piece order (MetadataDB.complete_tasks)."""
         self._check_open()

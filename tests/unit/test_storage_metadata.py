@@ -110,3 +110,19 @@ def test_a_store_of_before_continuity_keeps_its_tasks(tmp_path: Path) -> None:
     task = again.get_task(TID)
     assert task is not None and task.piece_count == 3
     assert not task.spec and not task.attested
+
+
+def test_complete_tasks_are_those_a_host_re_announces(db: MetadataDB) -> None:
+    """Succeeded tasks within the piece limit, with every digest in piece order; a task
+    still running, or of more pieces than HeldTasks carries, is not one."""
+    assert not db.has_complete_tasks(10) and db.complete_tasks(10) == []
+    db.upsert_task(TID, now=1.0, content_length=250, piece_length=100, piece_count=3)
+    db.record_pieces(TID, [piece(2, 50), piece(0), piece(1)])
+    db.upsert_task(TID2, now=1.0, content_length=250, piece_length=100, piece_count=3)
+    db.record_pieces(TID2, [piece(0)])
+    assert not db.has_complete_tasks(10)
+    db.mark_succeeded(TID)
+    assert db.has_complete_tasks(10) and not db.has_complete_tasks(2)
+    ((record, digests),) = db.complete_tasks(10)
+    assert record.id == TID and digests == b"".join(piece(n).sha256 for n in range(3))
+    assert db.complete_tasks(2) == []
