@@ -31,10 +31,10 @@ times and what the origin served, side by side.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +53,20 @@ def reannounced(cluster: Cluster) -> float:
     return metric(cluster.node("scheduler-0").info["metrics"], REANNOUNCED)
 
 
-def wait_reannounced(cluster: Cluster, at_least: float, timeout: float) -> float:
+def wait_until(value: Callable[[], float], at_least: float, timeout: float, what: str) -> float:
+    """Poll `value` until it reaches `at_least`; past `timeout`, stop the run naming `what`."""
     deadline = time.monotonic() + timeout
-    while (value := reannounced(cluster)) < at_least:
+    while (now := value()) < at_least:
         if time.monotonic() > deadline:
-            raise SystemExit(f"the scheduler took {value:.0f} of {at_least:.0f} held tasks")
+            raise SystemExit(f"{what}: {now:.0f} of {at_least:.0f} after {timeout:g} s")
         time.sleep(0.02)
-    return value
+    return now
+
+
+def wait_reannounced(cluster: Cluster, at_least: float, timeout: float) -> float:
+    return wait_until(
+        lambda: reannounced(cluster), at_least, timeout, "held tasks the scheduler took"
+    )
 
 
 def attested_count(node: Node) -> int:
@@ -75,11 +82,7 @@ def attested_count(node: Node) -> int:
 
 
 def wait_attested(node: Node, count: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while (n := attested_count(node)) < count:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{node.name} keeps {n} of {count} attestations")
-        time.sleep(0.1)
+    wait_until(lambda: attested_count(node), count, timeout, f"{node.name}'s attestations")
 
 
 def main(argv: list[str]) -> int:
@@ -174,7 +177,7 @@ def ride_through(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     www = work / "www"
     www.mkdir(parents=True)
     size = parse_size(args.ride)
-    want = hashlib.sha256(ensure_file(www / "ride.bin", size).read_bytes()).hexdigest()
+    want = sha256_file(ensure_file(www / "ride.bin", size))
     runs: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
     with (
@@ -215,8 +218,6 @@ def ride_through(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def wait_metric(url: str, labels: str, at_least: float, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while metric(url, "dragonfly_download_bytes_total", labels) < at_least:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"no bytes at {url} after {timeout} s")
-        time.sleep(0.02)
+    wait_until(
+        lambda: metric(url, "dragonfly_download_bytes_total", labels), at_least, timeout, url
+    )
