@@ -122,8 +122,12 @@ def wait_fetched(node: Node, at_least: float, timeout: float = 60) -> float:
     return value
 
 
-def test_downloads_in_flight_ride_out_a_scheduler_restart(tmp_path: Path, www: Path) -> None:
-    """Four downloads are in flight when the scheduler dies: they go on with their
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "sigterm"])
+def test_downloads_in_flight_ride_out_a_scheduler_restart(
+    tmp_path: Path, www: Path, stop: signal.Signals
+) -> None:
+    """Four downloads are in flight when the scheduler dies (kill -9), or stops (SIGTERM:
+    it closes its hosts' connections saying so, 1001, and exits 0): they go on with their
     parents, register again (with what they hold) once it is back, and finish; the
     origin serves the file about once."""
     size = 48 * MiB
@@ -138,9 +142,13 @@ def test_downloads_in_flight_ride_out_a_scheduler_restart(tmp_path: Path, www: P
         # Every peer holds something, and nobody everything, when the scheduler dies.
         for p in peers:
             wait_metric(p.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"', 1)
-        cluster.kill("scheduler-0")
         had = [sum(p2p_and_source(p)) for p in peers]
+        cluster.kill("scheduler-0", stop)
         assert max(had) < size, "a download was over before the scheduler died"
+        if stop == signal.SIGTERM:
+            sched = cluster.node("scheduler-0").process
+            assert sched is not None and sched.returncode == 0
+            assert "scheduler stopping" in peers[0].log_path.read_text(errors="replace")
         time.sleep(1.0)  # the hosts notice, and their downloads ride on
         cluster.restart("scheduler-0")
         for i, proc in enumerate(procs):
@@ -269,37 +277,6 @@ def test_one_scheduler_of_two_dies_mid_download(tmp_path: Path, www: Path) -> No
         for p in peers:
             assert p2p_and_source(p)[1] == 0, f"{p.name} went to the origin"
         assert origin.served_bytes("/f.bin") <= 1.05 * size
-
-
-def test_a_scheduler_stopped_with_sigterm_tells_its_hosts_and_they_ride_through(
-    tmp_path: Path, www: Path
-) -> None:
-    """SIGTERM: the scheduler closes its hosts' connections saying it stops (1001) and
-    exits 0; the download in flight goes on, registers again when it is back, and the
-    origin serves the file about once."""
-    size = 32 * MiB
-    want = random_file(www / "f.bin", size)
-    with (
-        Nginx(root=www, workdir=tmp_path / "nginx", limit_rate="3m") as origin,
-        Cluster(tmp_path / "c", schedulers=1, seed_peers=1, peers=2) as cluster,
-    ):
-        url = f"{origin.url}/f.bin"
-        peers = [cluster.node(f"peer-{i}") for i in range(2)]
-        procs = [fetch(p, url, tmp_path / f"o{i}") for i, p in enumerate(peers)]
-        for p in peers:
-            wait_metric(p.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"', 1)
-        sched = cluster.node("scheduler-0")
-        cluster.kill("scheduler-0", signal.SIGTERM)
-        assert sched.process is not None and sched.process.returncode == 0
-        assert "scheduler stopping" in peers[0].log_path.read_text(errors="replace")
-        cluster.restart("scheduler-0")
-        for i, proc in enumerate(procs):
-            code, err = finish(proc)
-            assert code == 0, err
-            assert sha256_file(tmp_path / f"o{i}") == want
-        assert origin.served_bytes("/f.bin") <= 1.05 * size
-        for p in peers:
-            assert p2p_and_source(p)[1] == 0, f"{p.name} went to the origin"
 
 
 def test_a_peer_stopped_with_sigterm_finishes_the_pieces_it_is_uploading(
