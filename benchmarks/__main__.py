@@ -15,6 +15,11 @@ HELPERS = {
     "scheduler_core",
     "netns",
     "bittorrent",
+    "scheduler_wire",
+    "swarm_nodes",
+    "swarm_race",
+    "swarm_contenders",
+    "swarm_report",
 }
 
 

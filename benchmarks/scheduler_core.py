@@ -31,7 +31,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.scheduler_load import SimTask, host_info, make_tasks
+from benchmarks.scheduler_wire import SimTask, host_info, make_tasks
 from dragonfly.sched import Scheduler, SchedulerSettings, Send
 from dragonfly.trust import Attester, SecretRing
 from dragonfly.wire.codec import Message, decode, encode
