@@ -4,17 +4,17 @@ Each role's configuration is a dataclass of sections; each section a dataclass
 of typed fields whose metadata holds the documentation and the constraints.
 The same schema validates every source, renders conf/ROLE.toml, and names the
 key, the source and what was expected in every error. The machinery (opt, units,
-loading a source, rendering TOML) is dragonfly/config_schema.py.
+loading a source, rendering TOML) is dragonfly/config_schema.py; the manager's
+sections are dragonfly/config_manager.py and the constraints between keys
+dragonfly/config_checks.py, both re-exported here: import every section from here.
 
-Why about 700 lines: most of it is the schema, one dataclass per section with each
-key's documentation and bounds; every role's sections stay in this one file, so that
-one place lists every key conf/*.toml shows.
+Why about 650 lines: most of it is the schema, one dataclass per section with each
+key's documentation and bounds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import platform
 import tomllib
@@ -23,6 +23,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dragonfly.config_checks import (
+    check_manager,
+    check_peer,
+    check_scheduler,
+)
+from dragonfly.config_checks import (
+    is_loopback_listen as is_loopback_listen,  # (re-exported)
+)
+from dragonfly.config_manager import (
+    DatabaseSection,
+    JobsSection,
+    KeepaliveSection,
+    ManagerAuthSection,
+    ManagerClientSection,
+    ManagerDataSection,
+    ManagerGCSection,
+    ManagerPeersSection,
+    ManagerTrustSection,
+    RecordsSection,
+)
 from dragonfly.config_schema import (
     ConfigError,
     Duration,
@@ -398,129 +418,6 @@ class SchedulerGCSection:
     interval: Duration = opt(30.0, "how often collection runs", min=0.1)
 
 
-@dataclass
-class ManagerDataSection:
-    """The manager's own files."""
-
-    dir: str = opt(
-        "~/.local/share/dragonfly/manager",
-        "directory (0700) of the SQLite database, the session key and the first root password",
-    )
-
-
-@dataclass
-class DatabaseSection:
-    """The manager's database."""
-
-    driver: str = opt(
-        "sqlite", "sqlite (one file) or postgres (several managers)", choices=("sqlite", "postgres")
-    )
-    path: str = opt("manager.db", "SQLite database file; relative: inside data.dir")
-    dsn: str = opt(
-        "", "PostgreSQL connection string (driver = postgres), e.g. postgresql://df@db/dragonfly"
-    )
-
-
-@dataclass
-class ManagerAuthSection:
-    """Accounts and sessions."""
-
-    signup: bool = opt(False, "anyone may sign up (as guest); root may add users either way")
-    jwt_key: str = opt(
-        "",
-        "HS256 key signing sessions (32+ characters); empty: made at first start in data.dir "
-        "(required with postgres)",
-        item_regex=r"^(|.{32,})$",
-    )
-    session_ttl: Duration = opt(86400.0, "a session token is valid this long", min=60)
-    refresh_ttl: Duration = opt(
-        604800.0, "refresh_token renews a session this long after its sign-in", min=60
-    )
-    cookie_secure: bool = opt(False, "mark the session cookie Secure (serve the API over TLS)")
-
-
-@dataclass
-class KeepaliveSection:
-    """Liveness of schedulers and seed peers."""
-
-    interval: Duration = opt(5.0, "keepalive interval members are told to keep", min=0.1)
-    timeout: Duration = opt(
-        15.0, "a member silent this long is inactive (three intervals)", min=0.1
-    )
-    remove_after: Duration = opt(1800.0, "an inactive member is removed after this long", min=1)
-
-
-@dataclass
-class ManagerGCSection:
-    """Background work, run by one manager at a time."""
-
-    lease_ttl: Duration = opt(
-        15.0, "another manager takes background work over this long after one stops", min=0.5
-    )
-    audit_ttl: Duration = opt(604800.0, "audit rows are kept this long", min=60)
-
-
-@dataclass
-class ManagerTrustSection:
-    """Cluster identity: the manager holds the cluster secret and issues credentials."""
-
-    secret_file: str = opt(
-        "",
-        "cluster secret (mode 0600); empty: DATA_DIR/cluster-secret.json, made at first start "
-        "(required with postgres: every manager must issue under the same secret)",
-    )
-    credential_ttl: Duration = opt(
-        31536000.0, "how long a credential issued against a join token is valid", min=3600
-    )
-
-
-@dataclass
-class ManagerPeersSection:
-    """The peers table, kept from what schedulers report."""
-
-    report_interval: Duration = opt(
-        60.0, "how often each scheduler reports the hosts connected to it", min=0.1
-    )
-    timeout: Duration = opt(
-        180.0, "a peer no scheduler reported for this long is inactive", min=0.1
-    )
-    remove_after: Duration = opt(1800.0, "an inactive peer is removed after this long", min=1)
-
-
-@dataclass
-class JobsSection:
-    """Preheat, task and sync jobs."""
-
-    ttl: Duration = opt(21600.0, "job rows are removed this long after they were made", min=60)
-    dispatch_timeout: Duration = opt(
-        60.0,
-        "a job part no manager could hand to a scheduler of its cluster fails after this long",
-        min=1,
-    )
-
-
-@dataclass
-class RecordsSection:
-    """Download records the peers report (through their schedulers)."""
-
-    max_rows: int = opt(100_000, "download records kept; the oldest go first", min=100)
-    traffic_ttl: Duration = opt(
-        7_776_000.0, "hourly traffic per cluster is kept this long", min=3600
-    )
-
-
-@dataclass
-class ManagerClientSection:
-    """The manager this scheduler registers with."""
-
-    address: str = opt(
-        "",
-        "manager URL (http://HOST:PORT) to register with; empty: none",
-        item_regex=r"^(https?://[^/?#]+/?)?$",
-    )
-    cluster_id: int = opt(1, "scheduler cluster this scheduler joins", min=1, max=2**63 - 1)
-
-
 # ---------------------------------------------------------------- roles
 
 
@@ -613,99 +510,15 @@ def reserved_reason(role: str, key: str) -> str | None:
     return None
 
 
-def is_loopback_listen(address: str) -> bool:
-    """Whether a listen address takes connections from this host only."""
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False  # a host name may resolve anywhere; "" and "0.0.0.0" are every address
-
-
 def _check_cross_field(cfg: RoleConfig, origins: Origins) -> None:
-    """Constraints between keys; the error names the source that set the later of the two."""
+    """Constraints between keys (dragonfly/config_checks.py); the error names the source
+    that set the later of the two."""
     if isinstance(cfg, ManagerConfig):
-        interval = cfg.keepalive.interval
-        for key, value in (
-            ("keepalive.timeout", cfg.keepalive.timeout),
-            ("gc.lease_ttl", cfg.gc.lease_ttl),
-        ):
-            if value <= interval:
-                raise ConfigError(
-                    origins.get(key, (0, "defaults"))[1],
-                    key,
-                    f"must exceed keepalive.interval ({interval}), got {value}",
-                )
-        if cfg.database.driver == "postgres" and not cfg.database.dsn:
-            raise ConfigError(
-                origins.get("database.driver", (0, "defaults"))[1],
-                "database.dsn",
-                "required with database.driver = postgres",
-            )
-        if cfg.peers.timeout <= cfg.peers.report_interval:
-            raise ConfigError(
-                origins.get("peers.timeout", (0, "defaults"))[1],
-                "peers.timeout",
-                f"must exceed peers.report_interval ({cfg.peers.report_interval}), "
-                f"got {cfg.peers.timeout}",
-            )
-    if isinstance(cfg, SchedulerConfig):
-        _check_tls_pair(origins, "server", cfg.server.tls_cert, cfg.server.tls_key)
-    if isinstance(cfg, PeerConfig | SchedulerConfig) and cfg.trust.join_token_file:
-        manager_key = "scheduler.manager" if isinstance(cfg, PeerConfig) else "manager.address"
-        manager = cfg.scheduler.manager if isinstance(cfg, PeerConfig) else cfg.manager.address
-        if not manager:
-            raise ConfigError(
-                origins.get("trust.join_token_file", (0, "defaults"))[1],
-                "trust.join_token_file",
-                f"a join token is presented to the manager: set {manager_key} too",
-            )
-    if isinstance(cfg, PeerConfig):
-        _check_tls_pair(origins, "upload", cfg.upload.tls_cert, cfg.upload.tls_key)
-        secure = [a for a in cfg.scheduler.addresses if a.startswith("wss://")]
-        if secure and not cfg.trust.ca_file:
-            raise ConfigError(
-                origins.get("scheduler.addresses", (-1, "defaults"))[1],
-                "trust.ca_file",
-                f"required with a wss:// scheduler ({secure[0]}): the CA that signed the "
-                "schedulers' certificates (the system's CAs are not trusted for them)",
-            )
-        px = cfg.proxy
-        if not is_loopback_listen(px.listen) and not px.allowed_clients and not px.auth_file:
-            raise ConfigError(
-                origins.get("proxy.listen", (-1, "defaults"))[1],
-                "proxy.listen",
-                f"{px.listen!r} is beyond loopback: set proxy.allowed_clients (CIDRs) or "
-                "proxy.auth_file too, or anyone who reaches the port uses the proxy",
-            )
-        st = cfg.storage
-        if st.low_watermark > st.high_watermark:
-            low, high = "storage.low_watermark", "storage.high_watermark"
-            unset = (-1, "defaults")
-            if origins.get(high, unset)[0] > origins.get(low, unset)[0]:
-                raise ConfigError(
-                    origins[high][1],
-                    high,
-                    f"must not be below {low} ({st.low_watermark}), got {st.high_watermark}",
-                )
-            raise ConfigError(
-                origins.get(low, unset)[1],
-                low,
-                f"must not exceed {high} ({st.high_watermark}), got {st.low_watermark}",
-            )
-
-
-def _check_tls_pair(origins: Origins, section: str, cert: str, key: str) -> None:
-    """A listener's tls_cert and tls_key come together (the error names the one missing)."""
-    if bool(cert) == bool(key):
-        return
-    have, missing = ("tls_cert", "tls_key") if cert else ("tls_key", "tls_cert")
-    raise ConfigError(
-        origins.get(f"{section}.{have}", (-1, "defaults"))[1],
-        f"{section}.{missing}",
-        f"required when {section}.{have} is set (TLS needs a certificate and its key)",
-    )
+        check_manager(cfg, origins)
+    elif isinstance(cfg, SchedulerConfig):
+        check_scheduler(cfg, origins)
+    else:
+        check_peer(cfg, origins)
 
 
 def load_config(
