@@ -64,109 +64,60 @@ The rules, in the order a download meets them:
 reports, a reveal, a resting parent, a reschedule, an endgame duplicate); the caller calls
 ``tick(now)`` then.
 
-Why one module of about a thousand lines: these rules are one state machine over one
-state (phase, layout, pieces held, parents, requests, children), and every transition
-is read here, next to the others it must agree with. What is bookkeeping rather than a
-rule lives beside it: requests in flight (requests.py), the picker (picker.py), the
-announcement schedule (announce.py), the actions (actions.py).
+Why one class over several modules: these rules are one state machine over one state
+(phase, layout, pieces held, parents, requests, children), and this docstring states them
+all, in order, next to the others they must agree with. The class is ``DownloadMachine``
+here, where its state is set up and the scheduler's messages, the layout, clients,
+parents, fetch outcomes and children are handled; three mixins it inherits hold the
+transitions that part from those, on the same state (declared once, ``MachineState`` in
+state.py, with the phase and the other records): registration and the end (lifecycle.py:
+rules 1, 8, 9), picking, timers and stalls (stalls.py: rules 5, 6), back to source
+(source.py: rule 7). machine.py is about 600 lines, the rules and the state; each mixin
+under 200. What is bookkeeping rather than a rule lives beside it: requests in flight
+(requests.py), the picker (picker.py), the announcement schedule (announce.py), the
+actions (actions.py).
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
 
 from dragonfly.engine.actions import (
     Action,
     Announce,
     Cancel,
-    Complete,
     Failed,
-    Fetch,
-    FetchOrigin,
-    Finished,
     MachineConfig,
     OpenTask,
-    ProbeOrigin,
-    RangesDone,
     Send,
-    Stalled,
-    StreamOrigin,
     Subscribe,
     Unsubscribe,
 )
 from dragonfly.engine.announce import AnnounceSchedule
+from dragonfly.engine.lifecycle import LifecycleMixin
 from dragonfly.engine.picker import PiecePicker
 from dragonfly.engine.requests import Request, RequestTable
-from dragonfly.identity import IdentityError, PieceLayout, piece_length_for
+from dragonfly.engine.source import SourceMixin
+from dragonfly.engine.stalls import StallsMixin
+from dragonfly.engine.state import INF, Phase, _Counters, _Layout, _Parent
+from dragonfly.identity import IdentityError, PieceLayout
 from dragonfly.trust import Ticket
 from dragonfly.wire.codec import Message
 from dragonfly.wire.messages import (
-    REGISTER_HELD_MAX,
     CandidateParents,
-    LeavePeer,
     NeedBackToSource,
-    ParentInfo,
-    PeerFailed,
-    PeerFinished,
     PieceDigest,
     PieceDigests,
     PieceFailed,
     PieceReport,
-    PiecesFinished,
-    RegisterPeer,
-    Reschedule,
     TaskFailed,
-    TaskMetadata,
     TaskSpec,
 )
 
 __all__ = ["DownloadMachine", "Phase"]
 
-INF = float("inf")
 
-
-class Phase(enum.Enum):
-    STARTING = "starting"  # registering, waiting for parents or a layout
-    P2P = "p2p"  # fetching from parents
-    SOURCE = "source"  # fetching from the origin
-    COMPLETING = "completing"  # every wanted piece held; the caller checks the whole
-    FINISHED = "finished"
-    FAILED = "failed"
-
-
-@dataclass(slots=True)
-class _Parent:
-    info: ParentInfo
-    ticket: Any = None
-
-
-@dataclass(slots=True)
-class _Counters:
-    bytes_p2p: int = 0
-    bytes_source: int = 0
-    reschedules: int = 0
-    timeouts: int = 0
-    failures: int = 0
-    busy: int = 0
-    wasted_requests: int = 0  # requests cancelled for another copy of the same piece
-    stalls: int = 0  # stall steps taken (rule 6)
-
-
-@dataclass(slots=True)
-class _Layout:
-    content_length: int = -1
-    piece_length: int = 0
-    piece_count: int = -1
-    etag: str = ""
-    last_modified: str = ""
-    content_type: str = ""
-    geometry: PieceLayout | None = field(default=None)
-
-
-class DownloadMachine:
+class DownloadMachine(LifecycleMixin, StallsMixin, SourceMixin):
     """One task's download on one peer. See the module docstring for its rules."""
 
     def __init__(
@@ -271,82 +222,7 @@ class DownloadMachine:
         """Whether the piece awaits its first copy to a child (served ahead of others)."""
         return self.announce.held_back(number)
 
-    def next_wakeup(self, now: float) -> float:
-        """When ``tick`` next has something to do after ``now`` (inf: nothing is timed)."""
-        when = self._report_due
-        oldest = self.requests.oldest_start()
-        if oldest is not None:
-            when = min(when, oldest + self.cfg.piece_timeout)
-        when = min(when, self._reschedule_due)
-        due = self.announce.next_due()
-        if due is not None and self.children:
-            when = min(when, due)
-        if self.picker is not None and self.phase is Phase.P2P:
-            rest = self.picker.busy_until()
-            if rest is not None and rest > now:  # (one that rested already waits for a pick)
-                when = min(when, rest)
-        since = self._progress_at
-        if since is not None and self.phase in (Phase.STARTING, Phase.P2P, Phase.SOURCE):
-            when = min(when, since + self.cfg.stall_timeout * (self._stall_steps + 1))
-        return when
-
-    def _progress(self, now: float) -> None:
-        self._progress_at = now
-        self._stall_steps = 0
-
     # ------------------------------------------------------------------ scheduler
-
-    def connected(self, now: float) -> list[Action]:
-        """A scheduler session is open (first, or after one was lost): register, with
-        what is held already (a scheduler that restarted, or the next of the ring, knows
-        nothing of it). At the origin already: it goes on there, and tells the scheduler
-        again what the origin said and which pieces it holds."""
-        if self.done:
-            return []
-        if self._progress_at is None:
-            self._progress(now)
-        lay = self.layout
-        known = self.opened and lay.piece_length > 0 and lay.content_length >= 0
-        at_source = self.phase is Phase.SOURCE
-        held = (
-            [PieceDigest(number=n, digest=self.digests[n]) for n in sorted(self.have)]
-            if known
-            else []
-        )
-        out: list[Action] = [
-            Send(
-                RegisterPeer(
-                    peer_id=self.peer_id,
-                    task_id=self.task_id,
-                    task=self.spec,
-                    headers=self.headers,
-                    need_back_to_source=self.seed_trigger or at_source,
-                    private=self.private,
-                    content_length=lay.content_length if known else None,
-                    piece_length=lay.piece_length if known else None,
-                    held=held[:REGISTER_HELD_MAX],
-                )
-            )
-        ]
-        if at_source and self._source_started:
-            self._reports = []  # (what _source_metadata reports again)
-            out += self._source_metadata()
-            out += self._flush_reports()
-        return out
-
-    def scheduler_lost(self, now: float) -> list[Action]:
-        """The session went away: parents and fetches go on; reports wait for the next."""
-        return []
-
-    def no_scheduler(self, now: float) -> list[Action]:
-        """No scheduler answers: the origin, where allowed."""
-        if self.done or self.phase is Phase.SOURCE:
-            return []
-        if not self.may_go_to_source:
-            return self._fail(
-                "no scheduler answers, and back-to-source is off", 0, now, report=False
-            )
-        return self._go_to_source(None, now)
 
     def scheduler_message(self, msg: Message, now: float) -> list[Action]:
         if self.done and not isinstance(msg, TaskFailed):
@@ -699,393 +575,8 @@ class DownloadMachine:
     def _forget_all(self) -> list[Action]:
         return [self._forget(r) for r in self.requests]
 
-    # ------------------------------------------------------------------ picking
-
-    def _pump(self, now: float) -> list[Action]:
-        """Start what the picker says; ask for other parents when stalled."""
-        picker = self.picker
-        if picker is None or not self.opened or self.phase is not Phase.P2P:
-            return []
-        out: list[Action] = []
-        stale = False
-        for number, pid in picker.pick(now):
-            parent = self.parents.get(pid)
-            if parent is None:
-                picker.on_failure(number, pid)
-                continue
-            if parent.ticket is not None and parent.ticket.stale(now + self.wall_offset):
-                # It would refuse the request: the piece goes back, blaming nobody, and
-                # fresh tickets come with the scheduler's answer to a Reschedule.
-                picker.on_cancelled(number, pid)
-                stale = True
-                continue
-            request = self.requests.start(number, pid, now)
-            in_place = len(picker.in_flight.get(number, ())) <= 1
-            out.append(Fetch(request.fetch_id, number, pid, in_place))
-        interval = self.cfg.reschedule_interval
-        self._reschedule_due = INF
-        if stale or (
-            len(self.digests) > len(self.have) and not self._wanted_held and picker.stalled()
-        ):
-            # Stalled with digests in hand but no parent serving them, or a parent whose
-            # ticket is stale: ask for others (and fresh tickets). (Pieces whose digest is
-            # unknown wait for the origin, not for parents.)
-            due = self._last_reschedule + interval
-            if now >= due:
-                self._last_reschedule = now
-                self.counters.reschedules += 1
-                out.append(
-                    Send(
-                        Reschedule(
-                            peer_id=self.peer_id,
-                            task_id=self.task_id,
-                            blocked_parents=list(self.blocked)[-1024:],
-                            reason="no parent can serve the missing pieces",
-                        )
-                    )
-                )
-                due = now + interval
-            self._reschedule_due = due
-        elif picker.requests_in_flight and len(picker.in_flight) == picker.missing:
-            # The endgame: an overdue request may be duplicated on another parent.
-            self._reschedule_due = now + interval
-        return out
-
-    # ------------------------------------------------------------------ timers
-
-    def tick(self, now: float) -> list[Action]:
-        """Time passed: expire requests, send due reports and reveals, pick again."""
-        out: list[Action] = []
-        for request in self.requests.started_before(now - self.cfg.piece_timeout):
-            self.requests.pop(request.fetch_id)
-            self.counters.timeouts += 1
-            out.append(Cancel(request.fetch_id, request.number, request.parent_id))
-            out += self._failed(request, "timeout", now)
-        if now >= self._report_due:
-            out += self._flush_reports()
-        if self.children:
-            out += self._tell(self.announce.due(now))
-        out += self._pump(now)
-        return out + self._check_progress(now)
-
-    def _check_progress(self, now: float) -> list[Action]:
-        """Nothing waits without bound (rule 6): no sign of progress for stall_timeout,
-        ask for other parents; as long again, the origin for the missing pieces where
-        allowed; else (or already at the origin) fail, naming how long nothing came."""
-        if self.done or self.phase is Phase.COMPLETING:
-            return []
-        if self._progress_at is None:
-            self._progress(now)
-            return []
-        timeout = self.cfg.stall_timeout
-        idle = now - self._progress_at
-        if idle < timeout * (self._stall_steps + 1):
-            return []
-        self._stall_steps += 1
-        seconds = round(idle, 1)
-        if self.phase is not Phase.SOURCE and self._stall_steps == 1:
-            self.counters.stalls += 1
-            self._last_reschedule = now
-            self.counters.reschedules += 1
-            reason = f"no progress for {seconds:g} s"
-            return [
-                Stalled("reschedule", seconds),
-                Send(
-                    Reschedule(
-                        peer_id=self.peer_id,
-                        task_id=self.task_id,
-                        blocked_parents=list(self.blocked)[-1024:],
-                        reason=reason,
-                    )
-                ),
-            ]
-        if self.phase is not Phase.SOURCE and self.may_go_to_source:
-            self.counters.stalls += 1
-            return [Stalled("back_to_source", seconds), *self._go_to_source(None, now)]
-        self.counters.stalls += 1
-        where = "from the origin" if self.phase is Phase.SOURCE else "from any parent"
-        return [
-            Stalled("fail", seconds),
-            *self._fail(f"nothing arrived {where} for {seconds:g} s", 504, now),
-        ]
-
-    def _flush_reports(self) -> list[Action]:
-        self._report_due = INF
-        out: list[Action] = []
-        reports, self._reports = self._reports, []
-        step = self.cfg.report_batch
-        for i in range(0, len(reports), step):
-            out.append(
-                Send(
-                    PiecesFinished(
-                        peer_id=self.peer_id, task_id=self.task_id, pieces=reports[i : i + step]
-                    )
-                )
-            )
-        return out
-
-    # ------------------------------------------------------------------ back to source
-
-    def _go_to_source(self, msg: NeedBackToSource | None, now: float) -> list[Action]:
-        if not self.may_go_to_source:
-            return self._fail("no parent can serve and back-to-source is off", 0, now)
-        out: list[Action] = []
-        self.phase = Phase.SOURCE
-        self._progress(now)  # the origin gets its own time
-        self.announce.stagger = self.cfg.stagger  # new bytes enter the swarm here
-        for pid in list(self.parents):
-            out += self._drop_parent(pid, now)
-        out += self._forget_all()
-        self._reschedule_due = INF
-        if msg is not None:
-            self._add_digests(msg.digests, now)
-        if self.opened and self.all_held:
-            # Held already (a resumed task): the origin is not asked; the pieces count
-            # as fetched from it.
-            out += self._source_metadata()
-            return out + self._reach_target(now)
-        self._probing = True
-        self._source_msg = msg
-        expect_etag = (msg.etag if msg else "") or self.layout.etag
-        expect_lm = (msg.last_modified if msg else "") or self.layout.last_modified
-        return [*out, ProbeOrigin(expect_etag, expect_lm)]
-
-    def origin_probed(
-        self,
-        content_length: int,
-        accepts_ranges: bool,
-        etag: str,
-        last_modified: str,
-        content_type: str,
-        now: float,
-    ) -> list[Action]:
-        """The origin answered the probe (its validators already checked by the caller)."""
-        if self.done or not self._probing:
-            return []
-        self._probing = False
-        self._progress(now)
-        msg = self._source_msg
-        known = msg.content_length if msg is not None else -1
-        if known >= 0 and content_length != known:
-            return self._fail(
-                f"origin content changed: length {known} → {content_length}", 409, now
-            )
-        piece_length = (
-            (msg.piece_length if msg is not None else None)
-            or self.layout.piece_length
-            or piece_length_for(content_length, self.spec.piece_length)
-        )
-        # A blob's digest names its bytes: the origin's validators add nothing, and two
-        # registries (or a storage redirect) give the same blob different ones.
-        if self.spec.digest:
-            etag, last_modified = "", ""
-        self._streaming = not accepts_ranges
-        out = self._set_layout(content_length, piece_length, etag, last_modified, content_type, now)
-        if self.done:
-            return out
-        self._probed = True
-        if self.opened:
-            out += self._start_source_fetch(now)
-        return out
-
-    def _source_metadata(self) -> list[Action]:
-        """Tell the scheduler what the origin said, and which pieces this peer already
-        holds (a resumed task: they count as fetched from the origin)."""
-        lay = self.layout
-        out: list[Action] = [
-            Send(
-                TaskMetadata(
-                    peer_id=self.peer_id,
-                    task_id=self.task_id,
-                    content_length=lay.content_length,
-                    piece_length=lay.piece_length,
-                    piece_count=lay.piece_count,
-                    etag=lay.etag,
-                    last_modified=lay.last_modified,
-                    content_type=lay.content_type,
-                )
-            )
-        ]
-        geometry = lay.geometry
-        for n in sorted(self.have):
-            offset = n * lay.piece_length
-            length = geometry.length(n) if geometry is not None else lay.piece_length
-            self._reports.append(PieceReport(n, offset, length, self.digests[n], "", 0))
-        return out
-
-    def _start_source_fetch(self, now: float) -> list[Action]:
-        self._source_started = True
-        out = self._source_metadata()
-        if self._reports:
-            out += self._flush_reports()
-        if self.target_reached:
-            return out + self._reach_target(now)
-        if self._streaming or self.layout.content_length < 0:
-            return [*out, StreamOrigin()]
-        return out + self._more_origin(now)
-
-    def _more_origin(self, now: float) -> list[Action]:
-        """Claim the lowest missing wanted pieces, up to the origin concurrency."""
-        if self.phase is not Phase.SOURCE or not self._source_started or self._streaming:
-            return []
-        out: list[Action] = []
-        claimed = self._origin_claimed
-        while len(claimed) < self.cfg.origin_concurrency:
-            number = self._next_origin_piece()
-            if number is None:
-                break
-            claimed.add(number)
-            out.append(FetchOrigin(number))
-        return out
-
-    def _next_origin_piece(self) -> int | None:
-        """The lowest wanted piece neither held nor claimed (a streaming client wants the
-        front first)."""
-        have, claimed = self.have, self._origin_claimed
-        if self._wanted is not None:
-            candidates = [x for x in self._wanted if x not in have and x not in claimed]
-            return min(candidates) if candidates else None
-        n = self.layout.piece_count
-        number = self._claim_from
-        while number < n and (number in have or number in claimed):
-            number += 1
-        if number >= n:
-            return None
-        self._claim_from = number
-        return number
-
     def holds(self, number: int) -> bool:
         return number in self.have
-
-    def origin_piece_landed(
-        self, number: int, digest: bytes, length: int, now: float
-    ) -> list[Action]:
-        """A piece of ``length`` bytes from the origin is in the store, hashed to
-        ``digest``."""
-        self._origin_claimed.discard(number)
-        if self.done:
-            return []
-        expected = self.digests.get(number)
-        if expected is not None and expected != digest:
-            return self._fail(
-                f"origin content changed: piece {number} differs from the task's first fetch",
-                409,
-                now,
-            )
-        self.digests[number] = digest
-        if self.picker is not None:
-            self.picker.mark_have(number)
-        out: list[Action] = []
-        if number not in self.have:
-            self.counters.bytes_source += length
-            out += self._landed(number, "", 0.0, length, now)
-        if self.done or self.phase is Phase.COMPLETING:
-            return out
-        return out + self._more_origin(now)
-
-    def origin_failed(self, reason: str, http_status: int, now: float) -> list[Action]:
-        """The origin refused or failed (or changed: 409)."""
-        if self.done:
-            return []
-        self._probing = False
-        return self._fail(reason, http_status, now)
-
-    # ------------------------------------------------------------------ pieces held
-
-    def _record_have(self, number: int) -> None:
-        self.have.add(number)
-
-    def _landed(
-        self, number: int, parent_id: str, seconds: float, nbytes: int, now: float
-    ) -> list[Action]:
-        """A verified piece is in the store: report, announce, maybe reach the target."""
-        self._record_have(number)
-        self._progress(now)
-        self._reports.append(
-            PieceReport(
-                number=number,
-                offset=number * self.layout.piece_length,
-                length=nbytes,
-                digest=self.digests[number],
-                parent_id=parent_id,
-                cost_ms=int(seconds * 1000),
-            )
-        )
-        if self._report_due == INF:
-            self._report_due = now + self.cfg.report_interval
-        out = self._tell(self.announce.landed((number,), now) + self.announce.due(now))
-        if self.target_reached:
-            return out + self._reach_target(now)
-        return out + self._pump(now)
-
-    def _reach_target(self, now: float) -> list[Action]:
-        if self.phase in (Phase.COMPLETING, Phase.FINISHED, Phase.FAILED) or self._ranges_done:
-            return []
-        out: list[Action] = self._forget_all()
-        if self.all_held:
-            self.phase = Phase.COMPLETING
-            return [*out, Complete()]
-        # A range-only download with its ranges: the task stays partial.
-        self._ranges_done = True
-        self.ended_at = now
-        out += self._flush_reports()
-        out.append(Send(LeavePeer(peer_id=self.peer_id, task_id=self.task_id)))
-        return out + self._end(now) + [RangesDone()]
-
-    def completed(self, now: float) -> list[Action]:
-        """The whole file checked out and the task is complete in the store."""
-        if self.phase is not Phase.COMPLETING:
-            return []
-        self.phase = Phase.FINISHED
-        self.ended_at = now
-        lay = self.layout
-        out = self._flush_reports()
-        out.append(
-            Send(
-                PeerFinished(
-                    peer_id=self.peer_id,
-                    task_id=self.task_id,
-                    content_length=max(lay.content_length, 0),
-                    piece_count=max(lay.piece_count, 0),
-                )
-            )
-        )
-        return out + self._end(now) + [Finished()]
-
-    def complete_failed(self, reason: str, http_status: int, now: float) -> list[Action]:
-        """Every piece matched its digest and the whole is not the file named by its
-        digest (the origin serves other bytes under that name), or the store failed."""
-        return self._fail(reason, http_status, now)
-
-    def _fail(
-        self, reason: str, http_status: int, now: float, *, report: bool = True
-    ) -> list[Action]:
-        if self.phase in (Phase.FINISHED, Phase.FAILED):
-            return []
-        self.phase = Phase.FAILED
-        self.ended_at = now
-        self.error = Failed(reason, http_status)
-        out: list[Action] = self._forget_all()
-        out += self._flush_reports()
-        if report:
-            out.append(
-                Send(
-                    PeerFailed(
-                        peer_id=self.peer_id,
-                        task_id=self.task_id,
-                        reason=reason[:1000],
-                        http_status=http_status,
-                    )
-                )
-            )
-        return out + self._end(now) + [self.error]
-
-    def _end(self, now: float) -> list[Action]:
-        """Stop following parents; children keep the schedule while lingering."""
-        out: list[Action] = [Unsubscribe(pid) for pid in self.parents]
-        self.parents.clear()
-        self._reschedule_due = INF
-        return out
 
     # ------------------------------------------------------------------ children
 
