@@ -233,6 +233,7 @@ class PeerDaemon:
                     self.reannouncer = Reannouncer(store, self.schedulers, self.tasks)
                     await self.reannouncer.load()
                     self.schedulers.listen(self.reannouncer)
+                    store.on_removed = self.reannouncer.removed
                     nursery.start_soon(
                         self.supervisor.restarting, "reannounce", self.reannouncer.run
                     )

@@ -28,10 +28,12 @@ from dragonfly.storage import PieceStore, TaskRecord
 from dragonfly.wire.messages import (
     CONTINUITY_VERSION,
     HELD_PIECES_MAX,
+    REMOVAL_VERSION,
     HeldTask,
     HeldTasks,
     TaskAttested,
     TaskSpec,
+    TasksRemoved,
 )
 
 if TYPE_CHECKING:
@@ -127,6 +129,8 @@ class Reannouncer:
         # Per scheduler address: the tasks it heard from this host since it connected.
         self._sent: dict[str, set[str]] = {}
         self._moved = trio.Event()  # a connection was lost: its tasks have new owners
+        self._removed: set[str] = set()  # tasks the store let go, not yet told
+        self._removals = trio.Event()
         self.announced = 0  # tasks sent, for tests and logs
 
     async def load(self) -> None:
@@ -147,12 +151,43 @@ class Reannouncer:
     async def attested(self, msg: TaskAttested) -> None:
         await self.store.set_attested(msg.task_id, attested_json(msg))
 
+    def removed(self, task_ids: list[str]) -> None:
+        """The store let these tasks go (PieceStore.on_removed): run() tells the schedulers."""
+        for sent in self._sent.values():
+            sent.difference_update(task_ids)
+        self._removed.update(task_ids)
+        self._removals.set()
+
     async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._follow_moves)
+            nursery.start_soon(self._tell_removals)
+
+    async def _follow_moves(self) -> None:
         """Tasks of a lost scheduler go to the ones that own them now."""
         while True:
             await self._moved.wait()
             self._moved = trio.Event()
             await self._announce(only=None)
+
+    async def _tell_removals(self) -> None:
+        """Every connected scheduler hears which tasks this host no longer holds: one that
+        still named it as their parent would send children to a host without the bytes.
+        (Any scheduler may have heard of the task from this host: a download registers
+        with the first one up on the ring, which need not be the owner now.)"""
+        while True:
+            await self._removals.wait()
+            self._removals = trio.Event()
+            ids, self._removed = sorted(self._removed), set()
+            for conn in list(self.pool.connections.values()):
+                channel = conn.channel
+                if not conn.up or channel is None or channel.version < REMOVAL_VERSION:
+                    continue  # (one that is down hears the host's holdings when it is back)
+                for start in range(0, len(ids), BATCH_TASKS):
+                    try:
+                        await conn.send(TasksRemoved(task_ids=ids[start : start + BATCH_TASKS]))
+                    except SchedulerLost:
+                        break
 
     async def _announce(self, only: SchedulerConnection | None) -> None:
         channel = only.channel if only is not None else None

@@ -405,14 +405,20 @@ class SchedulerCore:
 
     def _has_source(self, task: Task, for_peer: Peer | None = None) -> bool:
         """A seed was just asked to fetch the task, or a peer fetching it from the origin
-        or holding all of it exists; with ``for_peer``, it must also be live and not
-        blocked by that peer (whose parents then come as upload slots free up)."""
+        or holding all of it exists; with ``for_peer``, it must also be live, not blocked
+        by that peer and on another host (one that can become its parent as upload slots
+        free up: a peer of its own host never does)."""
         if task.seed_host is not None:
             return True
         sources = task.sources
-        blocked = for_peer.blocklist if for_peer is not None else ()
+        if for_peer is None:
+            return any(
+                p in sources
+                for p in itertools.chain(task.back_to_source.values(), task.succeeded.values())
+            )
+        blocked, host = for_peer.blocklist, for_peer.host
         return any(
-            p in sources and (for_peer is None or (p.id not in blocked and p.host.connected))
+            p in sources and p.id not in blocked and p.host is not host and p.host.connected
             for p in itertools.chain(task.back_to_source.values(), task.succeeded.values())
         )
 

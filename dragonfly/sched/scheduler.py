@@ -82,6 +82,7 @@ from dragonfly.wire.messages import (
     Reschedule,
     TaskFailed,
     TaskMetadata,
+    TasksRemoved,
 )
 
 __all__ = [
@@ -541,6 +542,24 @@ class Scheduler(ContinuityCore):
         self._drop_host_peers(host, now, out)
         del self._hosts[host.id]  # it said goodbye: nothing to keep until host_ttl
 
+    def _on_tasks_removed(self, host: Host, msg: TasksRemoved, now: float, out: list[Send]) -> None:
+        """The host no longer holds these tasks: its peers of them that serve (finished)
+        go, so no child is sent there; a task left without a source gets one. Only this
+        host's peers are touched, whatever IDs it names."""
+        gone = set(msg.task_ids)
+        tasks: set[Task] = set()
+        for peer in list(host.peers.values()):
+            if (
+                peer.task.id in gone
+                and peer.state is PeerState.SUCCEEDED
+                and self._peers.get(peer.id) is peer
+            ):
+                tasks.add(peer.task)
+                self._remove_peer(peer, now, out)
+        for task in tasks:
+            if self._tasks.get(task.id) is task:
+                self._ensure_source(task, now, out)
+
     def _on_held_tasks(self, host: Host, msg: HeldTasks, now: float, out: list[Send]) -> None:
         """A (re)connected host's complete tasks: each becomes a serving peer of its task,
         with the task's layout and digests where the scheduler did not know them (only
@@ -560,6 +579,7 @@ class Scheduler(ContinuityCore):
         LeavePeer: _on_leave_peer,
         LeaveHost: _on_leave_host,
         HeldTasks: _on_held_tasks,
+        TasksRemoved: _on_tasks_removed,
     }
 
 

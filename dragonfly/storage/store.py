@@ -162,6 +162,9 @@ class PieceStore:
         self._urgent = trio.Event()  # someone waits for the queued pieces to be durable
         self._running = False
         self._closed = False
+        # Told the IDs of tasks this store no longer holds (evicted, deleted, failed), so
+        # the host's schedulers stop naming it as their parent (peer/reannounce.py).
+        self.on_removed: Callable[[list[str]], None] = lambda task_ids: None
         # Failed commits (database locked, disk full) are reported here, and the flusher
         # waits its backoff before the next one (dragonfly/supervise.py).
         self.supervisor = supervisor
@@ -937,6 +940,7 @@ class PieceStore:
                 return self._db.reset_task(h.task_id, TaskState.FAILED)
 
             h.record = await self._run_db(_fail)
+        self.on_removed([h.task_id])
 
     async def verify_task(self, task_id: str) -> list[int]:
         """Re-hash every recorded piece from disk; forget the bad ones (for use after power
@@ -1017,7 +1021,10 @@ class PieceStore:
                         removed.append(tid)
                 return removed
 
-            return await self._run_db(_delete)
+            removed = await self._run_db(_delete)
+        if removed:
+            self.on_removed(removed)
+        return removed
 
     # -- GC -----------------------------------------------------------------------------------
 

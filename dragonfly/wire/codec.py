@@ -63,7 +63,10 @@ __all__ = [
 # 5: continuity: RegisterPeer carries the pieces a download holds, HostInfo whether the
 #    host is rejoining; HeldTasks and TaskAttested (a restarted scheduler learns who
 #    holds what without the origin), sent only to a side speaking 5.
-PROTOCOL_VERSION = 5
+# 6: TasksRemoved: a host tells its schedulers which tasks it no longer holds (evicted,
+#    deleted), so no child is sent to a parent without the bytes; sent only to a side
+#    speaking 6.
+PROTOCOL_VERSION = 6
 MIN_PROTOCOL_VERSION = 3
 MAX_FRAME = 1 << 20
 MAX_DEPTH = 8

@@ -110,6 +110,7 @@ __all__ = [
     "TaskFailed",
     "TaskMetadata",
     "TaskSpec",
+    "TasksRemoved",
     "TriggerDownload",
     "check_version",
 ]
@@ -436,6 +437,16 @@ class HeldTasks(Message):
     over a task knows who can serve it without asking the origin again."""
 
     tasks: list[HeldTask] = field(default_factory=list, metadata=dict(max_items=1024))
+
+
+@message("tasks_removed")
+@dataclass(frozen=True, slots=True)
+class TasksRemoved(Message):
+    """Peer/seed peer → scheduler: this host no longer holds these tasks (evicted by GC,
+    deleted): the scheduler stops offering it as their parent. Only the sender's own
+    peers are dropped."""
+
+    task_ids: list[str] = field(default_factory=list, metadata=dict(max_items=1024, max_len=ID_MAX))
 
 
 @message("task_attested")
@@ -824,6 +835,7 @@ JOB_KINDS = ("preheat", "get_task", "delete_task", "list_hosts")
 JOB_SCOPES = ("single_seed_peer", "all_seed_peers", "all_peers")
 JOB_VERSION = 4  # the protocol version that has them
 CONTINUITY_VERSION = 5  # the one that has HeldTasks and TaskAttested
+REMOVAL_VERSION = 6  # the one that has TasksRemoved
 RESULTS_PER_MESSAGE = 2000
 BATCH_BYTES = 256 * 1024  # a batch's estimated size, far below the 1 MiB frame
 

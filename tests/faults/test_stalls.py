@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dragonfly.cluster import Cluster
 from dragonfly.testing.nginx import Nginx
-from tests.p2p_support import MiB, curl, finish, metric, random_file, sha256_file
+from tests.p2p_support import MiB, curl, finish, metric, random_file, sha256_file, task_files
 
 STALL = 2.0
 
@@ -56,3 +56,41 @@ def test_a_parent_that_hangs_is_left_for_the_origin(tmp_path: Path, www: Path):
         assert metric(m, "dragonfly_download_stalls_total", 'step="back_to_source"') == 1
         assert metric(m, "dragonfly_download_bytes_total", 'source="back_to_source"') >= size
         assert took > 2 * STALL  # it did wait for the parent first
+
+
+def test_a_task_evicted_everywhere_is_fetched_again_without_a_stall(tmp_path: Path, www: Path):
+    """The seed and the peer both evict the task (its TTL passes); the next request for it
+    must not be sent to a parent that no longer holds it and then wait for the stall
+    timeout: the hosts tell the scheduler what they evict, and it triggers the seed anew."""
+    size = 2 * MiB
+    want = random_file(www / "f.bin", size)
+    with (
+        Nginx(root=www, workdir=tmp_path / "nginx") as origin,
+        Cluster(
+            tmp_path / "c",
+            schedulers=1,
+            seed_peers=1,
+            peers=1,
+            overrides=[
+                # Long enough that a stalled download fails this test's bound below.
+                "peer:download.stall_timeout=120s",
+                "storage.task_ttl=1s",
+                "storage.gc_interval=200ms",
+            ],
+        ) as cluster,
+    ):
+        seed, peer = cluster.node("seed-peer-0"), cluster.node("peer-0")
+        url = f"{origin.url}/f.bin"
+        for round_ in range(2):
+            code, err = finish(curl(peer.info["proxy"], url, tmp_path / f"o{round_}"), timeout=60)
+            assert code == 0, err
+            assert sha256_file(tmp_path / f"o{round_}") == want
+            # Both hosts evict it once unused for the TTL.
+            deadline = time.monotonic() + 30
+            while task_files(seed.info["data_dir"]) or task_files(peer.info["data_dir"]):
+                assert time.monotonic() < deadline, "the task was never evicted"
+                time.sleep(0.1)
+        m = peer.info["metrics"]
+        assert metric(m, "dragonfly_download_stalls_total", 'step="reschedule"') == 0
+        # The seed fetched it again for the second round; the peer took it from the seed.
+        assert metric(m, "dragonfly_download_bytes_total", 'source="back_to_source"') == 0

@@ -37,6 +37,7 @@ from dragonfly.wire.messages import (
     TaskFailed,
     TaskMetadata,
     TaskSpec,
+    TasksRemoved,
     TriggerDownload,
 )
 
@@ -685,7 +686,54 @@ def test_back_to_source_finish_completes_the_task() -> None:
     assert parents_of(cp)[0] == "pa"
 
 
+def test_a_peer_whose_only_other_holder_failed_it_goes_to_the_origin() -> None:
+    """Its own host's finished peer of the task does not count as a source for it (it is
+    never its parent): a host whose store lost the task without a word downloads it again,
+    the seed fails it, and after retry_limit retries it fetches from the origin."""
+    w = World(SchedulerSettings(retry_limit=3, retry_interval=0.5))
+    w.seeded_task()
+    w.send("seed", PeerFinished(peer_id="s1", task_id=T1, content_length=10 * PL, piece_count=10))
+    w.connect("a")
+    w.register("a", "pa")
+    w.send("a", PeerFinished(peer_id="pa", task_id=T1, content_length=10 * PL, piece_count=10))
+    (cp,) = of(w.register("a", "pa2"), CandidateParents, "a")
+    assert parents_of(cp) == ["s1"]
+    # The child asks again every second, as the download machine does while stalled.
+    out: list[Send] = []
+    for _ in range(4):
+        out += w.send("a", Reschedule(peer_id="pa2", task_id=T1, blocked_parents=["s1"]))
+        out += w.tick(0.5) + w.tick(0.5)
+    assert of(out, NeedBackToSource, "a")
+    assert w.s.peers["pa2"].state is PeerState.BACK_TO_SOURCE
+    w.s.check_invariants()
+
+
 # -- leaving ------------------------------------------------------------------------------
+
+
+def test_a_host_that_removed_a_task_is_no_longer_its_parent() -> None:
+    """TasksRemoved drops the sender's own finished peers of those tasks, nobody else's;
+    a task left without a holder gets the seed again for the next peer."""
+    w = World()
+    w.seeded_task()
+    w.send("seed", PeerFinished(peer_id="s1", task_id=T1, content_length=10 * PL, piece_count=10))
+    w.connect("a")
+    w.register("a", "pa")
+    w.send("a", PeerFinished(peer_id="pa", task_id=T1, content_length=10 * PL, piece_count=10))
+    # A host naming a task it holds no peer of, or another host's, changes nothing.
+    w.connect("x")
+    assert not w.send("x", TasksRemoved(task_ids=[T1, T2]))
+    assert {"s1", "pa"} <= set(w.s.peers)
+    w.send("a", TasksRemoved(task_ids=[T1]))
+    assert "pa" not in w.s.peers and "s1" in w.s.peers
+    w.send("seed", TasksRemoved(task_ids=[T1]))
+    assert "s1" not in w.s.peers
+    w.connect("b")
+    out = w.register("b", "pb")
+    assert not of(out, CandidateParents, "b")
+    (trigger,) = of(out, TriggerDownload, "seed")
+    assert trigger.task_id == T1
+    w.s.check_invariants()
 
 
 def test_host_disconnect_releases_children() -> None:
