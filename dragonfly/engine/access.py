@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _LINK_LOCAL = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
 
 
+@functools.lru_cache(maxsize=4096)  # (every request parses its client's address)
 def ip_of(address: str) -> IPAddress | None:
     """The IP address in `address` ("1.2.3.4", "::1", "[::1]", "fe80::1%eth0"), IPv4-mapped
     IPv6 unwrapped (::ffff:127.0.0.1 is 127.0.0.1); None if it is not an address."""

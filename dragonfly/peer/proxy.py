@@ -231,7 +231,7 @@ class ProxyHandler:
             or self.daemon.tasks.active(req.task_id) is not None
         ):
             return False
-        async with store.use(req.task_id) as held:
+        with store.holding(handle) as held:
             await serve_held(self.daemon, held, request, responder)
         return True
 

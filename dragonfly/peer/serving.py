@@ -11,11 +11,11 @@ from collections.abc import Awaitable, Callable
 
 from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dragonfly.net.http_client import Body, HTTPClientError, StreamedBody
-from dragonfly.net.http_server import Request, Responder
+from dragonfly.net.http_server import PreparedHead, Request, Responder, prepare_head
 from dragonfly.peer.download import Download
 from dragonfly.peer.exposure import DestinationRefused
 from dragonfly.peer.services import PeerServices
-from dragonfly.storage import TaskHandle
+from dragonfly.storage import TaskHandle, TaskRecord
 from dragonfly.wire.http_common import (
     Headers,
     RangeNotSatisfiable,
@@ -172,6 +172,24 @@ async def _start_ranged(
     return start, end
 
 
+_WHOLE_FILE_HEADS: dict[tuple[str, int, str, str], PreparedHead] = {}
+_WHOLE_FILE_HEADS_MAX = 1024
+
+
+def _whole_file_head(task_id: str, record: TaskRecord) -> PreparedHead:
+    """The 200 head of a held task's whole file, made once per task and version."""
+    key = (task_id, record.content_length, record.etag, record.last_modified)
+    head = _WHOLE_FILE_HEADS.get(key)
+    if head is None:
+        headers = _task_headers(task_id, record.etag, record.last_modified, "", None)
+        headers.set(b"content-length", str(record.content_length).encode())
+        head = prepare_head(200, headers)
+        if len(_WHOLE_FILE_HEADS) >= _WHOLE_FILE_HEADS_MAX:
+            _WHOLE_FILE_HEADS.clear()
+        _WHOLE_FILE_HEADS[key] = head
+    return head
+
+
 async def serve_held(
     daemon: PeerServices,
     handle: TaskHandle,
@@ -183,11 +201,18 @@ async def serve_held(
     download (the caller holds the handle)."""
     record = handle.record
     total = record.content_length
-    headers = _task_headers(handle.task_id, record.etag, record.last_modified, "", extra_headers)
-    span = await _start_ranged(request, responder, headers, total)
-    if span is None:
-        return
-    start, end = span
+    if extra_headers is None and "range" not in request.headers:
+        # The common case (many clients of one file): the same head every time.
+        responder.start_prepared(_whole_file_head(handle.task_id, record))
+        start, end = 0, total - 1
+    else:
+        headers = _task_headers(
+            handle.task_id, record.etag, record.last_modified, "", extra_headers
+        )
+        span = await _start_ranged(request, responder, headers, total)
+        if span is None:
+            return
+        start, end = span
     if request.method != "HEAD" and total:
         await responder.sendfile(handle.file.fd, start, end - start + 1)
         daemon.metrics.download_bytes.labels("local").inc(end - start + 1)

@@ -38,7 +38,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -399,6 +399,9 @@ class PieceStore:
                 for h in batch.handles.values():
                     h.pins -= 1
                     self._maybe_close(h)
+                # Idle files kept open past the cap while their pieces waited for this
+                # batch (release could not close them) are closed now.
+                self._trim_idle()
 
     async def _wait_batch(self, batch: _Batch) -> None:
         if not self._running and not batch.done.is_set():
@@ -470,6 +473,11 @@ class PieceStore:
         # Keep a few idle files open: uploads acquire a task per piece served.
         self._idle[h.task_id] = h
         self._idle.move_to_end(h.task_id)
+        self._trim_idle()
+
+    def _trim_idle(self) -> None:
+        """Close the least recently used idle files beyond the cap (not those whose pieces
+        still wait for a flush: they are closed after it)."""
         while len(self._idle) > self._max_idle:
             victim = next((v for v in self._idle.values() if v.pins == 0), None)
             if victim is None:
@@ -485,6 +493,19 @@ class PieceStore:
             yield h
         finally:
             self.release(h)
+
+    @contextlib.contextmanager
+    def holding(self, handle: TaskHandle) -> Iterator[TaskHandle]:
+        """use() for a handle already loaded (from handle()): no I/O and no wait, for the
+        local hit's hot path. UnknownTask if it was removed meanwhile."""
+        self._check_open()
+        if handle.detached:
+            raise UnknownTask(f"task {handle.task_id} was removed meanwhile")
+        self._retain(handle)
+        try:
+            yield handle
+        finally:
+            self.release(handle)
 
     def _load_sync(self, task_id: str) -> TaskHandle:
         record = self._db.get_task(task_id)
@@ -723,7 +744,9 @@ class PieceStore:
         now = self._clock()
         self._batch.touches[task_id] = now
         h = self._handles.get(task_id)
-        if h is not None and now > h.record.last_access:
+        # (the record in memory to the second: a new record per use costs a local hit
+        # more than its bookkeeping is worth; the batch above keeps the exact time)
+        if h is not None and now >= h.record.last_access + 1.0:
             h.record = dataclasses.replace(h.record, last_access=now)
 
     # -- pieces -------------------------------------------------------------------------------

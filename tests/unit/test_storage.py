@@ -360,6 +360,27 @@ async def test_pieces_are_served_at_once_and_durable_within_sync_delay(tmp_path:
         store.release(h)
 
 
+async def test_idle_files_over_the_cap_close_once_their_pieces_are_flushed(
+    tmp_path: Path,
+) -> None:
+    """Tasks released while their pieces wait for the flush cannot be closed then; the
+    flush closes those past the cap of idle open files (a burst of downloads must not
+    leave the peer holding more open files than max_idle_handles)."""
+    pl = 1 * KiB
+    ids = [f"{n:064x}" for n in range(5)]
+    async with PieceStore.open(tmp_path, sync_delay=3600, max_idle_handles=2) as store:
+        for tid in ids:
+            h = await store.open_task(tid, content_length=pl, piece_length=pl)
+            data = piece_bytes(tid, 0, pl)
+            await store.write_piece(h, 0, data, sha(data))
+            store.release(h)
+        open_files = [store.handle(tid) for tid in ids]
+        assert all(h is not None and not h.detached for h in open_files)  # pinned, kept
+        await store.flush()
+        assert sum(store.handle(tid) is not None for tid in ids) == 2
+        assert sum(h is not None and h.file.closed for h in open_files) == 3
+
+
 async def test_a_completion_whose_pieces_fail_to_commit_is_undone(tmp_path: Path) -> None:
     """Complete in memory, then the commit of its last pieces fails: the task is running
     again (its pieces are fetched again), never succeeded without its rows."""
