@@ -652,7 +652,10 @@ async def _next_request(
     over `header_timeout` to send the headers."""
     event = c.conn.next_event()
     if event is not h11.NEED_DATA:
-        return event  # pipelined: already here
+        # Pipelined, already here: a checkpoint still, so a client that sends many small
+        # requests at once takes its turn with the others.
+        await trio.lowlevel.checkpoint()
+        return event
     if not first:
         # Between requests a kept-alive connection may idle; the clock for the headers
         # starts with the next request's first byte.
@@ -776,6 +779,16 @@ async def _drain_body(request: Request) -> bool:
         return False
     drained = 0
     try:
+        # The common case first, without I/O: a request without a body, whose end h11
+        # holds already.
+        event = request.connection.conn.next_event()
+        if type(event) is h11.EndOfMessage:
+            request._body_done = True
+            return True
+        if isinstance(event, h11.Data):
+            drained += len(event.data)
+        elif event is not h11.NEED_DATA:
+            return False  # (the client closed, or no body was expected after all)
         async for chunk in request.iter_body():
             drained += len(chunk)
             if drained > DRAIN_LIMIT:

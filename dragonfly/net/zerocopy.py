@@ -107,7 +107,10 @@ async def sendfile_all(
                 f"file ended after {sent_total} of {count} bytes at offset {offset}"
             )
         sent_total += sent
-        await trio.lowlevel.checkpoint()
+        if sent_total < count:
+            # (not after the last send: a small body then costs no trip through the
+            # event loop; whoever sends the next one has waited for a request to do so)
+            await trio.lowlevel.checkpoint()
     return sent_total
 
 
