@@ -28,10 +28,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import rss_anon, write_result
 from dragonfly.cluster import Cluster
@@ -291,8 +292,16 @@ def mixed(rig: Rig, files: dict[str, str], concurrency: int, max_time: float) ->
         work.append(
             (ranged, fname) if i % 3 == 0 else (aborted, fname) if i % 3 == 1 else (upload, i)
         )
+
+    def timed(job: tuple[Callable[[Any], str | None], Any]) -> str | None:
+        began = time.monotonic()
+        try:
+            return job[0](job[1])
+        finally:
+            result.times.append(time.monotonic() - began)  # (list.append: thread-safe)
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
-        outcomes = list(pool.map(lambda job: job[0](job[1]), work))
+        outcomes = list(pool.map(timed, work))
     result.count = len(work)
     result.failures = [o for o in outcomes if o]
     result.ok = result.count - len(result.failures)
