@@ -29,9 +29,9 @@ class StallsMixin(MachineState):
     def next_wakeup(self, now: float) -> float:
         """When ``tick`` next has something to do after ``now`` (inf: nothing is timed)."""
         when = self._report_due
-        oldest = self.requests.oldest_start()
-        if oldest is not None:
-            when = min(when, oldest + self.cfg.piece_timeout)
+        timeout = self.requests.next_timeout(self.cfg.piece_timeout)
+        if timeout is not None:
+            when = min(when, timeout)
         when = min(when, self._reschedule_due)
         due = self.announce.next_due()
         if due is not None and self.children:
@@ -106,7 +106,7 @@ class StallsMixin(MachineState):
     def tick(self, now: float) -> list[Action]:
         """Time passed: expire requests, send due reports and reveals, pick again."""
         out: list[Action] = []
-        for request in self.requests.started_before(now - self.cfg.piece_timeout):
+        for request in self.requests.timed_out(now, self.cfg.piece_timeout):
             self.requests.pop(request.fetch_id)
             self.counters.timeouts += 1
             out.append(Cancel(request.fetch_id, request.number, request.parent_id))
