@@ -308,11 +308,18 @@ class PiecePicker:
             for rested in [r for r, p in self._resting.items() if p.busy_until <= now]:
                 del self._resting[rested]
         resting = self._resting if now is not None else {}
+        # The free parents and what they serve, in one pass (the simulation calls this
+        # about once per event of each of its peers; most calls find nothing to start).
         free: dict[str, int] = {}
+        union = 0
+        limit, threshold = self._per_parent_limit, self._failure_threshold
         for parent_id, parent in self._parents.items():
-            slots = self._capacity(parent) - len(parent.in_flight)
+            if parent.consecutive_failures >= threshold:
+                continue  # (capacity 0, as _capacity says)
+            slots = (limit if parent.capacity is None else parent.capacity) - len(parent.in_flight)
             if slots > 0 and parent_id not in resting:
                 free[parent_id] = slots
+                union |= parent.serve_bits
         if not free:
             return []
         out: list[tuple[int, str]] = []
@@ -326,13 +333,13 @@ class PiecePicker:
                 pid = self._choose(self._pos[number], free, _NOBODY)
                 if pid is None:
                     continue
-                self._start(number, pid, free, out)
+                if self._start(number, pid, free, out):
+                    union = self._union(free)
                 budget -= 1
                 if not budget or not free:
                     return out
 
         # 2. rarest first, seeded random order within one availability
-        union = self._union(free)
         if union & self._waiting_bits:
             for avail in sorted(self._buckets):
                 bits = self._buckets.get(avail, 0) & union

@@ -60,16 +60,20 @@ class RequestTable:
     def of_piece(self, number: int) -> list[Request]:
         return [r for r in self._by_id.values() if r.number == number]
 
-    def oldest_start(self) -> float | None:
+    def next_timeout(self, timeout: float) -> float | None:
+        """When the oldest request times out (None: nothing in flight)."""
         for request in self._by_id.values():
-            return request.started
+            return request.started + timeout
         return None
 
-    def started_before(self, when: float) -> list[Request]:
-        """The requests that started at or before `when`, oldest first."""
+    def timed_out(self, now: float, timeout: float) -> list[Request]:
+        """The requests that have been in flight ``timeout`` or longer at ``now``, oldest
+        first. The same sum as ``next_timeout``: a comparison of ``started`` with
+        ``now - timeout`` rounds differently, and at ``next_timeout``'s moment would find
+        nothing due, and the caller's timer would fire at that moment again forever."""
         out = []
         for request in self._by_id.values():
-            if request.started > when:
+            if request.started + timeout > now:
                 break
             out.append(request)
         return out

@@ -28,21 +28,27 @@ class StallsMixin(MachineState):
 
     def next_wakeup(self, now: float) -> float:
         """When ``tick`` next has something to do after ``now`` (inf: nothing is timed)."""
+        # (Comparisons rather than min(): the simulation asks after every event.)
         when = self._report_due
-        oldest = self.requests.oldest_start()
-        if oldest is not None:
-            when = min(when, oldest + self.cfg.piece_timeout)
-        when = min(when, self._reschedule_due)
-        due = self.announce.next_due()
-        if due is not None and self.children:
-            when = min(when, due)
-        if self.picker is not None and self.phase is Phase.P2P:
+        due = self.requests.next_timeout(self.cfg.piece_timeout)
+        if due is not None and due < when:
+            when = due
+        if self._reschedule_due < when:
+            when = self._reschedule_due
+        if self.children:
+            due = self.announce.next_due()
+            if due is not None and due < when:
+                when = due
+        phase = self.phase
+        if self.picker is not None and phase is Phase.P2P:
             rest = self.picker.busy_until()
-            if rest is not None and rest > now:  # (one that rested already waits for a pick)
-                when = min(when, rest)
+            if rest is not None and now < rest < when:  # (one that rested already waits)
+                when = rest
         since = self._progress_at
-        if since is not None and self.phase in (Phase.STARTING, Phase.P2P, Phase.SOURCE):
-            when = min(when, since + self.cfg.stall_timeout * (self._stall_steps + 1))
+        if since is not None and phase in (Phase.STARTING, Phase.P2P, Phase.SOURCE):
+            due = since + self.cfg.stall_timeout * (self._stall_steps + 1)
+            if due < when:
+                when = due
         return when
 
     def _progress(self, now: float) -> None:
@@ -106,7 +112,7 @@ class StallsMixin(MachineState):
     def tick(self, now: float) -> list[Action]:
         """Time passed: expire requests, send due reports and reveals, pick again."""
         out: list[Action] = []
-        for request in self.requests.started_before(now - self.cfg.piece_timeout):
+        for request in self.requests.timed_out(now, self.cfg.piece_timeout):
             self.requests.pop(request.fetch_id)
             self.counters.timeouts += 1
             out.append(Cancel(request.fetch_id, request.number, request.parent_id))

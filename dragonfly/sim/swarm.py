@@ -61,6 +61,10 @@ from dragonfly.wire.messages import Error, HostInfo, LeaveHost, TaskSpec, Trigge
 
 __all__ = ["Swarm", "run_simulation"]
 
+# More ticks of one machine at one moment than any of its rules needs (a stall step or
+# two): the simulation stops with an error instead of looping without end.
+_TICKS_AT_ONE_MOMENT = 100
+
 
 class SimNode:
     """One simulated host and its download of the task: the real ``DownloadMachine``,
@@ -83,6 +87,8 @@ class SimNode:
         "revealed_all",
         "seed",
         "sw",
+        "ticked_at",
+        "ticks_here",
         "wake_at",
     )
 
@@ -115,6 +121,8 @@ class SimNode:
         self.parents: dict[str, SimNode] = {}  # subscribed to
         self.children: dict[str, SimNode] = {}  # subscribed to this node
         self.wake_at = INF  # the earliest tick already scheduled
+        self.ticked_at = -INF  # when the machine last ticked, and how often since at that time
+        self.ticks_here = 0
         self.revealed_all = False
         self.dead = False  # left, or its host died: it does nothing any more
 
@@ -376,7 +384,17 @@ class SimNode:
         machine = self.machine
         assert machine is not None
         self.wake_at = INF
-        self.perform(machine.tick(self.sw.loop.now))
+        now = self.sw.loop.now
+        if now != self.ticked_at:
+            self.ticked_at, self.ticks_here = now, 0
+        self.ticks_here += 1
+        if self.ticks_here > _TICKS_AT_ONE_MOMENT:
+            # A timer that never expires: virtual time would stand still for good.
+            raise RuntimeError(
+                f"{self.peer_id}: the download machine asks to be woken at t={now!r} "
+                f"after each of {_TICKS_AT_ONE_MOMENT} ticks at that moment"
+            )
+        self.perform(machine.tick(now))
         self._end_schedule()
 
     def _end_schedule(self) -> None:

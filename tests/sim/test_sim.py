@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dragonfly.engine.machine import DownloadMachine
 from dragonfly.sim import SimConfig, Swarm, fluid_bound, main, piece_factor, run_simulation
 from dragonfly.sim.engine import Endpoint, EventLoop, FairNetwork, Flow, UplinkNetwork
 
@@ -139,6 +140,16 @@ def test_200_peers_twice_identical(capsys: pytest.CaptureFixture[str]) -> None:
     )
     lines = [line for line in proc.stdout.splitlines() if not line.startswith("wall time")]
     assert lines == outputs[0]
+
+
+def test_a_timer_that_never_expires_stops_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine that asks to be woken at the moment it just ticked (as one did when a
+    request's timeout rounded two ways) would hold virtual time still for good: the run
+    stops with an error naming the peer and the moment instead."""
+    monkeypatch.setattr(DownloadMachine, "next_wakeup", lambda self, now: now)
+    cfg = SimConfig(peers=2, size=8 * MiB, piece_size=4 * MiB, origin_up=10 * MB, peer_up=10 * MB)
+    with pytest.raises(RuntimeError, match=r"asks to be woken at t=0\.0 after each of 100 ticks"):
+        run_simulation(cfg)
 
 
 def test_200_peers_every_piece_everywhere() -> None:

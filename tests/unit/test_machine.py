@@ -6,7 +6,7 @@ import hashlib
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
@@ -30,6 +30,7 @@ from dragonfly.engine.actions import (
     Unsubscribe,
 )
 from dragonfly.engine.machine import DownloadMachine, Phase
+from dragonfly.engine.requests import RequestTable
 from dragonfly.wire.messages import (
     CandidateParents,
     LeavePeer,
@@ -163,6 +164,39 @@ def test_a_piece_not_landed_within_the_timeout_is_that_parents_failure() -> None
     # that parent is not asked for that piece again; another parent is
     out = m.parent_announced("b", [0, 1], 5.2)
     assert first.number in {f.number for f in of(out, Fetch) if f.parent_id == "b"}
+
+
+def test_the_timeout_is_due_at_the_moment_next_wakeup_names() -> None:
+    """started + timeout and now - timeout round differently: a request started at
+    57.195343999999984 with a 30 s timeout is due at 87.19534399999998, where
+    87.19534399999998 - 30 < 57.195343999999984. The tick at that moment must expire it,
+    or the machine asks to be woken at that same moment again, forever (the 1,000-peer
+    simulation did, at t = 87.2 s)."""
+    started = 57.195343999999984
+    m = machine(config=MachineConfig(piece_timeout=30.0, per_parent_limit=1))
+    out = opened(m, 2, ["a"]) + m.parent_announced("a", [0, 1], started)
+    (f,) = of(out, Fetch)
+    wake = m.next_wakeup(started)
+    assert wake == started + 30.0 and wake - 30.0 < started
+    assert Cancel(f.fetch_id, f.number, "a") in m.tick(wake)
+    assert m.next_wakeup(wake) > wake
+
+
+@given(
+    starts=st.lists(st.floats(0.0, 1e7), min_size=1, max_size=5),
+    timeout=st.floats(1e-3, 1e4),
+)
+def test_the_oldest_request_times_out_at_its_next_timeout(
+    starts: list[float], timeout: float
+) -> None:
+    table = RequestTable()
+    for i, t in enumerate(sorted(starts)):
+        table.start(i, "a", t)
+    due = table.next_timeout(timeout)
+    assert due is not None
+    expired = table.timed_out(due, timeout)
+    assert expired and expired[0].fetch_id == 0
+    assert all(r.started + timeout <= due for r in expired)
 
 
 def test_bytes_that_are_not_the_origins_drop_the_parent_for_good() -> None:
