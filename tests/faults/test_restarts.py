@@ -222,6 +222,12 @@ def test_a_restarted_peer_serves_what_it_held_and_resumes_what_it_had_begun(
         proc = fetch(p0, f"{origin.url}/b.bin", tmp_path / "b0")
         # Part of B, not all, when it is killed.
         fetched_b = wait_fetched(p0, size_a + 8 * MiB) - size_a
+        # ...some of it committed (the commit follows the landing by a moment; a kill in
+        # between, on a loaded machine, would leave nothing to resume).
+        deadline = time.monotonic() + 30
+        while held_bytes(p0, "/b.bin") == 0:
+            assert time.monotonic() < deadline, "no piece of B was ever committed"
+            time.sleep(0.05)
         cluster.kill("peer-0")
         proc.wait(timeout=30)
         assert 0 < fetched_b < size_b
