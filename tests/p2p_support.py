@@ -6,12 +6,18 @@ import hashlib
 import os
 import shlex
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+import pytest
 import trio
 
 from dragonfly.cluster import Cluster
 from dragonfly.testing.probe import metric, sha256_file
+
+T = TypeVar("T")
 
 __all__ = [
     "MiB",
@@ -24,6 +30,7 @@ __all__ = [
     "random_file",
     "sha256_file",
     "task_files",
+    "wait_for",
 ]
 
 MiB = 1024 * 1024
@@ -108,3 +115,15 @@ def origin_story(cluster: Cluster) -> str:
             if any(m in line for m in marks):
                 lines.append(f"{node.name}: {line[:300]}")
     return "\n".join(lines[-40:])
+
+
+def wait_for(check: Callable[[], T], what: str, timeout: float = 60.0, every: float = 0.2) -> T:
+    """Poll `check()` until it returns something true; fail naming `what` after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout}s")
+        time.sleep(every)

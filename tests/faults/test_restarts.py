@@ -22,6 +22,7 @@ from tests.p2p_support import (
     origin_story,
     random_file,
     sha256_file,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.nginx, pytest.mark.slow]
@@ -224,10 +225,7 @@ def test_a_restarted_peer_serves_what_it_held_and_resumes_what_it_had_begun(
         fetched_b = wait_fetched(p0, size_a + 8 * MiB) - size_a
         # ...some of it committed (the commit follows the landing by a moment; a kill in
         # between, on a loaded machine, would leave nothing to resume).
-        deadline = time.monotonic() + 30
-        while held_bytes(p0, "/b.bin") == 0:
-            assert time.monotonic() < deadline, "no piece of B was ever committed"
-            time.sleep(0.05)
+        wait_for(lambda: held_bytes(p0, "/b.bin"), "a piece of B committed", 30, 0.05)
         cluster.kill("peer-0")
         proc.wait(timeout=30)
         assert 0 < fetched_b < size_b

@@ -10,7 +10,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -58,18 +57,6 @@ def status_field(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
-
-
-def wait_for(check, what: str, timeout: float = 60.0, every: float = 0.2):  # type: ignore[no-untyped-def]
-    """Poll `check()` until it returns something true; fail naming `what` after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout}s")
-        time.sleep(every)
 
 
 def raw_exchange(host: str, port: int, data: bytes, *, source: str | None = None) -> bytes:

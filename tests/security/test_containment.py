@@ -27,8 +27,7 @@ from dragonfly.net.http_client import HTTPClient
 from dragonfly.nursery.scheduler import SchedulerServer
 from dragonfly.testing.nginx import Nginx
 from dragonfly.testing.trust import LocalIssuer
-from tests.p2p_support import curl_response, metric, random_file, task_files
-from tests.security.edge_support import wait_for
+from tests.p2p_support import curl_response, metric, random_file, task_files, wait_for
 
 # GC often, and every task is expired three seconds after its last use.
 FAST_GC = ["--set", "storage.gc_interval=200ms", "--set", "storage.task_ttl=3s"]
