@@ -39,7 +39,7 @@ from dragonfly.engine.access import (
     ip_of,
     parse_users,
 )
-from dragonfly.net.http_client import ConnectError
+from dragonfly.net.http_client_errors import ConnectError
 
 STARTUP = "startup check"
 # A verified credential is trusted this long before its hash is checked again.

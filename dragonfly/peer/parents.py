@@ -11,7 +11,8 @@ import trio
 
 from dragonfly.engine.actions import Fetch
 from dragonfly.net.channel import ANNOUNCE_PATH, ChannelClosed, connect
-from dragonfly.net.http_client import HTTPClient, HTTPClientError, discard
+from dragonfly.net.http_client import HTTPClient, HTTPClientError
+from dragonfly.net.http_client_response import discard
 from dragonfly.peer.context import DownloadContext
 from dragonfly.storage import DigestMismatch, PieceSink, StorageError
 from dragonfly.trust import TICKET_HEADER, Ticket

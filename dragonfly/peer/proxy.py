@@ -23,7 +23,8 @@ from dragonfly.config import ProxyRule
 from dragonfly.engine.access import client_ip
 from dragonfly.identity import IdentityError
 from dragonfly.log import get_logger
-from dragonfly.net.http_client import HTTPClientError, split_url
+from dragonfly.net.http_client import HTTPClientError
+from dragonfly.net.http_origin import split_url
 from dragonfly.net.http_server import Request, Responder
 from dragonfly.peer.exposure import (
     CLIENT,

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import trio
 
 from dragonfly.log import get_logger
-from dragonfly.net.http_client import HTTPClient, HTTPClientError, Response, discard
+from dragonfly.net.http_client import HTTPClient, HTTPClientError
+from dragonfly.net.http_client_response import Response, discard
 from dragonfly.net.zerocopy import pwrite_all
 from dragonfly.peer.context import DownloadContext
 from dragonfly.ratelimit import RateLimiter

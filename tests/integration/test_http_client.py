@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import trio
 
-from dragonfly.net.http_client import (
+from dragonfly.net.http_client import HTTPClient
+from dragonfly.net.http_client_errors import (
     BadResponse,
     BodyIncomplete,
     ConnectError,
-    HTTPClient,
     HTTPClientError,
     HTTPTimeout,
     TooManyRedirects,
