@@ -12,7 +12,8 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from dragonfly.net.http_server import Request, Responder, send_file_response, serve
+from dragonfly.net.http_response import send_file_response
+from dragonfly.net.http_server import Request, Responder, serve
 
 
 def make_handler(root: Path):

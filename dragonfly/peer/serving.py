@@ -11,7 +11,8 @@ from collections.abc import Awaitable, Callable
 
 from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dragonfly.net.http_client import Body, HTTPClientError, StreamedBody
-from dragonfly.net.http_server import PreparedHead, Request, Responder, prepare_head
+from dragonfly.net.http_connection import Request
+from dragonfly.net.http_response import PreparedHead, Responder, prepare_head
 from dragonfly.peer.download import Download
 from dragonfly.peer.exposure import DestinationRefused
 from dragonfly.peer.services import PeerServices

@@ -20,7 +20,8 @@ import trio_websocket
 
 from dragonfly.log import LogLimiter, get_logger
 from dragonfly.net.channel import ANNOUNCE_PATH, Channel, ChannelClosed
-from dragonfly.net.http_server import ClientGone, Request, Responder
+from dragonfly.net.http_connection import ClientGone, Request
+from dragonfly.net.http_response import Responder
 from dragonfly.peer.services import PeerServices
 from dragonfly.peer.serving import serve_common
 from dragonfly.storage import StorageError, TaskState, UnknownTask

@@ -15,11 +15,11 @@ import trio
 import trio.testing
 
 from dragonfly.config import PeerConfig, load_config
+from dragonfly.net.http_response import send_file_response
 from dragonfly.net.http_server import (
     Request,
     Responder,
     bound_port,
-    send_file_response,
     serve,
     serve_connection,
 )

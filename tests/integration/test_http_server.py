@@ -17,13 +17,13 @@ from structlog.testing import capture_logs
 
 from dragonfly.net import http_server
 from dragonfly.net.http_client import HTTPClient
+from dragonfly.net.http_connection import ClientGone
+from dragonfly.net.http_response import send_file_response
 from dragonfly.net.http_server import (
-    ClientGone,
     Handler,
     Request,
     Responder,
     bound_port,
-    send_file_response,
     serve,
 )
 
