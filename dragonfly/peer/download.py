@@ -1,16 +1,13 @@
 """One task being downloaded by this peer: the trio driver of the download machine.
 
-Why about 700 lines: its tasks share one download's state (the machine, the outbox, the
-task file, the clients' waiters); what performs one kind of action lives beside it
-(parents.py, source.py).
-
 Every decision is the machine's (dragonfly/engine/machine.py): this module turns
 sockets, the store and the clock into its events, and performs the actions it
 returns — scheduler messages, parent subscriptions, piece requests, origin
 requests, announcements to children — each in its own task. Performing actions
 never awaits (`_feed`), so the machine sees events one at a time, in the order
 they happened. Clients of the proxy wait on the download's events (`wait_piece`,
-`wait_finished`), and children on their announcement channels.
+`wait_finished`: progress.py), and children on their announcement channels; what
+performs one kind of action lives beside it (parents.py, source.py).
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ import itertools
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import trio
@@ -45,12 +42,13 @@ from dragonfly.engine.actions import (
     Subscribe,
     Unsubscribe,
 )
-from dragonfly.engine.machine import DownloadMachine, Phase
+from dragonfly.engine.machine import DownloadMachine
 from dragonfly.errors import find_exception
 from dragonfly.log import bound, get_logger
 from dragonfly.net.http_client import HTTPClient
 from dragonfly.peer.context import DownloadServices
 from dragonfly.peer.parents import ParentLink
+from dragonfly.peer.progress import DownloadProgress
 from dragonfly.peer.reannounce import spec_json
 from dragonfly.peer.records import Outcome
 from dragonfly.peer.request import DownloadFailed, DownloadRequest
@@ -94,7 +92,7 @@ def machine_config(cfg: PeerConfig) -> MachineConfig:
     )
 
 
-class Download:
+class Download(DownloadProgress):
     """The download of one task on this peer (shared by every client asking for it)."""
 
     def __init__(self, daemon: DownloadServices, request: DownloadRequest) -> None:
@@ -145,135 +143,6 @@ class Download:
         self.started_at = trio.current_time()
         self._parents_used: dict[str, None] = {}  # parents' host names, for the record
         self._local = False  # served from the store as it was
-
-    # ------------------------------------------------------------ what clients read
-
-    @property
-    def content_length(self) -> int:
-        return self.machine.layout.content_length
-
-    @property
-    def piece_length(self) -> int:
-        return self.machine.layout.piece_length
-
-    @property
-    def piece_count(self) -> int:
-        return self.machine.layout.piece_count
-
-    @property
-    def etag(self) -> str:
-        return self.machine.layout.etag
-
-    @property
-    def last_modified(self) -> str:
-        return self.machine.layout.last_modified
-
-    @property
-    def content_type(self) -> str:
-        return self.machine.layout.content_type
-
-    @property
-    def have(self) -> set[int]:
-        """Pieces verified and stored."""
-        return self.machine.have
-
-    @property
-    def bytes_p2p(self) -> int:
-        return self.machine.counters.bytes_p2p
-
-    @property
-    def bytes_source(self) -> int:
-        return self.machine.counters.bytes_source
-
-    @property
-    def done(self) -> bool:
-        return self.finished.is_set() or self.error is not None
-
-    @property
-    def accepting(self) -> bool:
-        """False once it decided to stop: a new client starts a new download."""
-        return self.machine.phase in (Phase.STARTING, Phase.P2P, Phase.SOURCE) and not (
-            self.machine.done or self._ended.is_set()
-        )
-
-    @property
-    def clients(self) -> int:
-        return self.machine.clients
-
-    @property
-    def verified_prefix(self) -> int:
-        """Bytes from the start of the file whose pieces are all verified and stored."""
-        geometry = self.machine.layout.geometry
-        if geometry is None:
-            return 0
-        have, n = self.machine.have, self._prefix_pieces
-        while n < geometry.piece_count and n in have:
-            n += 1
-        self._prefix_pieces = n
-        return min(n * geometry.piece_length, geometry.content_length)
-
-    @property
-    def completed_bytes(self) -> int:
-        geometry = self.machine.layout.geometry
-        if geometry is None:
-            return 0
-        return sum(geometry.length(n) for n in self.have)
-
-    def want_all(self) -> None:
-        """From now on fetch the whole task."""
-        self._feed(self.machine.want_all(trio.current_time()))
-
-    def want_range(self, start: int, end: int) -> None:
-        """Also fetch bytes [start, end] (inclusive)."""
-        self._feed(self.machine.want_range(start, end, trio.current_time()))
-
-    @contextlib.contextmanager
-    def attached(self) -> Iterator[None]:
-        """A client stream uses this download (attach right after TaskManager.open, with
-        no await between, so the download cannot stop in the gap)."""
-        self.machine.client_attached()
-        try:
-            yield
-        finally:
-            self._feed(self.machine.client_detached(trio.current_time()))
-
-    async def wait_metadata(self) -> None:
-        """Until the length and layout are known; raises DownloadFailed."""
-        while not self.metadata_ready.is_set():
-            self._check_alive()
-            await self._changed.wait()
-
-    def _check_alive(self) -> None:
-        if self.error is not None:
-            raise self.error
-        if self._ended.is_set() and not self.finished.is_set():
-            raise DownloadFailed("the download stopped before this part arrived")
-
-    async def wait_piece(self, number: int) -> None:
-        """Until piece `number` is verified and stored; raises DownloadFailed."""
-        if number in self.have:
-            await trio.lowlevel.checkpoint()
-            return
-        self._waiting[number] = self._waiting.get(number, 0) + 1
-        self.machine.streaming_from(min(self._waiting))
-        try:
-            while number not in self.have:
-                self._check_alive()
-                await self._changed.wait()
-        finally:
-            self._waiting[number] -= 1
-            if not self._waiting[number]:
-                del self._waiting[number]
-            self.machine.streaming_from(min(self._waiting) if self._waiting else None)
-
-    async def wait_finished(self) -> None:
-        while not self.finished.is_set():
-            self._check_alive()
-            await self._changed.wait()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
 
     # ------------------------------------------------------------ children (upload side)
 
