@@ -11,8 +11,9 @@ from .errors import (
     UnknownTask,
 )
 from .gc import GCConfig, TaskUsage, plan_gc
+from .handle import PieceSink, TaskHandle
 from .metadata import MetadataDB, PieceRecord, TaskRecord, TaskState
-from .store import PieceSink, PieceStore, TaskHandle
+from .store import PieceStore
 from .taskfile import TaskFile, task_path, validate_task_id
 
 __all__ = [
