@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dragonfly.wire import codec
+from dragonfly.wire import schema
 from dragonfly.wire.codec import (
     MAX_FRAME,
     MESSAGE_TYPES,
@@ -61,7 +61,7 @@ def _strategy(tp: Any, meta: dict[str, Any]) -> st.SearchStrategy[Any]:
         return st.booleans()
     if tp is int:
         return st.integers(
-            meta.get("min", codec.DEFAULT_INT_MIN), meta.get("max", codec.DEFAULT_INT_MAX)
+            meta.get("min", schema.DEFAULT_INT_MIN), meta.get("max", schema.DEFAULT_INT_MAX)
         )
     if tp is float:
         return st.floats(meta.get("min"), meta.get("max"), allow_nan=False, allow_infinity=False)

@@ -7,8 +7,8 @@ import hashlib
 import cbor2
 import pytest
 
-from dragonfly.wire import codec
-from dragonfly.wire.codec import _SPECS, decode, encode
+from dragonfly.wire import schema
+from dragonfly.wire.codec import decode, encode
 from dragonfly.wire.messages import (
     CandidateParents,
     NeedBackToSource,
@@ -18,6 +18,7 @@ from dragonfly.wire.messages import (
     PieceReport,
     PiecesFinished,
 )
+from dragonfly.wire.schema import _SPECS
 
 
 def _digests(n: int) -> list[PieceDigest]:
@@ -69,19 +70,19 @@ def test_equal_records_that_are_other_objects() -> None:
 def test_only_reused_records_are_cached() -> None:
     report = PieceReport(0, 0, 4, b"\1" * 32, "", 0)
     encode(PiecesFinished(peer_id="x", task_id="t", pieces=[report]))
-    assert PieceReport not in codec._record_caches
+    assert PieceReport not in schema._record_caches
     digest = PieceDigest(7, b"\2" * 32)
     encode(NeedBackToSource(peer_id="x", task_id="t", digests=[digest]))
-    assert codec._record_caches[PieceDigest].raw[id(digest)] == cbor2.dumps([7, b"\2" * 32])
+    assert schema._record_caches[PieceDigest].raw[id(digest)] == cbor2.dumps([7, b"\2" * 32])
 
 
 def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(codec, "_RECORD_CACHE_LIMIT", 10)
-    monkeypatch.setitem(codec._record_caches, PieceDigest, codec._RecordCache())
+    monkeypatch.setattr(schema, "_RECORD_CACHE_LIMIT", 10)
+    monkeypatch.setitem(schema._record_caches, PieceDigest, schema._RecordCache())
     for _ in range(5):
         msg = PieceDigests(peer_id="x", task_id="t", digests=_digests(7))
         assert decode(encode(msg)) == msg
-        cache = codec._record_caches[PieceDigest]
+        cache = schema._record_caches[PieceDigest]
         assert len(cache.keep) <= 10
         assert len(cache.raw) == len(cache.keep)
 
