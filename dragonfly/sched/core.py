@@ -411,14 +411,16 @@ class SchedulerCore:
         if task.seed_host is not None:
             return True
         sources = task.sources
-        if for_peer is None:
-            return any(
-                p in sources
-                for p in itertools.chain(task.back_to_source.values(), task.succeeded.values())
-            )
-        blocked, host = for_peer.blocklist, for_peer.host
         return any(
-            p in sources and p.id not in blocked and p.host is not host and p.host.connected
+            p in sources
+            and (
+                for_peer is None
+                or (
+                    p.id not in for_peer.blocklist
+                    and p.host is not for_peer.host
+                    and p.host.connected
+                )
+            )
             for p in itertools.chain(task.back_to_source.values(), task.succeeded.values())
         )
 
