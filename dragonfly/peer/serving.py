@@ -7,6 +7,7 @@ imports another.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 
 from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -16,7 +17,7 @@ from dragonfly.net.http_response import PreparedHead, Responder, prepare_head
 from dragonfly.peer.download import Download
 from dragonfly.peer.exposure import DestinationRefused
 from dragonfly.peer.services import PeerServices
-from dragonfly.storage import TaskHandle, TaskRecord
+from dragonfly.storage import TaskHandle
 from dragonfly.wire.http_common import (
     Headers,
     RangeNotSatisfiable,
@@ -173,22 +174,14 @@ async def _start_ranged(
     return start, end
 
 
-_WHOLE_FILE_HEADS: dict[tuple[str, int, str, str], PreparedHead] = {}
-_WHOLE_FILE_HEADS_MAX = 1024
-
-
-def _whole_file_head(task_id: str, record: TaskRecord) -> PreparedHead:
+@functools.lru_cache(maxsize=1024)
+def _whole_file_head(
+    task_id: str, content_length: int, etag: str, last_modified: str
+) -> PreparedHead:
     """The 200 head of a held task's whole file, made once per task and version."""
-    key = (task_id, record.content_length, record.etag, record.last_modified)
-    head = _WHOLE_FILE_HEADS.get(key)
-    if head is None:
-        headers = _task_headers(task_id, record.etag, record.last_modified, "", None)
-        headers.set(b"content-length", str(record.content_length).encode())
-        head = prepare_head(200, headers)
-        if len(_WHOLE_FILE_HEADS) >= _WHOLE_FILE_HEADS_MAX:
-            _WHOLE_FILE_HEADS.clear()
-        _WHOLE_FILE_HEADS[key] = head
-    return head
+    headers = _task_headers(task_id, etag, last_modified, "", None)
+    headers.set(b"content-length", str(content_length).encode())
+    return prepare_head(200, headers)
 
 
 async def serve_held(
@@ -204,7 +197,11 @@ async def serve_held(
     total = record.content_length
     if extra_headers is None and "range" not in request.headers:
         # The common case (many clients of one file): the same head every time.
-        responder.start_prepared(_whole_file_head(handle.task_id, record))
+        responder.start_prepared(
+            _whole_file_head(
+                handle.task_id, record.content_length, record.etag, record.last_modified
+            )
+        )
         start, end = 0, total - 1
     else:
         headers = _task_headers(
