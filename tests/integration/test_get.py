@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,41 @@ def test_get_through_a_peer_and_embedded(tmp_path: Path, www: Path, nginx: Nginx
     assert r.returncode == 2 and "--digest" in r.stderr
     r = get(url, "-O", str(tmp_path / "f"), "--peer", "http://127.0.0.1:1")
     assert r.returncode == 2 and "data directory" in r.stderr
+
+
+def test_the_copy_out_follows_the_download(tmp_path: Path, www: Path, nginx: Nginx):
+    """The local API's progress keeps the verified prefix growing while the task
+    downloads (`get` copies that prefix out as it grows): pieces taken in any other
+    order would leave the prefix short, and nearly all of the copy for the end."""
+    data = os.urandom(128 * 1024 * 1024)
+    (www / "g.bin").write_bytes(data)
+    url = f"{nginx.url}/g.bin"
+    with Cluster(
+        tmp_path / "c",
+        schedulers=1,
+        seed_peers=1,
+        peers=2,
+        overrides=["peer:download.rate_limit=48MiB"],
+    ) as cluster:
+        # peer-0 holds the file first, so peer-1 has two parents holding all of it
+        r = subprocess.run(
+            ["curl", "-sS", "-f", "-o", "/dev/null", "-x", cluster.node("peer-0").info["proxy"], url],
+            capture_output=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        sock = Path(cluster.node("peer-1").info["data_dir"]) / "api.sock"
+        r = subprocess.run(
+            ["curl", "-sS", "-f", "-N", "--unix-socket", str(sock), "--data-binary",
+             json.dumps({"url": url}), "http://localhost/_dragonfly/tasks"],
+            capture_output=True,
+            timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert events[-1]["state"] == "succeeded"
+    during = [e for e in events if e["completed"] < len(data)]
+    assert len(during) >= 5, events
+    # half the file copyable before the download is done (in order, the prefix trails
+    # what arrived by at most the picker's window)
+    assert max(e["ready"] for e in during) >= len(data) // 2, during
