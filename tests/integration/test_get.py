@@ -90,7 +90,16 @@ def test_the_copy_out_follows_the_download(tmp_path: Path, www: Path, nginx: Ngi
     ) as cluster:
         # peer-0 holds the file first, so peer-1 has two parents holding all of it
         r = subprocess.run(
-            ["curl", "-sS", "-f", "-o", "/dev/null", "-x", cluster.node("peer-0").info["proxy"], url],
+            [
+                "curl",
+                "-sS",
+                "-f",
+                "-o",
+                "/dev/null",
+                "-x",
+                cluster.node("peer-0").info["proxy"],
+                url,
+            ],
             capture_output=True,
             timeout=120,
         )
