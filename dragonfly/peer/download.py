@@ -58,6 +58,7 @@ from dragonfly.peer.scheduler_client import (
     SchedulerSession,
 )
 from dragonfly.peer.source import OriginLink
+from dragonfly.peer.whole_digest import WholeDigest
 from dragonfly.storage import (
     DigestMismatch,
     StorageError,
@@ -119,6 +120,7 @@ class Download(DownloadProgress):
         # request had some, or the scheduler or the store says the task is private.
         self.private = request.private
         self.handle: TaskHandle | None = None
+        self._whole: WholeDigest | None = None  # (a task named by its digest)
         # progress and outcome, for clients
         self.metadata_ready = trio.Event()
         self.finished = trio.Event()
@@ -543,6 +545,9 @@ class Download(DownloadProgress):
             )
             return
         held = {n: p.sha256 for n, p in self.handle.pieces.items()}
+        if (spec.digest or self.handle.record.digest) and self.handle.record.content_length > 0:
+            self._whole = WholeDigest(self.daemon.store, self.handle)
+            self._spawn(self._whole.follow, lambda: self.verified_prefix, lambda: self._changed)
         self.metadata_ready.set()
         self._feed(self.machine.task_opened(held, trio.current_time()))
 
@@ -551,7 +556,9 @@ class Download(DownloadProgress):
         where it is known)."""
         now = trio.current_time
         try:
-            await self.daemon.store.complete_task(self.task_id)
+            length = self.content_length
+            hashed = await self._whole.digest(length) if self._whole is not None else None
+            await self.daemon.store.complete_task(self.task_id, hashed=hashed)
         except DigestMismatch as exc:
             # Every piece matched what the origin sent, and the whole is not the file
             # named by its digest: the origin serves other bytes under that name. The

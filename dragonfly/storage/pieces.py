@@ -181,10 +181,15 @@ class PiecesMixin(StoreState):
             raise RangeNotAvailable(f"task {task_id}: bytes {offset}+{length} not available")
         return h.file.fileno(), offset, length
 
-    async def complete_task(self, task_id: str, whole_digest: str | None = None) -> TaskRecord:
+    async def complete_task(
+        self, task_id: str, whole_digest: str | None = None, hashed: bytes | None = None
+    ) -> TaskRecord:
         """Mark the task succeeded: only if every piece is recorded and, when a whole-file
         digest is known (given here or at open_task), the file hashes to it. On a whole-file
-        mismatch the task is failed and its file removed."""
+        mismatch the task is failed and its file removed.
+
+        `hashed`: the whole file's SHA-256 as its verified pieces were hashed in order while
+        it downloaded (peer/whole_digest.py), used instead of reading the file again."""
         self._check_open()
         if whole_digest:
             _parse_digest(whole_digest)
@@ -204,7 +209,9 @@ class PiecesMixin(StoreState):
             if expected:
                 want = _parse_digest(expected)
                 length = rec.content_length if rec.content_length >= 0 else h.file.size
-                actual = await self._run_io(h.file.digest, 0, length)
+                actual = (
+                    hashed if hashed is not None else await self._run_io(h.file.digest, 0, length)
+                )
                 if actual != want:
                     await self._fail_task(h, "whole-file digest mismatch")
                     raise DigestMismatch(

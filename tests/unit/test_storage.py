@@ -738,3 +738,42 @@ async def test_new_version_while_old_one_is_read(store: PieceStore) -> None:
         assert os.pread(reader.file.fd, pl, 0) == data
         store.release(fresh)
     store.release(old)
+
+
+async def test_whole_digest_follows_the_prefix_and_stops_when_the_task_goes(
+    tmp_path: Path,
+) -> None:
+    """peer/whole_digest.py: the whole file's digest from the verified prefix as it grows,
+    pieces landing out of order; the store takes it instead of hashing the file again,
+    and a wrong one fails the task like a wrong file would."""
+    from dragonfly.peer.whole_digest import WholeDigest
+
+    pl, cl = 4 * KiB, 10 * KiB
+    pieces = file_bytes(TID, cl, pl)
+    whole = b"".join(pieces)
+    want = "sha256:" + hashlib.sha256(whole).hexdigest()
+    async with PieceStore.open(tmp_path) as store:
+        h = await store.open_task(TID, content_length=cl, piece_length=pl, digest=want)
+        hasher = WholeDigest(store, h)
+        for n in (1, 0, 2):  # the prefix: nothing, then two pieces, then the whole
+            await store.write_piece(h, n, pieces[n], sha(pieces[n]))
+            prefix = pl * next(i for i in range(4) if i not in h.done)
+            await hasher.advance(min(prefix, cl))
+            assert hasher.hashed == min(prefix, cl)
+        digest = await hasher.digest(cl)
+        assert digest == hashlib.sha256(whole).digest()
+        assert (await store.complete_task(TID, hashed=digest)).digest == want
+        store.release(h)
+        # a digest that is not the named one fails the task and removes its file
+        h = await store.open_task(TID2, content_length=cl, piece_length=pl, digest=want)
+        other = file_bytes(TID2, cl, pl)
+        for n, data in enumerate(other):
+            await store.write_piece(h, n, data, sha(data))
+        hasher = WholeDigest(store, h)
+        wrong = await hasher.digest(cl)
+        with pytest.raises(DigestMismatch):
+            await store.complete_task(TID2, hashed=wrong)
+        assert not h.file.path.exists()
+        # ... and a hasher of a removed task says so instead of reading a closed file
+        assert await WholeDigest(store, h).digest(cl) is None
+        store.release(h)
