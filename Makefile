@@ -59,6 +59,7 @@ demo: setup
 bench: setup
 	$(PY) -m benchmarks throughput
 	$(PY) -m benchmarks swarm --peers 8 --size 128MiB
+	$(PY) -m benchmarks swarm --mode lo-shaped --peers 8,16 --size 128MiB
 	$(PY) -m benchmarks scheduler --duration 30s
 	$(PY) -m benchmarks simulation --peers 1000
 	$(PY) -m benchmarks load
@@ -68,6 +69,8 @@ bench-full: setup
 	$(PY) -m benchmarks proxy_throughput
 	$(PY) -m benchmarks throughput
 	$(PY) -m benchmarks swarm --peers 8,16
+	$(PY) -m benchmarks swarm --mode lo-shaped --peers 8,16
+	$(PY) -m benchmarks swarm --mode lo-shaped --peers 32 --origin-up 5MB/s --peer-up 5MB/s --only dragonfly,bittorrent
 	$(PY) -m benchmarks scheduler --duration 60s
 	$(PY) -m benchmarks simulation --peers 1000,10000
 	$(PY) -m benchmarks image_pull

@@ -88,18 +88,21 @@ def aria2_argv(
     rpc_port: int = 0,
     hook: Path | None = None,
     stop_with_pid: int | None = None,
+    interface: str = "",
 ) -> list[str]:
     """aria2c for one torrent: tracker only, seeding until it is stopped (by PID).
 
     A leecher keeps seeding after it completes, as BitTorrent peers do while the
     others still download; the benchmark stops every aria2c once all have finished.
     `upload_limit` is aria2's own limit (the loopback fallback; in namespaces the
-    kernel caps the link instead)."""
+    kernel caps the link instead). `interface`: the address every socket is bound to (in
+    the lo-shaped mode, where a node's upload is what leaves from its address)."""
     binary = shutil.which("aria2c") or "/usr/bin/aria2c"
     argv = [
         binary,
         f"--dir={directory}",
         f"--listen-port={listen_port}",
+        *([f"--interface={interface}"] if interface else []),
         "--enable-dht=false",
         "--enable-dht6=false",
         "--bt-enable-lpd=false",

@@ -1,7 +1,7 @@
 """swarm: N peers ask for the same file at the same moment; how close to the fluid bound?
 
-One measurement of three contenders (dragonfly, direct, BitTorrent) in two modes (netns,
-loopback) under one set of caps and one bound. This module is the command line; the rest
+One measurement of three contenders (dragonfly, direct, BitTorrent) in one of three modes
+(netns, lo-shaped, loopback) under one set of caps and one bound. This module is the command line; the rest
 is in benchmarks/swarm_nodes.py (processes, where nodes run, the origin, the netns
 topology), swarm_race.py (caps, bound, a run and its results, the start barrier),
 swarm_contenders.py (the three contenders) and swarm_report.py (the table); the parts
@@ -29,6 +29,10 @@ Modes:
     netns       (default as root) every node in a network namespace of its own, on a
                 bridge in a hub namespace; the caps are htb token buckets in the
                 kernel, outside the code under test (benchmarks/netns.py)
+    lo-shaped   (lighter: N = 32 fits two cores) every node in one private namespace at
+                an address of its own on its loopback; each node's upload capped by an
+                htb class matched on the source address, also in the kernel
+                (benchmarks/lo_shaped.py); no download caps
     loopback    127.0.0.1 only: nginx `limit_rate` for the origin, dragonfly's own
                 upload rate limit for the peers, aria2's for BitTorrent (approximate)
 
@@ -38,7 +42,7 @@ enforces the caps all the same (--no-app-limits: leave the peers' own limits uns
 --tls turns TLS on for dragonfly's scheduler and upload ports (results in swarm-tls.json).
 
 python -m benchmarks swarm [--peers 8,16] [--size 256MiB] [--origin-up 10MB/s]
-    [--peer-up 10MB/s] [--peer-down RATE] [--seed-peers 1] [--mode netns|loopback]
+    [--peer-up 10MB/s] [--peer-down RATE] [--seed-peers 1] [--mode netns|lo-shaped|loopback]
     [--only dragonfly,direct,bittorrent] [--no-app-limits] [--tls]
 """
 
@@ -51,8 +55,17 @@ import sys
 from pathlib import Path
 
 from benchmarks import common, netns
+from benchmarks.lo_shaped import SharedLoopback
 from benchmarks.swarm_contenders import CONTENDERS, Bench
-from benchmarks.swarm_nodes import Env, LoopbackEnv, NetnsEnv, Procs, build_netns, choose_mode
+from benchmarks.swarm_nodes import (
+    Env,
+    LoopbackEnv,
+    NetnsEnv,
+    Procs,
+    SharedLoEnv,
+    build_nodes,
+    choose_mode,
+)
 from benchmarks.swarm_race import Caps, Run
 from benchmarks.swarm_report import fmt, print_table
 from dragonfly.testing.nginx import nginx_binary
@@ -106,7 +119,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--mode",
-        choices=("netns", "loopback"),
+        choices=("netns", "lo-shaped", "loopback"),
         default=None,
         help="default: netns when root and `ip netns` work, else loopback",
     )
@@ -117,7 +130,6 @@ def main(argv: list[str]) -> int:
         "--tls", action="store_true", help="TLS on dragonfly's scheduler and upload ports"
     )
     args = parser.parse_args(argv)
-    name = "swarm-tls" if args.tls else "swarm"
     caps = Caps(
         size=parse_size(args.size),
         origin_up=parse_rate(args.origin_up),
@@ -141,6 +153,8 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"swarm: not installed: {', '.join(missing)} (make deps installs them)")
     mode, why = choose_mode(args.mode)
     print(f"swarm: mode {mode} ({why})", flush=True)
+    # One results file per mode that make bench runs (netns and lo-shaped), and for TLS.
+    name = "swarm" + ("-lo-shaped" if mode == "lo-shaped" else "") + ("-tls" if args.tls else "")
     netns.cleanup_stale()  # what runs killed outright left behind (dead pids only)
     work = common.RESULTS / name
     src = common.ensure_file(work / "www" / f"f-{caps.size}.bin", caps.size)
@@ -150,6 +164,7 @@ def main(argv: list[str]) -> int:
     shm = shm_root / run_id
     procs = Procs()
     topo = netns.Topology(run_id=run_id)
+    shared = SharedLoopback(run_id=run_id)
     runs: list[Run] = []
     interrupted = False
     try:
@@ -157,8 +172,12 @@ def main(argv: list[str]) -> int:
             shm.mkdir(mode=0o755)
             if mode == "netns":
                 topo.start()
-                build_netns(topo, caps, max(args.peers))
+                build_nodes(topo, caps, max(args.peers))
                 env: Env = NetnsEnv(topo)
+            elif mode == "lo-shaped":
+                shared.start()
+                build_nodes(shared, caps, max(args.peers))
+                env = SharedLoEnv(shared)
             else:
                 env = LoopbackEnv()
             bench = Bench(
@@ -193,6 +212,7 @@ def main(argv: list[str]) -> int:
         with netns.signals_ignored():  # a second Ctrl-C must not cut the teardown short
             procs.stop_all()
             topo.stop()
+            shared.stop()
             shutil.rmtree(shm, ignore_errors=True)
     if interrupted:
         print("swarm: interrupted; every process and namespace of the run is gone", flush=True)

@@ -245,6 +245,12 @@ class Bench:
         data = self.shm / f"bittorrent-n{n}"
         loopback = env.mode == "loopback"
         tracker_port = env.port("tracker") if loopback else TRACKER_PORT
+
+        def bound_to(node: str) -> str:
+            # lo-shaped: a node's upload is what leaves from its address, over the
+            # connections it opened too
+            return env.addr(node) if env.mode == "lo-shaped" else ""
+
         tracker = f"http://{env.addr('tracker')}:{tracker_port}"
         # The seeder's copy: a hard link to the origin's file (same bytes, no copy).
         seed_dir = self.src.parent.parent / "bt-seed"
@@ -299,6 +305,7 @@ class Bench:
                         upload_limit=caps.origin_up if loopback else 0,
                         rpc_port=rpc_port,
                         stop_with_pid=os.getpid(),
+                        interface=bound_to("origin"),
                     ),
                 ),
                 log=logs / "seeder.out",
@@ -325,6 +332,7 @@ class Bench:
                     download_limit=(caps.peer_down or 0) if loopback else 0,
                     hook=hook,
                     stop_with_pid=os.getpid(),
+                    interface=bound_to(peer),
                 )
                 out = shlex.quote(str(logs / f"{peer}.out"))
                 script = f"echo ready; read go; exec {shlex.join(argv)} >>{out} 2>&1"

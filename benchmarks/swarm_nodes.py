@@ -6,6 +6,7 @@ topology for a run (benchmarks/netns.py builds it). Part of `python -m benchmark
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import ssl
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, TypeVar
 
 from benchmarks import netns
+from benchmarks.lo_shaped import SharedLoopback
 from dragonfly.testing.nginx import Nginx, free_port, nginx_binary, wait_for_port
 from dragonfly.testing.process import stop_process_group
 
@@ -169,6 +171,33 @@ class LoopbackEnv(Env):
         return "127.0.0.1"
 
 
+class SharedLoEnv(Env):
+    """Every node in one namespace, at an address of its own on its loopback
+    (benchmarks/lo_shaped.py); ports are handed out in turn, as nodes share the stack."""
+
+    mode = "lo-shaped"
+
+    def __init__(self, lo: SharedLoopback) -> None:
+        self.lo = lo
+        self._ports = itertools.count(20000)
+
+    def addr(self, node: str) -> str:
+        return self.lo.addrs[node]
+
+    def port(self, kind: str) -> int:
+        return next(self._ports)
+
+    def argv(self, node: str, argv: list[str]) -> list[str]:
+        return self.lo.exec_argv(argv)
+
+    def call(self, node: str, fn: Callable[[], T]) -> T:
+        return self.lo.call(fn)
+
+    @property
+    def listen_any(self) -> str:
+        return "0.0.0.0"  # (inside the run's own namespace)
+
+
 def http_get(
     env: Env, node: str, url: str, timeout: float = 5, context: ssl.SSLContext | None = None
 ) -> bytes:
@@ -261,12 +290,16 @@ def choose_mode(requested: str | None) -> tuple[str, str]:
         if reason:
             raise SystemExit(f"swarm: --mode netns is not possible here: {reason}")
         return "netns", "requested"
+    if requested == "lo-shaped":
+        if reason:
+            raise SystemExit(f"swarm: --mode lo-shaped is not possible here: {reason}")
+        return "lo-shaped", "requested"
     if requested == "loopback":
         return "loopback", "requested"
     return ("loopback", reason) if reason else ("netns", "root and `ip netns` work")
 
 
-def build_netns(topo: netns.Topology, caps: Caps, max_peers: int) -> None:
+def build_nodes(topo: netns.Topology | SharedLoopback, caps: Caps, max_peers: int) -> None:
     topo.add("origin", up=caps.origin_up)
     topo.add("scheduler")
     topo.add("tracker")

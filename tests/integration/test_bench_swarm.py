@@ -93,9 +93,9 @@ def leftovers(run_id: str, pids: list[int]) -> list[str]:
     return left
 
 
-def check_result(results: Path, mode: str) -> None:
-    data: dict[str, Any] = json.loads((results / "swarm.json").read_text())
-    want = sha256_file(results / "swarm" / "www" / f"f-{SIZE}.bin")
+def check_result(results: Path, mode: str, result: str = "swarm") -> None:
+    data: dict[str, Any] = json.loads((results / f"{result}.json").read_text())
+    want = sha256_file(results / result / "www" / f"f-{SIZE}.bin")
     assert data["mode"] == mode and data["sha256"] == want and data["size"] == SIZE
     runs = {r["contender"]: r for r in data["runs"]}
     assert set(runs) == {"dragonfly", "direct", "bittorrent"}
@@ -115,7 +115,7 @@ def check_result(results: Path, mode: str) -> None:
     assert runs["bittorrent"]["bound"] == pytest.approx(fluid(PEERS, SIZE, RATE, RATE, 0))
     # the origin served direct's clients whole copies, one each
     assert runs["direct"]["origin_bytes"] == PEERS * SIZE
-    assert (results / f"swarm-n{PEERS}.png").stat().st_size > 0
+    assert (results / f"{result}-n{PEERS}.png").stat().st_size > 0
     left = leftovers(data["run_id"], data["pids"])
     assert left == [], left
 
@@ -138,6 +138,22 @@ def test_swarm_loopback(tmp_path: Path) -> None:
     _needs_programs()
     run_to_end(tmp_path, "--mode", "loopback")
     check_result(tmp_path, "loopback")
+
+
+def test_swarm_lo_shaped(tmp_path: Path) -> None:
+    """The lighter mode: one namespace, each node at its own loopback address, uploads
+    capped by source address (benchmarks/lo_shaped.py); its namespace goes at the end."""
+    _needs_netns()
+    _needs_programs()
+    run_to_end(tmp_path, "--mode", "lo-shaped")
+    check_result(tmp_path, "lo-shaped", "swarm-lo-shaped")
+
+
+def test_swarm_lo_shaped_refuses_download_caps(tmp_path: Path) -> None:
+    _needs_netns()
+    proc = start(tmp_path, *ARGS, "--mode", "lo-shaped", "--peer-down", "5MB/s")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "cannot cap downloads (--peer-down)" in out, out
 
 
 def test_swarm_with_tls(tmp_path: Path) -> None:
