@@ -207,7 +207,9 @@ def _headers(d: dict[str, str]) -> Any:
     return Headers(d.items())
 
 
-async def _embedded(cfg: PeerConfig, spec: dict[str, Any], progress: Progress) -> Outcome:
+async def _embedded(
+    cfg: PeerConfig, spec: dict[str, Any], progress: Progress, copier: Copier | None = None
+) -> Outcome:
     """No daemon: run a one-shot peer in this process for this one download."""
     from dragonfly.blocklist import refused
     from dragonfly.nursery.peer import PeerDaemon
@@ -241,17 +243,23 @@ async def _embedded(cfg: PeerConfig, spec: dict[str, Any], progress: Progress) -
         if refusal is not None:
             failure = refusal[1]
         else:
+            from dragonfly.storage.taskfile import task_path
+
+            path = task_path(daemon.data_dir, req.task_id)
             download = daemon.tasks.open(req)
             try:
-                while not download.finished.is_set():
-                    progress.update(download.completed_bytes, download.content_length)
-                    with trio.move_on_after(0.2):
-                        await download.wait_finished()
-                from dragonfly.storage.taskfile import task_path
-
-                outcome = Outcome(
-                    task_path(daemon.data_dir, req.task_id), download.content_length, req.task_id
-                )
+                with download.attached():
+                    await download.wait_metadata()
+                    # As through a daemon: the verified prefix is copied out as it grows.
+                    while not download.finished.is_set():
+                        ready = download.verified_prefix
+                        progress.update(download.completed_bytes, download.content_length)
+                        if copier is not None and ready:
+                            await trio.to_thread.run_sync(copier.advance, path, ready)
+                        with trio.move_on_after(0.2):
+                            await download.wait_prefix_past(ready)
+                    await download.wait_finished()  # (raises if it failed)
+                outcome = Outcome(path, download.content_length, req.task_id)
             except DownloadFailed as exc:
                 failure = exc.reason + (f" (HTTP {exc.http_status})" if exc.http_status else "")
         nursery.cancel_scope.cancel()
@@ -315,12 +323,13 @@ def run_get(args: Any, cfg: PeerConfig) -> int:
         except DaemonUnavailable:
             copier.abandon()
             copier = Copier(output, digest)
+            live = None if args.hard_link else copier
             try:
                 _check_files(cfg)
             except ConfigError as exc:
                 print(f"dragonfly: configuration error: {exc}", file=sys.stderr)
                 return 2
-            outcome = trio.run(_embedded, cfg, spec, progress)
+            outcome = trio.run(_embedded, cfg, spec, progress, live)
         progress.done()
         copier.finish(outcome.path, outcome.content_length, hard_link=args.hard_link)
     except GetError as exc:

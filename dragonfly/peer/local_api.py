@@ -90,7 +90,7 @@ class LocalAPIHandler:
                     }
                 )
                 with trio.move_on_after(0.1):
-                    await _wait_past(download, ready)
+                    await download.wait_prefix_past(ready)
             await line(
                 {
                     "state": "succeeded",
@@ -105,14 +105,3 @@ class LocalAPIHandler:
         except DownloadFailed as exc:
             await line({"state": "failed", "reason": exc.reason, "http_status": exc.http_status})
         await responder.finish()
-
-
-async def _wait_past(download: Download, ready: int) -> None:
-    """Until the piece at `ready` (the end of the verified prefix) is in, or the download
-    finished. Waiting on that piece, as a streaming proxy client does, keeps the picker's
-    in-order window at the copier: the prefix then grows while the task downloads, where
-    pieces taken rarest first would leave nearly all of the copy for the end."""
-    if download.content_length < 0 or ready >= download.content_length:
-        await download.wait_finished()
-        return
-    await download.wait_piece(ready // download.piece_length)

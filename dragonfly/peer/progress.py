@@ -150,6 +150,17 @@ class DownloadProgress:
                 del self._waiting[number]
             self.machine.streaming_from(min(self._waiting) if self._waiting else None)
 
+    async def wait_prefix_past(self, ready: int) -> None:
+        """Until the piece at `ready` (the end of the verified prefix) is in, or the
+        download finished. Waiting on that piece, as a streaming proxy client does, keeps
+        the picker's in-order window there: a client copying the prefix out (`dragonfly
+        get`) then follows the download, where pieces taken rarest first would leave
+        nearly all of the copy for the end."""
+        if self.content_length < 0 or ready >= self.content_length:
+            await self.wait_finished()
+            return
+        await self.wait_piece(ready // self.piece_length)
+
     async def wait_finished(self) -> None:
         while not self.finished.is_set():
             self._check_alive()

@@ -67,6 +67,23 @@ def test_get_through_a_peer_and_embedded(tmp_path: Path, www: Path, nginx: Nginx
     )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "e").read_bytes() == data
+    # ... and copying the file out as it arrives, checked against its digest
+    r = get(
+        url + "?embedded-copy",
+        "-O",
+        str(tmp_path / "e2"),
+        "--peer",
+        str(tmp_path / "no-daemon-here"),
+        "--set",
+        f"storage.data_dir={tmp_path / 'embedded'}",
+        "--set",
+        "scheduler.addresses=[]",
+        "--digest",
+        digest,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "e2").read_bytes() == data
+    assert not list(tmp_path.glob(".e2.*"))  # no temporary file left beside it
     # bad usage is exit 2
     r = get(url, "-O", str(tmp_path / "f"), "--digest", "md5:abc")
     assert r.returncode == 2 and "--digest" in r.stderr
