@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 from structlog.testing import capture_logs
 
 from dragonfly.net import http_server
 from dragonfly.net.http_client import HTTPClient
 from dragonfly.net.http_connection import ClientGone
-from dragonfly.net.http_response import send_file_response
+from dragonfly.net.http_response import prepare_head, send_file_response
 from dragonfly.net.http_server import (
     Handler,
     Request,
@@ -26,6 +27,7 @@ from dragonfly.net.http_server import (
     bound_port,
     serve,
 )
+from dragonfly.wire.http_common import Headers
 
 
 def _handler(files: Path):
@@ -393,3 +395,43 @@ async def test_unread_body_closes_lingeringly(server: tuple[str, bytes], path: s
     reply = await trio.to_thread.run_sync(_send_then_read, port, head.encode() + body)
     assert reply.split(b" ")[1] == status, reply[:200]
     assert await _status_of(base) == b"404"
+
+
+async def test_a_client_pipelining_many_requests_lets_others_take_turns(tmp_path: Path):
+    """A local hit's answer goes out without a trip through the event loop (head sent at
+    once, sendfile with no checkpoint after a whole body), so a client that pipelines
+    many requests would keep the loop to itself: the server checkpoints between
+    pipelined requests, and another client's request is answered in the middle."""
+    body = b"0123456789"
+    (tmp_path / "small").write_bytes(body)
+    fd = os.open(tmp_path / "small", os.O_RDONLY)
+    head = prepare_head(200, Headers([(b"content-length", str(len(body)).encode())]))
+    order: list[str] = []
+    other_served = trio.Event()
+
+    async def handler(request: Request, responder: Responder) -> None:
+        order.append(request.target)
+        if request.target == "/b":
+            other_served.set()
+        responder.start_prepared(head)
+        await responder.sendfile(fd, 0, len(body))
+        await responder.finish()
+
+    burst = 200  # requests and answers both fit the sockets' buffers: no send waits
+    try:
+        async with running(handler) as port:
+            a, b = trio.socket.socket(), trio.socket.socket()
+            with a, b:
+                await a.connect(("127.0.0.1", port))
+                await b.connect(("127.0.0.1", port))
+                await a.send(
+                    b"".join(b"GET /a%d HTTP/1.1\r\nhost: x\r\n\r\n" % i for i in range(burst))
+                )
+                with trio.fail_after(10):
+                    while not order:  # the server is into the burst
+                        await trio.lowlevel.checkpoint()
+                    await b.send(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n")
+                    await other_served.wait()
+    finally:
+        os.close(fd)
+    assert order.index("/b") < burst // 2, order.index("/b")
