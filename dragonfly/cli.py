@@ -1,7 +1,6 @@
 """Command line: `python -m dragonfly --role ROLE` and the subcommands.
 
-Exit codes: 0 success, 1 a failed operation, 2 bad usage or configuration,
-3 a part that is not built yet.
+Exit codes: 0 success, 1 a failed operation, 2 bad usage or configuration.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from dragonfly.log import LEVELS, configure, get_logger
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_NOT_BUILT = 3
 
 ROLE_HELP = {
     "manager": "clusters, keepalive, dynamic config, preheat jobs, web console",
@@ -35,16 +33,16 @@ ROLE_HELP = {
     "peer": "HTTP proxy, download engine and upload server on every host",
 }
 
-# A role is runnable once dragonfly.nursery has a runner for it: a callable
-# taking the validated config and returning the exit code.
+# Each role's runner (dragonfly.nursery.RUNNERS): a callable taking the validated
+# config and returning the exit code.
 RoleRunner = Callable[[RoleConfig], int]
 
 
-def _role_runner(role: str) -> RoleRunner | None:
+def _role_runner(role: str) -> RoleRunner:
     from dragonfly import nursery
 
-    runners: dict[str, RoleRunner] = getattr(nursery, "RUNNERS", {})
-    return runners.get(role)
+    runners: dict[str, RoleRunner] = nursery.RUNNERS
+    return runners[role]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Roles:\n"
         + "\n".join(f"  {r:<10} {h}" for r, h in ROLE_HELP.items())
         + "\n\nConfiguration: TOML file < DRAGONFLY_SECTION__KEY environment < --set."
-        "\nExit codes: 0 ok, 1 failed, 2 bad usage or config, 3 not built yet.",
+        "\nExit codes: 0 ok, 1 failed, 2 bad usage or config.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dragonfly {__version__}")
@@ -303,13 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         assert isinstance(cfg, PeerConfig)
         return run_get(args, cfg)
-    if args.command is not None:
-        print(f"dragonfly: '{args.command}' is not built yet", file=sys.stderr)
-        return EXIT_NOT_BUILT
     runner = _role_runner(role)
-    if runner is None:
-        print(f"dragonfly: role '{role}' is not built yet", file=sys.stderr)
-        return EXIT_NOT_BUILT
     if role != "manager":
         # The cluster secret or host credential: missing or readable by others stops the
         # start with the key's name and the command that makes one.

@@ -1,4 +1,4 @@
-"""The command line: help, config errors (exit 2), roles not built yet (exit 3)."""
+"""The command line: help, config errors (exit 2), the role runners."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dragonfly.cli import EXIT_NOT_BUILT, EXIT_USAGE, main
+from dragonfly.cli import EXIT_USAGE, main
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -41,17 +41,6 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
 def test_unknown_role_is_usage_error() -> None:
     r = run("--role", "tracker")
     assert r.returncode == EXIT_USAGE and "invalid choice" in r.stderr
-
-
-@pytest.mark.parametrize("role", ["manager", "scheduler", "seed-peer", "peer"])
-def test_a_role_without_a_runner_says_so(
-    role: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from dragonfly import nursery
-
-    monkeypatch.setattr(nursery, "RUNNERS", {}, raising=False)
-    assert main(["--role", role, "--config", f"conf/{role}.toml"]) == EXIT_NOT_BUILT
-    assert f"role '{role}' is not built yet" in capsys.readouterr().err
 
 
 def test_a_role_runner_gets_the_validated_config(monkeypatch: pytest.MonkeyPatch) -> None:
