@@ -122,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--tls",
         action="store_true",
-        help="TLS on the scheduler and upload ports (a CA and certificates in WORKDIR/tls); "
-        "no manager for now",
+        help="TLS on the scheduler and upload ports (a CA and certificates in WORKDIR/tls)",
     )
     cluster.add_argument(
         "--no-manager",

@@ -34,8 +34,8 @@ as Dragonfly does, and every node here shares 127.0.0.1.
 With `tls` (`cluster --tls`), WORKDIR/tls holds the cluster's CA and a certificate per
 node: schedulers serve wss:// and https, peers their upload ports over TLS and verify
 both with the CA (server.tls_*, upload.tls_*, trust.ca_file, which the cluster sets).
-A TLS cluster starts no manager for now: the manager does not yet tell peers which
-schedulers speak TLS.
+With a manager, the schedulers announce TLS to it (the feature "tls") and the peers
+it answers connect over wss:// (the manager's own port stays plain HTTP).
 cluster.json then gives wss:// and https:// URLs, and the CA's file as "ca_file".
 """
 
@@ -357,8 +357,6 @@ class Cluster:
             time.sleep(0.05)
 
     def start(self) -> Cluster:
-        if self.tls:
-            self.manager = False  # (see the module's docstring)
         settings = self.check()
         self.workdir.mkdir(parents=True, exist_ok=True)
         # The environment's settings are in each node's file already: a node must not

@@ -270,6 +270,7 @@ class PeerDaemon:
                             on_config=self.apply_cluster_config,
                             interval=cfg.scheduler.refresh_interval,
                             timeout=cfg.scheduler.connect_timeout,
+                            ssl_context=self.cluster_tls,
                         )
                         await nursery.start(self.discovery.run)
                     nursery.start_soon(

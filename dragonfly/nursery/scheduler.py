@@ -276,7 +276,9 @@ class SchedulerServer:
             cluster_id=self.config.manager.cluster_id,
             idc=host.idc,
             location=host.location,
-            features=["schedule", "preheat"],
+            # "tls": this scheduler speaks wss:// and https (peers found through the
+            # manager connect so, verifying it with the cluster's CA).
+            features=["schedule", "preheat", *(["tls"] if self.tls else [])],
             version=__version__,
         )
         return ManagerMember(

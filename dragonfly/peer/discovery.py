@@ -4,7 +4,8 @@ what its cluster's settings are, every scheduler.refresh_interval (every 0.2 s t
 
 The manager ranks its clusters for this host (CIDR, host name, IDC, location) and
 answers with the active schedulers of the best one and that cluster's settings. Each
-scheduler's /healthy is checked; the ones that answer 200 become the host's schedulers
+scheduler's /healthy is checked (over https, with the cluster's CA, for one that speaks
+TLS); the ones that answer 200 become the host's schedulers
 (the consistent-hash ring over them, dragonfly/peer/scheduler_client.py). An answer
 with none that answers changes nothing: the schedulers in use stay. With a credential,
 the manager must prove it holds the cluster secret before it is asked anything.
@@ -12,6 +13,7 @@ the manager must prove it holds the cluster secret before it is asked anything.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 
 import trio
@@ -30,8 +32,11 @@ RETRY_MIN, RETRY_MAX = 0.2, 2.0  # asking again until the manager names a live s
 
 
 def scheduler_address(entry: SchedulerEntry) -> str:
+    """The scheduler's websocket URL: wss:// where it says it speaks TLS (the feature
+    "tls" it announced to the manager)."""
     host = f"[{entry.ip}]" if ":" in entry.ip else entry.ip
-    return f"ws://{host}:{entry.port}"
+    scheme = "wss" if "tls" in entry.features else "ws"
+    return f"{scheme}://{host}:{entry.port}"
 
 
 class Discovery:
@@ -46,6 +51,7 @@ class Discovery:
         on_config: Callable[[ClusterConfig], None],
         interval: float,
         timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.manager = manager
         self.pool = pool
@@ -55,6 +61,7 @@ class Discovery:
         self.on_config = on_config
         self.interval = interval
         self.timeout = timeout
+        self.ssl_context = ssl_context  # the cluster's CA: a TLS scheduler's health check
         self.found = False  # the manager named a scheduler that answers, at least once
         self.rounds = 0  # answers received
         self.answered = trio.Event()  # the first answer came (its settings are applied)
@@ -118,7 +125,9 @@ class Discovery:
     async def _healthy(self, entries: list[SchedulerEntry]) -> list[str]:
         """The addresses of the schedulers whose /healthy answers 200, in the given order."""
         up: dict[str, bool] = {}
-        client = HTTPClient(connect_timeout=self.timeout, read_timeout=self.timeout)
+        client = HTTPClient(
+            connect_timeout=self.timeout, read_timeout=self.timeout, ssl_context=self.ssl_context
+        )
 
         async def check(entry: SchedulerEntry) -> None:
             address = scheduler_address(entry)

@@ -62,7 +62,14 @@ def test_a_tls_cluster_moves_every_piece_over_tls(tmp_path: Path, www: Path, ngi
             if n.role != "scheduler"
         )
         assert uploaded >= 2 * size  # and every one of them went out over TLS:
+        # the peers found their schedulers through the manager, which the schedulers
+        # told they speak TLS: wss:// ("tls" among their features)
+        for name in ("peer-0", "peer-1"):
+            log = (tmp_path / "c" / "logs" / f"{name}.log").read_text()
+            assert "schedulers from the manager" in log and "wss://" in log, name
         for node in cluster.nodes:
+            if node.role == "manager":
+                continue  # (its port is plain HTTP: TLS is on the scheduler and upload ports)
             https = node.info["metrics"]
             plain = https.replace("https://", "http://")
             assert _curl(plain).returncode != 0, f"{node.name} answered plain HTTP"

@@ -260,3 +260,15 @@ async def test_a_send_that_meets_the_connections_eof_closes_it_not_the_server() 
     server.protocol = Protocol()  # type: ignore[assignment]
     await server.protocol_send(RawData(data=b"\x88\x00"))  # a close frame's answer
     assert len(handled) == 1 and isinstance(handled[0], Closed)
+
+
+def test_a_scheduler_that_announced_tls_is_reached_over_wss() -> None:
+    from dragonfly.peer.discovery import scheduler_address
+    from dragonfly.wire.messages import SchedulerEntry
+
+    def entry(ip: str, features: list[str]) -> SchedulerEntry:
+        return SchedulerEntry(id=1, hostname="s", ip=ip, port=8002, features=features)
+
+    assert scheduler_address(entry("10.0.0.1", ["schedule"])) == "ws://10.0.0.1:8002"
+    assert scheduler_address(entry("10.0.0.1", ["schedule", "tls"])) == "wss://10.0.0.1:8002"
+    assert scheduler_address(entry("fd00::1", ["tls"])) == "wss://[fd00::1]:8002"
