@@ -12,18 +12,25 @@ import trio
 from dragonfly.engine.actions import Fetch
 from dragonfly.net.channel import ANNOUNCE_PATH, ChannelClosed, connect
 from dragonfly.net.http_client import HTTPClient, HTTPClientError
-from dragonfly.net.http_client_response import discard
 from dragonfly.peer.context import DownloadContext
 from dragonfly.storage import DigestMismatch, PieceSink, StorageError
 from dragonfly.trust import TICKET_HEADER, Ticket
 from dragonfly.wire.codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 from dragonfly.wire.messages import AnnounceDone, Hello, ParentInfo, PieceAnnounce, Subscribe
 
-__all__ = ["ParentBusy", "ParentLink"]
+__all__ = ["LEAVING", "ParentBusy", "ParentLink"]
+
+# The body of the 503 a stopping host answers (dragonfly/peer/upload.py): the child drops
+# that parent rather than ask it again.
+LEAVING = b"stopping: this host leaves\n"
 
 
 class ParentBusy(Exception):
     """A parent refused a piece request at once: every upload slot of its host is taken."""
+
+
+class ParentLeaving(Exception):
+    """A parent refused a piece request because its host is stopping (SIGTERM)."""
 
 
 @dataclass
@@ -103,6 +110,11 @@ class ParentLink:
         except ParentBusy:
             # Not a failure: the parent is full; the machine asks it again a moment later.
             dl.feed(machine.piece_busy(fid, trio.current_time()))
+        except ParentLeaving:
+            # Not a failure either, but it will not serve again: ask the others.
+            dl.log.info("parent leaves", parent=pid)
+            dl.feed(machine.piece_busy(fid, trio.current_time()))
+            dl.feed(machine.parent_gone(pid, trio.current_time()))
         except DigestMismatch:
             metrics.piece_failures.labels("digest").inc()
             dl.log.info("piece failed", number=number, parent=pid, reason="digest mismatch")
@@ -137,7 +149,8 @@ class ParentLink:
         headers = [(TICKET_HEADER, ticket.header())] if ticket is not None else []
         async with self.client.request("GET", url, headers) as r:
             if r.status == 503:
-                await discard(r)
+                if await r.read(4096) == LEAVING:  # (a busy 503 says so in a few bytes)
+                    raise ParentLeaving(url)
                 raise ParentBusy(url)
             if r.status != 200:
                 raise HTTPClientError(f"parent answered {r.status}")

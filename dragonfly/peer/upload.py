@@ -22,6 +22,7 @@ from dragonfly.log import LogLimiter, get_logger
 from dragonfly.net.channel import ANNOUNCE_PATH, Channel, ChannelClosed
 from dragonfly.net.http_connection import ClientGone, Request
 from dragonfly.net.http_response import Responder
+from dragonfly.peer.parents import LEAVING
 from dragonfly.peer.services import PeerServices
 from dragonfly.peer.serving import serve_common
 from dragonfly.storage import StorageError, TaskState, UnknownTask
@@ -105,9 +106,7 @@ class UploadHandler:
                     await responder.send(404, f"piece {number} of {task_id} not held\n".encode())
                     return
                 if daemon.stopping:  # the child asks another parent
-                    await responder.send(
-                        503, b"stopping: this host leaves\n", headers=[(b"retry-after", b"1")]
-                    )
+                    await self._stopping(responder)
                     return
                 download = daemon.tasks.active(task_id)
                 limit = self.load_limit
@@ -125,22 +124,26 @@ class UploadHandler:
                         503, b"busy: every upload slot is taken\n", headers=[(b"retry-after", b"1")]
                     )
                     return
-                await limit.acquire()
-                daemon.metrics.active_uploads.inc()
-                try:
-                    with daemon.uploads:
-                        headers = Headers(
-                            [
-                                (b"content-length", str(piece.length).encode()),
-                                (b"content-type", b"application/octet-stream"),
-                            ]
-                        )
-                        await responder.start(200, headers)
-                        await self._send(responder, handle.file.fd, piece.offset, piece.length)
-                        await responder.finish()
-                finally:
-                    daemon.metrics.active_uploads.dec()
-                    limit.release()
+                # A request waiting for its slot is in flight too: a drain (SIGTERM) waits
+                # for it to be answered rather than cut its connection.
+                with daemon.uploads:
+                    async with limit:
+                        if daemon.stopping:  # it waited while the host began to leave
+                            await self._stopping(responder)
+                            return
+                        daemon.metrics.active_uploads.inc()
+                        try:
+                            headers = Headers(
+                                [
+                                    (b"content-length", str(piece.length).encode()),
+                                    (b"content-type", b"application/octet-stream"),
+                                ]
+                            )
+                            await responder.start(200, headers)
+                            await self._send(responder, handle.file.fd, piece.offset, piece.length)
+                            await responder.finish()
+                        finally:
+                            daemon.metrics.active_uploads.dec()
                 download = daemon.tasks.active(task_id)
                 if download is not None:
                     download.piece_uploaded(number)
@@ -148,6 +151,10 @@ class UploadHandler:
             await responder.send(404, f"task {task_id} not held\n".encode())
         except StorageError as exc:
             await responder.send(503, f"{exc}\n".encode())
+
+    @staticmethod
+    async def _stopping(responder: Responder) -> None:
+        await responder.send(503, LEAVING, headers=[(b"retry-after", b"1")])
 
     async def _send(self, responder: Responder, fd: int, offset: int, length: int) -> None:
         limiter = self.daemon.upload_limiter
