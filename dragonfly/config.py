@@ -160,14 +160,10 @@ class UploadSection:
     )
     rate_limit: Rate = opt(0, "total upload rate in bytes/s; 0: unlimited", min=0)
     concurrent_limit: int = opt(
-        1,
-        "pieces sent at once; one, at the whole upload, so that each lands soonest and is "
-        "passed on (raise it where children read slower than this host uploads)",
-        min=1,
-        max=10000,
+        2, "pieces sent at once; few, so that each lands soon and is passed on", min=1, max=10000
     )
     queue_limit: int = opt(
-        1,
+        2,
         "piece requests that wait for a sending slot; more are answered 503 at once",
         min=0,
         max=10000,
