@@ -1,0 +1,79 @@
+"""The pre-scan's fast path (arrays of scalars and short strings skipped in one loop)
+accepts exactly what the general path accepts and refuses with the same error."""
+
+from unittest import mock
+
+import cbor2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dragonfly.wire import prescan
+from dragonfly.wire.errors import ProtocolError
+from tests.unit.test_codec import mutate
+
+SETTINGS = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Values whose arrays the fast path takes: scalars, short strings, flat arrays of them.
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=30)
+    | st.binary(max_size=40)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=30) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=60,
+)
+# Raw items that either path must refuse or treat specially, spliced in at random.
+ODD_ITEMS = [
+    *(b"\xc1\x01", b"\xf7", b"\xe0", b"\x1c", b"\x9f\x01\xff", b"\x5f\xff", b"\x80", b"\xa0"),
+    *(b"\x78\xff", b"\x58\x40", b"\x99\x00\x05", b"\x9b" + b"\xff" * 8, b"\x81" * 10 + b"\x01"),
+]
+odd_items = st.sampled_from(ODD_ITEMS)
+
+
+def _outcome(frame: bytes) -> str:
+    try:
+        prescan._prescan(frame)
+    except ProtocolError as e:
+        return f"{e} fatal={e.fatal}"
+    return "ok"
+
+
+def _general_outcome(frame: bytes) -> str:
+    with mock.patch.object(prescan, "_skip_flat", lambda *args: -1):
+        return _outcome(frame)
+
+
+@SETTINGS
+@given(value=values, data=st.data())
+def test_fast_path_agrees_with_the_general_path(value: object, data: st.DataObject) -> None:
+    frame = mutate(
+        cbor2.dumps(value), data, st.integers(0, 3), st.binary(min_size=1, max_size=3) | odd_items
+    )
+    assert _outcome(frame) == _general_outcome(frame)
+
+
+def test_fast_path_is_taken_for_compact_records() -> None:
+    record = [7, 7 << 22, 4 << 20, bytes(32), "parent-" * 3, 40]
+    frame = cbor2.dumps({"t": "pieces_finished", "pieces": [record] * 16})
+    with mock.patch.object(prescan, "_skip_flat", wraps=prescan._skip_flat) as skip:
+        prescan._prescan(frame)
+    # one call for the array of records, one for each record inside it, and no more
+    assert [call.args[2] for call in skip.call_args_list] == [16] + [6] * 16
+
+
+def test_depth_limit_is_kept_on_the_fast_path() -> None:
+    # 8 levels of arrays, the last of scalars: allowed; one more is not, even flat
+    assert _outcome(b"\x81" * 7 + b"\x82\x01\x02") == "ok"
+    assert _outcome(b"\x81" * 8 + b"\x82\x01\x02").startswith("nesting deeper than 8")
+    assert _outcome(b"\x81" * 7 + b"\x81\x80").startswith("nesting deeper than 8")
+    for frame in (
+        b"\x81" * 7 + b"\x82\x01\x02",
+        b"\x81" * 7 + b"\x81\x80",
+        b"\x81" * 6 + b"\x81\x80",
+    ):
+        assert _outcome(frame) == _general_outcome(frame)
