@@ -61,6 +61,7 @@ class _ClassSpec:
     validate: _Validator
     encode: Callable[[Any], Any]  # to a CBOR-ready value (for nesting)
     to_bytes: Callable[[Any], bytes] | None = None  # messages: the whole frame
+    many: _Validator | None = None  # a list of compact records (see _many_source)
 
 
 _SPECS: dict[type, _ClassSpec] = {}
@@ -102,6 +103,7 @@ def _class_spec(cls: type, tag: str | None = None) -> _ClassSpec:
     body: list[str] = []
     enc_items: list[str] = [] if tag is None else [f"{_TAG_KEY!r}: {tag!r}"]
     n_required = 0
+    fast_tests: list[str] = []  # each field's inline test, while every field has one
     for i, f in enumerate(fields):
         if f.name == _TAG_KEY and tag is not None:
             raise TypeError(f"{cls.__name__}: field name {_TAG_KEY!r} is reserved")
@@ -124,7 +126,10 @@ def _class_spec(cls: type, tag: str | None = None) -> _ClassSpec:
         ns[f"_v{i}"] = ts.validate
         if ts.fast is None:
             check = f"{a} = _check(_v{i}, {a}, {seg})"
+            fast_tests = []
         else:
+            if len(fast_tests) == i:
+                fast_tests.append(ts.fast(a))
             check = f"if not ({ts.fast(a)}): {a} = _check(_v{i}, {a}, {seg})"
         if f.default_factory is not dataclasses.MISSING:
             ns[f"_f{i}"] = f.default_factory
@@ -184,12 +189,42 @@ def _class_spec(cls: type, tag: str | None = None) -> _ClassSpec:
         src += "def encode(o):\n    return [" + ", ".join(enc_items) + "]\n"
     else:
         src += "def encode(o):\n    return {" + ", ".join(enc_items) + "}\n"
+    if is_compact and len(fast_tests) == n:
+        src += _many_source(n, fast_tests, tail)
     exec(compile(src, f"<wire codec for {cls.__qualname__}>", "exec"), ns)
-    spec = _ClassSpec(cls=cls, compact=is_compact, validate=ns["validate"], encode=ns["encode"])
+    spec = _ClassSpec(
+        cls=cls,
+        compact=is_compact,
+        validate=ns["validate"],
+        encode=ns["encode"],
+        many=ns.get("validate_many"),
+    )
     if tag is not None:
         spec.to_bytes = _frame_encoder(cls, tag, hints, ns)
     _SPECS[cls] = spec
     return spec
+
+
+def _many_source(n: int, tests: list[str], tail: list[str]) -> str:
+    """validate_many(xs): a list of compact records in one loop. A record with all its
+    fields, each passing its inline test, is built on the spot; any other goes through
+    validate (which raises naming the field), so the result is validate's for each."""
+    names = ", ".join(f"a{i}" for i in range(n))
+    *build, last = tail  # (building the record, then "return RECORD")
+    build.append(f"append({last.removeprefix('return ')})")
+    lines = [
+        "out = []",
+        "append = out.append",
+        "for x in xs:",
+        f"    if type(x) is list and len(x) == {n}:",
+        f"        {names}, = x",
+        "        if " + " and ".join(f"({t})" for t in tests) + ":",
+        *(f"            {line}" for line in build),
+        "            continue",
+        "    append(validate(x))",
+        "return out",
+    ]
+    return "def validate_many(xs):\n" + "".join(f"    {line}\n" for line in lines)
 
 
 def _compile(tp: Any, meta: dict[str, Any]) -> _TypeSpec:
@@ -247,7 +282,7 @@ def _compile(tp: Any, meta: dict[str, Any]) -> _TypeSpec:
         if issubclass(tp, Message):
             raise TypeError(f"a message ({tp.__name__}) cannot be nested")
         spec = _class_spec(tp)
-        return _TypeSpec(spec.validate, spec.encode, None)
+        return _TypeSpec(spec.validate, spec.encode, None, spec.many)
     raise TypeError(f"unsupported field type {tp!r}")
 
 
