@@ -182,7 +182,12 @@ def _class_spec(cls: type, tag: str | None = None) -> _ClassSpec:
             "    raise _Invalid('expected map, got ' + _tname(x))",
             "get = x.get",
         ]
-    if use_slots:
+    twin = _mutable_twin(cls) if use_slots else None
+    if twin is not None:
+        ns["_twin"] = twin
+        stores = (f"o.{f.name} = a{i}" for i, f in enumerate(fields))
+        tail = ["o = _new(_twin)", *stores, "o.__class__ = _cls", "return o"]
+    elif use_slots:
         tail = ["o = _new(_cls)", *(f"_s{i}(o, a{i})" for i in range(n)), "return o"]
     else:
         tail = ["return _cls(" + ", ".join(f"{f.name}=a{i}" for i, f in enumerate(fields)) + ")"]
@@ -205,6 +210,21 @@ def _class_spec(cls: type, tag: str | None = None) -> _ClassSpec:
         spec.to_bytes = _frame_encoder(cls, tag, hints, ns)
     _SPECS[cls] = spec
     return spec
+
+
+def _mutable_twin(cls: type) -> type | None:
+    """A plain class with the slots of the frozen slotted ``cls``: the generated validators
+    fill one with plain stores and then make it a ``cls`` by setting its ``__class__`` (the
+    same layout, so CPython allows it), about half the cost of calling each frozen slot's
+    setter. None where CPython refuses the assignment (another layout)."""
+    slots = cls.__dict__.get("__slots__", ())
+    twin = type(f"_{cls.__name__}Draft", cls.__bases__, {"__slots__": slots})
+    draft: Any = object.__new__(twin)
+    try:
+        draft.__class__ = cls
+    except TypeError:
+        return None
+    return twin
 
 
 def _many_source(n: int, tests: list[str], tail: list[str]) -> str:

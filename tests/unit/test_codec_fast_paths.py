@@ -3,6 +3,7 @@ scalars and short strings skipped in one loop) accepts exactly what the general 
 accepts and refuses with the same error; a list of compact records validated in one loop
 gives what validating each record gives, or the same error."""
 
+import dataclasses
 from typing import Any
 from unittest import mock
 
@@ -12,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dragonfly.wire import prescan
+from dragonfly.wire.codec import decode, encode
 from dragonfly.wire.errors import ProtocolError
-from dragonfly.wire.messages import PieceDigest, PieceReport
-from dragonfly.wire.schema import _SPECS
+from dragonfly.wire.messages import PieceDigest, PieceReport, PiecesFinished
+from dragonfly.wire.schema import _SPECS, _mutable_twin
 from dragonfly.wire.validators import _Invalid
 from tests.unit.test_codec import mutate
 
@@ -119,3 +121,37 @@ def test_many_records_validate_as_each_one(cls: type, xs: list[Any]) -> None:
     assert spec.many is not None
     one_by_one = _validated(lambda items: [spec.validate(x) for x in items], xs)
     assert _validated(spec.many, xs) == one_by_one
+
+
+def test_decoded_records_are_the_frozen_classes_themselves() -> None:
+    reports = [
+        PieceReport(n, n << 22, 4 << 20, bytes([n]) * 32, f"parent-{n}", 40) for n in range(3)
+    ]
+    msg = decode(encode(PiecesFinished(peer_id="p", task_id="t", pieces=reports)))
+    assert type(msg) is PiecesFinished
+    assert msg == PiecesFinished(peer_id="p", task_id="t", pieces=reports)
+    for got, sent in zip(msg.pieces, reports, strict=True):
+        assert type(got) is PieceReport
+        assert got == sent and hash(got) == hash(sent)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            got.number = 9  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        msg.peer_id = "q"  # type: ignore[misc]
+
+
+def test_a_class_of_another_layout_gets_no_twin() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class WithDict:
+        a: int
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Slotted:
+        a: int
+
+    assert _mutable_twin(WithDict) is None
+    twin = _mutable_twin(Slotted)
+    assert twin is not None
+    draft = object.__new__(twin)
+    draft.a = 1
+    draft.__class__ = Slotted
+    assert draft == Slotted(1)
