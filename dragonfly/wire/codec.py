@@ -25,7 +25,7 @@ comes first (the only *fatal* error), then a pure-Python structural pre-scan of
 the raw bytes (no indefinite lengths, no tags, no simple values other than
 false/true/null, nesting at most ``MAX_DEPTH``, map keys must be text strings
 and unique, declared lengths must fit, exactly one item with no trailing bytes),
-then ``cbor2.loads`` and schema validation.  Whatever the input, ``decode``
+then cbor2's decoder and schema validation.  Whatever the input, ``decode``
 returns a registered message or raises ``ProtocolError``.
 """
 
