@@ -32,6 +32,17 @@ def _scalar_sizes() -> bytes:
 _SCALAR_SIZE = _scalar_sizes()
 
 
+def _flat_sizes() -> bytes:
+    """Initial byte -> total size of a scalar or of a string of < 24 bytes, else 0."""
+    sizes = bytearray(_SCALAR_SIZE)
+    for ib in (*range(0x40, 0x58), *range(0x60, 0x78)):
+        sizes[ib] = 1 + (ib & 31)
+    return bytes(sizes)
+
+
+_FLAT_SIZE = _flat_sizes()
+
+
 def _prescan(data: bytes, max_depth: int = MAX_DEPTH) -> None:
     """Check the raw CBOR structure before cbor2 sees it; raise ProtocolError on anything odd.
 
@@ -110,6 +121,14 @@ def _prescan(data: bytes, max_depth: int = MAX_DEPTH) -> None:
                         raise ProtocolError(
                             f"container of {count} items exceeds the {n - pos} remaining bytes"
                         )
+                    if count and major == 4:
+                        # Arrays of scalars and short strings (a compact record, a list
+                        # of IDs), and arrays of those, are skipped in one tight loop;
+                        # anything else, or an overrun, and the general path scans it.
+                        end = _skip_flat(data, pos, count, len(stack) + 1 < max_depth)
+                        if 0 <= end <= n:
+                            pos = end
+                            count = 0
                     if count:
                         stack.append((rem, keys))
                         rem = count
@@ -135,6 +154,30 @@ def _prescan(data: bytes, max_depth: int = MAX_DEPTH) -> None:
         raise ProtocolError(f"truncated CBOR item ({n} bytes)")
     if pos != n:
         raise ProtocolError(f"trailing bytes after CBOR item ({pos} of {n} consumed)")
+
+
+def _skip_flat(data: bytes, pos: int, count: int, nested: bool) -> int:
+    """Where ``count`` items from ``pos`` end when each is a scalar or a string of < 256
+    bytes, or (``nested``: one more level is within the depth) an array of < 24 such
+    items; -1 when one is not. The end may be past the data: the caller checks."""
+    flat = _FLAT_SIZE
+    try:
+        for _ in range(count):
+            ib = data[pos]
+            size = flat[ib]
+            if size:
+                pos += size
+            elif ib == 0x58 or ib == 0x78:
+                pos += 2 + data[pos + 1]
+            elif nested and 0x80 <= ib <= 0x97:
+                pos = _skip_flat(data, pos + 1, ib - 0x80, False)
+                if pos < 0:
+                    return -1
+            else:
+                return -1
+    except IndexError:
+        return -1
+    return pos
 
 
 def _long_string(data: bytes, pos: int, n: int) -> tuple[int, int]:

@@ -6,8 +6,10 @@ records it has sent before from a cache.  Registration (``@message``) is in code
 """
 
 import dataclasses
+import io
 import math
 import operator
+import threading
 import types
 import typing
 from collections.abc import Callable
@@ -61,6 +63,7 @@ class _ClassSpec:
     validate: _Validator
     encode: Callable[[Any], Any]  # to a CBOR-ready value (for nesting)
     to_bytes: Callable[[Any], bytes] | None = None  # messages: the whole frame
+    many: _Validator | None = None  # a list of compact records (see _many_source)
 
 
 _SPECS: dict[type, _ClassSpec] = {}
@@ -102,6 +105,7 @@ def _class_spec(cls: type, tag: str | None = None) -> _ClassSpec:
     body: list[str] = []
     enc_items: list[str] = [] if tag is None else [f"{_TAG_KEY!r}: {tag!r}"]
     n_required = 0
+    fast_tests: list[str] = []  # each field's inline test, while every field has one
     for i, f in enumerate(fields):
         if f.name == _TAG_KEY and tag is not None:
             raise TypeError(f"{cls.__name__}: field name {_TAG_KEY!r} is reserved")
@@ -124,7 +128,10 @@ def _class_spec(cls: type, tag: str | None = None) -> _ClassSpec:
         ns[f"_v{i}"] = ts.validate
         if ts.fast is None:
             check = f"{a} = _check(_v{i}, {a}, {seg})"
+            fast_tests = []
         else:
+            if len(fast_tests) == i:
+                fast_tests.append(ts.fast(a))
             check = f"if not ({ts.fast(a)}): {a} = _check(_v{i}, {a}, {seg})"
         if f.default_factory is not dataclasses.MISSING:
             ns[f"_f{i}"] = f.default_factory
@@ -175,7 +182,12 @@ def _class_spec(cls: type, tag: str | None = None) -> _ClassSpec:
             "    raise _Invalid('expected map, got ' + _tname(x))",
             "get = x.get",
         ]
-    if use_slots:
+    twin = _mutable_twin(cls) if use_slots else None
+    if twin is not None:
+        ns["_twin"] = twin
+        stores = (f"o.{f.name} = a{i}" for i, f in enumerate(fields))
+        tail = ["o = _new(_twin)", *stores, "o.__class__ = _cls", "return o"]
+    elif use_slots:
         tail = ["o = _new(_cls)", *(f"_s{i}(o, a{i})" for i in range(n)), "return o"]
     else:
         tail = ["return _cls(" + ", ".join(f"{f.name}=a{i}" for i, f in enumerate(fields)) + ")"]
@@ -184,12 +196,57 @@ def _class_spec(cls: type, tag: str | None = None) -> _ClassSpec:
         src += "def encode(o):\n    return [" + ", ".join(enc_items) + "]\n"
     else:
         src += "def encode(o):\n    return {" + ", ".join(enc_items) + "}\n"
+    if is_compact and len(fast_tests) == n:
+        src += _many_source(n, fast_tests, tail)
     exec(compile(src, f"<wire codec for {cls.__qualname__}>", "exec"), ns)
-    spec = _ClassSpec(cls=cls, compact=is_compact, validate=ns["validate"], encode=ns["encode"])
+    spec = _ClassSpec(
+        cls=cls,
+        compact=is_compact,
+        validate=ns["validate"],
+        encode=ns["encode"],
+        many=ns.get("validate_many"),
+    )
     if tag is not None:
         spec.to_bytes = _frame_encoder(cls, tag, hints, ns)
     _SPECS[cls] = spec
     return spec
+
+
+def _mutable_twin(cls: type) -> type | None:
+    """A plain class with the slots of the frozen slotted ``cls``: the generated validators
+    fill one with plain stores and then make it a ``cls`` by setting its ``__class__`` (the
+    same layout, so CPython allows it), about half the cost of calling each frozen slot's
+    setter. None where CPython refuses the assignment (another layout)."""
+    slots = cls.__dict__.get("__slots__", ())
+    twin = type(f"_{cls.__name__}Draft", cls.__bases__, {"__slots__": slots})
+    draft: Any = object.__new__(twin)
+    try:
+        draft.__class__ = cls
+    except TypeError:
+        return None
+    return twin
+
+
+def _many_source(n: int, tests: list[str], tail: list[str]) -> str:
+    """validate_many(xs): a list of compact records in one loop. A record with all its
+    fields, each passing its inline test, is built on the spot; any other goes through
+    validate (which raises naming the field), so the result is validate's for each."""
+    names = ", ".join(f"a{i}" for i in range(n))
+    *build, last = tail  # (building the record, then "return RECORD")
+    build.append(f"append({last.removeprefix('return ')})")
+    lines = [
+        "out = []",
+        "append = out.append",
+        "for x in xs:",
+        f"    if type(x) is list and len(x) == {n}:",
+        f"        {names}, = x",
+        "        if " + " and ".join(f"({t})" for t in tests) + ":",
+        *(f"            {line}" for line in build),
+        "            continue",
+        "    append(validate(x))",
+        "return out",
+    ]
+    return "def validate_many(xs):\n" + "".join(f"    {line}\n" for line in lines)
 
 
 def _compile(tp: Any, meta: dict[str, Any]) -> _TypeSpec:
@@ -247,7 +304,7 @@ def _compile(tp: Any, meta: dict[str, Any]) -> _TypeSpec:
         if issubclass(tp, Message):
             raise TypeError(f"a message ({tp.__name__}) cannot be nested")
         spec = _class_spec(tp)
-        return _TypeSpec(spec.validate, spec.encode, None)
+        return _TypeSpec(spec.validate, spec.encode, None, spec.many)
     raise TypeError(f"unsupported field type {tp!r}")
 
 
@@ -303,6 +360,30 @@ def _array_head(n: int) -> bytes:
     return b"\x9b" + n.to_bytes(8, "big")
 
 
+class _Encoders(threading.local):
+    """Each thread's own cbor2 encoder, reused: cbor2 sets up a new encoder (its table of
+    types) in ~2.5 us, as long as encoding a whole small frame takes."""
+
+    def __init__(self) -> None:
+        self.encoder = cbor2.CBOREncoder(io.BytesIO())
+
+
+_encoders = _Encoders()
+
+
+def _dumps(value: Any) -> bytes:
+    """``cbor2.dumps(value)`` (the same bytes) with this thread's encoder."""
+    out = io.BytesIO()
+    encoder = _encoders.encoder
+    encoder.fp = out
+    try:
+        encoder.encode(value)
+    except BaseException:
+        _encoders.encoder = cbor2.CBOREncoder(io.BytesIO())  # nothing kept from a failure
+        raise
+    return out.getvalue()
+
+
 # A whole list is cached too when it has at least this many records: a task's digest
 # list goes out unchanged in every CandidateParents of the task, and checking it item by
 # item for identity (C speed) is ~3x cheaper than looking each record up.  Shorter lists
@@ -312,7 +393,7 @@ _WHOLE_LIST_BYTES = 16 << 20
 
 
 def _record_list_encoder(record_cls: type) -> Callable[[Any], bytes]:
-    dumps = cbor2.dumps
+    dumps = _dumps
     is_ = operator.is_
     record_encode = _class_spec(record_cls).encode
     caches = _record_caches
@@ -388,8 +469,8 @@ def _frame_encoder(
     plain_enc: Callable[[Any], Any] = ns["encode"]
     records = {f.name: _cacheable_record(hints[f.name]) for f in fields}
     if len(fields) + 1 >= 24 or not any(records.values()):  # (a map head of one byte)
-        return lambda o: cbor2.dumps(plain_enc(o))
-    env: dict[str, Any] = {"_dumps": cbor2.dumps, "_join": b"".join}
+        return lambda o: _dumps(plain_enc(o))
+    env: dict[str, Any] = {"_dumps": _dumps, "_join": b"".join}
     plain = [f"{_TAG_KEY!r}: {tag!r}"]
     lists = []
     for i, f in enumerate(fields):

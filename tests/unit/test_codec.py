@@ -127,11 +127,19 @@ def test_random_bytes_raise_only_protocol_error(frame: bytes) -> None:
     _decode_or_protocol_error(frame)
 
 
-@SETTINGS
-@given(msg=any_message, data=st.data())
-def test_mutated_frames_raise_only_protocol_error(msg: Message, data: st.DataObject) -> None:
-    frame = bytearray(encode(msg))
-    for _ in range(data.draw(st.integers(1, 4))):
+EDITS = st.integers(1, 4)
+INSERTS = st.binary(min_size=1, max_size=4)
+
+
+def mutate(
+    original: bytes,
+    data: st.DataObject,
+    edits: st.SearchStrategy[int] = EDITS,
+    inserts: st.SearchStrategy[bytes] = INSERTS,
+) -> bytes:
+    """The frame with a few random edits: bits flipped, bytes set, inserted, deleted, cut."""
+    frame = bytearray(original)
+    for _ in range(data.draw(edits)):
         op = data.draw(st.sampled_from(["flip", "insert", "delete", "truncate", "set"]))
         i = data.draw(st.integers(0, max(len(frame) - 1, 0)))
         if op == "flip" and frame:
@@ -139,12 +147,18 @@ def test_mutated_frames_raise_only_protocol_error(msg: Message, data: st.DataObj
         elif op == "set" and frame:
             frame[i] = data.draw(st.integers(0, 255))
         elif op == "insert":
-            frame[i:i] = data.draw(st.binary(min_size=1, max_size=4))
+            frame[i:i] = data.draw(inserts)
         elif op == "delete" and frame:
             del frame[i : i + data.draw(st.integers(1, 4))]
         elif op == "truncate":
             del frame[i:]
-    _decode_or_protocol_error(bytes(frame))
+    return bytes(frame)
+
+
+@SETTINGS
+@given(msg=any_message, data=st.data())
+def test_mutated_frames_raise_only_protocol_error(msg: Message, data: st.DataObject) -> None:
+    _decode_or_protocol_error(mutate(encode(msg), data))
 
 
 cbor_values = st.recursive(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import cbor2
 import pytest
@@ -101,3 +102,31 @@ def test_a_cached_list_is_matched_item_by_item() -> None:
         == (digests[:29])
     )
     assert decode(encode(first)) == first
+
+
+def test_the_reused_encoder_writes_what_cbor2_dumps_writes() -> None:
+    values = [{"t": "x", "n": [1, -2, 2**40], "b": b"\x00" * 40, "s": "é" * 30}, [], {}, None]
+    for value in values:
+        assert schema._dumps(value) == cbor2.dumps(value)
+    # a value that does not encode leaves nothing behind (a cycle-detection entry, say)
+    cyclic: list[object] = [1]
+    cyclic.append(cyclic)
+    for bad in (object(), cyclic):
+        with pytest.raises(cbor2.CBOREncodeError):
+            schema._dumps(bad)
+        for value in values:
+            assert schema._dumps(value) == cbor2.dumps(value)
+
+
+def test_each_thread_encodes_with_its_own_encoder() -> None:
+    seen: list[object] = []
+
+    def in_thread() -> None:
+        assert schema._dumps([1, "a"]) == cbor2.dumps([1, "a"])
+        seen.append(schema._encoders.encoder)
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join(timeout=10)
+    assert len(seen) == 1
+    assert seen[0] is not schema._encoders.encoder
