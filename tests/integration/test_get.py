@@ -53,34 +53,14 @@ def test_get_through_a_peer_and_embedded(tmp_path: Path, www: Path, nginx: Nginx
         assert r.returncode == 1 and "404" in r.stderr
         assert not (tmp_path / "d").exists()
     # no daemon answers: a one-shot peer in-process goes to the origin
-    r = get(
-        url,
-        "-O",
-        str(tmp_path / "e"),
-        "--peer",
-        str(tmp_path / "no-daemon-here"),
-        "--set",
-        f"storage.data_dir={tmp_path / 'embedded'}",
-        "--set",
-        "scheduler.addresses=[]",
-        "--hard-link",
-    )
+    # (no daemon at --peer, the one-shot peer's data in tmp_path/embedded, no scheduler)
+    embedded = ["--peer", str(tmp_path / "no-daemon-here"), "--set",
+                f"storage.data_dir={tmp_path / 'embedded'}", "--set", "scheduler.addresses=[]"]  # fmt: skip
+    r = get(url, "-O", str(tmp_path / "e"), *embedded, "--hard-link")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "e").read_bytes() == data
     # ... and copying the file out as it arrives, checked against its digest
-    r = get(
-        url + "?embedded-copy",
-        "-O",
-        str(tmp_path / "e2"),
-        "--peer",
-        str(tmp_path / "no-daemon-here"),
-        "--set",
-        f"storage.data_dir={tmp_path / 'embedded'}",
-        "--set",
-        "scheduler.addresses=[]",
-        "--digest",
-        digest,
-    )
+    r = get(url + "?embedded-copy", "-O", str(tmp_path / "e2"), *embedded, "--digest", digest)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "e2").read_bytes() == data
     assert not list(tmp_path.glob(".e2.*"))  # no temporary file left beside it
