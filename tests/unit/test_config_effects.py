@@ -14,7 +14,7 @@ from dragonfly.config import SchedulerConfig
 from dragonfly.log import get_logger
 from dragonfly.sched.scheduler import SchedulerSettings
 from dragonfly.wire.messages import CandidateParents
-from tests.unit.test_sched_scheduler import World, of, parents_of
+from tests.unit.sched_support import World, of, parents_of
 
 # Each key of the scheduler's [scheduling] and [gc] tables, and the setting it becomes.
 SETTINGS = {

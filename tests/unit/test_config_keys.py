@@ -31,6 +31,8 @@ REGISTRY_FAULTS = "tests/faults/test_registry_faults.py::"
 HTTPS = "tests/interop/test_https_proxy.py::test_hijacked_https_goes_peer_to_peer"
 HIJACK = "tests/integration/test_connect_tunnel.py::test_hijacked_requests_stay_on_the_tunnels_host"
 SCHED = "tests/unit/test_sched_scheduler.py::"
+SCHED_LIFE = "tests/unit/test_sched_lifecycle.py::"
+SCHED_INV = "tests/unit/test_sched_invariants.py::"
 SETTINGS = UT + "test_every_scheduling_and_gc_key_becomes_its_setting"
 CREDENTIALS = "tests/unit/test_credentials.py::"
 TRUST_SETTINGS = "tests/unit/test_sched_trust.py::test_trust_and_limits_keys_become_settings"
@@ -245,28 +247,28 @@ SCHEDULER: dict[str, tuple[str, ...]] = {
     ),
     "scheduling.filter_parent_limit": (
         SETTINGS,
-        SCHED + "test_same_events_and_seed_give_the_same_decisions",
+        SCHED_INV + "test_same_events_and_seed_give_the_same_decisions",
     ),
     "scheduling.back_to_source_count": (
         SETTINGS,
-        SCHED + "test_back_to_source_count_is_respected",
+        SCHED_LIFE + "test_back_to_source_count_is_respected",
     ),
     "scheduling.retry_limit": (
         SETTINGS,
-        SCHED + "test_no_parent_after_retries_goes_back_to_source",
+        SCHED_LIFE + "test_no_parent_after_retries_goes_back_to_source",
     ),
     "scheduling.retry_interval": (
         SETTINGS,
-        SCHED + "test_no_parent_after_retries_goes_back_to_source",
+        SCHED_LIFE + "test_no_parent_after_retries_goes_back_to_source",
     ),
     "scheduling.rejoin_grace": (
         SETTINGS,
         "tests/unit/test_sched_continuity.py::test_when_the_grace_ends_a_task_nobody_holds_gets_its_seed",
     ),
-    "gc.peer_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
-    "gc.task_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
-    "gc.host_ttl": (SETTINGS, SCHED + "test_collection_after_ttls"),
-    "gc.interval": (SETTINGS, SCHED + "test_collection_after_ttls"),
+    "gc.peer_ttl": (SETTINGS, SCHED_LIFE + "test_collection_after_ttls"),
+    "gc.task_ttl": (SETTINGS, SCHED_LIFE + "test_collection_after_ttls"),
+    "gc.host_ttl": (SETTINGS, SCHED_LIFE + "test_collection_after_ttls"),
+    "gc.interval": (SETTINGS, SCHED_LIFE + "test_collection_after_ttls"),
     "trust.secret_file": (
         CREDENTIALS + "test_roles_refuse_to_start_without_identity_naming_key_and_command",
         CREDENTIALS + "test_the_cli_refuses_to_start_a_scheduler_without_a_secret",

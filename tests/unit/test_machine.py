@@ -1,41 +1,29 @@
-"""The download machine, driven event by event: no sockets, no disk, no clock."""
+"""The download machine's P2P rules, driven event by event: no sockets, no disk, no clock."""
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any, TypeVar
-
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from dragonfly.engine.actions import (
     Action,
-    Announce,
     Cancel,
     Complete,
     Failed,
     Fetch,
-    FetchOrigin,
     Finished,
     MachineConfig,
     OpenTask,
     ProbeOrigin,
-    RangesDone,
-    Send,
     Stalled,
-    StreamOrigin,
     Subscribe,
     Unsubscribe,
 )
-from dragonfly.engine.machine import DownloadMachine, Phase
+from dragonfly.engine.machine import Phase
 from dragonfly.engine.requests import RequestTable
 from dragonfly.wire.messages import (
-    CandidateParents,
-    LeavePeer,
     NeedBackToSource,
-    ParentInfo,
     PeerFailed,
     PeerFinished,
     PieceDigest,
@@ -45,58 +33,18 @@ from dragonfly.wire.messages import (
     RegisterPeer,
     Reschedule,
     TaskFailed,
-    TaskMetadata,
-    TaskSpec,
 )
-
-A = TypeVar("A")
-PL = 4 << 20
-SPEC = TaskSpec(url="http://origin/file.bin")
-TASK = SPEC.task_id
-
-
-def digest(n: int) -> bytes:
-    return hashlib.sha256(f"piece {n}".encode()).digest()
-
-
-def parent(name: str) -> ParentInfo:
-    return ParentInfo(peer_id=name, host_id=f"h-{name}", ip="10.0.0.1", upload_port=4000)
-
-
-def of(actions: list[Action], kind: type[A]) -> list[A]:
-    return [a for a in actions if isinstance(a, kind)]
-
-
-def sent(actions: list[Action], kind: type[A]) -> list[A]:
-    return [a.message for a in of(actions, Send) if isinstance(a.message, kind)]  # type: ignore[misc]
-
-
-def candidates(
-    pieces: int, parents: list[str], known: int | None = None, length: int | None = None
-) -> CandidateParents:
-    return CandidateParents(
-        peer_id="me",
-        task_id=TASK,
-        parents=[parent(p) for p in parents],
-        content_length=pieces * PL if length is None else length,
-        piece_length=PL,
-        piece_count=pieces,
-        digests=[PieceDigest(n, digest(n)) for n in range(pieces if known is None else known)],
-    )
-
-
-def machine(**kw: Any) -> DownloadMachine:
-    cfg = kw.pop("config", MachineConfig(concurrent_pieces=4, piece_timeout=10.0))
-    return DownloadMachine(TASK, "me", SPEC, config=cfg, **kw)
-
-
-def opened(m: DownloadMachine, pieces: int, parents: list[str], **kw: Any) -> list[Action]:
-    """Registered, given parents and the layout, the task opened: the actions so far."""
-    out = m.connected(0.0)
-    out += m.scheduler_message(candidates(pieces, parents, **kw), 0.0)
-    out += m.task_opened({}, 0.0)
-    return out
-
+from tests.unit.machine_support import (
+    PL,
+    SPEC,
+    TASK,
+    candidates,
+    digest,
+    machine,
+    of,
+    opened,
+    sent,
+)
 
 # ---------------------------------------------------------------------------- P2P
 
@@ -326,396 +274,3 @@ def test_an_origin_that_sends_nothing_fails_the_download() -> None:
     m.scheduler_message(NeedBackToSource(peer_id="me", task_id=TASK), 1.0)
     (failed,) = of(m.tick(6.0), Failed)  # the probe never came back
     assert failed.http_status == 504 and "from the origin" in failed.reason
-
-
-# ---------------------------------------------------------------------------- back to source
-
-
-def test_back_to_source_fetches_the_missing_pieces_in_order() -> None:
-    m = machine(config=MachineConfig(origin_concurrency=2))
-    opened(m, 5, ["a"], known=2)
-    m.parent_announced("a", [0], 0.0)
-    out = m.scheduler_message(
-        NeedBackToSource(
-            peer_id="me",
-            task_id=TASK,
-            content_length=5 * PL,
-            piece_length=PL,
-            digests=[PieceDigest(0, digest(0))],
-            etag='"v1"',
-        ),
-        1.0,
-    )
-    assert Unsubscribe("a") in out
-    assert of(out, ProbeOrigin) == [ProbeOrigin('"v1"', "")]
-    assert m.phase is Phase.SOURCE
-    out = m.origin_probed(5 * PL, True, '"v1"', "", "", 1.1)
-    (meta,) = sent(out, TaskMetadata)
-    assert (meta.content_length, meta.piece_length, meta.piece_count) == (5 * PL, PL, 5)
-    assert [f.number for f in of(out, FetchOrigin)] == [0, 1]
-    out = m.origin_piece_landed(0, digest(0), PL, 1.2)
-    assert [f.number for f in of(out, FetchOrigin)] == [2]
-    for n in (1, 2, 3, 4):
-        out = m.origin_piece_landed(n, digest(n), PL, 1.3)
-    assert of(out, Complete)
-    reports = [r for msg in sent(m.completed(2.0), PiecesFinished) for r in msg.pieces]
-    assert all(r.parent_id == "" for r in reports)
-
-
-def test_an_origin_piece_other_than_the_known_digest_fails_409() -> None:
-    m = machine()
-    opened(m, 2, ["a"])
-    m.scheduler_message(NeedBackToSource(peer_id="me", task_id=TASK), 1.0)
-    m.origin_probed(2 * PL, True, "", "", "", 1.1)
-    (failed,) = of(m.origin_piece_landed(0, b"\0" * 32, PL, 1.2), Failed)
-    assert failed.http_status == 409
-
-
-def test_no_scheduler_goes_to_the_origin_or_fails_when_not_allowed() -> None:
-    m = machine()
-    assert of(m.no_scheduler(0.0), ProbeOrigin)
-    out = m.origin_probed(3, False, "", "", "", 0.1)  # tiny, no ranges
-    assert of(out, OpenTask) == [OpenTask(3, 4 << 20, "", "", "")]
-    assert of(m.task_opened({}, 0.2), StreamOrigin)
-    off = machine(back_to_source=False)
-    (failed,) = of(off.no_scheduler(0.0), Failed)
-    assert "back-to-source is off" in failed.reason
-
-
-def test_a_seed_registers_asking_for_the_origin_and_staggers_its_announcements() -> None:
-    m = machine(seed_trigger=True, config=MachineConfig(reveal_after=2.0, origin_concurrency=1))
-    (reg,) = sent(m.connected(0.0), RegisterPeer)
-    assert reg.need_back_to_source
-    m.scheduler_message(NeedBackToSource(peer_id="me", task_id=TASK), 0.1)
-    m.origin_probed(2 * PL, True, "", "", "", 0.2)
-    m.task_opened({}, 0.3)
-    assert m.child_subscribed("c1", 0.3) == [] and m.child_subscribed("c2", 0.3) == []
-    out = m.origin_piece_landed(0, digest(0), PL, 1.0)
-    assert of(out, Announce) == [Announce("c1", [0])]  # one child first
-    assert m.held_back(0)
-    assert m.piece_uploaded(0, 1.5) == []
-    assert of(m.tick(3.5), Announce) == [Announce("c2", [0])]  # the rest, later
-
-
-# ---------------------------------------------------------------------------- clients
-
-
-def test_a_range_only_download_fetches_its_pieces_and_stays_partial() -> None:
-    m = machine(whole=False)
-    m.client_attached()
-    out = opened(m, 10, ["a"]) + m.want_range(PL * 3 + 5, PL * 4 + 1, 0.1)
-    out += m.parent_announced("a", range(10), 0.2)
-    fetches = of(out, Fetch)
-    assert sorted(f.number for f in fetches) == [3, 4]
-    for f in fetches:
-        out = m.piece_landed(f.fetch_id, f.number, "a", PL, 1.0)
-    assert not of(out, RangesDone)  # a client is still attached
-    out = m.client_detached(1.5)
-    assert sent(out, LeavePeer) and of(out, RangesDone) and m.done and not m.finished
-
-
-def test_want_all_widens_a_range_only_download() -> None:
-    m = machine(whole=False)
-    m.client_attached()
-    opened(m, 3, ["a"])
-    m.want_range(0, 10, 0.0)
-    m.want_all(0.0)
-    out = m.parent_announced("a", range(3), 0.1)
-    assert len(of(out, Fetch)) == 2  # per parent; all three are wanted now
-
-
-def test_the_picker_follows_the_streaming_client() -> None:
-    m = machine(config=MachineConfig(concurrent_pieces=1, per_parent_limit=1))
-    opened(m, 40, ["a"])
-    m.streaming_from(17)
-    (f,) = of(m.parent_announced("a", range(40), 0.0), Fetch)
-    assert f.number == 17
-
-
-# ---------------------------------------------------------------------------- lingering
-
-
-def test_an_ended_seed_lingers_while_pieces_are_held_back() -> None:
-    m = machine(seed_trigger=True, config=MachineConfig(reveal_after=5.0, linger_limit=60.0))
-    m.connected(0.0)
-    m.scheduler_message(NeedBackToSource(peer_id="me", task_id=TASK), 0.0)
-    m.origin_probed(PL, True, "", "", "", 0.0)
-    m.task_opened({}, 0.0)
-    m.child_subscribed("c1", 0.0)
-    m.child_subscribed("c2", 0.0)
-    m.origin_piece_landed(0, digest(0), PL, 1.0)
-    m.completed(1.1)
-    assert m.lingering(2.0)
-    assert of(m.reveal_all(), Announce) == [Announce("c2", [0])]
-    assert not m.lingering(2.0)
-
-
-# ---------------------------------------------------------------------------- any order
-
-
-class MachineUnderEvents(RuleBasedStateMachine):
-    """Random interleavings of scheduler messages, parent announcements and failures,
-    request outcomes, origin answers, client ranges and time. The environment answers
-    only what the machine asked for; the machine must keep its rules whatever the order,
-    and end (finished or failed) once the environment cooperates."""
-
-    PARENTS = ("p1", "p2", "p3")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.k = 0
-        self.m: DownloadMachine | None = None
-
-    @initialize(
-        k=st.integers(1, 6),
-        whole=st.booleans(),
-        config=st.builds(
-            MachineConfig,
-            concurrent_pieces=st.integers(1, 4),
-            per_parent_limit=st.integers(1, 3),
-            piece_timeout=st.sampled_from([0.5, 5.0]),
-            origin_concurrency=st.integers(1, 3),
-        ),
-    )
-    def start(self, k: int, whole: bool, config: MachineConfig) -> None:
-        self.k = k
-        self.m = DownloadMachine(TASK, "me", SPEC, config=config, whole=whole)
-        self.now = 0.0
-        self.fetches: dict[int, Fetch] = {}
-        self.origin: set[int] = set()
-        self.probing = False
-        self.streaming = False
-        self.opening = False
-        self.completing = False
-        self.completes = 0
-        self.subscribed: set[str] = set()
-        self.verified: set[int] = set()  # pieces the store recorded (the env's word)
-        self.clients = 0
-        self.ended = False
-        self.do(self.m.connected(self.now))
-
-    # -- performing the machine's actions, checking each ---------------------------------
-
-    def do(self, actions: list[Action]) -> None:
-        m = self.m
-        assert m is not None
-        for a in actions:
-            if isinstance(a, Fetch):
-                assert not self.ended, "fetch after the end"
-                assert m.opened and a.number not in m.have
-                assert a.number in m.digests, "fetch of a piece whose digest is unknown"
-                assert a.parent_id in self.subscribed and a.parent_id not in m.blocked
-                self.fetches[a.fetch_id] = a
-            elif isinstance(a, Cancel):
-                self.fetches.pop(a.fetch_id, None)
-            elif isinstance(a, Subscribe):
-                assert a.parent.peer_id not in m.blocked
-                self.subscribed.add(a.parent.peer_id)
-            elif isinstance(a, Unsubscribe):
-                self.subscribed.discard(a.parent_id)
-            elif isinstance(a, OpenTask):
-                assert not self.opening
-                self.opening = True
-            elif isinstance(a, ProbeOrigin):
-                assert not self.ended
-                self.probing = True
-            elif isinstance(a, FetchOrigin):
-                assert not self.ended and a.number not in m.have and a.number not in self.origin
-                self.origin.add(a.number)
-            elif isinstance(a, StreamOrigin):
-                self.streaming = True
-            elif isinstance(a, Complete):
-                assert m.have == set(range(self.k)) and self.completes == 0
-                self.completes += 1
-                self.completing = True
-            elif isinstance(a, Stalled):
-                assert not self.ended
-            elif isinstance(a, Finished | Failed | RangesDone):
-                assert not self.ended
-                self.ended = True
-                if isinstance(a, Finished):
-                    assert m.have == set(range(self.k)) and self.completes == 1
-        self.check()
-
-    def check(self) -> None:
-        m = self.m
-        assert m is not None
-        assert m.have <= self.verified, "a piece held that the store never recorded"
-        flying: dict[int, int] = {}
-        for f in self.fetches.values():
-            flying[f.number] = flying.get(f.number, 0) + 1
-        missing = set(range(self.k)) - m.have
-        if set(flying) != missing:  # not the endgame: one request per piece
-            assert all(n == 1 for n in flying.values()), flying
-        assert all(n <= 2 for n in flying.values()), flying
-
-    # -- the scheduler ------------------------------------------------------------------
-
-    @rule(parents=st.sets(st.sampled_from(PARENTS)), known=st.integers(0, 6))
-    def candidate_parents(self, parents: set[str], known: int) -> None:
-        assert self.m is not None
-        msg = candidates(self.k, sorted(parents), known=min(known, self.k))
-        self.do(self.m.scheduler_message(msg, self.now))
-
-    @rule()
-    def all_digests(self) -> None:
-        assert self.m is not None
-        msg = PieceDigests(
-            peer_id="me", task_id=TASK, digests=[PieceDigest(n, digest(n)) for n in range(self.k)]
-        )
-        self.do(self.m.scheduler_message(msg, self.now))
-
-    @rule()
-    def back_to_source(self) -> None:
-        assert self.m is not None
-        msg = NeedBackToSource(
-            peer_id="me", task_id=TASK, content_length=self.k * PL, piece_length=PL
-        )
-        self.do(self.m.scheduler_message(msg, self.now))
-
-    @rule()
-    def scheduler_lost_and_back(self) -> None:
-        assert self.m is not None
-        self.do(self.m.scheduler_lost(self.now) + self.m.connected(self.now))
-
-    # -- the store ------------------------------------------------------------------------
-
-    @precondition(lambda self: self.opening)
-    @rule()
-    def task_opened(self) -> None:
-        assert self.m is not None
-        self.opening = False
-        self.do(self.m.task_opened({}, self.now))
-
-    @precondition(lambda self: self.completing)
-    @rule(ok=st.booleans())
-    def complete_answered(self, ok: bool) -> None:
-        assert self.m is not None
-        self.completing = False
-        self.do(self.m.completed(self.now) if ok else self.m.complete_failed("bad", 502, self.now))
-
-    # -- parents ---------------------------------------------------------------------------
-
-    @precondition(lambda self: self.subscribed)
-    @rule(data=st.data())
-    def announced(self, data: st.DataObject) -> None:
-        assert self.m is not None
-        pid = data.draw(st.sampled_from(sorted(self.subscribed)))
-        numbers = data.draw(st.sets(st.integers(0, self.k - 1)))
-        self.do(self.m.parent_announced(pid, sorted(numbers), self.now))
-
-    @precondition(lambda self: self.subscribed)
-    @rule(data=st.data())
-    def parent_gone(self, data: st.DataObject) -> None:
-        assert self.m is not None
-        pid = data.draw(st.sampled_from(sorted(self.subscribed)))
-        self.do(self.m.parent_gone(pid, self.now))
-
-    @precondition(lambda self: self.fetches)
-    @rule(data=st.data(), outcome=st.sampled_from(["land", "fail", "bad", "busy", "in_hand"]))
-    def fetch_outcome(self, data: st.DataObject, outcome: str) -> None:
-        m = self.m
-        assert m is not None
-        fid = data.draw(st.sampled_from(sorted(self.fetches)))
-        f = self.fetches.pop(fid)
-        if outcome == "land":
-            self.verified.add(f.number)
-            self.do(m.piece_landed(fid, f.number, f.parent_id, PL, self.now))
-        elif outcome == "fail":
-            self.do(m.piece_failed(fid, "reset", self.now))
-        elif outcome == "bad":
-            self.do(m.piece_failed(fid, "digest mismatch", self.now, bad_bytes=True))
-        elif outcome == "busy":
-            self.do(m.piece_busy(fid, self.now))
-        else:
-            self.fetches[fid] = f
-            self.do(m.piece_in_hand(fid, self.now))
-
-    # -- the origin -------------------------------------------------------------------------
-
-    @precondition(lambda self: self.probing)
-    @rule(ranges=st.booleans())
-    def probe_answered(self, ranges: bool) -> None:
-        assert self.m is not None
-        self.probing = False
-        self.do(self.m.origin_probed(self.k * PL, ranges, "", "", "", self.now))
-
-    @precondition(lambda self: self.origin)
-    @rule(data=st.data())
-    def origin_piece(self, data: st.DataObject) -> None:
-        assert self.m is not None
-        n = data.draw(st.sampled_from(sorted(self.origin)))
-        self.origin.discard(n)
-        self.verified.add(n)
-        self.do(self.m.origin_piece_landed(n, digest(n), PL, self.now))
-
-    # -- clients and time ------------------------------------------------------------------
-
-    @rule(start=st.integers(0, 6 * PL), span=st.integers(0, 2 * PL))
-    def client_range(self, start: int, span: int) -> None:
-        assert self.m is not None
-        self.m.client_attached()
-        self.clients += 1
-        self.do(self.m.want_range(start, start + span, self.now))
-
-    @precondition(lambda self: self.clients)
-    @rule()
-    def client_gone(self) -> None:
-        assert self.m is not None
-        self.clients -= 1
-        self.do(self.m.client_detached(self.now))
-
-    @rule(dt=st.sampled_from([0.01, 0.3, 1.0, 6.0]))
-    def time_passes(self, dt: float) -> None:
-        assert self.m is not None
-        self.now += dt
-        self.do(self.m.tick(self.now))
-
-    # -- it ends ------------------------------------------------------------------------------
-
-    def teardown(self) -> None:
-        """A cooperative environment: the machine ends, finished or failed."""
-        m = self.m
-        if m is None:
-            return
-        while self.clients:
-            self.client_gone()
-        for _ in range(400):
-            if self.ended:
-                return
-            if self.opening:
-                self.task_opened()
-            elif self.completing:
-                self.complete_answered(True)
-            elif self.probing:
-                self.probe_answered(True)
-            elif self.streaming and not m.done:
-                self.streaming = False
-                for n in range(self.k):
-                    if n not in m.have:
-                        self.verified.add(n)
-                        self.do(m.origin_piece_landed(n, digest(n), PL, self.now))
-            elif self.origin:
-                n = min(self.origin)
-                self.origin.discard(n)
-                self.verified.add(n)
-                self.do(m.origin_piece_landed(n, digest(n), PL, self.now))
-            elif self.fetches:
-                fid = min(self.fetches)
-                f = self.fetches.pop(fid)
-                self.verified.add(f.number)
-                self.do(m.piece_landed(fid, f.number, f.parent_id, PL, self.now))
-            elif m.phase in (Phase.STARTING, Phase.P2P) and m.picker is not None:
-                # parents that have nothing new: the scheduler sends it to the origin
-                self.back_to_source()
-            elif m.phase is Phase.STARTING:
-                self.candidate_parents({"p1"}, self.k)
-            else:
-                self.time_passes(1.0)
-        raise AssertionError(f"the machine did not end: {m.phase}, have {sorted(m.have)}")
-
-
-MachineUnderEvents.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=40, deadline=None
-)
-test_machine_under_any_order_of_events = MachineUnderEvents.TestCase

@@ -27,7 +27,7 @@ from dragonfly.wire.messages import (
     TaskSpec,
     TriggerDownload,
 )
-from tests.unit.test_sched_scheduler import PL, SPECS, T1, T2, World, digest, of, parents_of
+from tests.unit.sched_support import PL, SPECS, T1, T2, World, digest, of, parents_of
 
 RING = SecretRing.new("test")
 LENGTH = 10 * PL

@@ -24,7 +24,7 @@ from dragonfly.wire.messages import (
     TaskMetadata,
     TaskSpec,
 )
-from tests.unit.test_sched_scheduler import BAD, PL, SPECS, T1, World, digest, of, parents_of
+from tests.unit.sched_support import BAD, PL, SPECS, T1, World, digest, of, parents_of
 
 KEYS = {name: bytes([i]) * 32 for i, name in enumerate(["seed", "a", "b", "c", "d"], 1)}
 TTL = 600.0

@@ -1,252 +1,39 @@
-"""Task files, the piece store's batching, resume, completion checks and in-use protection."""
+"""The piece store's batching, flushing, commits, resume and completion checks."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from dragonfly.net.zerocopy import splice_to_file
 from dragonfly.storage import (
     DigestMismatch,
-    GCConfig,
-    IncompleteBody,
     IncompleteTask,
     PieceRecord,
     PieceStore,
     RangeNotAvailable,
-    SplicePipe,
     StorageError,
-    TaskFile,
-    TaskInUse,
     TaskState,
     UnknownTask,
     task_path,
 )
-from dragonfly.storage.taskfile import FileHasher
-
-KiB = 1024
-MiB = 1024 * KiB
-TID = "ab" * 32
-TID2 = "cd" * 32
-TID3 = "ef" * 32
-
-
-def piece_bytes(task_id: str, n: int, length: int) -> bytes:
-    """Deterministic, piece-specific content."""
-    block = hashlib.sha256(f"{task_id}/{n}".encode()).digest()
-    return (block * (length // 32 + 1))[:length]
-
-
-def file_bytes(task_id: str, content_length: int, piece_length: int) -> list[bytes]:
-    return [
-        piece_bytes(task_id, n, min(piece_length, content_length - off))
-        for n, off in enumerate(range(0, content_length, piece_length))
-    ]
-
-
-def sha(b: bytes) -> bytes:
-    return hashlib.sha256(b).digest()
-
-
-class FakeClock:
-    """Wall-clock stand-in: the store takes time from a callable."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def store(tmp_path: Path, clock: FakeClock) -> AsyncIterator[PieceStore]:
-    async with PieceStore.open(
-        tmp_path / "data", clock=clock, gc_config=GCConfig(quota_bytes=1 * MiB)
-    ) as s:
-        yield s
-
-
-# -- TaskFile -------------------------------------------------------------------------------
-
-
-def test_write_out_of_order_and_read_back(tmp_path: Path) -> None:
-    pl = 64 * KiB
-    pieces = file_bytes(TID, 4 * pl + 123, pl)
-    with TaskFile.open(tmp_path, TID, content_length=4 * pl + 123) as f:
-        assert f.path == tmp_path / "tasks" / "ab" / TID
-        for n in (3, 0, 4, 2, 1):
-            assert f.write_at(n * pl, memoryview(pieces[n])) == len(pieces[n])
-        for n, data in enumerate(pieces):
-            assert f.read_at(n * pl, len(data)) == data
-            assert f.digest(n * pl, len(data)) == sha(data)
-        whole = b"".join(pieces)
-        assert f.size == len(whole)
-        assert f.digest(0, len(whole)) == sha(whole)
-        # An unaligned range crossing page and piece boundaries.
-        assert f.digest(1000, 70_000) == sha(whole[1000:71_000])
-        assert f.digest(5, 0) == sha(b"")
-    assert os.stat(tmp_path / "tasks" / "ab" / TID).st_mode & 0o777 == 0o600  # owner only
-
-
-def test_task_file_is_sparse_until_written(tmp_path: Path) -> None:
-    with TaskFile.open(tmp_path, TID, content_length=8 * MiB) as f:
-        assert f.size == 8 * MiB
-        assert f.disk_usage < 64 * KiB
-        f.write_at(4 * MiB, b"x" * (256 * KiB))
-        assert 256 * KiB <= f.disk_usage < 1 * MiB
-
-
-def test_digest_past_end_is_refused(tmp_path: Path) -> None:
-    with (
-        TaskFile.open(tmp_path, TID, content_length=1000) as f,
-        pytest.raises(ValueError, match="past the end"),
-    ):
-        f.digest(900, 200)
-
-
-@pytest.mark.parametrize("bad", ["../etc", "a", "", "ab/cd", ".hidden", "x" * 300])
-def test_unsafe_task_ids_are_refused(tmp_path: Path, bad: str) -> None:
-    with pytest.raises(ValueError):
-        task_path(tmp_path, bad)
-
-
-def test_oci_digest_task_id_is_accepted(tmp_path: Path) -> None:
-    p = task_path(tmp_path, "sha256:" + "0" * 64)
-    assert p.parent.parent == tmp_path / "tasks"
-
-
-# -- splice from trio sockets ---------------------------------------------------------------
-
-SocketPair = tuple[trio.socket.SocketType, trio.socket.SocketType]
-
-
-async def unix_pair() -> SocketPair:
-    a, b = trio.socket.socketpair()
-    return a, b
-
-
-async def tcp_pair() -> SocketPair:
-    listener = trio.socket.socket()
-    with listener:
-        await listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = trio.socket.socket()
-        await client.connect(listener.getsockname())
-        server, _ = await listener.accept()
-    return client, server
-
-
-async def send_all(sock: trio.socket.SocketType, data: bytes, close: bool) -> None:
-    view = memoryview(data)
-    while view:
-        n = await sock.send(view[: 256 * KiB])
-        view = view[n:]
-    if close:
-        sock.close()
-
-
-@pytest.mark.parametrize("make_pair", [unix_pair, tcp_pair], ids=["unix", "tcp"])
-async def test_splice_from_socket_full_length(
-    tmp_path: Path, make_pair: Callable[[], SocketPair]
-) -> None:
-    sender, receiver = await make_pair()
-    data = os.urandom(3 * MiB + 7)
-    with sender, receiver, TaskFile.open(tmp_path, TID, content_length=4 * MiB) as f:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send_all, sender, data, False)
-            moved = await f.splice_from_socket(receiver, 1000, len(data))
-        assert moved == len(data)
-        assert f.digest(1000, len(data)) == sha(data)
-        assert f.read_at(0, 1000) == b"\0" * 1000
-
-
-@pytest.mark.parametrize("make_pair", [unix_pair, tcp_pair], ids=["unix", "tcp"])
-async def test_splice_from_socket_peer_closes_early(
-    tmp_path: Path, make_pair: Callable[[], SocketPair]
-) -> None:
-    sender, receiver = await make_pair()
-    with receiver, TaskFile.open(tmp_path, TID, content_length=4096) as f, SplicePipe() as pipe:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send_all, sender, b"y" * 1000, True)
-            with pytest.raises(IncompleteBody, match="connection closed after 1000 of 4096 bytes"):
-                await f.splice_from_socket(receiver, 0, 4096, pipe)
-        assert pipe.buffered == 0
-        assert f.read_at(0, 1000) == b"y" * 1000
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    start=st.integers(0, 5000),
-    cuts=st.lists(st.integers(1, 300 * KiB), max_size=8),
-    extra=st.integers(0, 3),
+from tests.unit import storage_support
+from tests.unit.storage_support import (
+    TID,
+    TID2,
+    TID3,
+    KiB,
+    file_bytes,
+    piece_bytes,
+    sha,
 )
-def test_file_hasher_hashes_what_was_written_in_order(
-    tmp_path_factory: pytest.TempPathFactory, start: int, cuts: list[int], extra: int
-) -> None:
-    """Whatever the sizes of the writes, the digest is the file's bytes of exactly the
-    range written; asked for another range, it has none."""
-    data = os.urandom(sum(cuts))
-    path = tmp_path_factory.mktemp("h") / "f"
-    with open(path, "wb+") as f:
-        hasher = FileHasher(f.fileno(), start)
-        end = start
-        for i, cut in enumerate(cuts):
-            os.pwrite(f.fileno(), data[end - start : end - start + cut], end)
-            end += cut
-            hasher.written(end, last=i == len(cuts) - 1)
-        assert hasher.digest_of(start, len(data)) == sha(data)
-        assert hasher.digest_of(start, len(data) + 1 + extra) is None
-        assert hasher.digest_of(start + 1, len(data)) is None
 
-
-async def test_a_piece_hashed_as_it_lands_needs_no_second_pass(
-    store: PieceStore, tmp_path: Path
-) -> None:
-    """Spliced with hash_as_written, the piece is checked and recorded without a worker
-    thread hashing it again; wrong bytes are refused all the same."""
-    pl = 512 * KiB
-    pieces = file_bytes(TID, 2 * pl, pl)
-    h = await store.open_task(TID, content_length=2 * pl, piece_length=pl)
-    hops: list[object] = []
-    real = store._run_io
-
-    async def counting(fn, *args):  # type: ignore[no-untyped-def]
-        hops.append(fn)
-        return await real(fn, *args)
-
-    store._run_io = counting  # type: ignore[method-assign]
-
-    async def splice_piece(n: int, expected: bytes) -> PieceRecord | None:
-        a, b = trio.socket.socketpair()
-        with a, b, SplicePipe() as pipe:
-            # (the sink is checked as it ends, outside the nursery)
-            async with store.writing(h, n, expected) as sink, trio.open_nursery() as nursery:
-                nursery.start_soon(trio.SocketStream(a).send_all, pieces[n])
-                hashed = sink.hash_as_written()
-                await splice_to_file(b, sink.fd, sink.offset, pl, pipe, on_written=hashed)
-        return sink.record
-
-    record = await splice_piece(0, sha(pieces[0]))
-    assert record is not None and record.sha256 == sha(pieces[0])
-    with pytest.raises(DigestMismatch):
-        await splice_piece(1, sha(b"something else"))
-    assert hops == []
-    assert set(h.pieces) == {0}
-    store.release(h)
-
+clock = storage_support.clock  # the shared fixtures
+store = storage_support.store
 
 # -- PieceStore -----------------------------------------------------------------------------
 
@@ -613,167 +400,3 @@ async def test_errors_in_body_are_not_wrapped(tmp_path: Path) -> None:
     with pytest.raises(KeyError):
         async with PieceStore.open(tmp_path):
             raise KeyError("boom")
-
-
-async def test_in_use_task_never_evicted(store: PieceStore, clock: FakeClock) -> None:
-    pl = 64 * KiB
-    for tid in (TID, TID2, TID3):
-        h = await store.open_task(tid, content_length=4 * pl, piece_length=pl)
-        for n in range(4):
-            data = piece_bytes(tid, n, pl)
-            await store.write_piece(h, n, data, sha(data))
-        await store.complete_task(tid)
-        store.release(h)
-        clock.now += 10
-    usage = {u.task_id: u.size_bytes for u in await store.disk_usage()}
-    assert all(size >= 4 * pl for size in usage.values())
-    async with store.use(TID):  # the oldest one
-        with pytest.raises(TaskInUse):
-            await store.delete_task(TID)
-        # Everything is past its TTL: all but the task in use go.
-        removed = await store.run_gc(now=clock.now + 1e6, config=GCConfig(ttl=60))
-        assert sorted(removed) == sorted([TID2, TID3])
-        assert store.has_range(TID, 0, 4 * pl)
-    assert await store.run_gc(now=clock.now + 1e6, config=GCConfig(ttl=60)) == [TID]
-    assert await store.list_tasks() == []
-
-
-async def test_gc_evicts_lru_down_to_low_watermark(store: PieceStore, clock: FakeClock) -> None:
-    pl = 128 * KiB
-    for tid in (TID, TID2, TID3):
-        h = await store.open_task(tid, content_length=2 * pl, piece_length=pl)
-        for n in range(2):
-            data = piece_bytes(tid, n, pl)
-            await store.write_piece(h, n, data, sha(data))
-        store.release(h)
-        clock.now += 10
-    async with store.use(TID):  # touching makes TID the most recently used
-        pass
-    # 3 x 256 KiB in a 1 MiB quota is 75 %: above a 50 % high watermark, LRU go until <= 30 %.
-    cfg = GCConfig(ttl=1e9, quota_bytes=1 * MiB, high_watermark=0.5, low_watermark=0.3)
-    removed = await store.run_gc(config=cfg)
-    assert removed == [TID2, TID3]
-    assert [t.id for t in await store.list_tasks()] == [TID]
-    assert not task_path(store.data_dir, TID2).exists()
-
-
-async def test_empty_file_completes(store: PieceStore) -> None:
-    h = await store.open_task(TID, content_length=0, piece_length=4 * MiB)
-    assert h.record.piece_count == 0 and h.missing() == []
-    rec = await store.complete_task(TID, "sha256:" + hashlib.sha256(b"").hexdigest())
-    assert rec.state == TaskState.SUCCEEDED
-    assert store.has_range(TID, 0, 0)
-    store.release(h)
-
-
-async def test_unknown_length_then_set(store: PieceStore) -> None:
-    pl = 4 * KiB
-    pieces = [piece_bytes(TID, 0, pl), piece_bytes(TID, 1, pl), piece_bytes(TID, 2, 100)]
-    h = await store.open_task(TID, url="http://o/chunked", piece_length=pl)
-    assert (h.record.content_length, h.record.piece_count) == (-1, -1)
-    for n, data in enumerate(pieces):
-        await store.write_piece(h, n, data, sha(data))
-    with pytest.raises(StorageError, match="piece count unknown"):
-        await store.complete_task(TID)
-    rec = await store.set_content_length(TID, 2 * pl + 100)
-    assert rec.piece_count == 3
-    assert (await store.complete_task(TID)).state == TaskState.SUCCEEDED
-    assert h.file.size == 2 * pl + 100
-    store.release(h)
-
-
-async def test_touch_is_batched(tmp_path: Path, clock: FakeClock) -> None:
-    store = await PieceStore.create(tmp_path, clock=clock, fsync=False)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            h = await store.open_task(TID, content_length=10, piece_length=10)
-            store.release(h)
-            await store.flush()
-            hops: list[int] = []
-            real = store._db.commit_batch
-
-            def counting(pieces_by_task, touches=None):  # type: ignore[no-untyped-def]
-                hops.append(len(touches or {}))
-                return real(pieces_by_task, touches)
-
-            store._db.commit_batch = counting  # type: ignore[method-assign]
-            for _ in range(50):
-                clock.now += 1
-                async with store.use(TID):
-                    pass
-            assert hops == []  # uses alone cause no thread hop...
-            await store.flush()  # ...until a flush (or touch_interval) writes them, at once
-            assert hops == [1]
-            rec = await store._run_db(store._db.get_task, TID)
-            assert rec is not None and rec.last_access == clock.now
-            nursery.cancel_scope.cancel()
-    finally:
-        await store.aclose()
-
-
-async def test_reopening_a_loaded_task_updates_it(store: PieceStore) -> None:
-    h = await store.open_task(TID, url="http://o/a", piece_length=4 * KiB)
-    again = await store.open_task(TID, content_length=10 * KiB, piece_length=4 * KiB, etag='"e"')
-    assert again is h and h.users == 2
-    assert (h.record.content_length, h.record.piece_count, h.record.etag) == (10 * KiB, 3, '"e"')
-    assert h.file.size == 10 * KiB
-    rec = await store._run_db(store._db.get_task, TID)
-    assert rec is not None and rec.piece_count == 3
-    store.release(h)
-    store.release(h)
-    assert not h.in_use
-
-
-async def test_new_version_while_old_one_is_read(store: PieceStore) -> None:
-    """The origin changed (new ETag) while a reader holds the old task: the task starts
-    over in a new file and the reader keeps reading the old bytes, never a mix."""
-    pl = 64 * KiB
-    old = await store.open_task(TID, content_length=2 * pl, piece_length=pl, etag='"v1"')
-    data = piece_bytes(TID, 0, pl)
-    await store.write_piece(old, 0, data, sha(data))
-    async with store.use(TID) as reader:
-        fresh = await store.open_task(TID, content_length=2 * pl, piece_length=pl, etag='"v2"')
-        assert fresh is not reader and not fresh.pieces
-        assert os.pread(reader.file.fd, pl, 0) == data
-        store.release(fresh)
-    store.release(old)
-
-
-async def test_whole_digest_follows_the_prefix_and_stops_when_the_task_goes(
-    tmp_path: Path,
-) -> None:
-    """peer/whole_digest.py: the whole file's digest from the verified prefix as it grows,
-    pieces landing out of order; the store takes it instead of hashing the file again,
-    and a wrong one fails the task like a wrong file would."""
-    from dragonfly.peer.whole_digest import WholeDigest
-
-    pl, cl = 4 * KiB, 10 * KiB
-    pieces = file_bytes(TID, cl, pl)
-    whole = b"".join(pieces)
-    want = "sha256:" + hashlib.sha256(whole).hexdigest()
-    async with PieceStore.open(tmp_path) as store:
-        h = await store.open_task(TID, content_length=cl, piece_length=pl, digest=want)
-        hasher = WholeDigest(store, h)
-        for n in (1, 0, 2):  # the prefix: nothing, then two pieces, then the whole
-            await store.write_piece(h, n, pieces[n], sha(pieces[n]))
-            prefix = pl * next(i for i in range(4) if i not in h.done)
-            await hasher.advance(min(prefix, cl))
-            assert hasher.hashed == min(prefix, cl)
-        digest = await hasher.digest(cl)
-        assert digest == hashlib.sha256(whole).digest()
-        assert (await store.complete_task(TID, hashed=digest)).digest == want
-        store.release(h)
-        # a digest that is not the named one fails the task and removes its file
-        h = await store.open_task(TID2, content_length=cl, piece_length=pl, digest=want)
-        other = file_bytes(TID2, cl, pl)
-        for n, data in enumerate(other):
-            await store.write_piece(h, n, data, sha(data))
-        hasher = WholeDigest(store, h)
-        wrong = await hasher.digest(cl)
-        with pytest.raises(DigestMismatch):
-            await store.complete_task(TID2, hashed=wrong)
-        assert not h.file.path.exists()
-        # ... and a hasher of a removed task says so instead of reading a closed file
-        assert await WholeDigest(store, h).digest(cl) is None
-        store.release(h)
