@@ -262,6 +262,13 @@ class ProxySection:
         "how long the origin's yes to a client's URL and credentials for a private task is trusted",
         min=0,
     )
+    workers: int = opt(
+        0,
+        "processes beside the daemon that answer local hits on the proxy port, for many "
+        "clients of a few files (one per spare core); 0: the daemon answers every request",
+        min=0,
+        max=64,
+    )
     hijack_https: HijackHTTPSSection = opt(HijackHTTPSSection(), "")
 
 

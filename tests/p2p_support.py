@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shlex
+import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import trio
 
-from dragonfly.cluster import Cluster
+from dragonfly.cluster import Cluster, Node
 from dragonfly.testing.probe import metric, sha256_file
 
 T = TypeVar("T")
@@ -25,12 +27,14 @@ __all__ = [
     "curl",
     "curl_response",
     "curl_sha256",
+    "daemon_stopped",
     "finish",
     "metric",
     "random_file",
     "sha256_file",
     "task_files",
     "wait_for",
+    "worker_pids",
 ]
 
 MiB = 1024 * 1024
@@ -127,3 +131,21 @@ def wait_for(check: Callable[[], T], what: str, timeout: float = 60.0, every: fl
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not within {timeout}s")
         time.sleep(every)
+
+
+def worker_pids(node: Node) -> list[int]:
+    """The daemon's child processes (its proxy workers)."""
+    assert node.process is not None
+    pid = node.process.pid
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@contextlib.contextmanager
+def daemon_stopped(node: Node) -> Iterator[None]:
+    """The daemon stopped (SIGSTOP): only its proxy workers accept and answer meanwhile."""
+    assert node.process is not None
+    os.kill(node.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(node.process.pid, signal.SIGCONT)

@@ -86,6 +86,20 @@ class HTTPConnection:
         self.peer = peer if peer is not None else _peername(stream)
         self.send_timeout = send_timeout
         self.body_timeout = body_timeout
+        # The bytes received since the current request began (with what h11 held over
+        # from the one before), kept only where the connection may be handed to another
+        # process (net/http_server.py, HandOff): the receiver replays them.
+        self.record: bytearray | None = None
+
+    def feed(self, data: bytes | bytearray) -> None:
+        """Give received bytes to h11 (b"": the client closed)."""
+        if self.record is not None:
+            self.record += data
+        self.conn.receive_data(data)  # type: ignore[arg-type]  # (h11 takes a bytearray)
+
+    def start_record(self) -> None:
+        """Begin the record of a new request (a connection that may be handed off)."""
+        self.record = bytearray(self.conn.trailing_data[0])
 
     async def send_bytes(self, data: bytes | bytearray | memoryview, *, more: bool = False) -> None:
         """Send all of `data`; ClientGone if the client takes nothing for send_timeout s.
@@ -134,7 +148,7 @@ class HTTPConnection:
                 return event
             with trio.fail_after(timeout):
                 data = await self.stream.receive_some(RECEIVE_SIZE)
-            self.conn.receive_data(data)  # type: ignore[arg-type]  # (h11 takes a bytearray)
+            self.feed(data)
 
 
 def _send_now(stream: trio.SocketStream, data: bytes | bytearray | memoryview, flags: int) -> int:

@@ -15,6 +15,11 @@ briefly) so the RST does not destroy the response.
 A listener serves at most `max_connections` connections at once: one more is
 answered 503 and closed at once, before its request is read (`on_refused` counts it).
 
+Hand-off: where `hand_off` is given, a handler may raise `HandOff` before its response
+starts; the connection then goes, with every byte received since that request began,
+to `hand_off` (a proxy worker gives the daemon what it cannot serve itself), and another
+server takes it up from those bytes (`serve_listeners(handed=...)`).
+
 With `ssl_context`, a listener speaks TLS (the cluster's scheduler and upload ports):
 each connection is wrapped in a server-side `trio.SSLStream`, whose handshake runs
 under the header timeout; a client that cannot or will not complete it is closed.
@@ -49,6 +54,7 @@ from dragonfly.wire.http_common import Headers
 __all__ = [
     "HEADER_TIMEOUT",
     "IDLE_TIMEOUT",
+    "HandOff",
     "Handler",
     "Request",
     "Responder",
@@ -76,6 +82,14 @@ _FULL = (
 )
 
 Handler = Callable[["Request", "Responder"], Awaitable[None]]
+# Gives a connection away: its socket, and the bytes received since its request began.
+HandOffTo = Callable[[trio.SocketStream, bytes], Awaitable[None]]
+
+
+class HandOff(Exception):
+    """Raised by a handler before its response starts: this connection is another
+    server's (see the module's docstring)."""
+
 _SEND_FAILURES = (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError)
 
 
@@ -130,19 +144,31 @@ async def serve_connection(
     send_timeout: float = SEND_TIMEOUT,
     body_timeout: float = BODY_TIMEOUT,
     peer: str | None = None,
+    prefix: bytes = b"",
+    hand_off: HandOffTo | None = None,
 ) -> None:
     """Run requests on one connection until it closes, idles out, or breaks.
 
     `stream` is a TCP connection or any other trio Stream (TLS in a tunnel);
-    `peer` names the client when the stream cannot (default: its socket's address).
+    `peer` names the client when the stream cannot (default: its socket's address);
+    `prefix`: bytes of the connection another server received (a hand-off), read first.
+    With `hand_off`, a handler may raise HandOff (a plain TCP stream only).
     """
     c = HTTPConnection(stream, send_timeout=send_timeout, body_timeout=body_timeout, peer=peer)
     if isinstance(stream, trio.SocketStream) and stream.socket.family != _socket.AF_UNIX:
         with contextlib.suppress(OSError):
             stream.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, True)
+    if prefix:
+        c.feed(prefix)
+    recording = hand_off is not None and isinstance(stream, trio.SocketStream)
     try:
-        if await _serve_requests(c, handler, idle_timeout, header_timeout):
+        if await _serve_requests(c, handler, idle_timeout, header_timeout, recording):
             await _lingering_close(stream)
+    except HandOff:
+        assert hand_off is not None and isinstance(stream, trio.SocketStream)
+        assert c.record is not None
+        with trio.move_on_after(header_timeout):
+            await hand_off(stream, bytes(c.record))
     except (trio.BrokenResourceError, trio.ClosedResourceError, ClientGone):
         return
     finally:
@@ -169,8 +195,7 @@ async def _next_request(
             data = await c.stream.receive_some(RECEIVE_SIZE)
         if idle.cancelled_caught:
             return None
-        # b"" (the client closed): ConnectionClosed next
-        c.conn.receive_data(data)  # type: ignore[arg-type]  # (h11 takes a bytearray)
+        c.feed(data)  # (b"": the client closed; ConnectionClosed next)
         event = c.conn.next_event()
         if event is not h11.NEED_DATA:
             return event
@@ -180,12 +205,19 @@ async def _next_request(
 
 
 async def _serve_requests(
-    c: HTTPConnection, handler: Handler, idle_timeout: float, header_timeout: float
+    c: HTTPConnection,
+    handler: Handler,
+    idle_timeout: float,
+    header_timeout: float,
+    recording: bool = False,
 ) -> bool:
     """The request loop of one connection. True when it ends after a complete response
-    with request bytes still unread: then the caller must close lingeringly."""
+    with request bytes still unread: then the caller must close lingeringly. HandOff
+    (with `recording`) when the handler gives the connection away."""
     first = True
     while True:
+        if recording:
+            c.start_record()
         try:
             event = await _next_request(c, idle_timeout, header_timeout, first)
             first = False
@@ -207,7 +239,7 @@ async def _serve_requests(
             _expects_continue=c.conn.they_are_waiting_for_100_continue and _has_body(event),
         )
         responder = Responder(c, request)
-        reusable = await _run_handler(handler, request, responder)
+        reusable = await _run_handler(handler, request, responder, recording)
         if responder.upgraded:
             return False
         if not reusable:
@@ -243,11 +275,22 @@ def _unread_input(c: HTTPConnection) -> bool:
     return c.conn.their_state is h11.ERROR
 
 
-async def _run_handler(handler: Handler, request: Request, responder: Responder) -> bool:
-    """Run the handler; True if the connection may carry another request."""
+async def _run_handler(
+    handler: Handler, request: Request, responder: Responder, may_hand_off: bool = False
+) -> bool:
+    """Run the handler; True if the connection may carry another request. HandOff passes
+    through where the connection may be handed off and no byte of a response went out."""
     try:
         await handler(request, responder)
     except (trio.BrokenResourceError, trio.ClosedResourceError, ClientGone):
+        return False
+    except HandOff:
+        if may_hand_off and not responder.started:
+            raise
+        log.warning("hand-off refused", target=request.target, started=responder.started)
+        if not responder.started:
+            with contextlib.suppress(*_SEND_FAILURES):
+                await responder.send_error(500, "internal error")
         return False
     except h11.RemoteProtocolError as exc:
         if not responder.started:
@@ -344,12 +387,16 @@ async def serve_listeners(
     on_refused: Callable[[], None] = lambda: None,
     peer: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    handed: trio.MemoryReceiveChannel[tuple[trio.SocketStream, bytes]] | None = None,
+    hand_off: HandOffTo | None = None,
 ) -> None:
     """Serve HTTP on `listeners` until cancelled, at most `max_connections` at once;
-    over TLS with `ssl_context`."""
+    over TLS with `ssl_context`. Connections handed over by another server arrive on
+    `handed` (each with the bytes it received) and count against the same cap; with
+    `hand_off`, handlers may give connections away (see the module's docstring)."""
     active = 0
 
-    async def on_connection(stream: trio.SocketStream) -> None:
+    async def on_connection(stream: trio.SocketStream, prefix: bytes = b"") -> None:
         nonlocal active
         if max_connections is not None and active >= max_connections:
             on_refused()
@@ -373,14 +420,25 @@ async def serve_listeners(
                 send_timeout=send_timeout,
                 body_timeout=body_timeout,
                 peer=peer,
+                prefix=prefix,
+                hand_off=hand_off,
             )
         except Exception:
             log.exception("connection failed", peer=peer or _peername(stream))
         finally:
             active -= 1
 
+    async def take_handed(
+        channel: trio.MemoryReceiveChannel[tuple[trio.SocketStream, bytes]],
+        nursery: trio.Nursery,
+    ) -> None:
+        async for stream, prefix in channel:
+            nursery.start_soon(on_connection, stream, prefix)
+
     async with trio.open_nursery() as nursery:
         started = await nursery.start(trio.serve_listeners, on_connection, listeners)
+        if handed is not None:
+            nursery.start_soon(take_handed, handed, nursery)
         task_status.started(started)
 
 

@@ -58,6 +58,7 @@ from dragonfly.peer.exposure import ProxyGate, checked_addresses
 from dragonfly.peer.jobs import HostJobs
 from dragonfly.peer.local_api import LocalAPIHandler
 from dragonfly.peer.proxy import ProxyHandler
+from dragonfly.peer.proxy_workers import ProxyWorkers
 from dragonfly.peer.reannounce import Reannouncer
 from dragonfly.peer.records import INTERVAL as RECORDS_INTERVAL
 from dragonfly.peer.records import RecordBuffer
@@ -129,6 +130,7 @@ class PeerDaemon:
         self._serving = False
         self._left = False  # the schedulers were told that this host leaves
         self.uploads = InFlight()  # pieces being uploaded now
+        self.proxy_workers: ProxyWorkers | None = None  # proxy.workers processes
         self.stopping = False
 
     async def drain(self) -> None:
@@ -158,6 +160,8 @@ class PeerDaemon:
             return
         self.cluster_config = config
         self.block_list = BlockList.for_role(config, seed=self.config.seed.enabled)
+        if self.proxy_workers is not None:
+            self.proxy_workers.tell_all(("block_list", self.block_list))
         log.info("cluster settings applied", cluster_id=config.cluster_id, revision=config.revision)
 
     async def _join(self) -> None:
@@ -237,11 +241,21 @@ class PeerDaemon:
                     nursery.start_soon(
                         self.supervisor.restarting, "reannounce", self.reannouncer.run
                     )
+                    if cfg.proxy.workers:
+                        self.proxy_workers = ProxyWorkers(self, cfg.proxy.workers)
+                        store.on_removed = self._removed
                     proxy = await nursery.start(
-                        self._listener(ProxyHandler(self), cfg.proxy, "proxy")
+                        functools.partial(
+                            self._listener(ProxyHandler(self), cfg.proxy, "proxy"),
+                            handed=self.proxy_workers and self.proxy_workers.handed,
+                        )
                     )
                     self.proxy_port = bound_port(proxy)
                     self.proxy_gate.bind_ports([self.proxy_port, self.upload_port])
+                    if self.proxy_workers is not None:
+                        nursery.start_soon(
+                            self.proxy_workers.run, proxy, [self.proxy_port, self.upload_port]
+                        )
                     await nursery.start(
                         serve_unix, LocalAPIHandler(self), api_socket(self.data_dir)
                     )
@@ -311,6 +325,12 @@ class PeerDaemon:
             finally:
                 self._serving = False
                 await self.origin_client.aclose()
+
+    def _removed(self, task_ids: list[str]) -> None:
+        """The store removed tasks: the schedulers are told, the proxy workers forget."""
+        self.reannouncer.removed(task_ids)
+        if self.proxy_workers is not None:
+            self.proxy_workers.removed(task_ids)
 
     def _listener(
         self,

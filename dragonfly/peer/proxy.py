@@ -11,18 +11,24 @@ loopback must be in proxy.allowed_clients or authenticate, and may not reach
 loopback, link-local or the daemon's own ports. Origin-form requests reach the
 daemon itself: /healthy, /metrics and the registry mirror. (The local API of
 `dragonfly get` is a unix socket in the data directory: dragonfly/peer/local_api.py.)
+
+The checks and their order are `ProxyFront`'s; what follows them is `ProxyHandler`'s in
+the daemon, and `HeldOnlyProxy`'s in a proxy worker (dragonfly/peer/proxy_worker.py),
+which serves local hits and hands every other request to the daemon.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
-from dragonfly.blocklist import PRIORITY_HEADER, refused
-from dragonfly.config import ProxyRule
+from dragonfly.blocklist import PRIORITY_HEADER, BlockList, refused
+from dragonfly.config import PeerConfig, ProxyRule
 from dragonfly.engine.access import client_ip
 from dragonfly.identity import IdentityError
 from dragonfly.log import get_logger
+from dragonfly.metrics import PeerMetrics
 from dragonfly.net.http_client import HTTPClientError
 from dragonfly.net.http_origin import split_url
 from dragonfly.net.http_server import Request, Responder
@@ -39,7 +45,7 @@ from dragonfly.peer.request import DownloadFailed, DownloadRequest
 from dragonfly.peer.services import PeerServices
 from dragonfly.peer.serving import origin_headers, relay, serve_common, serve_held, stream_download
 from dragonfly.peer.tunnel import handle_connect
-from dragonfly.wire.oci import is_registry_path, registry_blob
+from dragonfly.wire.oci import Route, is_registry_path, registry_blob
 
 log = get_logger("dragonfly.peer.proxy")
 
@@ -61,18 +67,51 @@ def filtered_params(header: str | None) -> list[str]:
     return [p.strip() for p in re.split(r"[&,]", header) if p.strip()]
 
 
-class ProxyHandler:
-    """Routes of the proxy listener."""
+class ProxyBasics(Protocol):
+    """What the proxy's checks use: the daemon, or a worker's copy of it."""
 
-    def __init__(self, daemon: PeerServices) -> None:
-        self.daemon = daemon
-        self.rules = [CompiledRule(re.compile(r.regex), r) for r in daemon.config.proxy.rules]
-        self.registry = RegistryMirror(daemon)
-        self.private = PrivateAccess(daemon)
+    config: PeerConfig
+    metrics: PeerMetrics
+    proxy_gate: ProxyGate
+    block_list: BlockList  # the cluster's, as the manager last said
+
+
+class ProxyFront:
+    """The proxy's checks in their order (gate, destination, rules, credentials, block
+    list); what to do with a request that passed them is a subclass's."""
+
+    def __init__(self, basics: ProxyBasics) -> None:
+        self.basics = basics
+        self.rules = [CompiledRule(re.compile(r.regex), r) for r in basics.config.proxy.rules]
 
     @property
     def gate(self) -> ProxyGate:
-        return self.daemon.proxy_gate
+        return self.basics.proxy_gate
+
+    # What follows the checks.
+    async def _origin_form(self, request: Request, responder: Responder) -> None:
+        raise NotImplementedError
+
+    async def _connect(self, request: Request, responder: Responder) -> None:
+        raise NotImplementedError
+
+    async def _registry_blob(
+        self, request: Request, responder: Responder, blob: tuple[Route, str, str]
+    ) -> None:
+        raise NotImplementedError
+
+    async def _direct(self, request: Request, responder: Responder) -> None:
+        raise NotImplementedError
+
+    async def _p2p_admitted(
+        self, request: Request, responder: Responder, req: DownloadRequest
+    ) -> None:
+        """A P2P request that passed every check, the block list included."""
+        raise NotImplementedError
+
+    def _count(self, mode: str) -> None:
+        """Count a proxy request by how it is served (dragonfly_proxy_requests)."""
+        self.basics.metrics.proxy_requests.labels(mode).inc()
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         client = client_ip(request.client)
@@ -93,21 +132,12 @@ class ProxyHandler:
             await self._origin_form(request, responder)
             return
         if request.method == "CONNECT":
-            await handle_connect(
-                request,
-                responder,
-                hijacker=self.daemon.hijacker,
-                forward=self.forward,
-                metrics=self.daemon.metrics,
-                connect_timeout=self.daemon.config.download.connect_timeout,
-                connect_ports=self.gate.policy.connect_ports,
-                resolve=checked_addresses,
-            )
+            await self._connect(request, responder)
             return
         await self.forward(request, responder)
 
     async def _refuse_client(self, reason: str, request: Request, responder: Responder) -> None:
-        self.daemon.metrics.proxy_refusals.labels(reason).inc()
+        self.basics.metrics.proxy_refusals.labels(reason).inc()
         if reason == "auth":
             await responder.send(
                 407,
@@ -118,17 +148,6 @@ class ProxyHandler:
         await responder.send_error(
             403, f"this proxy does not serve {request.client} (see proxy.allowed_clients)"
         )
-
-    async def _origin_form(self, request: Request, responder: Responder) -> None:
-        """Requests to the daemon itself: health, metrics, the registry mirror
-        (`/v2/...`)."""
-        path = request.target.split("?", 1)[0]
-        if is_registry_path(path):
-            await self.registry(request, responder)
-            return
-        if await serve_common(self.daemon, path, responder):
-            return
-        await responder.send(404, b"not found: this is a forward proxy (absolute URLs)\n")
 
     async def _destination_refused(self, target: str, responder: Responder) -> bool:
         """Answer 403 (True) if the current client may not reach the URL's host, 502 if it
@@ -141,7 +160,7 @@ class ProxyHandler:
             origin, _ = split_url(target)
             await checked_addresses(origin.host, origin.port)
         except DestinationRefused as exc:
-            self.daemon.metrics.proxy_refusals.labels("destination").inc()
+            self.basics.metrics.proxy_refusals.labels("destination").inc()
             await responder.send_error(403, str(exc))
             return True
         except HTTPClientError as exc:
@@ -152,7 +171,6 @@ class ProxyHandler:
     async def forward(self, request: Request, responder: Responder) -> None:
         """A request for an absolute http(s) URL: through P2P under a rule, else direct."""
         target = request.target
-        metrics = self.daemon.metrics
         if not target.lower().startswith(("http://", "https://")):
             await responder.send_error(400, f"bad request target {target[:200]!r}")
             return
@@ -165,14 +183,11 @@ class ProxyHandler:
         if blob is not None:
             # A registry blob by URL (a runtime behind https_proxy, say): the same task,
             # checks and read permission as through the mirror.
-            metrics.proxy_requests.labels("registry_blob").inc()
-            await self.registry.blob(request, responder, *blob)
+            await self._registry_blob(request, responder, blob)
             return
         if rule is None:
-            metrics.proxy_requests.labels("direct").inc()
             await self._direct(request, responder)
             return
-        metrics.proxy_requests.labels("p2p").inc()
         await self._p2p(request, responder, rule)
 
     def _matching_rule(self, request: Request) -> ProxyRule | None:
@@ -195,15 +210,8 @@ class ProxyHandler:
         has_credentials = "authorization" in request.headers or "cookie" in request.headers
         return rule.allow_credentials or not has_credentials
 
-    # ---------------------------------------------------------------- direct
-
-    async def _direct(self, request: Request, responder: Responder) -> None:
-        await relay(self.daemon, request, request.target, responder)
-
-    # ---------------------------------------------------------------- P2P
-
     def _download_request(self, request: Request, *, shared_credentials: bool) -> DownloadRequest:
-        cfg = self.daemon.config.proxy
+        cfg = self.basics.config.proxy
         return DownloadRequest.for_url(
             request.target,
             tag=request.headers.get(H_TAG) or "",
@@ -214,6 +222,64 @@ class ProxyHandler:
             shared_credentials=shared_credentials,
             credential_headers=cfg.credential_headers,
         )
+
+    async def _p2p(self, request: Request, responder: Responder, rule: ProxyRule) -> None:
+        self._count("p2p")
+        try:
+            req = self._download_request(request, shared_credentials=rule.allow_credentials)
+        except IdentityError as exc:
+            await responder.send_error(400, str(exc))
+            return
+        # The cluster's block list (from the manager), before anything starts.
+        refusal = refused(self.basics.block_list, req.spec, request.headers.get(PRIORITY_HEADER))
+        if refusal is not None:
+            self.basics.metrics.proxy_refusals.labels("blocked").inc()
+            await responder.send_error(*refusal)
+            return
+        await self._p2p_admitted(request, responder, req)
+
+
+class ProxyHandler(ProxyFront):
+    """Routes of the daemon's proxy listener."""
+
+    def __init__(self, daemon: PeerServices) -> None:
+        super().__init__(daemon)
+        self.daemon = daemon
+        self.registry = RegistryMirror(daemon)
+        self.private = PrivateAccess(daemon)
+
+    async def _origin_form(self, request: Request, responder: Responder) -> None:
+        """Requests to the daemon itself: health, metrics, the registry mirror
+        (`/v2/...`)."""
+        path = request.target.split("?", 1)[0]
+        if is_registry_path(path):
+            await self.registry(request, responder)
+            return
+        if await serve_common(self.daemon, path, responder):
+            return
+        await responder.send(404, b"not found: this is a forward proxy (absolute URLs)\n")
+
+    async def _connect(self, request: Request, responder: Responder) -> None:
+        await handle_connect(
+            request,
+            responder,
+            hijacker=self.daemon.hijacker,
+            forward=self.forward,
+            metrics=self.daemon.metrics,
+            connect_timeout=self.daemon.config.download.connect_timeout,
+            connect_ports=self.gate.policy.connect_ports,
+            resolve=checked_addresses,
+        )
+
+    async def _registry_blob(
+        self, request: Request, responder: Responder, blob: tuple[Route, str, str]
+    ) -> None:
+        self._count("registry_blob")
+        await self.registry.blob(request, responder, *blob)
+
+    async def _direct(self, request: Request, responder: Responder) -> None:
+        self._count("direct")
+        await relay(self.daemon, request, request.target, responder)
 
     async def _serve_if_held(
         self, request: Request, responder: Responder, req: DownloadRequest
@@ -233,21 +299,12 @@ class ProxyHandler:
         ):
             return False
         with store.holding(handle) as held:
-            await serve_held(self.daemon, held, request, responder)
+            await serve_held(self.daemon.metrics, held.record, held.file.fd, request, responder)
         return True
 
-    async def _p2p(self, request: Request, responder: Responder, rule: ProxyRule) -> None:
-        try:
-            req = self._download_request(request, shared_credentials=rule.allow_credentials)
-        except IdentityError as exc:
-            await responder.send_error(400, str(exc))
-            return
-        # The cluster's block list (from the manager), before anything starts.
-        refusal = refused(self.daemon.block_list, req.spec, request.headers.get(PRIORITY_HEADER))
-        if refusal is not None:
-            self.daemon.metrics.proxy_refusals.labels("blocked").inc()
-            await responder.send_error(*refusal)
-            return
+    async def _p2p_admitted(
+        self, request: Request, responder: Responder, req: DownloadRequest
+    ) -> None:
         # A request with credentials: the origin says yes to them before anything starts
         # on its behalf (dragonfly/peer/private.py).
         if req.private and not await self.private.allowed(request, responder, req.task_id):

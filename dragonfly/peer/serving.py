@@ -11,13 +11,14 @@ import functools
 from collections.abc import Awaitable, Callable
 
 from dragonfly.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from dragonfly.metrics import PeerMetrics
 from dragonfly.net.http_client import Body, HTTPClientError, StreamedBody
 from dragonfly.net.http_connection import Request
 from dragonfly.net.http_response import PreparedHead, Responder, prepare_head
 from dragonfly.peer.download import Download
 from dragonfly.peer.exposure import DestinationRefused
 from dragonfly.peer.services import PeerServices
-from dragonfly.storage import TaskHandle
+from dragonfly.storage.metadata import TaskRecord
 from dragonfly.wire.http_common import (
     Headers,
     RangeNotSatisfiable,
@@ -185,35 +186,31 @@ def _whole_file_head(
 
 
 async def serve_held(
-    daemon: PeerServices,
-    handle: TaskHandle,
+    metrics: PeerMetrics,
+    record: TaskRecord,
+    fd: int,
     request: Request,
     responder: Responder,
     extra_headers: Headers | None = None,
 ) -> None:
-    """A local hit: a complete task this peer holds, from its file, without starting a
-    download (the caller holds the handle)."""
-    record = handle.record
+    """A local hit: a complete task this peer holds, from its file `fd`, without starting
+    a download (the caller holds the task, or an open file of it)."""
     total = record.content_length
     if extra_headers is None and "range" not in request.headers:
         # The common case (many clients of one file): the same head every time.
         responder.start_prepared(
-            _whole_file_head(
-                handle.task_id, record.content_length, record.etag, record.last_modified
-            )
+            _whole_file_head(record.id, total, record.etag, record.last_modified)
         )
         start, end = 0, total - 1
     else:
-        headers = _task_headers(
-            handle.task_id, record.etag, record.last_modified, "", extra_headers
-        )
+        headers = _task_headers(record.id, record.etag, record.last_modified, "", extra_headers)
         span = await _start_ranged(request, responder, headers, total)
         if span is None:
             return
         start, end = span
     if request.method != "HEAD" and total:
-        await responder.sendfile(handle.file.fd, start, end - start + 1)
-        daemon.metrics.download_bytes.labels("local").inc(end - start + 1)
+        await responder.sendfile(fd, start, end - start + 1)
+        metrics.download_bytes.labels("local").inc(end - start + 1)
     await responder.finish()
 
 

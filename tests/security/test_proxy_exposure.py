@@ -13,14 +13,24 @@ import contextlib
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dragonfly.cluster import Cluster
+from dragonfly.peer.exposure import write_user
 from dragonfly.testing.nginx import Nginx
-from tests.p2p_support import curl_response, metric, random_file, sha256_file
+from tests.p2p_support import (
+    curl_response,
+    daemon_stopped,
+    metric,
+    random_file,
+    sha256_file,
+    wait_for,
+    worker_pids,
+)
 from tests.security.edge_support import outside_address, raw_exchange, run_expecting_refusal
 
 pytestmark = [pytest.mark.nginx, pytest.mark.slow]
@@ -202,3 +212,58 @@ def test_an_outsider_must_authenticate(tmp_path: Path, outside: str, public: Ngi
         assert status == 200 and headers["x-seen-proxy-authorization"] == "[]"
         refusals = metric(peer.info["metrics"], "dragonfly_proxy_refusals_total", 'reason="auth"')
         assert refusals == 4  # the three 407s and the CONNECT's
+
+
+def test_a_proxy_worker_checks_an_outsider_as_the_daemon_does(
+    tmp_path: Path, outside: str, public: Nginx, private: Nginx
+):
+    """proxy.workers: a worker answers on the same port, with the same gate. While the
+    daemon is stopped only the worker accepts, so each answer here is the worker's."""
+    users = tmp_path / "proxy-users"
+    write_user(str(users), "alice", "correct horse")
+    with _exposed_peer(tmp_path, outside, f"proxy.auth_file={users}", "proxy.workers=1") as (
+        cluster,
+        port,
+        proxy,
+    ):
+        peer = cluster.node("peer-0")
+        wait_for(lambda: worker_pids(peer), "a proxy worker")
+        url = f"{public.url}/pub.bin"
+        alice = ("--proxy-user", "alice:correct horse")
+        status, _, body = curl_response(url, "-x", proxy, *alice)
+        assert status == 200 and len(body) == 300_000  # the task is held now
+        with daemon_stopped(peer):
+            # (the worker asks the daemon about the task: answered once it runs again)
+            warm = subprocess.Popen(
+                ["curl", "-sSf", "-o", "/dev/null", "-x", proxy, "-U", alice[1], url]
+            )
+            time.sleep(1.0)
+        assert warm.wait(timeout=60) == 0
+
+        with daemon_stopped(peer):
+            status, headers, body = curl_response(url, "-x", proxy, timeout=10)
+            assert status == 407 and headers.get("proxy-authenticate", "").startswith("Basic")
+            assert len(body) < 1000  # not the task's bytes
+            status, _, _ = curl_response(
+                url, "-x", proxy, "--proxy-user", "alice:wrong", timeout=10
+            )
+            assert status == 407
+            assert _connect(outside, port, f"{outside}:{public.port}").startswith(b"HTTP/1.1 407 ")
+            # authenticated, to what only this host may reach
+            for target in (f"{private.url}/secret.txt", peer.info["metrics"]):
+                status, _, body = curl_response(target, "-x", proxy, *alice, timeout=10)
+                assert status == 403, (target, status, body)
+                assert SECRET not in body and b"dragonfly_" not in body
+            # and the local hit itself, for the client who may have it
+            status, _, body = curl_response(url, "-x", proxy, *alice, timeout=10)
+            assert status == 200 and body == (public.root / "pub.bin").read_bytes()
+
+        assert private.served_bytes("/") == 0
+
+        def counted() -> bool:
+            metrics = peer.info["metrics"]
+            auth = metric(metrics, "dragonfly_proxy_refusals_total", 'reason="auth"')
+            dest = metric(metrics, "dragonfly_proxy_refusals_total", 'reason="destination"')
+            return auth == 3 and dest == 2
+
+        wait_for(counted, "the worker's refusals in the daemon's metrics", timeout=10)

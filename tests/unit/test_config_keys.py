@@ -144,6 +144,11 @@ PEER: dict[str, tuple[str, ...]] = {
         IT + "test_allow_credentials_lets_a_request_with_credentials_use_p2p",
     ),
     "proxy.max_connections": (CAPS,),
+    "proxy.workers": (
+        "tests/integration/test_proxy_workers.py::"
+        "test_a_worker_serves_local_hits_and_hands_the_rest_to_the_daemon",
+        SEC + "test_proxy_exposure.py::test_a_proxy_worker_checks_an_outsider_as_the_daemon_does",
+    ),
     "proxy.allowed_clients": (
         OUTSIDER,
         SEC
