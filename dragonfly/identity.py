@@ -167,6 +167,8 @@ def carries_credentials(
     names = {*CREDENTIAL_HEADERS, *(h.strip().lower() for h in extra_headers)}
     if any(name.lower() in names for name in headers):
         return True
+    if "?" not in url:
+        return False  # (no query: no parameter left out of the ID)
     query_filter = _query_filter(filtered_query_params)
     query = urlsplit(url).query
     return any(

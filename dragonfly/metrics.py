@@ -97,6 +97,8 @@ class PeerMetrics(RoleMetrics):
         )
         for source in ("p2p", "back_to_source", "local"):
             self.download_bytes.labels(source)
+        # (counted on every local hit: the child looked up once)
+        self.local_bytes = self.download_bytes.labels("local")
 
 
 # The scheduler core's counts (dragonfly/sched/settings.py, SchedulerCounters) as the

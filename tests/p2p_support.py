@@ -134,10 +134,11 @@ def wait_for(check: Callable[[], T], what: str, timeout: float = 60.0, every: fl
 
 
 def worker_pids(node: Node) -> list[int]:
-    """The daemon's child processes (its proxy workers)."""
+    """The daemon's child processes (its proxy workers). Children are listed per thread
+    of the daemon (trio starts processes from a worker thread)."""
     assert node.process is not None
-    pid = node.process.pid
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    tasks = Path(f"/proc/{node.process.pid}/task")
+    return sorted(int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split())
 
 
 @contextlib.contextmanager

@@ -52,6 +52,7 @@ from dragonfly.net.http_server import Handler, bound_port, serve, serve_unix
 from dragonfly.net.join import join, report_refusal
 from dragonfly.net.manager_client import ManagerMember
 from dragonfly.net.tls import origin_ssl_context
+from dragonfly.nursery.gc_tuning import tune_gc
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.peer.discovery import Discovery
 from dragonfly.peer.exposure import ProxyGate, checked_addresses
@@ -417,6 +418,7 @@ def _limiter(rate: int) -> RateLimiter | None:
 
 
 def run_peer(cfg: PeerConfig) -> int:
+    tune_gc()
     daemon = PeerDaemon(cfg)
 
     async def main(nursery: trio.Nursery) -> None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 import time
 from dataclasses import dataclass
 
@@ -59,6 +58,7 @@ from dragonfly.net.channel import (
 from dragonfly.net.http_server import Request, Responder, bound_port, serve
 from dragonfly.net.join import join, report_refusal
 from dragonfly.net.manager_client import ManagerMember
+from dragonfly.nursery.gc_tuning import tune_gc
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.sched.jobs import MANAGER, JobHost, JobRunner
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
@@ -545,16 +545,10 @@ def _job_host(host: HostInfo, version: int) -> JobHost:
     )
 
 
-# The cyclic GC's default thresholds (700, 10, 10) made a busy scheduler spend ~13 % of
-# its CPU in collections (a full one every few seconds, ~150 ms each, while its hosts,
-# tasks and caches grow); its objects are freed by reference counting, cycles are rare.
-# With these it spent ~6 % and handled ~12 % more registrations per CPU-second
-# (benchmarks/scheduler.py's workload, in-process, 2 runs each).
-GC_THRESHOLDS = (20_000, 20, 50)
 
 
 def run_scheduler(cfg: SchedulerConfig) -> int:
-    gc.set_threshold(*GC_THRESHOLDS)
+    tune_gc()
 
     server = SchedulerServer(cfg)
 

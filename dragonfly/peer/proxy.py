@@ -83,6 +83,10 @@ class ProxyFront:
     def __init__(self, basics: ProxyBasics) -> None:
         self.basics = basics
         self.rules = [CompiledRule(re.compile(r.regex), r) for r in basics.config.proxy.rules]
+        self._counters = {
+            mode: basics.metrics.proxy_requests.labels(mode)
+            for mode in ("p2p", "direct", "registry_blob")
+        }
 
     @property
     def gate(self) -> ProxyGate:
@@ -111,7 +115,7 @@ class ProxyFront:
 
     def _count(self, mode: str) -> None:
         """Count a proxy request by how it is served (dragonfly_proxy_requests)."""
-        self.basics.metrics.proxy_requests.labels(mode).inc()
+        self._counters[mode].inc()
 
     async def __call__(self, request: Request, responder: Responder) -> None:
         client = client_ip(request.client)

@@ -20,8 +20,6 @@ import collections
 import os
 import socket
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import trio
@@ -32,6 +30,7 @@ from dragonfly.log import configure, get_logger
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.fdpass import ChannelClosed, FdChannel
 from dragonfly.net.http_server import HandOff, Request, Responder, serve_listeners
+from dragonfly.nursery.gc_tuning import tune_gc
 from dragonfly.peer.exposure import ProxyGate
 from dragonfly.peer.proxy import ProxyFront
 from dragonfly.peer.request import DownloadRequest
@@ -99,16 +98,14 @@ class HeldFiles:
             await event.wait()
         return self._open.get(task_id)
 
-    @contextmanager
-    def using(self, task: OpenTask) -> Iterator[OpenTask]:
-        """Hold a task's descriptor open while it is served."""
+    def use(self, task: OpenTask) -> None:
+        """Hold a task's descriptor open while it is served (then `release` it)."""
         task.users += 1
         self.served.add(task.record.id)
-        try:
-            yield task
-        finally:
-            task.users -= 1
-            self._maybe_close(task)
+
+    def release(self, task: OpenTask) -> None:
+        task.users -= 1
+        self._maybe_close(task)
 
     def answered(self, task_id: str, record: TaskRecord | None, fd: int | None) -> None:
         """The daemon's answer to a lookup: the task's record and file, or None."""
@@ -201,8 +198,11 @@ class HeldOnlyProxy(ProxyFront):
         if task is None or task.closed:
             raise HandOff
         super()._count("p2p")
-        with self.held.using(task):
+        self.held.use(task)
+        try:
             await serve_held(self.basics.metrics, task.record, task.fd, request, responder)
+        finally:
+            self.held.release(task)
 
 
 class Worker:
@@ -315,5 +315,6 @@ def main(argv: list[str]) -> int:
             "usage: proxy_worker CONTROL_FD LISTEN_FD... (started by the daemon)", file=sys.stderr
         )
         return 2
+    tune_gc()
     trio.run(run_worker, int(argv[0]), [int(a) for a in argv[1:]])
     return 0

@@ -210,7 +210,7 @@ async def serve_held(
         start, end = span
     if request.method != "HEAD" and total:
         await responder.sendfile(fd, start, end - start + 1)
-        metrics.download_bytes.labels("local").inc(end - start + 1)
+        metrics.local_bytes.inc(end - start + 1)
     await responder.finish()
 
 

@@ -32,8 +32,16 @@ class Headers:
     def __init__(self, items: Iterable[tuple[bytes | str, bytes | str]] = ()) -> None:
         self._items: HeaderPairs = [(_b(k).lower(), _b(v)) for k, v in items]
 
+    @classmethod
+    def lowercase(cls, items: Iterable[tuple[bytes, bytes]]) -> Headers:
+        """Headers whose names are lowercase bytes already (h11's events): not converted
+        again (a request's headers are read on every one of a server's requests)."""
+        headers = cls.__new__(cls)
+        headers._items = list(items)
+        return headers
+
     def get(self, name: str | bytes, default: str | None = None) -> str | None:
-        key = _b(name).lower()
+        key = _key(name)
         for k, v in self._items:
             if k == key:
                 return v.decode("latin-1")
@@ -46,8 +54,11 @@ class Headers:
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, (str, bytes)):
             return False
-        key = _b(name).lower()
-        return any(k == key for k, _ in self._items)
+        key = _key(name)
+        for k, _ in self._items:  # noqa: SIM110  (no generator made per call: a hot path)
+            if k == key:
+                return True
+        return False
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
         return iter(self._items)
@@ -85,6 +96,20 @@ class Headers:
 
 def _b(value: str | bytes) -> bytes:
     return value.encode("latin-1") if isinstance(value, str) else value
+
+
+_KEYS: dict[str | bytes, bytes] = {}
+
+
+def _key(name: str | bytes) -> bytes:
+    """A header name as stored (lowercase bytes); the names a program asks for are few,
+    so they are converted once (the cache is bounded all the same)."""
+    key = _KEYS.get(name)
+    if key is None:
+        key = _b(name).lower()
+        if len(_KEYS) < 512:
+            _KEYS[name] = key
+    return key
 
 
 class RangeNotSatisfiable(ValueError):

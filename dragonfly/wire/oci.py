@@ -100,6 +100,8 @@ def parse_route(path: str) -> Route:
 def registry_blob(url: str) -> tuple[Route, str, str] | None:
     """(route, registry base URL, the URL) if an absolute URL names a sha256 blob of a
     registry (`scheme://host/v2/NAME/blobs/sha256:HEX`), else None."""
+    if "/blobs/" not in url:  # (asked of every proxy request: most are not blobs)
+        return None
     try:
         parts = urlsplit(url)
         route = parse_route(parts.path)

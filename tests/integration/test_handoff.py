@@ -4,16 +4,22 @@ that carries it between processes (net/fdpass.py), and a proxy worker's open fil
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import pytest
 import trio
+import trio.testing
 from structlog.testing import capture_logs
 
+from dragonfly.blocklist import BlockList
+from dragonfly.config import PeerConfig, load_config
 from dragonfly.net.fdpass import MESSAGE_LIMIT, ChannelClosed, FdChannel
 from dragonfly.net.http_server import HandOff, Request, Responder, bound_port, serve_listeners
-from dragonfly.peer.proxy_worker import HeldFiles
+from dragonfly.peer.proxy_worker import HeldFiles, HeldOnlyProxy, Worker, WorkerSetup
+from dragonfly.peer.request import DownloadRequest
 from dragonfly.storage.metadata import TaskRecord, TaskState
+from dragonfly.wire.http_common import Headers
 
 
 async def _front(request: Request, responder: Responder) -> None:
@@ -153,10 +159,11 @@ async def test_a_workers_file_closes_once_removed_and_unused() -> None:
     held.answered(record.id, record, fd)
     task = await held.lookup(record.id)
     assert task is not None and task.fd == fd
-    with held.using(task):
-        held.removed([record.id])
-        assert task.closed and os.fstat(fd)  # still open while it is being served
-        assert await _lookup_unanswered(held, record.id) is None
+    held.use(task)
+    held.removed([record.id])
+    assert task.closed and os.fstat(fd)  # still open while it is being served
+    assert await _lookup_unanswered(held, record.id) is None
+    held.release(task)
     assert task.fd == -1
     with pytest.raises(OSError):
         os.fstat(fd)
@@ -180,3 +187,75 @@ async def _lookup_unanswered(held: HeldFiles, task_id: str) -> object:
     with trio.move_on_after(0.2):
         return await held.lookup(task_id)
     return None
+
+
+class _Client:
+    peer = "127.0.0.1:40000"
+
+
+class _Answers:
+    """A responder that keeps what the handler answered."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.errors: list[tuple[int, str]] = []
+
+    async def send_error(self, status: int, message: str) -> None:
+        self.started = True
+        self.errors.append((status, message))
+
+
+def _request(url: str, *headers: tuple[bytes, bytes]) -> Request:
+    pairs = [(b"host", b"x"), *headers]
+    return Request("GET", url, Headers.lowercase(pairs), "1.1", _Client())  # type: ignore[arg-type]
+
+
+async def test_a_worker_applies_the_block_list_and_hands_off_what_is_not_its(
+    nursery: trio.Nursery,
+) -> None:
+    daemon, theirs = FdChannel.pair()
+    config = load_config("peer", overrides=["proxy.workers=1"])
+    assert isinstance(config, PeerConfig)
+    worker = Worker(FdChannel(theirs), WorkerSetup(0, config, [1, 2], BlockList()))
+    nursery.start_soon(worker._listen)
+    proxy = HeldOnlyProxy(worker.services, worker.held)
+
+    # The daemon's new block list reaches the worker, which refuses as the daemon does.
+    await daemon.send(("block_list", BlockList(urls=(re.compile(r"/secret/"),))))
+    await trio.testing.wait_all_tasks_blocked(0.05)
+    assert not worker.services.block_list.empty
+    answers = _Answers()
+    await proxy(_request("http://origin.example/secret/x.bin"), answers)  # type: ignore[arg-type]
+    assert answers.errors and answers.errors[0][0] == 403 and "block list" in answers.errors[0][1]
+
+    # What only the daemon may decide is handed off before anything is answered: a
+    # private task, a digest to check, a request with a body, the daemon's own paths, a
+    # URL no rule sends through P2P, and a task the daemon does not hold.
+    url = "http://origin.example/pub/x.bin"
+    for request in (
+        _request(url, (b"authorization", b"Bearer t")),
+        _request(url, (b"content-length", b"3")),
+        _request("/healthy"),
+        _request(url, (b"x-dragonfly-use-p2p", b"false")),
+    ):
+        answers = _Answers()
+        with pytest.raises(HandOff):
+            await proxy(request, answers)  # type: ignore[arg-type]
+        assert not answers.started
+    not_held = _Answers()
+    outcome: list[str] = []
+
+    async def ask() -> None:
+        try:
+            await proxy(_request(url), not_held)  # type: ignore[arg-type]
+        except HandOff:
+            outcome.append("handed off")
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(ask)
+            message, _ = await daemon.receive()
+            assert message == ("lookup", DownloadRequest.for_url(url).task_id)
+            await daemon.send(("task", message[1], None))  # the daemon: not held
+    assert outcome == ["handed off"] and not not_held.started
+    daemon.close()

@@ -435,3 +435,31 @@ async def test_a_client_pipelining_many_requests_lets_others_take_turns(tmp_path
     finally:
         os.close(fd)
     assert order.index("/b") < burst // 2, order.index("/b")
+
+
+async def test_a_kept_alive_connection_idle_too_long_is_closed(nursery: trio.Nursery) -> None:
+    """idle_timeout counts only between requests: a slow handler is not cut by it, a
+    client silent for longer than it after a response is."""
+
+    async def slow(request: Request, responder: Responder) -> None:
+        await trio.sleep(0.3)  # longer than the idle timeout: not idle, working
+        await responder.send(200, b"done\n")
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(
+        lambda task_status: http_server.serve_listeners(
+            slow, listeners, idle_timeout=0.2, task_status=task_status
+        )
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", bound_port(listeners))
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    for _ in range(2):  # the second within the idle timeout: the same connection
+        await stream.send_all(request)
+        received = b""
+        with trio.fail_after(5):
+            while not received.endswith(b"done\n"):
+                received += await stream.receive_some(1024)
+        await trio.sleep(0.05)
+    with trio.fail_after(5):
+        assert await stream.receive_some(1024) == b""  # closed after 0.2 s of silence
+    await stream.aclose()
