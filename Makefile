@@ -63,6 +63,7 @@ bench: setup
 	$(PY) -m benchmarks scheduler --duration 30s
 	$(PY) -m benchmarks simulation --peers 1000
 	$(PY) -m benchmarks load
+	$(PY) -m benchmarks small_requests
 
 bench-full: setup
 	$(PY) -m benchmarks http_serve

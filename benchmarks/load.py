@@ -139,12 +139,19 @@ class Rig:
 
 
 @contextmanager
-def rig(work: Path) -> Iterator[Rig]:
+def rig(work: Path, workers: int = 0) -> Iterator[Rig]:
+    """An origin and a cluster whose peer runs `workers` proxy workers."""
     www = work / "www"
     www.mkdir(parents=True, exist_ok=True)
     with (
         Nginx(root=www, workdir=work / "nginx", extra_server_conf=DAV) as origin,
-        Cluster(work / "cluster", schedulers=1, seed_peers=1, peers=1) as cluster,
+        Cluster(
+            work / "cluster",
+            schedulers=1,
+            seed_peers=1,
+            peers=1,
+            overrides=[f"peer:proxy.workers={workers}"],
+        ) as cluster,
     ):
         yield Rig(cluster, origin, www, work)
 
@@ -318,8 +325,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--hits", type=int, default=10000)
     p.add_argument("--hit-concurrency", type=int, default=500)
     p.add_argument("--max-time", type=float, default=120.0, help="curl --max-time (120 s)")
+    p.add_argument("--workers", type=int, default=0, help="the peer's proxy.workers (0)")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="dragonfly-load-") as tmp, rig(Path(tmp)) as r:
+    with (
+        tempfile.TemporaryDirectory(prefix="dragonfly-load-") as tmp,
+        rig(Path(tmp), args.workers) as r,
+    ):
         rounds, footprints = run(r, args)
     for one in rounds:
         print(one.line())

@@ -95,6 +95,12 @@ class PeerMetrics(RoleMetrics):
             ["reason"],
             registry=r,
         )
+        self.proxy_worker_requests = Counter(
+            "dragonfly_proxy_worker_requests",
+            "Local hits answered by each proxy worker (proxy.workers), by worker",
+            ["worker"],
+            registry=r,
+        )
         for source in ("p2p", "back_to_source", "local"):
             self.download_bytes.labels(source)
         # (counted on every local hit: the child looked up once)

@@ -92,7 +92,7 @@ class ProxyWorkers:
                 await ours.send(("block_list", self.daemon.block_list))
             log.info("proxy worker started", worker=index, pid=process.pid)
             async with trio.open_nursery() as nursery:
-                await self._serve(ours, nursery)
+                await self._serve(index, ours, nursery)
                 nursery.cancel_scope.cancel()
         except ChannelClosed:
             pass
@@ -107,7 +107,7 @@ class ProxyWorkers:
                     await process.wait()
         raise WorkerExited(f"proxy worker {index} exited with status {process.returncode}")
 
-    async def _serve(self, channel: FdChannel, nursery: trio.Nursery) -> None:
+    async def _serve(self, index: int, channel: FdChannel, nursery: trio.Nursery) -> None:
         """A worker's messages until it closes its end."""
         while True:
             try:
@@ -124,7 +124,7 @@ class ProxyWorkers:
             if kind == "lookup" and isinstance(message[1], str):
                 nursery.start_soon(self._answer, channel, message[1])
             elif kind == "stats":
-                self._count(message[1], message[2])
+                self._count(index, message[1], message[2])
             else:
                 log.warning("a proxy worker sent an unknown message", kind=repr(kind)[:40])
 
@@ -145,13 +145,15 @@ class ProxyWorkers:
             return
         await _send_quietly(channel, ("task", task_id, None))
 
-    def _count(self, gained: object, served: object) -> None:
+    def _count(self, index: int, gained: object, served: object) -> None:
         """A worker's report: its counts added to the daemon's, its tasks used now."""
         metrics = self.daemon.metrics
         for key, delta in gained.items() if isinstance(gained, dict) else ():
             name, labels = key
             if name in FORWARDED_COUNTERS and isinstance(delta, int | float) and delta > 0:
                 getattr(metrics, name).labels(*labels).inc(delta)
+                if key == ("proxy_requests", ("p2p",)):  # (a worker's are all local hits)
+                    metrics.proxy_worker_requests.labels(str(index)).inc(delta)
         for task_id in served if isinstance(served, list) else ():
             if isinstance(task_id, str):
                 self.daemon.store.touch(task_id)

@@ -104,6 +104,8 @@ def test_a_worker_serves_local_hits_and_hands_the_rest_to_the_daemon(
             return p2p == 7
 
         wait_for(counted, "the worker's counts in the daemon's metrics", timeout=10)
+        by_worker = 'worker="0"'
+        assert metric(peer.info["metrics"], "dragonfly_proxy_worker_requests_total", by_worker) == 4
         assert metric(peer.info["metrics"], "dragonfly_proxy_requests_total", 'mode="direct"') == 1
 
 
