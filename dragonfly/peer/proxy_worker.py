@@ -216,8 +216,14 @@ class Worker:
         self._reported: dict[tuple[str, tuple[str, ...]], float] = {}
 
     async def hand_off(self, stream: trio.SocketStream, received: bytes) -> None:
-        """Give a connection (and the bytes of its request read so far) to the daemon."""
-        await self.channel.send(("connection", received), stream.socket.fileno())
+        """Give a connection (and the bytes of its request read so far) to the daemon.
+        A daemon that is gone (stopping) takes nothing: the connection just closes."""
+        try:
+            await self.channel.send(("connection", received), stream.socket.fileno())
+        except ChannelClosed:
+            log.info("connection closed: the daemon is gone", worker=self.setup.index)
+        except ValueError as exc:  # (a request read so far over the pair's message size)
+            log.warning("connection closed: too large to hand off", error=str(exc))
 
     async def run(self, listeners: list[trio.SocketListener]) -> None:
         proxy = self.setup.config.proxy

@@ -223,7 +223,14 @@ class SchedulerCore:
         task = peer.task
         if not task.metadata_known or task.state is TaskState.FAILED:
             return
+        load_quality = self.evaluator.load_quality
         for w in list(task.waiting.values()):
+            if load_quality(peer.host) <= 0:
+                # Its upload slots are all promised: the peers still waiting found no
+                # parent before and would search the swarm again for nothing (with
+                # thousands waiting, that search for each new source was nearly all of
+                # a burst's scheduling); they try again at their retry tick.
+                break
             if task.waiting.get(w.id) is w:
                 self._schedule(w, now, out, prefer=peer)
         self._top_up(peer, now, out)

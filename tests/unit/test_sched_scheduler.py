@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -427,3 +428,34 @@ def test_digests_beyond_one_message_follow_separately(monkeypatch: pytest.Monkey
     assert len(cp.digests) == 3 and [len(m.digests) for m in extra] == [3, 2]
     numbers = [d.number for d in cp.digests] + [d.number for m in extra for d in m.digests]
     assert sorted(numbers) == list(range(8))
+
+
+def test_a_new_source_is_offered_to_waiting_peers_only_while_it_has_free_slots() -> None:
+    """A peer begins to serve (its first piece) while ten peers wait, and it has two
+    upload slots: two get it, and the other eight are not searched for parents again
+    then (with thousands waiting, that search per new source was nearly all of a
+    burst's scheduling); they try at their retry tick."""
+    w = World()
+    w.connect("seed", seed=True, upload_limit=2)
+    w.register("seed", "s1")
+    for n in range(12):
+        w.connect(f"h{n}", upload_limit=2)
+        w.register(f"h{n}", f"p{n}")
+    w.metadata("seed", "s1")
+    w.pieces("seed", "s1", [0, 1])
+    task = w.s.tasks[T1]
+    assert len(task.waiting) == 10  # the seed's two slots went to two of the twelve
+    child = next(p for p in w.s.peers.values() if p.host.id != "seed" and p not in task.waiting)
+    selections = 0
+    select = w.s._selector.select
+
+    def counted(*args: Any, **kwargs: Any) -> list[Any]:
+        nonlocal selections
+        selections += 1
+        return select(*args, **kwargs)
+
+    w.s._selector.select = counted  # type: ignore[method-assign]
+    out = w.pieces(child.host.id, child.id, [0], parent="s1")
+    given = {d.host_id for d in out if isinstance(d.message, CandidateParents)}
+    assert len(given) == 2 and selections == 2, (given, selections)
+    assert child.host.active_uploads == 2 and len(task.waiting) == 8
