@@ -215,6 +215,10 @@ async def _next_request(c: HTTPConnection, idle: _Idle, header_timeout: float, f
             data = await c.stream.receive_some(RECEIVE_SIZE)
         finally:
             idle.scope.deadline = math.inf
+        if idle.scope.cancel_called:
+            # The request came in the very tick the idle timeout expired: the scope stays
+            # cancelled, so no handler may run in it; the connection closes as idle.
+            return None
         c.feed(data)  # (b"": the client closed; ConnectionClosed next)
         event = c.conn.next_event()
         if event is not h11.NEED_DATA:

@@ -52,7 +52,7 @@ from dragonfly.net.http_server import Handler, bound_port, serve, serve_unix
 from dragonfly.net.join import join, report_refusal
 from dragonfly.net.manager_client import ManagerMember
 from dragonfly.net.tls import origin_ssl_context
-from dragonfly.nursery.gc_tuning import tune_gc
+from dragonfly.nursery.process_setup import tune_process
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.peer.discovery import Discovery
 from dragonfly.peer.exposure import ProxyGate, checked_addresses
@@ -245,6 +245,7 @@ class PeerDaemon:
                     if cfg.proxy.workers:
                         self.proxy_workers = ProxyWorkers(self, cfg.proxy.workers)
                         store.on_removed = self._removed
+                        store.on_restart = self.proxy_workers.restarted
                     proxy = await nursery.start(
                         functools.partial(
                             self._listener(ProxyHandler(self), cfg.proxy, "proxy"),
@@ -418,7 +419,7 @@ def _limiter(rate: int) -> RateLimiter | None:
 
 
 def run_peer(cfg: PeerConfig) -> int:
-    tune_gc()
+    tune_process()
     daemon = PeerDaemon(cfg)
 
     async def main(nursery: trio.Nursery) -> None:

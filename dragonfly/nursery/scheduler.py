@@ -58,7 +58,7 @@ from dragonfly.net.channel import (
 from dragonfly.net.http_server import Request, Responder, bound_port, serve
 from dragonfly.net.join import join, report_refusal
 from dragonfly.net.manager_client import ManagerMember
-from dragonfly.nursery.gc_tuning import tune_gc
+from dragonfly.nursery.process_setup import tune_process
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.sched.jobs import MANAGER, JobHost, JobRunner
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
@@ -548,7 +548,7 @@ def _job_host(host: HostInfo, version: int) -> JobHost:
 
 
 def run_scheduler(cfg: SchedulerConfig) -> int:
-    tune_gc()
+    tune_process()
 
     server = SchedulerServer(cfg)
 

@@ -179,9 +179,14 @@ class ProxyUsers:
 class ProxyGate:
     """Lets a proxy client in: from loopback or proxy.allowed_clients, or authenticated."""
 
-    def __init__(self, proxy: ProxySection) -> None:
+    def __init__(self, proxy: ProxySection, users: dict[str, str] | None = None) -> None:
+        """`users`: the auth file's users as already read (a proxy worker's copy of the
+        daemon's gate), rather than the file read again."""
         self.policy = AccessPolicy.from_config(proxy)
-        self.users = ProxyUsers.load(proxy.auth_file) if proxy.auth_file else None
+        if users is not None:
+            self.users: ProxyUsers | None = ProxyUsers(users)
+        else:
+            self.users = ProxyUsers.load(proxy.auth_file) if proxy.auth_file else None
 
     def bind_ports(self, ports: list[int]) -> None:
         """The daemon's listeners are bound: their ports are off limits from now on."""

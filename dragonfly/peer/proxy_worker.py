@@ -30,7 +30,7 @@ from dragonfly.log import configure, get_logger
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.fdpass import ChannelClosed, FdChannel
 from dragonfly.net.http_server import HandOff, Request, Responder, serve_listeners
-from dragonfly.nursery.gc_tuning import tune_gc
+from dragonfly.nursery.process_setup import tune_process
 from dragonfly.peer.exposure import ProxyGate
 from dragonfly.peer.proxy import ProxyFront
 from dragonfly.peer.request import DownloadRequest
@@ -58,6 +58,9 @@ class WorkerSetup:
     config: PeerConfig
     own_ports: list[int]  # the daemon's proxy and upload ports (the gate refuses them)
     block_list: BlockList
+    # The proxy's users (name: argon2 hash) as the daemon read them at its start: a
+    # worker started later admits exactly whom the daemon admits.
+    users: dict[str, str] | None = None
 
 
 @dataclass(eq=False)
@@ -147,7 +150,7 @@ class WorkerServices:
     def __init__(self, setup: WorkerSetup) -> None:
         self.config = setup.config
         self.metrics = PeerMetrics()
-        self.proxy_gate = ProxyGate(setup.config.proxy)
+        self.proxy_gate = ProxyGate(setup.config.proxy, users=setup.users)
         self.proxy_gate.bind_ports(setup.own_ports)
         self.block_list = setup.block_list
 
@@ -321,6 +324,6 @@ def main(argv: list[str]) -> int:
             "usage: proxy_worker CONTROL_FD LISTEN_FD... (started by the daemon)", file=sys.stderr
         )
         return 2
-    tune_gc()
+    tune_process()
     trio.run(run_worker, int(argv[0]), [int(a) for a in argv[1:]])
     return 0

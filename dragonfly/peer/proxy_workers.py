@@ -33,7 +33,12 @@ log = get_logger("dragonfly.peer.proxy_workers")
 
 # How long a stopping worker may take to exit before it is killed.
 STOP_GRACE = 3.0
+# Task IDs per "removed" message (a GC pass may remove thousands at once).
+REMOVED_PER_MESSAGE = 1000
 _BOOT = "import sys; from dragonfly.peer.proxy_worker import main; sys.exit(main(sys.argv[1:]))"
+# -P: the daemon's working directory is not put on the worker's import path (a module
+# planted there would run as the daemon's user).
+_PYTHON = [sys.executable, "-P", "-c", _BOOT]
 
 
 class WorkerExited(Exception):
@@ -55,14 +60,17 @@ class ProxyWorkers:
     async def run(self, listeners: list[trio.SocketListener], own_ports: list[int]) -> None:
         """Keep `count` workers running on `listeners` until cancelled."""
         fds = [listener.socket.fileno() for listener in listeners]
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            for index in range(self.count):
-                nursery.start_soon(
-                    self.daemon.supervisor.restarting,
-                    f"proxy worker {index}",
-                    functools.partial(self._run_one, index, fds, own_ports),
-                )
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for index in range(self.count):
+                    nursery.start_soon(
+                        self.daemon.supervisor.restarting,
+                        f"proxy worker {index}",
+                        functools.partial(self._run_one, index, fds, own_ports),
+                    )
+        finally:
+            self._nursery = None  # (a removal after this has no worker to tell)
 
     def tell_all(self, message: object) -> None:
         """Send `message` to every running worker (a removal, a new block list)."""
@@ -73,19 +81,30 @@ class ProxyWorkers:
 
     def removed(self, task_ids: list[str]) -> None:
         """The store removed these tasks: the workers close their files."""
-        self.tell_all(("removed", list(task_ids)))
+        ids = list(task_ids)
+        for start in range(0, len(ids), REMOVED_PER_MESSAGE):
+            self.tell_all(("removed", ids[start : start + REMOVED_PER_MESSAGE]))
+
+    def restarted(self, task_id: str) -> None:
+        """The task's bytes start over (the origin changed them): its old file is not
+        to be served any more."""
+        self.removed([task_id])
 
     async def _run_one(self, index: int, fds: list[int], own_ports: list[int]) -> None:
         ours, theirs = FdChannel.pair()
         try:
             process = await trio.lowlevel.open_process(
-                [sys.executable, "-c", _BOOT, str(theirs.fileno()), *map(str, fds)],
+                [*_PYTHON, str(theirs.fileno()), *map(str, fds)],
                 pass_fds=(theirs.fileno(), *fds),
             )
         finally:
             theirs.close()
         try:
-            setup = WorkerSetup(index, self.daemon.config, own_ports, self.daemon.block_list)
+            gate = self.daemon.proxy_gate
+            users = dict(gate.users.users) if gate.users is not None else None
+            setup = WorkerSetup(
+                index, self.daemon.config, own_ports, self.daemon.block_list, users
+            )
             await ours.send(("setup", setup))
             self._channels.add(ours)
             if self.daemon.block_list is not setup.block_list:  # (changed meanwhile)
@@ -121,6 +140,10 @@ class ProxyWorkers:
                 continue
             if fd is not None:
                 socket.close(fd)
+            if kind == "connection":
+                # (the daemon was out of descriptors: the kernel dropped the connection's)
+                log.warning("a connection from a proxy worker was lost", worker=index)
+                continue
             if kind == "lookup" and isinstance(message[1], str):
                 nursery.start_soon(self._answer, channel, message[1])
             elif kind == "stats":
@@ -133,7 +156,7 @@ class ProxyWorkers:
         hands the request to the daemon, which decides as it always does)."""
         store = self.daemon.store
         try:
-            async with store.use(task_id) as handle:
+            async with store.use(task_id) as handle:  # (UnknownTask: not held)
                 # (complete: every piece verified, the file is never written again;
                 # a download that is still winding down does not change its bytes)
                 if handle.complete and not handle.record.private:
@@ -143,6 +166,8 @@ class ProxyWorkers:
             pass
         except ChannelClosed:
             return
+        except Exception as exc:  # (out of descriptors, a database error): the daemon's
+            log.warning("a proxy worker's lookup failed", task_id=task_id, error=repr(exc))
         await _send_quietly(channel, ("task", task_id, None))
 
     def _count(self, index: int, gained: object, served: object) -> None:

@@ -79,6 +79,7 @@ class StoreState:
     _running: bool
     _closed: bool
     on_removed: Callable[[list[str]], None]
+    on_restart: Callable[[str], None]
     supervisor: Supervisor
     _retry_after: float
 

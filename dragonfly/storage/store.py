@@ -108,6 +108,9 @@ class PieceStore(FlushMixin, TasksMixin, PiecesMixin, RemovalMixin):
         # Told the IDs of tasks this store no longer holds (evicted, deleted, failed), so
         # the host's schedulers stop naming it as their parent (peer/reannounce.py).
         self.on_removed: Callable[[list[str]], None] = lambda task_ids: None
+        # Told the ID of a task whose bytes start over (the origin's changed): whoever
+        # kept its old file open to serve it (a proxy worker) lets go.
+        self.on_restart: Callable[[str], None] = lambda task_id: None
         # Failed commits (database locked, disk full) are reported here, and the flusher
         # waits its backoff before the next one (dragonfly/supervise.py).
         self.supervisor = supervisor

@@ -110,12 +110,14 @@ class TasksMixin(StoreState):
                 # and the task starts over in a new file.
                 self._discard_queued(task_id)
                 self._detach(h)
-                self._maybe_close(h)
+                self._maybe_close(h)  # (on_restart follows: the stored record conflicts too)
                 await self.flush()  # its pieces may be in flight: let them land, then reset
             now = self._clock()
-            h = await self._run_db(self._open_sync, task_id, given, now)
-            self._handles[task_id] = h
-            return self._retain(h)
+            opened, restarted = await self._run_db(self._open_sync, task_id, given, now)
+            self._handles[task_id] = opened
+            if restarted:
+                self.on_restart(task_id)
+            return self._retain(opened)
 
     def _refresh_sync(self, h: TaskHandle, given: dict[str, Any]) -> TaskRecord:
         """Store what the caller learned since (e.g. the length of a chunked download)."""
@@ -124,10 +126,14 @@ class TasksMixin(StoreState):
             h.file.truncate(cl)
         return self._db.update_task(h.task_id, **given)
 
-    def _open_sync(self, task_id: str, given: dict[str, Any], now: float) -> TaskHandle:
+    def _open_sync(
+        self, task_id: str, given: dict[str, Any], now: float
+    ) -> tuple[TaskHandle, bool]:
+        """The task's handle, and whether its stored bytes were thrown away to start over."""
         db = self._db
         path = task_path(self.data_dir, task_id)
         existing = db.get_task(task_id)
+        restarted = False
         if existing is None:
             record = db.upsert_task(task_id, now=now, state=TaskState.RUNNING, **given)
         else:
@@ -140,6 +146,7 @@ class TasksMixin(StoreState):
                 )
                 path.unlink(missing_ok=True)
                 db.reset_task(task_id)
+                restarted = True
                 state = TaskState.RUNNING
             elif existing.state == TaskState.SUCCEEDED:
                 state = TaskState.SUCCEEDED
@@ -152,7 +159,7 @@ class TasksMixin(StoreState):
         except BaseException:
             f.close()
             raise
-        return TaskHandle(task_id, f, record, pieces)
+        return TaskHandle(task_id, f, record, pieces), restarted
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         """The task's record (with queued last-access applied), or None."""

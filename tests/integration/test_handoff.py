@@ -135,8 +135,16 @@ async def test_the_socket_pair_carries_messages_and_descriptors() -> None:
 
     await theirs.send(("no descriptor",))
     assert await ours.receive() == (("no descriptor",), None)
+    # Larger than one datagram: through a memory file (a long block list, say); with a
+    # descriptor of its own a message must fit in one.
+    big = ("block_list", os.urandom(3 * MESSAGE_LIMIT))
+    await ours.send(big)
+    assert await theirs.receive() == (big, None)
+    read_end, write_end = os.pipe()
     with pytest.raises(ValueError, match="over"):
-        await ours.send(b"x" * (MESSAGE_LIMIT + 1))
+        await ours.send(b"x" * (MESSAGE_LIMIT + 1), write_end)
+    os.close(read_end)
+    os.close(write_end)
     theirs.close()
     with pytest.raises(ChannelClosed):
         await ours.receive()

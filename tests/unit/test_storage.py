@@ -361,6 +361,10 @@ async def test_whole_digest_mismatch_fails_and_removes(tmp_path: Path) -> None:
 
 
 async def test_layout_change_restarts_task(store: PieceStore) -> None:
+    """Other bytes at the origin: the task starts over, and whoever keeps the old file
+    open to serve it (a proxy worker) is told (on_restart), loaded or not."""
+    restarted: list[str] = []
+    store.on_restart = restarted.append
     pl = 4 * KiB
     data = piece_bytes(TID, 0, pl)
     h = await store.open_task(TID, content_length=2 * pl, piece_length=pl, etag='"v1"')
@@ -369,6 +373,14 @@ async def test_layout_change_restarts_task(store: PieceStore) -> None:
     h = await store.open_task(TID, content_length=2 * pl, piece_length=pl, etag='"v2"')
     assert h.done == set()
     assert h.record.etag == '"v2"'
+    assert restarted == [TID]  # (the handle was loaded)
+    await store.write_piece(h, 0, data, sha(data))
+    store.release(h)
+    await store.flush()
+    store._detach(h)  # (no longer loaded: the restart is found in the database)
+    store._maybe_close(h)
+    h = await store.open_task(TID, content_length=3 * pl, piece_length=pl, etag='"v3"')
+    assert h.done == set() and restarted == [TID, TID]
     store.release(h)
 
 
