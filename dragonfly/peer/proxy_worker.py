@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import trio
 
 from dragonfly.blocklist import BlockList
-from dragonfly.config import PeerConfig
+from dragonfly.config import PeerConfig, ProxyRule
 from dragonfly.log import configure, get_logger
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.fdpass import ChannelClosed, FdChannel
@@ -190,7 +190,11 @@ class HeldOnlyProxy(ProxyFront):
         raise HandOff
 
     def _count(self, mode: str) -> None:
-        """Counted when served (a request handed off is counted by the daemon)."""
+        """Counted once answered here (`_p2p`): one handed off, the daemon counts."""
+
+    async def _p2p(self, request: Request, responder: Responder, rule: ProxyRule) -> None:
+        await super()._p2p(request, responder, rule)  # (HandOff passes through, uncounted)
+        super()._count("p2p")  # a local hit, or a refusal (a bad task, the block list)
 
     async def _p2p_admitted(
         self, request: Request, responder: Responder, req: DownloadRequest
@@ -200,7 +204,6 @@ class HeldOnlyProxy(ProxyFront):
         task = await self.held.lookup(req.task_id)
         if task is None or task.closed:
             raise HandOff
-        super()._count("p2p")
         self.held.use(task)
         try:
             await serve_held(self.basics.metrics, task.record, task.fd, request, responder)

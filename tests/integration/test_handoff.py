@@ -235,6 +235,10 @@ async def test_a_worker_applies_the_block_list_and_hands_off_what_is_not_its(
     answers = _Answers()
     await proxy(_request("http://origin.example/secret/x.bin"), answers)  # type: ignore[arg-type]
     assert answers.errors and answers.errors[0][0] == 403 and "block list" in answers.errors[0][1]
+    # counted as the daemon counts it: a P2P request, refused for the block list
+    counts = worker.counts()
+    assert counts[("proxy_requests", ("p2p",))] == 1
+    assert counts[("proxy_refusals", ("blocked",))] == 1
 
     # What only the daemon may decide is handed off before anything is answered: a
     # private task, a digest to check, a request with a body, the daemon's own paths, a
@@ -266,4 +270,5 @@ async def test_a_worker_applies_the_block_list_and_hands_off_what_is_not_its(
             assert message == ("lookup", DownloadRequest.for_url(url).task_id)
             await daemon.send(("task", message[1], None))  # the daemon: not held
     assert outcome == ["handed off"] and not not_held.started
+    assert ("proxy_requests", ("p2p",)) not in worker.counts()  # (the daemon counts those)
     daemon.close()
