@@ -52,7 +52,6 @@ from dragonfly.net.http_server import Handler, bound_port, serve, serve_unix
 from dragonfly.net.join import join, report_refusal
 from dragonfly.net.manager_client import ManagerMember
 from dragonfly.net.tls import origin_ssl_context
-from dragonfly.nursery.process_setup import tune_process
 from dragonfly.nursery.signals import run_until_signal
 from dragonfly.peer.discovery import Discovery
 from dragonfly.peer.exposure import ProxyGate, checked_addresses
@@ -68,6 +67,7 @@ from dragonfly.peer.scheduler_client import SchedulerPool
 from dragonfly.peer.tasks import TaskManager
 from dragonfly.peer.tunnel import Hijacker
 from dragonfly.peer.upload import UploadHandler
+from dragonfly.process_setup import tune_process
 from dragonfly.ratelimit import RateLimiter
 from dragonfly.storage import GCConfig, PieceStore
 from dragonfly.supervise import InFlight, Supervisor

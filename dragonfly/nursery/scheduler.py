@@ -58,8 +58,8 @@ from dragonfly.net.channel import (
 from dragonfly.net.http_server import Request, Responder, bound_port, serve
 from dragonfly.net.join import join, report_refusal
 from dragonfly.net.manager_client import ManagerMember
-from dragonfly.nursery.process_setup import tune_process
 from dragonfly.nursery.signals import run_until_signal
+from dragonfly.process_setup import tune_process
 from dragonfly.sched.jobs import MANAGER, JobHost, JobRunner
 from dragonfly.sched.scheduler import Scheduler, SchedulerSettings, Send
 from dragonfly.supervise import InFlight, Supervisor

@@ -30,11 +30,11 @@ from dragonfly.log import configure, get_logger
 from dragonfly.metrics import PeerMetrics
 from dragonfly.net.fdpass import ChannelClosed, FdChannel
 from dragonfly.net.http_server import HandOff, Request, Responder, serve_listeners
-from dragonfly.nursery.process_setup import tune_process
 from dragonfly.peer.exposure import ProxyGate
 from dragonfly.peer.proxy import ProxyFront
 from dragonfly.peer.request import DownloadRequest
 from dragonfly.peer.serving import serve_held
+from dragonfly.process_setup import tune_process
 from dragonfly.storage.metadata import TaskRecord
 from dragonfly.wire.oci import Route
 
