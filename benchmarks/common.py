@@ -263,3 +263,15 @@ def _save(plt: Any, fig: Any, name: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def one_peer_cluster(work: Path, workers: int = 0) -> Cluster:
+    """A scheduler, a seed peer and one peer running `workers` proxy workers, whose
+    proxy the benchmark's clients use (load, small_requests)."""
+    return Cluster(
+        work / "cluster",
+        schedulers=1,
+        seed_peers=1,
+        peers=1,
+        overrides=[f"peer:proxy.workers={workers}"],
+    )

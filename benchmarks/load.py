@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import rss_anon, write_result
+from benchmarks.common import one_peer_cluster, rss_anon, write_result
 from dragonfly.cluster import Cluster
 from dragonfly.testing.nginx import Nginx
 from dragonfly.testing.probe import metric
@@ -145,13 +145,7 @@ def rig(work: Path, workers: int = 0) -> Iterator[Rig]:
     www.mkdir(parents=True, exist_ok=True)
     with (
         Nginx(root=www, workdir=work / "nginx", extra_server_conf=DAV) as origin,
-        Cluster(
-            work / "cluster",
-            schedulers=1,
-            seed_peers=1,
-            peers=1,
-            overrides=[f"peer:proxy.workers={workers}"],
-        ) as cluster,
+        one_peer_cluster(work, workers) as cluster,
     ):
         yield Rig(cluster, origin, www, work)
 

@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine, write_result
-from dragonfly.cluster import Cluster
+from benchmarks.common import machine, one_peer_cluster, write_result
 from dragonfly.testing.nginx import Nginx
+from dragonfly.testing.process import child_pids
 from dragonfly.units import parse_size
 
 
@@ -73,13 +73,6 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _peer_pids(pid: int) -> list[int]:
-    """The daemon and its children (its proxy workers; listed per thread of the daemon,
-    and trio starts processes from a worker thread)."""
-    tasks = Path(f"/proc/{pid}/task")
-    return [pid, *(int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split())]
-
-
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks small_requests", description=__doc__)
     p.add_argument("--size", type=parse_size, default=100 * 1024)
@@ -97,13 +90,7 @@ def main(argv: list[str]) -> int:
         (www / "small.bin").write_bytes(os.urandom(args.size))
         with (
             Nginx(root=www, workdir=work / "nginx") as nginx,
-            Cluster(
-                work / "cluster",
-                schedulers=1,
-                seed_peers=1,
-                peers=1,
-                overrides=[f"peer:proxy.workers={args.workers}"],
-            ) as cluster,
+            one_peer_cluster(work, args.workers) as cluster,
         ):
             peer = cluster.node("peer-0")
             assert peer.process is not None
@@ -111,7 +98,7 @@ def main(argv: list[str]) -> int:
             url = f"{nginx.url}/small.bin"
             subprocess.run(["curl", "-sSf", "-x", proxy, "-o", os.devnull, url], check=True)
             time.sleep(2.0)  # (the workers are up: they start beside the daemon)
-            pids = _peer_pids(peer.process.pid)
+            pids = [peer.process.pid, *child_pids(peer.process.pid)]
             if len(pids) != 1 + args.workers:
                 raise RuntimeError(f"expected {args.workers} proxy workers, found {pids[1:]}")
             c, n = args.connections, args.ab_requests

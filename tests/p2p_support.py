@@ -18,6 +18,7 @@ import trio
 
 from dragonfly.cluster import Cluster, Node
 from dragonfly.testing.probe import metric, sha256_file
+from dragonfly.testing.process import child_pids
 
 T = TypeVar("T")
 
@@ -134,11 +135,9 @@ def wait_for(check: Callable[[], T], what: str, timeout: float = 60.0, every: fl
 
 
 def worker_pids(node: Node) -> list[int]:
-    """The daemon's child processes (its proxy workers). Children are listed per thread
-    of the daemon (trio starts processes from a worker thread)."""
+    """The daemon's child processes (its proxy workers)."""
     assert node.process is not None
-    tasks = Path(f"/proc/{node.process.pid}/task")
-    return sorted(int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split())
+    return child_pids(node.process.pid)
 
 
 @contextlib.contextmanager

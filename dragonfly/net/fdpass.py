@@ -109,15 +109,16 @@ class FdChannel:
             if fd is not None:
                 os.close(fd)
             fd = None
+        payload = data[1:]
         if data[:1] == _IN_FILE:
             if fd is None:
                 raise ChannelClosed("a large message lost its memory file (out of descriptors)")
             try:
-                data = b"I" + _read_all(fd)
+                payload = _read_all(fd)
             finally:
                 os.close(fd)
             fd = None
-        return pickle.loads(data[1:]), fd
+        return pickle.loads(payload), fd
 
     def close(self) -> None:
         self._sock.close()

@@ -163,6 +163,14 @@ def _send_now(stream: trio.SocketStream, data: bytes | bytearray | memoryview, f
         return 0
 
 
+def announces_body(headers: Headers) -> bool:
+    """Whether request headers say a body follows (chunked or a non-zero Content-Length)."""
+    if b"transfer-encoding" in headers:
+        return True
+    length = headers.get("content-length")
+    return length is not None and length.strip("0 \t") != ""
+
+
 def _peername(stream: trio.abc.Stream) -> str:
     """host:port of the client; through TLS and replay wrappers to the TCP socket."""
     for _ in range(4):
@@ -196,6 +204,11 @@ class Request:
     @property
     def client(self) -> str:
         return self.connection.peer
+
+    @property
+    def announces_body(self) -> bool:
+        """Whether the request says a body follows (chunked or a non-zero Content-Length)."""
+        return announces_body(self.headers)
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """The request body as it arrives; ClientGone if the client stops sending it

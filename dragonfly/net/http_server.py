@@ -48,6 +48,7 @@ from dragonfly.net.http_connection import (
     HTTPConnection,
     Request,
     _peername,
+    announces_body,
 )
 from dragonfly.net.http_response import SERVER_NAME, Responder, _reason
 from dragonfly.net.unix import open_unix_listener
@@ -254,13 +255,15 @@ async def _serve_requests(
             return False
         if not isinstance(event, h11.Request):
             return False
+        headers = Headers.lowercase(event.headers)
         request = Request(
             method=event.method.decode("ascii", "replace"),
             target=event.target.decode("latin-1"),
-            headers=Headers.lowercase(event.headers),
+            headers=headers,
             http_version=event.http_version.decode("ascii", "replace"),
             connection=c,
-            _expects_continue=c.conn.they_are_waiting_for_100_continue and _has_body(event),
+            _expects_continue=c.conn.they_are_waiting_for_100_continue
+            and announces_body(headers),
         )
         responder = Responder(c, request)
         reusable = await _run_handler(handler, request, responder, recording)
@@ -273,15 +276,6 @@ async def _serve_requests(
         if c.conn.states != {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}:
             return False
         c.conn.start_next_cycle()
-
-
-def _has_body(event: h11.Request) -> bool:
-    """Whether a request announces a body (chunked or a non-zero Content-Length)."""
-    headers = Headers(event.headers)
-    if b"transfer-encoding" in headers:
-        return True
-    length = headers.get("content-length")
-    return length is not None and length.strip("0 \t") != ""
 
 
 def _unread_input(c: HTTPConnection) -> bool:

@@ -155,14 +155,6 @@ class WorkerServices:
         self.block_list = setup.block_list
 
 
-def _has_body(request: Request) -> bool:
-    headers = request.headers
-    if headers.get("transfer-encoding") is not None:
-        return True
-    length = headers.get("content-length")
-    return length is not None and length.strip("0 \t") != ""
-
-
 class HeldOnlyProxy(ProxyFront):
     """The proxy's checks, then a local hit or a hand-off to the daemon."""
 
@@ -171,7 +163,7 @@ class HeldOnlyProxy(ProxyFront):
         self.held = held
 
     async def __call__(self, request: Request, responder: Responder) -> None:
-        if _has_body(request):
+        if request.announces_body:
             raise HandOff  # (its body is the daemon's to read)
         await super().__call__(request, responder)
 
@@ -202,7 +194,7 @@ class HeldOnlyProxy(ProxyFront):
         if req.private or req.spec.digest:
             raise HandOff  # (the origin's word on credentials; a digest to check)
         task = await self.held.lookup(req.task_id)
-        if task is None or task.closed:
+        if task is None:
             raise HandOff
         self.held.use(task)
         try:

@@ -46,3 +46,13 @@ def spawn_logged(
             start_new_session=True,
             preexec_fn=preexec_fn,
         )
+
+
+def child_pids(pid: int) -> list[int]:
+    """The child processes of `pid`. Linux lists children per thread, and trio starts
+    processes from a worker thread, so every thread's list is read."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # (a thread that just ended)
+            children.extend(int(c) for c in (task / "children").read_text().split())
+    return sorted(children)
