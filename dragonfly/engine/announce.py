@@ -11,7 +11,11 @@ is the rarest one for each of them), so its upload carries the piece many times 
 new pieces enter the swarm at a fraction of the rate they could. Staggered, each new
 piece is first announced to one child (in turn), which passes it on to the swarm; the
 other children hear of it ``reveal_after`` seconds after that first copy was uploaded,
-so none of them waits for good on a piece that only this parent has (a first child that
+and not while another new piece still awaits its first copy (a child told of an old
+piece asks this parent for it, and when this parent's upload is no faster than the
+origin, each such second copy holds the new pieces back for as long as it takes; with
+this rule the simulation of 1,000 peers and 16 MiB pieces went from 0.56 to 0.68), so
+none of them waits for good on a piece that only this parent has (a first child that
 leaves, or does not fetch its piece within ``give_up_after``, passes it to the next
 child in turn). The upload server serves first copies ahead of other requests. This is BitTorrent's
 "super-seeding", on a timer because a parent here does not see its children's
@@ -63,6 +67,7 @@ class AnnounceSchedule(Generic[Child]):
         self._told: dict[int, set[Child]] = {}  # held-back piece -> every child told of it
         self._timed: set[int] = set()  # held-back pieces whose first copy was uploaded
         self._pending: list[tuple[float, int]] = []  # heap of (reveal time, piece)
+        self._ready: list[int] = []  # due to be revealed once no first copy is owed
 
     @property
     def children(self) -> int:
@@ -130,6 +135,12 @@ class AnnounceSchedule(Generic[Child]):
         """Whether the piece awaits its first copy (its request goes ahead of others)."""
         return number in self._first and number not in self._timed
 
+    def owes_first_copies(self) -> bool:
+        """Whether a held-back piece still awaits its first copy: until it has gone out,
+        a second copy of another piece would take the upload the swarm's new pieces
+        come through."""
+        return len(self._timed) < len(self._first)
+
     def uploaded(self, number: int, now: float) -> None:
         """A copy of the piece went out in full: the others hear of it reveal_after later."""
         if number in self._first and number not in self._timed:
@@ -138,6 +149,8 @@ class AnnounceSchedule(Generic[Child]):
 
     def next_due(self) -> float | None:
         """When ``due`` next has something to announce (None: nothing is held back)."""
+        if self._ready and not self.owes_first_copies():
+            return 0.0  # (at once)
         pending = self._pending
         while pending and pending[0][1] not in self._first:
             heapq.heappop(pending)  # revealed already (its other timer fired first)
@@ -155,10 +168,15 @@ class AnnounceSchedule(Generic[Child]):
                 continue  # revealed already, or its other timer fired in this same call
             seen.add(n)
             if n in self._timed:
-                reveal.append(n)
+                self._ready.append(n)
             else:  # its first child never fetched it: the next one gets the chance
                 stale.append(n)
                 heapq.heappush(pending, (now + self.give_up_after, n))
+        if self._ready and not self.owes_first_copies():
+            # Revealed once every new piece has gone out: a child told of a piece asks
+            # this parent for it, and a copy of an old piece would take the upload the
+            # new ones enter the swarm through.
+            reveal, self._ready = [n for n in self._ready if n in self._first], []
         return self._reveal_now(reveal) + self._pass_on(stale)
 
     def _reveal_now(self, numbers: list[int]) -> list[tuple[Child, list[int]]]:

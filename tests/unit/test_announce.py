@@ -37,8 +37,19 @@ def test_staggered_piece_goes_to_one_child_then_to_all_after_its_first_upload() 
     assert not s.held_back(0)  # its first copy is out: no priority any more
     assert s.next_due() == 7.0
     assert s.due(6.9) == []
-    assert told(s.due(7.0)) == {"b": [0], "c": [0], "d": [0]}  # not a again
+    # Due, but pieces 1 and 2 still await their first copies: a child told of 0 would
+    # ask this parent for it, and that copy would hold the new pieces back.
+    assert s.owes_first_copies()
+    assert s.due(7.0) == [] and s.next_due() == 30.0  # (1 and 2: their give-up timers)
+    s.uploaded(1, 7.5)
+    assert s.due(7.5) == []
+    s.uploaded(2, 8.0)
+    assert not s.owes_first_copies()
+    assert s.next_due() == 0.0  # at once
+    assert told(s.due(8.0)) == {"b": [0], "c": [0], "d": [0]}  # not a again
     assert s.subscribe("e") == [("e", [0])]
+    assert s.next_due() == 9.5  # piece 1's turn
+    assert told(s.due(9.5)) == {"a": [1], "c": [1], "d": [1], "e": [1]}
 
 
 def test_a_first_child_that_never_fetches_passes_the_piece_on() -> None:
