@@ -10,7 +10,10 @@ incrementally, and the pieces waiting to be requested live in one bitset per ava
 count ("bucket"), indexed by a seeded random permutation of the piece numbers. Walking a
 bucket's bits lowest first therefore yields the rarest pieces in a random order that is
 stable for a given seed, and intersecting a bucket with the union of the free parents'
-bitsets skips every piece nobody free can serve without looking at it.
+bitsets skips every piece nobody free can serve without looking at it. The free parents
+and that union are kept up to date as requests start and end, parents announce, fail,
+rest or leave, rather than found again at each pick (the simulation picks at nearly
+every event of each of its peers).
 
 Policy, in the order it applies:
 
@@ -142,6 +145,11 @@ class PiecePicker:
         self._tput_sum = 0.0  # over parents with a measured throughput
         self._tput_count = 0
         self._cursor: int | None = None
+        # The parents free to take a request and the union of what they serve, kept up to
+        # date as requests start and end and parents change (None: to be found again).
+        self._free: dict[str, int] | None = None
+        self._free_union = 0
+        self._free_honours_rest = False  # built by a pick(now): resting parents left out
         for number in have:
             self._check_number(number)
             self._have.add(number)
@@ -224,6 +232,7 @@ class PiecePicker:
             self._parents[parent_id] = _Parent(capacity, self._rng.random())
         else:
             parent.capacity = capacity
+        self._refresh(parent_id)
 
     def remove_parent(self, parent_id: str) -> list[int]:
         """Forget a parent: its pieces no longer count, its requests go back to the queue.
@@ -235,6 +244,7 @@ class PiecePicker:
         self._resting.pop(parent_id, None)
         if parent is None:
             return []
+        self._refresh(parent_id)
         bits = parent.has_bits
         while bits:
             low = bits & -bits
@@ -257,6 +267,7 @@ class PiecePicker:
             return
         excluded = self._excluded.get(parent_id, 0)
         n, pos_of = self._n, self._pos
+        before = parent.serve_bits
         for number in numbers:
             if not 0 <= number < n:
                 self._check_number(number)  # raises
@@ -267,6 +278,9 @@ class PiecePicker:
             if not excluded & bit:
                 parent.serve_bits |= bit
             self._set_avail(number, self._avail[number] + 1)
+        free = self._free
+        if free is not None and parent_id in free and parent.serve_bits != before:
+            self._free_union |= parent.serve_bits
 
     def digest_known(self, numbers: Iterable[int]) -> None:
         """The origin-side digests of these pieces arrived: they may now be requested."""
@@ -307,19 +321,14 @@ class PiecePicker:
         if now is not None and self._resting:
             for rested in [r for r, p in self._resting.items() if p.busy_until <= now]:
                 del self._resting[rested]
-        resting = self._resting if now is not None else {}
-        # The free parents and what they serve, in one pass (the simulation calls this
-        # about once per event of each of its peers; most calls find nothing to start).
-        free: dict[str, int] = {}
-        union = 0
-        limit, threshold = self._per_parent_limit, self._failure_threshold
-        for parent_id, parent in self._parents.items():
-            if parent.consecutive_failures >= threshold:
-                continue  # (capacity 0, as _capacity says)
-            slots = (limit if parent.capacity is None else parent.capacity) - len(parent.in_flight)
-            if slots > 0 and parent_id not in resting:
-                free[parent_id] = slots
-                union |= parent.serve_bits
+                self._refresh(rested)
+        free = self._free
+        if free is None or self._free_honours_rest != (now is not None):
+            free, union = self._find_free(self._resting if now is not None else {})
+            self._free, self._free_union = free, union
+            self._free_honours_rest = now is not None
+        else:
+            union = self._free_union
         if not free:
             return []
         out: list[tuple[int, str]] = []
@@ -334,7 +343,7 @@ class PiecePicker:
                 if pid is None:
                     continue
                 if self._start(number, pid, free, out):
-                    union = self._union(free)
+                    union = self._free_union
                 budget -= 1
                 if not budget or not free:
                     return out
@@ -353,7 +362,7 @@ class PiecePicker:
                     if self._start(self._perm[pos], pid, free, out):
                         if not free:
                             return out
-                        union = self._union(free)
+                        union = self._free_union
                         bits &= union
                     budget -= 1
                     if not budget:
@@ -388,6 +397,9 @@ class PiecePicker:
         requesters = self._in_flight.get(number)
         if parent is not None and requesters is not None and parent_id in requesters:
             self._measure(parent, nbytes, seconds)
+            if parent.consecutive_failures >= self._failure_threshold:
+                parent.consecutive_failures = 0
+                self._refresh(parent_id)  # no longer suspended
             parent.consecutive_failures = 0
             parent.busy_streak = 0
         if number in self._have:
@@ -412,6 +424,9 @@ class PiecePicker:
         parent.serve_bits &= ~bit
         parent.failures += 1
         parent.consecutive_failures += 1
+        if self._free is not None and parent_id in self._free:
+            self._free_union = self._union(self._free)  # it serves less
+        self._refresh(parent_id)
 
     def on_busy(self, number: int, parent_id: str, now: float) -> None:
         """The parent refused the request at once: every upload slot of its host is taken.
@@ -425,6 +440,7 @@ class PiecePicker:
         parent.busy_streak += 1
         parent.busy_until = max(parent.busy_until, now + rest)
         self._resting[parent_id] = parent
+        self._refresh(parent_id)
 
     def resting(self, parent_id: str, now: float) -> bool:
         """Whether the parent still rests after a "busy" answer at ``now``."""
@@ -511,6 +527,44 @@ class PiecePicker:
                 del buckets[old]
             buckets[avail] = buckets.get(avail, 0) | bit
 
+    def _find_free(self, resting: Mapping[str, _Parent]) -> tuple[dict[str, int], int]:
+        """The parents that may take a request now (free slots, not suspended, not
+        resting) with their free slots, and the union of what they serve. Kept between
+        picks (the simulation picks at nearly every event of each of its peers, and most
+        picks start nothing) until a request starts or ends or a parent changes."""
+        free: dict[str, int] = {}
+        union = 0
+        limit, threshold = self._per_parent_limit, self._failure_threshold
+        for parent_id, parent in self._parents.items():
+            if parent.consecutive_failures >= threshold:
+                continue  # (capacity 0, as _capacity says)
+            slots = (limit if parent.capacity is None else parent.capacity) - len(parent.in_flight)
+            if slots > 0 and parent_id not in resting:
+                free[parent_id] = slots
+                union |= parent.serve_bits
+        return free, union
+
+    def _refresh(self, parent_id: str) -> None:
+        """Bring one parent's entry in the free parents up to date after it changed."""
+        free = self._free
+        if free is None:
+            return
+        parent = self._parents.get(parent_id)
+        slots = 0
+        if (
+            parent is not None
+            and parent.consecutive_failures < self._failure_threshold
+            and not (self._free_honours_rest and parent_id in self._resting)
+        ):
+            limit = self._per_parent_limit if parent.capacity is None else parent.capacity
+            slots = limit - len(parent.in_flight)
+        if slots > 0:
+            assert parent is not None
+            free[parent_id] = slots
+            self._free_union |= parent.serve_bits
+        elif free.pop(parent_id, None) is not None:
+            self._free_union = self._union(free)
+
     def _union(self, free: Mapping[str, int]) -> int:
         union = 0
         for pid in free:
@@ -545,7 +599,8 @@ class PiecePicker:
     def _start(
         self, number: int, pid: str, free: dict[str, int], out: list[tuple[int, str]]
     ) -> bool:
-        """Record a request; returns True when it used the parent's last free slot."""
+        """Record a request; returns True when it used the parent's last free slot (the
+        union of what the free parents serve is then found again)."""
         if number not in self._in_flight and self._now is not None:
             self._request_started[number] = self._now
         self._dequeue(number)
@@ -558,6 +613,7 @@ class PiecePicker:
             free[pid] = slots
             return False
         del free[pid]
+        self._free_union = self._union(free)
         return True
 
     def _drop_request(
@@ -567,6 +623,7 @@ class PiecePicker:
         requesters.discard(pid)
         parent.in_flight.discard(number)
         self._requests -= 1
+        self._refresh(pid)
         if not requesters:
             del self._in_flight[number]
             self._request_started.pop(number, None)
@@ -632,6 +689,9 @@ class PiecePicker:
                 assert number in self._parents[pid].in_flight, (number, pid)
             requests += len(requesters)
         assert requests == self._requests
+        if self._free is not None:
+            resting = self._resting if self._free_honours_rest else {}
+            assert (self._free, self._free_union) == self._find_free(resting)
         measured = [p.throughput for p in self._parents.values() if p.throughput is not None]
         assert len(measured) == self._tput_count
         assert abs(sum(measured) - self._tput_sum) <= 1e-6 * max(1.0, abs(self._tput_sum))

@@ -343,6 +343,7 @@ class PickerMachine(RuleBasedStateMachine):
         self.streak: dict[str, int] = {}
         self.excluded: set[tuple[int, str]] = set()
         self.flight: dict[int, set[str]] = {}
+        self.now = 0.0
         self.digest_known(known)
         for pid, pieces in zip(PARENTS, holds, strict=False):
             self.add_parent(pid, None)
@@ -378,9 +379,31 @@ class PickerMachine(RuleBasedStateMachine):
 
     @rule()
     def pick(self) -> None:
-        before = {n: set(ps) for n, ps in self.flight.items()}
         missing_before = PIECES - len(self.have)
-        new = self.picker.pick()
+        self.check_new(self.picker.pick(), missing_before)
+
+    @rule(step=st.floats(0, 1))
+    def pick_later(self, step: float) -> None:
+        """A pick with a clock: resting parents are left out (a cached set of free
+        parents must follow rests beginning and ending)."""
+        self.now += step
+        missing_before = PIECES - len(self.have)
+        new = self.picker.pick(self.now)
+        assert not any(self.picker.resting(pid, self.now) for _, pid in new)
+        self.check_new(new, missing_before)
+
+    @precondition(lambda self: bool(self.flight))
+    @rule(index=st.integers(0, 100))
+    def busy(self, index: int) -> None:
+        requests = self.requests()
+        number, pid = requests[index % len(requests)]
+        self.picker.on_busy(number, pid, self.now)
+        self.flight[number].discard(pid)
+        if not self.flight[number]:
+            del self.flight[number]
+
+    def check_new(self, new: list[tuple[int, str]], missing_before: int) -> None:
+        before = {n: set(ps) for n, ps in self.flight.items()}
         for number, pid in new:
             assert number not in self.have
             assert number in self.known
@@ -566,3 +589,4 @@ def test_busy_rest_doubles_and_resets_on_success() -> None:
     assert picker.pick(now) == [(0, "a")]
     picker.on_success(0, "a", 10, 0.1)
     assert picker.done and picker.busy_until() is None
+
