@@ -590,3 +590,25 @@ def test_busy_rest_doubles_and_resets_on_success() -> None:
     picker.on_success(0, "a", 10, 0.1)
     assert picker.done and picker.busy_until() is None
 
+
+
+def test_busy_rest_grows_to_a_quarter_of_a_piece_time_for_slow_pieces() -> None:
+    """A full parent frees a slot about once per fraction of a piece's time: with 8 s
+    pieces, asking it every 0.5 s only earns refusals, so the rest grows to 2 s."""
+    picker = PiecePicker(2, per_parent_limit=1, busy_backoff=0.25, busy_backoff_max=0.5)
+    picker.digest_known([0, 1])
+    picker.add_parent("a")
+    picker.parent_has("a", [0, 1])
+    assert picker.pick(0.0) == [(0, "a")]
+    picker.on_success(0, "a", 16 << 20, 8.0)  # one piece took 8 s
+    rests = []
+    now = 8.0
+    for _ in range(5):
+        assert picker.pick(now) == [(1, "a")]
+        picker.on_busy(1, "a", now)
+        until = picker.busy_until()
+        assert until is not None
+        rests.append(until - now)
+        now = until
+    assert rests == [0.25, 0.5, 1.0, 2.0, 2.0]
+    picker._check_invariants()
