@@ -67,7 +67,11 @@ class AnnounceSchedule(Generic[Child]):
         self._told: dict[int, set[Child]] = {}  # held-back piece -> every child told of it
         self._timed: set[int] = set()  # held-back pieces whose first copy was uploaded
         self._pending: list[tuple[float, int]] = []  # heap of (reveal time, piece)
-        self._ready: list[int] = []  # due to be revealed once no first copy is owed
+        self._ready: dict[int, None] = {}  # due to be revealed once no first copy is owed
+        # Held-back pieces still with the child first told of them, their copy not yet
+        # uploaded: reveals wait for these only (one passed on to another child, its
+        # first never fetching it, does not hold every other reveal back for long).
+        self._owed: set[int] = set()
 
     @property
     def children(self) -> int:
@@ -99,6 +103,7 @@ class AnnounceSchedule(Generic[Child]):
         out: dict[Child, list[int]] = {}
         reveal: list[int] = []
         for n in numbers:
+            self._owed.discard(n)
             told = self._told.setdefault(n, set())
             fresh = [c for c in children if c not in told]
             if not fresh:
@@ -127,6 +132,7 @@ class AnnounceSchedule(Generic[Child]):
             self._turn += 1
             self._first[n] = child
             self._told[n] = {child}
+            self._owed.add(n)
             heapq.heappush(self._pending, (give_up, n))
             out.setdefault(child, []).append(n)
         return list(out.items())
@@ -136,15 +142,17 @@ class AnnounceSchedule(Generic[Child]):
         return number in self._first and number not in self._timed
 
     def owes_first_copies(self) -> bool:
-        """Whether a held-back piece still awaits its first copy: until it has gone out,
-        a second copy of another piece would take the upload the swarm's new pieces
-        come through."""
-        return len(self._timed) < len(self._first)
+        """Whether a held-back piece still awaits its first copy from the child first
+        told of it: until it has gone out, a second copy of another piece would take the
+        upload the swarm's new pieces come through. (A piece passed on to another child
+        no longer counts: that first child may never fetch it.)"""
+        return bool(self._owed)
 
     def uploaded(self, number: int, now: float) -> None:
         """A copy of the piece went out in full: the others hear of it reveal_after later."""
         if number in self._first and number not in self._timed:
             self._timed.add(number)
+            self._owed.discard(number)
             heapq.heappush(self._pending, (now + self.reveal_after, number))
 
     def next_due(self) -> float | None:
@@ -168,16 +176,17 @@ class AnnounceSchedule(Generic[Child]):
                 continue  # revealed already, or its other timer fired in this same call
             seen.add(n)
             if n in self._timed:
-                self._ready.append(n)
+                self._ready[n] = None  # (each of its two timers may bring it here)
             else:  # its first child never fetched it: the next one gets the chance
                 stale.append(n)
                 heapq.heappush(pending, (now + self.give_up_after, n))
+        passed = self._pass_on(stale)  # (first: a piece passed on is no longer owed)
         if self._ready and not self.owes_first_copies():
             # Revealed once every new piece has gone out: a child told of a piece asks
             # this parent for it, and a copy of an old piece would take the upload the
             # new ones enter the swarm through.
-            reveal, self._ready = [n for n in self._ready if n in self._first], []
-        return self._reveal_now(reveal) + self._pass_on(stale)
+            reveal, self._ready = [n for n in self._ready if n in self._first], {}
+        return self._reveal_now(reveal) + passed
 
     def _reveal_now(self, numbers: list[int]) -> list[tuple[Child, list[int]]]:
         if not numbers:
@@ -186,6 +195,8 @@ class AnnounceSchedule(Generic[Child]):
         for n in numbers:
             self._first.pop(n, None)
             self._timed.discard(n)
+            self._owed.discard(n)
+            self._ready.pop(n, None)
             told = self._told.pop(n, set())
             for c in self._children:
                 if c not in told:
@@ -197,6 +208,7 @@ class AnnounceSchedule(Generic[Child]):
         """Announce everything held back now (e.g. the parent has every piece and the
         children with nowhere else to go should not wait)."""
         self._pending.clear()
+        self._ready.clear()
         return self._reveal_now(list(self._first))
 
     def _reveal(self, numbers: list[int]) -> None:

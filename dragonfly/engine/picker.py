@@ -432,13 +432,16 @@ class PiecePicker:
         """The parent refused the request at once: every upload slot of its host is taken.
         Not the parent's fault and not the piece's: the piece goes back to the queue and
         the parent rests (``busy_backoff``, doubling with each refusal in a row up to
-        ``busy_backoff_max``, or a quarter of a typical piece's time where that is longer:
-        a full parent frees a slot about that often, and asking it sooner only earns more
-        refusals; ``pick(now)`` honours it)."""
+        ``busy_backoff_max``, or a quarter of a typical piece's time where that is longer,
+        at most four times ``busy_backoff_max``: a full parent frees a slot about that
+        often, and asking it sooner only earns more refusals; ``pick(now)`` honours it).
+        (The piece time counts waiting in parents' queues and is one for all parents:
+        hence the cap.)"""
         parent = self._end_request(number, parent_id)
         if parent is None:
             return
-        longest = max(self._busy_backoff_max, self._piece_seconds / 4)
+        cap = self._busy_backoff_max
+        longest = max(cap, min(self._piece_seconds / 4, 4 * cap))
         rest = min(self._busy_backoff * (1 << min(parent.busy_streak, 16)), longest)
         parent.busy_streak += 1
         parent.busy_until = max(parent.busy_until, now + rest)

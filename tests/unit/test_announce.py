@@ -140,3 +140,43 @@ def test_every_child_hears_of_every_piece_exactly_once(ops: list, stagger: bool)
     for child, numbers in heard.items():
         assert sorted(numbers) == sorted(set(numbers)), f"{child} told twice: {numbers}"
         assert set(numbers) == landed, child
+
+
+def test_a_piece_due_twice_while_reveals_wait_is_told_once() -> None:
+    """Both of a piece's timers (its give-up and its reveal) may come due while reveals
+    wait for another piece's first copy; it is still told to each child once."""
+    s: AnnounceSchedule[str] = AnnounceSchedule(stagger=True, reveal_after=10.0)
+    for c in ("a", "b", "c"):
+        s.subscribe(c)
+    s.landed([0], 0.0)  # to a
+    s.uploaded(0, 1.0)
+    s.landed([1], 2.0)  # to b, owed
+    assert s.due(11.0) == [] and s.due(30.0) == []  # 0's reveal, then its give-up timer
+    s.uploaded(1, 30.5)
+    assert told(s.due(31.0)) == {"b": [0], "c": [0]}
+    assert s.subscribe("d") == [("d", [0])]
+
+
+def test_a_first_child_that_never_fetches_holds_other_reveals_back_only_once() -> None:
+    """A held-back piece passed on to the next child no longer holds the other reveals
+    back: reveals wait for each piece's first child, not for a chain of them."""
+    s: AnnounceSchedule[str] = AnnounceSchedule(stagger=True, reveal_after=10.0)
+    for c in ("a", "b", "c"):
+        s.subscribe(c)
+    s.landed([0], 0.0)  # to a
+    s.uploaded(0, 1.0)
+    s.landed([1], 2.0)  # to b, which never fetches it
+    assert s.due(11.0) == []  # 0 waits: 1 is owed
+    assert told(s.due(32.0)) == {"a": [1], "b": [0], "c": [0]}  # 1 passed on; 0 revealed
+    assert s.held_back(1) and not s.owes_first_copies()
+
+
+def test_reveal_all_forgets_pieces_waiting_to_be_revealed() -> None:
+    s: AnnounceSchedule[str] = AnnounceSchedule(stagger=True, reveal_after=1.0)
+    s.subscribe("a")
+    s.subscribe("b")
+    s.landed([0, 1], 0.0)
+    s.uploaded(0, 0.5)
+    assert s.due(1.5) == []  # 1 owed
+    assert told(s.reveal_all()) == {"a": [1], "b": [0]}
+    assert s.next_due() is None

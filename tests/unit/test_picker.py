@@ -394,6 +394,23 @@ class PickerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: bool(self.flight))
     @rule(index=st.integers(0, 100))
+    def cancel(self, index: int) -> None:
+        requests = self.requests()
+        number, pid = requests[index % len(requests)]
+        self.picker.on_cancelled(number, pid)
+        self.flight[number].discard(pid)
+        if not self.flight[number]:
+            del self.flight[number]
+
+    @rule(number=st.integers(0, PIECES - 1))
+    def mark_have(self, number: int) -> None:
+        """A piece from elsewhere (the origin, the disk): its requests end unblamed."""
+        self.picker.mark_have(number)
+        self.flight.pop(number, None)
+        self.have.add(number)
+
+    @precondition(lambda self: bool(self.flight))
+    @rule(index=st.integers(0, 100))
     def busy(self, index: int) -> None:
         requests = self.requests()
         number, pid = requests[index % len(requests)]
@@ -593,14 +610,15 @@ def test_busy_rest_doubles_and_resets_on_success() -> None:
 
 
 def test_busy_rest_grows_to_a_quarter_of_a_piece_time_for_slow_pieces() -> None:
-    """A full parent frees a slot about once per fraction of a piece's time: with 8 s
-    pieces, asking it every 0.5 s only earns refusals, so the rest grows to 2 s."""
+    """A full parent frees a slot about once per fraction of a piece's time: with 20 s
+    pieces, asking it every 0.5 s only earns refusals, so the rest grows past 0.5 s, up
+    to four times busy_backoff_max (2 s, not a quarter of 20 s)."""
     picker = PiecePicker(2, per_parent_limit=1, busy_backoff=0.25, busy_backoff_max=0.5)
     picker.digest_known([0, 1])
     picker.add_parent("a")
     picker.parent_has("a", [0, 1])
     assert picker.pick(0.0) == [(0, "a")]
-    picker.on_success(0, "a", 16 << 20, 8.0)  # one piece took 8 s
+    picker.on_success(0, "a", 16 << 20, 20.0)  # one piece took 20 s
     rests = []
     now = 8.0
     for _ in range(5):
