@@ -233,6 +233,8 @@ class Bench:
         finally:
             nginx.stop()
             run.origin_bytes = nginx.served_bytes("/")
+            if (data / "nginx" / "error.log").exists():  # (kept: the data goes)
+                shutil.copy(data / "nginx" / "error.log", logs / "origin-error.log")
             shutil.rmtree(data, ignore_errors=True)
         return run
 
