@@ -273,10 +273,6 @@ def start_origin(env: Env, procs: Procs, root: Path, workdir: Path, limit_rate: 
         host=env.addr("origin"),
         port=env.port("origin"),
         limit_rate=str(limit_rate) if limit_rate else "",
-        # Sixteen direct clients share one capped uplink, and a TCP flow that loses
-        # the race for the bucket can back off past nginx's default 60 s between two
-        # writes; the reference must not be cut off for being slow.
-        extra_server_conf="send_timeout 10m;",
         env=env,
     ).start()
     if nginx.process is not None:
