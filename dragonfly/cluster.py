@@ -114,6 +114,7 @@ class Cluster:
     manager: bool = True  # start a manager first; the others find it and join
     nodes: list[Node] = field(default_factory=list)
     session: str = ""  # root's session at the manager, once started
+    _ports: set[int] = field(default_factory=set, init=False, repr=False)  # of this plan
 
     @property
     def issuer(self) -> LocalIssuer:
@@ -181,7 +182,7 @@ class Cluster:
 
     def _plan_manager(self, settings: dict[str, RoleSettings], logs: Path) -> str:
         """The manager's node; its URL."""
-        port = free_port()
+        port = self._free_port()
         url = f"http://127.0.0.1:{port}"
         data = self.workdir / "data" / MANAGER
         args, _ = self._node_args(
@@ -214,7 +215,17 @@ class Cluster:
         )
         return url
 
+    def _free_port(self) -> int:
+        """A port free now and not handed to another node of this plan: the kernel may
+        give a port it just gave again, and a node whose port another node took fails
+        to start while the other's /healthy answers for it."""
+        while (port := free_port()) in self._ports:
+            pass
+        self._ports.add(port)
+        return port
+
     def _plan(self, settings: dict[str, RoleSettings]) -> None:
+        self._ports.clear()
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         issuer, pki = self.issuer, self.pki
@@ -222,7 +233,7 @@ class Cluster:
         manager = self._plan_manager(settings, logs) if self.manager else ""
         addresses = []
         for i in range(self.schedulers):
-            name, port = f"scheduler-{i}", free_port()
+            name, port = f"scheduler-{i}", self._free_port()
             addresses.append(f"{ws}://127.0.0.1:{port}")
             identity = (
                 [
@@ -262,7 +273,7 @@ class Cluster:
         for kind, count in (("seed-peer", self.seed_peers), ("peer", self.peers)):
             for i in range(count):
                 name = f"{kind}-{i}"
-                proxy, upload = free_port(), free_port()
+                proxy, upload = self._free_port(), self._free_port()
                 data = self.workdir / "data" / name
                 identity = (
                     [

@@ -135,3 +135,22 @@ def test_the_cluster_command_exits_2_naming_the_problem(
     err = capsys.readouterr().err
     assert all(f in err for f in fragments), err
     assert not workdir.exists()
+
+
+def test_a_plan_never_gives_two_nodes_one_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel may hand out a port it just handed out (bind to 0, close): two nodes
+    given the same one, the second fails to start while the first's /healthy answers
+    for it. A plan skips ports it already gave."""
+    ports = iter([40000, 40000, 40001, 40001, 40002, *range(40003, 40100)])
+    monkeypatch.setattr("dragonfly.cluster.free_port", lambda: next(ports))
+    cluster = Cluster(tmp_path, schedulers=1, seed_peers=1, peers=2)
+    cluster._plan(cluster.check())
+    given = [
+        int(value.rsplit(":", 1)[1].split("/", 1)[0])
+        for node in cluster.nodes
+        for key, value in node.info.items()
+        if key in ("url", "proxy", "upload")
+    ]
+    assert len(given) == len(set(given)) >= 6
