@@ -395,12 +395,17 @@ class PickerMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.flight))
     @rule(index=st.integers(0, 100))
     def cancel(self, index: int) -> None:
+        number, pid = self.end_request(index)
+        self.picker.on_cancelled(number, pid)
+
+    def end_request(self, index: int) -> tuple[int, str]:
+        """One of the requests in flight, taken out of the model's flight table."""
         requests = self.requests()
         number, pid = requests[index % len(requests)]
-        self.picker.on_cancelled(number, pid)
         self.flight[number].discard(pid)
         if not self.flight[number]:
             del self.flight[number]
+        return number, pid
 
     @rule(number=st.integers(0, PIECES - 1))
     def mark_have(self, number: int) -> None:
@@ -412,12 +417,8 @@ class PickerMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.flight))
     @rule(index=st.integers(0, 100))
     def busy(self, index: int) -> None:
-        requests = self.requests()
-        number, pid = requests[index % len(requests)]
+        number, pid = self.end_request(index)
         self.picker.on_busy(number, pid, self.now)
-        self.flight[number].discard(pid)
-        if not self.flight[number]:
-            del self.flight[number]
 
     def check_new(self, new: list[tuple[int, str]], missing_before: int) -> None:
         before = {n: set(ps) for n, ps in self.flight.items()}
@@ -454,12 +455,8 @@ class PickerMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.flight))
     @rule(index=st.integers(0, 100))
     def fail(self, index: int) -> None:
-        requests = self.requests()
-        number, pid = requests[index % len(requests)]
+        number, pid = self.end_request(index)
         self.picker.on_failure(number, pid)
-        self.flight[number].discard(pid)
-        if not self.flight[number]:
-            del self.flight[number]
         self.excluded.add((number, pid))
         self.streak[pid] += 1
 
@@ -587,26 +584,33 @@ def test_busy_parent_rests_without_blame() -> None:
     picker._check_invariants()
 
 
-def test_busy_rest_doubles_and_resets_on_success() -> None:
-    picker = PiecePicker(1, per_parent_limit=1, busy_backoff=0.25, busy_backoff_max=1.0)
-    picker.digest_known([0])
-    picker.add_parent("a")
-    picker.parent_has("a", [0])
+def busy_rests(
+    picker: PiecePicker, request: tuple[int, str], now: float, times: int
+) -> tuple[list[float], float]:
+    """Pick ``request`` and answer it busy ``times`` times, each at the end of the last
+    rest: the rests, and when the last one ends."""
     rests = []
-    now = 0.0
-    for _ in range(4):
-        assert picker.pick(now) == [(0, "a")]
-        picker.on_busy(0, "a", now)
+    for _ in range(times):
+        assert picker.pick(now) == [request]
+        picker.on_busy(*request, now)
         until = picker.busy_until()
         assert until is not None
         rests.append(until - now)
         assert picker.pick(now) == []  # resting
         now = until
+    return rests, now
+
+
+def test_busy_rest_doubles_and_resets_on_success() -> None:
+    picker = PiecePicker(1, per_parent_limit=1, busy_backoff=0.25, busy_backoff_max=1.0)
+    picker.digest_known([0])
+    picker.add_parent("a")
+    picker.parent_has("a", [0])
+    rests, now = busy_rests(picker, (0, "a"), 0.0, 4)
     assert rests == [0.25, 0.5, 1.0, 1.0]
     assert picker.pick(now) == [(0, "a")]
     picker.on_success(0, "a", 10, 0.1)
     assert picker.done and picker.busy_until() is None
-
 
 
 def test_busy_rest_grows_to_a_quarter_of_a_piece_time_for_slow_pieces() -> None:
@@ -619,14 +623,6 @@ def test_busy_rest_grows_to_a_quarter_of_a_piece_time_for_slow_pieces() -> None:
     picker.parent_has("a", [0, 1])
     assert picker.pick(0.0) == [(0, "a")]
     picker.on_success(0, "a", 16 << 20, 20.0)  # one piece took 20 s
-    rests = []
-    now = 8.0
-    for _ in range(5):
-        assert picker.pick(now) == [(1, "a")]
-        picker.on_busy(1, "a", now)
-        until = picker.busy_until()
-        assert until is not None
-        rests.append(until - now)
-        now = until
+    rests, _ = busy_rests(picker, (1, "a"), 8.0, 5)
     assert rests == [0.25, 0.5, 1.0, 2.0, 2.0]
     picker._check_invariants()
