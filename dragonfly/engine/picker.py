@@ -1,7 +1,7 @@
 """The piece picker of one download: which piece to request next, and from which parent.
 
-Why over 600 lines: one policy over one incremental index (the availability buckets, the
-parents' bitsets, the in-flight table); every rule below reads and updates the same state.
+One policy over one incremental index (the availability buckets, the in-flight table);
+what it knows of each parent, and which parents are free now, is in picker_parents.py.
 
 Sans-I/O (docs/ARCHITECTURE.md): events go in, decisions come out,
 no sockets and no clock. The trio download engine of a real peer drives it, and so does the
@@ -11,9 +11,7 @@ count ("bucket"), indexed by a seeded random permutation of the piece numbers. W
 bucket's bits lowest first therefore yields the rarest pieces in a random order that is
 stable for a given seed, and intersecting a bucket with the union of the free parents'
 bitsets skips every piece nobody free can serve without looking at it. The free parents
-and that union are kept up to date as requests start and end, parents announce, fail,
-rest or leave, rather than found again at each pick (the simulation picks at nearly
-every event of each of its peers).
+and that union are kept up to date (``FreeParents``) rather than found at each pick.
 
 Policy, in the order it applies:
 
@@ -35,43 +33,13 @@ import random
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 
+from dragonfly.engine.picker_parents import FreeParents, ParentState
+
 __all__ = ["PiecePicker"]
 
 _EWMA_ALPHA = 0.3  # weight of the newest throughput sample
 _MIN_SECONDS = 1e-6  # a piece timed at zero seconds still yields a finite rate
 _NOBODY: frozenset[str] = frozenset()  # no parent to skip
-
-
-class _Parent:
-    """What the picker knows about one parent.
-
-    Bitsets are indexed by position in the picker's permutation, not by piece number.
-    """
-
-    __slots__ = (
-        "busy_streak",
-        "busy_until",
-        "capacity",
-        "consecutive_failures",
-        "failures",
-        "has_bits",
-        "in_flight",
-        "rank",
-        "serve_bits",
-        "throughput",
-    )
-
-    def __init__(self, capacity: int | None, rank: float) -> None:
-        self.capacity = capacity  # None: the picker's per_parent_limit
-        self.busy_until = 0.0  # refused a request for want of upload slots: rest till then
-        self.busy_streak = 0  # refusals since its last success: the rest doubles with each
-        self.has_bits = 0  # pieces it announced
-        self.serve_bits = 0  # pieces it announced and did not fail on
-        self.in_flight: set[int] = set()
-        self.failures = 0
-        self.consecutive_failures = 0
-        self.throughput: float | None = None  # EWMA of bytes/s, None until measured
-        self.rank = rank  # seeded random tie-break
 
 
 class PiecePicker:
@@ -122,7 +90,7 @@ class PiecePicker:
         self._failure_threshold = failure_threshold
         self._busy_backoff = busy_backoff
         self._busy_backoff_max = busy_backoff_max
-        self._resting: dict[str, _Parent] = {}  # parents resting after a "busy" answer
+        self._resting: dict[str, ParentState] = {}  # parents resting after a "busy" answer
         self._rng = random.Random(seed)
 
         perm = list(range(piece_count))
@@ -140,16 +108,17 @@ class PiecePicker:
         self._waiting_bits = 0
         self._in_flight: dict[int, set[str]] = {}
         self._requests = 0  # (piece, parent) pairs in flight, duplicates included
-        self._parents: dict[str, _Parent] = {}
+        self._parents: dict[str, ParentState] = {}
         self._excluded: dict[str, int] = {}  # parent -> bitset; survives remove_parent
         self._tput_sum = 0.0  # over parents with a measured throughput
         self._tput_count = 0
         self._cursor: int | None = None
-        # The parents free to take a request and the union of what they serve, kept up to
-        # date as requests start and end and parents change (None: to be found again).
-        self._free: dict[str, int] | None = None
-        self._free_union = 0
-        self._free_honours_rest = False  # built by a pick(now): resting parents left out
+        self._free = FreeParents(
+            self._parents,
+            self._resting,
+            per_parent_limit=per_parent_limit,
+            failure_threshold=failure_threshold,
+        )
         for number in have:
             self._check_number(number)
             self._have.add(number)
@@ -215,7 +184,7 @@ class PiecePicker:
             return False
         waiting = self._waiting_bits
         return not any(
-            p.serve_bits & waiting for p in self._parents.values() if self._capacity(p) > 0
+            p.serve_bits & waiting for p in self._parents.values() if self._free.capacity(p) > 0
         )
 
     # -- parents ------------------------------------------------------------------------------
@@ -229,10 +198,10 @@ class PiecePicker:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         parent = self._parents.get(parent_id)
         if parent is None:
-            self._parents[parent_id] = _Parent(capacity, self._rng.random())
+            self._parents[parent_id] = ParentState(capacity, self._rng.random())
         else:
             parent.capacity = capacity
-        self._refresh(parent_id)
+        self._free.refresh(parent_id)
 
     def remove_parent(self, parent_id: str) -> list[int]:
         """Forget a parent: its pieces no longer count, its requests go back to the queue.
@@ -244,7 +213,7 @@ class PiecePicker:
         self._resting.pop(parent_id, None)
         if parent is None:
             return []
-        self._refresh(parent_id)
+        self._free.refresh(parent_id)
         bits = parent.has_bits
         while bits:
             low = bits & -bits
@@ -278,9 +247,8 @@ class PiecePicker:
             if not excluded & bit:
                 parent.serve_bits |= bit
             self._set_avail(number, self._avail[number] + 1)
-        free = self._free
-        if free is not None and parent_id in free and parent.serve_bits != before:
-            self._free_union |= parent.serve_bits
+        if parent.serve_bits != before:
+            self._free.serves_more(parent_id)
 
     def digest_known(self, numbers: Iterable[int]) -> None:
         """The origin-side digests of these pieces arrived: they may now be requested."""
@@ -321,14 +289,8 @@ class PiecePicker:
         if now is not None and self._resting:
             for rested in [r for r, p in self._resting.items() if p.busy_until <= now]:
                 del self._resting[rested]
-                self._refresh(rested)
-        free = self._free
-        if free is None or self._free_honours_rest != (now is not None):
-            free, union = self._find_free(self._resting if now is not None else {})
-            self._free, self._free_union = free, union
-            self._free_honours_rest = now is not None
-        else:
-            union = self._free_union
+                self._free.refresh(rested)
+        free, union = self._free.current(honour_rest=now is not None)
         if not free:
             return []
         out: list[tuple[int, str]] = []
@@ -342,8 +304,8 @@ class PiecePicker:
                 pid = self._choose(self._pos[number], free, _NOBODY)
                 if pid is None:
                     continue
-                if self._start(number, pid, free, out):
-                    union = self._free_union
+                if self._start(number, pid, out):
+                    union = self._free.union
                 budget -= 1
                 if not budget or not free:
                     return out
@@ -359,10 +321,10 @@ class PiecePicker:
                     pid = self._choose(pos, free, _NOBODY)
                     if pid is None:  # cannot happen: bits only hold pieces a free parent serves
                         continue
-                    if self._start(self._perm[pos], pid, free, out):
+                    if self._start(self._perm[pos], pid, out):
                         if not free:
                             return out
-                        union = self._free_union
+                        union = self._free.union
                         bits &= union
                     budget -= 1
                     if not budget:
@@ -380,7 +342,7 @@ class PiecePicker:
                     pid = self._choose(self._pos[number], free, requesters)
                     if pid is None:
                         continue
-                    self._start(number, pid, free, out)
+                    self._start(number, pid, out)
                     progress = True
                     budget -= 1
                     if not budget or not free:
@@ -399,7 +361,7 @@ class PiecePicker:
             self._measure(parent, nbytes, seconds)
             if parent.consecutive_failures >= self._failure_threshold:
                 parent.consecutive_failures = 0
-                self._refresh(parent_id)  # no longer suspended
+                self._free.refresh(parent_id)  # no longer suspended
             parent.consecutive_failures = 0
             parent.busy_streak = 0
         if number in self._have:
@@ -424,9 +386,7 @@ class PiecePicker:
         parent.serve_bits &= ~bit
         parent.failures += 1
         parent.consecutive_failures += 1
-        if self._free is not None and parent_id in self._free:
-            self._free_union = self._union(self._free)  # it serves less
-        self._refresh(parent_id)
+        self._free.serves_less(parent_id)
 
     def on_busy(self, number: int, parent_id: str, now: float) -> None:
         """The parent refused the request at once: every upload slot of its host is taken.
@@ -446,7 +406,7 @@ class PiecePicker:
         parent.busy_streak += 1
         parent.busy_until = max(parent.busy_until, now + rest)
         self._resting[parent_id] = parent
-        self._refresh(parent_id)
+        self._free.refresh(parent_id)
 
     def resting(self, parent_id: str, now: float) -> bool:
         """Whether the parent still rests after a "busy" answer at ``now``."""
@@ -471,7 +431,7 @@ class PiecePicker:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _end_request(self, number: int, parent_id: str) -> _Parent | None:
+    def _end_request(self, number: int, parent_id: str) -> ParentState | None:
         """Take a (piece, parent) request out of flight, the piece back to the queue;
         None (and nothing done) if that request is no longer in flight."""
         self._check_number(number)
@@ -485,11 +445,6 @@ class PiecePicker:
     def _check_number(self, number: int) -> None:
         if not 0 <= number < self._n:
             raise ValueError(f"piece {number} outside [0, {self._n})")
-
-    def _capacity(self, parent: _Parent) -> int:
-        if parent.consecutive_failures >= self._failure_threshold:
-            return 0
-        return self._per_parent_limit if parent.capacity is None else parent.capacity
 
     def _enqueue(self, number: int) -> None:
         """Put a piece in its bucket if it is now waiting to be requested."""
@@ -533,50 +488,6 @@ class PiecePicker:
                 del buckets[old]
             buckets[avail] = buckets.get(avail, 0) | bit
 
-    def _find_free(self, resting: Mapping[str, _Parent]) -> tuple[dict[str, int], int]:
-        """The parents that may take a request now (free slots, not suspended, not
-        resting) with their free slots, and the union of what they serve. Kept between
-        picks (the simulation picks at nearly every event of each of its peers, and most
-        picks start nothing) until a request starts or ends or a parent changes."""
-        free: dict[str, int] = {}
-        union = 0
-        limit, threshold = self._per_parent_limit, self._failure_threshold
-        for parent_id, parent in self._parents.items():
-            if parent.consecutive_failures >= threshold:
-                continue  # (capacity 0, as _capacity says)
-            slots = (limit if parent.capacity is None else parent.capacity) - len(parent.in_flight)
-            if slots > 0 and parent_id not in resting:
-                free[parent_id] = slots
-                union |= parent.serve_bits
-        return free, union
-
-    def _refresh(self, parent_id: str) -> None:
-        """Bring one parent's entry in the free parents up to date after it changed."""
-        free = self._free
-        if free is None:
-            return
-        parent = self._parents.get(parent_id)
-        slots = 0
-        if (
-            parent is not None
-            and parent.consecutive_failures < self._failure_threshold
-            and not (self._free_honours_rest and parent_id in self._resting)
-        ):
-            limit = self._per_parent_limit if parent.capacity is None else parent.capacity
-            slots = limit - len(parent.in_flight)
-        if slots > 0:
-            assert parent is not None
-            free[parent_id] = slots
-            self._free_union |= parent.serve_bits
-        elif free.pop(parent_id, None) is not None:
-            self._free_union = self._union(free)
-
-    def _union(self, free: Mapping[str, int]) -> int:
-        union = 0
-        for pid in free:
-            union |= self._parents[pid].serve_bits
-        return union
-
     def _neutral_throughput(self) -> float:
         return self._tput_sum / self._tput_count if self._tput_count else 0.0
 
@@ -602,9 +513,7 @@ class PiecePicker:
         started = self._request_started.get(number, self._now)
         return self._now - started > max(self._endgame_after, 3 * self._piece_seconds)
 
-    def _start(
-        self, number: int, pid: str, free: dict[str, int], out: list[tuple[int, str]]
-    ) -> bool:
+    def _start(self, number: int, pid: str, out: list[tuple[int, str]]) -> bool:
         """Record a request; returns True when it used the parent's last free slot (the
         union of what the free parents serve is then found again)."""
         if number not in self._in_flight and self._now is not None:
@@ -614,22 +523,16 @@ class PiecePicker:
         self._parents[pid].in_flight.add(number)
         self._requests += 1
         out.append((number, pid))
-        slots = free[pid] - 1
-        if slots:
-            free[pid] = slots
-            return False
-        del free[pid]
-        self._free_union = self._union(free)
-        return True
+        return self._free.took(pid)
 
     def _drop_request(
-        self, number: int, pid: str, parent: _Parent, *, requeue: bool = True
+        self, number: int, pid: str, parent: ParentState, *, requeue: bool = True
     ) -> None:
         requesters = self._in_flight[number]
         requesters.discard(pid)
         parent.in_flight.discard(number)
         self._requests -= 1
-        self._refresh(pid)
+        self._free.refresh(pid)
         if not requesters:
             del self._in_flight[number]
             self._request_started.pop(number, None)
@@ -640,7 +543,7 @@ class PiecePicker:
         self._dequeue(number)
         self._have.add(number)
 
-    def _measure(self, parent: _Parent, nbytes: int, seconds: float) -> None:
+    def _measure(self, parent: ParentState, nbytes: int, seconds: float) -> None:
         self._piece_seconds = (
             seconds if not self._piece_seconds else 0.7 * self._piece_seconds + 0.3 * seconds
         )
@@ -695,9 +598,7 @@ class PiecePicker:
                 assert number in self._parents[pid].in_flight, (number, pid)
             requests += len(requesters)
         assert requests == self._requests
-        if self._free is not None:
-            resting = self._resting if self._free_honours_rest else {}
-            assert (self._free, self._free_union) == self._find_free(resting)
+        self._free.check()
         measured = [p.throughput for p in self._parents.values() if p.throughput is not None]
         assert len(measured) == self._tput_count
         assert abs(sum(measured) - self._tput_sum) <= 1e-6 * max(1.0, abs(self._tput_sum))
