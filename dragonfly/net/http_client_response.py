@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
+from dragonfly.net.bodies import collect
 from dragonfly.net.http_client_errors import (
     BadResponse,
     BodyIncomplete,
@@ -265,14 +266,10 @@ class Response:
 
     async def read(self, limit: int = 16 << 20) -> bytes:
         """The whole body; BadResponse past `limit` bytes."""
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in self.iter_chunks():
-            size += len(chunk)
-            if size > limit:
-                raise BadResponse(f"{self.url}: body larger than {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
+        body = await collect(self.iter_chunks(), limit)
+        if body is None:
+            raise BadResponse(f"{self.url}: body larger than {limit} bytes")
+        return body
 
     # -- h11-parsed bodies ----------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import Any
 import h11
 import trio
 
+from dragonfly.net.bodies import collect
 from dragonfly.wire.http_common import Headers
 
 MAX_HEADER_BYTES = 16 * 1024
@@ -236,11 +237,7 @@ class Request:
 
     async def read_body(self, limit: int = 1 << 20) -> bytes:
         """The whole request body; ValueError past `limit` bytes."""
-        parts: list[bytes] = []
-        size = 0
-        async for chunk in self.iter_body():
-            size += len(chunk)
-            if size > limit:
-                raise ValueError(f"request body larger than {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
+        body = await collect(self.iter_body(), limit)
+        if body is None:
+            raise ValueError(f"request body larger than {limit} bytes")
+        return body
