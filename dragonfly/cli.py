@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from dragonfly import __version__
 from dragonfly.config import (
@@ -172,13 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     users.add_argument("file", metavar="FILE", help="the auth file (made 0600 if new)")
     users.add_argument("user", metavar="USER")
 
-    from dragonfly.credentials import add_token_parser
-
-    add_token_parser(sub)
-
-    from dragonfly.cluster_tls import add_tls_parser
-
-    add_tls_parser(sub)
+    _add_token_parser(sub)
+    _add_tls_parser(sub)
 
     conf = sub.add_parser(
         "config",
@@ -200,6 +196,63 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", metavar="FILE", help="the TOML file (as --config)")
     _add_config_args(check, subcommand=True, overrides_dest="check_overrides")
     return parser
+
+
+def _add_token_parser(sub: Any) -> None:
+    # (defined here, not beside token_command: `get` must not import the trust code to
+    # parse its arguments)
+    token = sub.add_parser("token", help="cluster secret and host credentials (identity)")
+    actions = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    init = actions.add_parser("init", help="make a cluster secret file (for schedulers)")
+    init.add_argument("--secret-file", required=True, metavar="FILE")
+    init.add_argument("--cluster", default="", help="the cluster's name (default: random)")
+    rotate = actions.add_parser(
+        "rotate", help="a new current key; older keys keep verifying what they issued"
+    )
+    rotate.add_argument("--secret-file", required=True, metavar="FILE")
+    rotate.add_argument("--keep", type=int, default=1, help="previous keys kept (default 1)")
+    new = actions.add_parser("new", help="make a host credential (for a peer or seed peer)")
+    new.add_argument("--secret-file", required=True, metavar="FILE")
+    new.add_argument("--role", required=True, choices=("peer", "seed-peer"))
+    new.add_argument("--host-id", required=True, metavar="ID", help="the host's ID, unique")
+    new.add_argument("--ttl", default="365d", help="validity (default 365d)")
+    new.add_argument("-o", "--output", required=True, metavar="FILE")
+
+
+def _add_tls_parser(sub: Any) -> None:
+    tls = sub.add_parser(
+        "tls", help="the cluster's CA and host certificates (TLS on scheduler and upload ports)"
+    )
+    actions = tls.add_subparsers(dest="tls_command", metavar="ACTION", required=True)
+    init = actions.add_parser("init", help="make DIR/ca.pem and DIR/ca.key, the cluster's CA")
+    init.add_argument("dir", metavar="DIR")
+    init.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
+    init.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
+    init.add_argument(
+        "--permit",
+        action="append",
+        default=[],
+        metavar="NET|DOMAIN",
+        help="name constraint: the CA vouches for these networks and domains only "
+        "(repeatable; e.g. the cluster's 10.0.0.0/8)",
+    )
+    new = actions.add_parser(
+        "new", help="make PREFIX.pem and PREFIX.key, a host's certificate signed by the CA"
+    )
+    new.add_argument("--ca", required=True, metavar="DIR", help="the directory of `tls init`")
+    new.add_argument(
+        "--ip",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="an address the host is reached at (repeatable): a peer's host.ip, "
+        "a scheduler's address in scheduler.addresses",
+    )
+    new.add_argument(
+        "--name", action="append", default=[], metavar="DNS", help="a DNS name (repeatable)"
+    )
+    new.add_argument("--days", type=int, default=397, help="validity (default 397)")
+    new.add_argument("-o", "--output", required=True, metavar="PREFIX")
 
 
 def _add_config_args(

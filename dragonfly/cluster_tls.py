@@ -29,7 +29,6 @@ import ssl
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from dragonfly.config import ConfigError, PeerConfig, SchedulerConfig
 from dragonfly.net.tls import (
@@ -138,42 +137,6 @@ def check_tls_files(cfg: PeerConfig | SchedulerConfig) -> None:
 
 
 # ---------------------------------------------------------------- `tls`
-
-
-def add_tls_parser(sub: Any) -> None:
-    tls = sub.add_parser(
-        "tls", help="the cluster's CA and host certificates (TLS on scheduler and upload ports)"
-    )
-    actions = tls.add_subparsers(dest="tls_command", metavar="ACTION", required=True)
-    init = actions.add_parser("init", help="make DIR/ca.pem and DIR/ca.key, the cluster's CA")
-    init.add_argument("dir", metavar="DIR")
-    init.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
-    init.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
-    init.add_argument(
-        "--permit",
-        action="append",
-        default=[],
-        metavar="NET|DOMAIN",
-        help="name constraint: the CA vouches for these networks and domains only "
-        "(repeatable; e.g. the cluster's 10.0.0.0/8)",
-    )
-    new = actions.add_parser(
-        "new", help="make PREFIX.pem and PREFIX.key, a host's certificate signed by the CA"
-    )
-    new.add_argument("--ca", required=True, metavar="DIR", help="the directory of `tls init`")
-    new.add_argument(
-        "--ip",
-        action="append",
-        default=[],
-        metavar="IP",
-        help="an address the host is reached at (repeatable): a peer's host.ip, "
-        "a scheduler's address in scheduler.addresses",
-    )
-    new.add_argument(
-        "--name", action="append", default=[], metavar="DNS", help="a DNS name (repeatable)"
-    )
-    new.add_argument("--days", type=int, default=397, help="validity (default 397)")
-    new.add_argument("-o", "--output", required=True, metavar="PREFIX")
 
 
 def tls_command(args: argparse.Namespace) -> int:

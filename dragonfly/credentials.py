@@ -273,25 +273,6 @@ def check_trust_files(cfg: PeerConfig | SchedulerConfig) -> None:
 # ---------------------------------------------------------------- `token`
 
 
-def add_token_parser(sub: Any) -> None:
-    token = sub.add_parser("token", help="cluster secret and host credentials (identity)")
-    actions = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
-    init = actions.add_parser("init", help="make a cluster secret file (for schedulers)")
-    init.add_argument("--secret-file", required=True, metavar="FILE")
-    init.add_argument("--cluster", default="", help="the cluster's name (default: random)")
-    rotate = actions.add_parser(
-        "rotate", help="a new current key; older keys keep verifying what they issued"
-    )
-    rotate.add_argument("--secret-file", required=True, metavar="FILE")
-    rotate.add_argument("--keep", type=int, default=1, help="previous keys kept (default 1)")
-    new = actions.add_parser("new", help="make a host credential (for a peer or seed peer)")
-    new.add_argument("--secret-file", required=True, metavar="FILE")
-    new.add_argument("--role", required=True, choices=("peer", "seed-peer"))
-    new.add_argument("--host-id", required=True, metavar="ID", help="the host's ID, unique")
-    new.add_argument("--ttl", default="365d", help="validity (default 365d)")
-    new.add_argument("-o", "--output", required=True, metavar="FILE")
-
-
 def token_command(args: argparse.Namespace) -> int:
     try:
         if args.token_command == "init":
