@@ -265,8 +265,9 @@ class NsNginx(Nginx):
 
 
 def start_origin(env: Env, procs: Procs, root: Path, workdir: Path, limit_rate: int) -> Nginx:
-    """nginx serving `root` from the origin node; `limit_rate` (bytes/s per connection)
-    only in loopback mode, where no kernel bucket caps the origin."""
+    """nginx serving `root` from the origin node; `limit_rate`: bytes/s per connection,
+    0 for none (loopback: the origin's only cap; lo-shaped direct: each connection's fair
+    share under the kernel's bucket)."""
     nginx = NsNginx(
         root=root,
         workdir=workdir,

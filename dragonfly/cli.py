@@ -198,9 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The token and tls parsers are defined here, not beside their commands: building the
+# parser must not import the trust and TLS code (every `get` would pay for it).
+
+
 def _add_token_parser(sub: Any) -> None:
-    # (defined here, not beside token_command: `get` must not import the trust code to
-    # parse its arguments)
     token = sub.add_parser("token", help="cluster secret and host credentials (identity)")
     actions = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     init = actions.add_parser("init", help="make a cluster secret file (for schedulers)")
