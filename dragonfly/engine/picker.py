@@ -24,7 +24,9 @@ Policy, in the order it applies:
 * each piece goes to the parent with the most free slots, then the best measured throughput,
   then a seeded random rank;
 * endgame: once every missing piece is in flight, spare slots duplicate in-flight pieces on
-  other parents; the first success returns the duplicates for the engine to cancel.
+  other parents (a piece whose request is overdue, up to ``endgame_duplicates`` copies, one
+  more once even the newest is overdue); the first success returns the duplicates for the
+  engine to cancel.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class PiecePicker:
         self._piece_seconds = 0.0  # EWMA of successful piece times
         self._now: float | None = None
         self._request_started: dict[int, float] = {}  # piece -> start of its first request
+        self._latest_started: dict[int, float] = {}  # piece -> start of its latest request
         self._failure_threshold = failure_threshold
         self._busy_backoff = busy_backoff
         self._busy_backoff_max = busy_backoff_max
@@ -337,7 +340,12 @@ class PiecePicker:
                 progress = False
                 for number in sorted(self._in_flight, key=self._endgame_order):
                     requesters = self._in_flight[number]
-                    if len(requesters) >= self._endgame_duplicates or not self._overdue(number):
+                    if not self._overdue(number):
+                        continue
+                    # One past the cap once even the newest copy is overdue: the parents
+                    # asked may be dead (a silent crash answers nothing until piece_timeout).
+                    cap = self._endgame_duplicates + self._overdue(number, latest=True)
+                    if len(requesters) >= cap:
                         continue
                     pid = self._choose(self._pos[number], free, requesters)
                     if pid is None:
@@ -507,17 +515,21 @@ class PiecePicker:
                 best, best_key = pid, key
         return best
 
-    def _overdue(self, number: int) -> bool:
+    def _overdue(self, number: int, *, latest: bool = False) -> bool:
+        """The piece's first request (or, with ``latest``, its newest) is out for longer
+        than pieces take (three times the typical time, at least ``endgame_after``)."""
         if self._now is None:
-            return True
-        started = self._request_started.get(number, self._now)
+            return not latest
+        started = (self._latest_started if latest else self._request_started).get(number, self._now)
         return self._now - started > max(self._endgame_after, 3 * self._piece_seconds)
 
     def _start(self, number: int, pid: str, out: list[tuple[int, str]]) -> bool:
         """Record a request; returns True when it used the parent's last free slot (the
         union of what the free parents serve is then found again)."""
-        if number not in self._in_flight and self._now is not None:
-            self._request_started[number] = self._now
+        if self._now is not None:
+            if number not in self._in_flight:
+                self._request_started[number] = self._now
+            self._latest_started[number] = self._now
         self._dequeue(number)
         self._in_flight.setdefault(number, set()).add(pid)
         self._parents[pid].in_flight.add(number)
@@ -536,6 +548,7 @@ class PiecePicker:
         if not requesters:
             del self._in_flight[number]
             self._request_started.pop(number, None)
+            self._latest_started.pop(number, None)
             if requeue:
                 self._enqueue(number)
 

@@ -212,6 +212,25 @@ def test_endgame_duplicates_and_cancellation() -> None:
     picker._check_invariants()
 
 
+def test_a_piece_whose_every_copy_is_overdue_gets_one_more() -> None:
+    """Two copies at parents that never answer (a silent crash): a third once the newest
+    is overdue too, not before; the picker's clock decides (endgame_after 1 s here)."""
+    picker = make(1, {"a": [0], "b": [0], "c": [0]}, endgame_duplicates=2)
+    first = picker.pick(0.0)
+    assert len(first) == 1
+    assert picker.pick(0.5) == []  # the first copy is not overdue yet
+    second = picker.pick(1.5)
+    assert len(second) == 1 and second[0][1] != first[0][1]
+    assert picker.pick(2.0) == []  # two copies; the newest is 0.5 s old
+    third = picker.pick(2.6)
+    assert len(third) == 1
+    assert {p for _, p in first + second + third} == {"a", "b", "c"}
+    picker.add_parent("d")
+    picker.parent_has("d", [0])
+    assert picker.pick(10.0) == []  # one past the cap, no more
+    picker._check_invariants()
+
+
 def test_no_endgame_while_a_piece_still_waits() -> None:
     picker = PiecePicker(3, max_in_flight=8, per_parent_limit=4)
     picker.digest_known([0, 1])  # piece 2 is missing but cannot be requested yet
@@ -313,6 +332,7 @@ MAX_IN_FLIGHT = 5
 PER_PARENT = 2
 DUPLICATES = 2
 THRESHOLD = 3
+ENDGAME_AFTER = 1.0  # the picker's default: no copy is overdue sooner
 
 
 class PickerMachine(RuleBasedStateMachine):
@@ -343,6 +363,7 @@ class PickerMachine(RuleBasedStateMachine):
         self.streak: dict[str, int] = {}
         self.excluded: set[tuple[int, str]] = set()
         self.flight: dict[int, set[str]] = {}
+        self.latest: dict[int, float] = {}  # piece -> start of its newest clocked request
         self.now = 0.0
         self.digest_known(known)
         for pid, pieces in zip(PARENTS, holds, strict=False):
@@ -380,9 +401,9 @@ class PickerMachine(RuleBasedStateMachine):
     @rule()
     def pick(self) -> None:
         missing_before = PIECES - len(self.have)
-        self.check_new(self.picker.pick(), missing_before)
+        self.check_new(self.picker.pick(), missing_before, clocked=False)
 
-    @rule(step=st.floats(0, 1))
+    @rule(step=st.floats(0, 1) | st.floats(1, 40))
     def pick_later(self, step: float) -> None:
         """A pick with a clock: resting parents are left out (a cached set of free
         parents must follow rests beginning and ending)."""
@@ -390,7 +411,7 @@ class PickerMachine(RuleBasedStateMachine):
         missing_before = PIECES - len(self.have)
         new = self.picker.pick(self.now)
         assert not any(self.picker.resting(pid, self.now) for _, pid in new)
-        self.check_new(new, missing_before)
+        self.check_new(new, missing_before, clocked=True)
 
     @precondition(lambda self: bool(self.flight))
     @rule(index=st.integers(0, 100))
@@ -420,8 +441,11 @@ class PickerMachine(RuleBasedStateMachine):
         number, pid = self.end_request(index)
         self.picker.on_busy(number, pid, self.now)
 
-    def check_new(self, new: list[tuple[int, str]], missing_before: int) -> None:
+    def check_new(self, new: list[tuple[int, str]], missing_before: int, *, clocked: bool) -> None:
         before = {n: set(ps) for n, ps in self.flight.items()}
+        # (a piece out of flight since has no newest request: the picker forgets it too)
+        self.latest = {n: t for n, t in self.latest.items() if n in self.flight}
+        latest_before = dict(self.latest)
         for number, pid in new:
             assert number not in self.have
             assert number in self.known
@@ -434,7 +458,16 @@ class PickerMachine(RuleBasedStateMachine):
         }
         if duplicated:  # endgame only once every missing piece is in flight
             assert len(self.flight) == missing_before
-            assert all(len(self.flight[n]) <= DUPLICATES for n in duplicated)
+            for n in duplicated:  # past the cap only once even the newest copy is overdue
+                assert len(self.flight[n]) <= DUPLICATES or (
+                    clocked
+                    and len(self.flight[n]) == DUPLICATES + 1
+                    and len(before.get(n, ())) >= DUPLICATES
+                    and self.now - latest_before.get(n, self.now) > ENDGAME_AFTER
+                )
+        if clocked:
+            for n, _ in new:
+                self.latest[n] = self.now
         load = Counter(p for _, p in self.requests())
         for pid in {p for _, p in new}:
             assert load[pid] <= self.effective_capacity(pid)
