@@ -97,10 +97,12 @@ class ProbeOrigin:
 
 @dataclass(slots=True)
 class FetchOrigin:
-    """Fetch piece ``number`` from the origin with a Range request; answer
+    """Fetch piece ``number`` from the origin by Range requests, ``parts`` at once for
+    slices of it (the shell may use fewer for a short piece); answer
     ``origin_piece_landed`` or ``origin_failed``."""
 
     number: int
+    parts: int = 1
 
 
 @dataclass(slots=True)

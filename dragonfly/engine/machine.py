@@ -43,7 +43,9 @@ The rules, in the order a download meets them:
 7. **Back to source** (told so, no scheduler, or a seed peer's trigger): the parents are
    dropped, the origin is probed (``ProbeOrigin``; the validators the task started with
    are expected), its metadata reported (``TaskMetadata``), and the missing wanted pieces
-   fetched lowest first, ``origin_concurrency`` at a time (``FetchOrigin``), or in order
+   fetched lowest first (``FetchOrigin``) by ``origin_concurrency`` requests at once:
+   side by side, or one piece at a time in slices where the origin's rate makes a piece
+   take long (``origin_split`` in source.py), or in order
    from one body when the origin takes no ranges (``StreamOrigin``). Pieces held already
    count as fetched from the origin. A piece that differs from a digest known for it
    fails the download (the origin changed, 409).
@@ -97,7 +99,7 @@ from dragonfly.engine.announce import AnnounceSchedule
 from dragonfly.engine.lifecycle import LifecycleMixin
 from dragonfly.engine.picker import PiecePicker
 from dragonfly.engine.requests import Request, RequestTable
-from dragonfly.engine.source import SourceMixin
+from dragonfly.engine.source import OriginPace, SourceMixin
 from dragonfly.engine.stalls import StallsMixin
 from dragonfly.engine.state import INF, Phase, _Counters, _Layout, _Parent
 from dragonfly.identity import IdentityError, PieceLayout
@@ -172,7 +174,7 @@ class DownloadMachine(LifecycleMixin, StallsMixin, SourceMixin):
         self._probed = False  # the origin answered; fetching starts once the task is open
         self._source_started = False
         self._streaming = False
-        self._origin_claimed: set[int] = set()
+        self._origin_pace = OriginPace()
         self._claim_from = 0
         # what clients want: None: the whole task; else byte ranges (inclusive)
         self._ranges: list[tuple[int, int]] | None = None if whole else []

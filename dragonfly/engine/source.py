@@ -2,9 +2,9 @@
 origin half, sans-I/O like the rest of it.
 
 Going to the origin (dropping the parents), the probe and its answer, the metadata the
-scheduler is told, and the pieces claimed from the origin, ``origin_concurrency`` at a time
-by range or in order from one streamed body. A mixin of ``DownloadMachine``: its methods
-work on the machine's state,
+scheduler is told, and the pieces claimed from the origin by ``origin_concurrency`` Range
+requests at once (``origin_split``, paced by ``OriginPace``) or read in order from one
+streamed body. A mixin of ``DownloadMachine``: its methods work on the machine's state,
 declared on ``MachineState`` (state.py); the rules are in machine.py's docstring.
 """
 
@@ -24,6 +24,65 @@ from dragonfly.wire.messages import (
     PieceReport,
     TaskMetadata,
 )
+
+# A piece that takes longer than this at the origin's whole rate comes alone, in slices
+# (back to side by side only under half of it: no flapping at the edge).
+SLOW_ORIGIN_PIECE = 0.25
+# A slice of a piece under this many bytes is not worth a request of its own.
+MIN_PART = 1 << 20
+
+
+def origin_split(concurrency: int, piece_length: int, fast: bool) -> tuple[int, int]:
+    """``concurrency`` Range requests to the origin as (pieces at once, requests per
+    piece).
+
+    Requests share the origin's link: four pieces side by side land together four
+    piece-times in, and a swarm waits that long for each new piece; one piece in four
+    slices lands every piece-time, over as many connections for an origin that caps each
+    one. Side by side only for a ``fast`` origin, where the gap between one piece and the
+    next (a request, a hash) would cost more than the wait. In the simulation (8, 16, 32
+    peers, 256 MiB at 10 MB/s): 0.83 → 0.90, 0.77 → 0.84, 0.70 → 0.72."""
+    if fast:
+        return concurrency, 1
+    parts = max(1, min(concurrency, piece_length // MIN_PART))
+    return -(-concurrency // parts), parts
+
+
+class OriginPace:
+    """The pieces claimed from the origin, with the requests each takes, and how fast
+    pieces come: each landing gives a piece's time at the origin's whole rate (its own
+    time × its share of the requests in flight when it was claimed), smoothed."""
+
+    def __init__(self) -> None:
+        self._claims: dict[int, list[float]] = {}  # piece -> [claimed at, requests, of all]
+        self.requests = 0  # in flight
+        self.piece_seconds: float | None = None  # None: nothing landed yet
+        self.fast = False
+
+    def __contains__(self, number: int) -> bool:
+        return number in self._claims
+
+    def claim(self, number: int, parts: int, now: float) -> None:
+        self._claims[number] = [now, parts, 0.0]
+        self.requests += parts
+
+    def claimed_all(self) -> None:
+        """Claims made: each new one's share is of every request now in flight."""
+        for claim in self._claims.values():
+            if not claim[2]:
+                claim[2] = self.requests
+
+    def landed(self, number: int, now: float) -> None:
+        claim = self._claims.pop(number, None)
+        if claim is None:
+            return
+        claimed_at, parts, of_all = claim
+        self.requests -= int(parts)
+        seconds = (now - claimed_at) * parts / max(of_all, parts)
+        last = self.piece_seconds
+        self.piece_seconds = seconds if last is None else (last + seconds) / 2
+        limit = SLOW_ORIGIN_PIECE * (2 if self.fast else 1)
+        self.fast = self.piece_seconds < limit
 
 
 class SourceMixin(MachineState):
@@ -130,23 +189,25 @@ class SourceMixin(MachineState):
         return out + self._more_origin(now)
 
     def _more_origin(self, now: float) -> list[Action]:
-        """Claim the lowest missing wanted pieces, up to the origin concurrency."""
+        """Claim the lowest missing wanted pieces, as ``origin_split`` says."""
         if self.phase is not Phase.SOURCE or not self._source_started or self._streaming:
             return []
         out: list[Action] = []
-        claimed = self._origin_claimed
-        while len(claimed) < self.cfg.origin_concurrency:
+        pace, concurrency = self._origin_pace, self.cfg.origin_concurrency
+        parts = origin_split(concurrency, self.layout.piece_length, pace.fast)[1]
+        while pace.requests + parts <= concurrency:
             number = self._next_origin_piece()
             if number is None:
                 break
-            claimed.add(number)
-            out.append(FetchOrigin(number))
+            pace.claim(number, parts, now)
+            out.append(FetchOrigin(number, parts))
+        pace.claimed_all()
         return out
 
     def _next_origin_piece(self) -> int | None:
         """The lowest wanted piece neither held nor claimed (a streaming client wants the
         front first)."""
-        have, claimed = self.have, self._origin_claimed
+        have, claimed = self.have, self._origin_pace
         if self._wanted is not None:
             candidates = [x for x in self._wanted if x not in have and x not in claimed]
             return min(candidates) if candidates else None
@@ -164,7 +225,7 @@ class SourceMixin(MachineState):
     ) -> list[Action]:
         """A piece of ``length`` bytes from the origin is in the store, hashed to
         ``digest``."""
-        self._origin_claimed.discard(number)
+        self._origin_pace.landed(number, now)
         if self.done:
             return []
         expected = self.digests.get(number)

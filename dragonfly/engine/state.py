@@ -16,6 +16,9 @@ from dragonfly.engine.announce import AnnounceSchedule
 from dragonfly.engine.picker import PiecePicker
 from dragonfly.engine.requests import Request, RequestTable
 from dragonfly.identity import PieceLayout
+
+if TYPE_CHECKING:
+    from dragonfly.engine.source import OriginPace
 from dragonfly.wire.messages import NeedBackToSource, ParentInfo, PieceDigest, PieceReport, TaskSpec
 
 INF = float("inf")
@@ -93,7 +96,7 @@ class MachineState:
     _probed: bool
     _source_started: bool
     _streaming: bool
-    _origin_claimed: set[int]
+    _origin_pace: OriginPace
     _claim_from: int
     _ranges: list[tuple[int, int]] | None
     _wanted: set[int] | None

@@ -223,7 +223,10 @@ class Download(DownloadProgress):
                 self._spawn(self._origin.run, probe)
             elif kind is FetchOrigin:
                 assert isinstance(action, FetchOrigin)
-                self._spawn(self._origin.run, partial(self._origin.fetch_piece, action.number))
+                self._spawn(
+                    self._origin.run,
+                    partial(self._origin.fetch_piece, action.number, action.parts),
+                )
             elif kind is StreamOrigin:
                 self._spawn(self._origin.run, self._origin.stream)
             elif kind is Complete:

@@ -2,8 +2,9 @@
 
 A 1-byte probe (`Range: bytes=0-0`) learns the length, whether the origin takes
 ranges, and its validators (ETag / Last-Modified). With ranges, each piece is one
-request for exactly its range, with `If-Range`, so that an origin whose content
-changed answers 200 and the task fails instead of mixing two versions. Without
+request for exactly its range, or several for slices of it (the download machine says
+how many: engine/source.py, origin_split), each with `If-Range`, so that an origin whose
+content changed answers 200 and the task fails instead of mixing two versions. Without
 ranges, the probe's one response is read in order, piece by piece. Bytes are
 spliced straight into the store's piece sink; which pieces to fetch, and when, is
 the download machine's decision (dragonfly/engine/machine.py).
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 import trio
 
+from dragonfly.engine.source import MIN_PART
+from dragonfly.errors import find_exception
 from dragonfly.log import get_logger
 from dragonfly.net.http_client import HTTPClient, HTTPClientError
 from dragonfly.net.http_client_response import Response, discard
@@ -152,11 +155,42 @@ class OriginFetcher:
         piece, with ``read_piece``/``skip_piece`` or ``chunks``."""
         return self._stream
 
-    async def fetch_piece(self, sink: PieceSink) -> None:
-        """One Range request for the sink's piece, spliced into it (after ``probe``)."""
+    async def fetch_piece(self, sink: PieceSink, parts: int = 1) -> None:
+        """The sink's piece by Range requests, spliced into it (after ``probe``): one, or
+        ``parts`` at once for slices of it (fewer where a slice would be under MIN_PART
+        bytes). One failed slice fails the piece (the others are cancelled; the store
+        records nothing) with its own error."""
         assert self.info is not None, "probe first"
         assert sink.length is not None
-        offset, length = sink.offset, sink.length
+        parts = max(1, min(parts, sink.length // MIN_PART))
+        if parts == 1:
+            await self._fetch_range(sink, sink.offset, sink.length, sink.hash_as_written())
+            return
+        # Slices land out of order: the store hashes the piece from the file at the end.
+        size, extra = divmod(sink.length, parts)
+        try:
+            async with trio.open_nursery() as nursery:
+                offset = sink.offset
+                for i in range(parts):
+                    length = size + (i < extra)
+                    nursery.start_soon(self._fetch_range, sink, offset, length, None)
+                    offset += length
+        except BaseExceptionGroup as group:
+            for kind in (OriginChanged, OriginError, OSError):  # the most telling first
+                found = find_exception(group, kind)
+                if found is not None:
+                    raise found from None
+            raise
+
+    async def _fetch_range(
+        self,
+        sink: PieceSink,
+        offset: int,
+        length: int,
+        hashed: Callable[[int, bool], None] | None,
+    ) -> None:
+        """Bytes [offset, offset + length) of the file by one Range request, into the sink."""
+        assert self.info is not None
         total = self.info.content_length
         validator = _validator(self.info.etag, self.info.last_modified)
         hdrs = Headers(self.headers)
@@ -180,7 +214,7 @@ class OriginFetcher:
                         f"expected bytes {offset}-{offset + length - 1}/{total}",
                         409,
                     )
-                await self._splice(r, sink)
+                await self._splice(r, sink.fd, offset, length, hashed)
         except HTTPClientError as exc:
             raise OriginError(f"piece {sink.number} from origin: {exc}") from None
 
@@ -188,7 +222,9 @@ class OriginFetcher:
         """The next ``sink.length`` bytes of the streamed body into the sink."""
         assert self._stream is not None and sink.length is not None
         try:
-            await self._splice(self._stream, sink)
+            await self._splice(
+                self._stream, sink.fd, sink.offset, sink.length, sink.hash_as_written()
+            )
         except HTTPClientError as exc:
             raise OriginError(f"origin body: {exc}") from None
 
@@ -217,12 +253,16 @@ class OriginFetcher:
             await self._stream.aclose()
             self._stream = None
 
-    async def _splice(self, response: Response, sink: PieceSink) -> None:
-        """The piece's body bytes into the file, paced by the back-to-source rate limit,
-        hashed as they land."""
-        assert sink.length is not None
-        fd, offset, length = sink.fd, sink.offset, sink.length
-        hashed = sink.hash_as_written()
+    async def _splice(
+        self,
+        response: Response,
+        fd: int,
+        offset: int,
+        length: int,
+        hashed: Callable[[int, bool], None] | None,
+    ) -> None:
+        """``length`` body bytes into the file at ``offset``, paced by the back-to-source
+        rate limit, hashed as they land where ``hashed`` is given."""
         done = 0
         chunk = self.limiter.chunk(SPLICE_CHUNK) if self.limiter else length
         while done < length:
@@ -282,12 +322,12 @@ class OriginLink:
             )
         )
 
-    async def fetch_piece(self, number: int) -> None:
+    async def fetch_piece(self, number: int, parts: int = 1) -> None:
         fetcher, handle = self.fetcher, self.dl.handle
         assert fetcher is not None and handle is not None
         async with self.dl.daemon.store.writing(handle, number) as sink:
             if not sink.done:
-                await fetcher.fetch_piece(sink)
+                await fetcher.fetch_piece(sink, parts)
         self._landed(sink)
 
     def _landed(self, sink: PieceSink) -> None:

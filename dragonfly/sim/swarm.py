@@ -221,6 +221,8 @@ class SimNode:
                 sw.loop.after(2 * sw.cfg.latency, self._probed)  # a 1-byte range request
             elif kind is FetchOrigin:
                 assert isinstance(action, FetchOrigin)
+                # One flow however many slices (``parts``): they share the origin's link
+                # as one flow would; an origin that caps each connection is not modelled.
                 n = action.number
                 sw.net.start(sw.origin, self.ep, sw.piece_len(n), self._origin_landed, n)
             elif kind is Complete:

@@ -193,8 +193,8 @@ def test_all_schedulers_down_back_to_source(tmp_path: Path, www: Path, nginx: Ng
 def test_origin_replaced_mid_task_fails_clearly_then_starts_afresh(tmp_path: Path, www: Path):
     size = 32 * MiB
     random_file(www / "f.bin", size)
-    # Two origin connections at 2 MB/s: pieces land one pair every two seconds, so most
-    # range requests are sent after the file changed.
+    # Two origin connections at 2 MB/s: a piece lands every second (in two slices), so
+    # most range requests are sent after the file changed.
     with (
         Nginx(root=www, workdir=tmp_path / "nginx", limit_rate="2m") as slow,
         Cluster(
@@ -220,6 +220,7 @@ def test_origin_replaced_mid_task_fails_clearly_then_starts_afresh(tmp_path: Pat
         assert (tmp_path / "o").stat().st_size < size
         log = (cluster.workdir / "logs" / "seed-peer-0.log").read_text()
         assert "origin content changed" in log
+        assert "internal error" not in log  # the machine failed it, with its status
         # the next request starts afresh and gets the new version, whole
         code, err = finish(curl(peer.info["proxy"], url, tmp_path / "o2"), timeout=120)
         assert code == 0, err

@@ -242,6 +242,49 @@ async def test_origin_concurrency_one_fetches_one_range_at_a_time(tmp_path: Path
     assert elapsed > 1.3, f"{size} bytes in {elapsed:.2f}s"
 
 
+def _ranges(nginx: Nginx) -> list[tuple[int, int]]:
+    """The byte ranges the origin served for /f.bin, the 1-byte probe left out."""
+    found = []
+    for line in nginx.access_log.read_text().splitlines():
+        if "/f.bin" in line and '"bytes=' in line and '"bytes=0-0"' not in line:
+            first, last = line.rsplit('"bytes=', 1)[1].rstrip('"').split("-")
+            found.append((int(first), int(last)))
+    return sorted(found)
+
+
+async def test_a_slow_origin_sends_each_piece_in_slices(tmp_path: Path, www: Path):
+    """512 KB/s per connection (nginx lets the first second's worth go at once): a 4 MiB
+    piece takes about a second over the default four requests, so every piece comes
+    alone, in four 1 MiB slices; the last piece (1 MiB) in one request. Every byte asked
+    for once."""
+    size = 17 * MiB
+    want = random_file(www / "f.bin", size)
+    async with roles(tmp_path) as r:
+        with Nginx(root=www, workdir=tmp_path / "nginx", limit_rate="512k") as slow:
+            daemon = await r.peer("p")
+            status, _, body = await fetch(daemon, f"{slow.url}/f.bin")
+            ranges = _ranges(slow)
+    assert status == 200 and hashlib.sha256(body).hexdigest() == want
+    quarters = [(start, start + MiB - 1) for start in range(0, 16 * MiB, MiB)]
+    assert ranges == [*quarters, (16 * MiB, size - 1)]
+
+
+async def test_a_fast_origin_sends_pieces_side_by_side(tmp_path: Path, www: Path, nginx: Nginx):
+    """The first piece comes in slices (the origin's rate is not known yet); a local
+    nginx is fast, so the rest come whole, side by side. Every byte asked for once."""
+    size = 24 * MiB
+    want = random_file(www / "f.bin", size)
+    async with roles(tmp_path) as r:
+        daemon = await r.peer("p")
+        status, _, body = await fetch(daemon, f"{nginx.url}/f.bin")
+    assert status == 200 and hashlib.sha256(body).hexdigest() == want
+    ranges = _ranges(nginx)
+    assert ranges[:4] == [(start, start + MiB - 1) for start in range(0, 4 * MiB, MiB)]
+    assert all(last - first + 1 in (MiB, 4 * MiB) for first, last in ranges)
+    assert sum(last - first + 1 for first, last in ranges) == size
+    assert any(last - first + 1 == 4 * MiB for first, last in ranges)
+
+
 # -- peer to peer -------------------------------------------------------------------------
 
 

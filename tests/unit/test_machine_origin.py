@@ -58,14 +58,30 @@ def test_back_to_source_fetches_the_missing_pieces_in_order() -> None:
     out = m.origin_probed(5 * PL, True, '"v1"', "", "", 1.1)
     (meta,) = sent(out, TaskMetadata)
     assert (meta.content_length, meta.piece_length, meta.piece_count) == (5 * PL, PL, 5)
-    assert [f.number for f in of(out, FetchOrigin)] == [0, 1]
+    # The origin's rate is not known yet: the first piece alone, by both requests.
+    assert of(out, FetchOrigin) == [FetchOrigin(0, 2)]
+    # 0.1 s a piece: a fast origin; pieces side by side, one request each.
     out = m.origin_piece_landed(0, digest(0), PL, 1.2)
-    assert [f.number for f in of(out, FetchOrigin)] == [2]
+    assert of(out, FetchOrigin) == [FetchOrigin(1), FetchOrigin(2)]
     for n in (1, 2, 3, 4):
         out = m.origin_piece_landed(n, digest(n), PL, 1.3)
     assert of(out, Complete)
     reports = [r for msg in sent(m.completed(2.0), PiecesFinished) for r in msg.pieces]
     assert all(r.parent_id == "" for r in reports)
+
+
+def test_a_slow_origin_sends_one_piece_at_a_time_in_slices() -> None:
+    """A piece that takes a second at the origin's rate comes alone over all four
+    requests, so that each lands as soon as it can (engine/source.py: origin_split)."""
+    m = machine(config=MachineConfig(origin_concurrency=4))
+    opened(m, 3, ["a"])
+    m.scheduler_message(NeedBackToSource(peer_id="me", task_id=TASK), 1.0)
+    out = m.origin_probed(3 * PL, True, "", "", "", 1.0)
+    assert of(out, FetchOrigin) == [FetchOrigin(0, 4)]
+    out = m.origin_piece_landed(0, digest(0), PL, 2.0)
+    assert of(out, FetchOrigin) == [FetchOrigin(1, 4)]
+    out = m.origin_piece_landed(1, digest(1), PL, 3.0)
+    assert of(out, FetchOrigin) == [FetchOrigin(2, 4)]
 
 
 def test_an_origin_piece_other_than_the_known_digest_fails_409() -> None:
