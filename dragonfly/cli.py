@@ -154,18 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     ca_init = ca_sub.add_parser(
         "init", help="make DIR/ca.pem and DIR/ca.key and print how to use and trust them"
     )
-    ca_init.add_argument("dir", metavar="DIR", help="directory for ca.pem and ca.key")
-    ca_init.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
-    ca_init.add_argument("--name", default="Dragonfly proxy CA", help="the CA's common name")
-    ca_init.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
-    ca_init.add_argument(
-        "--permit",
-        action="append",
-        default=[],
-        metavar="DOMAIN",
-        help="name constraint: the CA vouches for DOMAIN and its subdomains only (repeatable; "
-        "an IP network works too); recommended",
+    _add_ca_init_args(
+        ca_init,
+        dir_help="directory for ca.pem and ca.key",
+        permit_metavar="DOMAIN",
+        permit_help="name constraint: the CA vouches for DOMAIN and its subdomains only "
+        "(repeatable; an IP network works too); recommended",
     )
+    ca_init.add_argument("--name", default="Dragonfly proxy CA", help="the CA's common name")
 
     users = sub.add_parser(
         "proxy-user", help="add or replace a user of proxy.auth_file (password from stdin)"
@@ -198,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_ca_init_args(
+    parser: argparse.ArgumentParser, *, dir_help: str | None, permit_metavar: str, permit_help: str
+) -> None:
+    """What making a CA takes, for the proxy's CA (`ca init`) and the cluster's (`tls init`)."""
+    parser.add_argument("dir", metavar="DIR", help=dir_help)
+    parser.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
+    parser.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
+    parser.add_argument(
+        "--permit", action="append", default=[], metavar=permit_metavar, help=permit_help
+    )
+
+
 # The token and tls parsers are defined here, not beside their commands: building the
 # parser must not import the trust and TLS code (every `get` would pay for it).
 
@@ -227,15 +235,11 @@ def _add_tls_parser(sub: Any) -> None:
     )
     actions = tls.add_subparsers(dest="tls_command", metavar="ACTION", required=True)
     init = actions.add_parser("init", help="make DIR/ca.pem and DIR/ca.key, the cluster's CA")
-    init.add_argument("dir", metavar="DIR")
-    init.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
-    init.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
-    init.add_argument(
-        "--permit",
-        action="append",
-        default=[],
-        metavar="NET|DOMAIN",
-        help="name constraint: the CA vouches for these networks and domains only "
+    _add_ca_init_args(
+        init,
+        dir_help=None,
+        permit_metavar="NET|DOMAIN",
+        permit_help="name constraint: the CA vouches for these networks and domains only "
         "(repeatable; e.g. the cluster's 10.0.0.0/8)",
     )
     new = actions.add_parser(
