@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dragonfly.engine.actions import (
     Announce,
     Complete,
@@ -16,6 +18,7 @@ from dragonfly.engine.actions import (
     Unsubscribe,
 )
 from dragonfly.engine.machine import Phase
+from dragonfly.engine.source import OriginPace
 from dragonfly.wire.messages import (
     LeavePeer,
     NeedBackToSource,
@@ -82,6 +85,26 @@ def test_a_slow_origin_sends_one_piece_at_a_time_in_slices() -> None:
     assert of(out, FetchOrigin) == [FetchOrigin(1, 4)]
     out = m.origin_piece_landed(1, digest(1), PL, 3.0)
     assert of(out, FetchOrigin) == [FetchOrigin(2, 4)]
+
+
+def test_the_origin_pace_switches_with_hysteresis() -> None:
+    """Fast under a quarter second a piece, slow again only over half a second; a piece's
+    time is its own time x its share of the requests in flight when it was claimed."""
+    pace = OriginPace()
+    assert not pace.fast and pace.piece_seconds is None  # not measured: slices
+    pace.claim(0, 4, 0.0)
+    pace.claimed_all()
+    pace.landed(0, 0.1)
+    assert pace.fast and pace.piece_seconds == pytest.approx(0.1)
+    for n in (1, 2, 3, 4):  # side by side, one request each: a quarter of the link each
+        pace.claim(n, 1, 0.1)
+    pace.claimed_all()
+    assert pace.requests == 4
+    pace.landed(1, 1.7)  # 1.6 s at a quarter share: 0.4 s a piece; smoothed 0.25
+    assert pace.fast and pace.piece_seconds == pytest.approx(0.25)
+    pace.landed(2, 4.1)  # 1.0 s a piece; smoothed 0.625: over the 0.5 s edge
+    assert not pace.fast and pace.requests == 2
+    assert 3 in pace and 1 not in pace
 
 
 def test_an_origin_piece_other_than_the_known_digest_fails_409() -> None:
