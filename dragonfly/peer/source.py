@@ -269,7 +269,13 @@ class OriginFetcher:
             n = min(chunk, length - done)
             if self.limiter is not None:
                 await self.limiter.acquire(n)
-            await response.splice_to(fd, offset + done, n, on_written=hashed)
+            got = await response.splice_to(fd, offset + done, n, on_written=hashed)
+            if got < n:  # the body ended first (its Content-Length says less): a hole
+                raise OriginError(
+                    f"{response.url}: the origin's body ended {length - done - got} bytes "
+                    f"short of the {length} asked for",
+                    502,
+                )
             done += n
 
 
