@@ -32,9 +32,9 @@ SLOW_ORIGIN_PIECE = 0.25
 MIN_PART = 1 << 20
 
 
-def origin_split(concurrency: int, piece_length: int, fast: bool) -> tuple[int, int]:
-    """``concurrency`` Range requests to the origin as (pieces at once, requests per
-    piece).
+def origin_split(concurrency: int, piece_length: int, fast: bool) -> int:
+    """How many of the ``concurrency`` Range requests to the origin each piece is split
+    over (the machine claims pieces until the requests are used).
 
     Requests share the origin's link: four pieces side by side land together four
     piece-times in, and a swarm waits that long for each new piece; one piece in four
@@ -43,9 +43,20 @@ def origin_split(concurrency: int, piece_length: int, fast: bool) -> tuple[int, 
     next (a request, a hash) would cost more than the wait. In the simulation (8, 16, 32
     peers, 256 MiB at 10 MB/s): 0.83 → 0.90, 0.77 → 0.84, 0.70 → 0.72."""
     if fast:
-        return concurrency, 1
-    parts = max(1, min(concurrency, piece_length // MIN_PART))
-    return -(-concurrency // parts), parts
+        return 1
+    return max(1, min(concurrency, piece_length // MIN_PART))
+
+
+class _Claim:
+    """A piece claimed from the origin: when, over how many requests, and how many were
+    in flight once that round of claims was made (0: not yet known)."""
+
+    __slots__ = ("at", "of_all", "parts")
+
+    def __init__(self, at: float, parts: int) -> None:
+        self.at = at
+        self.parts = parts
+        self.of_all = 0
 
 
 class OriginPace:
@@ -54,7 +65,7 @@ class OriginPace:
     time × its share of the requests in flight when it was claimed), smoothed."""
 
     def __init__(self) -> None:
-        self._claims: dict[int, list[float]] = {}  # piece -> [claimed at, requests, of all]
+        self._claims: dict[int, _Claim] = {}
         self.requests = 0  # in flight
         self.piece_seconds: float | None = None  # None: nothing landed yet
         self.fast = False
@@ -63,22 +74,21 @@ class OriginPace:
         return number in self._claims
 
     def claim(self, number: int, parts: int, now: float) -> None:
-        self._claims[number] = [now, parts, 0.0]
+        self._claims[number] = _Claim(now, parts)
         self.requests += parts
 
     def claimed_all(self) -> None:
         """Claims made: each new one's share is of every request now in flight."""
         for claim in self._claims.values():
-            if not claim[2]:
-                claim[2] = self.requests
+            if not claim.of_all:
+                claim.of_all = self.requests
 
     def landed(self, number: int, now: float) -> None:
         claim = self._claims.pop(number, None)
         if claim is None:
             return
-        claimed_at, parts, of_all = claim
-        self.requests -= int(parts)
-        seconds = (now - claimed_at) * parts / max(of_all, parts)
+        self.requests -= claim.parts
+        seconds = (now - claim.at) * claim.parts / max(claim.of_all, claim.parts)
         last = self.piece_seconds
         self.piece_seconds = seconds if last is None else (last + seconds) / 2
         limit = SLOW_ORIGIN_PIECE * (2 if self.fast else 1)
@@ -194,7 +204,7 @@ class SourceMixin(MachineState):
             return []
         out: list[Action] = []
         pace, concurrency = self._origin_pace, self.cfg.origin_concurrency
-        parts = origin_split(concurrency, self.layout.piece_length, pace.fast)[1]
+        parts = origin_split(concurrency, self.layout.piece_length, pace.fast)
         while pace.requests + parts <= concurrency:
             number = self._next_origin_piece()
             if number is None:

@@ -16,10 +16,10 @@ from dragonfly.engine.announce import AnnounceSchedule
 from dragonfly.engine.picker import PiecePicker
 from dragonfly.engine.requests import Request, RequestTable
 from dragonfly.identity import PieceLayout
+from dragonfly.wire.messages import NeedBackToSource, ParentInfo, PieceDigest, PieceReport, TaskSpec
 
 if TYPE_CHECKING:
-    from dragonfly.engine.source import OriginPace
-from dragonfly.wire.messages import NeedBackToSource, ParentInfo, PieceDigest, PieceReport, TaskSpec
+    from dragonfly.engine.source import OriginPace  # (source.py imports this module)
 
 INF = float("inf")
 
