@@ -164,7 +164,8 @@ class UploadSection:
     )
     queue_limit: int = opt(
         2,
-        "piece requests that wait for a sending slot; more are answered 503 at once",
+        "piece requests that wait for a sending slot; more are answered 503 at once, "
+        "except a sole child's (up to 32 wait when no other host is asking)",
         min=0,
         max=10000,
     )

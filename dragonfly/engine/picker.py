@@ -21,6 +21,9 @@ Policy, in the order it applies:
   client is waiting for those bytes;
 * then rarest first, ties broken by the seeded permutation, so that children of one parent
   fetch different pieces and the swarm spreads them;
+* a parent takes up to ``per_parent_limit`` requests, or an equal share of ``max_in_flight``
+  when there are few parents (one parent: all of it), so a child with few parents keeps
+  its pieces in flight;
 * each piece goes to the parent with the most free slots, then the best measured throughput,
   then a seeded random rank;
 * endgame: once every missing piece is in flight, spare slots duplicate in-flight pieces on
@@ -80,7 +83,6 @@ class PiecePicker:
                 raise ValueError(f"{name} must be >= {minimum}, got {value}")
         self._n = piece_count
         self._max_in_flight = max_in_flight
-        self._per_parent_limit = per_parent_limit
         self._window = window
         self._endgame_duplicates = endgame_duplicates
         # A piece is duplicated only once its request is overdue: longer than this, and
@@ -120,6 +122,7 @@ class PiecePicker:
             self._parents,
             self._resting,
             per_parent_limit=per_parent_limit,
+            max_in_flight=max_in_flight,
             failure_threshold=failure_threshold,
         )
         for number in have:
@@ -202,6 +205,7 @@ class PiecePicker:
         parent = self._parents.get(parent_id)
         if parent is None:
             self._parents[parent_id] = ParentState(capacity, self._rng.random())
+            self._free.counted()
         else:
             parent.capacity = capacity
         self._free.refresh(parent_id)
@@ -216,6 +220,7 @@ class PiecePicker:
         self._resting.pop(parent_id, None)
         if parent is None:
             return []
+        self._free.counted()
         self._free.refresh(parent_id)
         bits = parent.has_bits
         while bits:

@@ -52,7 +52,17 @@ class FreeParents:
     and the union of what they serve. ``parents`` and ``resting`` are the picker's own
     tables, read here, never written."""
 
-    __slots__ = ("_honours_rest", "_limit", "_parents", "_resting", "_threshold", "slots", "union")
+    __slots__ = (
+        "_honours_rest",
+        "_limit",
+        "_max_in_flight",
+        "_parents",
+        "_resting",
+        "_share",
+        "_threshold",
+        "slots",
+        "union",
+    )
 
     def __init__(
         self,
@@ -60,11 +70,14 @@ class FreeParents:
         resting: Mapping[str, ParentState],
         *,
         per_parent_limit: int,
+        max_in_flight: int,
         failure_threshold: int,
     ) -> None:
         self._parents = parents
         self._resting = resting
         self._limit = per_parent_limit
+        self._max_in_flight = max_in_flight
+        self._share = per_parent_limit  # the limit as it follows the number of parents
         self._threshold = failure_threshold
         self.slots: dict[str, int] | None = None  # None: to be found again
         self.union = 0
@@ -74,7 +87,25 @@ class FreeParents:
         """Requests the parent may have in flight (0 while suspended after failures)."""
         if parent.consecutive_failures >= self._threshold:
             return 0
-        return self._limit if parent.capacity is None else parent.capacity
+        return self._share if parent.capacity is None else parent.capacity
+
+    def counted(self) -> None:
+        """A parent came or went: the per-parent limit follows their number.
+
+        A child with few parents would otherwise leave most of its ``max_in_flight``
+        unused (one parent, 2 of 8), each request's round trip in series with the
+        transfers; so each parent may take an equal share of ``max_in_flight``, never
+        less than ``per_parent_limit``. With many parents the limit is unchanged (the
+        swarm's pieces spread as before); a parent whose slots are all taken answers
+        "busy" whatever the child asks (dragonfly/engine/admission.py).
+        """
+        count = len(self._parents)
+        share = self._limit
+        if self._limit and count:
+            share = max(self._limit, -(-self._max_in_flight // count))
+        if share != self._share:
+            self._share = share
+            self.slots = None  # every parent's free slots changed
 
     def current(self, honour_rest: bool) -> tuple[dict[str, int], int]:
         """The free parents with their slots, and the union of what they serve."""

@@ -14,10 +14,13 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import trio
 import trio_websocket
 
+from dragonfly.engine.admission import Admission
 from dragonfly.log import LogLimiter, get_logger
 from dragonfly.net.channel import ANNOUNCE_PATH, Channel, ChannelClosed
 from dragonfly.net.http_connection import ClientGone, Request
@@ -55,8 +58,10 @@ class UploadHandler:
 
     def __init__(self, daemon: PeerServices) -> None:
         self.daemon = daemon
-        self.load_limit = trio.CapacityLimiter(daemon.config.upload.concurrent_limit)
-        self.queue_limit = daemon.config.upload.queue_limit
+        upload = daemon.config.upload
+        self.load_limit = trio.CapacityLimiter(upload.concurrent_limit)
+        self.admission = Admission(slots=upload.concurrent_limit, queue_limit=upload.queue_limit)
+        self.holding: dict[str | None, int] = {}  # child -> its requests sent or waiting
         self.min_rate = daemon.config.upload.min_rate
         self.open = daemon.config.trust.insecure  # no tickets asked for
         self._refusal_log = LogLimiter()
@@ -72,11 +77,12 @@ class UploadHandler:
         if m is None or request.method not in ("GET", "HEAD"):
             await responder.send(404, b"not found\n")
             return
-        refusal = self._refusal(m.group(1), request.headers.get(TICKET_HEADER))
+        header = request.headers.get(TICKET_HEADER)
+        refusal = self._refusal(m.group(1), header)
         if refusal is not None:
             await responder.send(403, f"{refusal}\n".encode())
             return
-        await self._serve_piece(m.group(1), int(m.group(2)), responder)
+        await self._serve_piece(m.group(1), int(m.group(2)), _child(header), responder)
 
     def _refusal(self, task_id: str, ticket: str | Ticket | None) -> str | None:
         """Why a child may not have this task's pieces (None: it may)."""
@@ -97,7 +103,9 @@ class UploadHandler:
             return str(exc)
         return None
 
-    async def _serve_piece(self, task_id: str, number: int, responder: Responder) -> None:
+    async def _serve_piece(
+        self, task_id: str, number: int, child: str | None, responder: Responder
+    ) -> None:
         daemon = self.daemon
         try:
             async with daemon.store.use(task_id) as handle:
@@ -110,15 +118,15 @@ class UploadHandler:
                     return
                 download = daemon.tasks.active(task_id)
                 limit = self.load_limit
-                if (
-                    limit.available_tokens == 0
-                    and limit.statistics().tasks_waiting >= self.queue_limit
-                    and not (download is not None and download.held_back(number))
+                holding = self.holding
+                if self.admission.refuses(
+                    child,
+                    active=limit.borrowed_tokens,
+                    waiting=limit.statistics().tasks_waiting,
+                    others=len(holding) - (child in holding) > 0,
+                    first=download is not None and download.held_back(number),
+                    now=trio.current_time(),
                 ):
-                    # Every upload slot taken and enough requests waiting: say so at once
-                    # (the child asks another parent meanwhile) rather than queue it
-                    # behind pieces already moving. A held-back piece's first copy is
-                    # never refused: the swarm needs it (dragonfly/engine/announce.py).
                     daemon.metrics.busy_refusals.inc()
                     await responder.send(
                         503, b"busy: every upload slot is taken\n", headers=[(b"retry-after", b"1")]
@@ -126,7 +134,7 @@ class UploadHandler:
                     return
                 # A request waiting for its slot is in flight too: a drain (SIGTERM) waits
                 # for it to be answered rather than cut its connection.
-                with daemon.uploads:
+                with daemon.uploads, _held(holding, child):
                     async with limit:
                         if daemon.stopping:  # it waited while the host began to leave
                             await self._stopping(responder)
@@ -258,3 +266,28 @@ class UploadHandler:
             await channel.send(
                 PieceAnnounce(task_id=task_id, pieces=pieces[i : i + ANNOUNCE_BATCH])
             )
+
+
+def _child(ticket_header: str | None) -> str | None:
+    """The child a piece request names (its ticket's host; checked before this is
+    asked, unless trust.insecure), None when it names none."""
+    if ticket_header is None:
+        return None
+    try:
+        return Ticket.from_header(ticket_header).child_host_id
+    except TrustError:
+        return None
+
+
+@contextmanager
+def _held(holding: dict[str | None, int], child: str | None) -> Iterator[None]:
+    """Count one request of ``child`` as held (sent or waiting) while the block runs."""
+    holding[child] = holding.get(child, 0) + 1
+    try:
+        yield
+    finally:
+        left = holding[child] - 1
+        if left:
+            holding[child] = left
+        else:
+            del holding[child]

@@ -13,7 +13,7 @@ What is modelled and what is not:
 
 * bandwidth: see dragonfly/sim/engine.py (fair shares of each uplink and downlink, and a
   parent's upload slots; a request beyond the slots and the queue is refused at once, as
-  the real upload server answers 503);
+  the real upload server answers 503, by the same rule: dragonfly/engine/admission.py);
 * control messages (peer ↔ scheduler) take ``latency`` seconds one way; a probe of the
   origin takes one round trip; announcements and piece requests start at once (their
   latency is folded into the transfer);
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from itertools import chain
 from random import Random
 
 from dragonfly.engine.actions import (
@@ -49,6 +50,7 @@ from dragonfly.engine.actions import (
     Subscribe,
     Unsubscribe,
 )
+from dragonfly.engine.admission import Admission
 from dragonfly.engine.machine import DownloadMachine
 from dragonfly.identity import IdentityError, check_piece_length
 from dragonfly.sched.scheduler import Scheduler
@@ -72,6 +74,7 @@ class SimNode:
     message latency) instead of with sockets and a disk."""
 
     __slots__ = (
+        "admission",
         "arrived",
         "children",
         "dead",
@@ -104,6 +107,7 @@ class SimNode:
             cfg.peer_down if cfg.peer_down is not None else INF,
             cfg.upload_slots,
         )
+        self.admission = Admission(slots=cfg.upload_slots, queue_limit=cfg.upload_queue)
         self.info = HostInfo(
             host_id=host_id,
             hostname=host_id,
@@ -256,8 +260,15 @@ class SimNode:
         # A held-back piece's first copy waits at the head of the queue (the swarm needs
         # it: dragonfly/engine/announce.py), as in the real upload server.
         first = parent.machine.held_back(action.number)
-        if not first and len(ep.uploads) >= ep.slots and len(ep.queue) >= sw.cfg.upload_queue:
-            # Every upload slot taken: the parent answers 503 at once, as the real one.
+        if parent.admission.refuses(
+            self.host_id,
+            active=len(ep.uploads),
+            waiting=len(ep.queue),
+            others=any(f.dst is not self.ep for f in chain(ep.uploads.values(), ep.queue)),
+            first=first,
+            now=sw.loop.now,
+        ):
+            # The parent answers 503 at once, as the real one (dragonfly/engine/admission.py).
             self.perform(machine.piece_busy(action.fetch_id, sw.loop.now))
             return
         self.flows[action.fetch_id] = sw.net.start(

@@ -263,16 +263,17 @@ def test_upload_rate_limit(tmp_path: Path, www: Path, nginx: Nginx):
 def test_a_busy_parent_answers_503_and_children_still_get_every_byte(
     tmp_path: Path, www: Path, nginx: Nginx
 ):
-    """One upload slot and no queue: a second piece request is refused at once with 503
-    and Retry-After (not queued, not failed), and a child whose parents keep refusing
-    its second request still downloads the whole file, right."""
+    """One upload slot and no queue: a second child's piece request is refused at once
+    with 503 and Retry-After (not queued, not failed), while the same child's second
+    request waits for the slot (the limits follow demand: dragonfly/engine/admission.py);
+    and children whose parents keep refusing them still download the whole file, right."""
     want = random_file(www / "f.bin", 20 * MiB + 5)  # 5 pieces
     extra = [
         "--set", "upload.concurrent_limit=1", "--set", "upload.queue_limit=0",
         "--set", "upload.rate_limit=4MB/s",
     ]  # fmt: skip
-    with Cluster(tmp_path / "c", schedulers=1, seed_peers=1, peers=2, extra=extra) as cluster:
-        first, second = cluster.node("peer-0"), cluster.node("peer-1")
+    with Cluster(tmp_path / "c", schedulers=1, seed_peers=1, peers=3, extra=extra) as cluster:
+        first = cluster.node("peer-0")
         out = subprocess.run(
             ["curl", "-sSf", "-D", "/dev/stderr", "-o", str(tmp_path / "a"), "-x",
              first.info["proxy"], f"{nginx.url}/f.bin"],
@@ -281,34 +282,44 @@ def test_a_busy_parent_answers_503_and_children_still_get_every_byte(
         assert out.returncode == 0, out.stderr
         assert sha256_file(tmp_path / "a") == want
         task = re.search(rb"x-dragonfly-task-id: (\w+)", out.stderr).group(1).decode()
-        # Two requests at once to peer-0's upload server (with the ticket a scheduler
-        # would give): one is served (about 1 s at 4 MB/s), the other refused at once.
+        # Two requests at once to peer-0's upload server, with the tickets a scheduler
+        # would give: each is served (about 1 s at 4 MB/s) when one child asks both;
+        # when two children ask, one is refused at once.
         piece = f"{first.info['upload']}/pieces/{task}/0"
-        ticket = f"x-dragonfly-ticket: {cluster.ticket_header(task, 'peer-0')}"
         command = ["curl", "-s", "-o", "/dev/null", "-D", "-", "-w", "%{http_code}\n"]
+
+        def both(*children: str) -> list[str]:
+            procs = []
+            for child in children:
+                ticket = f"x-dragonfly-ticket: {cluster.ticket_header(task, 'peer-0', child)}"
+                procs.append(
+                    subprocess.Popen([*command, "-H", ticket, piece], stdout=subprocess.PIPE)
+                )
+                time.sleep(0.2)  # the first holds the slot when the second asks
+            return [p.communicate(timeout=60)[0].decode() for p in procs]
+
+        answers = both("child-a", "child-a")
+        assert [a.strip().splitlines()[-1] for a in answers] == ["200", "200"], answers
+        assert metric(first.info["metrics"], "dragonfly_upload_busy_refusals_total") == 0
+        answers = both("child-a", "child-b")
+        assert [a.strip().splitlines()[-1] for a in answers] == ["200", "503"], answers
+        assert "retry-after: 1" in answers[1].lower()
+        assert metric(first.info["metrics"], "dragonfly_upload_busy_refusals_total") == 1
+        # peer-1 and peer-2 at once ask their parents for several pieces each; every
+        # parent takes one at a time and refuses the other child meanwhile.
         procs = [
-            subprocess.Popen([*command, "-H", ticket, piece], stdout=subprocess.PIPE)
-            for _ in range(2)
+            curl(cluster.node(name).info["proxy"], f"{nginx.url}/f.bin", tmp_path / name)
+            for name in ("peer-1", "peer-2")
         ]
-        answers = [p.communicate(timeout=60)[0].decode() for p in procs]
-        codes = sorted(a.strip().splitlines()[-1] for a in answers)
-        assert codes == ["200", "503"], answers
-        refused = next(a for a in answers if a.strip().endswith("503"))
-        assert "retry-after: 1" in refused.lower()
-        assert metric(first.info["metrics"], "dragonfly_upload_busy_refusals_total") >= 1
-        # peer-1 asks two pieces of each parent at once; every parent takes one at a time.
-        code, err = finish(curl(second.info["proxy"], f"{nginx.url}/f.bin", tmp_path / "b"))
-        assert code == 0, err
-        assert sha256_file(tmp_path / "b") == want
-        assert (
-            metric(second.info["metrics"], "dragonfly_download_bytes_total", 'source="p2p"')
-            >= 20 * MiB
-        )
+        for name, proc in zip(("peer-1", "peer-2"), procs, strict=True):
+            code, err = finish(proc)
+            assert code == 0, err
+            assert sha256_file(tmp_path / name) == want
         refusals = sum(
-            metric(n.info["metrics"], "dragonfly_upload_busy_refusals_total")
-            for n in (first, cluster.node("seed-peer-0"))
+            metric(cluster.node(n).info["metrics"], "dragonfly_upload_busy_refusals_total")
+            for n in ("peer-0", "peer-1", "peer-2", "seed-peer-0")
         )
-        assert refusals >= 2, "the child never met a busy parent: the test tests nothing"
+        assert refusals >= 3, "the children never met a busy parent: the test tests nothing"
 
 
 async def test_bad_frames_on_the_scheduler_socket(tmp_path: Path):

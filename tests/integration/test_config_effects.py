@@ -308,8 +308,9 @@ async def test_concurrent_piece_count_one_asks_one_piece_at_a_time(
     tmp_path: Path, www: Path, nginx: Nginx
 ):
     """Every peer here sends one piece at a time and refuses a second request at once
-    (503). A peer with concurrent_piece_count = 1 never meets a refusal; then one with
-    the default count asks its parents for two pieces at once and does."""
+    (503) when another child holds one. A peer with concurrent_piece_count = 1 never
+    meets a refusal; then two with the default count ask their parents for several
+    pieces at once, side by side, and do."""
     random_file(www / "f.bin", 12 * MiB)  # three pieces
     url = f"{nginx.url}/f.bin"
     refusals = "dragonfly_upload_busy_refusals_total"
@@ -322,10 +323,33 @@ async def test_concurrent_piece_count_one_asks_one_piece_at_a_time(
         assert (await fetch(one, url))[0] == 200
         assert await sample(one, "dragonfly_download_bytes_total", 'source="p2p"') == 12 * MiB
         assert await sample(seed, refusals) == 0
-        default = await r.peer("default", *one_at_a_time)
-        assert (await fetch(default, url))[0] == 200
+        a = await r.peer("a", *one_at_a_time)
+        b = await r.peer("b", *one_at_a_time)
+        async with trio.open_nursery() as clients:
+            for daemon in (a, b):
+                clients.start_soon(fetch, daemon, url)
         met = await sample(seed, refusals) + await sample(one, refusals)
-        assert met >= 1, "the default peer never asked two at once: the test shows nothing"
+        assert met >= 1, "two children never asked one parent at once: the test shows nothing"
+
+
+async def test_a_parent_with_one_child_queues_its_requests(
+    tmp_path: Path, www: Path, nginx: Nginx
+):
+    """The limits follow demand (dragonfly/engine/admission.py): a child with one parent
+    asks it for every piece at once (an equal share of concurrent_piece_count), and the
+    parent, whose only child it is, queues them behind its one slot instead of answering
+    "busy" as it would with another child waiting."""
+    random_file(www / "f.bin", 12 * MiB)  # three pieces
+    url = f"{nginx.url}/f.bin"
+    one_at_a_time = ["upload.concurrent_limit=1", "upload.queue_limit=0", "upload.rate_limit=8MB/s"]
+    async with roles(tmp_path) as r:
+        await r.scheduler()
+        seed = await r.peer("seed", *one_at_a_time, role="seed-peer")
+        assert (await fetch(seed, url))[0] == 200
+        child = await r.peer("child")
+        assert (await fetch(child, url))[0] == 200
+        assert await sample(child, "dragonfly_download_bytes_total", 'source="p2p"') == 12 * MiB
+        assert await sample(seed, "dragonfly_upload_busy_refusals_total") == 0
 
 
 async def test_a_piece_slower_than_piece_timeout_is_given_up(

@@ -86,7 +86,7 @@ def test_registers_then_fetches_what_parents_announce_and_finishes() -> None:
 
 
 def test_reports_are_batched_over_the_report_interval() -> None:
-    m = machine(config=MachineConfig(report_interval=0.5))
+    m = machine(config=MachineConfig(report_interval=0.5, concurrent_pieces=2))
     out = opened(m, 4, ["a"]) + m.parent_announced("a", range(4), 0.0)
     f1, f2 = of(out, Fetch)
     assert not sent(m.piece_landed(f1.fetch_id, f1.number, "a", PL, 1.0), PiecesFinished)
@@ -97,7 +97,7 @@ def test_reports_are_batched_over_the_report_interval() -> None:
 
 
 def test_a_piece_not_landed_within_the_timeout_is_that_parents_failure() -> None:
-    m = machine(config=MachineConfig(piece_timeout=5.0, per_parent_limit=1))
+    m = machine(config=MachineConfig(piece_timeout=5.0, per_parent_limit=1, concurrent_pieces=2))
     out = opened(m, 2, ["a", "b"]) + m.parent_announced("a", [0, 1], 0.0)
     (first,) = of(out, Fetch)
     assert m.next_wakeup(1.0) == pytest.approx(5.0)
@@ -121,7 +121,7 @@ def test_the_timeout_is_due_at_the_moment_next_wakeup_names() -> None:
     or the machine asks to be woken at that same moment again, forever (the 1,000-peer
     simulation did, at t = 87.2 s)."""
     started = 57.195343999999984
-    m = machine(config=MachineConfig(piece_timeout=30.0, per_parent_limit=1))
+    m = machine(config=MachineConfig(piece_timeout=30.0, per_parent_limit=1, concurrent_pieces=1))
     out = opened(m, 2, ["a"]) + m.parent_announced("a", [0, 1], started)
     (f,) = of(out, Fetch)
     wake = m.next_wakeup(started)
@@ -162,7 +162,7 @@ def test_bytes_that_are_not_the_origins_drop_the_parent_for_good() -> None:
 
 
 def test_a_busy_parent_rests_then_is_asked_again() -> None:
-    m = machine(config=MachineConfig(per_parent_limit=1))
+    m = machine(config=MachineConfig(per_parent_limit=1, concurrent_pieces=1))
     out = opened(m, 2, ["a"]) + m.parent_announced("a", [0, 1], 0.0)
     (f,) = of(out, Fetch)
     assert not of(m.piece_busy(f.fetch_id, 1.0), Fetch)  # resting
@@ -202,7 +202,7 @@ def test_stalled_with_digests_asks_for_other_parents_at_most_every_interval() ->
 def test_a_stale_landing_still_counts_the_piece() -> None:
     """A request cancelled by its timeout whose bytes were recorded anyway (the store's
     record step cannot be interrupted): the piece is held, not fetched again."""
-    m = machine(config=MachineConfig(piece_timeout=1.0, per_parent_limit=1))
+    m = machine(config=MachineConfig(piece_timeout=1.0, per_parent_limit=1, concurrent_pieces=1))
     out = opened(m, 2, ["a"]) + m.parent_announced("a", [0, 1], 0.0)
     (f,) = of(out, Fetch)
     m.tick(1.0)

@@ -166,7 +166,7 @@ def test_want_all_widens_a_range_only_download() -> None:
     m.want_range(0, 10, 0.0)
     m.want_all(0.0)
     out = m.parent_announced("a", range(3), 0.1)
-    assert len(of(out, Fetch)) == 2  # per parent; all three are wanted now
+    assert len(of(out, Fetch)) == 3  # all three are wanted now (a sole parent takes them)
 
 
 def test_the_picker_follows_the_streaming_client() -> None:

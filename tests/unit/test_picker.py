@@ -359,7 +359,7 @@ class PickerMachine(RuleBasedStateMachine):
         self.have = set(have)
         self.known: set[int] = set()
         self.holds: dict[str, set[int]] = {}
-        self.capacity: dict[str, int] = {}
+        self.capacity: dict[str, int | None] = {}  # None: the limit that follows the count
         self.streak: dict[str, int] = {}
         self.excluded: set[tuple[int, str]] = set()
         self.flight: dict[int, set[str]] = {}
@@ -374,12 +374,17 @@ class PickerMachine(RuleBasedStateMachine):
         return sorted((n, p) for n, ps in self.flight.items() for p in ps)
 
     def effective_capacity(self, pid: str) -> int:
-        return 0 if self.streak[pid] >= THRESHOLD else self.capacity[pid]
+        if self.streak[pid] >= THRESHOLD:
+            return 0
+        capacity = self.capacity[pid]
+        if capacity is None:  # an equal share of MAX_IN_FLIGHT, never under PER_PARENT
+            return max(PER_PARENT, -(-MAX_IN_FLIGHT // len(self.capacity)))
+        return capacity
 
     @rule(pid=st.sampled_from(PARENTS), capacity=st.none() | st.integers(0, 3))
     def add_parent(self, pid: str, capacity: int | None) -> None:
         self.picker.add_parent(pid, capacity=capacity)
-        self.capacity[pid] = PER_PARENT if capacity is None else capacity
+        self.capacity[pid] = capacity
         self.holds.setdefault(pid, set())
         self.streak.setdefault(pid, 0)
 
@@ -601,7 +606,7 @@ def test_small_swarm_finishes_deterministically_and_shares() -> None:
 
 
 def test_busy_parent_rests_without_blame() -> None:
-    picker = PiecePicker(2, max_in_flight=8, per_parent_limit=1, busy_backoff=0.5)
+    picker = PiecePicker(2, max_in_flight=2, per_parent_limit=1, busy_backoff=0.5)
     picker.digest_known([0, 1])
     for pid in ("a", "b"):
         picker.add_parent(pid)
@@ -635,7 +640,9 @@ def busy_rests(
 
 
 def test_busy_rest_doubles_and_resets_on_success() -> None:
-    picker = PiecePicker(1, per_parent_limit=1, busy_backoff=0.25, busy_backoff_max=1.0)
+    picker = PiecePicker(
+        1, max_in_flight=1, per_parent_limit=1, busy_backoff=0.25, busy_backoff_max=1.0
+    )
     picker.digest_known([0])
     picker.add_parent("a")
     picker.parent_has("a", [0])
@@ -650,7 +657,9 @@ def test_busy_rest_grows_to_a_quarter_of_a_piece_time_for_slow_pieces() -> None:
     """A full parent frees a slot about once per fraction of a piece's time: with 20 s
     pieces, asking it every 0.5 s only earns refusals, so the rest grows past 0.5 s, up
     to four times busy_backoff_max (2 s, not a quarter of 20 s)."""
-    picker = PiecePicker(2, per_parent_limit=1, busy_backoff=0.25, busy_backoff_max=0.5)
+    picker = PiecePicker(
+        2, max_in_flight=1, per_parent_limit=1, busy_backoff=0.25, busy_backoff_max=0.5
+    )
     picker.digest_known([0, 1])
     picker.add_parent("a")
     picker.parent_has("a", [0, 1])
@@ -658,4 +667,42 @@ def test_busy_rest_grows_to_a_quarter_of_a_piece_time_for_slow_pieces() -> None:
     picker.on_success(0, "a", 16 << 20, 20.0)  # one piece took 20 s
     rests, _ = busy_rests(picker, (1, "a"), 8.0, 5)
     assert rests == [0.25, 0.5, 1.0, 2.0, 2.0]
+    picker._check_invariants()
+
+
+def test_the_per_parent_limit_follows_the_number_of_parents() -> None:
+    """Few parents each take an equal share of max_in_flight (never under
+    per_parent_limit): a child with one parent keeps all 8 requests in flight."""
+    picker = PiecePicker(40, max_in_flight=8, per_parent_limit=2, seed=1)
+    picker.digest_known(range(40))
+
+    def load() -> Counter[str]:
+        return Counter(p for parents in picker.in_flight.values() for p in parents)
+
+    def land(pid: str, count: int) -> None:
+        done = [n for n, parents in picker.in_flight.items() if pid in parents][:count]
+        for n in done:
+            picker.on_success(n, pid, 1 << 22, 0.1)
+
+    picker.add_parent("a")
+    picker.parent_has("a", range(40))
+    assert len(picker.pick()) == 8 and load() == {"a": 8}  # the only parent: all of it
+    picker.add_parent("b")
+    picker.parent_has("b", range(40))
+    land("a", 6)
+    picker.pick()
+    assert load() == {"a": 4, "b": 4}  # two parents: 4 each
+    for pid in "cdef":
+        picker.add_parent(pid)
+        picker.parent_has(pid, range(40))
+    land("b", 4)
+    picker.pick()  # six parents: per_parent_limit each, a keeps what it has
+    assert load()["a"] == 4 and sum(load().values()) == 8
+    assert all(load()[pid] <= 2 for pid in "bcdef")
+    for pid in "cde":
+        picker.remove_parent(pid)
+    picker.add_parent("a", capacity=1)  # an explicit capacity still wins
+    land("a", 4)
+    picker.pick()  # three parents: 3 each
+    assert load() == {"a": 1, "b": 3, "f": 3}
     picker._check_invariants()
