@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,35 +90,48 @@ def peer_socket(peer: str) -> Path:
 
 class Copier:
     """Copies the task file out to a temporary name next to FILE as its verified prefix
-    grows (copy_file_range: in the kernel, no byte through Python), hashing what it
-    copied when a digest is to be checked; then renamed into place, complete."""
+    grows, and the pieces verified past it as they land (copy_file_range: in the kernel,
+    no byte through Python); then renamed into place, complete. When a digest is to be
+    checked it hashes what it copies, so it copies in order: the prefix only."""
 
     def __init__(self, output: Path, digest: bytes | None) -> None:
         self.output = output.resolve()
         self.tmp = self.output.with_name(f".{self.output.name}.dragonfly-{os.getpid()}.tmp")
         self.digest = digest
         self.hash = hashlib.sha256() if digest is not None else None
-        self.copied = 0
+        self.copied = 0  # bytes [0, copied) are out
+        self._ahead: dict[int, int] = {}  # start -> end of byte ranges out past `copied`
         self._src: int | None = None
         self._dst: int | None = None
 
-    def advance(self, source: Path, ready: int) -> None:
-        """Copy bytes [copied, ready) of the task file."""
-        if ready <= self.copied:
-            return
+    def advance(self, source: Path, ready: int, ahead: Iterable[Sequence[int]] = ()) -> None:
+        """Copy bytes [copied, ready) of the task file, and the (offset, length) ranges
+        ``ahead`` (verified pieces past ``ready``) unless copying in order to hash."""
+        if self.hash is None:
+            for offset, length in ahead:
+                if offset >= max(self.copied, ready) and offset not in self._ahead:
+                    self._copy(source, offset, offset + length)
+                    self._ahead[offset] = offset + length
+        while self.copied < ready:
+            end = self._ahead.pop(self.copied, None)
+            if end is None:  # up to `ready`, or to the next range already out
+                end = min((start for start in self._ahead if start > self.copied), default=ready)
+                end = min(end, ready)
+                self._copy(source, self.copied, end)
+            self.copied = end
+
+    def _copy(self, source: Path, start: int, end: int) -> None:
         if self._src is None:
             self._src = os.open(source, os.O_RDONLY)
             self._dst = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         assert self._dst is not None
-        while self.copied < ready:
-            n = os.copy_file_range(
-                self._src, self._dst, ready - self.copied, self.copied, self.copied
-            )
+        while start < end:
+            n = os.copy_file_range(self._src, self._dst, end - start, start, start)
             if n == 0:
-                raise GetError(f"task file {source} is shorter than {ready} bytes")
+                raise GetError(f"task file {source} is shorter than {end} bytes")
             if self.hash is not None:
-                self.hash.update(os.pread(self._src, n, self.copied))
-            self.copied += n
+                self.hash.update(os.pread(self._src, n, start))
+            start += n
 
     def finish(self, source: Path, length: int, *, hard_link: bool) -> None:
         """The rest, the digest check, the rename: FILE appears only complete and verified."""
@@ -184,10 +198,13 @@ async def _via_daemon(
                         event.get("reason", "failed") + (f" (HTTP {status})" if status else "")
                     )
                 progress.update(int(event.get("completed", 0)), int(event.get("total", -1)))
-                if copier is not None and event.get("path") and event.get("ready"):
+                if copier is not None and event.get("path"):
                     # (in a thread: a cold page cache must not stall reading the progress)
                     await trio.to_thread.run_sync(
-                        copier.advance, Path(event["path"]), int(event["ready"])
+                        copier.advance,
+                        Path(event["path"]),
+                        int(event.get("ready", 0)),
+                        _ranges(event.get("ahead", [])),
                     )
                 if event.get("state") == "succeeded":
                     return Outcome(
@@ -199,6 +216,18 @@ async def _via_daemon(
     finally:
         await response.aclose()
         await client.aclose()
+
+
+def _ranges(value: object) -> list[tuple[int, int]]:
+    """The `ahead` of a progress line: [offset, length] pairs of non-negative ints."""
+    if not isinstance(value, list) or not all(
+        isinstance(r, list)
+        and len(r) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in r)
+        for r in value
+    ):
+        raise GetError(f"the peer's progress line has a malformed 'ahead': {str(value)[:200]}")
+    return [(r[0], r[1]) for r in value]
 
 
 def _headers(d: dict[str, str]) -> Any:
@@ -250,12 +279,15 @@ async def _embedded(
             try:
                 with download.attached():
                     await download.wait_metadata()
-                    # As through a daemon: the verified prefix is copied out as it grows.
+                    # As through a daemon: the verified prefix is copied out as it grows,
+                    # and the pieces verified past it as they land.
+                    told: set[int] = set()
                     while not download.finished.is_set():
                         ready = download.verified_prefix
                         progress.update(download.completed_bytes, download.content_length)
-                        if copier is not None and ready:
-                            await trio.to_thread.run_sync(copier.advance, path, ready)
+                        if copier is not None:
+                            ahead = download.verified_ahead(told)
+                            await trio.to_thread.run_sync(copier.advance, path, ready, ahead)
                         with trio.move_on_after(0.2):
                             await download.wait_prefix_past(ready)
                     await download.wait_finished()  # (raises if it failed)

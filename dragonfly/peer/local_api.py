@@ -4,9 +4,10 @@ directory (DATA_DIR/api.sock, mode 0600 in a 0700 directory).
 Only processes of the daemon's own user (and root) can open it: no client of the
 proxy, and no request the proxy relays, can reach it. `POST /_dragonfly/tasks` with a
 JSON body starts (or joins) a download and answers progress as JSON lines, each with
-the task file's path and how many bytes from its start are verified, which the client
-copies out itself while the rest arrives (it can read it: it is the same user); the
-last line says the download succeeded or why it failed.
+the task file's path, how many bytes from its start are verified (`ready`) and the
+pieces verified past those since the last line (`ahead`: [offset, length] pairs), which
+the client copies out itself while the rest arrives (it can read it: it is the same
+user); the last line says the download succeeded or why it failed.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ class LocalAPIHandler:
         try:
             await download.wait_metadata()
             path = str(task_path(self.daemon.data_dir, req.task_id))
-            # `ready`: the verified bytes from the start of the file, which the client may
-            # copy out of `path` while the rest arrives.
+            told: set[int] = set()
+            # `ready`: the verified bytes from the start of the file, and `ahead`: pieces
+            # verified past them, which the client may copy out of `path` meanwhile.
             while not download.finished.is_set():
                 ready = download.verified_prefix
                 await line(
@@ -86,6 +88,7 @@ class LocalAPIHandler:
                         "completed": download.completed_bytes,
                         "total": download.content_length,
                         "ready": ready,
+                        "ahead": download.verified_ahead(told),
                         "path": path,
                     }
                 )

@@ -90,11 +90,29 @@ class DownloadProgress:
         geometry = self.machine.layout.geometry
         if geometry is None:
             return 0
+        n = self._prefix_count(geometry.piece_count)
+        return min(n * geometry.piece_length, geometry.content_length)
+
+    def _prefix_count(self, piece_count: int) -> int:
+        """Pieces 0..n-1 all verified and stored: n (kept, it only grows)."""
         have, n = self.machine.have, self._prefix_pieces
-        while n < geometry.piece_count and n in have:
+        while n < piece_count and n in have:
             n += 1
         self._prefix_pieces = n
-        return min(n * geometry.piece_length, geometry.content_length)
+        return n
+
+    def verified_ahead(self, told: set[int]) -> list[tuple[int, int]]:
+        """(offset, length) of the pieces verified and stored past the verified prefix
+        and not in ``told`` (the pieces a client already heard of), which are added to
+        it: a client copying the file out takes them as they land rather than all at
+        the end, after the straggler that holds the prefix back."""
+        geometry = self.machine.layout.geometry
+        if geometry is None:
+            return []
+        first = self._prefix_count(geometry.piece_count)
+        new = sorted(n for n in self.machine.have if n >= first and n not in told)
+        told.update(new)
+        return [(geometry.offset(n), geometry.length(n)) for n in new]
 
     @property
     def completed_bytes(self) -> int:

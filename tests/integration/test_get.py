@@ -116,3 +116,10 @@ def test_the_copy_out_follows_the_download(tmp_path: Path, www: Path, nginx: Ngi
     # half the file copyable before the download is done (in order, the prefix trails
     # what arrived by at most the picker's window)
     assert max(e["ready"] for e in during) >= len(data) // 2, during
+    # the pieces verified past the prefix, each told once and only past it, so that
+    # `get` copies them meanwhile (whole 4 MiB pieces of the file)
+    told = [tuple(r) for e in during for r in e["ahead"]]
+    assert len(told) == len(set(told))
+    assert all(offset >= e["ready"] for e in during for offset, _ in e["ahead"])
+    piece = 4 * 1024 * 1024
+    assert all(offset % piece == 0 and length == piece for offset, length in told)
