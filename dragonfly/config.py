@@ -165,7 +165,7 @@ class UploadSection:
     queue_limit: int = opt(
         2,
         "piece requests that wait for a sending slot; more are answered 503 at once, "
-        "except a sole child's (up to 32 wait when no other host is asking)",
+        "unless one child alone is asking (then up to concurrent_limit more)",
         min=0,
         max=10000,
     )

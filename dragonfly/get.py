@@ -136,7 +136,7 @@ class Copier:
     def finish(self, source: Path, length: int, *, hard_link: bool) -> None:
         """The rest, the digest check, the rename: FILE appears only complete and verified."""
         try:
-            if hard_link and self.copied == 0:
+            if hard_link and self.copied == 0 and not self._ahead:  # (nothing copied yet)
                 os.link(source, self.tmp)
                 if self.hash is not None:
                     with open(self.tmp, "rb") as f:

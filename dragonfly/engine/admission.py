@@ -9,25 +9,25 @@ the child asks another parent meanwhile, rather than queue behind pieces already
 Two kinds of request are taken anyway:
 
 * a held-back piece's first copy (dragonfly/engine/announce.py): the swarm needs it;
-* a request from the only child the parent serves: nobody else waits behind it, so it
-  may keep up to ``sole_queue`` requests waiting (the child's own limit, a share of its
-  ``concurrent_piece_count`` in picker_parents.py, is what bounds it in practice). A
-  single downloader of a file that one or two hosts hold thus keeps its pieces in
-  flight, each request's round trip off the transfer's path: the limits follow demand.
+* a request from the only child asking, while fewer than ``slots + queue_limit`` of its
+  requests wait: nobody else waits behind them. With the picker's limit that follows
+  the number of parents (dragonfly/engine/picker_parents.py), a single downloader of a
+  file that one or two hosts hold keeps a parent's next pieces waiting at it while
+  others are sent, each request's round trip off the transfer's path, however small
+  the parent's queue is configured: the limits follow demand.
 
 "Only child" means: no other child holds a request here now, and none was answered
-"busy" within ``memory`` seconds (a child turned away is resting, and must find the
-queue short when it asks again rather than still filled by the first child's extras).
-A requester the parent cannot name (``None``: no ticket, trust.insecure) is never the
-only child.
+"busy" within ``memory`` seconds (a child turned away rests up to 2 s, and must find the
+queue short when it asks again rather than still filled by the first child's extras;
+those extras are at most ``slots`` pieces' worth of waiting). A requester the parent
+cannot name (``None``: no ticket) is never the only child.
 """
 
 from __future__ import annotations
 
-__all__ = ["SOLE_QUEUE", "Admission"]
+__all__ = ["REFUSED_MEMORY", "Admission"]
 
-SOLE_QUEUE = 32  # requests the only child may keep waiting (a ceiling, not a target)
-REFUSED_MEMORY = 1.0  # seconds a refused child counts as present (its rest is <= 0.5 s)
+REFUSED_MEMORY = 2.5  # seconds a refused child counts as present (its rest: <= 2 s)
 
 
 class Admission:
@@ -35,17 +35,10 @@ class Admission:
 
     __slots__ = ("_memory", "_refused", "queue_limit", "slots", "sole_queue")
 
-    def __init__(
-        self,
-        *,
-        slots: int,
-        queue_limit: int,
-        sole_queue: int = SOLE_QUEUE,
-        memory: float = REFUSED_MEMORY,
-    ) -> None:
+    def __init__(self, *, slots: int, queue_limit: int, memory: float = REFUSED_MEMORY) -> None:
         self.slots = slots
         self.queue_limit = queue_limit
-        self.sole_queue = max(sole_queue, queue_limit)
+        self.sole_queue = slots + queue_limit  # requests the only child may keep waiting
         self._memory = memory
         self._refused: dict[str, float] = {}  # child -> when it was last answered busy
 

@@ -22,8 +22,8 @@ Policy, in the order it applies:
 * then rarest first, ties broken by the seeded permutation, so that children of one parent
   fetch different pieces and the swarm spreads them;
 * a parent takes up to ``per_parent_limit`` requests, or an equal share of ``max_in_flight``
-  when there are few parents (one parent: all of it), so a child with few parents keeps
-  its pieces in flight;
+  when there are few parents (at most twice ``per_parent_limit``), so a child with few
+  parents keeps its pieces in flight;
 * each piece goes to the parent with the most free slots, then the best measured throughput,
   then a seeded random rank;
 * endgame: once every missing piece is in flight, spare slots duplicate in-flight pieces on

@@ -90,22 +90,30 @@ class FreeParents:
         return self._share if parent.capacity is None else parent.capacity
 
     def counted(self) -> None:
-        """A parent came or went: the per-parent limit follows their number.
-
-        A child with few parents would otherwise leave most of its ``max_in_flight``
-        unused (one parent, 2 of 8), each request's round trip in series with the
-        transfers; so each parent may take an equal share of ``max_in_flight``, never
-        less than ``per_parent_limit``. With many parents the limit is unchanged (the
-        swarm's pieces spread as before); a parent whose slots are all taken answers
-        "busy" whatever the child asks (dragonfly/engine/admission.py).
-        """
-        count = len(self._parents)
-        share = self._limit
-        if self._limit and count:
-            share = max(self._limit, -(-self._max_in_flight // count))
+        """A parent came or went: the per-parent limit follows their number."""
+        share = self.share(len(self._parents))
         if share != self._share:
             self._share = share
             self.slots = None  # every parent's free slots changed
+
+    def share(self, parents: int) -> int:
+        """Requests each of ``parents`` parents may take (without a capacity of its own).
+
+        A child with few parents would otherwise leave most of its ``max_in_flight``
+        unused (one parent, 2 of 8), each request's round trip in series with the
+        transfers; so each may take an equal share of ``max_in_flight``, never less than
+        ``per_parent_limit`` and at most twice it: enough for the next pieces to wait at
+        the parent while others are sent, not so many that the last waits out
+        piece_timeout at a slow parent. With four or more parents (at the defaults) the
+        limit is unchanged and the swarm's pieces spread as before. Every registered
+        parent counts, suspended or resting ones too. A parent whose slots are all taken
+        by other children answers "busy" whatever a child asks
+        (dragonfly/engine/admission.py).
+        """
+        limit = self._limit
+        if not parents:
+            return limit
+        return min(max(limit, -(-self._max_in_flight // parents)), 2 * limit)
 
     def current(self, honour_rest: bool) -> tuple[dict[str, int], int]:
         """The free parents with their slots, and the union of what they serve."""
@@ -166,6 +174,7 @@ class FreeParents:
 
     def check(self) -> None:
         """The kept entries equal a fresh finding (for tests)."""
+        assert self._share == self.share(len(self._parents))
         if self.slots is not None:
             resting = self._resting if self._honours_rest else {}
             assert (self.slots, self.union) == self.find(resting)

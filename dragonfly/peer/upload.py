@@ -269,8 +269,9 @@ class UploadHandler:
 
 
 def _child(ticket_header: str | None) -> str | None:
-    """The child a piece request names (its ticket's host; checked before this is
-    asked, unless trust.insecure), None when it names none."""
+    """The child a piece request names (its ticket's host: checked before this is
+    asked; under trust.insecure taken at its word, as everything there), None when it
+    names none."""
     if ticket_header is None:
         return None
     try:

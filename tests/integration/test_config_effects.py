@@ -325,9 +325,15 @@ async def test_concurrent_piece_count_one_asks_one_piece_at_a_time(
         assert await sample(seed, refusals) == 0
         a = await r.peer("a", *one_at_a_time)
         b = await r.peer("b", *one_at_a_time)
+        statuses: list[int] = []
+
+        async def fetched(daemon: PeerDaemon) -> None:
+            statuses.append((await fetch(daemon, url))[0])
+
         async with trio.open_nursery() as clients:
             for daemon in (a, b):
-                clients.start_soon(fetch, daemon, url)
+                clients.start_soon(fetched, daemon)
+        assert statuses == [200, 200]
         met = await sample(seed, refusals) + await sample(one, refusals)
         assert met >= 1, "two children never asked one parent at once: the test shows nothing"
 
@@ -336,15 +342,16 @@ async def test_a_parent_with_one_child_queues_its_requests(
     tmp_path: Path, www: Path, nginx: Nginx
 ):
     """The limits follow demand (dragonfly/engine/admission.py): a child with one parent
-    asks it for every piece at once (an equal share of concurrent_piece_count), and the
-    parent, whose only child it is, queues them behind its one slot instead of answering
-    "busy" as it would with another child waiting."""
+    asks it for all three pieces at once (its share of concurrent_piece_count: up to
+    twice per_parent_limit), and the parent, whose only child it is, queues the third
+    behind its two slots instead of answering "busy" as it would with no queue and
+    another child asking."""
     random_file(www / "f.bin", 12 * MiB)  # three pieces
     url = f"{nginx.url}/f.bin"
-    one_at_a_time = ["upload.concurrent_limit=1", "upload.queue_limit=0", "upload.rate_limit=8MB/s"]
+    no_queue = ["upload.concurrent_limit=2", "upload.queue_limit=0", "upload.rate_limit=8MB/s"]
     async with roles(tmp_path) as r:
         await r.scheduler()
-        seed = await r.peer("seed", *one_at_a_time, role="seed-peer")
+        seed = await r.peer("seed", *no_queue, role="seed-peer")
         assert (await fetch(seed, url))[0] == 200
         child = await r.peer("child")
         assert (await fetch(child, url))[0] == 200

@@ -116,10 +116,14 @@ def test_the_copy_out_follows_the_download(tmp_path: Path, www: Path, nginx: Ngi
     # half the file copyable before the download is done (in order, the prefix trails
     # what arrived by at most the picker's window)
     assert max(e["ready"] for e in during) >= len(data) // 2, during
-    # the pieces verified past the prefix, each told once and only past it, so that
-    # `get` copies them meanwhile (whole 4 MiB pieces of the file)
-    told = [tuple(r) for e in during for r in e["ahead"]]
-    assert len(told) == len(set(told))
-    assert all(offset >= e["ready"] for e in during for offset, _ in e["ahead"])
+    # the pieces verified past the prefix, each told once and only past it (whole 4 MiB
+    # pieces), so that `get` copies them meanwhile: at every line the bytes held are the
+    # prefix and the pieces told so far that are past it
     piece = 4 * 1024 * 1024
-    assert all(offset % piece == 0 and length == piece for offset, length in told)
+    told: set[int] = set()
+    for e in during:
+        for offset, length in e["ahead"]:
+            assert offset >= e["ready"] and offset % piece == 0 and length == piece, e
+            assert offset not in told, e
+            told.add(offset)
+        assert e["completed"] == e["ready"] + piece * sum(o >= e["ready"] for o in told), e

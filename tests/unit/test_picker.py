@@ -377,8 +377,9 @@ class PickerMachine(RuleBasedStateMachine):
         if self.streak[pid] >= THRESHOLD:
             return 0
         capacity = self.capacity[pid]
-        if capacity is None:  # an equal share of MAX_IN_FLIGHT, never under PER_PARENT
-            return max(PER_PARENT, -(-MAX_IN_FLIGHT // len(self.capacity)))
+        if capacity is None:  # a share of MAX_IN_FLIGHT, within [PER_PARENT, 2 PER_PARENT]
+            share = -(-MAX_IN_FLIGHT // len(self.capacity))
+            return min(max(PER_PARENT, share), 2 * PER_PARENT)
         return capacity
 
     @rule(pid=st.sampled_from(PARENTS), capacity=st.none() | st.integers(0, 3))
@@ -671,8 +672,9 @@ def test_busy_rest_grows_to_a_quarter_of_a_piece_time_for_slow_pieces() -> None:
 
 
 def test_the_per_parent_limit_follows_the_number_of_parents() -> None:
-    """Few parents each take an equal share of max_in_flight (never under
-    per_parent_limit): a child with one parent keeps all 8 requests in flight."""
+    """Few parents each take an equal share of max_in_flight, never under
+    per_parent_limit and at most twice it: one parent 4, two 4 each, three 3 each,
+    four or more 2 each."""
     picker = PiecePicker(40, max_in_flight=8, per_parent_limit=2, seed=1)
     picker.digest_known(range(40))
 
@@ -684,19 +686,19 @@ def test_the_per_parent_limit_follows_the_number_of_parents() -> None:
         for n in done:
             picker.on_success(n, pid, 1 << 22, 0.1)
 
-    picker.add_parent("a")
-    picker.parent_has("a", range(40))
-    assert len(picker.pick()) == 8 and load() == {"a": 8}  # the only parent: all of it
-    picker.add_parent("b")
-    picker.parent_has("b", range(40))
-    land("a", 6)
+    def add(*pids: str) -> None:
+        for pid in pids:
+            picker.add_parent(pid)
+            picker.parent_has(pid, range(40))
+
+    add("a")
+    assert len(picker.pick()) == 4 and load() == {"a": 4}  # the only parent: twice 2
+    add("b")
     picker.pick()
-    assert load() == {"a": 4, "b": 4}  # two parents: 4 each
-    for pid in "cdef":
-        picker.add_parent(pid)
-        picker.parent_has(pid, range(40))
+    assert load() == {"a": 4, "b": 4}  # two parents: 4 each, all of max_in_flight
+    add("c", "d", "e", "f")
     land("b", 4)
-    picker.pick()  # six parents: per_parent_limit each, a keeps what it has
+    picker.pick()  # six parents: per_parent_limit each; a keeps what it has
     assert load()["a"] == 4 and sum(load().values()) == 8
     assert all(load()[pid] <= 2 for pid in "bcdef")
     for pid in "cde":
