@@ -21,11 +21,16 @@ NEEDS := nginx:nginx curl:curl openssl:openssl update-ca-certificates:ca-certifi
 	podman:podman htpasswd:apache2-utils /usr/lib/postgresql/*/bin/initdb:postgresql \
 	chromium:chromium
 
-.PHONY: test setup deps lint demo bench bench-full clean
+.PHONY: test setup deps bench-deps lint demo bench bench-full clean
 
-deps:
+# Programs only the benchmarks start (wrk: small_requests' load generator), as above.
+BENCH_NEEDS := wrk:wrk
+
+# $(call install_missing,PAIRS): apt-get install the package of every program:package pair
+# whose program is missing.
+define install_missing
 	@export PATH="$$PATH:/usr/sbin:/sbin"; missing=""; \
-	for need in $(NEEDS); do \
+	for need in $(1); do \
 		command -v "$${need%%:*}" >/dev/null 2>&1 || compgen -G "$${need%%:*}" >/dev/null || \
 			missing="$$missing $${need##*:}"; \
 	done; \
@@ -35,6 +40,13 @@ deps:
 		$$sudo apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+endef
+
+deps:
+	$(call install_missing,$(NEEDS))
+
+bench-deps:
+	$(call install_missing,$(BENCH_NEEDS))
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +68,7 @@ demo: setup
 
 # (make bench's swarm uses a 128 MiB file so that the whole set fits in 15 minutes:
 # the direct reference alone takes N x F / U_o; bench-full runs the 256 MiB default.)
-bench: setup
+bench: setup bench-deps
 	$(PY) -m benchmarks throughput
 	$(PY) -m benchmarks swarm --peers 8 --size 128MiB
 	$(PY) -m benchmarks swarm --mode lo-shaped --peers 8,16 --size 128MiB
@@ -65,7 +77,7 @@ bench: setup
 	$(PY) -m benchmarks load
 	$(PY) -m benchmarks small_requests
 
-bench-full: setup
+bench-full: setup bench-deps
 	$(PY) -m benchmarks http_serve
 	$(PY) -m benchmarks proxy_throughput
 	$(PY) -m benchmarks throughput
