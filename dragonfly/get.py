@@ -104,6 +104,10 @@ class Copier:
         self._src: int | None = None
         self._dst: int | None = None
 
+    def behind(self, ready: int, ahead: Sequence[Sequence[int]]) -> bool:
+        """Whether ``advance`` would copy anything (no thread hop for a line without news)."""
+        return ready > self.copied or (self.hash is None and bool(ahead))
+
     def advance(self, source: Path, ready: int, ahead: Iterable[Sequence[int]] = ()) -> None:
         """Copy bytes [copied, ready) of the task file, and the (offset, length) ranges
         ``ahead`` (verified pieces past ``ready``) unless copying in order to hash."""
@@ -199,13 +203,12 @@ async def _via_daemon(
                     )
                 progress.update(int(event.get("completed", 0)), int(event.get("total", -1)))
                 if copier is not None and event.get("path"):
-                    # (in a thread: a cold page cache must not stall reading the progress)
-                    await trio.to_thread.run_sync(
-                        copier.advance,
-                        Path(event["path"]),
-                        int(event.get("ready", 0)),
-                        _ranges(event.get("ahead", [])),
-                    )
+                    ready, ahead = int(event.get("ready", 0)), _ranges(event.get("ahead", []))
+                    if copier.behind(ready, ahead):
+                        # (in a thread: a cold page cache must not stall reading the progress)
+                        await trio.to_thread.run_sync(
+                            copier.advance, Path(event["path"]), ready, ahead
+                        )
                 if event.get("state") == "succeeded":
                     return Outcome(
                         Path(event["path"]), int(event["content_length"]), event["task_id"]
@@ -287,7 +290,8 @@ async def _embedded(
                         progress.update(download.completed_bytes, download.content_length)
                         if copier is not None:
                             ahead = download.verified_ahead(told)
-                            await trio.to_thread.run_sync(copier.advance, path, ready, ahead)
+                            if copier.behind(ready, ahead):
+                                await trio.to_thread.run_sync(copier.advance, path, ready, ahead)
                         with trio.move_on_after(0.2):
                             await download.wait_prefix_past(ready)
                     await download.wait_finished()  # (raises if it failed)

@@ -31,7 +31,9 @@ def test_pieces_ahead_are_copied_as_they_land_and_not_again(tmp_path: Path) -> N
     size = 5 * PIECE + 100
     source, data = task_file(tmp_path, size)
     copier = Copier(tmp_path / "out", None)
+    assert not copier.behind(0, []) and copier.behind(0, [piece(3, size)])
     copier.advance(source, PIECE, [piece(3, size), piece(5, size)])
+    assert not copier.behind(PIECE, []) and copier.behind(2 * PIECE, [])
     assert copier.copied == PIECE
     out = copier.tmp.read_bytes()
     assert out[3 * PIECE : 4 * PIECE] == data[3 * PIECE : 4 * PIECE]  # out before the prefix
@@ -51,6 +53,7 @@ def test_with_a_digest_only_the_prefix_is_copied_in_order(tmp_path: Path) -> Non
     size = 3 * PIECE
     source, data = task_file(tmp_path, size)
     copier = Copier(tmp_path / "out", hashlib.sha256(data).digest())
+    assert not copier.behind(0, [piece(2, size)])  # nothing it would copy
     copier.advance(source, 0, [piece(2, size)])
     assert not copier.tmp.exists()  # nothing copied ahead: the hash goes in order
     copier.finish(source, size, hard_link=False)
